@@ -1,0 +1,1 @@
+"""The `molre-node` command line: thin typer commands that call molre/, storage/ and node/."""

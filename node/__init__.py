@@ -1,0 +1,1 @@
+"""node: the DICOM service — receiver, assembler, worker, report, dispatcher."""

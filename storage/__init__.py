@@ -1,0 +1,1 @@
+"""storage: spool of received instances, SQLAlchemy models, durable queue and audit queries."""
