@@ -1,0 +1,903 @@
+"""`Store`: the node's durable queue and audit trail as a handful of short transactions.
+
+Every public method is exactly one transaction (``Database.session()``), so the receiver, the
+assembler, the worker and the dispatcher can call it from any thread or process without sharing
+sessions, and a ``kill -9`` at any point leaves the database consistent: the node picks up again
+with :meth:`Store.recover_on_start`.
+
+Series state machine (each change writes one ``events`` row; illegal moves raise
+:class:`InvalidTransition`)::
+
+    receiving -> complete -> selected -> queued -> inferring -> reported -> delivered
+                        \\-> skipped(reason)          |   ^         |
+                                                      v   |(retry)  v
+                                                     failed(reason) <-+
+    any state but receiving --(late instance: version += 1, event 'reopened')--> receiving
+
+Jobs: queued -> running -> done | failed | (queued again on retry) ; superseded when the series
+is reopened before the job finished. Exports: pending -> delivered, retried forever with the
+backoff the dispatcher computes (``next_attempt_at``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import String, and_, case, cast, func, or_, select, update
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.orm import Session
+
+from molre.log import get_logger
+from storage.db import Database, utcnow
+from storage.models import Association, Event, Export, Instance, Job, Result, Series, Study
+
+log = get_logger("storage.store")
+
+
+class SeriesState(str, enum.Enum):
+    """States of a series; the value is what the ``series.state`` column holds."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    SELECTED = "selected"
+    SKIPPED = "skipped"
+    QUEUED = "queued"
+    INFERRING = "inferring"
+    REPORTED = "reported"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+S = SeriesState
+#: Allowed moves of :meth:`Store.transition` (reopening by a late instance is separate).
+ALLOWED_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
+    S.RECEIVING: frozenset({S.COMPLETE, S.FAILED}),
+    S.COMPLETE: frozenset({S.SELECTED, S.SKIPPED, S.FAILED}),
+    S.SELECTED: frozenset({S.QUEUED, S.SKIPPED, S.FAILED}),
+    S.QUEUED: frozenset({S.INFERRING, S.FAILED}),
+    S.INFERRING: frozenset({S.REPORTED, S.QUEUED, S.FAILED}),
+    S.REPORTED: frozenset({S.DELIVERED, S.FAILED}),
+    S.DELIVERED: frozenset(),
+    S.SKIPPED: frozenset({S.SELECTED}),  # operator override: read it anyway
+    S.FAILED: frozenset({S.QUEUED}),  # operator retry
+}
+#: States in which nothing more happens by itself (prune may remove them after retention).
+FINAL_STATES: frozenset[SeriesState] = frozenset({S.DELIVERED, S.SKIPPED, S.FAILED, S.REPORTED})
+
+INSTANCE_STATUSES = ("stored", "duplicate", "conflict", "ignored", "rejected")
+_COUNT_COLUMN = {"stored": "n_stored", "duplicate": "n_duplicate", "ignored": "n_ignored",
+                 "conflict": "n_failed", "rejected": "n_failed"}
+
+
+class InvalidTransition(RuntimeError):
+    """A state change the state machine does not allow (a bug in the caller, not user input)."""
+
+
+class NotFound(LookupError):
+    """The series / job / export / association asked for does not exist."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Value objects handed across the API (plain data, detached from any session)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class InstanceHeader:
+    """What the receiver read from an instance's header (no pixel data).
+
+    Any UID may be None for unreadable input. ``meta`` is JSON-able series/instance metadata the
+    selection rules need (ImageType, BodyPartExamined, StudyDescription, SeriesDescription,
+    ProtocolName, SliceThickness, ContrastBolusAgent, ConvolutionKernel, Rows, Columns, ...).
+    ``phi`` (PatientName, PatientID, PatientBirthDate) is persisted only with store_phi=True.
+    """
+
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    modality: str | None = None
+    transfer_syntax: str | None = None
+    accession_number: str | None = None
+    instance_number: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    phi: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InstanceRecord:
+    """One row of ``instances`` as the node needs it."""
+
+    id: int
+    sop_instance_uid: str | None
+    series_uid: str | None
+    sha256: str | None
+    spool_path: str | None
+    status: str
+    meta: dict[str, Any]
+    study_uid: str | None = None
+    sop_class_uid: str | None = None
+    instance_number: int | None = None
+    transfer_syntax: str | None = None
+    size: int | None = None
+    series_version: int | None = None
+    received_at: dt.datetime | None = None
+
+
+@dataclass
+class SeriesRecord:
+    """One row of ``series``. ``meta`` = header meta of the series' first stored instance."""
+
+    uid: str
+    study_uid: str
+    state: SeriesState
+    version: int
+    reason: str | None
+    instance_count: int
+    first_instance_at: dt.datetime | None
+    last_instance_at: dt.datetime | None
+    modality: str | None = None
+    description: str | None = None
+    priority: int = 0
+    accession_number: str | None = None
+    completed_at: dt.datetime | None = None
+    reported_at: dt.datetime | None = None
+    delivered_at: dt.datetime | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FindingResult:
+    """One finding of a prediction: catalog key, probability in [0, 1], thresholded decision."""
+
+    key: str
+    probability: float
+    decision: bool
+
+
+@dataclass
+class JobClaim:
+    """A job handed to a worker; the worker owns it until ``lease_expires_at``."""
+
+    id: int
+    series_uid: str
+    study_uid: str
+    version: int
+    attempts: int
+    lease_expires_at: dt.datetime | None = None
+
+
+@dataclass
+class ExportClaim:
+    """An export due for an attempt (report file + destination name from the node config)."""
+
+    id: int
+    series_uid: str
+    destination: str
+    report_path: str | None
+    attempts: int
+    study_uid: str | None = None
+    version: int | None = None
+    report_sop_uid: str | None = None
+
+
+def _instance_record(row: Instance) -> InstanceRecord:
+    return InstanceRecord(
+        id=row.id, sop_instance_uid=row.sop_instance_uid, series_uid=row.series_uid,
+        sha256=row.sha256, spool_path=row.spool_path, status=row.status, meta=dict(row.meta or {}),
+        study_uid=row.study_uid, sop_class_uid=row.sop_class_uid,
+        instance_number=row.instance_number, transfer_syntax=row.transfer_syntax, size=row.size,
+        series_version=row.series_version, received_at=row.received_at)
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON columns get plain values: datetimes, paths, enums, numpy scalars/arrays and pydicom
+    values (MultiValue, DSfloat, IS, PersonName) are converted; anything else becomes text."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return _json_safe(value.tolist())
+    if isinstance(value, (Sequence, set, frozenset)):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+class Store:
+    """Facade over the audit database used by every part of the node.
+
+    ``Store(db, store_phi=False)``; ``clock`` (returns aware UTC) exists for tests that need to
+    move time (lease expiry, quiet time) without sleeping.
+    """
+
+    def __init__(self, db: Database, store_phi: bool = False,
+                 clock: Callable[[], dt.datetime] | None = None) -> None:
+        self.db = db
+        self.store_phi = bool(store_phi)
+        self._clock = clock or utcnow
+
+    def now(self) -> dt.datetime:
+        """The store's notion of now (aware UTC)."""
+        return self._clock()
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _event(s: Session, entity: str, entity_id: Any, kind: str, *, at: dt.datetime,
+               from_state: str | None = None, to_state: str | None = None,
+               study_uid: str | None = None, series_uid: str | None = None,
+               details: dict | None = None) -> None:
+        s.add(Event(at=at, entity=entity, entity_id=str(entity_id), kind=kind,
+                    from_state=str(from_state) if from_state is not None else None,
+                    to_state=str(to_state) if to_state is not None else None,
+                    study_uid=study_uid, series_uid=series_uid,
+                    details=_json_safe(details) if details else None))
+
+    def _lock_series(self, s: Session, series_uid: str) -> Series:
+        row = s.execute(select(Series).where(Series.series_uid == series_uid)
+                        .with_for_update()).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"series {series_uid} is not in the audit database")
+        return row
+
+    def _move(self, s: Session, series: Series, to_state: SeriesState, *, at: dt.datetime,
+              reason: str | None = None, details: dict | None = None,
+              kind: str = "transition") -> None:
+        """Apply one checked state change to a locked series row and write its event."""
+        to_state = SeriesState(to_state)
+        current = SeriesState(series.state)
+        if to_state not in ALLOWED_TRANSITIONS[current]:
+            raise InvalidTransition(
+                f"series {series.series_uid}: {current.value} -> {to_state.value} is not allowed "
+                f"(allowed: {sorted(x.value for x in ALLOWED_TRANSITIONS[current]) or 'none'})")
+        series.state = to_state.value
+        series.updated_at = at
+        if to_state in (S.SKIPPED, S.FAILED):
+            series.reason = reason
+        elif reason is not None:
+            series.reason = reason
+        if to_state is S.COMPLETE:
+            series.completed_at = at
+        elif to_state is S.REPORTED:
+            series.reported_at = at
+        elif to_state is S.DELIVERED:
+            series.delivered_at = at
+        ev_details = dict(details or {})
+        if reason is not None:
+            ev_details["reason"] = reason
+        ev_details["version"] = series.version
+        self._event(s, "series", series.series_uid, kind, at=at, from_state=current.value,
+                    to_state=to_state.value, study_uid=series.study_uid,
+                    series_uid=series.series_uid, details=ev_details)
+
+    def _insert_ignore(self, s: Session, model, **values) -> bool:
+        """INSERT … ON CONFLICT DO NOTHING, so two receivers creating one study never collide.
+
+        Returns True when the row was created by this call."""
+        if self.db.dialect == "postgresql":
+            stmt = pg_dialect.insert(model).values(**values).on_conflict_do_nothing()
+        else:
+            stmt = sqlite_dialect.insert(model).values(**values).on_conflict_do_nothing()
+        return s.execute(stmt).rowcount == 1
+
+    # -- associations --------------------------------------------------------------------------
+    def begin_association(self, calling_ae: str | None, called_ae: str | None,
+                          peer_host: str | None, peer_port: int | None) -> int:
+        """Record an accepted association; returns its id for record_instance/end_association."""
+        now = self.now()
+        with self.db.session() as s:
+            row = Association(calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host,
+                              peer_port=peer_port, started_at=now, outcome="open")
+            s.add(row)
+            s.flush()
+            self._event(s, "association", row.id, "opened", at=now, to_state="open",
+                        details={"calling_ae": calling_ae, "called_ae": called_ae,
+                                 "peer": f"{peer_host}:{peer_port}"})
+            return row.id
+
+    def end_association(self, assoc_id: int, outcome: str) -> None:
+        """Close an association ('released' | 'aborted'); a release lets series complete early."""
+        if outcome not in ("released", "aborted"):
+            raise ValueError("association outcome must be 'released' or 'aborted', "
+                             f"not {outcome!r}")
+        now = self.now()
+        with self.db.session() as s:
+            row = s.get(Association, assoc_id)
+            if row is None:
+                raise NotFound(f"association {assoc_id} is not in the audit database")
+            previous = row.outcome
+            row.outcome = outcome
+            row.ended_at = now
+            self._event(s, "association", row.id, outcome, at=now, from_state=previous,
+                        to_state=outcome, details={"stored": row.n_stored,
+                                                   "duplicate": row.n_duplicate,
+                                                   "ignored": row.n_ignored,
+                                                   "failed": row.n_failed})
+
+    def record_rejected_association(self, calling_ae: str | None, called_ae: str | None,
+                                    peer_host: str | None, peer_port: int | None,
+                                    reason: str) -> int:
+        """Record an association the node refused (AE not allowed, disk full, ...)."""
+        now = self.now()
+        with self.db.session() as s:
+            row = Association(calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host,
+                              peer_port=peer_port, started_at=now, ended_at=now,
+                              outcome="rejected", reject_reason=reason)
+            s.add(row)
+            s.flush()
+            self._event(s, "association", row.id, "rejected", at=now, to_state="rejected",
+                        details={"calling_ae": calling_ae, "called_ae": called_ae,
+                                 "peer": f"{peer_host}:{peer_port}", "reason": reason})
+            return row.id
+
+    # -- instances -----------------------------------------------------------------------------
+    def find_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        """The latest *stored* instance with this SOP Instance UID (duplicate/conflict check)."""
+        with self.db.session(write=False) as s:
+            row = s.execute(
+                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid,
+                                       Instance.status == "stored")
+                .order_by(Instance.id.desc()).limit(1)).scalar_one_or_none()
+            return _instance_record(row) if row is not None else None
+
+    def record_instance(self, assoc_id: int | None, header: InstanceHeader, *,
+                        spool_path: str | Path | None, size: int | None, sha256: str | None,
+                        status: str, reason: str | None = None) -> InstanceRecord:
+        """Record one received instance, whatever its fate, in one transaction.
+
+        For ``status='stored'`` the study and series rows are created or updated (series in
+        'receiving', ``last_instance_at``, ``instance_count`` counting distinct SOP UIDs); a
+        series that had moved past 'receiving' is reopened as a new report version
+        (``version += 1``, event 'reopened', queued jobs of the old version superseded).
+        Other statuses only add the instance row (+ an event) and the association count.
+        """
+        if status not in INSTANCE_STATUSES:
+            raise ValueError(f"instance status must be one of {INSTANCE_STATUSES}, not {status!r}")
+        now = self.now()
+        with self.db.session() as s:
+            series_version = None
+            if status == "stored" and header.series_uid and header.study_uid:
+                series_version = self._touch_series(s, header, now)
+            row = Instance(
+                sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
+                study_uid=header.study_uid, series_uid=header.series_uid,
+                series_version=series_version, instance_number=header.instance_number,
+                transfer_syntax=header.transfer_syntax,
+                spool_path=str(spool_path) if spool_path is not None else None, size=size,
+                sha256=sha256, status=status, reason=reason, received_at=now,
+                association_id=assoc_id, meta=_json_safe(header.meta or {}))
+            s.add(row)
+            if assoc_id is not None:
+                column = getattr(Association, _COUNT_COLUMN[status])
+                s.execute(update(Association).where(Association.id == assoc_id)
+                          .values({column: column + 1}))
+            s.flush()
+            if status != "stored":
+                self._event(s, "instance", header.sop_instance_uid or f"#{row.id}", status,
+                            at=now, to_state=status, study_uid=header.study_uid,
+                            series_uid=header.series_uid,
+                            details={"reason": reason, "association_id": assoc_id,
+                                     "instance_id": row.id})
+            return _instance_record(row)
+
+    def _touch_series(self, s: Session, h: InstanceHeader, now: dt.datetime) -> int:
+        """Create/update study + series for a stored instance; returns the series version."""
+        meta = h.meta or {}
+        series = s.execute(select(Series).where(Series.series_uid == h.series_uid)
+                           .with_for_update()).scalar_one_or_none()
+        if series is None:  # first instance of this series: create study + series rows
+            study_values: dict[str, Any] = {
+                "study_uid": h.study_uid, "accession_number": h.accession_number,
+                "study_date": _short(meta.get("StudyDate"), 8),
+                "study_description": _short(meta.get("StudyDescription"), 255),
+                "created_at": now}
+            if self.store_phi and h.phi:
+                study_values.update(
+                    patient_name=_short(h.phi.get("PatientName"), 255),
+                    patient_id=_short(h.phi.get("PatientID"), 64),
+                    patient_birth_date=_short(h.phi.get("PatientBirthDate"), 8))
+            self._insert_ignore(s, Study, **study_values)
+            if h.accession_number:
+                s.execute(update(Study).where(Study.study_uid == h.study_uid,
+                                              Study.accession_number.is_(None))
+                          .values(accession_number=h.accession_number))
+            created = self._insert_ignore(
+                s, Series, series_uid=h.series_uid, study_uid=h.study_uid, modality=h.modality,
+                description=_short(meta.get("SeriesDescription"), 255),
+                state=S.RECEIVING.value, version=1, instance_count=0, first_instance_at=now,
+                last_instance_at=now, created_at=now, updated_at=now,
+                meta=_json_safe(meta), priority=0)
+            series = self._lock_series(s, h.series_uid)
+            if created:
+                self._event(s, "series", series.series_uid, "created", at=now,
+                            to_state=S.RECEIVING.value, study_uid=series.study_uid,
+                            series_uid=series.series_uid, details={"version": 1})
+        if series.state != S.RECEIVING.value:
+            previous = series.state
+            series.version += 1
+            series.state = S.RECEIVING.value
+            series.reason = None
+            series.completed_at = series.reported_at = series.delivered_at = None
+            series.updated_at = now
+            superseded = s.execute(
+                update(Job).where(Job.series_uid == series.series_uid,
+                                  Job.state.in_(("queued", "running")))
+                .values(state="superseded", finished_at=now,
+                        error=f"series reopened as version {series.version}")).rowcount
+            self._event(s, "series", series.series_uid, "reopened", at=now,
+                        from_state=previous, to_state=S.RECEIVING.value,
+                        study_uid=series.study_uid, series_uid=series.series_uid,
+                        details={"version": series.version, "sop_instance_uid": h.sop_instance_uid,
+                                 "jobs_superseded": superseded})
+        new_sop = True
+        if h.sop_instance_uid:
+            new_sop = s.execute(
+                select(Instance.id).where(Instance.series_uid == series.series_uid,
+                                          Instance.sop_instance_uid == h.sop_instance_uid,
+                                          Instance.status == "stored").limit(1)
+            ).first() is None
+        if new_sop:
+            series.instance_count += 1
+        series.last_instance_at = now
+        if series.first_instance_at is None:
+            series.first_instance_at = now
+        return series.version
+
+    def series_instances(self, series_uid: str) -> list[InstanceRecord]:
+        """Stored instances of a series (latest row per SOP UID), by instance number then id."""
+        with self.db.session(write=False) as s:
+            latest = (select(func.max(Instance.id))
+                      .where(Instance.series_uid == series_uid, Instance.status == "stored")
+                      .group_by(func.coalesce(Instance.sop_instance_uid,
+                                            cast(Instance.id, String))))
+            rows = s.execute(select(Instance).where(Instance.id.in_(latest))
+                             .order_by(Instance.instance_number, Instance.id)).scalars().all()
+            return [_instance_record(r) for r in rows]
+
+    # -- series --------------------------------------------------------------------------------
+    def get_series(self, series_uid: str) -> SeriesRecord:
+        """The series row; raises NotFound when the UID is unknown."""
+        with self.db.session(write=False) as s:
+            row = s.execute(select(Series, Study.accession_number)
+                            .join(Study, Study.study_uid == Series.study_uid)
+                            .where(Series.series_uid == series_uid)).first()
+            if row is None:
+                raise NotFound(f"series {series_uid} is not in the audit database")
+            return _series_record(row[0], row[1])
+
+    def series_in_state(self, state: SeriesState | str) -> list[str]:
+        """UIDs of series in one state (e.g. 'complete' ones to re-decide after a restart)."""
+        with self.db.session(write=False) as s:
+            return list(s.execute(select(Series.series_uid)
+                                  .where(Series.state == SeriesState(state).value)
+                                  .order_by(Series.id)).scalars())
+
+    def transition(self, series_uid: str, to_state: SeriesState | str, reason: str | None = None,
+                   details: dict | None = None) -> None:
+        """Move a series to ``to_state`` (checked against ALLOWED_TRANSITIONS; writes an event)."""
+        now = self.now()
+        with self.db.session() as s:
+            series = self._lock_series(s, series_uid)
+            self._move(s, series, SeriesState(to_state), at=now, reason=reason, details=details)
+
+    def series_due_for_completion(self, quiet_s: float, release_grace_s: float,
+                                  now: dt.datetime | None = None) -> list[str]:
+        """Series in 'receiving' that can be considered complete.
+
+        Either no instance arrived for ``quiet_s`` seconds, or every association that carried an
+        instance of the current version was *released* (not aborted) more than
+        ``release_grace_s`` ago — a sender that releases has said it is done.
+        """
+        now = now or self.now()
+        quiet_cutoff = now - dt.timedelta(seconds=quiet_s)
+        grace_cutoff = now - dt.timedelta(seconds=release_grace_s)
+        with self.db.session(write=False) as s:
+            quiet = set(s.execute(select(Series.series_uid).where(
+                Series.state == S.RECEIVING.value,
+                Series.last_instance_at <= quiet_cutoff)).scalars())
+            released_ok = func.sum(case(
+                (and_(Association.outcome == "released", Association.ended_at <= grace_cutoff), 1),
+                else_=0))
+            released = set(s.execute(
+                select(Series.series_uid)
+                .join(Instance, and_(Instance.series_uid == Series.series_uid,
+                                     Instance.series_version == Series.version,
+                                     Instance.status == "stored"))
+                .join(Association, Association.id == Instance.association_id)
+                .where(Series.state == S.RECEIVING.value)
+                .group_by(Series.series_uid)
+                .having(released_ok == func.count(Instance.id))).scalars())
+            due = quiet | released
+            order = s.execute(select(Series.series_uid).where(Series.series_uid.in_(due))
+                              .order_by(Series.last_instance_at)).scalars()
+            return list(order)
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def enqueue_job(self, series_uid: str) -> int:
+        """Queue inference of the series' current version; idempotent while a job is live."""
+        now = self.now()
+        with self.db.session() as s:
+            series = self._lock_series(s, series_uid)
+            live = s.execute(select(Job.id).where(
+                Job.series_uid == series_uid, Job.version == series.version,
+                Job.state.in_(("queued", "running")))).scalar_one_or_none()
+            if live is not None:
+                return live
+            self._move(s, series, S.QUEUED, at=now)
+            job = Job(series_uid=series_uid, version=series.version, state="queued",
+                      attempts=0, enqueued_at=now)
+            s.add(job)
+            s.flush()
+            self._event(s, "job", job.id, "enqueued", at=now, to_state="queued",
+                        study_uid=series.study_uid, series_uid=series_uid,
+                        details={"version": series.version})
+            return job.id
+
+    def claim_job(self, worker_id: str, lease_s: float = 600, *,
+                  max_attempts: int | None = None) -> JobClaim | None:
+        """Atomically take the next runnable job (highest series priority, then oldest).
+
+        Runnable = queued and past its retry delay, or running with an expired lease (its
+        worker died). SQLite serialises claimers with BEGIN IMMEDIATE; PostgreSQL uses
+        ``FOR UPDATE OF jobs SKIP LOCKED`` so claimers never wait on or share a row. With
+        ``max_attempts``, an expired job that already used them all fails its series instead of
+        looping forever (a crash that kills every worker that tries it).
+        """
+        now = self.now()
+        with self.db.session() as s:
+            while True:
+                job = s.execute(claim_statement(now)).scalar_one_or_none()
+                if job is None:
+                    return None
+                series = self._lock_series(s, job.series_uid)
+                reclaimed = job.state == "running"
+                if series.version != job.version:
+                    job.state, job.finished_at = "superseded", now
+                    job.error = f"series is at version {series.version}"
+                    self._event(s, "job", job.id, "superseded", at=now, from_state="queued",
+                                to_state="superseded", study_uid=series.study_uid,
+                                series_uid=series.series_uid)
+                    continue
+                if reclaimed and max_attempts is not None and job.attempts >= max_attempts:
+                    error = (f"lease expired after {job.attempts} attempt(s) "
+                             f"(worker {job.worker_id})")
+                    job.state, job.finished_at, job.error = "failed", now, error
+                    self._event(s, "job", job.id, "failed", at=now, from_state="running",
+                                to_state="failed", study_uid=series.study_uid,
+                                series_uid=series.series_uid, details={"error": error})
+                    self._move(s, series, S.FAILED, at=now, reason=error)
+                    continue
+                previous_worker = job.worker_id
+                job.state = "running"
+                job.worker_id = worker_id
+                job.attempts += 1
+                job.claimed_at = job.started_at = now
+                job.lease_expires_at = now + dt.timedelta(seconds=lease_s)
+                job.finished_at = None
+                self._event(s, "job", job.id, "reclaimed" if reclaimed else "claimed", at=now,
+                            from_state="running" if reclaimed else "queued", to_state="running",
+                            study_uid=series.study_uid, series_uid=series.series_uid,
+                            details={"worker": worker_id, "attempt": job.attempts,
+                                     "previous_worker": previous_worker if reclaimed else None})
+                if series.state == S.QUEUED.value:
+                    self._move(s, series, S.INFERRING, at=now, details={"job_id": job.id})
+                return JobClaim(id=job.id, series_uid=series.series_uid,
+                                study_uid=series.study_uid, version=job.version,
+                                attempts=job.attempts, lease_expires_at=job.lease_expires_at)
+
+    def extend_lease(self, job_id: int, worker_id: str, lease_s: float = 600) -> bool:
+        """Heartbeat for long inferences; False when the job is no longer this worker's."""
+        now = self.now()
+        with self.db.session() as s:
+            n = s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id,
+                                            Job.state == "running")
+                          .values(lease_expires_at=now + dt.timedelta(seconds=lease_s))).rowcount
+            return n == 1
+
+    def _running_job(self, s: Session, job_id: int) -> tuple[Job, Series]:
+        job = s.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+        if job is None:
+            raise NotFound(f"job {job_id} is not in the audit database")
+        return job, self._lock_series(s, job.series_uid)
+
+    def finish_job(self, job_id: int, *, results: Sequence[FindingResult],
+                   checkpoint_hash: str | None, model_name: str | None,
+                   report_path: str | Path | None, report_sop_uid: str | None,
+                   destinations: Iterable[str]) -> bool:
+        """Store results, mark the job done, series -> reported, one export per destination.
+
+        Returns False (nothing stored but a 'superseded' / 'late_finish' event; series
+        untouched) when the series was reopened by a late instance meanwhile (a newer version
+        will be reported) or when another worker already finished this job after this worker's
+        lease expired.
+        """
+        now = self.now()
+        with self.db.session() as s:
+            job, series = self._running_job(s, job_id)
+            if job.state != "running":
+                # another worker finished it after this one's lease expired: first one wins
+                self._event(s, "job", job.id, "late_finish", at=now, from_state=job.state,
+                            to_state=job.state, study_uid=series.study_uid,
+                            series_uid=series.series_uid, details={"findings": len(results)})
+                return False
+            job.finished_at = now
+            job.lease_expires_at = None
+            if series.version != job.version:
+                job.state = "superseded"
+                self._event(s, "job", job.id, "superseded", at=now, from_state="running",
+                            to_state="superseded", study_uid=series.study_uid,
+                            series_uid=series.series_uid,
+                            details={"job_version": job.version, "findings": len(results),
+                                     "series_version": series.version})
+                return False
+            for r in results:
+                s.add(Result(job_id=job.id, series_uid=job.series_uid, series_version=job.version,
+                             finding_key=r.key, probability=float(r.probability),
+                             decision=bool(r.decision), checkpoint_hash=checkpoint_hash,
+                             model_name=model_name, created_at=now))
+            job.state = "done"
+            self._event(s, "job", job.id, "finished", at=now, from_state="running",
+                        to_state="done", study_uid=series.study_uid, series_uid=series.series_uid,
+                        details={"findings": len(results), "positives":
+                                 sum(1 for r in results if r.decision),
+                                 "checkpoint_hash": checkpoint_hash, "model": model_name,
+                                 "report_sop_uid": report_sop_uid})
+            self._move(s, series, S.REPORTED, at=now, details={"job_id": job.id})
+            for dest in destinations:
+                exp = Export(series_uid=series.series_uid, series_version=job.version,
+                             job_id=job.id, destination=dest, state="pending", attempts=0,
+                             next_attempt_at=now, report_path=str(report_path)
+                             if report_path is not None else None,
+                             report_sop_uid=report_sop_uid, created_at=now)
+                s.add(exp)
+                s.flush()
+                self._event(s, "export", exp.id, "created", at=now, to_state="pending",
+                            study_uid=series.study_uid, series_uid=series.series_uid,
+                            details={"destination": dest})
+            return True
+
+    def fail_job(self, job_id: int, error: str, *, max_attempts: int,
+                 retry_delay_s: float) -> bool:
+        """Record a failed attempt. True = requeued (after ``retry_delay_s``); False = given up
+        (series -> failed with ``error`` as reason) or the job was superseded meanwhile."""
+        now = self.now()
+        with self.db.session() as s:
+            job, series = self._running_job(s, job_id)
+            if job.state != "running":  # finished or failed by a worker that reclaimed it
+                return False
+            job.error = error
+            job.lease_expires_at = None
+            if series.version != job.version:
+                job.state, job.finished_at = "superseded", now
+                return False
+            if job.attempts < max_attempts:
+                job.state = "queued"
+                job.not_before = now + dt.timedelta(seconds=retry_delay_s)
+                self._event(s, "job", job.id, "retry", at=now, from_state="running",
+                            to_state="queued", study_uid=series.study_uid,
+                            series_uid=series.series_uid,
+                            details={"error": error, "attempt": job.attempts,
+                                     "not_before": job.not_before})
+                if series.state == S.INFERRING.value:
+                    self._move(s, series, S.QUEUED, at=now, details={"retry_of_job": job.id})
+                return True
+            job.state, job.finished_at = "failed", now
+            self._event(s, "job", job.id, "failed", at=now, from_state="running",
+                        to_state="failed", study_uid=series.study_uid,
+                        series_uid=series.series_uid,
+                        details={"error": error, "attempts": job.attempts})
+            self._move(s, series, S.FAILED, at=now, reason=error)
+            return False
+
+    def recover_on_start(self) -> dict[str, int]:
+        """Undo what a crash left half-done; call once before workers start.
+
+        Jobs still 'running' -> 'queued' (attempts kept, so a job that crashes the node each
+        time still reaches max_attempts); their series inferring -> queued. Series left
+        'selected' without a job get one. Returns counts: ``jobs_requeued``, ``series_enqueued``,
+        ``complete_pending`` (series in 'complete' the assembler must decide again; see
+        :meth:`series_in_state`).
+        """
+        now = self.now()
+        counts = {"jobs_requeued": 0, "series_enqueued": 0, "complete_pending": 0}
+        with self.db.session() as s:
+            running = s.execute(select(Job).where(Job.state == "running")).scalars().all()
+            for job in running:
+                series = self._lock_series(s, job.series_uid)
+                job.state, job.worker_id, job.lease_expires_at = "queued", None, None
+                self._event(s, "job", job.id, "recovered", at=now, from_state="running",
+                            to_state="queued", study_uid=series.study_uid,
+                            series_uid=series.series_uid)
+                if series.state == S.INFERRING.value and series.version == job.version:
+                    self._move(s, series, S.QUEUED, at=now, details={"recovered_job": job.id})
+                counts["jobs_requeued"] += 1
+            selected = s.execute(select(Series).where(Series.state == S.SELECTED.value)).scalars()
+            for series in selected.all():
+                self._move(s, series, S.QUEUED, at=now, details={"recovered": True})
+                job = Job(series_uid=series.series_uid, version=series.version, state="queued",
+                          attempts=0, enqueued_at=now)
+                s.add(job)
+                s.flush()
+                self._event(s, "job", job.id, "enqueued", at=now, to_state="queued",
+                            study_uid=series.study_uid, series_uid=series.series_uid,
+                            details={"version": series.version, "recovered": True})
+                counts["series_enqueued"] += 1
+            counts["complete_pending"] = s.execute(
+                select(func.count()).select_from(Series)
+                .where(Series.state == S.COMPLETE.value)).scalar_one()
+            self._event(s, "node", "node", "recovered", at=now, details=counts)
+        if any(counts.values()):
+            log.info("recovered unfinished work", **counts)
+        return counts
+
+    # -- exports -------------------------------------------------------------------------------
+    def due_exports(self, now: dt.datetime | None = None, limit: int = 10) -> list[ExportClaim]:
+        """Pending exports whose next attempt time has come, oldest due first."""
+        now = now or self.now()
+        with self.db.session(write=False) as s:
+            rows = s.execute(
+                select(Export, Series.study_uid)
+                .join(Series, Series.series_uid == Export.series_uid)
+                .where(Export.state == "pending",
+                       or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now))
+                .order_by(Export.next_attempt_at, Export.id).limit(limit)).all()
+            return [ExportClaim(id=e.id, series_uid=e.series_uid, destination=e.destination,
+                                report_path=e.report_path, attempts=e.attempts,
+                                study_uid=study_uid, version=e.series_version,
+                                report_sop_uid=e.report_sop_uid) for e, study_uid in rows]
+
+    def record_export_attempt(self, export_id: int, *, ok: bool, status: int | str | None,
+                              error: str | None = None,
+                              next_attempt_at: dt.datetime | None = None) -> None:
+        """Record one C-STORE attempt of an export.
+
+        ok -> delivered (+ ``delivered_at``); when every export of the series' current version is
+        delivered, series reported -> delivered. Not ok -> stays pending with
+        ``next_attempt_at`` (default: now + 60 s); never dropped.
+        """
+        now = self.now()
+        with self.db.session() as s:
+            exp = s.execute(select(Export).where(Export.id == export_id)
+                            .with_for_update()).scalar_one_or_none()
+            if exp is None:
+                raise NotFound(f"export {export_id} is not in the audit database")
+            series = self._lock_series(s, exp.series_uid)
+            if exp.state == "delivered":
+                return  # a repeated acknowledgement changes nothing
+            exp.attempts += 1
+            exp.last_status = None if status is None else (
+                f"0x{status:04X}" if isinstance(status, int) else str(status))
+            if ok:
+                exp.state, exp.delivered_at, exp.last_error = "delivered", now, None
+                exp.next_attempt_at = None
+                self._event(s, "export", exp.id, "delivered", at=now, from_state="pending",
+                            to_state="delivered", study_uid=series.study_uid,
+                            series_uid=series.series_uid,
+                            details={"destination": exp.destination, "attempts": exp.attempts,
+                                     "status": exp.last_status})
+                s.flush()
+                undelivered = s.execute(select(func.count()).select_from(Export).where(
+                    Export.series_uid == series.series_uid,
+                    Export.series_version == series.version,
+                    Export.state != "delivered")).scalar_one()
+                if (undelivered == 0 and series.state == S.REPORTED.value
+                        and exp.series_version == series.version):
+                    self._move(s, series, S.DELIVERED, at=now)
+            else:
+                exp.last_error = error
+                exp.next_attempt_at = next_attempt_at or now + dt.timedelta(seconds=60)
+                self._event(s, "export", exp.id, "attempt_failed", at=now, from_state=exp.state,
+                            to_state=exp.state, study_uid=series.study_uid,
+                            series_uid=series.series_uid,
+                            details={"destination": exp.destination, "attempt": exp.attempts,
+                                     "status": exp.last_status, "error": error,
+                                     "next_attempt_at": exp.next_attempt_at})
+
+    # -- events --------------------------------------------------------------------------------
+    def log_event(self, entity: str, entity_id: Any, kind: str, details: dict | None = None, *,
+                  study_uid: str | None = None, series_uid: str | None = None) -> None:
+        """Append a free-form event (node start/stop, config reload, operator action...)."""
+        now = self.now()
+        with self.db.session() as s:
+            if entity == "series" and series_uid is None:
+                series_uid = str(entity_id)
+            self._event(s, entity, entity_id, kind, at=now, study_uid=study_uid,
+                        series_uid=series_uid, details=details)
+
+    # -- audit queries (storage.queries does the work) -----------------------------------------
+    def studies(self, **kw: Any) -> list[dict[str, Any]]:
+        """See :func:`storage.queries.studies`."""
+        from storage import queries
+
+        with self.db.session(write=False) as s:
+            return queries.studies(s, **kw)
+
+    def series(self, **kw: Any) -> list[dict[str, Any]]:
+        """See :func:`storage.queries.series`."""
+        from storage import queries
+
+        with self.db.session(write=False) as s:
+            return queries.series(s, **kw)
+
+    def timeline(self, uid: str) -> list[dict[str, Any]]:
+        """See :func:`storage.queries.timeline`."""
+        from storage import queries
+
+        with self.db.session(write=False) as s:
+            return queries.timeline(s, uid)
+
+    def findings(self, **kw: Any) -> list[dict[str, Any]]:
+        """See :func:`storage.queries.findings`."""
+        from storage import queries
+
+        with self.db.session(write=False) as s:
+            return queries.findings(s, **kw)
+
+    def exports(self, **kw: Any) -> list[dict[str, Any]]:
+        """See :func:`storage.queries.exports`."""
+        from storage import queries
+
+        with self.db.session(write=False) as s:
+            return queries.exports(s, **kw)
+
+    def stats(self) -> dict[str, Any]:
+        """See :func:`storage.queries.stats`."""
+        from storage import queries
+
+        with self.db.session(write=False) as s:
+            return queries.stats(s)
+
+    def prune(self, older_than: dt.timedelta, *, dry_run: bool = False, spool: Any = None,
+              now: dt.datetime | None = None):
+        """See :func:`storage.queries.prune`."""
+        from storage import queries
+
+        return queries.prune(self, older_than, dry_run=dry_run, spool=spool,
+                             now=now or self.now())
+
+
+def _short(value: Any, n: int) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text[:n]
+
+
+def _series_record(row: Series, accession: str | None = None) -> SeriesRecord:
+    return SeriesRecord(
+        uid=row.series_uid, study_uid=row.study_uid, state=SeriesState(row.state),
+        version=row.version, reason=row.reason, instance_count=row.instance_count,
+        first_instance_at=row.first_instance_at, last_instance_at=row.last_instance_at,
+        modality=row.modality, description=row.description, priority=row.priority or 0,
+        accession_number=accession, completed_at=row.completed_at, reported_at=row.reported_at,
+        delivered_at=row.delivered_at, meta=dict(row.meta or {}))
+
+
+def claim_statement(now: dt.datetime):
+    """The SELECT that picks the next job; separate so its PostgreSQL SQL can be unit-tested."""
+    runnable = or_(
+        and_(Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now)),
+        and_(Job.state == "running", Job.lease_expires_at < now))
+    return (select(Job).join(Series, Series.series_uid == Job.series_uid)
+            .where(runnable).order_by(Series.priority.desc(), Job.id).limit(1)
+            .with_for_update(skip_locked=True, of=Job))
