@@ -50,10 +50,30 @@ def _register_all() -> None:
 _register_all()
 
 
+def _click_error_types() -> tuple[type[BaseException], ...]:
+    """Usage-error classes: typer >= 0.29 vendors its own click (typer._click)."""
+    import click
+
+    types: list[type[BaseException]] = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored
+
+        types.append(vendored.ClickException)
+    except ImportError:  # older typer uses the real click
+        pass
+    return tuple(types)
+
+
+_CLICK_ERRORS = _click_error_types()
+
+
 def main() -> None:
     """Console-script entry: run the app, turning MolreError into a clean message."""
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False returns the exit code of typer.Exit instead of exiting.
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and not isinstance(rc, bool):
+            sys.exit(rc)
     except MolreError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -62,13 +82,9 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except _CLICK_ERRORS as exc:  # usage errors: one message, click's exit code (2)
+        exc.show()
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":
