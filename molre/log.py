@@ -15,6 +15,16 @@ import structlog
 _configured = False
 
 
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is *now* (test runners swap and close it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
     """Configure structlog and the stdlib root logger (pynetdicom logs through stdlib)."""
     global _configured
@@ -33,7 +43,7 @@ def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
         processors=[*shared, structlog.processors.StackInfoRenderer(),
                     structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     # stdlib loggers (pynetdicom, alembic) go to stderr at WARNING unless we are verbose.

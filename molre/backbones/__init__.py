@@ -1,0 +1,35 @@
+"""Backbone registry (CT-FM, DINOv3, MedSigLIP and tiny CPU variants).
+
+``create_backbone(name, weights=None, **overrides)`` builds one by name, in the spirit of timm's
+``create_model``; the result carries ``.spec`` (a ``BackboneSpec``) so that training, checkpoints
+and the node agree on preprocessing and adapter targets. Weights are only ever read locally.
+"""
+
+from __future__ import annotations
+
+from . import ctfm, vit2d, medsiglip  # noqa: F401,I001  (register the entries, in listing order)
+from .registry import (
+    BackboneSpec,
+    describe_backbone,
+    base_state_dict,
+    create_backbone,
+    get_spec,
+    list_backbones,
+    register_backbone,
+    weights_digest,
+)
+from .weights import LoadReport, load_weights_into, resolve_weights
+
+__all__ = [
+    "BackboneSpec",
+    "LoadReport",
+    "base_state_dict",
+    "create_backbone",
+    "describe_backbone",
+    "get_spec",
+    "list_backbones",
+    "load_weights_into",
+    "register_backbone",
+    "resolve_weights",
+    "weights_digest",
+]
