@@ -126,7 +126,7 @@ def inject_adapters(model: nn.Module, config: MoLREConfig) -> list[str]:
         new.train(mod.training)
         _set_submodule(model, name, new)
         names.append(name)
-    _log.info("adapters_injected", layers=len(names), experts=config.experts, rank=config.rank)
+    _log.debug("adapters_injected", layers=len(names), experts=config.experts, rank=config.rank)
     return names
 
 
