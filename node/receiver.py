@@ -1,0 +1,588 @@
+"""The DICOM receiver: C-ECHO and C-STORE SCP with access control and a durable spool.
+
+Why it answers the way it does: a PACS deletes or stops retrying once it got Success, so Success
+is sent only after the instance is in the spool (fsynced, with the default
+``storage.durability = "fsync"``) and its row committed. The spool file is the durable record:
+the database runs ``synchronous=NORMAL`` and :func:`reconcile_spool` re-indexes, at start-up,
+files whose row a power cut took. Per instance the hot path is one prepared lookup (duplicate
+check) and one three-statement transaction (``Store.record_instance``'s fast path). Everything else
+gets a status the sender can act on, and every outcome is in the audit database:
+
+| situation                                   | status                    | instance status |
+|---------------------------------------------|---------------------------|-----------------|
+| stored                                      | 0x0000 Success            | stored          |
+| byte-identical resend of a known instance   | 0x0000 Success            | duplicate (no second file) |
+| *different* object with a known SOP UID     | 0xB000 Warning            | conflict (kept under spool/conflicts/, never used for a report) |
+| not a CT storage class (MR, SC, SR, ...)    | 0x0000 Success            | ignored (not kept) |
+| free disk below `storage.min_free_disk`     | 0xA700 Out of Resources   | rejected        |
+| SOP class/instance in dataset != request, missing/invalid UIDs | 0xA900 | rejected   |
+| undecodable header                          | 0xC000 Cannot Understand  | rejected        |
+| unexpected error in the node                | 0xC001 (processing failure) | rejected (if the DB is reachable) |
+
+A conflict answers Warning rather than Failure so a sender does not retry the same object
+forever; the original stays the one that is read (see docs/configuration.md).
+
+Access control happens when the association is requested (A-ASSOCIATE-RJ, rejected-permanent,
+source = service user): calling AE title or host not on the allow-list -> reason 0x03 "calling
+AE title not recognised" (DICOM has no "host not allowed" reason; 0x03 is what the caller's
+operator needs to look at); called AE title != ours (with `network.require_called_ae`) -> 0x07
+"called AE title not recognised". Each rejection is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pynetdicom.dsutils import encode_file_meta
+from pydicom.tag import Tag
+from pydicom.uid import UID
+from pynetdicom import evt
+
+from molre.errors import MolreError
+from molre.log import get_logger
+from node.config import AllowedCaller, NodeConfig
+from node.dicomnet import CT_STORAGE_CLASSES, make_ae, scp_contexts, server_ssl_context
+
+log = get_logger("node.receiver")
+
+STATUS_SUCCESS = 0x0000
+STATUS_CONFLICT_WARNING = 0xB000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0xC001
+
+REJECT_CALLING_AE = 0x03
+REJECT_CALLED_AE = 0x07
+
+_META_KEYWORDS = (
+    "Modality", "SOPClassUID", "StudyInstanceUID", "ImageType", "BodyPartExamined",
+    "StudyDescription", "SeriesDescription", "ProtocolName", "SliceThickness",
+    "ContrastBolusAgent", "ConvolutionKernel", "Rows", "Columns", "NumberOfFrames",
+    "ImageOrientationPatient", "SeriesNumber", "StudyDate", "Manufacturer",
+    "ManufacturerModelName", "PixelSpacing", "KVP",
+)
+
+# (keyword, tag) pairs: looking elements up by tag skips a keyword->tag translation per access,
+# which adds up on the per-instance path
+_META_TAGS = tuple((kw, Tag(kw)) for kw in _META_KEYWORDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# access control
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AccessDecision:
+    allowed: bool
+    diagnostic: int = 0
+    reason: str = ""
+
+
+def check_access(calling_ae: str, called_ae: str, peer_host: str, *, own_ae: str,
+                 require_called_ae: bool, allowed: list[AllowedCaller]) -> AccessDecision:
+    """Allow-list check for an association request (pure; unit-testable).
+
+    An empty allow-list allows every caller. An entry matches when its `ae_title` equals the
+    calling AE (or is "*") and its `host` (IP or CIDR) contains the peer address (or is empty).
+    """
+    calling = (calling_ae or "").strip()
+    called = (called_ae or "").strip()
+    if require_called_ae and called != own_ae.strip():
+        return AccessDecision(False, REJECT_CALLED_AE,
+                              f"called AE title {called!r} is not {own_ae!r}")
+    if not allowed:
+        return AccessDecision(True)
+    try:
+        addr = ipaddress.ip_address(peer_host)
+    except ValueError:
+        addr = None
+    ae_known = False
+    for entry in allowed:
+        if entry.ae_title not in ("*", calling):
+            continue
+        ae_known = True
+        if not entry.host:
+            return AccessDecision(True)
+        if addr is not None and addr in ipaddress.ip_network(entry.host, strict=False):
+            return AccessDecision(True)
+    if ae_known:
+        return AccessDecision(False, REJECT_CALLING_AE,
+                              f"calling AE title {calling!r} not allowed from host {peer_host}")
+    return AccessDecision(False, REJECT_CALLING_AE,
+                          f"calling AE title {calling!r} is not on the allow-list")
+
+
+# ---------------------------------------------------------------------------------------------
+# header reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """DICOM element value -> JSON-able (DS/IS -> float/int, PN/UID -> str, bytes dropped)."""
+    if value is None or isinstance(value, bytes):
+        return None
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    return str(value)
+
+
+def _first(ds: Any, path: tuple[str, ...]) -> Any:
+    """Value of a nested attribute, following the first item of each sequence."""
+    cur = ds
+    for kw in path:
+        if cur is None or kw not in cur:
+            return None
+        cur = cur[kw].value
+        if isinstance(cur, pydicom.sequence.Sequence):
+            cur = cur[0] if len(cur) else None
+    return cur
+
+
+def header_meta(ds: pydicom.Dataset) -> dict[str, Any]:
+    """The attributes the selection rules need, flattened (Enhanced CT: from functional groups)."""
+    meta: dict[str, Any] = {}
+    for kw, tag in _META_TAGS:
+        if tag in ds:
+            v = _plain(ds[tag].value)
+            if v not in (None, "", []):
+                meta[kw] = v
+    shared = ("SharedFunctionalGroupsSequence",)
+    fallbacks = {
+        "SliceThickness": shared + ("PixelMeasuresSequence", "SliceThickness"),
+        "PixelSpacing": shared + ("PixelMeasuresSequence", "PixelSpacing"),
+        "ImageOrientationPatient": shared + ("PlaneOrientationSequence",
+                                             "ImageOrientationPatient"),
+        "ConvolutionKernel": shared + ("CTReconstructionSequence", "ConvolutionKernel"),
+    }
+    for kw, path in fallbacks.items():
+        if kw not in meta:
+            v = _first(ds, path)
+            if v is None and kw != "SliceThickness":
+                v = _first(ds, ("PerFrameFunctionalGroupsSequence",) + path[1:])
+            if v not in (None, "", []):
+                meta[kw] = _plain(v)
+    if "ContrastBolusAgent" not in meta:
+        agent = _first(ds, ("ContrastBolusAgentSequence", "CodeMeaning"))
+        if agent:
+            meta["ContrastBolusAgent"] = str(agent)
+    return meta
+
+
+def _uid_ok(value: Any) -> bool:
+    return bool(value) and UID(str(value)).is_valid
+
+
+def read_header(ds: pydicom.Dataset, transfer_syntax: str | None, *,
+                with_phi: bool = True) -> Any:
+    """`storage.InstanceHeader` of a parsed header (the receiver and start-up reconciliation
+    read instances the same way). Raises on malformed values (-> Cannot Understand).
+
+    ``with_phi=False`` leaves ``phi`` empty: decoding PatientName for a store that does not
+    keep it (``audit.store_phi = false``) is wasted work on every instance."""
+    from storage import InstanceHeader
+
+    return InstanceHeader(
+        sop_class_uid=str(ds.get("SOPClassUID", "")) or None,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or None,
+        study_uid=str(ds.get("StudyInstanceUID", "")) or None,
+        series_uid=str(ds.get("SeriesInstanceUID", "")) or None,
+        modality=str(ds.get("Modality", "")) or None,
+        transfer_syntax=transfer_syntax,
+        accession_number=str(ds.get("AccessionNumber", "")) or None,
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        meta=header_meta(ds),
+        phi={k: str(ds.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate")}
+        if with_phi else {},
+    )
+
+
+def instance_relpath(header: Any) -> str:
+    """Where a stored instance lives in the spool (reconciliation relies on this layout)."""
+    return f"instances/{header.study_uid}/{header.series_uid}/{header.sop_instance_uid}.dcm"
+
+
+def conflict_relpath(header: Any, digest: str) -> str:
+    """Where a conflicting object (known SOP UID, other bytes) is kept."""
+    return f"conflicts/{header.series_uid}/{header.sop_instance_uid}.{digest[:16]}.dcm"
+
+
+# ---------------------------------------------------------------------------------------------
+# the receiver
+# ---------------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """C-ECHO / C-STORE SCP writing into `storage` (spool + audit DB).
+
+    `on_release(assoc_id)` (optional) is called after an association is released so the
+    assembler can look at its series without waiting for the next poll.
+    """
+
+    def __init__(self, config: NodeConfig, store: Any, spool: Any, *, metrics: Any = None,
+                 on_release: Callable[[int], None] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.metrics = metrics
+        self.on_release = on_release
+        # storage.durability: "fsync" (default) makes every received file durable before
+        # Success; "os" leaves it to the page cache (survives kill -9, not a power cut)
+        self.durable = getattr(config.storage, "durability", "fsync") != "os"
+        self._assoc_ids: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._server = None
+        self.ae = None
+        self.port: int | None = None
+        total = shutil.disk_usage(self.spool.root).total
+        self.min_free_bytes = config.free_disk_threshold(total)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> int:
+        """Start listening (non-blocking); returns the bound port."""
+        n = self.config.network
+        ae = make_ae(n.ae_title, acse_timeout=n.acse_timeout_s, dimse_timeout=n.dimse_timeout_s,
+                     network_timeout=n.network_timeout_s, max_associations=n.max_associations)
+        ae.supported_contexts = scp_contexts()
+        ssl_ctx = None
+        t = self.config.tls
+        if t.enabled:
+            ssl_ctx = server_ssl_context(t.certificate, t.key, t.ca or None,
+                                         t.require_client_certificate)
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        self.ae = ae
+        try:
+            self._server = ae.start_server((n.host, n.port), block=False,
+                                           evt_handlers=handlers, ssl_context=ssl_ctx)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise MolreError(f"network.port: cannot listen on {n.host}:{n.port} ({why}); is "
+                             f"another service using it? Choose another network.port or "
+                             f"network.host") from None
+        self.port = int(self._server.server_address[1])
+        log.info("receiver listening", ae_title=n.ae_title, host=n.host, port=self.port,
+                 tls=t.enabled, allowed_callers=len(n.allowed_callers))
+        return self.port
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; running associations continue."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def active_associations(self) -> int:
+        return len(self.ae.active_associations) if self.ae is not None else 0
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let running associations finish (up to `timeout`), then abort them."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.ae is not None:
+            for assoc in list(self.ae.active_associations):
+                assoc.abort()
+            self.ae.shutdown()
+
+    # -- association events -----------------------------------------------------------------------
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = str(rq.calling_ae_title or "").strip()
+        called = str(rq.called_ae_title or "").strip()
+        host, port = assoc.requestor.address, assoc.requestor.port
+        n = self.config.network
+        decision = check_access(calling, called, host, own_ae=n.ae_title,
+                                require_called_ae=n.require_called_ae, allowed=n.allowed_callers)
+        if decision.allowed:
+            return
+        log.warning("association rejected", calling_ae=calling, called_ae=called, peer=host,
+                    reason=decision.reason)
+        if self.metrics:
+            self.metrics.associations_rejected.inc()
+        try:
+            self.store.record_rejected_association(calling, called, host, port, decision.reason)
+        except Exception:  # noqa: BLE001 - never let bookkeeping break the network layer
+            log.exception("could not record rejected association")
+        assoc.acse.send_reject(0x01, 0x01, decision.diagnostic)
+        assoc.kill()
+
+    def _on_established(self, event: Any) -> None:
+        assoc = event.assoc
+        try:
+            aid = self.store.begin_association(
+                assoc.requestor.ae_title.strip(), assoc.acceptor.ae_title.strip(),
+                assoc.requestor.address, assoc.requestor.port)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record association")
+            return
+        with self._lock:
+            self._assoc_ids[id(assoc)] = aid
+        if self.metrics:
+            self.metrics.associations.inc()
+        log.info("association established", association_id=aid,
+                 calling_ae=assoc.requestor.ae_title.strip(), peer=assoc.requestor.address)
+
+    def _end(self, assoc: Any, outcome: str) -> int | None:
+        with self._lock:
+            aid = self._assoc_ids.pop(id(assoc), None)
+        if aid is None:
+            return None
+        try:
+            self.store.end_association(aid, outcome)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record association end", association_id=aid)
+        log.info(f"association {outcome}", association_id=aid)
+        return aid
+
+    def _on_released(self, event: Any) -> None:
+        aid = self._end(event.assoc, "released")
+        if aid is not None and self.on_release is not None:
+            try:
+                self.on_release(aid)
+            except Exception:  # noqa: BLE001
+                log.exception("on_release callback failed")
+
+    def _on_aborted(self, event: Any) -> None:
+        self._end(event.assoc, "aborted")
+
+    def _on_conn_close(self, event: Any) -> None:
+        # a peer that drops TCP without A-RELEASE/A-ABORT: count as aborted
+        self._end(event.assoc, "aborted")
+
+    def _on_echo(self, event: Any) -> int:
+        return STATUS_SUCCESS
+
+    # -- C-STORE ----------------------------------------------------------------------------------
+    def _assoc_id(self, assoc: Any) -> int | None:
+        with self._lock:
+            return self._assoc_ids.get(id(assoc))
+
+    def _on_store(self, event: Any) -> int:
+        t0 = time.perf_counter()
+        aid = self._assoc_id(event.assoc)
+        try:
+            status, outcome = self._store(event, aid)
+        except Exception as exc:  # noqa: BLE001 - the service never crashes on input
+            log.exception("C-STORE handling failed", association_id=aid)
+            status, outcome = STATUS_PROCESSING_FAILURE, "error"
+            try:
+                from storage import InstanceHeader
+
+                req = event.request
+                hdr = InstanceHeader(sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
+                                     sop_instance_uid=str(req.AffectedSOPInstanceUID or "")
+                                     or None)
+                self.store.record_instance(aid, hdr, spool_path=None, size=None, sha256=None,
+                                           status="rejected",
+                                           reason=f"internal error: {type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001
+                log.exception("could not record failed instance")
+        if self.metrics:
+            self.metrics.instances.labels(outcome=outcome).inc()
+            self.metrics.store_seconds.observe(time.perf_counter() - t0)
+        return status
+
+    def _reject(self, aid: int | None, header: Any, status: int, reason: str,
+                outcome: str = "rejected") -> tuple[int, str]:
+        self.store.record_instance(aid, header, spool_path=None, size=None, sha256=None,
+                                   status="rejected", reason=reason)
+        log.warning("instance rejected", association_id=aid, status=f"0x{status:04X}",
+                    reason=reason, sop_instance_uid=header.sop_instance_uid)
+        return status, outcome
+
+    def _store(self, event: Any, aid: int | None) -> tuple[int, str]:
+        from storage import InstanceHeader
+
+        req = event.request
+        rq_class = str(req.AffectedSOPClassUID or "")
+        rq_instance = str(req.AffectedSOPInstanceUID or "")
+        stream = event.encoded_dataset(include_meta=False)
+        file_meta = event.file_meta
+        data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), stream))
+        ts = str(file_meta.TransferSyntaxUID)
+        base = InstanceHeader(sop_class_uid=rq_class or None,
+                              sop_instance_uid=rq_instance or None, transfer_syntax=ts)
+        if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
+            if self.metrics:
+                self.metrics.disk_full.inc()
+            return self._reject(aid, base, STATUS_OUT_OF_RESOURCES,
+                                f"free disk below storage.min_free_disk "
+                                f"({self.min_free_bytes} bytes)", "out_of_resources")
+        try:
+            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
+            return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
+                                f"cannot decode header: {type(exc).__name__}: {exc}"[:500])
+        try:
+            header = read_header(ds, ts, with_phi=bool(getattr(self.store, "store_phi", True)))
+        except Exception as exc:  # noqa: BLE001 - malformed values inside a readable header
+            return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
+                                f"cannot read header values: {type(exc).__name__}: {exc}"[:500])
+        for kw, value in (("SOPInstanceUID", header.sop_instance_uid),
+                          ("SeriesInstanceUID", header.series_uid),
+                          ("StudyInstanceUID", header.study_uid),
+                          ("SOPClassUID", header.sop_class_uid)):
+            if not _uid_ok(value):
+                return self._reject(aid, header, STATUS_DATASET_MISMATCH,
+                                    f"{kw} missing or not a valid UID: {value!r}")
+        if header.sop_class_uid != rq_class:
+            return self._reject(aid, header, STATUS_DATASET_MISMATCH,
+                                f"SOPClassUID {header.sop_class_uid} does not match the "
+                                f"C-STORE request ({rq_class})")
+        if header.sop_instance_uid != rq_instance:
+            return self._reject(aid, header, STATUS_DATASET_MISMATCH,
+                                f"SOPInstanceUID {header.sop_instance_uid} does not match the "
+                                f"C-STORE request ({rq_instance})")
+        if header.sop_class_uid not in CT_STORAGE_CLASSES:
+            name = UID(header.sop_class_uid).name
+            self.store.record_instance(aid, header, spool_path=None, size=len(data),
+                                       sha256=None, status="ignored",
+                                       reason=f"sop_class: {name} is not CT")
+            log.info("instance ignored", association_id=aid, sop_class=name,
+                     series_uid=header.series_uid)
+            return STATUS_SUCCESS, "ignored"
+        digest = hashlib.sha256(stream).hexdigest()
+        known = self.store.stored_digest(header.sop_instance_uid)
+        if known is not None:
+            known_sha256, known_path = known
+            if known_sha256 == digest:
+                self.store.record_instance(aid, header, spool_path=known_path,
+                                           size=len(data), sha256=digest, status="duplicate",
+                                           reason="byte-identical resend")
+                return STATUS_SUCCESS, "duplicate"
+            path = self.spool.write_atomic(conflict_relpath(header, digest), data,
+                                           durable=self.durable)
+            self.store.record_instance(
+                aid, header, spool_path=str(path), size=len(data), sha256=digest,
+                status="conflict", reason="different object with a known SOP Instance UID "
+                f"(first stored as sha256 {str(known_sha256)[:16]})")
+            log.warning("instance conflict", association_id=aid,
+                        sop_instance_uid=header.sop_instance_uid, series_uid=header.series_uid)
+            return STATUS_CONFLICT_WARNING, "conflict"
+        path = self.spool.write_atomic(instance_relpath(header), data, durable=self.durable)
+        self.store.record_instance(aid, header, spool_path=str(path), size=len(data),
+                                   sha256=digest, status="stored")
+        return STATUS_SUCCESS, "stored"
+
+
+# ---------------------------------------------------------------------------------------------
+# start-up reconciliation: spool files without a row
+# ---------------------------------------------------------------------------------------------
+
+RECONCILE_REASON = "re-indexed from the spool at start-up (its row was missing)"
+
+
+def _dataset_digest(data: bytes) -> str:
+    """sha256 of the data set part of a spool file -- what the receiver hashes (the C-STORE
+    stream, without preamble and file meta), so a later resend is still a duplicate."""
+    start = 0
+    if data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00":
+        start = 144 + int.from_bytes(data[140:144], "little")  # (0002,0000) group length
+    return hashlib.sha256(memoryview(data)[start:]).hexdigest()
+
+
+def reconcile_spool(store: Any, spool: Any) -> dict[str, int]:
+    """Give every spool file an instance row again; call at start-up before the listener opens.
+
+    Why: the spool file is the durable record of a received instance (fsynced before C-STORE
+    Success), while the audit database runs with ``synchronous=NORMAL``, so a power cut can lose
+    the last committed rows. Such a file was acknowledged to the sender, so it must be read:
+    files under ``instances/`` with no row pointing at them are recorded as ``stored`` (which
+    creates/reopens their series as a live receive would), files under ``conflicts/`` as
+    ``conflict``; both with reason :data:`RECONCILE_REASON` and one ``node/spool reindexed``
+    event. Skipped: files older than the last prune's cutoff (prune deleted their rows, then
+    the node stopped before the files were removed -- reviving them would re-read pruned
+    data), unreadable files, and files whose content is already indexed under another path.
+    Returns the counts.
+    """
+    counts = {"files": 0, "reindexed": 0, "conflicts": 0, "prune_leftovers": 0,
+              "unreadable": 0, "indexed_elsewhere": 0}
+    files = [f for sub in ("instances", "conflicts") if (spool.root / sub).is_dir()
+             for f in (spool.root / sub).rglob("*.dcm") if f.is_file()]
+    counts["files"] = len(files)
+    if not files:
+        return counts
+    indexed = store.indexed_spool_paths(str(f) for f in files)
+    orphans = [f for f in files if str(f) not in indexed]
+    if not orphans:
+        return counts
+    cutoff = store.last_prune_cutoff()
+    orphans.sort(key=lambda f: f.stat().st_mtime)
+    for f in orphans:
+        rel = f.relative_to(spool.root).as_posix()
+        if cutoff is not None and f.stat().st_mtime < cutoff.timestamp():
+            counts["prune_leftovers"] += 1
+            log.warning("spool file older than the last prune has no row; not re-indexed",
+                        path=rel)
+            continue
+        try:
+            data = f.read_bytes()
+            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+            header = read_header(ds, str(ds.file_meta.TransferSyntaxUID),
+                                 with_phi=bool(getattr(store, "store_phi", True)))
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the node
+            counts["unreadable"] += 1
+            log.warning("spool file without a row cannot be read; not re-indexed", path=rel,
+                        error=f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        digest = _dataset_digest(data)
+        conflict = rel.startswith("conflicts/")
+        expected = (conflict_relpath(header, digest) if conflict else instance_relpath(header))
+        if expected != rel:
+            counts["unreadable"] += 1
+            log.warning("spool file's UIDs do not match its path; not re-indexed", path=rel)
+            continue
+        known = store.find_instance(header.sop_instance_uid)
+        if not conflict and known is not None:
+            # the same SOP UID is stored elsewhere (data dir moved?) -- same bytes: nothing to do
+            if known.sha256 != digest:
+                log.warning("spool file differs from the stored instance with its SOP UID; "
+                            "not re-indexed", path=rel, sop_instance_uid=header.sop_instance_uid)
+            counts["indexed_elsewhere"] += 1
+            continue
+        store.record_instance(None, header, spool_path=str(f), size=len(data), sha256=digest,
+                              status="conflict" if conflict else "stored",
+                              reason=RECONCILE_REASON)
+        counts["conflicts" if conflict else "reindexed"] += 1
+    if any(counts[k] for k in counts if k != "files"):
+        store.log_event("node", "spool", "reindexed", details=counts)
+        log.info("spool reconciled with the audit database", **counts)
+    return counts
+
+
+def _int_or_none(v: Any) -> int | None:
+    try:
+        return int(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+__all__ = ["AccessDecision", "Receiver", "check_access", "conflict_relpath", "header_meta",
+           "instance_relpath", "read_header", "reconcile_spool"]

@@ -1,0 +1,203 @@
+"""Selection rules: which complete series the model reads. Pure functions over header meta.
+
+Why pure functions: the rules decide what a hospital's patients get read by an AI; they have to
+be testable without a network, a database or a model, and every "no" must come with a reason that
+ends up in the audit log (`image_type: LOCALIZER`, `slices: 3 < 16`, ...).
+
+Input is the `meta` dict the receiver stores per instance (DICOM keywords: Modality,
+SOPClassUID, ImageType, BodyPartExamined, StudyDescription, SeriesDescription, ProtocolName,
+SliceThickness, ContrastBolusAgent, ConvolutionKernel, NumberOfFrames, ImageOrientationPatient).
+
+Preference when several series of one study qualify (`selection.prefer`):
+- "thinnest-soft-tissue": among qualifying series whose ConvolutionKernel matches
+  `selection.soft_tissue_kernel` (if none match: among all qualifying series), the one with the
+  thinnest slices wins; ties go to the series with more slices, then the lower series UID (so the
+  choice is deterministic). The others are skipped with reason `preference: ...`.
+- "all": every qualifying series is read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.config import SelectionConfig
+
+HEAD_FIELDS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")
+
+
+@dataclass
+class SeriesSummary:
+    """What the rules look at, summarised over the instances of one series."""
+
+    series_uid: str
+    study_uid: str | None = None
+    instances: int = 0
+    slices: int = 0
+    modalities: set[str] = field(default_factory=set)
+    image_type: list[str] = field(default_factory=list)
+    image_type_values: set[str] = field(default_factory=set)
+    slice_thickness: float | None = None
+    kernel: str = ""
+    contrast: str = ""
+    texts: dict[str, str] = field(default_factory=dict)
+    axial: bool | None = None
+
+
+@dataclass
+class Decision:
+    """The verdict for one series: selected, or skipped with a reason."""
+
+    selected: bool
+    reason: str | None = None
+
+
+def _as_list(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [p for p in v.split("\\") if p != ""] if "\\" in v else ([v] if v else [])
+    if isinstance(v, Iterable):
+        return [str(x) for x in v]
+    return [str(v)]
+
+
+def _as_float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _is_axial(iop: Any) -> bool | None:
+    vals = [_as_float(x) for x in _as_list(iop)]
+    if len(vals) != 6 or any(v is None for v in vals):
+        return None
+    r, c = vals[:3], vals[3:]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    norm = math.sqrt(sum(x * x for x in n)) or 1.0
+    return abs(n[2] / norm) >= 0.8  # within ~37 degrees of axial (gantry tilt allowed)
+
+
+def summarize(series_uid: str, metas: Sequence[Mapping[str, Any]],
+              study_uid: str | None = None) -> SeriesSummary:
+    """Summarise the stored instances' meta of one series."""
+    s = SeriesSummary(series_uid=series_uid, study_uid=study_uid, instances=len(metas))
+    thick: list[float] = []
+    image_types: list[tuple[str, ...]] = []
+    axial_votes: list[bool] = []
+    for m in metas:
+        if m.get("Modality"):
+            s.modalities.add(str(m["Modality"]).upper())
+        frames = m.get("NumberOfFrames")
+        try:
+            s.slices += max(1, int(frames)) if frames not in (None, "") else 1
+        except (TypeError, ValueError):
+            s.slices += 1
+        it = tuple(x.upper().strip() for x in _as_list(m.get("ImageType")))
+        image_types.append(it)
+        s.image_type_values.update(it)
+        t = _as_float(m.get("SliceThickness"))
+        if t is not None and t > 0:
+            thick.append(t)
+        if not s.kernel and m.get("ConvolutionKernel"):
+            s.kernel = "\\".join(_as_list(m.get("ConvolutionKernel")))
+        agent = str(m.get("ContrastBolusAgent") or "").strip()
+        if agent and not s.contrast:
+            s.contrast = agent
+        for key in HEAD_FIELDS:
+            val = str(m.get(key) or "").strip()
+            if val and key not in s.texts:
+                s.texts[key] = val
+        ax = _is_axial(m.get("ImageOrientationPatient"))
+        if ax is not None:
+            axial_votes.append(ax)
+        if study_uid is None and m.get("StudyInstanceUID"):
+            s.study_uid = str(m["StudyInstanceUID"])
+    if image_types:
+        s.image_type = list(max(set(image_types), key=image_types.count))
+    s.slice_thickness = statistics.median(thick) if thick else None
+    if axial_votes:
+        s.axial = sum(axial_votes) * 2 >= len(axial_votes)
+    return s
+
+
+def evaluate(s: SeriesSummary, rules: SelectionConfig) -> Decision:
+    """Apply the per-series rules in a fixed order; the first failing rule gives the reason."""
+    wanted = {m.upper() for m in rules.modalities}
+    if not s.modalities:
+        return Decision(False, "modality: missing")
+    if not s.modalities & wanted:
+        return Decision(False, f"modality: {','.join(sorted(s.modalities))}")
+    excluded = [v for v in (x.upper() for x in rules.image_type_excluded)
+                if v in s.image_type_values]
+    if excluded:
+        return Decision(False, f"image_type: {excluded[0]}")
+    missing = [v for v in (x.upper() for x in rules.image_type_required)
+               if v not in s.image_type]
+    if missing:
+        shown = "\\".join(s.image_type) or "missing"
+        return Decision(False, f"image_type: {shown} lacks {missing[0]}")
+    if rules.require_axial:
+        third = s.image_type[2] if len(s.image_type) > 2 else ""
+        axial = third == "AXIAL" or s.axial is True  # ImageType value 3, else orientation
+        if not axial:
+            return Decision(False, f"image_type: {third or 'no AXIAL value'} (not axial)")
+    if s.slices < rules.min_slices:
+        return Decision(False, f"slices: {s.slices} < {rules.min_slices}")
+    if s.slice_thickness is None:
+        return Decision(False, "slice_thickness: missing")
+    if not rules.slice_thickness_min_mm <= s.slice_thickness <= rules.slice_thickness_max_mm:
+        return Decision(False, f"slice_thickness: {s.slice_thickness:g} mm outside "
+                               f"{rules.slice_thickness_min_mm:g}..{rules.slice_thickness_max_mm:g}")
+    if rules.require_head and not is_head(s, rules.head_patterns):
+        return Decision(False, "body_part: no head pattern in " + "/".join(HEAD_FIELDS))
+    if rules.exclude_contrast and s.contrast:
+        return Decision(False, f"contrast: ContrastBolusAgent {s.contrast!r}")
+    return Decision(True, None)
+
+
+def is_head(s: SeriesSummary, patterns: Sequence[str]) -> bool:
+    """True when any of body part / descriptions / protocol matches a head pattern."""
+    regs = [re.compile(p, re.IGNORECASE) for p in patterns]
+    return any(r.search(text) for text in s.texts.values() for r in regs)
+
+
+def _rank(s: SeriesSummary) -> tuple:
+    thick = s.slice_thickness if s.slice_thickness is not None else float("inf")
+    return (thick, -s.slices, s.series_uid)
+
+
+def choose_preferred(candidates: Sequence[SeriesSummary],
+                     rules: SelectionConfig) -> tuple[list[SeriesSummary], dict[str, str]]:
+    """Among qualifying series of one study, pick the ones to read (see module docstring).
+
+    Returns (chosen, {series_uid: skip reason}).
+    """
+    if rules.prefer == "all" or len(candidates) <= 1:
+        return list(candidates), {}
+    kern = re.compile(rules.soft_tissue_kernel, re.IGNORECASE)
+    soft = [s for s in candidates if s.kernel and kern.search(s.kernel)]
+    pool = soft or list(candidates)
+    best = min(pool, key=_rank)
+    skipped: dict[str, str] = {}
+    for s in candidates:
+        if s is best:
+            continue
+        if soft and s not in soft:
+            why = f"kernel {s.kernel or 'missing'} is not soft tissue"
+        else:
+            why = (f"{s.slice_thickness:g} mm slices, thinner or equal "
+                   f"{best.slice_thickness:g} mm" if s.slice_thickness is not None
+                   and best.slice_thickness is not None else "ranked lower")
+        skipped[s.series_uid] = f"preference: series {best.series_uid} preferred ({why})"
+    return [best], skipped
+
+
+__all__ = ["Decision", "HEAD_FIELDS", "SeriesSummary", "choose_preferred", "evaluate",
+           "is_head", "summarize"]

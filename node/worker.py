@@ -1,0 +1,460 @@
+"""The worker: claims inference jobs, runs the model, builds the report, hands it to the outbox.
+
+Design (why): inference runs native code (torch, image codecs) on untrusted input. A segfault or
+an out-of-memory kill there must not take the receiver down, so by default
+(`model.isolation = "process"`) each worker thread drives its own *supervised child process*
+that loads the checkpoint once and answers "predict these files" requests over a pipe:
+
+- the child dies (crash, OOM kill) -> the job is failed with "inference process died" (retried
+  up to `retry.max_attempts`), the child is restarted for the next job;
+- a job exceeds `model.job_timeout_s` -> the child is killed, same as above;
+- the node itself is killed -> the job's lease expires / `recover_on_start` requeues it.
+
+`model.isolation = "thread"` runs the Predictor in the node process (less memory, no isolation;
+useful on small machines and in unit tests).
+
+A user-caused problem with a series (`MolreError`, e.g. SeriesError "slices have different
+orientations") is final at once: retrying cannot fix it. Other errors are retried with
+`retry.job_retry_delay_s` up to `retry.max_attempts`. One bad series never blocks the queue: the
+failing job is recorded and the worker takes the next one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from molre.errors import MolreError
+from molre.log import get_logger
+from node.config import NodeConfig
+
+log = get_logger("node.worker")
+
+
+class InferenceCrash(RuntimeError):
+    """The inference process died or timed out (retryable)."""
+
+
+class UserSeriesError(MolreError):
+    """The series cannot be read by the model (final; message from the reader)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# engines
+# ---------------------------------------------------------------------------------------------
+
+
+def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
+                threads: int) -> None:
+    """Entry point of the inference process: load once, then serve predict requests."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    from molre.log import configure_logging
+
+    configure_logging(json_output=log_json, level="WARNING")
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        from molre.checkpoint import Predictor
+
+        predictor = Predictor.from_checkpoint(checkpoint or None, device=device)
+        conn.send(("ready", {"catalog": predictor.catalog.to_dict(),
+                             "model_name": predictor.model_name,
+                             "checkpoint_hash": predictor.checkpoint_hash,
+                             "is_demo": predictor.is_demo}))
+    except Exception as exc:  # noqa: BLE001 - report and exit; the supervisor decides
+        conn.send(("load_error", f"{type(exc).__name__}: {exc}"))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg[0] == "stop":
+            return
+        if msg[0] == "crash":  # test hook: simulate a native crash
+            os._exit(139)
+        if msg[0] == "predict":
+            try:
+                pred = predictor.predict_series([Path(p) for p in msg[1]])
+                conn.send(("ok", pred.to_dict()))
+            except MolreError as exc:
+                conn.send(("user_error", str(exc)))
+            except Exception as exc:  # noqa: BLE001
+                conn.send(("error", f"{type(exc).__name__}: {exc}\n"
+                                    f"{traceback.format_exc(limit=5)}"))
+
+
+class ProcessEngine:
+    """A supervised inference child process (see module docstring)."""
+
+    def __init__(self, checkpoint: str | None, device: str, *, load_timeout: float = 600.0,
+                 log_json: bool = True, threads: int | None = None,
+                 target: Any = None) -> None:
+        self.target = target or _child_main  # tests substitute a fake child
+        self.checkpoint = checkpoint
+        self.device = device
+        self.load_timeout = load_timeout
+        self.log_json = log_json
+        self.threads = threads or max(1, (os.cpu_count() or 2))
+        self.info: dict[str, Any] | None = None
+        self._proc: Any = None
+        self._conn: Any = None
+        self._loading: Any = None
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=self.target, name="molre-inference",
+                           args=(child, self.checkpoint, self.device, self.log_json,
+                                 self.threads), daemon=True)
+        proc.start()
+        child.close()
+        self._loading = proc
+        deadline = time.monotonic() + self.load_timeout
+        try:
+            while not parent.poll(0.2):
+                if self._cancel.is_set() or time.monotonic() > deadline or not proc.is_alive():
+                    if parent.poll(0):
+                        break
+                    proc.kill()
+                    proc.join(5)
+                    if self._cancel.is_set():
+                        raise InferenceCrash("inference process start cancelled (shutdown)")
+                    if not proc.is_alive() and time.monotonic() <= deadline:
+                        raise InferenceCrash(f"inference process died while loading (exit "
+                                             f"code {proc.exitcode})")
+                    raise InferenceCrash(f"inference process did not load the checkpoint "
+                                         f"within {self.load_timeout:.0f} s")
+        finally:
+            self._loading = None
+        try:
+            kind, payload = parent.recv()
+        except EOFError:
+            proc.join(5)
+            raise InferenceCrash(f"inference process died while loading (exit code "
+                                 f"{proc.exitcode})") from None
+        if kind != "ready":
+            proc.join(5)
+            raise MolreError(f"checkpoint could not be loaded: {payload}")
+        self._proc, self._conn, self.info = proc, parent, payload
+        log.info("inference process ready", pid=proc.pid, model=payload.get("model_name"),
+                 checkpoint_hash=str(payload.get("checkpoint_hash"))[:16])
+
+    def ensure_started(self) -> dict[str, Any]:
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._discard()
+                self._start()
+            assert self.info is not None
+            return self.info
+
+    def _discard(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def predict(self, paths: list[str], timeout: float) -> dict[str, Any]:
+        self.ensure_started()
+        with self._lock:
+            conn, proc = self._conn, self._proc
+            try:
+                conn.send(("predict", list(paths)))
+                ready = conn.poll(timeout)
+                if not ready:
+                    self._discard()
+                    raise InferenceCrash(f"inference exceeded model.job_timeout_s "
+                                         f"({timeout:.0f} s); process killed")
+                kind, payload = conn.recv()
+            except (EOFError, OSError, BrokenPipeError):
+                proc.join(5)
+                code = proc.exitcode
+                self._discard()
+                raise InferenceCrash(f"inference process died (exit code {code})") from None
+        if kind == "ok":
+            return payload
+        if kind == "user_error":
+            raise UserSeriesError(payload)
+        raise RuntimeError(payload)
+
+    def cancel(self) -> None:
+        """Abort a checkpoint load in progress (shutdown)."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        self._cancel.set()
+        with self._lock:
+            if self._conn is not None and self._proc is not None and self._proc.is_alive():
+                try:
+                    self._conn.send(("stop",))
+                    self._proc.join(2)
+                except (OSError, BrokenPipeError):
+                    pass
+            self._discard()
+
+
+class ThreadEngine:
+    """The Predictor inside the node process (no isolation)."""
+
+    def __init__(self, checkpoint: str | None, device: str) -> None:
+        self.checkpoint = checkpoint
+        self.device = device
+        self.info: dict[str, Any] | None = None
+        self._predictor: Any = None
+        self._lock = threading.Lock()
+
+    def ensure_started(self) -> dict[str, Any]:
+        with self._lock:
+            if self._predictor is None:
+                from molre.checkpoint import Predictor
+
+                p = Predictor.from_checkpoint(self.checkpoint or None, device=self.device)
+                self._predictor = p
+                self.info = {"catalog": p.catalog.to_dict(), "model_name": p.model_name,
+                             "checkpoint_hash": p.checkpoint_hash, "is_demo": p.is_demo}
+            return self.info  # type: ignore[return-value]
+
+    def predict(self, paths: list[str], timeout: float) -> dict[str, Any]:
+        self.ensure_started()
+        with self._lock:
+            try:
+                return self._predictor.predict_series([Path(p) for p in paths]).to_dict()
+            except MolreError as exc:
+                raise UserSeriesError(str(exc)) from None
+
+    def close(self) -> None:
+        self._predictor = None
+
+    def cancel(self) -> None:
+        pass
+
+    pid = None
+
+
+def make_engine(config: NodeConfig) -> ProcessEngine | ThreadEngine:
+    m = config.model
+    ckpt = m.checkpoint or None
+    if m.isolation == "thread":
+        return ThreadEngine(ckpt, m.device)
+    threads = max(1, (os.cpu_count() or 2) // max(1, m.workers))
+    return ProcessEngine(ckpt, m.device, log_json=config.logging.json, threads=threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """One worker thread with its own engine; `WorkerPool` runs `model.workers` of them."""
+
+    def __init__(self, config: NodeConfig, store: Any, spool: Any, *, index: int = 0,
+                 metrics: Any = None, wake: threading.Event | None = None,
+                 on_reported: Any = None) -> None:
+        self.on_reported = on_reported
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.metrics = metrics
+        self.worker_id = f"{os.uname().nodename}:{os.getpid()}:w{index}"
+        self.engine = make_engine(config)
+        self._stop = threading.Event()
+        self._wake = wake or threading.Event()
+        self._thread: threading.Thread | None = None
+        self._catalog: Any = None
+        self.busy = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"worker-{self.worker_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the job in flight (up to `timeout`), then stop the engine."""
+        self._stop.set()
+        self._wake.set()
+        if not self.busy:
+            self.engine.cancel()  # a checkpoint load in progress need not finish
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.engine.close()
+
+    @staticmethod
+    def _warm_up() -> None:
+        try:  # import the report code (highdicom) while the checkpoint loads
+            import node.report  # noqa: F401
+        except Exception:  # noqa: BLE001
+            log.exception("report module import failed")
+
+    def _run(self) -> None:
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                self.engine.ensure_started()
+                backoff = 1.0
+            except Exception as exc:  # noqa: BLE001 - keep receiving; retry loading later
+                log.error("inference engine not available", error=str(exc), retry_in_s=backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 300.0)
+                continue
+            try:
+                did = self.run_once()
+            except Exception:  # noqa: BLE001
+                log.exception("worker loop error")
+                did = False
+            if not did:
+                self._wake.wait(1.0)
+                self._wake.clear()
+
+    def catalog(self) -> Any:
+        if self._catalog is None:
+            from molre.catalog import Catalog
+
+            info = self.engine.ensure_started()
+            self._catalog = Catalog.from_dict(info["catalog"])
+        return self._catalog
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when the queue was empty."""
+        m = self.config.model
+        job = self.store.claim_job(self.worker_id, lease_s=m.job_lease_s,
+                                   max_attempts=self.config.retry.max_attempts)
+        if job is None:
+            return False
+        self.busy = True
+        try:
+            self.process(job)
+        finally:
+            self.busy = False
+        return True
+
+    def process(self, job: Any) -> None:
+        from storage import FindingResult
+
+        from node.report import NodeIdentity, build_sr, build_summary_sc, read_sources, to_bytes
+
+        jlog = log.bind(job_id=job.id, series_uid=job.series_uid, version=job.version,
+                        attempt=job.attempts)
+        t0 = time.perf_counter()
+        try:
+            instances = self.store.series_instances(job.series_uid)
+            paths = [i.spool_path for i in instances if i.spool_path and Path(i.spool_path).exists()]
+            if not paths:
+                raise UserSeriesError(f"series {job.series_uid}: no stored instance files in "
+                                      f"the spool")
+            jlog.info("inference started", instances=len(paths))
+            t_inf = time.perf_counter()
+            pred = self.engine.predict(paths, timeout=self.config.model.job_timeout_s)
+            inference_s = time.perf_counter() - t_inf
+            if self.metrics is not None:
+                self.metrics.inference_seconds.observe(inference_s)
+            catalog = self.catalog()
+            used = set(pred.get("used_sop_instance_uids") or [])
+            evidence_paths = [i.spool_path for i in instances
+                              if i.spool_path in paths and (not used or i.sop_instance_uid in used)]
+            sources = read_sources(evidence_paths or paths)
+            r = self.config.report
+            identity = NodeIdentity(ae_title=self.config.network.ae_title,
+                                    manufacturer=r.manufacturer, device_name=r.device_name,
+                                    institution_name=r.institution_name)
+            sr = build_sr(sources, pred, catalog, version=job.version, identity=identity)
+            base = f"reports/{job.study_uid}/{job.series_uid}/v{job.version}-{sr.SOPInstanceUID}"
+            report_path = self.spool.write_atomic(base + ".dcm", to_bytes(sr))
+            if r.secondary_capture:
+                sc = build_summary_sc(sources, pred, catalog, version=job.version,
+                                      identity=identity)
+                self.spool.write_atomic(base + ".sc.dcm", to_bytes(sc))
+            results = [FindingResult(key=k, probability=float(p),
+                                     decision=bool(pred["decisions"].get(k, False)))
+                       for k, p in pred["probabilities"].items()]
+            current = self.store.finish_job(
+                job.id, results=results, checkpoint_hash=pred.get("checkpoint_hash"),
+                model_name=pred.get("model_name"), report_path=str(report_path),
+                report_sop_uid=str(sr.SOPInstanceUID),
+                destinations=[d.name for d in self.config.destinations])
+            positives = sum(1 for x in results if x.decision)
+            jlog.info("series reported" if current else "report superseded by newer version",
+                      findings=len(results), positives=positives,
+                      report_sop_uid=str(sr.SOPInstanceUID),
+                      inference_s=round(inference_s, 3),
+                      total_s=round(time.perf_counter() - t0, 3))
+            if self.metrics is not None and current:
+                self.metrics.jobs.labels(outcome="reported").inc()
+                self._observe_end_to_end(job.series_uid)
+            if current and self.on_reported is not None:
+                self.on_reported()
+        except UserSeriesError as exc:
+            self._fail(job, f"series not readable: {exc}", final=True, jlog=jlog)
+        except Exception as exc:  # noqa: BLE001 - one bad series never blocks the queue
+            self._fail(job, f"{type(exc).__name__}: {exc}"[:2000], final=False, jlog=jlog)
+
+    def _fail(self, job: Any, error: str, *, final: bool, jlog: Any) -> None:
+        r = self.config.retry
+        if self._stop.is_set() and not final:
+            # shutting down mid-inference: leave the job running; recover_on_start requeues it
+            jlog.info("job interrupted by shutdown", error=error.splitlines()[0][:200])
+            return
+        max_attempts = job.attempts if final else r.max_attempts
+        try:
+            requeued = self.store.fail_job(job.id, error, max_attempts=max_attempts,
+                                           retry_delay_s=r.job_retry_delay_s)
+        except Exception:  # noqa: BLE001
+            jlog.exception("could not record job failure")
+            return
+        jlog.warning("inference failed", error=error.splitlines()[0][:300], requeued=requeued)
+        if self.metrics is not None:
+            self.metrics.jobs.labels(outcome="retried" if requeued else "failed").inc()
+
+    def _observe_end_to_end(self, series_uid: str) -> None:
+        try:
+            rec = self.store.get_series(series_uid)
+            if rec.first_instance_at and rec.reported_at:
+                self.metrics.end_to_end_seconds.observe(
+                    (rec.reported_at - rec.first_instance_at).total_seconds())
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class WorkerPool:
+    """`model.workers` workers sharing one wake-up event (set when a job is enqueued)."""
+
+    def __init__(self, config: NodeConfig, store: Any, spool: Any, *, metrics: Any = None,
+                 on_reported: Any = None) -> None:
+        self.wake_event = threading.Event()
+        self.workers = [Worker(config, store, spool, index=i, metrics=metrics,
+                               wake=self.wake_event, on_reported=on_reported)
+                        for i in range(config.model.workers)]
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def wake(self) -> None:
+        self.wake_event.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for w in self.workers:
+            w._stop.set()
+        self.wake_event.set()
+        for w in self.workers:
+            w.stop(timeout)
+
+
+__all__ = ["InferenceCrash", "ProcessEngine", "ThreadEngine", "UserSeriesError", "Worker",
+           "WorkerPool", "make_engine"]
