@@ -1,0 +1,415 @@
+"""Ingest benchmark: the node's durable receiver vs a bare pynetdicom handler vs dcmtk storescp.
+
+Why: the node only answers Success after the instance is fsynced into the spool and recorded in
+the audit database. That costs something; this benchmark measures how much, against two
+baselines run in the same invocation on the same machine:
+
+- `bare`: a pynetdicom SCP with the node's own AE settings and presentation contexts
+  (`node.dicomnet.make_ae` / `scp_contexts`) whose handler writes the received bytes to a file
+  and does nothing else (no fsync, no database);
+- `storescp`: dcmtk's storescp in bit-preserving mode (`+B`), one file per instance;
+- `bare_fsync`: the bare handler writing through `storage.Spool.write_atomic` (fsync, rename,
+  directory fsync): the cost of file durability alone;
+- `node`: `molre-node serve` (via `tests.nodeproc.NodeProcess`), configured so that no series
+  completes during the measurement (long quiet time), i.e. pure ingest, with the default
+  `storage.durability = "fsync"`; `node_os`: the same with `storage.durability = "os"`.
+
+Every receiver gets the same series (default 200 slices of 512x512, 16-bit) sent by dcmtk
+`storescu` over one association; each receiver is run `--repeats` times, interleaved, and the
+median wall time of the storescu run counts. Reported: instances/s, MB/s, CPU seconds used by the
+receiver process, and ratios (goal: node >= 0.8 x bare, judged for the default durability).
+
+    python bench/ingest.py                       # full run -> bench/results/ingest.json
+    python bench/ingest.py --slices 20 --size 64 --repeats 1 --out /tmp/ingest.json  # smoke
+
+Not part of the CI test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from tests.nodeproc import NodeProcess, free_port, wait_until  # noqa: E402
+from tests.orthanc import dcmtk_tool  # noqa: E402
+
+GOAL = 0.8
+
+#: dcmtk as packaged by Debian leaves Nagle's algorithm on unless TCP_NODELAY=1 is set in the
+#: environment; with it off every small PDU waits for a delayed ACK (~40 ms per instance on
+#: loopback), which would measure the kernel's timers instead of the receivers.
+DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+def make_series(out: Path, slices: int, size: int, seed: int = 0) -> list[Path]:
+    """The benchmark series (written once, reused): a crude head, `slices` x `size`^2, 16-bit."""
+    from molre.data import dicomio
+
+    done = out / ".complete"
+    if done.exists():
+        return sorted(out.glob("*.dcm"))
+    if out.exists():
+        shutil.rmtree(out)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = (size - 1) / 2
+    r2d = np.sqrt(((xx - c) / (0.42 * size)) ** 2 + ((yy - c) / (0.48 * size)) ** 2)
+    vol = np.empty((slices, size, size), np.float32)
+    for k in range(slices):
+        zf = abs((k - (slices - 1) / 2) / (0.55 * slices + 1))
+        r = np.sqrt(r2d ** 2 + zf ** 2)
+        sl = np.full((size, size), -1000.0, np.float32)
+        sl[r < 1.0] = 1200.0
+        sl[r < 0.9] = 35.0
+        vol[k] = sl + rng.normal(0, 6, (size, size)).astype(np.float32)
+    px = 220.0 / size
+    paths = dicomio.write_ct_series(out, vol, spacing=(1.0, px, px),
+                                    origin=(-110.0, -110.0, 0.0))
+    done.write_text("ok")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# receivers
+# --------------------------------------------------------------------------------------------
+
+def serve_bare(port: int, out_dir: Path, durable: bool = False) -> None:
+    """Run the bare pynetdicom receiver in this process until SIGTERM (used as a subprocess).
+
+    `durable`: write through `storage.Spool.write_atomic` (temp file, fsync, rename, fsync of
+    the directory) — exactly the node's file durability, without parsing or database.
+    """
+    from pynetdicom import evt
+
+    from node.dicomnet import make_ae, scp_contexts
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spool = None
+    if durable:
+        from storage import Spool
+
+        spool = Spool(out_dir)
+
+    def on_store(event: Any) -> int:
+        uid = event.request.AffectedSOPInstanceUID
+        data = event.encoded_dataset()  # preamble + file meta + dataset, as received
+        if spool is not None:
+            spool.write_atomic(f"{uid}.dcm", data)
+        else:
+            with open(out_dir / f"{uid}.dcm", "wb") as fh:
+                fh.write(data)
+        return 0x0000
+
+    ae = make_ae("BARE")
+    ae.supported_contexts = scp_contexts()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store),
+                                           (evt.EVT_C_ECHO, lambda e: 0x0000)])
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
+    while not stop["flag"]:
+        time.sleep(0.1)
+    server.shutdown()
+
+
+def _echo_ok(port: int, aet: str) -> bool:
+    res = subprocess.run([dcmtk_tool("echoscu"), "-aec", aet, "127.0.0.1", str(port)],
+                         capture_output=True, env=DCMTK_ENV)
+    return res.returncode == 0
+
+
+class Receiver:
+    """Start / stop one receiver; `count()` = instances it holds."""
+
+    name = ""
+    aet = ""
+
+    def start(self, work: Path) -> None: ...
+    def stop(self) -> None: ...
+    def count(self) -> int: ...
+    def pid(self) -> int: ...
+
+
+class BareReceiver(Receiver):
+    name, aet = "bare", "BARE"
+    durable = False
+
+    def start(self, work: Path) -> None:
+        self.dir = work / self.name
+        self.port = free_port()
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(self.port),
+                                      str(self.dir), *(["--durable"] if self.durable else [])],
+                                     env=env)
+        wait_until(lambda: _echo_ok(self.port, self.aet), 30, what="bare receiver")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+    def count(self) -> int:
+        return len(list(self.dir.glob("*.dcm")))
+
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class BareFsyncReceiver(BareReceiver):
+    name = "bare_fsync"
+    durable = True
+
+
+class StorescpReceiver(Receiver):
+    name, aet = "storescp", "STORESCP"
+
+    def start(self, work: Path) -> None:
+        self.dir = work / "storescp"
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen([dcmtk_tool("storescp"), "-aet", self.aet, "+xa", "+B",
+                                      "-od", str(self.dir), str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=DCMTK_ENV)
+        wait_until(lambda: _echo_ok(self.port, self.aet), 30, what="storescp")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+    def count(self) -> int:
+        return sum(1 for p in self.dir.iterdir() if p.is_file())
+
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class NodeReceiver(Receiver):
+    name, aet = "node", "MOLRE"
+    checkpoint = ""  # set from --node-checkpoint; empty = packaged demo
+    durability = "fsync"  # storage.durability
+
+    def start(self, work: Path) -> None:
+        # Long quiet time + grace: nothing completes, no inference competes with the receiver.
+        model = {"checkpoint": self.checkpoint} if self.checkpoint else {}
+        self.node = NodeProcess.create(work / self.name, ae_title=self.aet, quiet_time_s=3600.0,
+                                       release_grace_s=3600.0, model=model,
+                                       storage={"durability": self.durability},
+                                       logging={"json": True, "level": "INFO"})
+        self.node.start(timeout=120)
+        self.port = self.node.port
+        # Steady state: the inference process (torch import, checkpoint load) must be up before
+        # the clock starts, or its start-up CPU would be billed to the receiver.
+        wait_until(lambda: any(r.get("event") in ("inference process ready",
+                                                  "inference engine not available")
+                               for r in self.node.log_records()), 300,
+                   what="inference process start")
+        if any(r.get("event") == "inference engine not available"
+               for r in self.node.log_records()):
+            raise RuntimeError("node: inference engine not available (checkpoint?); "
+                               "pass --node-checkpoint DIR")
+
+    def stop(self) -> None:
+        self.node.stop(timeout=60)
+
+    def count(self) -> int:
+        import sqlite3
+
+        db = self.node.data_dir / "molre.db"
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return int(con.execute("select count(*) from instances where status='stored'")
+                       .fetchone()[0])
+        finally:
+            con.close()
+
+    def pid(self) -> int:
+        assert self.node.proc is not None
+        return self.node.proc.pid
+
+
+class NodeOsReceiver(NodeReceiver):
+    """The node with `storage.durability = "os"`: no fsync before Success (kill -9 safe only)."""
+
+    name = "node_os"
+    durability = "os"
+
+
+RECEIVERS = {"bare": BareReceiver, "bare_fsync": BareFsyncReceiver,
+             "storescp": StorescpReceiver, "node": NodeReceiver, "node_os": NodeOsReceiver}
+
+
+def _cpu_seconds(pid: int, children: bool = True) -> float:
+    try:
+        p = psutil.Process(pid)
+        t = p.cpu_times()
+        total = t.user + t.system
+        for ch in (p.children(recursive=True) if children else []):
+            try:
+                ct = ch.cpu_times()
+                total += ct.user + ct.system
+            except psutil.Error:
+                pass
+        return total
+    except psutil.Error:
+        return float("nan")
+
+
+def run_once(kind: str, files: list[Path], work: Path) -> dict[str, Any]:
+    rec = RECEIVERS[kind]()
+    rec.start(work)
+    try:
+        cpu0 = _cpu_seconds(rec.pid())
+        main0 = _cpu_seconds(rec.pid(), children=False)
+        t0 = time.perf_counter()
+        res = subprocess.run([dcmtk_tool("storescu"), "-aec", rec.aet, "-aet", "BENCHSCU",
+                              "127.0.0.1", str(rec.port), *map(str, files)],
+                             capture_output=True, text=True, env=DCMTK_ENV)
+        seconds = time.perf_counter() - t0
+        cpu = _cpu_seconds(rec.pid()) - cpu0
+        cpu_main = _cpu_seconds(rec.pid(), children=False) - main0
+        received = rec.count()
+    finally:
+        rec.stop()
+    if res.returncode != 0 or received != len(files):
+        raise RuntimeError(f"{kind}: storescu rc={res.returncode}, {received}/{len(files)} "
+                           f"received; stderr: {res.stderr[-800:]}")
+    return {"seconds": seconds, "cpu_s": cpu, "cpu_main_s": cpu_main, "received": received}
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import pynetdicom
+    import pydicom
+
+    dcmtk = subprocess.run([dcmtk_tool("storescu"), "--version"], capture_output=True,
+                           text=True).stdout
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__,
+            "dcmtk": (dcmtk.splitlines() or [""])[0].strip(), "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--receivers", default="bare,bare_fsync,storescp,node,node_os")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="where the series is generated/cached (default: system temp dir)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
+    ap.add_argument("--node-checkpoint", default="",
+                    help="checkpoint directory for the node (default: packaged demo)")
+    ap.add_argument("--serve-bare", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve_bare:
+        serve_bare(int(args.serve_bare[0]), Path(args.serve_bare[1]), durable=args.durable)
+        return 0
+    for tool in ("storescu", "storescp", "echoscu"):
+        try:
+            dcmtk_tool(tool)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    NodeReceiver.checkpoint = str(Path(args.node_checkpoint).resolve()) \
+        if args.node_checkpoint else ""
+    data = args.data or Path(tempfile.gettempdir()) / f"molre-bench-{args.slices}x{args.size}"
+    files = make_series(data, args.slices, args.size)
+    total_bytes = sum(p.stat().st_size for p in files)
+    kinds = [k.strip() for k in args.receivers.split(",") if k.strip()]
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    with tempfile.TemporaryDirectory(prefix="molre-ingest-") as tmp:
+        for rep in range(args.repeats):
+            for kind in kinds:  # interleaved so drift hits every receiver alike
+                work = Path(tmp) / f"{kind}-{rep}"
+                r = run_once(kind, files, work)
+                runs[kind].append(r)
+                print(f"  rep {rep + 1}/{args.repeats} {kind:9s} {r['seconds']:7.2f} s "
+                      f"{len(files) / r['seconds']:7.1f} inst/s", flush=True)
+                shutil.rmtree(work, ignore_errors=True)
+    summary: dict[str, Any] = {}
+    for kind, rs in runs.items():
+        secs = statistics.median(r["seconds"] for r in rs)
+        summary[kind] = {
+            "runs_s": [round(r["seconds"], 4) for r in rs],
+            "median_s": round(secs, 4),
+            "instances_per_s": round(len(files) / secs, 2),
+            "mb_per_s": round(total_bytes / secs / 1e6, 2),
+            "cpu_s_median": round(statistics.median(r["cpu_s"] for r in rs), 3),
+            "cpu_main_process_s_median": round(statistics.median(r["cpu_main_s"] for r in rs),
+                                               3),
+        }
+    ratios = {}
+    if "node" in summary and "bare" in summary:
+        ratios["node_vs_bare"] = round(summary["node"]["instances_per_s"]
+                                       / summary["bare"]["instances_per_s"], 3)
+    if "node" in summary and "storescp" in summary:
+        ratios["node_vs_storescp"] = round(summary["node"]["instances_per_s"]
+                                           / summary["storescp"]["instances_per_s"], 3)
+    if "node_os" in summary and "bare" in summary:
+        ratios["node_os_vs_bare"] = round(summary["node_os"]["instances_per_s"]
+                                          / summary["bare"]["instances_per_s"], 3)
+    if "node" in summary and "bare_fsync" in summary:
+        ratios["node_vs_bare_fsync"] = round(summary["node"]["instances_per_s"]
+                                             / summary["bare_fsync"]["instances_per_s"], 3)
+    if "bare_fsync" in summary and "bare" in summary:
+        ratios["bare_fsync_vs_bare"] = round(summary["bare_fsync"]["instances_per_s"]
+                                             / summary["bare"]["instances_per_s"], 3)
+    if "storescp" in summary and "bare" in summary:
+        ratios["storescp_vs_bare"] = round(summary["storescp"]["instances_per_s"]
+                                           / summary["bare"]["instances_per_s"], 3)
+    result = {
+        "benchmark": "ingest",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "series": {"slices": args.slices, "size": args.size, "bytes": total_bytes,
+                   "sender": "dcmtk storescu, one association, TCP_NODELAY=1"},
+        "repeats": args.repeats,
+        "receivers": summary,
+        "ratios": ratios,
+        "goal_node_vs_bare": GOAL,
+        "meets_goal": (ratios["node_vs_bare"] >= GOAL) if "node_vs_bare" in ratios else None,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(f"{'receiver':10s} {'median s':>9s} {'inst/s':>8s} {'MB/s':>8s} {'CPU s':>7s}")
+    for kind, s in summary.items():
+        print(f"{kind:10s} {s['median_s']:9.2f} {s['instances_per_s']:8.1f} "
+              f"{s['mb_per_s']:8.1f} {s['cpu_s_median']:7.2f}")
+    for k, v in ratios.items():
+        print(f"{k}: {v}")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
