@@ -8,8 +8,8 @@ whatever the busy timeout. So pysqlite's own transaction handling is switched of
 (``isolation_level = None``) and SQLAlchemy's ``begin`` event emits ``BEGIN IMMEDIATE`` for write
 sessions (the pattern from SQLAlchemy's pysqlite documentation): the write lock is taken up front,
 where the busy timeout makes writers queue instead of failing. WAL lets readers proceed while one
-writer works; ``synchronous=FULL`` because the receiver answers C-STORE Success only after the
-row is committed, so a commit must survive a power cut.
+writer works; ``synchronous`` is FULL by default (a commit survives a power cut); the node itself
+uses NORMAL because its spool files are the durable source of truth (see :class:`Database`).
 
 All timestamps are stored as naive UTC (``UTCDateTime``) and come back timezone-aware, so SQLite
 and PostgreSQL behave the same and users can compare columns to ``datetime('now')`` in sqlite3.
@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from sqlalchemy import DateTime, create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -98,9 +98,11 @@ class Database:
     'molre-node[postgres]'``). Call :meth:`upgrade` once at start to create/migrate the schema.
 
     ``synchronous`` (SQLite only): FULL (default) fsyncs the WAL at every commit, so a committed
-    row survives a power cut — what "recorded before C-STORE Success" needs. NORMAL skips that
-    fsync (several times faster on slow disks); it still survives a crash of the process, but the
-    last commits may be lost if the machine itself goes down.
+    row survives a power cut. NORMAL skips that fsync (a commit costs microseconds instead of a
+    disk flush); it still survives a crash or ``kill -9`` of the process, but the last commits
+    may be lost if the machine itself goes down. The node runs NORMAL: its spool file is the
+    durable record of a received instance and ``node.receiver.reconcile_spool`` rebuilds rows
+    lost that way at start-up (see docs/configuration.md, ``storage.durability``).
 
     Sessions: ``with db.session() as s:`` is one write transaction (``BEGIN IMMEDIATE`` on
     SQLite), committed on exit, rolled back on exception. ``db.session(write=False)`` is a read
@@ -180,6 +182,19 @@ class Database:
         factory = self._sessions if write else self._read_sessions
         with factory() as sess, sess.begin():
             yield sess
+
+    @contextmanager
+    def connection(self, *, write: bool = True) -> Iterator[Connection]:
+        """One Core transaction without an ORM session: for the receiver's per-instance hot path,
+        where the ORM unit of work (identity map, flush ordering) costs more than the SQL.
+        Same locking and commit/rollback rules as :meth:`session`."""
+        if write and self._write_lock is not None:
+            with self._write_lock, self.engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        engine = self.engine if write else self._read_engine
+        with engine.connect() as conn, conn.begin():
+            yield conn
 
     # -- schema --------------------------------------------------------------------------------
     def upgrade(self, revision: str = "head") -> None:

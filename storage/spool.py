@@ -6,6 +6,19 @@ over the final name, and the directory is fsynced so the rename itself survives 
 reader therefore sees either no file or the complete file under the final name. Temp files start
 with ``.tmp-`` and are removed on failure and by :meth:`Spool.clean_temp` at start-up (what a
 crash mid-write leaves behind).
+
+Durability modes (``storage.durability`` in the node config, see docs/configuration.md):
+
+- ``durable=True`` ("fsync", the default): file fsync, rename, directory fsync -- and the
+  directory entries of directories this spool had to create are fsynced too, so a power cut
+  right after C-STORE Success cannot make a new series directory (and everything in it)
+  disappear. The spool is then the durable source of truth: SQLite may run with
+  ``synchronous=NORMAL`` because a row lost to a power cut is rebuilt from the file at start-up
+  (``node.receiver.reconcile_spool``).
+- ``durable=False`` (the receiver's "os" mode, passed per call): same temp-file + rename
+  protocol, no fsync. The data is in the kernel's page cache when Success is answered, so it
+  survives a crash or ``kill -9`` of the node process, but not a power cut or kernel crash
+  within the kernel's write-back delay (~30 s).
 """
 
 from __future__ import annotations
@@ -13,6 +26,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from molre.errors import MolreError
@@ -39,7 +54,13 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """A directory of received files addressed by relative paths (e.g. ``study/series/sop.dcm``)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, durable: bool = True) -> None:
+        self.durable = bool(durable)
+        # directories known to exist (and, when durable, to have a durable entry in their parent)
+        self._known_dirs: set[Path] = set()
+        # directories created here whose entry in their parent is not fsynced yet
+        self._new_dirs: set[Path] = set()
+        self._dir_lock = threading.Lock()
         self.root = Path(root).expanduser().resolve()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -59,25 +80,72 @@ class Spool:
                              "the spool")
         return self.root / rel
 
-    def write_atomic(self, relpath: str | Path, data: bytes) -> Path:
-        """Write ``data`` durably under ``relpath`` and return the final absolute path.
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create ``directory`` and missing parents; remember the new ones, whose entries in
+        their parents :meth:`_sync_new_dirs` makes durable (fsyncing only the file's own
+        directory does not make that directory's entry in *its* parent durable)."""
+        if directory in self._known_dirs:
+            return
+        missing: list[Path] = []
+        d = directory
+        while d != self.root and not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:  # another thread/process created it meanwhile
+                pass
+            with self._dir_lock:
+                self._new_dirs.add(d)
+        if len(self._known_dirs) > 10000:  # one entry per series directory: keep it bounded
+            self._known_dirs.clear()
+        self._known_dirs.add(directory)
+
+    def _sync_new_dirs(self) -> None:
+        with self._dir_lock:  # receiver threads write concurrently
+            pending = sorted(self._new_dirs, key=lambda x: len(x.parts), reverse=True)
+        for d in pending:
+            _fsync_dir(d.parent)
+        with self._dir_lock:
+            self._new_dirs.difference_update(pending)
+
+    def write_atomic(self, relpath: str | Path, data: bytes | Sequence[bytes], *,
+                     durable: bool | None = None) -> Path:
+        """Write ``data`` (bytes, or a sequence of chunks written in order) under ``relpath``
+        and return the final absolute path. Durable (fsync) unless the spool or this call says
+        otherwise; see the module docstring.
 
         An existing file of the same name is replaced atomically.
         """
+        durable = self.durable if durable is None else bool(durable)
         final = self.path(relpath)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=final.parent)
+        try:
+            self._ensure_dir(final.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part",
+                                            dir=final.parent)
+        except FileNotFoundError:  # the directory was pruned after we cached it: create again
+            self._known_dirs.discard(final.parent)
+            self._ensure_dir(final.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part",
+                                            dir=final.parent)
         tmp = Path(tmp_name)
+        chunks = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                for chunk in chunks:
+                    fh.write(chunk)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        if durable:
+            _fsync_dir(final.parent)
+            if self._new_dirs:
+                self._sync_new_dirs()
         return final
 
     def remove(self, path: str | Path) -> bool:
@@ -98,6 +166,7 @@ class Spool:
                 parent.rmdir()  # only succeeds when empty
             except OSError:
                 break
+            self._known_dirs.discard(parent)
             parent = parent.parent
         return existed
 

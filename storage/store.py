@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import String, and_, case, cast, func, or_, select, update
+from sqlalchemy import (String, and_, bindparam, case, cast, func, insert, or_, select,
+                        update)
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
@@ -224,6 +225,57 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+#: Columns the receiver's fast path writes (explicit, so a column added later keeps its default).
+_HOT_INSTANCE_COLUMNS = (
+    "sop_instance_uid", "sop_class_uid", "study_uid", "series_uid", "series_version",
+    "instance_number", "transfer_syntax", "spool_path", "size", "sha256", "status", "reason",
+    "received_at", "association_id", "meta")
+
+
+class _Prepared:
+    """A Core statement built once; on SQLite also compiled once and run with
+    ``exec_driver_sql``.
+
+    Why: the receiver records every instance; building, cache-keying and compiling the same
+    statements each time cost more CPU than SQLite needs to run them. Bind values still go
+    through the columns' types (UTC datetimes, JSON), so rows are identical to ORM-written ones.
+    Only explicit ``bindparam`` names are parameters; literal binds keep their compiled value.
+    Other dialects (PostgreSQL) run the same pre-built statement through ``Connection.execute``,
+    i.e. SQLAlchemy's normal (cached) compilation and type handling.
+    """
+
+    def __init__(self, stmt: Any, dialect: Any) -> None:
+        self.stmt = stmt
+        self.raw = dialect.name == "sqlite"
+        if not self.raw:
+            return
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.positional = bool(compiled.positional)
+        self.names = list(compiled.positiontup or []) if self.positional else list(compiled.binds)
+        self.defaults: dict[str, Any] = {}
+        self.processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if proc is not None:
+                self.processors[name] = proc
+            if not bind.required:
+                value = bind.effective_value
+                self.defaults[name] = proc(value) if proc is not None else value
+
+    def run(self, conn: Any, **values: Any) -> Any:
+        if not self.raw:
+            return conn.execute(self.stmt, values)
+        params = dict(self.defaults)
+        procs = self.processors
+        for name, value in values.items():
+            proc = procs.get(name)
+            params[name] = proc(value) if proc is not None and value is not None else value
+        if self.positional:
+            return conn.exec_driver_sql(self.sql, tuple(params[n] for n in self.names))
+        return conn.exec_driver_sql(self.sql, params)
+
+
 class Store:
     """Facade over the audit database used by every part of the node.
 
@@ -236,6 +288,38 @@ class Store:
         self.db = db
         self.store_phi = bool(store_phi)
         self._clock = clock or utcnow
+        self._prepared_hot: dict[str, _Prepared] | None = None
+
+    def _hot(self) -> dict[str, _Prepared]:
+        """The receiver's per-instance statements, compiled once (see :class:`_Prepared`)."""
+        if self._prepared_hot is None:
+            series_t, inst_t, assoc_t = (Series.__table__, Instance.__table__,
+                                         Association.__table__)
+            already = select(inst_t.c.id).where(
+                inst_t.c.series_uid == bindparam("b_series"),
+                inst_t.c.sop_instance_uid == bindparam("b_sop"),
+                inst_t.c.status == "stored").exists()
+            bump = update(series_t).where(
+                series_t.c.series_uid == bindparam("b_series"),
+                series_t.c.state == S.RECEIVING.value).values(
+                instance_count=series_t.c.instance_count + case((already, 0), else_=1),
+                last_instance_at=bindparam("b_now", type_=series_t.c.last_instance_at.type),
+                first_instance_at=func.coalesce(
+                    series_t.c.first_instance_at,
+                    bindparam("b_now", type_=series_t.c.first_instance_at.type))
+            ).returning(series_t.c.version)
+            cols = [inst_t.c[name] for name in _HOT_INSTANCE_COLUMNS]
+            add = insert(inst_t).values({c: bindparam(c.name, type_=c.type) for c in cols}
+                                        ).returning(inst_t.c.id)
+            count = update(assoc_t).where(assoc_t.c.id == bindparam("b_assoc")).values(
+                n_stored=assoc_t.c.n_stored + 1)
+            find = select(inst_t.c.sha256, inst_t.c.spool_path).where(
+                inst_t.c.sop_instance_uid == bindparam("b_sop"),
+                inst_t.c.status == "stored").order_by(inst_t.c.id.desc()).limit(1)
+            d = self.db.engine.dialect
+            self._prepared_hot = {"bump": _Prepared(bump, d), "add": _Prepared(add, d),
+                                  "count": _Prepared(count, d), "find": _Prepared(find, d)}
+        return self._prepared_hot
 
     def now(self) -> dt.datetime:
         """The store's notion of now (aware UTC)."""
@@ -352,13 +436,60 @@ class Store:
 
     # -- instances -----------------------------------------------------------------------------
     def find_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
-        """The latest *stored* instance with this SOP Instance UID (duplicate/conflict check)."""
+        """The latest *stored* instance with this SOP Instance UID (duplicate/conflict check).
+
+        Core query on a plain connection: the receiver asks this for every instance."""
+        t = Instance.__table__
+        with self.db.connection(write=False) as c:
+            row = c.execute(
+                select(t).where(t.c.sop_instance_uid == sop_instance_uid,
+                                t.c.status == "stored")
+                .order_by(t.c.id.desc()).limit(1)).first()
+        if row is None:
+            return None
+        m = row._mapping
+        return InstanceRecord(
+            id=m["id"], sop_instance_uid=m["sop_instance_uid"], series_uid=m["series_uid"],
+            sha256=m["sha256"], spool_path=m["spool_path"], status=m["status"],
+            meta=dict(m["meta"] or {}), study_uid=m["study_uid"],
+            sop_class_uid=m["sop_class_uid"], instance_number=m["instance_number"],
+            transfer_syntax=m["transfer_syntax"], size=m["size"],
+            series_version=m["series_version"], received_at=m["received_at"])
+
+    def stored_digest(self, sop_instance_uid: str) -> tuple[str | None, str | None] | None:
+        """(sha256, spool_path) of the latest stored instance with this SOP UID, or None:
+        :meth:`find_instance` reduced to what the receiver's duplicate check needs, with one
+        prepared statement (it runs for every received instance)."""
+        with self.db.connection(write=False) as c:
+            row = self._hot()["find"].run(c, b_sop=sop_instance_uid).first()
+        return (row[0], row[1]) if row is not None else None
+
+    def indexed_spool_paths(self, paths: Iterable[str]) -> set[str]:
+        """Which of ``paths`` some instance row points at (any status); start-up reconciliation
+        re-indexes the spool files that are not."""
+        found: set[str] = set()
+        wanted = list(dict.fromkeys(str(p) for p in paths))
         with self.db.session(write=False) as s:
-            row = s.execute(
-                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid,
-                                       Instance.status == "stored")
-                .order_by(Instance.id.desc()).limit(1)).scalar_one_or_none()
-            return _instance_record(row) if row is not None else None
+            for i in range(0, len(wanted), 500):
+                found.update(s.execute(select(Instance.spool_path).where(
+                    Instance.spool_path.in_(wanted[i:i + 500]))).scalars())
+        return found
+
+    def last_prune_cutoff(self) -> dt.datetime | None:
+        """The cutoff of the latest ``molre-node audit prune`` (None = never pruned).
+
+        Spool files older than it that have no row are prune leftovers (rows deleted, crash
+        before the file was), not rows lost to a power cut; reconciliation must not revive them.
+        """
+        with self.db.session(write=False) as s:
+            details = s.execute(select(Event.details).where(
+                Event.entity == "node", Event.kind == "pruned")
+                .order_by(Event.id.desc()).limit(1)).scalar_one_or_none()
+        cutoff = (details or {}).get("cutoff")
+        if not cutoff:
+            return None
+        value = dt.datetime.fromisoformat(str(cutoff))
+        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
     def record_instance(self, assoc_id: int | None, header: InstanceHeader, *,
                         spool_path: str | Path | None, size: int | None, sha256: str | None,
@@ -374,6 +505,11 @@ class Store:
         if status not in INSTANCE_STATUSES:
             raise ValueError(f"instance status must be one of {INSTANCE_STATUSES}, not {status!r}")
         now = self.now()
+        if status == "stored" and header.series_uid and header.study_uid:
+            fast = self._record_stored_fast(assoc_id, header, now, spool_path=spool_path,
+                                            size=size, sha256=sha256, reason=reason)
+            if fast is not None:
+                return fast
         with self.db.session() as s:
             series_version = None
             if status == "stored" and header.series_uid and header.study_uid:
@@ -399,6 +535,35 @@ class Store:
                             details={"reason": reason, "association_id": assoc_id,
                                      "instance_id": row.id})
             return _instance_record(row)
+
+    def _record_stored_fast(self, assoc_id: int | None, h: InstanceHeader, now: dt.datetime, *,
+                            spool_path: str | Path | None, size: int | None,
+                            sha256: str | None, reason: str | None) -> InstanceRecord | None:
+        """The common case of :meth:`record_instance` -- another instance of a series that is
+        already 'receiving' -- as three Core statements in one transaction: series counters
+        bumped in place (``instance_count + 1`` unless this SOP UID is already stored in the
+        series), the instance row inserted, the association counter bumped. Returns None
+        (nothing written) when the series is new or must be reopened; the ORM path does that.
+        """
+        hot = self._hot()
+        with self.db.connection() as c:
+            version = hot["bump"].run(c, b_series=h.series_uid, b_sop=h.sop_instance_uid,
+                                      b_now=now).scalar()
+            if version is None:
+                return None  # no row matched: nothing written, the ORM path decides
+            values = dict(
+                sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
+                study_uid=h.study_uid, series_uid=h.series_uid, series_version=version,
+                instance_number=h.instance_number, transfer_syntax=h.transfer_syntax,
+                spool_path=str(spool_path) if spool_path is not None else None, size=size,
+                sha256=sha256, status="stored", reason=reason, received_at=now,
+                association_id=assoc_id, meta=_json_safe(h.meta or {}))
+            row_id = hot["add"].run(c, **values).scalar()
+            if assoc_id is not None:
+                hot["count"].run(c, b_assoc=assoc_id)
+        values.pop("reason")
+        values.pop("association_id")
+        return InstanceRecord(id=row_id, **{**values, "meta": dict(values["meta"])})
 
     def _touch_series(self, s: Session, h: InstanceHeader, now: dt.datetime) -> int:
         """Create/update study + series for a stored instance; returns the series version."""

@@ -604,3 +604,92 @@ def test_header_meta_with_pydicom_values_is_stored_as_json(store: Store) -> None
     meta = store.series_instances("1.2.3.1")[0].meta
     assert meta == {"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "SliceThickness": 2.5,
                     "Bad": None}
+
+
+# -- durability modes and the receiver's fast record path ---------------------------------------
+def test_spool_durable_fsyncs_file_dir_and_new_parents(tmp_path: Path, monkeypatch) -> None:
+    import storage.spool as spool_mod
+
+    synced_dirs: list[Path] = []
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool_mod, "_fsync_dir", lambda p: synced_dirs.append(Path(p)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    spool = Spool(tmp_path / "spool")
+    root = spool.root
+    spool.write_atomic("a/b/c.dcm", b"x")
+    # the file, its directory, and the entries of the two directories created for it
+    assert len(fsyncs) == 1
+    assert synced_dirs == [root / "a/b", root / "a", root]
+    synced_dirs.clear()
+    spool.write_atomic("a/b/d.dcm", b"y")  # directory already durable: only its own fsync
+    assert synced_dirs == [root / "a/b"] and len(fsyncs) == 2
+
+    fast = Spool(tmp_path / "fast", durable=False)
+    synced_dirs.clear()
+    fsyncs.clear()
+    p = fast.write_atomic("s/e.dcm", [b"ab", b"cd"])  # chunks are written in order
+    assert p.read_bytes() == b"abcd" and not fsyncs and not synced_dirs
+    assert [f.name for f in p.parent.iterdir()] == ["e.dcm"]  # still temp file + rename
+    # a directory removed behind the spool's back (prune in another process) is re-created
+    fast.remove(p)
+    assert not (fast.root / "s").exists()
+    shutil.rmtree(fast.root / "s", ignore_errors=True)
+    assert fast.write_atomic("s/e.dcm", b"again").read_bytes() == b"again"
+
+
+def test_spool_recreates_directory_removed_by_another_process(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", durable=False)
+    spool.write_atomic("x/y/1.dcm", b"1")
+    shutil.rmtree(spool.root / "x")  # not via spool.remove: its cache still lists x/y
+    assert spool.write_atomic("x/y/2.dcm", b"2").read_bytes() == b"2"
+
+
+def test_stored_fast_path_counts_reopens_and_versions(store: Store, db: Database,
+                                                      clock) -> None:
+    a = store.begin_association("SCU", "MOLRE", "127.0.0.1", 4242)
+    first = store.record_instance(a, header(sop="1.2.3.1.1"), spool_path="/s/1", size=10,
+                                  sha256="a" * 64, status="stored")  # creates the series
+    second = store.record_instance(a, header(sop="1.2.3.1.2", n=2), spool_path="/s/2", size=11,
+                                   sha256="b" * 64, status="stored")  # fast path
+    assert (second.series_version, second.status, second.size, second.instance_number) == \
+        (1, "stored", 11, 2)
+    assert second.id > first.id and second.meta == {"SeriesDescription": "HEAD"}
+    # the same SOP UID stored again (e.g. an operator re-import) does not count twice
+    store.record_instance(a, header(sop="1.2.3.1.2", n=2), spool_path="/s/2", size=11,
+                          sha256="b" * 64, status="stored")
+    clock.advance(30)
+    store.record_instance(a, header(sop="1.2.3.1.3", n=3), spool_path="/s/3", size=12,
+                          sha256="c" * 64, status="stored")
+    rec = store.get_series("1.2.3.1")
+    assert rec.instance_count == 3 and rec.version == 1
+    assert rec.last_instance_at == T0 + dt.timedelta(seconds=30)
+    assert rec.first_instance_at == T0
+    # a series past 'receiving' is reopened by the ORM path, then the fast path continues
+    store.transition("1.2.3.1", "complete")
+    late = store.record_instance(a, header(sop="1.2.3.1.4", n=4), spool_path="/s/4", size=1,
+                                 sha256="d" * 64, status="stored")
+    after = store.record_instance(a, header(sop="1.2.3.1.5", n=5), spool_path="/s/5", size=1,
+                                  sha256="e" * 64, status="stored")
+    assert (late.series_version, after.series_version) == (2, 2)
+    rec = store.get_series("1.2.3.1")
+    assert (rec.state.value, rec.version, rec.instance_count) == ("receiving", 2, 5)
+    with db.session(write=False) as s:
+        from storage.models import Association
+
+        assert s.get(Association, a).n_stored == 6
+        got = s.execute(select(Instance).where(Instance.sop_instance_uid == "1.2.3.1.5")
+                        ).scalar_one()
+        assert got.received_at == T0 + dt.timedelta(seconds=30)
+        assert (got.association_id, got.spool_path, got.sha256) == (a, "/s/5", "e" * 64)
+    assert [e.kind for e in events(db, "series")] == ["created", "transition", "reopened"]
+    assert store.find_instance("1.2.3.1.5").series_version == 2
+
+
+def test_indexed_spool_paths_and_last_prune_cutoff(store: Store, clock) -> None:
+    receive(store, n=2)
+    assert store.indexed_spool_paths(["/spool/1.2.3.1.1", "/spool/nope"]) == {"/spool/1.2.3.1.1"}
+    assert store.last_prune_cutoff() is None
+    clock.advance(86400 * 40)
+    store.prune(dt.timedelta(days=30))
+    assert store.last_prune_cutoff() == T0 + dt.timedelta(days=10)
