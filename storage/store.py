@@ -881,11 +881,23 @@ class Store:
         time still reaches max_attempts); their series inferring -> queued. Series left
         'selected' without a job get one. Returns counts: ``jobs_requeued``, ``series_enqueued``,
         ``complete_pending`` (series in 'complete' the assembler must decide again; see
-        :meth:`series_in_state`).
+        :meth:`series_in_state`), ``associations_aborted`` (left 'open' by a crash, now
+        'aborted' with a 'node restarted' event).
         """
         now = self.now()
-        counts = {"jobs_requeued": 0, "series_enqueued": 0, "complete_pending": 0}
+        counts = {"jobs_requeued": 0, "series_enqueued": 0, "complete_pending": 0,
+                  "associations_aborted": 0}
         with self.db.session() as s:
+            # Associations cut off by a crash would stay 'open' in the audit trail forever; the
+            # node is not listening yet, so every 'open' association belongs to the previous
+            # run. (Their series still complete by quiet time: the sender may resend.)
+            for row in s.execute(select(Association)
+                                 .where(Association.outcome == "open")).scalars().all():
+                row.outcome, row.ended_at = "aborted", now
+                self._event(s, "association", row.id, "aborted", at=now, from_state="open",
+                            to_state="aborted", details={"reason": "node restarted",
+                                                         "stored": row.n_stored})
+                counts["associations_aborted"] += 1
             running = s.execute(select(Job).where(Job.state == "running")).scalars().all()
             for job in running:
                 series = self._lock_series(s, job.series_uid)

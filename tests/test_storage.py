@@ -22,7 +22,7 @@ from storage import (
     Store,
 )
 from storage.demo import ManualClock, seed_demo
-from storage.models import Event, Instance, Study
+from storage.models import Association, Event, Instance, Study
 
 T0 = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.timezone.utc)
 
@@ -420,8 +420,17 @@ def test_recover_on_start(store: Store, clock, db: Database) -> None:
     store.transition("9.sel", "selected")  # crashed before enqueue
     receive(store, series="9.cmp", n=1)
     store.transition("9.cmp", "complete")  # crashed before the selection decision
+    cut = store.begin_association("SCANNER", "MOLRE", "127.0.0.1", 4000)  # node killed mid-way
+    done = store.begin_association("SCANNER", "MOLRE", "127.0.0.1", 4001)
+    store.end_association(done, "released")
     counts = store.recover_on_start()
-    assert counts == {"jobs_requeued": 1, "series_enqueued": 1, "complete_pending": 1}
+    assert counts == {"jobs_requeued": 1, "series_enqueued": 1, "complete_pending": 1,
+                      "associations_aborted": 1}
+    with db.session(write=False) as s:
+        outcomes = {a.id: a.outcome for a in s.execute(select(Association)).scalars()}
+    assert outcomes[cut] == "aborted" and outcomes[done] == "released"
+    assert any(e.entity_id == str(cut) and e.kind == "aborted"
+               for e in events(db, "association"))
     assert store.get_series("9.0").state is SeriesState.QUEUED
     assert store.get_series("9.sel").state is SeriesState.QUEUED
     assert store.series_in_state("complete") == ["9.cmp"]
