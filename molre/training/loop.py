@@ -1,0 +1,899 @@
+"""`molre-node train`: adapters (MoLRE / LoRA / none = linear probe) on a frozen backbone.
+
+Pipeline: manifest → per-recipe tensor cache (`molre.cache`) → DataLoader → backbone + adapters +
+head → multi-label focal loss (γ = 2, prevalence class weights, NaN labels masked) → AdamW with
+linear warm-up + cosine → per-epoch validation (macro AUC) → checkpoints:
+
+- ``out/last/`` every epoch: a loadable checkpoint + ``trainer_state.pt`` (optimizer, scheduler,
+  RNG states, step) so ``--resume out`` continues exactly where it stopped;
+- ``out/best/`` the epoch with the best validation macro AUC (what the node should load);
+- ``out/metrics.jsonl`` one JSON line per epoch (losses, AUCs, LR, throughput, expert usage).
+
+Determinism: every source of randomness is seeded from `seed` (model init, shuffling per epoch
+from (seed, epoch), DataLoader worker seeds), and the RNG states are part of the resume state, so
+an interrupted-and-resumed run reproduces an uninterrupted one.
+
+Data parallel: under ``torchrun --nproc_per_node N`` (WORLD_SIZE > 1) the model is wrapped in DDP
+(gloo on CPU, nccl on CUDA), training data is split by a DistributedSampler, and only rank 0
+builds the cache, validates, logs and writes files; the others wait at barriers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from molre import __version__
+from molre.errors import ConfigError, MolreError
+from molre.log import get_logger
+from molre.losses import focal_loss, prevalence_weights
+from molre.training import metrics as M
+from molre.training.schedule import warmup_cosine
+
+__all__ = ["TrainConfig", "TrainResult", "train", "VAL_SPLITS", "TEST_SPLITS", "TRAIN_SPLITS",
+           "predict_tensors", "choose_thresholds", "summarise_auc"]
+
+log = get_logger("molre.train")
+
+TRAIN_SPLITS = {"train", "training"}
+VAL_SPLITS = {"val", "valid", "validation", "tune", "dev"}
+TEST_SPLITS = {"test", "testing", "holdout"}
+
+TRAINER_STATE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+#: random-init backbones up to this many parameters get their base weights saved with the
+#: checkpoint (so the digest check never depends on a torch version's RNG stream).
+SAVE_BACKBONE_MAX_PARAMS = 20_000_000
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs; the CLI maps its options 1:1 onto these fields."""
+
+    backbone: str
+    data: Path
+    out: Path
+    weights: str | None = None
+    adapter: str = "molre"  # molre | lora | none
+    experts: int = 6
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = None
+    balance_weight: float = 0.0
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of optimizer steps
+    accumulate: int = 1
+    workers: int = 0
+    seed: int = 0
+    resume: Path | None = None
+    device: str = "auto"
+    catalog: Path | None = None
+    cache_dir: Path | None = None
+    limit: int | None = None
+    gamma: float = 2.0
+    max_pos_weight: float = 20.0
+    grad_clip: float | None = 1.0
+    val_fraction: float = 0.2
+    progress: bool = True
+    model_name: str | None = None
+    is_demo: bool = False
+    intended_use: str | None = None
+    disclaimer: str | None = None
+    catalog_keys: list[str] | None = None  # restrict the catalog to these findings (demo)
+    calibrate_bn: bool | None = None  # None = auto: only for small random-init backbones
+    recipe: dict[str, Any] | None = None  # overrides of the backbone's preprocessing params
+    head_init: str = "lp"  # lp = linear-probe warm start (LP-FT), or "random"
+    stop_after_epoch: int | None = None  # end this invocation after that epoch (time slicing)
+    lp_l2: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.data = Path(self.data)
+        self.out = Path(self.out)
+        if self.resume is not None:
+            self.resume = Path(self.resume)
+        if self.catalog is not None:
+            self.catalog = Path(self.catalog)
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
+        if self.adapter not in ("molre", "lora", "none"):
+            raise ConfigError(f"--adapter {self.adapter!r}: use molre, lora or none (linear probe)")
+        for k in ("epochs", "batch_size", "accumulate", "experts", "rank"):
+            if int(getattr(self, k)) < 1:
+                raise ConfigError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(self, k)})")
+        if self.workers < 0:
+            raise ConfigError("--workers must be >= 0")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0 (got {self.lr})")
+        if self.head_init not in ("lp", "random"):
+            raise ConfigError(f"head_init {self.head_init!r}: use lp or random")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+    def adapter_config(self, default_targets: Sequence[str] | None):
+        """The MoLREConfig for this run (None for the linear probe)."""
+        if self.adapter == "none":
+            return None
+        from molre.adapters import MoLREConfig
+
+        targets = list(self.targets or default_targets or [])
+        kw: dict[str, Any] = {}
+        if targets:
+            kw["targets"] = targets
+        return MoLREConfig(experts=1 if self.adapter == "lora" else int(self.experts),
+                           rank=int(self.rank), alpha=float(self.alpha),
+                           dropout=float(self.dropout), balance_weight=float(self.balance_weight),
+                           **kw)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    best_dir: Path | None
+    last_dir: Path
+    best_epoch: int | None
+    best_val_macro_auc: float | None
+    epochs_run: int
+    global_step: int
+    history: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed helpers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Dist:
+    enabled: bool
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _setup_dist(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(False, 0, 1, 0)
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return _Dist(True, rank, world, local)
+
+
+def _resolve_device(spec: str) -> torch.device:
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+
+class _CachedDataset(Dataset):
+    def __init__(self, paths: Sequence[Path], labels: np.ndarray) -> None:
+        self.paths = [str(p) for p in paths]
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x = torch.load(self.paths[i], map_location="cpu", weights_only=True)
+        return x.float(), self.labels[i], i
+
+
+class _EpochShuffle(Sampler[int]):
+    """Permutation from (seed, epoch) alone — so a resumed run draws the same order."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _worker_init(worker_id: int) -> None:
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(),
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _norm_split(s: str | None) -> str:
+    s = (s or "").strip().lower()
+    if s in TRAIN_SPLITS:
+        return "train"
+    if s in VAL_SPLITS:
+        return "val"
+    if s in TEST_SPLITS:
+        return "test"
+    return s or "train"
+
+
+def _assign_val(rows: list, fraction: float, seed: int) -> list[str]:
+    """Splits per row; carve a validation set out of train by *patient* when none is given."""
+    splits = [_norm_split(getattr(r, "split", None)) for r in rows]
+    if "val" in splits:
+        return splits
+    patients = sorted({str(getattr(r, "patient_id", "") or i) for i, r in enumerate(rows)
+                       if splits[i] == "train"},
+                      key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    n_val = max(1, int(round(len(patients) * fraction))) if len(patients) > 1 else 0
+    val_p = set(patients[:n_val])
+    log.warning("train.no_val_split", carved_patients=n_val, fraction=fraction,
+                hint="add split=val rows to the manifest to choose the validation set yourself")
+    return ["val" if s == "train" and str(getattr(r, "patient_id", "") or i) in val_p else s
+            for i, (r, s) in enumerate(zip(rows, splits))]
+
+
+# ----------------------------------------------------------------------------------------------
+# model pieces
+# ----------------------------------------------------------------------------------------------
+
+def _adapter_param_names(model: nn.Module) -> set[str]:
+    from molre.adapters import adapted_layers
+
+    ids = {id(p) for l in adapted_layers(model).values() for p in l.adapter_parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def _set_trainable(model: nn.Module) -> int:
+    """Adapters + everything outside the backbone train; the backbone's base stays frozen."""
+    adapter = _adapter_param_names(model)
+    n = 0
+    for name, p in model.named_parameters():
+        on = name in adapter or not name.startswith("backbone.")
+        p.requires_grad_(on)
+        n += p.numel() if on else 0
+    return n
+
+
+def _train_mode(model: nn.Module) -> None:
+    """Train adapters/head while the frozen backbone keeps eval behaviour (norm statistics)."""
+    from molre.adapters import adapted_layers
+
+    model.train()
+    bb = getattr(model, "backbone", None)
+    if isinstance(bb, nn.Module):
+        bb.eval()
+        for layer in adapted_layers(model).values():
+            layer.train()
+            layer.base.eval()
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _build_recipe(backbone: nn.Module, overrides: dict[str, Any] | None = None):
+    """The backbone's preprocessing recipe, with `overrides` (e.g. a brain HU window for a
+    random-init demo backbone) applied; the result is recorded in the model card, so the node
+    preprocesses exactly like training did."""
+    from molre.data.preprocess import Recipe
+
+    rec = backbone.spec.recipe
+    d = rec.to_dict() if hasattr(rec, "to_dict") else dict(rec)
+    if overrides:
+        d.update({k: v for k, v in overrides.items() if k != "name"})
+    return Recipe.from_dict(d)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(backbone: nn.Module, dataset: Dataset, batch_size: int,
+                        device: torch.device) -> int:
+    """Estimate BatchNorm running statistics of a *random-init* backbone on training volumes.
+
+    Why: a freshly initialised network has running mean 0 / variance 1, so in eval mode its
+    BatchNorm layers are identities while the signal shrinks layer after layer (PyTorch's default
+    init), leaving features whose differences between volumes are ~1e-4 of their size — nothing
+    that a head or adapter can learn from in a few epochs. One pass in train mode with a
+    cumulative average (momentum=None) gives each block standardised inputs. The calibrated
+    statistics are part of the base weights (saved with the checkpoint, covered by the digest).
+    Returns the number of BatchNorm layers calibrated.
+    """
+    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    backbone.to(device).train()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, _, _ in loader:
+        backbone(x.to(device))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    backbone.eval()
+    return len(bns)
+
+
+@torch.no_grad()
+def _features(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> np.ndarray:
+    model.eval()
+    feats = []
+    for x, _, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x = x.to(device)
+        with _autocast(device):
+            f = model.features(x) if hasattr(model, "features") else model.backbone(x)
+        feats.append(f.float().cpu().numpy())
+    return np.concatenate(feats, 0).astype(np.float64)
+
+
+def _ridge_logistic(Z: np.ndarray, y: np.ndarray, w_pos: float, l2: float,
+                    iters: int = 25) -> tuple[np.ndarray, float]:
+    """L2-regularised, class-weighted logistic regression by Newton's method (IRLS)."""
+    n, d = Z.shape
+    A = np.c_[Z, np.ones(n)]
+    beta = np.zeros(d + 1)
+    sw = np.where(y == 1, w_pos, 1.0)
+    reg = np.full(d + 1, l2)
+    reg[-1] = 1e-6  # do not shrink the bias
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(A @ beta, -30, 30)))
+        g = A.T @ (sw * (p - y)) + reg * beta
+        H = (A * (sw * p * (1 - p))[:, None]).T @ A + np.diag(reg)
+        step = np.linalg.solve(H, g)
+        beta -= step
+        if np.abs(step).max() < 1e-6:
+            break
+    return beta[:-1], float(beta[-1])
+
+
+def linear_probe_init(model: nn.Module, dataset: Dataset, labels: np.ndarray, batch_size: int,
+                      device: torch.device, pos_weight: torch.Tensor, l2: float = 1.0) -> int:
+    """Warm-start the linear head with a closed-form linear probe (LP-FT, Kumar et al. 2022).
+
+    Why: adapters start as the identity, so the only thing that can move the loss at first is
+    the head, and frozen features are often badly scaled (a random-init backbone's features
+    differ between volumes by ~1 % of their size). Fitting the head on standardised features
+    first, then fine-tuning adapters + head, starts training from the best linear read-out
+    instead of from noise, and keeps early adapter updates from being driven by a random head.
+    Findings with no labelled positives or negatives keep their initial weights.
+    Returns the number of findings initialised.
+    """
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        return 0
+    Fx = _features(model, dataset, batch_size, device)
+    mu = Fx.mean(0)
+    sd = Fx.std(0) + 1e-8
+    Z = (Fx - mu) / sd
+    W = head.weight.detach().cpu().double().numpy().copy()
+    b = head.bias.detach().cpu().double().numpy().copy()
+    pw = pos_weight.detach().cpu().double().numpy()
+    done = 0
+    for f in range(labels.shape[1]):
+        y = labels[:, f]
+        m = ~np.isnan(y)
+        if m.sum() < 2 or y[m].min() == y[m].max():
+            continue
+        w_std, b_std = _ridge_logistic(Z[m], y[m], float(pw[f]), l2)
+        W[f] = w_std / sd
+        b[f] = b_std - float((w_std * mu / sd).sum())
+        done += 1
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(W, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
+    return done
+
+
+@torch.no_grad()
+def predict_tensors(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
+                    pos_weight: torch.Tensor | None = None, gamma: float = 2.0,
+                    workers: int = 0) -> tuple[np.ndarray, float | None]:
+    """Probabilities (n, F) over a dataset of (x, y, i) and the mean focal loss (None if unlabelled)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    probs: list[np.ndarray] = []
+    tot, cnt = 0.0, 0
+    for x, y, _ in loader:
+        x = x.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(x)
+        logits = logits.float()
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+        y = y.to(device)
+        m = (~torch.isnan(y)).sum().item()
+        if m:
+            tot += float(focal_loss(logits, y, gamma=gamma, pos_weight=pos_weight, reduction="sum"))
+            cnt += m
+    out = np.concatenate(probs, 0) if probs else np.zeros((0, 0), np.float32)
+    return out, (tot / cnt if cnt else None)
+
+
+def choose_thresholds(labels: np.ndarray, probs: np.ndarray, keys: Sequence[str]) -> dict[str, dict]:
+    """Per-finding decision threshold by Youden's J on the given (validation) cases."""
+    out: dict[str, dict] = {}
+    for f, k in enumerate(keys):
+        y = labels[:, f]
+        m = ~np.isnan(y)
+        npos = int((y[m] == 1).sum())
+        nneg = int((y[m] == 0).sum())
+        t = M.youden_threshold(y, probs[:, f]) if npos and nneg else None
+        if t is None or not math.isfinite(t):
+            out[k] = {"value": 0.5, "method": "default",
+                      "note": f"no threshold could be chosen on validation (positives={npos}, "
+                              f"negatives={nneg}); 0.5 used"}
+        else:
+            out[k] = {"value": float(t), "method": "youden_j", "note": None,
+                      "validation_positives": npos, "validation_negatives": nneg}
+    return out
+
+
+def summarise_auc(labels: np.ndarray, probs: np.ndarray, catalog: Any) -> dict[str, Any]:
+    """Per-finding AUC, macro AUC and per-category macro AUC (None = n/a)."""
+    per = M.auc_matrix(labels, probs) if len(labels) else [None] * len(catalog.keys)
+    per_key = dict(zip(catalog.keys, per))
+    by_cat: dict[str, float | None] = {}
+    for f in catalog:
+        by_cat.setdefault(f.category, None)
+    for cat in by_cat:
+        by_cat[cat] = M.macro([per_key[f.key] for f in catalog if f.category == cat])
+    return {"macro_auc": M.macro(per), "auc": per_key, "auc_by_category": by_cat,
+            "n_findings_with_auc": sum(v is not None for v in per)}
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+
+def _catalog_for(cfg: TrainConfig):
+    """(catalog the manifest is read with, catalog the model predicts)."""
+    from molre.catalog import Catalog, load_catalog
+
+    full = load_catalog(cfg.catalog)
+    if not cfg.catalog_keys:
+        return full, full
+    sub = Catalog([full.get(k) for k in cfg.catalog_keys], name=f"{full.name}-subset",
+                  version=full.version, source=f"{full.source} (subset)")
+    return full, sub
+
+
+def _json_line(path: Path, obj: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj, default=_jdefault) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _jdefault(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def _truncate_metrics(path: Path, upto_epoch: int) -> None:
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line).get("epoch", 0)) <= upto_epoch:
+                keep.append(line)
+        except (ValueError, json.JSONDecodeError):
+            continue
+    path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+
+
+_RESUME_KEYS = ("backbone", "weights", "adapter", "experts", "rank", "alpha", "dropout", "targets",
+                "balance_weight", "batch_size", "lr", "weight_decay", "warmup", "accumulate",
+                "seed", "gamma", "catalog", "catalog_keys", "limit", "data", "recipe", "head_init",
+                "lp_l2", "calibrate_bn", "max_pos_weight", "grad_clip", "val_fraction")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a training run; see the module docstring."""
+    from molre.backbones import create_backbone, weights_digest
+    from molre.checkpoint import DEMO_DISCLAIMER, save_checkpoint, trainable_state_dict
+    from molre.data.manifest import read_manifest
+    from molre.model import build_model
+
+    from molre.cache import VolumeCache
+
+    device = _resolve_device(cfg.device)
+    dd = _setup_dist(device)
+    if device.type == "cuda" and dd.enabled:
+        device = torch.device("cuda", dd.local_rank)
+        torch.cuda.set_device(device)
+    out = Path(cfg.resume or cfg.out)
+    last_dir, best_dir = out / "last", out / "best"
+    metrics_path = out / METRICS_FILE
+
+    state: dict[str, Any] | None = None
+    if cfg.resume is not None:
+        sp = last_dir / TRAINER_STATE
+        if not sp.is_file():
+            raise MolreError(f"--resume {out}: {sp} not found; resume needs a run directory "
+                             "written by `molre-node train` (with last/trainer_state.pt)")
+        state = torch.load(sp, map_location="cpu", weights_only=False)
+        saved = state.get("config", {})
+        diff = [k for k in _RESUME_KEYS if str(saved.get(k)) != str(cfg.to_dict().get(k))]
+        if diff:
+            raise MolreError(
+                f"--resume {out}: options differ from the original run: "
+                + ", ".join(f"{k} (was {saved.get(k)!r}, now {cfg.to_dict().get(k)!r})" for k in diff)
+                + "; resume with the same options (only --epochs/--workers/--device may change)")
+
+    _seed_all(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+    read_catalog, catalog = _catalog_for(cfg)
+    rows = read_manifest(cfg.data, read_catalog)
+    label_cols = [read_catalog.index(k) for k in catalog.keys]
+    if cfg.limit:
+        rows = rows[: cfg.limit]
+    if not rows:
+        raise MolreError(f"{cfg.data}: the manifest has no rows")
+    splits = _assign_val(rows, cfg.val_fraction, cfg.seed)
+
+    # Backbone (random init seeded so every rank and a resumed run get the same weights).
+    torch.manual_seed(cfg.seed)
+    backbone = create_backbone(cfg.backbone, weights=cfg.weights) if cfg.weights else create_backbone(cfg.backbone)
+    base_digest = weights_digest(backbone)
+    n_base = sum(p.numel() for p in backbone.parameters())
+    save_bb = cfg.weights is None and n_base <= SAVE_BACKBONE_MAX_PARAMS
+    backbone_state = ({k: v.detach().clone() for k, v in backbone.state_dict().items()}
+                      if save_bb else None)
+    recipe = _build_recipe(backbone, cfg.recipe)
+    spec = backbone.spec
+
+    # Cache: rank 0 preprocesses, the others wait and then just look the files up.
+    cache_root = cfg.cache_dir or (out / "cache")
+    cache = VolumeCache(cache_root, recipe)
+    use_idx = [i for i, s in enumerate(splits) if s in ("train", "val")]
+    sources = [str(rows[i].path) for i in use_idx]
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        report = cache.build(sources, workers=cfg.workers, progress=cfg.progress)
+    dd.barrier()
+    if not dd.main:
+        report = cache.build(sources, workers=0, progress=False)
+    ok = [i for i in use_idx if str(rows[i].path) in report.paths]
+    tr = [i for i in ok if splits[i] == "train"]
+    va = [i for i in ok if splits[i] == "val"]
+    if not tr:
+        raise MolreError(f"{cfg.data}: no usable training series (split=train); "
+                         f"{len(report.failures)} series failed to preprocess")
+    if not va:
+        raise MolreError(f"{cfg.data}: no usable validation series; add split=val rows")
+    labels = np.stack([np.asarray(r.labels, dtype=np.float32)[label_cols] for r in rows])
+    ytr, yva = labels[tr], labels[va]
+    ds_tr = _CachedDataset([report.paths[str(rows[i].path)] for i in tr], ytr)
+    ds_va = _CachedDataset([report.paths[str(rows[i].path)] for i in va], yva)
+
+    calibrate = cfg.calibrate_bn if cfg.calibrate_bn is not None else save_bb
+    bn_layers = 0
+    if calibrate:
+        if cfg.weights is not None:
+            raise ConfigError("BatchNorm calibration is for random-init backbones only; "
+                              "pretrained weights (--weights) keep their statistics")
+        bn_layers = calibrate_batchnorm(backbone, ds_tr, cfg.batch_size, device)
+        backbone.cpu()
+        base_digest = weights_digest(backbone)
+        backbone_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        save_bb = True
+
+    acfg = cfg.adapter_config(getattr(spec, "default_targets", None))
+    torch.manual_seed(cfg.seed + 1)
+    model = build_model(backbone, catalog, acfg)
+    n_trainable = _set_trainable(model)
+    n_total = sum(p.numel() for p in model.parameters())
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+    if dd.enabled:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler: Any = DistributedSampler(ds_tr, num_replicas=dd.world, rank=dd.rank,
+                                          shuffle=True, seed=cfg.seed, drop_last=False)
+    else:
+        sampler = _EpochShuffle(len(ds_tr), cfg.seed)
+    batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.accumulate)
+    total_steps = steps_per_epoch * cfg.epochs
+    warm = max(1, int(round(cfg.warmup * total_steps))) if cfg.warmup > 0 else 0
+    sched = warmup_cosine(opt, total_steps, warm)
+    pos_weight = prevalence_weights(ytr, cfg.max_pos_weight).to(device)
+
+    start_epoch, global_step = 0, 0
+    best_auc: float | None = None
+    best_loss: float | None = None
+    best_epoch: int | None = None
+    history: list[dict] = []
+    if state is not None:
+        from molre.checkpoint import ADAPTER_FILE, _load_tensors
+
+        tensors = _load_tensors(last_dir / ADAPTER_FILE)
+        expected = trainable_state_dict(model)
+        if set(tensors) != set(expected):
+            raise MolreError(f"--resume {out}: {last_dir / ADAPTER_FILE} does not match the model")
+        model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        global_step = int(state["global_step"])
+        best_auc, best_loss = state.get("best_auc"), state.get("best_loss")
+        best_epoch = state.get("best_epoch")
+        history = list(state.get("history", []))
+        _set_rng_state(state["rng"])
+        if dd.main:
+            _truncate_metrics(metrics_path, start_epoch)
+        log.info("train.resumed", out=str(out), epoch=start_epoch, step=global_step)
+    else:
+        if dd.main and metrics_path.exists():
+            metrics_path.unlink()
+        if cfg.head_init == "lp":
+            # every rank computes the same probe from the same data: no broadcast needed
+            n_lp = linear_probe_init(model, ds_tr, ytr, cfg.batch_size, device, pos_weight,
+                                     cfg.lp_l2)
+            if dd.main:
+                log.info("train.linear_probe_init", findings=n_lp)
+
+    net: nn.Module = model
+    if dd.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    loader_gen = torch.Generator()
+    loader = DataLoader(ds_tr, batch_size=cfg.batch_size, sampler=sampler,
+                        num_workers=cfg.workers, worker_init_fn=_worker_init,
+                        generator=loader_gen, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+
+    manifest_hash = _file_sha256(cfg.data)
+    split_counts = {"train": len(tr), "val": len(va),
+                    "test": sum(1 for s in splits if s == "test"),
+                    "failed": len(report.failures)}
+    labelled = ~np.isnan(ytr)
+    prevalence = {k: (float(np.nansum(ytr[:, f]) / labelled[:, f].sum()) if labelled[:, f].sum() else None)
+                  for f, k in enumerate(catalog.keys)}
+    positives = {k: int(np.nansum(ytr[:, f])) for f, k in enumerate(catalog.keys)}
+    bb_source = str(cfg.weights) if cfg.weights else "random-init"
+
+    def make_card(epoch: int, val: dict, thresholds: dict) -> dict:
+        card: dict[str, Any] = {
+            "model_name": cfg.model_name or f"molre-{cfg.backbone}-{cfg.adapter}",
+            "model_version": f"{__version__}+e{epoch}",
+            "is_demo": bool(cfg.is_demo),
+            "backbone": {"name": cfg.backbone, "weights_digest": base_digest,
+                         "weights_source": bb_source,
+                         "init_seed": cfg.seed if cfg.weights is None else None,
+                         "base_params": int(n_base),
+                         "batchnorm_calibrated": (
+                             {"layers": bn_layers, "volumes": len(tr), "on": "training split"}
+                             if bn_layers else None)},
+            "adapter": {"type": cfg.adapter, "config": acfg.to_dict() if acfg else None,
+                        "trainable_params": int(n_trainable), "total_params": int(n_total)},
+            "catalog": catalog.to_dict(),
+            "catalog_digest": catalog.digest(),
+            "recipe": recipe.to_dict(),
+            "thresholds": thresholds,
+            "training": {
+                "manifest": str(cfg.data), "manifest_sha256": manifest_hash,
+                "counts": split_counts, "prevalence_train": prevalence,
+                "positives_train": positives,
+                "findings_without_train_positives": [k for k, v in positives.items() if v == 0],
+                "epochs": cfg.epochs, "epoch": epoch, "global_step": global_step,
+                "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                "accumulate": cfg.accumulate, "world_size": dd.world,
+                "head_init": cfg.head_init,
+                "loss": {"type": "focal", "gamma": cfg.gamma, "pos_weight": "n_neg/n_pos clipped",
+                         "max_pos_weight": cfg.max_pos_weight},
+                "optimizer": {"type": "AdamW", "weight_decay": cfg.weight_decay,
+                              "schedule": "linear warm-up + cosine", "warmup_steps": warm,
+                              "total_steps": total_steps},
+            },
+            "metrics": {"split": "val", "epoch": epoch, **val},
+        }
+        if cfg.intended_use:
+            card["intended_use"] = cfg.intended_use
+        if cfg.is_demo:
+            card["disclaimer"] = cfg.disclaimer or DEMO_DISCLAIMER
+            card["training_data"] = "synthetic training data — not for clinical use"
+        elif cfg.disclaimer:
+            card["disclaimer"] = cfg.disclaimer
+        return card
+
+    if dd.main:
+        log.info("train.start", backbone=cfg.backbone, adapter=cfg.adapter, train=len(tr),
+                 val=len(va), failed=len(report.failures), trainable_params=n_trainable,
+                 device=str(device), world_size=dd.world, epochs=cfg.epochs,
+                 steps_per_epoch=steps_per_epoch)
+
+    from tqdm.auto import tqdm
+
+    if state is not None and int(state.get("config", {}).get("epochs", cfg.epochs)) != cfg.epochs:
+        log.warning("train.resume_epochs_changed", was=state["config"]["epochs"], now=cfg.epochs,
+                    hint="the cosine schedule spans --epochs, so this is not an exact continuation")
+    end_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, int(cfg.stop_after_epoch))
+    for epoch in range(start_epoch, end_epoch):
+        sampler.set_epoch(epoch)
+        loader_gen.manual_seed(cfg.seed * 7919 + epoch)
+        _train_mode(model)
+        t0 = time.perf_counter()
+        seen, loss_sum, loss_n = 0, 0.0, 0
+        bar = tqdm(total=batches_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and dd.main), leave=False, unit="batch")
+        opt.zero_grad(set_to_none=True)
+        for b, (x, y, _) in enumerate(loader):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            last_micro = (b + 1) % cfg.accumulate == 0 or (b + 1) == batches_per_epoch
+            sync = net.no_sync() if (dd.enabled and not last_micro) else contextlib.nullcontext()
+            with sync:
+                with _autocast(device):
+                    logits = net(x)
+                loss = focal_loss(logits, y, gamma=cfg.gamma, pos_weight=pos_weight)
+                if acfg is not None and acfg.balance_weight > 0:
+                    from molre.adapters import balance_loss
+
+                    loss = loss + balance_loss(model)
+                group_start = (b // cfg.accumulate) * cfg.accumulate
+                group = min(cfg.accumulate, batches_per_epoch - group_start)
+                (loss / group).backward()
+            if last_micro:
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                global_step += 1
+            loss_sum += float(loss.detach()) * x.shape[0]
+            loss_n += x.shape[0]
+            seen += x.shape[0]
+            el = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.4f}",
+                            vol_s=f"{seen * dd.world / max(el, 1e-9):.1f}")
+        epoch_s = time.perf_counter() - t0
+        train_loss = loss_sum / max(loss_n, 1)
+        if dd.enabled:
+            t = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)
+            dist.all_reduce(t)
+            train_loss = float(t[0] / max(t[1], 1.0))
+
+        if dd.main:
+            from molre.adapters import adapted_layers, expert_usage, reset_expert_usage
+
+            has_adapters = bool(adapted_layers(model))
+            if has_adapters:
+                reset_expert_usage(model)
+            probs, val_loss = predict_tensors(model, ds_va, cfg.batch_size, device, pos_weight,
+                                              cfg.gamma)
+            usage = ({k: {"mean_gate": v["mean_gate"], "entropy": v["entropy"]}
+                      for k, v in expert_usage(model).items()} if has_adapters else {})
+            val = summarise_auc(yva, probs, catalog)
+            val["loss"] = val_loss
+            thresholds = choose_thresholds(yva, probs, catalog.keys)
+            macro = val["macro_auc"]
+            improved = (
+                (macro is not None and (best_auc is None or macro > best_auc))
+                or (macro is None and best_auc is None and val_loss is not None
+                    and (best_loss is None or val_loss < best_loss))
+            )
+            lr_now = float(sched.get_last_lr()[0])
+            bar.set_postfix(loss=f"{train_loss:.4f}", val_auc=("n/a" if macro is None else f"{macro:.3f}"))
+            bar.close()
+            rec = {"epoch": epoch + 1, "step": global_step, "lr": lr_now,
+                   "train_loss": train_loss, "val_loss": val_loss, "val_macro_auc": macro,
+                   "val_auc": val["auc"], "val_auc_by_category": val["auc_by_category"],
+                   "epoch_seconds": round(epoch_s, 3),
+                   "volumes_per_s": round(len(ds_tr) / max(epoch_s, 1e-9), 3),
+                   "expert_usage": usage, "best": bool(improved)}
+            history.append(rec)
+            card = make_card(epoch + 1, val, thresholds)
+            save_checkpoint(last_dir, model, card, backbone_state=backbone_state)
+            if improved:
+                best_auc = macro if macro is not None else best_auc
+                best_loss = val_loss
+                best_epoch = epoch + 1
+                save_checkpoint(best_dir, model, card, backbone_state=backbone_state)
+            tstate = {"epoch": epoch + 1, "global_step": global_step,
+                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "rng": _rng_state(), "best_auc": best_auc, "best_loss": best_loss,
+                      "best_epoch": best_epoch, "config": cfg.to_dict(), "history": history}
+            tmp = last_dir / (TRAINER_STATE + ".tmp")
+            torch.save(tstate, tmp)
+            os.replace(tmp, last_dir / TRAINER_STATE)
+            _json_line(metrics_path, rec)
+            log.info("train.epoch", epoch=epoch + 1, step=global_step, train_loss=round(train_loss, 5),
+                     val_loss=None if val_loss is None else round(val_loss, 5),
+                     val_macro_auc=None if macro is None else round(macro, 4),
+                     volumes_per_s=rec["volumes_per_s"], best=improved)
+        else:
+            bar.close()
+        dd.barrier()
+
+    epochs_run = max(0, end_epoch - start_epoch)
+    result = TrainResult(out=out, best_dir=best_dir if (best_dir / "model.json").exists() else None,
+                         last_dir=last_dir, best_epoch=best_epoch, best_val_macro_auc=best_auc,
+                         epochs_run=epochs_run, global_step=global_step, history=history)
+    if dd.enabled:
+        dd.barrier()
+    return result

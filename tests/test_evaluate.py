@@ -1,0 +1,179 @@
+"""Metrics (AUC, bootstrap by case, Youden thresholds, paired bootstrap) and the evaluate /
+compare / infer commands on a small trained run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from molre.training import metrics as M
+
+
+def _brute_auc(y, s):
+    y = np.asarray(y, float)
+    s = np.asarray(s, float)
+    pos, neg = s[y == 1], s[y == 0]
+    gt = (pos[:, None] > neg[None, :]).sum()
+    eq = (pos[:, None] == neg[None, :]).sum()
+    return (gt + 0.5 * eq) / (len(pos) * len(neg))
+
+
+def test_auc_matches_pairwise_definition_with_ties_and_nan():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 150).astype(float)
+    s = np.round(rng.normal(size=150) + y, 1)  # rounding creates ties
+    assert M.auc(y, s) == pytest.approx(_brute_auc(y, s), abs=1e-12)
+    y2 = y.copy()
+    y2[:20] = np.nan
+    assert M.auc(y2, s) == pytest.approx(_brute_auc(y[20:], s[20:]), abs=1e-12)
+    assert M.auc([1, 1, 1], [0.1, 0.2, 0.3]) is None  # no negatives -> n/a, not 0.5
+    assert M.auc([0, 1], [0.2, 0.9]) == 1.0
+
+
+def test_bootstrap_weights_equal_explicit_resampling():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 80).astype(float)
+    s = rng.normal(size=80) + y
+    w = M.bootstrap_weights(80, 5, seed=3)
+    assert (w.sum(1) == 80).all()
+    got = M.weighted_auc(y, s, w)
+    for b in range(5):
+        idx = np.repeat(np.arange(80), w[b].astype(int))
+        assert got[b] == pytest.approx(_brute_auc(y[idx], s[idx]), abs=1e-12)
+    # seeded: same seed -> same resamples
+    assert np.array_equal(w, M.bootstrap_weights(80, 5, seed=3))
+
+
+def test_youden_threshold_and_sens_spec():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1], float)
+    s = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    t = M.youden_threshold(y, s)
+    sens, spec = M.sens_spec(y, s, t)
+    # best J: threshold 0.7 (sens 0.75, spec 1.0, J 0.75) vs 0.4 (sens 1, spec 0.75, J 0.75):
+    # ties go to the higher threshold (fewer false alarms)
+    assert t == pytest.approx(0.7)
+    assert (sens, spec) == (0.75, 1.0)
+    assert M.youden_threshold([1, 1], [0.2, 0.3]) is None
+
+
+def test_paired_bootstrap_detects_better_model():
+    rng = np.random.default_rng(4)
+    n = 300
+    labels = rng.integers(0, 2, (n, 3)).astype(float)
+    good = labels + rng.normal(0, 0.5, (n, 3))
+    bad = labels + rng.normal(0, 2.0, (n, 3))
+    r = M.paired_bootstrap(labels, bad, good, n_boot=300, seed=0)
+    assert r.delta > 0.1 and r.ci_low > 0 and r.p_value < 0.05
+    same = M.paired_bootstrap(labels, good, good, n_boot=100, seed=0)
+    assert same.delta == 0.0 and same.p_value == 1.0
+
+
+def test_evaluate_arrays_reports_na_for_findings_without_positives():
+    from molre.catalog import load_catalog
+
+    from molre.catalog import Catalog
+
+    cat = load_catalog()
+    keys = cat.keys[:3]
+    sub = Catalog([cat.get(k) for k in keys])
+    labels = np.array([[0, 0, np.nan], [1, 0, np.nan], [0, 0, 1], [1, 0, 0]], float)
+    probs = np.array([[0.1, 0.2, 0.3], [0.9, 0.1, 0.3], [0.2, 0.5, 0.9], [0.8, 0.4, 0.1]])
+    from molre.evaluate import evaluate_arrays
+
+    res = evaluate_arrays(labels, probs, sub, {keys[0]: 0.5}, n_boot=50, seed=0)
+    assert res["per_finding"][keys[0]]["auc"] == 1.0
+    assert res["per_finding"][keys[1]]["auc"] is None  # no positives
+    assert res["per_finding"][keys[1]]["note"].startswith("n/a")
+    assert res["per_finding"][keys[0]]["sensitivity"] == 1.0
+    assert res["n_findings_with_auc"] == 2
+    assert res["macro_auc"] == pytest.approx((1.0 + 1.0) / 2)
+
+
+# ------------------------------------------------------------------ evaluate / compare / infer
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    from molre.training.toydata import ensure_toy_run
+
+    return ensure_toy_run(tmp_path_factory.getbasetemp() / "molre-toy")
+
+
+def _app():
+    import typer
+
+    from cli import train_cmd
+
+    app = typer.Typer()
+    train_cmd.register(app)
+    return app
+
+
+def test_evaluate_writes_metrics_report_predictions_and_plots(toy_run, tmp_path):
+    from typer.testing import CliRunner
+
+    manifest, run = toy_run
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(_app(), ["evaluate", "--checkpoint", str(run), "--data", str(manifest),
+                                      "--out", str(out), "--split", "val", "--bootstrap", "200",
+                                      "--cache-dir", str(run.parent / "cache")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_cases"] == 21 and m["split"] == "val"
+    assert m["bootstrap"]["resamples"] == 200 and m["bootstrap"]["unit"] == "case"
+    for k, v in m["per_finding"].items():
+        assert v["auc"] is not None and v["ci_low"] <= v["auc"] <= v["ci_high"]
+        assert 0 <= v["sensitivity"] <= 1 and 0 <= v["specificity"] <= 1
+    assert m["macro_ci_low"] <= m["macro_auc"] <= m["macro_ci_high"]
+    # the run's best epoch was chosen by exactly this metric on exactly these cases
+    card = json.loads((run / "best" / "model.json").read_text())
+    assert m["macro_auc"] == pytest.approx(card["metrics"]["macro_auc"], abs=1e-6)
+    assert "hemorrhage" in m["per_category"]
+    report = (out / "report.md").read_text()
+    assert "| finding | AUC [95 % CI]" in report and "intraparenchymal_hemorrhage" in report
+    from molre.evaluate import read_predictions
+
+    p = read_predictions(out)
+    assert len(p.case_ids) == 21 and p.probs.shape == (21, 3)
+    assert np.isnan(p.labels).any()  # unlabelled entries survive as blanks
+    pngs = m["roc_plots"]
+    assert pngs and all((out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in pngs)
+    # a split that does not exist: clear error naming the splits present
+    res = CliRunner().invoke(_app(), ["evaluate", "--checkpoint", str(run), "--data", str(manifest),
+                                      "--out", str(tmp_path / "x"), "--split", "nosuch"])
+    assert res.exit_code != 0 and "splits present: test, train, val" in str(res.exception)
+
+
+def test_compare_paired_bootstrap_and_infer(toy_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from molre.evaluate import compare_runs
+
+    manifest, run = toy_run
+    r = compare_runs([run / "best", run / "last"], tmp_path / "cmp", data=manifest, split="val",
+                     n_boot=200, seed=0, progress=False, cache_dir=run.parent / "cache")
+    assert r["cases"] == 21 and len(r["runs"]) == 2
+    first, second = r["runs"]
+    assert "vs_first" not in first and first["adapter"] == "molre"
+    assert first["trainable_params"] > 0
+    vs = second["vs_first"]
+    assert vs["delta"] == pytest.approx(second["macro_auc"] - first["macro_auc"], abs=1e-9)
+    assert vs["ci_low"] <= vs["delta"] <= vs["ci_high"] and 0 < vs["p_value"] <= 1
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "macro AUC [95 % CI]" in md and "Δ vs first" in md
+    json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    # compare also accepts evaluate output dirs (no re-evaluation)
+    r2 = compare_runs([tmp_path / "cmp" / "run0", tmp_path / "cmp" / "run1"], tmp_path / "cmp2",
+                      n_boot=200, seed=0)
+    assert r2["runs"][1]["vs_first"]["delta"] == pytest.approx(vs["delta"])
+
+    series = [d for d in sorted((manifest.parent).iterdir()) if d.is_dir()][0]
+    res = CliRunner().invoke(_app(), ["infer", str(series), "--checkpoint", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    assert set(out["probabilities"]) == {"intraparenchymal_hemorrhage", "hydrocephalus",
+                                         "intracranial_calcification"}
+    assert len(out["used_sop_instance_uids"]) == 24
+    res = CliRunner().invoke(_app(), ["infer", str(series), "--checkpoint", str(run)])
+    assert res.exit_code == 0 and "hydrocephalus" in res.output

@@ -1,0 +1,210 @@
+"""Training: focal loss masking, the LR schedule, learning on toy phantoms, exact resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from molre.losses import focal_loss, prevalence_weights
+from molre.training.schedule import warmup_cosine_factor
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    from molre.training.toydata import ensure_toy_run
+
+    return ensure_toy_run(tmp_path_factory.getbasetemp() / "molre-toy")
+
+
+# ---------------------------------------------------------------------------------- unit tests
+
+def test_focal_loss_masks_nan_and_matches_manual_computation():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 1.5, -2.0]])
+    targets = torch.tensor([[1.0, float("nan"), 0.0], [0.0, 1.0, float("nan")]])
+    pw = torch.tensor([3.0, 1.0, 2.0])
+    got = focal_loss(logits, targets, gamma=2.0, pos_weight=pw)
+    terms = []
+    for i in range(2):
+        for f in range(3):
+            y = targets[i, f].item()
+            if math.isnan(y):
+                continue
+            p = 1 / (1 + math.exp(-logits[i, f].item()))
+            if y == 1:
+                terms.append(-pw[f].item() * (1 - p) ** 2 * math.log(p))
+            else:
+                terms.append(-(p ** 2) * math.log(1 - p))
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    # gamma = 0 without weights is plain BCE over the labelled entries
+    bce = F.binary_cross_entropy_with_logits(logits[~torch.isnan(targets)],
+                                             targets[~torch.isnan(targets)])
+    assert focal_loss(logits, targets, gamma=0.0).item() == pytest.approx(bce.item(), rel=1e-5)
+    # masked entries get no gradient at all
+    lg = logits.clone().requires_grad_(True)
+    focal_loss(lg, targets).backward()
+    assert lg.grad[0, 1] == 0 and lg.grad[1, 2] == 0 and lg.grad[0, 0] != 0
+    # nothing labelled: zero, finite
+    assert focal_loss(logits, torch.full_like(logits, float("nan"))).item() == 0.0
+
+
+def test_prevalence_weights():
+    y = np.array([[1, 0, np.nan], [0, 0, np.nan], [0, 0, np.nan], [0, 1, np.nan]], np.float32)
+    w = prevalence_weights(y)
+    assert w.tolist() == pytest.approx([3.0, 3.0, 1.0])
+    assert prevalence_weights(np.array([[1.0], [0.0]] * 1 + [[0.0]] * 98), max_weight=20)[0] == 20.0
+
+
+def test_warmup_cosine_schedule():
+    f = [warmup_cosine_factor(s, 100, 10, floor=0.0) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # monotone decay after warm-up
+    assert f[-1] < 0.01
+
+
+# ------------------------------------------------------------------------------ integration
+
+def test_two_epochs_learn_and_write_run(toy_run):
+    manifest, run = toy_run
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    assert lines[-1]["step"] == 18  # ceil(33 train volumes / batch 4) * 2 epochs
+    best = max(l["val_macro_auc"] for l in lines)
+    assert best > 0.7, lines
+    for l in lines:
+        assert l["volumes_per_s"] > 0 and math.isfinite(l["train_loss"])
+        usage = l["expert_usage"]
+        assert usage, "expert usage must be logged per adapted layer"
+        for layer in usage.values():
+            assert len(layer["mean_gate"]) == 6
+            assert sum(layer["mean_gate"]) == pytest.approx(1.0, abs=1e-4)
+            assert 0 < layer["entropy"] <= math.log(6) + 1e-6
+    for d in ("best", "last"):
+        assert (run / d / "adapter.safetensors").is_file() and (run / d / "model.json").is_file()
+    assert (run / "last" / "trainer_state.pt").is_file()
+    card = json.loads((run / "best" / "model.json").read_text())
+    assert card["adapter"]["type"] == "molre" and card["adapter"]["config"]["experts"] == 6
+    assert card["training"]["counts"]["train"] == 33 and card["training"]["counts"]["val"] == 21
+    assert card["backbone"]["init_seed"] == 0 and card["backbone"]["weights_file"]
+    assert set(card["thresholds"]) == set(card["training"]["prevalence_train"])
+    assert all(t["method"] in ("youden_j", "default") for t in card["thresholds"].values())
+    assert card["metrics"]["macro_auc"] == pytest.approx(
+        max(l["val_macro_auc"] for l in lines))
+    # the backbone never goes into the adapter file
+    from safetensors.torch import load_file
+
+    keys = load_file(str(run / "best" / "adapter.safetensors")).keys()
+    assert all(("lora_" in k or ".router." in k or not k.startswith("backbone.")) for k in keys)
+    assert any(k.startswith("head.") for k in keys)
+
+
+def test_resume_continues_exactly(toy_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from molre.training import train
+    from molre.training.toydata import toy_train_config
+
+    manifest, run = toy_run
+    cache = run.parent / "cache"
+    out = tmp_path / "interrupted"
+    # the same 2-epoch run, stopped after its first epoch (as if killed), then resumed
+    r1 = train(toy_train_config(manifest, out, cache, epochs=2, stop_after_epoch=1))
+    assert r1.global_step == 9 and r1.epochs_run == 1
+    r2 = train(toy_train_config(manifest, out, cache, epochs=2, resume=out))
+    assert r2.epochs_run == 1 and r2.global_step == 18
+    a = load_file(str(run / "last" / "adapter.safetensors"))
+    b = load_file(str(out / "last" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lb] == [1, 2]
+    for x, y in zip(la, lb):
+        assert x["step"] == y["step"] and x["train_loss"] == y["train_loss"]
+        assert x["val_macro_auc"] == y["val_macro_auc"]
+    # resuming with different options is refused with the option named
+    from molre.errors import MolreError
+
+    with pytest.raises(MolreError, match="lr"):
+        train(toy_train_config(manifest, out, cache, epochs=3, resume=out, lr=0.5))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, manifest: str, out: str, cache: str,
+                report: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import molre.checkpoint as ck
+    import molre.training.loop as loop
+    from molre.training import train
+    from molre.training.toydata import toy_train_config
+
+    writes = []
+    real_save, real_line = ck.save_checkpoint, loop._json_line
+    ck.save_checkpoint = lambda *a, **k: (writes.append("checkpoint"), real_save(*a, **k))[1]
+    loop._json_line = lambda *a, **k: (writes.append("metrics"), real_line(*a, **k))[1]
+    res = train(toy_train_config(Path(manifest), Path(out), Path(cache), epochs=1, batch_size=4))
+    Path(report, f"rank{rank}.json").write_text(json.dumps(
+        {"writes": writes, "step": res.global_step}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_gloo_only_rank0_writes(toy_run, tmp_path):
+    import torch.multiprocessing as mp
+
+    manifest, run = toy_run
+    out, report = tmp_path / "ddp", tmp_path / "report"
+    report.mkdir()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(manifest), str(out),
+                                str(run.parent / "cache"), str(report)), nprocs=2, join=True)
+    r0 = json.loads((report / "rank0.json").read_text())
+    r1 = json.loads((report / "rank1.json").read_text())
+    assert r1["writes"] == [] and "checkpoint" in r0["writes"] and "metrics" in r0["writes"]
+    # 33 training volumes split over 2 ranks (17 each, padded), batch 4: 5 steps per epoch
+    assert r0["step"] == r1["step"] == 5
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["step"] == 5
+    card = json.loads((out / "best" / "model.json").read_text())
+    assert card["training"]["world_size"] == 2
+
+
+def test_cache_skips_bad_series_with_reason_and_reuses_good_ones(toy_run, tmp_path):
+    from molre.backbones import create_backbone
+    from molre.cache import VolumeCache
+    from molre.errors import MolreError
+    from molre.training.loop import _build_recipe
+
+    manifest, _ = toy_run
+    good = sorted(d for d in manifest.parent.iterdir() if d.is_dir())[0]
+    empty = tmp_path / "empty_series"
+    empty.mkdir()
+    (empty / "junk.dcm").write_bytes(b"not dicom")
+    recipe = _build_recipe(create_backbone("tiny-3d"), {"hu_range": [0.0, 100.0]})
+    cache = VolumeCache(tmp_path / "c", recipe)
+    rep = cache.build([good, empty], progress=False)
+    assert list(rep.paths) == [str(good)] and rep.built == 1
+    assert str(empty) in rep.failures and rep.failures[str(empty)]
+    x = cache.get(good)
+    assert tuple(x.shape) == recipe.output_shape()
+    again = cache.build([good], progress=False)
+    assert again.reused == 1 and again.built == 0
+    assert not list(cache.dir.glob("*.tmp"))
+    with pytest.raises(MolreError, match="none of the 1 series"):
+        cache.build([empty], progress=False)
