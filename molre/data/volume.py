@@ -583,7 +583,7 @@ def read_series(
         warnings=warnings,
         meta=info["meta"] | {"interpolated_slices": n_interp},
     )
-    log.info("series assembled", series_uid=volume.series_uid, slices=len(kept),
+    log.debug("series assembled", series_uid=volume.series_uid, slices=len(kept),
              shape=list(hu.shape), warnings=len(warnings))
     return volume
 
