@@ -31,12 +31,25 @@ log = get_logger("molre.demo_checkpoint")
 DEMO_RECIPE = {"hu_range": [0.0, 100.0]}
 DEMO_DEFAULTS = dict(count=160, size=64, epochs=8, seed=0, lr=2e-3, batch_size=4,
                      experts=6, rank=8, alpha=16.0)
+#: Stand-in for foundation-model pretraining (`molre.training.pretrain`): the whole tiny-3d is
+#: trained on PRETRAIN_FINDINGS of a separate phantom set (seed + PRETRAIN_SEED_OFFSET), then
+#: frozen. 0 epochs (the default, and how the packaged demo is built) = random init + BatchNorm
+#: calibration: a few CPU minutes of pretraining did not get past chance on the phantoms'
+#: hemorrhages (docs/training.md, "Pretraining tiny-3d"), so it would not improve the demo.
+PRETRAIN_DEFAULTS = dict(pretrain_count=240, pretrain_epochs=0, pretrain_lr=1e-3,
+                         pretrain_batch_size=4)
+PRETRAIN_SEED_OFFSET = 1000
 
 
 def build_demo(out: Path, count: int, size: int, epochs: int, seed: int, lr: float,
                batch_size: int, experts: int, rank: int, alpha: float,
-               work: Path | None = None, workers: int = 1, progress: bool = True) -> Path:
-    """Generate phantoms, train tiny-3d + MoLRE on them, copy the best checkpoint to `out`."""
+               work: Path | None = None, workers: int = 1, progress: bool = True,
+               pretrain_count: int = PRETRAIN_DEFAULTS["pretrain_count"],
+               pretrain_epochs: int = PRETRAIN_DEFAULTS["pretrain_epochs"],
+               pretrain_lr: float = PRETRAIN_DEFAULTS["pretrain_lr"],
+               pretrain_batch_size: int = PRETRAIN_DEFAULTS["pretrain_batch_size"]) -> Path:
+    """(Pretrain tiny-3d on a separate phantom set,) generate the adapter phantoms, train
+    MoLRE adapters + head on the frozen backbone, copy the best checkpoint to `out`."""
     from molre.checkpoint import (ADAPTER_FILE, BACKBONE_FILE, CARD_FILE, DEMO_DISCLAIMER,
                                   load_checkpoint)
     from molre.data.synth import PHANTOM_FINDINGS, generate_dataset
@@ -54,6 +67,34 @@ def build_demo(out: Path, count: int, size: int, epochs: int, seed: int, lr: flo
             generate_dataset(data, count=count, seed=seed, size=size, prevalence=0.3,
                              normal_fraction=0.2, workers=workers, overwrite=True,
                              progress=progress)
+        pre_info = None
+        weights = None
+        if pretrain_epochs > 0:
+            from safetensors.torch import save_file
+
+            from molre.training.pretrain import pretrain_backbone
+
+            pdata = work / "pretrain"
+            pseed = seed + PRETRAIN_SEED_OFFSET
+            if not (pdata / "manifest.csv").is_file():
+                generate_dataset(pdata, count=pretrain_count, seed=pseed, size=size,
+                                 prevalence=0.3, normal_fraction=0.2, workers=workers,
+                                 overwrite=True, progress=progress)
+            pre = pretrain_backbone(pdata / "manifest.csv", dict(DEMO_RECIPE), work / "pcache",
+                                    epochs=pretrain_epochs, lr=pretrain_lr,
+                                    batch_size=pretrain_batch_size, seed=pseed,
+                                    progress=progress)
+            weights = work / "pretrained-tiny-3d.safetensors"
+            save_file(pre.state, str(weights))
+            pre_info = {"what": "stand-in for foundation-model pretraining: whole backbone + a "
+                                "temporary linear head, fully supervised, then frozen",
+                        "findings": pre.findings, "phantoms": pretrain_count,
+                        "phantom_seed": pseed, "epochs": pretrain_epochs, "lr": pretrain_lr,
+                        "batch_size": pretrain_batch_size, "volumes": pre.volumes,
+                        "val_macro_auc_pretrain_findings": pre.val_macro_auc,
+                        "minutes": round(pre.seconds / 60, 1)}
+            log.info("demo.pretrained", val_macro_auc=pre.val_macro_auc,
+                     minutes=pre_info["minutes"])
         run = work / "run"
         if run.exists():
             shutil.rmtree(run)
@@ -61,6 +102,7 @@ def build_demo(out: Path, count: int, size: int, epochs: int, seed: int, lr: flo
             backbone="tiny-3d", data=data / "manifest.csv", out=run, adapter="molre",
             experts=experts, rank=rank, alpha=alpha, epochs=epochs, batch_size=batch_size,
             lr=lr, seed=seed, device="cpu", workers=0, progress=progress,
+            weights=str(weights) if weights else None, save_backbone=True,
             catalog_keys=list(PHANTOM_FINDINGS), recipe=dict(DEMO_RECIPE),
             model_name="molre-tiny-3d-demo", is_demo=True,
             intended_use=("Demonstration and integration testing of molre-node only "
@@ -78,6 +120,11 @@ def build_demo(out: Path, count: int, size: int, epochs: int, seed: int, lr: flo
                               "count": count, "size": size, "epochs": epochs, "seed": seed,
                               "lr": lr, "batch_size": batch_size,
                               "minutes": round((time.perf_counter() - t0) / 60, 1)}
+        if pre_info is not None:
+            card["demo_build"]["pretrain"] = pre_info
+            card["backbone"]["weights_source"] = "tiny-3d pretrained on synthetic phantoms (demo)"
+            card["backbone"]["pretraining"] = pre_info
+            card["backbone"]["init_seed"] = pre_info["phantom_seed"]  # torch seed of the init
         # the card changed -> re-save through save_checkpoint so the hash covers it
         loaded = load_checkpoint(out)
         from molre.checkpoint import save_checkpoint
@@ -99,12 +146,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("molre/resources/demo"))
     p.add_argument("--work", type=Path, default=None, help="keep phantoms and the run here")
     p.add_argument("--workers", type=int, default=1, help="processes for phantom generation")
-    for k, v in DEMO_DEFAULTS.items():
+    for k, v in {**DEMO_DEFAULTS, **PRETRAIN_DEFAULTS}.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     build_demo(a.out, a.count, a.size, a.epochs, a.seed, a.lr, a.batch_size, a.experts, a.rank,
-               a.alpha, work=a.work, workers=a.workers, progress=not a.no_progress)
+               a.alpha, work=a.work, workers=a.workers, progress=not a.no_progress,
+               **{k: getattr(a, k) for k in PRETRAIN_DEFAULTS})
 
 
 if __name__ == "__main__":

@@ -104,6 +104,10 @@ class TrainConfig:
     head_init: str = "lp"  # lp = linear-probe warm start (LP-FT), or "random"
     stop_after_epoch: int | None = None  # end this invocation after that epoch (time slicing)
     lp_l2: float = 10.0
+    #: ship the base weights as backbone.safetensors in every checkpoint; None = auto (only for
+    #: small random-init backbones). True for a small backbone pretrained here (the demo), so the
+    #: checkpoint stays self-contained and the digest check has the exact weights to load.
+    save_backbone: bool | None = None
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -612,7 +616,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     backbone = create_backbone(cfg.backbone, weights=cfg.weights) if cfg.weights else create_backbone(cfg.backbone)
     base_digest = weights_digest(backbone)
     n_base = sum(p.numel() for p in backbone.parameters())
-    save_bb = cfg.weights is None and n_base <= SAVE_BACKBONE_MAX_PARAMS
+    want_bb = cfg.save_backbone if cfg.save_backbone is not None else cfg.weights is None
+    save_bb = bool(want_bb) and n_base <= SAVE_BACKBONE_MAX_PARAMS
     backbone_state = ({k: v.detach().clone() for k, v in backbone.state_dict().items()}
                       if save_bb else None)
     recipe = _build_recipe(backbone, cfg.recipe)
@@ -642,7 +647,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     ds_tr = _CachedDataset([report.paths[str(rows[i].path)] for i in tr], ytr)
     ds_va = _CachedDataset([report.paths[str(rows[i].path)] for i in va], yva)
 
-    calibrate = cfg.calibrate_bn if cfg.calibrate_bn is not None else save_bb
+    calibrate = cfg.calibrate_bn if cfg.calibrate_bn is not None else (save_bb and cfg.weights is None)
     bn_layers = 0
     if calibrate:
         if cfg.weights is not None:
