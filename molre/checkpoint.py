@@ -177,7 +177,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    card = json.loads(json.dumps(dict(card), default=_json_default))
+    card = json.loads(json.dumps(dict(card), default=json_default))
     card.setdefault("format_version", CARD_FORMAT_VERSION)
     card.setdefault("package_version", __version__)
     card.setdefault("created", _now())
@@ -203,7 +203,8 @@ def save_checkpoint(
     return digest
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """JSON encoder fallback for model cards and metrics lines (numpy, paths, to_dict objects)."""
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):

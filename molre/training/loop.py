@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from molre import __version__
+from molre.checkpoint import json_default
 from molre.errors import ConfigError, MolreError
 from molre.log import get_logger
 from molre.losses import focal_loss, prevalence_weights
@@ -530,19 +531,11 @@ def _catalog_for(cfg: TrainConfig):
 
 def _json_line(path: Path, obj: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, default=_jdefault) + "\n")
+        fh.write(json.dumps(obj, default=json_default) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def _jdefault(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
 
 
 def _truncate_metrics(path: Path, upto_epoch: int) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from molre.data.synth import PHANTOM_FINDINGS
 from molre.errors import MolreError
 from molre.log import get_logger
 
@@ -33,8 +34,8 @@ __all__ = ["PRETRAIN_FINDINGS", "HELD_OUT_FINDINGS", "PretrainResult", "pretrain
 
 log = get_logger("molre.pretrain")
 
-#: What the stand-in "foundation model" is pretrained on: the hemorrhage family plus two mass
-#: effect findings — the hyperdense-blood and geometry features a CT foundation model would know.
+#: What the stand-in "foundation model" is pretrained on: the hemorrhage family — the
+#: hyperdense-blood features a CT foundation model would know.
 PRETRAIN_FINDINGS: tuple[str, ...] = (
     "intraparenchymal_hemorrhage",
     "subdural_hemorrhage",
@@ -43,15 +44,7 @@ PRETRAIN_FINDINGS: tuple[str, ...] = (
     "subarachnoid_hemorrhage",
 )
 #: The phantom findings the backbone never sees a label for: where adapters have to earn their keep.
-HELD_OUT_FINDINGS: tuple[str, ...] = (
-    "acute_infarct",
-    "skull_fracture",
-    "hydrocephalus",
-    "midline_shift",
-    "intracranial_calcification",
-    "intracranial_mass",
-    "vasogenic_edema",
-)
+HELD_OUT_FINDINGS: tuple[str, ...] = tuple(k for k in PHANTOM_FINDINGS if k not in PRETRAIN_FINDINGS)
 
 
 @dataclass
