@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1058,26 +1058,9 @@ def _plan_and_render(rngs: dict[str, np.random.Generator], keys: Sequence[str],
     plan, mods = _plan_findings(rngs, keys, geom, anat)
     ctx = _render_anatomy(geom, anat, mods)
     # Order: parenchymal changes first, then lesions on top, then extra-axial and bone.
-    if "acute_infarct" in plan:
-        _render_infarct(ctx, plan["acute_infarct"])
-    if "vasogenic_edema" in plan:
-        _render_edema(ctx, plan["vasogenic_edema"])
-    if "intracranial_mass" in plan:
-        _render_mass(ctx, plan["intracranial_mass"])
-    if "intraparenchymal_hemorrhage" in plan:
-        _render_ich(ctx, plan["intraparenchymal_hemorrhage"])
-    if "subarachnoid_hemorrhage" in plan:
-        _render_sah(ctx, plan["subarachnoid_hemorrhage"])
-    if "intraventricular_hemorrhage" in plan:
-        _render_ivh(ctx, plan["intraventricular_hemorrhage"])
-    if "subdural_hemorrhage" in plan:
-        _render_extra_axial(ctx, plan["subdural_hemorrhage"], lens=False)
-    if "epidural_hematoma" in plan:
-        _render_extra_axial(ctx, plan["epidural_hematoma"], lens=True)
-    if "intracranial_calcification" in plan:
-        _render_calcification(ctx, plan["intracranial_calcification"])
-    if "skull_fracture" in plan:
-        _render_fracture(ctx, plan["skull_fracture"])
+    for key, render in _RENDER_ORDER:
+        if key in plan:
+            render(ctx, plan[key])
     for k in ("hydrocephalus", "midline_shift"):
         if k in plan:  # both are read off the ventricles, which must be in the slab
             plan[k]["voxels"] = int(ctx.ventricles.sum())
@@ -1088,6 +1071,22 @@ def _plan_and_render(rngs: dict[str, np.random.Generator], keys: Sequence[str],
                                   f"({geom.shape[0]} slices of {geom.spacing[0]:g} mm); use more "
                                   f"slices (--slices)")
     return plan, ctx
+
+
+#: Renderers in drawing order (later ones paint over earlier ones). Hydrocephalus and midline
+#: shift are not here: they change the anatomy itself (planned in _plan_findings).
+_RENDER_ORDER: tuple[tuple[str, Callable[[_Ctx, dict[str, Any]], None]], ...] = (
+    ("acute_infarct", _render_infarct),
+    ("vasogenic_edema", _render_edema),
+    ("intracranial_mass", _render_mass),
+    ("intraparenchymal_hemorrhage", _render_ich),
+    ("subarachnoid_hemorrhage", _render_sah),
+    ("intraventricular_hemorrhage", _render_ivh),
+    ("subdural_hemorrhage", lambda ctx, p: _render_extra_axial(ctx, p, lens=False)),
+    ("epidural_hematoma", lambda ctx, p: _render_extra_axial(ctx, p, lens=True)),
+    ("intracranial_calcification", _render_calcification),
+    ("skull_fracture", _render_fracture),
+)
 
 
 def render_phantom(rng: np.random.Generator, findings: Sequence[str] = (), *, size: int = 128,
