@@ -243,7 +243,10 @@ def _list_files(source: Path | Sequence[Path]) -> list[Path]:
 
 
 def _collect(files: list[Path], warnings: list[str]) -> tuple[list[_Frame], dict[str, Any]]:
-    """Read headers only (stop_before_pixels) and keep the CT image objects of one series."""
+    """Read each file once (pixel data deferred) and keep the CT image objects of one series.
+
+    ``info["datasets"]`` maps each kept path to its dataset so the pixel stage decodes from it
+    instead of reading the file a second time."""
     skipped: Counter[str] = Counter()
     headers: list[tuple[Path, Dataset]] = []
     legacy = 0
@@ -311,26 +314,32 @@ def _collect(files: list[Path], warnings: list[str]) -> tuple[list[_Frame], dict
         "files": len(headers),
     }
     return frames, {"meta": meta, "study_uid": str(first.get("StudyInstanceUID", "")),
-                    "series_uid": str(first.get("SeriesInstanceUID", ""))}
+                    "series_uid": str(first.get("SeriesInstanceUID", "")),
+                    "datasets": dict(headers)}
+
+
+#: Values above this size (pixel data) are read from the file only when accessed, so the header
+#: pass does not load pixels and the pixel pass does not parse the file again.
+_DEFER = "64 KB"
 
 
 def _read_header(path: Path) -> Dataset | None:
-    """Header without pixels; accepts legacy files lacking the 128-byte preamble and file meta."""
+    """Header with deferred pixel data; accepts legacy files lacking preamble and file meta."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return pydicom.dcmread(path, defer_size=_DEFER)
     except InvalidDicomError:
         pass
     except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     try:  # no "DICM" prefix: only accept it if it really parses as an image-ish dataset
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(path, defer_size=_DEFER, force=True)
         return ds if "SOPClassUID" in ds and "SOPInstanceUID" in ds else None
     except Exception:  # arbitrary bytes make the forced parser fail in arbitrary ways
         return None
 
 
-def _read_full(path: Path) -> Dataset:
-    ds = pydicom.dcmread(path, force=True)
+def _with_transfer_syntax(ds: Dataset) -> Dataset:
+    """Give a legacy dataset (no file meta) the transfer syntax pydicom detected, for decoding."""
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         # legacy file without file meta: tell the decoder the encoding pydicom detected
@@ -390,20 +399,22 @@ def _check_consistent(frames: list[_Frame]) -> None:
 # ------------------------------------------------------------------------------------------
 # pixels
 # ------------------------------------------------------------------------------------------
-def _load_pixels(frames: list[_Frame]) -> dict[tuple[Path, int | None], np.ndarray]:
-    """Decode each needed file once; returns HU slices keyed by (path, frame)."""
+def _load_pixels(frames: list[_Frame], datasets: dict[Path, Dataset]
+                 ) -> dict[tuple[Path, int | None], np.ndarray]:
+    """Decode each needed file once, from the dataset the header pass read (popped so its
+    pixel bytes are released after decoding); returns HU slices keyed by (path, frame)."""
     by_path: dict[Path, list[_Frame]] = {}
     for f in frames:
         by_path.setdefault(f.path, []).append(f)
     out: dict[tuple[Path, int | None], np.ndarray] = {}
     for path, fs in by_path.items():
+        ds = _with_transfer_syntax(datasets.pop(path))
         try:
-            ds = _read_full(path)
             arr = ds.pixel_array
         except Exception as exc:  # decoder errors come in many types
             ts = "unknown"
             try:
-                ts = _read_full(path).file_meta.TransferSyntaxUID.name
+                ts = ds.file_meta.TransferSyntaxUID.name
             except Exception:
                 pass
             raise SeriesError(f"{path}: cannot decode pixel data (transfer syntax {ts}): {exc}. "
@@ -512,7 +523,8 @@ def read_series(
         raise SeriesError(f"series {info['series_uid']} has {len(kept)} distinct slice position(s) "
                           f"(ImagePositionPatient); at least {min_slices} are needed")
 
-    pixels = _load_pixels(kept + [f for g in dup_groups for f in g if f not in kept])
+    pixels = _load_pixels(kept + [f for g in dup_groups for f in g if f not in kept],
+                          info["datasets"])
     if dup_groups:
         same = sum(all(np.array_equal(pixels[(f.path, f.frame)], pixels[(g[0].path, g[0].frame)])
                        for f in g) for g in dup_groups)
