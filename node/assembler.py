@@ -15,12 +15,12 @@ still in 'receiving' complete by quiet time (their associations died with the ol
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from collections import defaultdict
 from typing import Any
 
 from molre.log import get_logger
+from node.background import BackgroundLoop
 from node.config import NodeConfig
 from node.selection import SeriesSummary, choose_preferred, evaluate, summarize
 
@@ -29,35 +29,22 @@ log = get_logger("node.assembler")
 _DECIDED_SELECTED = ("selected", "queued", "inferring", "reported", "delivered")
 
 
-class Assembler:
+class Assembler(BackgroundLoop):
     """Background thread: receiving -> complete -> selected/queued or skipped."""
 
     def __init__(self, config: NodeConfig, store: Any, *, metrics: Any = None,
                  on_enqueued: Any = None, spool: Any = None) -> None:
+        super().__init__("assembler")
         self.config = config
         self.store = store
         self.metrics = metrics
         self.on_enqueued = on_enqueued
         self.spool = spool
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_prune = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
-        self._thread.start()
-
-    def wake(self, *_: Any) -> None:
-        """Look now (e.g. an association was released) instead of at the next poll."""
-        self._wake.set()
-
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout)
 
     def _run(self) -> None:
         a = self.config.assembler

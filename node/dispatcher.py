@@ -12,12 +12,12 @@ pending exports (they fail with a clear error until it is configured again).
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from molre.log import get_logger
+from node.background import BackgroundLoop
 from node.config import Destination, NodeConfig
 from node.dicomnet import AssociationError, client_ssl_context, send_files
 
@@ -39,31 +39,16 @@ def report_files(report_path: str | Path) -> list[Path]:
     return files
 
 
-class Dispatcher:
+class Dispatcher(BackgroundLoop):
     """Background thread draining the outbox."""
 
     def __init__(self, config: NodeConfig, store: Any, *, metrics: Any = None,
                  poll_s: float = 0.5) -> None:
+        super().__init__("dispatcher")
         self.config = config
         self.store = store
         self.metrics = metrics
         self.poll_s = poll_s
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -31,6 +31,7 @@ from typing import Any
 
 from molre.errors import MolreError
 from molre.log import get_logger
+from node.background import BackgroundLoop
 from node.config import NodeConfig
 
 log = get_logger("node.worker")
@@ -260,7 +261,7 @@ def make_engine(config: NodeConfig) -> ProcessEngine | ThreadEngine:
 # ---------------------------------------------------------------------------------------------
 
 
-class Worker:
+class Worker(BackgroundLoop):
     """One worker thread with its own engine; `WorkerPool` runs `model.workers` of them."""
 
     def __init__(self, config: NodeConfig, store: Any, spool: Any, *, index: int = 0,
@@ -272,26 +273,17 @@ class Worker:
         self.spool = spool
         self.metrics = metrics
         self.worker_id = f"{os.uname().nodename}:{os.getpid()}:w{index}"
+        super().__init__(f"worker-{self.worker_id}", wake)
         self.engine = make_engine(config)
-        self._stop = threading.Event()
-        self._wake = wake or threading.Event()
-        self._thread: threading.Thread | None = None
         self._catalog: Any = None
         self.busy = False
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"worker-{self.worker_id}",
-                                        daemon=True)
-        self._thread.start()
-
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the job in flight (up to `timeout`), then stop the engine."""
-        self._stop.set()
-        self._wake.set()
+        self._signal_stop()
         if not self.busy:
             self.engine.cancel()  # a checkpoint load in progress need not finish
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._join(timeout)
         self.engine.close()
 
     @staticmethod
