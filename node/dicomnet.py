@@ -12,6 +12,7 @@ transfer syntax.
 from __future__ import annotations
 
 import ssl
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,12 @@ from pathlib import Path
 
 import pydicom.uid as puid
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+)
 from pynetdicom.presentation import (
     AllStoragePresentationContexts,
     PresentationContext,
@@ -84,6 +90,41 @@ def make_ae(ae_title: str, *, acse_timeout: float = 30.0, dimse_timeout: float =
     ae.network_timeout = network_timeout
     ae.maximum_associations = max_associations
     return ae
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One (0002,eeee) element, Explicit VR Little Endian."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+_IMPLEMENTATION = (_meta_element(0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\0"))
+                   + _meta_element(0x0013, b"SH",
+                                   _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")))
+
+
+def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information for a received C-STORE data set: the same
+    bytes as pynetdicom's ``event.file_meta`` + ``encode_file_meta`` (its implementation UID
+    and version name), built directly.
+
+    Why: building and encoding a pydicom FileMetaDataset costs ~0.5 ms per instance, more than
+    hashing the whole 0.5 MB slice; this is a few microseconds."""
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\0")),
+        _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\0")),
+        _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\0")),
+        _IMPLEMENTATION,
+    ))
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,5 +283,5 @@ def echo(host: str, port: int, called_ae: str, *, calling_ae: str = "MOLRE",
 
 __all__ = [
     "AssociationError", "CT_STORAGE_CLASSES", "SendResult", "TRANSFER_SYNTAXES",
-    "client_ssl_context", "echo", "make_ae", "scp_contexts", "send_files", "server_ssl_context",
+    "client_ssl_context", "echo", "file_header", "make_ae", "scp_contexts", "send_files", "server_ssl_context",
 ]

@@ -2,11 +2,16 @@
 
 Why it answers the way it does: a PACS deletes or stops retrying once it got Success, so Success
 is sent only after the instance is in the spool (fsynced, with the default
-``storage.durability = "fsync"``) and its row committed. The spool file is the durable record:
-the database runs ``synchronous=NORMAL`` and :func:`reconcile_spool` re-indexes, at start-up,
-files whose row a power cut took. Per instance the hot path is one prepared lookup (duplicate
-check) and one three-statement transaction (``Store.record_instance``'s fast path). Everything else
-gets a status the sender can act on, and every outcome is in the audit database:
+``storage.durability = "fsync"``). The spool file is the durable record: the database runs
+``synchronous=NORMAL`` and :func:`reconcile_spool` re-indexes, at start-up, files whose row a
+crash or power cut took. So the 'stored' row is not on the critical path: it is queued to the
+write-behind (:class:`storage.InstanceRecorder`, one thread, group commits) and committed a few
+milliseconds after Success; duplicate checks see queued rows, and an association's rows are
+committed before its release is answered and before any series can complete. Per instance the
+hot path is: the file written and fsynced by a spool I/O thread *while* the header is parsed and
+hashed (:meth:`storage.Spool.stage`), one prepared lookup (duplicate check), a rename + directory
+fsync. The other outcomes (rare) are recorded synchronously before the answer. Everything gets a
+status the sender can act on, and every outcome is in the audit database:
 
 | situation                                   | status                    | instance status |
 |---------------------------------------------|---------------------------|-----------------|
@@ -43,15 +48,22 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-from pynetdicom.dsutils import encode_file_meta
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pynetdicom import evt
+from pynetdicom.pdu_primitives import A_RELEASE
 
 from molre.errors import MolreError
 from molre.log import get_logger
 from node.config import AllowedCaller, NodeConfig
-from node.dicomnet import CT_STORAGE_CLASSES, make_ae, scp_contexts, server_ssl_context
+from node.dicomnet import (
+    CT_STORAGE_CLASSES,
+    file_header,
+    make_ae,
+    scp_contexts,
+    server_ssl_context,
+)
+from storage import InstanceRecorder, StoredInstance
 
 log = get_logger("node.receiver")
 
@@ -76,6 +88,19 @@ _META_KEYWORDS = (
 # (keyword, tag) pairs: looking elements up by tag skips a keyword->tag translation per access,
 # which adds up on the per-instance path
 _META_TAGS = tuple((kw, Tag(kw)) for kw in _META_KEYWORDS)
+
+_SHARED = ("SharedFunctionalGroupsSequence",)
+#: Enhanced CT: where a meta attribute lives in the functional groups when it is not top-level
+_FALLBACKS = {
+    "SliceThickness": _SHARED + ("PixelMeasuresSequence", "SliceThickness"),
+    "PixelSpacing": _SHARED + ("PixelMeasuresSequence", "PixelSpacing"),
+    "ImageOrientationPatient": _SHARED + ("PlaneOrientationSequence", "ImageOrientationPatient"),
+    "ConvolutionKernel": _SHARED + ("CTReconstructionSequence", "ConvolutionKernel"),
+}
+_PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
+_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _ACCESSION = (
+    Tag(kw) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                       "Modality", "AccessionNumber"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,15 +190,7 @@ def header_meta(ds: pydicom.Dataset) -> dict[str, Any]:
             v = _plain(ds[tag].value)
             if v not in (None, "", []):
                 meta[kw] = v
-    shared = ("SharedFunctionalGroupsSequence",)
-    fallbacks = {
-        "SliceThickness": shared + ("PixelMeasuresSequence", "SliceThickness"),
-        "PixelSpacing": shared + ("PixelMeasuresSequence", "PixelSpacing"),
-        "ImageOrientationPatient": shared + ("PlaneOrientationSequence",
-                                             "ImageOrientationPatient"),
-        "ConvolutionKernel": shared + ("CTReconstructionSequence", "ConvolutionKernel"),
-    }
-    for kw, path in fallbacks.items():
+    for kw, path in _FALLBACKS.items():
         if kw not in meta:
             v = _first(ds, path)
             if v is None and kw != "SliceThickness":
@@ -200,19 +217,20 @@ def read_header(ds: pydicom.Dataset, transfer_syntax: str | None, *,
     keep it (``audit.store_phi = false``) is wasted work on every instance."""
     from storage import InstanceHeader
 
+    def text(tag: BaseTag) -> str | None:  # by tag: no keyword lookup per access
+        elem = ds.get(tag)
+        value = elem.value if elem is not None else None
+        return str(value) if value not in (None, "") else None
+
     return InstanceHeader(
-        sop_class_uid=str(ds.get("SOPClassUID", "")) or None,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or None,
-        study_uid=str(ds.get("StudyInstanceUID", "")) or None,
-        series_uid=str(ds.get("SeriesInstanceUID", "")) or None,
-        modality=str(ds.get("Modality", "")) or None,
-        transfer_syntax=transfer_syntax,
-        accession_number=str(ds.get("AccessionNumber", "")) or None,
+        sop_class_uid=text(_SOP_CLASS), sop_instance_uid=text(_SOP_INSTANCE),
+        study_uid=text(_STUDY), series_uid=text(_SERIES), modality=text(_MODALITY),
+        transfer_syntax=transfer_syntax, accession_number=text(_ACCESSION),
         instance_number=_int_or_none(ds.get("InstanceNumber")),
         meta=header_meta(ds),
-        phi={k: str(ds.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate")}
-        if with_phi else {},
+        phi={k: str(ds.get(k, "")) for k in _PHI_KEYWORDS} if with_phi else {},
     )
+
 
 
 def instance_relpath(header: Any) -> str:
@@ -234,7 +252,8 @@ class Receiver:
     """C-ECHO / C-STORE SCP writing into `storage` (spool + audit DB).
 
     `on_release(assoc_id)` (optional) is called after an association is released so the
-    assembler can look at its series without waiting for the next poll.
+    assembler can look at its series without waiting for the next poll. ``recorder`` commits
+    the 'stored' rows (started and drained with the receiver; :meth:`flush` waits for it).
     """
 
     def __init__(self, config: NodeConfig, store: Any, spool: Any, *, metrics: Any = None,
@@ -247,6 +266,7 @@ class Receiver:
         # storage.durability: "fsync" (default) makes every received file durable before
         # Success; "os" leaves it to the page cache (survives kill -9, not a power cut)
         self.durable = getattr(config.storage, "durability", "fsync") != "os"
+        self.recorder = InstanceRecorder(store)
         self._assoc_ids: dict[int, int] = {}
         self._lock = threading.Lock()
         self._server = None
@@ -270,6 +290,7 @@ class Receiver:
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
@@ -277,10 +298,12 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         self.ae = ae
+        self.recorder.start()
         try:
             self._server = ae.start_server((n.host, n.port), block=False,
                                            evt_handlers=handlers, ssl_context=ssl_ctx)
         except OSError as exc:
+            self.recorder.stop()
             why = exc.strerror or str(exc)
             raise MolreError(f"network.port: cannot listen on {n.host}:{n.port} ({why}); is "
                              f"another service using it? Choose another network.port or "
@@ -300,7 +323,8 @@ class Receiver:
         return len(self.ae.active_associations) if self.ae is not None else 0
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let running associations finish (up to `timeout`), then abort them."""
+        """Stop accepting, let running associations finish (up to `timeout`), then abort them;
+        then commit the rows still queued and wait for staged writes."""
         self.stop_accepting()
         deadline = time.monotonic() + timeout
         while self.active_associations() and time.monotonic() < deadline:
@@ -309,6 +333,12 @@ class Receiver:
             for assoc in list(self.ae.active_associations):
                 assoc.abort()
             self.ae.shutdown()
+        self.recorder.stop()
+        self.spool.close()
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait until the rows of every instance answered so far are committed."""
+        return self.recorder.flush(timeout)
 
     # -- association events -----------------------------------------------------------------------
     def _on_requested(self, event: Any) -> None:
@@ -349,11 +379,19 @@ class Receiver:
         log.info("association established", association_id=aid,
                  calling_ae=assoc.requestor.ae_title.strip(), peer=assoc.requestor.address)
 
+    def _on_acse_recv(self, event: Any) -> None:
+        # an A-RELEASE request: commit this sender's rows before pynetdicom answers it, so a
+        # sender that saw its release completed finds every instance in the database
+        prim = event.primitive
+        if isinstance(prim, A_RELEASE) and prim.result is None:
+            self.recorder.flush()
+
     def _end(self, assoc: Any, outcome: str) -> int | None:
         with self._lock:
             aid = self._assoc_ids.pop(id(assoc), None)
         if aid is None:
             return None
+        self.recorder.flush()  # the association's counters and its series see all its rows
         try:
             self.store.end_association(aid, outcome)
         except Exception:  # noqa: BLE001
@@ -423,10 +461,8 @@ class Receiver:
         req = event.request
         rq_class = str(req.AffectedSOPClassUID or "")
         rq_instance = str(req.AffectedSOPInstanceUID or "")
+        ts = str(event.context.transfer_syntax)
         stream = event.encoded_dataset(include_meta=False)
-        file_meta = event.file_meta
-        data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), stream))
-        ts = str(file_meta.TransferSyntaxUID)
         base = InstanceHeader(sop_class_uid=rq_class or None,
                               sop_instance_uid=rq_instance or None, transfer_syntax=ts)
         if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
@@ -435,61 +471,75 @@ class Receiver:
             return self._reject(aid, base, STATUS_OUT_OF_RESOURCES,
                                 f"free disk below storage.min_free_disk "
                                 f"({self.min_free_bytes} bytes)", "out_of_resources")
-        try:
-            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-        except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
-            return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
-                                f"cannot decode header: {type(exc).__name__}: {exc}"[:500])
-        try:
-            header = read_header(ds, ts, with_phi=bool(getattr(self.store, "store_phi", True)))
-        except Exception as exc:  # noqa: BLE001 - malformed values inside a readable header
-            return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
-                                f"cannot read header values: {type(exc).__name__}: {exc}"[:500])
-        for kw, value in (("SOPInstanceUID", header.sop_instance_uid),
-                          ("SeriesInstanceUID", header.series_uid),
-                          ("StudyInstanceUID", header.study_uid),
-                          ("SOPClassUID", header.sop_class_uid)):
-            if not _uid_ok(value):
-                return self._reject(aid, header, STATUS_DATASET_MISMATCH,
-                                    f"{kw} missing or not a valid UID: {value!r}")
-        if header.sop_class_uid != rq_class:
-            return self._reject(aid, header, STATUS_DATASET_MISMATCH,
-                                f"SOPClassUID {header.sop_class_uid} does not match the "
-                                f"C-STORE request ({rq_class})")
-        if header.sop_instance_uid != rq_instance:
-            return self._reject(aid, header, STATUS_DATASET_MISMATCH,
-                                f"SOPInstanceUID {header.sop_instance_uid} does not match the "
-                                f"C-STORE request ({rq_instance})")
-        if header.sop_class_uid not in CT_STORAGE_CLASSES:
-            name = UID(header.sop_class_uid).name
-            self.store.record_instance(aid, header, spool_path=None, size=len(data),
-                                       sha256=None, status="ignored",
-                                       reason=f"sop_class: {name} is not CT")
-            log.info("instance ignored", association_id=aid, sop_class=name,
-                     series_uid=header.series_uid)
-            return STATUS_SUCCESS, "ignored"
-        digest = hashlib.sha256(stream).hexdigest()
-        known = self.store.stored_digest(header.sop_instance_uid)
-        if known is not None:
-            known_sha256, known_path = known
-            if known_sha256 == digest:
-                self.store.record_instance(aid, header, spool_path=known_path,
-                                           size=len(data), sha256=digest, status="duplicate",
-                                           reason="byte-identical resend")
-                return STATUS_SUCCESS, "duplicate"
-            path = self.spool.write_atomic(conflict_relpath(header, digest), data,
-                                           durable=self.durable)
-            self.store.record_instance(
-                aid, header, spool_path=str(path), size=len(data), sha256=digest,
-                status="conflict", reason="different object with a known SOP Instance UID "
-                f"(first stored as sha256 {str(known_sha256)[:16]})")
-            log.warning("instance conflict", association_id=aid,
-                        sop_instance_uid=header.sop_instance_uid, series_uid=header.series_uid)
-            return STATUS_CONFLICT_WARNING, "conflict"
-        path = self.spool.write_atomic(instance_relpath(header), data, durable=self.durable)
-        self.store.record_instance(aid, header, spool_path=str(path), size=len(data),
-                                   sha256=digest, status="stored")
+        head = file_header(rq_class, rq_instance, ts)
+        size = len(head) + len(stream)
+        # the write (and fsync) runs in a spool I/O thread while this one hashes and parses;
+        # leaving the block without commit() removes the file (rejected, duplicate, error)
+        with self.spool.stage((head, stream), durable=self.durable) as staged:
+            digest = hashlib.sha256(stream).hexdigest()  # first: releases the GIL to the writer
+            try:
+                ds = pydicom.dcmread(BytesIO(head + stream), stop_before_pixels=True)
+            except Exception as exc:  # noqa: BLE001 - any parse failure: "cannot understand"
+                return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
+                                    f"cannot decode header: {type(exc).__name__}: {exc}"[:500])
+            try:
+                header = read_header(ds, ts,
+                                     with_phi=bool(getattr(self.store, "store_phi", True)))
+            except Exception as exc:  # noqa: BLE001 - malformed values inside a readable header
+                return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
+                                    f"cannot read header values: {type(exc).__name__}: {exc}"
+                                    [:500])
+            refusal = _refusal(header, rq_class, rq_instance)
+            if refusal is not None:
+                return self._reject(aid, header, STATUS_DATASET_MISMATCH, refusal)
+            if header.sop_class_uid not in CT_STORAGE_CLASSES:
+                name = UID(header.sop_class_uid).name
+                self.store.record_instance(aid, header, spool_path=None, size=size,
+                                           sha256=None, status="ignored",
+                                           reason=f"sop_class: {name} is not CT")
+                log.info("instance ignored", association_id=aid, sop_class=name,
+                         series_uid=header.series_uid)
+                return STATUS_SUCCESS, "ignored"
+            known = self.recorder.stored_digest(header.sop_instance_uid)
+            if known is not None:
+                known_sha256, known_path = known
+                if known_sha256 == digest:
+                    self.store.record_instance(aid, header, spool_path=known_path, size=size,
+                                               sha256=digest, status="duplicate",
+                                               reason="byte-identical resend")
+                    return STATUS_SUCCESS, "duplicate"
+                path = staged.commit(conflict_relpath(header, digest))
+                self.store.record_instance(
+                    aid, header, spool_path=str(path), size=size, sha256=digest,
+                    status="conflict", reason="different object with a known SOP Instance UID "
+                    f"(first stored as sha256 {str(known_sha256)[:16]})")
+                log.warning("instance conflict", association_id=aid,
+                            sop_instance_uid=header.sop_instance_uid,
+                            series_uid=header.series_uid)
+                return STATUS_CONFLICT_WARNING, "conflict"
+            path = staged.commit(instance_relpath(header))
+        # durable now: the row follows through the write-behind (reconcile_spool after a crash)
+        self.recorder.submit(StoredInstance(aid, header, str(path), size, digest,
+                                            self.store.now()))
         return STATUS_SUCCESS, "stored"
+
+
+def _refusal(header: Any, rq_class: str, rq_instance: str) -> str | None:
+    """Why a parsed instance is refused with 0xA900 (missing/invalid UIDs, or UIDs that do not
+    match the C-STORE request), or None."""
+    for kw, value in (("SOPInstanceUID", header.sop_instance_uid),
+                      ("SeriesInstanceUID", header.series_uid),
+                      ("StudyInstanceUID", header.study_uid),
+                      ("SOPClassUID", header.sop_class_uid)):
+        if not _uid_ok(value):
+            return f"{kw} missing or not a valid UID: {value!r}"
+    if header.sop_class_uid != rq_class:
+        return (f"SOPClassUID {header.sop_class_uid} does not match the C-STORE request "
+                f"({rq_class})")
+    if header.sop_instance_uid != rq_instance:
+        return (f"SOPInstanceUID {header.sop_instance_uid} does not match the C-STORE request "
+                f"({rq_instance})")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

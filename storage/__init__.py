@@ -5,6 +5,7 @@ The node uses exactly these names (contract: docs/architecture.md, "storage"):
 - :class:`Database` — engine + sessions; ``.upgrade()`` migrates to head (call at start).
 - :class:`Spool` — atomic, fsynced writes of received files.
 - :class:`Store` — every queue / audit operation as one short transaction.
+- :class:`InstanceRecorder` — the receiver's write-behind: 'stored' rows in group commits.
 - :class:`SeriesState`, :class:`InstanceHeader`, records (:class:`InstanceRecord`,
   :class:`SeriesRecord`, :class:`JobClaim`, :class:`ExportClaim`, :class:`FindingResult`).
 
@@ -28,10 +29,13 @@ from storage.store import (
     SeriesRecord,
     SeriesState,
     Store,
+    StoredInstance,
 )
+from storage.recorder import InstanceRecorder
 
 __all__ = [
     "ALLOWED_TRANSITIONS", "DEFAULT_DATABASE_URL", "FINAL_STATES", "Database", "ExportClaim",
     "FindingResult", "InstanceHeader", "InstanceRecord", "InvalidTransition", "JobClaim",
-    "NotFound", "SeriesRecord", "SeriesState", "Spool", "Store", "utcnow",
+    "InstanceRecorder", "NotFound", "SeriesRecord", "SeriesState", "Spool", "Store",
+    "StoredInstance", "utcnow",
 ]

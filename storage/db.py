@@ -117,6 +117,8 @@ class Database:
         self.synchronous = synchronous.upper()
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
+        #: SQLite in memory: one shared connection (StaticPool), no second connection to read on
+        self.in_memory = self.dialect == "sqlite" and parsed.database in (None, "", ":memory:")
         self.busy_timeout_s = float(busy_timeout_s)
         if self.dialect == "sqlite":
             self.engine = self._sqlite_engine(parsed, echo)

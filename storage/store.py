@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import math
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,20 @@ class InstanceRecord:
 
 
 @dataclass
+class StoredInstance:
+    """One 'stored' row queued by the receiver's write-behind
+    (:class:`storage.recorder.InstanceRecorder`) for :meth:`Store.record_stored_batch`;
+    ``received_at`` is when the instance was acknowledged, not when its row is committed."""
+
+    assoc_id: int | None
+    header: InstanceHeader
+    spool_path: str
+    size: int
+    sha256: str
+    received_at: dt.datetime
+
+
+@dataclass
 class SeriesRecord:
     """One row of ``series``. ``meta`` = header meta of the series' first stored instance."""
 
@@ -233,8 +248,8 @@ _HOT_INSTANCE_COLUMNS = (
 
 
 class _Prepared:
-    """A Core statement built once; on SQLite also compiled once and run with
-    ``exec_driver_sql``.
+    """A Core statement built once; on SQLite also compiled once and run straight on the DBAPI
+    connection of the caller's transaction.
 
     Why: the receiver records every instance; building, cache-keying and compiling the same
     statements each time cost more CPU than SQLite needs to run them. Bind values still go
@@ -263,17 +278,30 @@ class _Prepared:
                 value = bind.effective_value
                 self.defaults[name] = proc(value) if proc is not None else value
 
-    def run(self, conn: Any, **values: Any) -> Any:
-        if not self.raw:
-            return conn.execute(self.stmt, values)
+    def bind(self, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """DBAPI parameters for ``values`` (types' bind processors applied, defaults added)."""
         params = dict(self.defaults)
         procs = self.processors
         for name, value in values.items():
             proc = procs.get(name)
             params[name] = proc(value) if proc is not None and value is not None else value
-        if self.positional:
-            return conn.exec_driver_sql(self.sql, tuple(params[n] for n in self.names))
-        return conn.exec_driver_sql(self.sql, params)
+        return tuple(params[n] for n in self.names) if self.positional else params
+
+    def run(self, conn: Any, **values: Any) -> Any:
+        """Execute on ``conn`` (inside its transaction); the result has ``fetchone()``.
+
+        SQLite: straight on the DBAPI connection -- SQLAlchemy's per-statement execution
+        context costs more than SQLite's work for these one-row statements."""
+        if not self.raw:
+            return conn.execute(self.stmt, values)
+        return conn.connection.driver_connection.execute(self.sql, self.bind(values))
+
+    def run_many(self, conn: Any, rows: Sequence[dict[str, Any]]) -> None:
+        """The statement once per row of bind values, as one ``executemany``."""
+        if not self.raw:
+            conn.execute(self.stmt, list(rows))
+            return
+        conn.connection.driver_connection.executemany(self.sql, [self.bind(v) for v in rows])
 
 
 class Store:
@@ -289,6 +317,18 @@ class Store:
         self.store_phi = bool(store_phi)
         self._clock = clock or utcnow
         self._prepared_hot: dict[str, _Prepared] | None = None
+        self._completion_barrier: Callable[[], bool] | None = None
+        self._lookup: Any = None  # DBAPI connection of stored_digest (SQLite file databases)
+        self._lookup_lock = threading.Lock()
+
+    def set_completion_barrier(self, barrier: Callable[[], bool] | None) -> None:
+        """Register what :meth:`series_due_for_completion` must call first: the receiver's
+        write-behind flush (True = every row queued so far is committed).
+
+        Why: the receiver answers Success once the file is durable and commits the row a few
+        milliseconds later; a series must not complete (by quiet time or release) while rows of
+        instances that were already acknowledged are still queued."""
+        self._completion_barrier = barrier
 
     def _hot(self) -> dict[str, _Prepared]:
         """The receiver's per-instance statements, compiled once (see :class:`_Prepared`)."""
@@ -311,13 +351,15 @@ class Store:
             cols = [inst_t.c[name] for name in _HOT_INSTANCE_COLUMNS]
             add = insert(inst_t).values({c: bindparam(c.name, type_=c.type) for c in cols}
                                         ).returning(inst_t.c.id)
+            add_many = insert(inst_t).values({c: bindparam(c.name, type_=c.type) for c in cols})
             count = update(assoc_t).where(assoc_t.c.id == bindparam("b_assoc")).values(
-                n_stored=assoc_t.c.n_stored + 1)
+                n_stored=assoc_t.c.n_stored + bindparam("b_n", 1))
             find = select(inst_t.c.sha256, inst_t.c.spool_path).where(
                 inst_t.c.sop_instance_uid == bindparam("b_sop"),
                 inst_t.c.status == "stored").order_by(inst_t.c.id.desc()).limit(1)
             d = self.db.engine.dialect
             self._prepared_hot = {"bump": _Prepared(bump, d), "add": _Prepared(add, d),
+                                  "add_many": _Prepared(add_many, d),
                                   "count": _Prepared(count, d), "find": _Prepared(find, d)}
         return self._prepared_hot
 
@@ -460,8 +502,17 @@ class Store:
         """(sha256, spool_path) of the latest stored instance with this SOP UID, or None:
         :meth:`find_instance` reduced to what the receiver's duplicate check needs, with one
         prepared statement (it runs for every received instance)."""
+        find = self._hot()["find"]
+        if find.raw and not self.db.in_memory:
+            # one autocommit read on a connection kept for it: no pool checkout, no BEGIN/COMMIT
+            with self._lookup_lock:
+                if self._lookup is None:
+                    self._lookup = self.db.engine.raw_connection()
+                rows = self._lookup.driver_connection.execute(
+                    find.sql, find.bind({"b_sop": sop_instance_uid})).fetchall()
+            return (rows[0][0], rows[0][1]) if rows else None
         with self.db.connection(write=False) as c:
-            row = self._hot()["find"].run(c, b_sop=sop_instance_uid).first()
+            row = find.run(c, b_sop=sop_instance_uid).fetchone()
         return (row[0], row[1]) if row is not None else None
 
     def indexed_spool_paths(self, paths: Iterable[str]) -> set[str]:
@@ -511,30 +562,93 @@ class Store:
             if fast is not None:
                 return fast
         with self.db.session() as s:
-            series_version = None
-            if status == "stored" and header.series_uid and header.study_uid:
-                series_version = self._touch_series(s, header, now)
-            row = Instance(
-                sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
-                study_uid=header.study_uid, series_uid=header.series_uid,
-                series_version=series_version, instance_number=header.instance_number,
-                transfer_syntax=header.transfer_syntax,
-                spool_path=str(spool_path) if spool_path is not None else None, size=size,
-                sha256=sha256, status=status, reason=reason, received_at=now,
-                association_id=assoc_id, meta=_json_safe(header.meta or {}))
-            s.add(row)
-            if assoc_id is not None:
-                column = getattr(Association, _COUNT_COLUMN[status])
-                s.execute(update(Association).where(Association.id == assoc_id)
-                          .values({column: column + 1}))
+            return _instance_record(self._record_orm(s, assoc_id, header, now,
+                                                     spool_path=spool_path, size=size,
+                                                     sha256=sha256, status=status,
+                                                     reason=reason))
+
+    def _record_orm(self, s: Session, assoc_id: int | None, header: InstanceHeader,
+                    now: dt.datetime, *, spool_path: str | Path | None, size: int | None,
+                    sha256: str | None, status: str, reason: str | None) -> Instance:
+        """:meth:`record_instance`'s general path inside the caller's session (flushed)."""
+        series_version = None
+        if status == "stored" and header.series_uid and header.study_uid:
+            series_version = self._touch_series(s, header, now)
+        row = Instance(
+            sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
+            study_uid=header.study_uid, series_uid=header.series_uid,
+            series_version=series_version, instance_number=header.instance_number,
+            transfer_syntax=header.transfer_syntax,
+            spool_path=str(spool_path) if spool_path is not None else None, size=size,
+            sha256=sha256, status=status, reason=reason, received_at=now,
+            association_id=assoc_id, meta=_json_safe(header.meta or {}))
+        s.add(row)
+        if assoc_id is not None:
+            column = getattr(Association, _COUNT_COLUMN[status])
+            s.execute(update(Association).where(Association.id == assoc_id)
+                      .values({column: column + 1}))
+        s.flush()
+        if status != "stored":
+            self._event(s, "instance", header.sop_instance_uid or f"#{row.id}", status,
+                        at=now, to_state=status, study_uid=header.study_uid,
+                        series_uid=header.series_uid,
+                        details={"reason": reason, "association_id": assoc_id,
+                                 "instance_id": row.id})
             s.flush()
-            if status != "stored":
-                self._event(s, "instance", header.sop_instance_uid or f"#{row.id}", status,
-                            at=now, to_state=status, study_uid=header.study_uid,
-                            series_uid=header.series_uid,
-                            details={"reason": reason, "association_id": assoc_id,
-                                     "instance_id": row.id})
-            return _instance_record(row)
+        return row
+
+    def record_stored_batch(self, rows: Sequence[StoredInstance]) -> None:
+        """Record 'stored' instances, in order, in one transaction (a group commit): the same
+        rows, series effects and association counters as :meth:`record_instance` per row.
+
+        Why: the receiver's write-behind commits whatever queued up while the previous commit
+        ran; per row this is one series bump, the inserts go as one ``executemany`` and each
+        association's counter is bumped once. A row whose series is new or must be reopened
+        takes the ORM path inside the same transaction."""
+        if not rows:
+            return
+        hot = self._hot()
+        with self.db.connection() as c:
+            inserts: list[dict[str, Any]] = []
+            queued: set[tuple[str | None, str | None]] = set()
+            counts: dict[int, int] = {}
+
+            def insert_queued() -> None:  # before anything that must see those rows
+                if inserts:
+                    hot["add_many"].run_many(c, inserts)
+                    inserts.clear()
+                    queued.clear()
+
+            for r in rows:
+                h = r.header
+                key = (h.series_uid, h.sop_instance_uid)
+                if key in queued:  # the bump's "already stored" check must see the first one
+                    insert_queued()
+                version = None
+                if h.series_uid and h.study_uid:
+                    got = hot["bump"].run(c, b_series=h.series_uid, b_sop=h.sop_instance_uid,
+                                          b_now=r.received_at).fetchone()
+                    version = got[0] if got is not None else None
+                if version is None:  # new or reopened series: the general path, same transaction
+                    insert_queued()
+                    with Session(bind=c, join_transaction_mode="rollback_only") as s:
+                        self._record_orm(s, r.assoc_id, h, r.received_at,
+                                         spool_path=r.spool_path, size=r.size, sha256=r.sha256,
+                                         status="stored", reason=None)
+                    continue
+                inserts.append(dict(
+                    sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
+                    study_uid=h.study_uid, series_uid=h.series_uid, series_version=version,
+                    instance_number=h.instance_number, transfer_syntax=h.transfer_syntax,
+                    spool_path=r.spool_path, size=r.size, sha256=r.sha256, status="stored",
+                    reason=None, received_at=r.received_at, association_id=r.assoc_id,
+                    meta=_json_safe(h.meta or {})))
+                queued.add(key)
+                if r.assoc_id is not None:
+                    counts[r.assoc_id] = counts.get(r.assoc_id, 0) + 1
+            insert_queued()
+            for assoc_id, n in counts.items():
+                hot["count"].run(c, b_assoc=assoc_id, b_n=n)
 
     def _record_stored_fast(self, assoc_id: int | None, h: InstanceHeader, now: dt.datetime, *,
                             spool_path: str | Path | None, size: int | None,
@@ -547,18 +661,18 @@ class Store:
         """
         hot = self._hot()
         with self.db.connection() as c:
-            version = hot["bump"].run(c, b_series=h.series_uid, b_sop=h.sop_instance_uid,
-                                      b_now=now).scalar()
-            if version is None:
+            got = hot["bump"].run(c, b_series=h.series_uid, b_sop=h.sop_instance_uid,
+                                  b_now=now).fetchone()
+            if got is None:
                 return None  # no row matched: nothing written, the ORM path decides
             values = dict(
                 sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
-                study_uid=h.study_uid, series_uid=h.series_uid, series_version=version,
+                study_uid=h.study_uid, series_uid=h.series_uid, series_version=got[0],
                 instance_number=h.instance_number, transfer_syntax=h.transfer_syntax,
                 spool_path=str(spool_path) if spool_path is not None else None, size=size,
                 sha256=sha256, status="stored", reason=reason, received_at=now,
                 association_id=assoc_id, meta=_json_safe(h.meta or {}))
-            row_id = hot["add"].run(c, **values).scalar()
+            row_id = hot["add"].run(c, **values).fetchone()[0]
             if assoc_id is not None:
                 hot["count"].run(c, b_assoc=assoc_id)
         values.pop("reason")
@@ -673,6 +787,10 @@ class Store:
         instance of the current version was *released* (not aborted) more than
         ``release_grace_s`` ago — a sender that releases has said it is done.
         """
+        barrier = self._completion_barrier
+        if barrier is not None and not barrier():
+            log.warning("instance rows still queued; series completion deferred")
+            return []
         now = now or self.now()
         quiet_cutoff = now - dt.timedelta(seconds=quiet_s)
         grace_cutoff = now - dt.timedelta(seconds=release_grace_s)
