@@ -58,6 +58,26 @@ def test_youden_threshold_and_sens_spec():
     assert M.youden_threshold([1, 1], [0.2, 0.3]) is None
 
 
+def test_choose_thresholds_guards_uninformative_scores():
+    """Youden on a chance-level score picks an arbitrary (often tiny) threshold; the model card
+    must not ship that as the operating point."""
+    from molre.training.loop import MIN_INFORMATIVE_AUC, choose_thresholds
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = rng.integers(0, 2, (n, 3)).astype(float)
+    good = np.clip(0.5 * y + rng.uniform(0, 0.5, (n, 3)), 0, 1)  # AUC ~0.75
+    noise = rng.uniform(0.0, 0.1, n)  # chance: all small probabilities
+    probs = np.stack([good[:, 0], noise, good[:, 2]], 1)
+    y[:, 2] = np.nan  # not labelled on validation
+    th = choose_thresholds(y, probs, ["a", "b", "c"])
+    assert th["a"]["method"] == "youden_j" and th["a"]["validation_auc"] >= MIN_INFORMATIVE_AUC
+    assert th["b"]["method"] == "uninformative"
+    assert th["b"]["value"] > 0.5 and th["b"]["value"] > noise[y[:, 1] == 0].max()
+    assert (noise >= th["b"]["value"]).sum() == 0  # nothing is called present
+    assert th["c"]["method"] == "default" and th["c"]["value"] == 0.5
+
+
 def test_paired_bootstrap_detects_better_model():
     rng = np.random.default_rng(4)
     n = 300

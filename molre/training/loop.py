@@ -481,8 +481,19 @@ def predict_tensors(model: nn.Module, dataset: Dataset, batch_size: int, device:
     return out, (tot / cnt if cnt else None)
 
 
+#: Below this validation AUC a finding's scores barely rank cases, and Youden's J picks an
+#: arbitrary point of a noisy ROC curve (often a tiny probability that calls most cases
+#: positive). Such findings get a conservative threshold instead (see `choose_thresholds`).
+MIN_INFORMATIVE_AUC = 0.6
+
+
 def choose_thresholds(labels: np.ndarray, probs: np.ndarray, keys: Sequence[str]) -> dict[str, dict]:
-    """Per-finding decision threshold by Youden's J on the given (validation) cases."""
+    """Per-finding decision threshold by Youden's J on the given (validation) cases.
+
+    Fallbacks, each with a note in the model card: no positives or negatives → 0.5; validation
+    AUC below :data:`MIN_INFORMATIVE_AUC` → the larger of 0.5 and the highest score of a
+    validation negative, so an uninformative output is (almost) never reported as "present".
+    """
     out: dict[str, dict] = {}
     for f, k in enumerate(keys):
         y = labels[:, f]
@@ -490,13 +501,24 @@ def choose_thresholds(labels: np.ndarray, probs: np.ndarray, keys: Sequence[str]
         npos = int((y[m] == 1).sum())
         nneg = int((y[m] == 0).sum())
         t = M.youden_threshold(y, probs[:, f]) if npos and nneg else None
+        auc = M.auc(y[m], probs[m, f]) if npos and nneg else None
         if t is None or not math.isfinite(t):
             out[k] = {"value": 0.5, "method": "default",
                       "note": f"no threshold could be chosen on validation (positives={npos}, "
                               f"negatives={nneg}); 0.5 used"}
+        elif auc is None or auc < MIN_INFORMATIVE_AUC:
+            top_neg = float(np.max(probs[m, f][y[m] == 0]))
+            value = float(np.nextafter(max(0.5, top_neg), np.inf))
+            out[k] = {"value": value, "method": "uninformative",
+                      "note": f"validation AUC {auc:.2f} < {MIN_INFORMATIVE_AUC}: the score does "
+                              "not rank cases, so the threshold is above every validation "
+                              "negative (and at least 0.5)",
+                      "validation_auc": float(auc), "validation_positives": npos,
+                      "validation_negatives": nneg}
         else:
             out[k] = {"value": float(t), "method": "youden_j", "note": None,
-                      "validation_positives": npos, "validation_negatives": nneg}
+                      "validation_auc": float(auc), "validation_positives": npos,
+                      "validation_negatives": nneg}
     return out
 
 
