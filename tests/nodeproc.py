@@ -31,6 +31,7 @@ Main pieces (all loopback, free ports)
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import functools
 import os
@@ -62,6 +63,29 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def receiver_parts(tmp_path: Path, *, start: bool = True):
+    """An in-process `node.receiver.Receiver` on a fresh database and spool under `tmp_path`
+    (port 0, no disk watermark): yields (receiver, store, config); stops and disposes after."""
+    from node.config import config_from_dict
+    from node.receiver import Receiver
+    from storage import Database, Spool, Store
+
+    cfg = config_from_dict({"network": {"port": 0},
+                            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"}})
+    db = Database(cfg.database_url)
+    db.upgrade()
+    store = Store(db)
+    receiver = Receiver(cfg, store, Spool(cfg.spool_dir))
+    if start:
+        receiver.start()
+    try:
+        yield receiver, store, cfg
+    finally:
+        receiver.stop(timeout=5)
+        db.dispose()
 
 
 def wait_until(pred: Callable[[], T], timeout: float, interval: float = 0.2,

@@ -17,9 +17,8 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from node.config import config_from_dict
 from node.dicomnet import file_header
-from node.receiver import Receiver, reconcile_spool
+from node.receiver import reconcile_spool
 from storage import (
     Database,
     InstanceHeader,
@@ -29,7 +28,7 @@ from storage import (
     StoredInstance,
 )
 from storage.models import Association, Instance
-from tests.nodeproc import make_ct_series, send_folder
+from tests.nodeproc import make_ct_series, receiver_parts, send_folder
 
 T0 = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.timezone.utc)
 
@@ -260,15 +259,8 @@ def test_completion_waits_for_queued_rows(store: Store) -> None:
 # -- through the receiver --------------------------------------------------------------------------------
 @pytest.fixture()
 def rx(tmp_path: Path):
-    cfg = config_from_dict({"network": {"port": 0},
-                            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"}})
-    db = Database(cfg.database_url)
-    db.upgrade()
-    store = Store(db)
-    receiver = Receiver(cfg, store, Spool(cfg.spool_dir))
-    yield receiver, store, cfg
-    receiver.stop(timeout=5)
-    db.dispose()
+    with receiver_parts(tmp_path, start=False) as parts:
+        yield parts
 
 
 def _count(cfg, query: str) -> list:

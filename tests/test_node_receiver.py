@@ -11,21 +11,13 @@ import pytest
 from node.config import config_from_dict
 from node.receiver import Receiver
 from storage import Database, Spool, Store
-from tests.nodeproc import make_ct_series, send_folder, wait_until
+from tests.nodeproc import make_ct_series, receiver_parts, send_folder, wait_until
 
 
 @pytest.fixture()
 def rx(tmp_path: Path):
-    cfg = config_from_dict({"network": {"port": 0},
-                            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"}})
-    db = Database(cfg.database_url)
-    db.upgrade()
-    store = Store(db)
-    spool = Spool(cfg.spool_dir)
-    receiver = Receiver(cfg, store, spool)
-    receiver.start()
-    yield receiver, store, cfg
-    receiver.stop(timeout=5)
+    with receiver_parts(tmp_path) as parts:
+        yield parts
 
 
 def rows(cfg, query: str, *args):
