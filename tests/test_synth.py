@@ -446,7 +446,7 @@ def test_same_seed_same_data_any_workers_and_other_seed_differs(tmp_path: Path) 
     kw = dict(size=40, slice_thickness=5.0, n_slices=12, prevalence=0.5, progress=False)
     m1 = synth.generate_dataset(tmp_path / "a", 3, seed=11, workers=1, **kw)
     m2 = synth.generate_dataset(tmp_path / "b", 3, seed=11, workers=2, **kw)
-    m3 = synth.generate_dataset(tmp_path / "c", 3, seed=12, **kw)
+    synth.generate_dataset(tmp_path / "c", 3, seed=12, **kw)
     assert Path(m1).read_text() == Path(m2).read_text()
     same, other = [], []
     for name in ("series_0001", "series_0002", "series_0003"):
