@@ -41,9 +41,14 @@ class InstanceRecorder:
     """
 
     def __init__(self, store: Store, *, max_batch: int = 256, max_queued: int = 4096,
+                 linger_s: float = 0.05,
                  retry_delays_s: tuple[float, ...] = (0.05, 0.2, 1.0, 3.0)) -> None:
         self.store = store
         self.max_batch = max_batch
+        # how long the writer waits for more rows before committing (one commit per several
+        # rows of a sequential sender costs less CPU than one per row); a flush cuts it short
+        self.linger_s = linger_s
+        self._flushing = 0
         self.max_queued = max_queued
         self.retry_delays_s = retry_delays_s
         self.dropped = 0  # rows given up on (their spool files are re-indexed at start-up)
@@ -94,7 +99,8 @@ class InstanceRecorder:
                     self._queue.append(row)
                     if row.header.sop_instance_uid:
                         self._pending[row.header.sop_instance_uid] = row
-                    self._cond.notify_all()
+                    if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
+                        self._cond.notify_all()  # the writer is idle, or its batch is full
                     return
         self.store.record_stored_batch([row])
 
@@ -112,7 +118,12 @@ class InstanceRecorder:
         False when ``timeout`` passed first."""
         with self._cond:
             target = self._submitted
-            return self._cond.wait_for(lambda: self._done >= target, timeout)
+            self._flushing += 1
+            self._cond.notify_all()  # end the writer's linger
+            try:
+                return self._cond.wait_for(lambda: self._done >= target, timeout)
+            finally:
+                self._flushing -= 1
 
     def queued(self) -> int:
         """Rows submitted and not yet committed."""
@@ -125,6 +136,13 @@ class InstanceRecorder:
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
+                deadline = time.monotonic() + self.linger_s
+                while (len(self._queue) < self.max_batch and not self._stopping
+                       and not self._flushing):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if not self._queue:
                     return
                 batch = [self._queue.popleft()

@@ -30,7 +30,8 @@ file (its size and blocks are metadata the data needs), and on ext4 it measured 
 written (and fsynced) by a spool I/O thread under ``incoming/`` while the receiver parses the
 header, which decides the final name; :meth:`StagedFile.commit` then renames it into place and
 fsyncs the target directory. The I/O (``write``/``fsync`` release the GIL) thus overlaps the
-parsing instead of following it.
+parsing instead of following it. Non-durable staging writes inline: a page-cache write is
+shorter than the handoff to the thread.
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ class Spool:
         return self._install(tmp, final, durable)
 
     def stage(self, data: Chunks, *, durable: bool | None = None) -> "StagedFile":
-        """Start writing ``data`` to a temp file under ``incoming/`` in an I/O thread (fsynced
-        when durable) and return at once; :meth:`StagedFile.commit` gives it its final name.
+        """Start writing ``data`` to a temp file under ``incoming/`` in an I/O thread (fsynced;
+        inline when not durable) and return at once; :meth:`StagedFile.commit` gives it its final name.
 
         Why: the receiver learns the final name only from the header it is still parsing; the
         write and its fsync need no GIL, so they run meanwhile instead of afterwards."""
@@ -174,8 +175,17 @@ class Spool:
                 (self.root / INCOMING).mkdir(exist_ok=True)
                 self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="spool-io")
             io = self._io
-        return StagedFile(self, io.submit(self._write_temp, self.root / INCOMING, data, durable),
-                          durable)
+        if durable:
+            return StagedFile(self, io.submit(self._write_temp, self.root / INCOMING, data, True),
+                              durable)
+        # no fsync to overlap: a page-cache write is shorter than the thread handoff, whose
+        # Python parts would compete for the GIL with the header parse anyway
+        done: Future[Path] = Future()
+        try:
+            done.set_result(self._write_temp(self.root / INCOMING, data, False))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by StagedFile.commit
+            done.set_exception(exc)
+        return StagedFile(self, done, durable)
 
     @staticmethod
     def _write_temp(directory: Path, data: Chunks, durable: bool) -> Path:

@@ -200,6 +200,30 @@ def test_recorder_flush_pending_digest_and_drain(store: Store) -> None:
     assert store.find_instance("1.2.3.1.7") is not None
 
 
+def test_recorder_lingers_to_batch_rows_and_a_flush_ends_the_wait(store: Store,
+                                                                    monkeypatch) -> None:
+    """A sequential sender's rows are committed several at a time (fewer commits, less CPU);
+    a flush (release, completion check) does not wait for the linger to run out."""
+    batches: list[int] = []
+    real = store.record_stored_batch
+
+    def counting(rows):
+        batches.append(len(rows))
+        return real(rows)
+
+    monkeypatch.setattr(store, "record_stored_batch", counting)
+    rec = InstanceRecorder(store, linger_s=60.0)  # would hold rows for a minute without flush
+    rec.start()
+    try:
+        for i in range(5):
+            rec.submit(row(f"1.2.3.1.{i}", n=i))
+        assert rec.queued() == 5 and batches == []  # lingering: nothing committed yet
+        assert rec.flush(timeout=10.0)  # ends the linger at once
+        assert batches == [5] and rec.queued() == 0
+    finally:
+        rec.stop()
+
+
 def test_recorder_retries_then_drops_only_the_bad_row(store: Store) -> None:
     rec = InstanceRecorder(store, retry_delays_s=(0.01,))
     calls = {"n": 0}
