@@ -247,6 +247,20 @@ _HOT_INSTANCE_COLUMNS = (
     "received_at", "association_id", "meta")
 
 
+def _stored_values(h: InstanceHeader, series_version: int, assoc_id: int | None,
+                   received_at: dt.datetime, *, spool_path: str | Path | None, size: int | None,
+                   sha256: str | None, reason: str | None) -> dict[str, Any]:
+    """Bind values of one 'stored' instance row (`_HOT_INSTANCE_COLUMNS`) for the prepared
+    inserts of :meth:`Store._record_stored_fast` and :meth:`Store.record_stored_batch`."""
+    return dict(
+        sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
+        study_uid=h.study_uid, series_uid=h.series_uid, series_version=series_version,
+        instance_number=h.instance_number, transfer_syntax=h.transfer_syntax,
+        spool_path=str(spool_path) if spool_path is not None else None, size=size,
+        sha256=sha256, status="stored", reason=reason, received_at=received_at,
+        association_id=assoc_id, meta=_json_safe(h.meta or {}))
+
+
 class _Prepared:
     """A Core statement built once; on SQLite also compiled once and run straight on the DBAPI
     connection of the caller's transaction.
@@ -636,13 +650,9 @@ class Store:
                                          spool_path=r.spool_path, size=r.size, sha256=r.sha256,
                                          status="stored", reason=None)
                     continue
-                inserts.append(dict(
-                    sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
-                    study_uid=h.study_uid, series_uid=h.series_uid, series_version=version,
-                    instance_number=h.instance_number, transfer_syntax=h.transfer_syntax,
-                    spool_path=r.spool_path, size=r.size, sha256=r.sha256, status="stored",
-                    reason=None, received_at=r.received_at, association_id=r.assoc_id,
-                    meta=_json_safe(h.meta or {})))
+                inserts.append(_stored_values(h, version, r.assoc_id, r.received_at,
+                                              spool_path=r.spool_path, size=r.size,
+                                              sha256=r.sha256, reason=None))
                 queued.add(key)
                 if r.assoc_id is not None:
                     counts[r.assoc_id] = counts.get(r.assoc_id, 0) + 1
@@ -665,13 +675,8 @@ class Store:
                                   b_now=now).fetchone()
             if got is None:
                 return None  # no row matched: nothing written, the ORM path decides
-            values = dict(
-                sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
-                study_uid=h.study_uid, series_uid=h.series_uid, series_version=got[0],
-                instance_number=h.instance_number, transfer_syntax=h.transfer_syntax,
-                spool_path=str(spool_path) if spool_path is not None else None, size=size,
-                sha256=sha256, status="stored", reason=reason, received_at=now,
-                association_id=assoc_id, meta=_json_safe(h.meta or {}))
+            values = _stored_values(h, got[0], assoc_id, now, spool_path=spool_path,
+                                    size=size, sha256=sha256, reason=reason)
             row_id = hot["add"].run(c, **values).fetchone()[0]
             if assoc_id is not None:
                 hot["count"].run(c, b_assoc=assoc_id)
