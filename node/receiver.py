@@ -251,7 +251,8 @@ def conflict_relpath(header: Any, digest: str) -> str:
 class Receiver:
     """C-ECHO / C-STORE SCP writing into `storage` (spool + audit DB).
 
-    `on_release(assoc_id)` (optional) is called after an association is released so the
+    `on_release(assoc_id)` (optional) is called when a release is requested (before it is
+    answered, after the association row is closed) so the
     assembler can look at its series without waiting for the next poll. ``recorder`` commits
     the 'stored' rows (started and drained with the receiver; :meth:`flush` waits for it).
     """
@@ -380,11 +381,12 @@ class Receiver:
                  calling_ae=assoc.requestor.ae_title.strip(), peer=assoc.requestor.address)
 
     def _on_acse_recv(self, event: Any) -> None:
-        # an A-RELEASE request: commit this sender's rows before pynetdicom answers it, so a
-        # sender that saw its release completed finds every instance in the database
+        # an A-RELEASE request: commit this sender's rows and close its association row before
+        # pynetdicom answers it, so a sender that saw its release completed finds every instance
+        # stored and the association released in the database
         prim = event.primitive
         if isinstance(prim, A_RELEASE) and prim.result is None:
-            self.recorder.flush()
+            self._released(event.assoc)
 
     def _end(self, assoc: Any, outcome: str) -> int | None:
         with self._lock:
@@ -399,13 +401,16 @@ class Receiver:
         log.info(f"association {outcome}", association_id=aid)
         return aid
 
-    def _on_released(self, event: Any) -> None:
-        aid = self._end(event.assoc, "released")
+    def _released(self, assoc: Any) -> None:
+        aid = self._end(assoc, "released")
         if aid is not None and self.on_release is not None:
             try:
                 self.on_release(aid)
             except Exception:  # noqa: BLE001
                 log.exception("on_release callback failed")
+
+    def _on_released(self, event: Any) -> None:
+        self._released(event.assoc)  # already done when the request arrived; kept as a backstop
 
     def _on_aborted(self, event: Any) -> None:
         self._end(event.assoc, "aborted")

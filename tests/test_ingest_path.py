@@ -338,13 +338,22 @@ def test_release_answers_only_after_rows_are_committed(rx, tmp_path: Path) -> No
         time.sleep(0.3)
         return real(rows)
 
+    real_end = store.end_association
+
+    def slow_end(aid, outcome):
+        time.sleep(0.3)
+        return real_end(aid, outcome)
+
     store.record_stored_batch = slow  # type: ignore[method-assign]
+    store.end_association = slow_end  # type: ignore[method-assign]
     receiver.start()
     info = make_ct_series(tmp_path / "ct", [], n_slices=3, seed=32)
     assert send_folder(info.paths, receiver.port, calling_ae="SLOWDB").statuses == [0, 0, 0]
-    # the sender's release returned: every row is there, counted on its association
+    # the sender's release returned: every row is there, counted on its association, and the
+    # association is already closed as released (not still 'open')
     assert _count(cfg, "SELECT COUNT(*) FROM instances WHERE status = 'stored'") == [(3,)]
-    assert _count(cfg, "SELECT n_stored FROM associations WHERE calling_ae = 'SLOWDB'") == [(3,)]
+    assert _count(cfg, "SELECT n_stored, outcome FROM associations "
+                       "WHERE calling_ae = 'SLOWDB'") == [(3, "released")]
 
 
 def test_rows_lost_before_their_commit_come_back_from_the_spool(rx, tmp_path: Path) -> None:
