@@ -5,11 +5,13 @@ is sent only after the instance is in the spool (fsynced, with the default
 ``storage.durability = "fsync"``). The spool file is the durable record: the database runs
 ``synchronous=NORMAL`` and :func:`reconcile_spool` re-indexes, at start-up, files whose row a
 crash or power cut took. So the 'stored' row is not on the critical path: it is queued to the
-write-behind (:class:`storage.InstanceRecorder`, one thread, group commits) and committed a few
-milliseconds after Success; duplicate checks see queued rows, and an association's rows are
-committed before its release is answered and before any series can complete. Per instance the
-hot path is: the file written and fsynced by a spool I/O thread *while* the header is parsed and
-hashed (:meth:`storage.Spool.stage`), one prepared lookup (duplicate check), a rename + directory
+write-behind (:class:`storage.InstanceRecorder`, one thread, group commits; it also takes the
+sha256 of the data set) and committed a few milliseconds after Success; duplicate checks see
+queued rows, and an association's rows are committed before its release is answered and before
+any series can complete. Per instance the hot path is: the file written and fsynced by a spool
+I/O thread *while* the header is read (:meth:`storage.Spool.stage`;
+:func:`node.header.scan_header` reads the ~30 elements the node needs from the bytes, pydicom
+parses whatever it declines), one prepared lookup (duplicate check), a rename + directory
 fsync. The other outcomes (rare) are recorded synchronously before the answer. Everything gets a
 status the sender can act on, and every outcome is in the audit database:
 
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 import shutil
 import threading
 import time
@@ -48,7 +49,6 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import A_RELEASE
@@ -63,6 +63,7 @@ from node.dicomnet import (
     scp_contexts,
     server_ssl_context,
 )
+from node.header import header_meta, read_header, scan_header
 from storage import InstanceRecorder, StoredInstance
 
 log = get_logger("node.receiver")
@@ -76,32 +77,6 @@ STATUS_PROCESSING_FAILURE = 0xC001
 
 REJECT_CALLING_AE = 0x03
 REJECT_CALLED_AE = 0x07
-
-_META_KEYWORDS = (
-    "Modality", "SOPClassUID", "StudyInstanceUID", "ImageType", "BodyPartExamined",
-    "StudyDescription", "SeriesDescription", "ProtocolName", "SliceThickness",
-    "ContrastBolusAgent", "ConvolutionKernel", "Rows", "Columns", "NumberOfFrames",
-    "ImageOrientationPatient", "SeriesNumber", "StudyDate", "Manufacturer",
-    "ManufacturerModelName", "PixelSpacing", "KVP",
-)
-
-# (keyword, tag) pairs: looking elements up by tag skips a keyword->tag translation per access,
-# which adds up on the per-instance path
-_META_TAGS = tuple((kw, Tag(kw)) for kw in _META_KEYWORDS)
-
-_SHARED = ("SharedFunctionalGroupsSequence",)
-#: Enhanced CT: where a meta attribute lives in the functional groups when it is not top-level
-_FALLBACKS = {
-    "SliceThickness": _SHARED + ("PixelMeasuresSequence", "SliceThickness"),
-    "PixelSpacing": _SHARED + ("PixelMeasuresSequence", "PixelSpacing"),
-    "ImageOrientationPatient": _SHARED + ("PlaneOrientationSequence", "ImageOrientationPatient"),
-    "ConvolutionKernel": _SHARED + ("CTReconstructionSequence", "ConvolutionKernel"),
-}
-_PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
-_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _ACCESSION = (
-    Tag(kw) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                       "Modality", "AccessionNumber"))
-
 
 # ---------------------------------------------------------------------------------------------
 # access control
@@ -149,88 +124,8 @@ def check_access(calling_ae: str, called_ae: str, peer_host: str, *, own_ae: str
                           f"calling AE title {calling!r} is not on the allow-list")
 
 
-# ---------------------------------------------------------------------------------------------
-# header reading
-# ---------------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """DICOM element value -> JSON-able (DS/IS -> float/int, PN/UID -> str, bytes dropped)."""
-    if value is None or isinstance(value, bytes):
-        return None
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        return [_plain(v) for v in value]
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    return str(value)
-
-
-def _first(ds: Any, path: tuple[str, ...]) -> Any:
-    """Value of a nested attribute, following the first item of each sequence."""
-    cur = ds
-    for kw in path:
-        if cur is None or kw not in cur:
-            return None
-        cur = cur[kw].value
-        if isinstance(cur, pydicom.sequence.Sequence):
-            cur = cur[0] if len(cur) else None
-    return cur
-
-
-def header_meta(ds: pydicom.Dataset) -> dict[str, Any]:
-    """The attributes the selection rules need, flattened (Enhanced CT: from functional groups)."""
-    meta: dict[str, Any] = {}
-    for kw, tag in _META_TAGS:
-        if tag in ds:
-            v = _plain(ds[tag].value)
-            if v not in (None, "", []):
-                meta[kw] = v
-    for kw, path in _FALLBACKS.items():
-        if kw not in meta:
-            v = _first(ds, path)
-            if v is None and kw != "SliceThickness":
-                v = _first(ds, ("PerFrameFunctionalGroupsSequence",) + path[1:])
-            if v not in (None, "", []):
-                meta[kw] = _plain(v)
-    if "ContrastBolusAgent" not in meta:
-        agent = _first(ds, ("ContrastBolusAgentSequence", "CodeMeaning"))
-        if agent:
-            meta["ContrastBolusAgent"] = str(agent)
-    return meta
-
-
 def _uid_ok(value: Any) -> bool:
     return bool(value) and UID(str(value)).is_valid
-
-
-def read_header(ds: pydicom.Dataset, transfer_syntax: str | None, *,
-                with_phi: bool = True) -> Any:
-    """`storage.InstanceHeader` of a parsed header (the receiver and start-up reconciliation
-    read instances the same way). Raises on malformed values (-> Cannot Understand).
-
-    ``with_phi=False`` leaves ``phi`` empty: decoding PatientName for a store that does not
-    keep it (``audit.store_phi = false``) is wasted work on every instance."""
-    from storage import InstanceHeader
-
-    def text(tag: BaseTag) -> str | None:  # by tag: no keyword lookup per access
-        elem = ds.get(tag)
-        value = elem.value if elem is not None else None
-        return str(value) if value not in (None, "") else None
-
-    return InstanceHeader(
-        sop_class_uid=text(_SOP_CLASS), sop_instance_uid=text(_SOP_INSTANCE),
-        study_uid=text(_STUDY), series_uid=text(_SERIES), modality=text(_MODALITY),
-        transfer_syntax=transfer_syntax, accession_number=text(_ACCESSION),
-        instance_number=_int_or_none(ds.get("InstanceNumber")),
-        meta=header_meta(ds),
-        phi={k: str(ds.get(k, "")) for k in _PHI_KEYWORDS} if with_phi else {},
-    )
-
 
 
 def instance_relpath(header: Any) -> str:
@@ -267,6 +162,7 @@ class Receiver:
         # storage.durability: "fsync" (default) makes every received file durable before
         # Success; "os" leaves it to the page cache (survives kill -9, not a power cut)
         self.durable = getattr(config.storage, "durability", "fsync") != "os"
+        self.with_phi = bool(getattr(store, "store_phi", True))
         self.recorder = InstanceRecorder(store)
         self._assoc_ids: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -481,19 +377,23 @@ class Receiver:
         # the write (and fsync) runs in a spool I/O thread while this one hashes and parses;
         # leaving the block without commit() removes the file (rejected, duplicate, error)
         with self.spool.stage((head, stream), durable=self.durable) as staged:
-            digest = hashlib.sha256(stream).hexdigest()  # first: releases the GIL to the writer
-            try:
-                ds = pydicom.dcmread(BytesIO(head + stream), stop_before_pixels=True)
-            except Exception as exc:  # noqa: BLE001 - any parse failure: "cannot understand"
-                return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
-                                    f"cannot decode header: {type(exc).__name__}: {exc}"[:500])
-            try:
-                header = read_header(ds, ts,
-                                     with_phi=bool(getattr(self.store, "store_phi", True)))
-            except Exception as exc:  # noqa: BLE001 - malformed values inside a readable header
-                return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
-                                    f"cannot read header values: {type(exc).__name__}: {exc}"
-                                    [:500])
+            with_phi = self.with_phi
+            # the scan reads the ~30 elements the node needs straight from the bytes; when it
+            # is not sure of something (see node.header) pydicom parses the header
+            header = scan_header(stream, ts, with_phi=with_phi)
+            if header is None:
+                try:
+                    ds = pydicom.dcmread(BytesIO(head + stream), stop_before_pixels=True)
+                except Exception as exc:  # noqa: BLE001 - any parse failure: "cannot understand"
+                    return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
+                                        f"cannot decode header: {type(exc).__name__}: {exc}"
+                                        [:500])
+                try:
+                    header = read_header(ds, ts, with_phi=with_phi)
+                except Exception as exc:  # noqa: BLE001 - malformed values in a readable header
+                    return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
+                                        f"cannot read header values: {type(exc).__name__}: "
+                                        f"{exc}"[:500])
             refusal = _refusal(header, rq_class, rq_instance)
             if refusal is not None:
                 return self._reject(aid, header, STATUS_DATASET_MISMATCH, refusal)
@@ -507,6 +407,7 @@ class Receiver:
                 return STATUS_SUCCESS, "ignored"
             known = self.recorder.stored_digest(header.sop_instance_uid)
             if known is not None:
+                digest = hashlib.sha256(stream).hexdigest()
                 known_sha256, known_path = known
                 if known_sha256 == digest:
                     self.store.record_instance(aid, header, spool_path=known_path, size=size,
@@ -524,8 +425,9 @@ class Receiver:
                 return STATUS_CONFLICT_WARNING, "conflict"
             path = staged.commit(instance_relpath(header))
         # durable now: the row follows through the write-behind (reconcile_spool after a crash)
-        self.recorder.submit(StoredInstance(aid, header, str(path), size, digest,
-                                            self.store.now()))
+        # its sha256 is taken by the write-behind (the bytes go along), off the sender's path
+        self.recorder.submit(StoredInstance(aid, header, str(path), size, None,
+                                            self.store.now(), data=stream))
         return STATUS_SUCCESS, "stored"
 
 
@@ -630,13 +532,6 @@ def reconcile_spool(store: Any, spool: Any) -> dict[str, int]:
         store.log_event("node", "spool", "reindexed", details=counts)
         log.info("spool reconciled with the audit database", **counts)
     return counts
-
-
-def _int_or_none(v: Any) -> int | None:
-    try:
-        return int(v) if v not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 __all__ = ["AccessDecision", "Receiver", "check_access", "conflict_relpath", "header_meta",

@@ -41,10 +41,11 @@ class InstanceRecorder:
     """
 
     def __init__(self, store: Store, *, max_batch: int = 256, max_queued: int = 4096,
-                 linger_s: float = 0.05,
+                 linger_s: float = 0.05, max_unhashed: int = 64,
                  retry_delays_s: tuple[float, ...] = (0.05, 0.2, 1.0, 3.0)) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.max_unhashed = max_unhashed
         # how long the writer waits for more rows before committing (one commit per several
         # rows of a sequential sender costs less CPU than one per row); a flush cuts it short
         self.linger_s = linger_s
@@ -89,7 +90,13 @@ class InstanceRecorder:
 
     # -- the receiver's side ------------------------------------------------------------------------
     def submit(self, row: StoredInstance) -> None:
-        """Queue ``row`` (blocks while ``max_queued`` rows wait: back-pressure on the senders)."""
+        """Queue ``row`` (blocks while ``max_queued`` rows wait: back-pressure on the senders).
+
+        A row may come with its data set instead of its sha256 (``row.data``): the writer
+        hashes it before the commit, off the sender's path. Past ``max_unhashed`` queued rows
+        it is hashed here, so a stalled database does not hold many data sets in memory."""
+        if row.sha256 is None and self._submitted - self._done >= self.max_unhashed:
+            row.digest()
         with self._cond:
             if self._thread is not None and not self._stopping:
                 while len(self._queue) >= self.max_queued and self._thread is not None:
@@ -110,7 +117,7 @@ class InstanceRecorder:
         # queue first: a row leaves it only after its commit, so it is always in one of them
         row = self._pending.get(sop_instance_uid)
         if row is not None:
-            return row.sha256, row.spool_path
+            return row.digest(), row.spool_path
         return self.store.stored_digest(sop_instance_uid)
 
     def flush(self, timeout: float | None = 30.0) -> bool:

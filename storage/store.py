@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -144,8 +145,18 @@ class StoredInstance:
     header: InstanceHeader
     spool_path: str
     size: int
-    sha256: str
+    sha256: str | None
     received_at: dt.datetime
+    #: the data set bytes, when ``sha256`` is left to :meth:`digest` (the write-behind hashes
+    #: them off the sender's critical path); dropped once hashed
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    def digest(self) -> str | None:
+        """sha256 of the data set (computed from ``data`` on first use)."""
+        if self.sha256 is None and self.data is not None:
+            self.sha256 = hashlib.sha256(self.data).hexdigest()
+            self.data = None
+        return self.sha256
 
 
 @dataclass
@@ -621,6 +632,8 @@ class Store:
         takes the ORM path inside the same transaction."""
         if not rows:
             return
+        for r in rows:
+            r.digest()  # deferred hashes: before the transaction, not while holding the lock
         hot = self._hot()
         with self.db.connection() as c:
             inserts: list[dict[str, Any]] = []
@@ -647,12 +660,12 @@ class Store:
                     insert_queued()
                     with Session(bind=c, join_transaction_mode="rollback_only") as s:
                         self._record_orm(s, r.assoc_id, h, r.received_at,
-                                         spool_path=r.spool_path, size=r.size, sha256=r.sha256,
+                                         spool_path=r.spool_path, size=r.size, sha256=r.digest(),
                                          status="stored", reason=None)
                     continue
                 inserts.append(_stored_values(h, version, r.assoc_id, r.received_at,
                                               spool_path=r.spool_path, size=r.size,
-                                              sha256=r.sha256, reason=None))
+                                              sha256=r.digest(), reason=None))
                 queued.add(key)
                 if r.assoc_id is not None:
                     counts[r.assoc_id] = counts.get(r.assoc_id, 0) + 1

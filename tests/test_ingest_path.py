@@ -328,6 +328,12 @@ def test_receiver_detects_duplicates_while_rows_are_queued(rx, tmp_path: Path) -
     status = dict(_count(cfg, "SELECT status, COUNT(*) FROM instances GROUP BY status"))
     assert status == {"stored": 2, "duplicate": 1, "conflict": 1}
     assert len(list((cfg.spool_dir / "instances").rglob("*.dcm"))) == 2
+    # the write-behind hashed the queued rows' bytes: each row's sha256 is its file's data set's
+    from node.receiver import _dataset_digest
+
+    for path, sha in _count(cfg, "SELECT spool_path, sha256 FROM instances "
+                                 "WHERE status = 'stored'"):
+        assert sha == _dataset_digest(Path(path).read_bytes())
 
 
 def test_release_answers_only_after_rows_are_committed(rx, tmp_path: Path) -> None:
