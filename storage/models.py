@@ -93,7 +93,10 @@ class Instance(Base):
     """Every instance offered to the node, whatever happened to it (status + reason)."""
 
     __tablename__ = "instances"
-    __table_args__ = (Index("ix_instances_series_status", "series_uid", "status"),)
+    __table_args__ = (Index("ix_instances_series_status", "series_uid", "status"),
+                      # the receiver's "already stored in this series?" check (revision 0003)
+                      Index("ix_instances_sop_series_status", "sop_instance_uid", "series_uid",
+                            "status"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)

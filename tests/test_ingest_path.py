@@ -164,6 +164,20 @@ def test_record_stored_batch_matches_record_instance(store: Store) -> None:
     assert store.find_instance("1.2.3.1.5").series_version == 2
 
 
+def test_series_bump_looks_the_instance_up_by_its_sop_uid(store: Store) -> None:
+    """The per-instance "already stored in this series?" check is an index lookup on the SOP
+    UID, not a walk through every stored instance of the series (quadratic per series)."""
+    bump = store._hot()["bump"]
+    con = store.db.engine.raw_connection()
+    try:
+        plan = [r[3] for r in con.execute("EXPLAIN QUERY PLAN " + bump.sql,
+                                          ["x"] * bump.sql.count("?")).fetchall()]
+    finally:
+        con.close()
+    lookups = [p for p in plan if "instances" in p]
+    assert lookups and all("ix_instances_sop_series_status" in p for p in lookups), plan
+
+
 def test_record_stored_batch_is_one_transaction(store: Store) -> None:
     bad = row("1.2.3.1.2", assoc=987654)  # no such association: foreign key violation
     with pytest.raises(Exception):
