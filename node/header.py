@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import lru_cache
-from struct import unpack_from
+from struct import Struct, unpack_from
 from typing import Any
 
 import pydicom
@@ -31,6 +31,8 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, PrivateTransferSyntaxes
 from pydicom.valuerep import IS, DSclass, PersonName
 from pydicom.values import convert_numbers, multi_string
+
+from storage import InstanceHeader
 
 META_KEYWORDS = (
     "Modality", "SOPClassUID", "StudyInstanceUID", "ImageType", "BodyPartExamined",
@@ -106,8 +108,6 @@ def _build(value: Callable[[int], Any], transfer_syntax: str | None, with_phi: b
            ds: Any = None) -> Any:
     """The header from `value(tag)` (an element's value, or _MISSING). `ds` (a Dataset) adds
     the Enhanced CT functional-group fallbacks."""
-    from storage import InstanceHeader
-
     def text(tag: int) -> str | None:
         v = value(tag)
         return str(v) if v not in (None, "", _MISSING) else None
@@ -208,8 +208,8 @@ def _is(raw: bytes) -> Any:  # pydicom.values.convert_IS_string
     return multi_string(raw.decode("ascii"), valtype=IS)
 
 
-def _ui(raw: bytes) -> Any:  # pydicom.values.convert_UI
-    return multi_string(raw.decode("ascii").rstrip("\0 "), UID)
+def _ui(raw: bytes) -> Any:  # pydicom.values.convert_UI; the header keeps str(UID(v)), v.strip()
+    return multi_string(raw.decode("ascii").rstrip("\0 "), str.strip)
 
 
 def _us(raw: bytes) -> Any:
@@ -267,19 +267,21 @@ def _looks_explicit(buf: bytes, pos: int) -> bool:
     return 0x40 < b0 < 0x5B and 0x40 < b1 < 0x5B
 
 
+_IMPLICIT_HEAD, _EXPLICIT_HEAD, _U32 = Struct("<HHI"), Struct("<HH2sH"), Struct("<I")
+
+
 def _element(buf: bytes, pos: int, end: int, implicit: bool) -> tuple[int, bytes, int, int] | None:
     """(tag, vr, value start, length) of the element at `pos`, or None if malformed."""
     if pos + 8 > end:
         return None
-    group, elem = unpack_from("<HH", buf, pos)
-    tag = group << 16 | elem
     if implicit:
-        return tag, b"", pos + 8, unpack_from("<I", buf, pos + 4)[0]
-    vr = buf[pos + 4:pos + 6]
+        group, elem, length = _IMPLICIT_HEAD.unpack_from(buf, pos)
+        return group << 16 | elem, b"", pos + 8, length
+    group, elem, vr, length = _EXPLICIT_HEAD.unpack_from(buf, pos)
     if vr in _SHORT_VRS:
-        return tag, vr, pos + 8, unpack_from("<H", buf, pos + 6)[0]
+        return group << 16 | elem, vr, pos + 8, length
     if vr in _LONG_VRS and pos + 12 <= end:
-        return tag, vr, pos + 12, unpack_from("<I", buf, pos + 8)[0]
+        return group << 16 | elem, vr, pos + 12, _U32.unpack_from(buf, pos + 8)[0]
     return None
 
 
