@@ -63,7 +63,7 @@ from node.dicomnet import (
     scp_contexts,
     server_ssl_context,
 )
-from node.header import header_meta, read_header, scan_header
+from node.header import read_header, scan_header
 from storage import InstanceRecorder, StoredInstance
 
 log = get_logger("node.receiver")
@@ -147,8 +147,8 @@ class Receiver:
     """C-ECHO / C-STORE SCP writing into `storage` (spool + audit DB).
 
     `on_release(assoc_id)` (optional) is called when a release is requested (before it is
-    answered, after the association row is closed) so the
-    assembler can look at its series without waiting for the next poll. ``recorder`` commits
+    answered, after the association row is closed) so the assembler can look at its series
+    without waiting for the next poll. ``recorder`` commits
     the 'stored' rows (started and drained with the receiver; :meth:`flush` waits for it).
     """
 
@@ -374,7 +374,7 @@ class Receiver:
                                 f"({self.min_free_bytes} bytes)", "out_of_resources")
         head = file_header(rq_class, rq_instance, ts)
         size = len(head) + len(stream)
-        # the write (and fsync) runs in a spool I/O thread while this one hashes and parses;
+        # the write (and fsync) runs in a spool I/O thread while this one reads the header;
         # leaving the block without commit() removes the file (rejected, duplicate, error)
         with self.spool.stage((head, stream), durable=self.durable) as staged:
             with_phi = self.with_phi
@@ -534,5 +534,5 @@ def reconcile_spool(store: Any, spool: Any) -> dict[str, int]:
     return counts
 
 
-__all__ = ["AccessDecision", "Receiver", "check_access", "conflict_relpath", "header_meta",
-           "instance_relpath", "read_header", "reconcile_spool"]
+__all__ = ["AccessDecision", "Receiver", "check_access", "conflict_relpath", "instance_relpath",
+           "reconcile_spool"]

@@ -9,7 +9,8 @@ import pytest
 
 from node.config import AllowedCaller, config_from_dict
 from node.dispatcher import backoff_s
-from node.receiver import REJECT_CALLED_AE, REJECT_CALLING_AE, check_access, header_meta
+from node.header import header_meta
+from node.receiver import REJECT_CALLED_AE, REJECT_CALLING_AE, check_access
 from tests.nodeproc import node_config, to_toml
 
 ALLOWED = [AllowedCaller("PACS", "10.1.2.0/24"), AllowedCaller("SCANNER", ""),
