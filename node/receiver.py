@@ -338,7 +338,7 @@ class Receiver:
                 hdr = InstanceHeader(sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
                                      sop_instance_uid=str(req.AffectedSOPInstanceUID or "")
                                      or None)
-                self.store.record_instance(aid, hdr, spool_path=None, size=None, sha256=None,
+                self._record_now(aid, hdr, spool_path=None, size=None, sha256=None,
                                            status="rejected",
                                            reason=f"internal error: {type(exc).__name__}: {exc}")
             except Exception:  # noqa: BLE001
@@ -348,9 +348,17 @@ class Receiver:
             self.metrics.store_seconds.observe(time.perf_counter() - t0)
         return status
 
+    def _record_now(self, aid: int | None, header: Any, **row: Any) -> None:
+        """Record a non-'stored' outcome before answering. Rows of instances answered earlier
+        may still be queued in the write-behind: they are committed first, so the audit rows
+        of an association keep the order in which its instances arrived (a resend's
+        'duplicate' row comes after the 'stored' row it repeats)."""
+        self.recorder.flush()
+        self.store.record_instance(aid, header, **row)
+
     def _reject(self, aid: int | None, header: Any, status: int, reason: str,
                 outcome: str = "rejected") -> tuple[int, str]:
-        self.store.record_instance(aid, header, spool_path=None, size=None, sha256=None,
+        self._record_now(aid, header, spool_path=None, size=None, sha256=None,
                                    status="rejected", reason=reason)
         log.warning("instance rejected", association_id=aid, status=f"0x{status:04X}",
                     reason=reason, sop_instance_uid=header.sop_instance_uid)
@@ -399,7 +407,7 @@ class Receiver:
                 return self._reject(aid, header, STATUS_DATASET_MISMATCH, refusal)
             if header.sop_class_uid not in CT_STORAGE_CLASSES:
                 name = UID(header.sop_class_uid).name
-                self.store.record_instance(aid, header, spool_path=None, size=size,
+                self._record_now(aid, header, spool_path=None, size=size,
                                            sha256=None, status="ignored",
                                            reason=f"sop_class: {name} is not CT")
                 log.info("instance ignored", association_id=aid, sop_class=name,
@@ -410,12 +418,12 @@ class Receiver:
                 digest = hashlib.sha256(stream).hexdigest()
                 known_sha256, known_path = known
                 if known_sha256 == digest:
-                    self.store.record_instance(aid, header, spool_path=known_path, size=size,
+                    self._record_now(aid, header, spool_path=known_path, size=size,
                                                sha256=digest, status="duplicate",
                                                reason="byte-identical resend")
                     return STATUS_SUCCESS, "duplicate"
                 path = staged.commit(conflict_relpath(header, digest))
-                self.store.record_instance(
+                self._record_now(
                     aid, header, spool_path=str(path), size=size, sha256=digest,
                     status="conflict", reason="different object with a known SOP Instance UID "
                     f"(first stored as sha256 {str(known_sha256)[:16]})")

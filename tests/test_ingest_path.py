@@ -341,6 +341,10 @@ def test_receiver_detects_duplicates_while_rows_are_queued(rx, tmp_path: Path) -
     assert resend["res"].statuses == [0, 0xB000]  # duplicate, conflict: seen while queued
     status = dict(_count(cfg, "SELECT status, COUNT(*) FROM instances GROUP BY status"))
     assert status == {"stored": 2, "duplicate": 1, "conflict": 1}
+    # the audit keeps arrival order: the stored rows (queued when the resend came) were
+    # committed before the duplicate / conflict rows were written
+    order = [r[0] for r in _count(cfg, "SELECT status FROM instances ORDER BY id")]
+    assert order == ["stored", "stored", "duplicate", "conflict"], order
     assert len(list((cfg.spool_dir / "instances").rglob("*.dcm"))) == 2
     # the write-behind hashed the queued rows' bytes: each row's sha256 is its file's data set's
     from node.receiver import _dataset_digest
