@@ -283,5 +283,6 @@ def echo(host: str, port: int, called_ae: str, *, calling_ae: str = "MOLRE",
 
 __all__ = [
     "AssociationError", "CT_STORAGE_CLASSES", "SendResult", "TRANSFER_SYNTAXES",
-    "client_ssl_context", "echo", "file_header", "make_ae", "scp_contexts", "send_files", "server_ssl_context",
+    "client_ssl_context", "echo", "file_header", "make_ae", "scp_contexts", "send_files",
+    "server_ssl_context",
 ]

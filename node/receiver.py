@@ -148,8 +148,8 @@ class Receiver:
 
     `on_release(assoc_id)` (optional) is called when a release is requested (before it is
     answered, after the association row is closed) so the assembler can look at its series
-    without waiting for the next poll. ``recorder`` commits
-    the 'stored' rows (started and drained with the receiver; :meth:`flush` waits for it).
+    without waiting for the next poll. ``recorder`` commits the 'stored' rows (started and
+    drained with the receiver; :meth:`flush` waits for it).
     """
 
     def __init__(self, config: NodeConfig, store: Any, spool: Any, *, metrics: Any = None,
@@ -339,8 +339,8 @@ class Receiver:
                                      sop_instance_uid=str(req.AffectedSOPInstanceUID or "")
                                      or None)
                 self._record_now(aid, hdr, spool_path=None, size=None, sha256=None,
-                                           status="rejected",
-                                           reason=f"internal error: {type(exc).__name__}: {exc}")
+                                 status="rejected",
+                                 reason=f"internal error: {type(exc).__name__}: {exc}")
             except Exception:  # noqa: BLE001
                 log.exception("could not record failed instance")
         if self.metrics:
@@ -359,7 +359,7 @@ class Receiver:
     def _reject(self, aid: int | None, header: Any, status: int, reason: str,
                 outcome: str = "rejected") -> tuple[int, str]:
         self._record_now(aid, header, spool_path=None, size=None, sha256=None,
-                                   status="rejected", reason=reason)
+                         status="rejected", reason=reason)
         log.warning("instance rejected", association_id=aid, status=f"0x{status:04X}",
                     reason=reason, sop_instance_uid=header.sop_instance_uid)
         return status, outcome
@@ -407,9 +407,8 @@ class Receiver:
                 return self._reject(aid, header, STATUS_DATASET_MISMATCH, refusal)
             if header.sop_class_uid not in CT_STORAGE_CLASSES:
                 name = UID(header.sop_class_uid).name
-                self._record_now(aid, header, spool_path=None, size=size,
-                                           sha256=None, status="ignored",
-                                           reason=f"sop_class: {name} is not CT")
+                self._record_now(aid, header, spool_path=None, size=size, sha256=None,
+                                 status="ignored", reason=f"sop_class: {name} is not CT")
                 log.info("instance ignored", association_id=aid, sop_class=name,
                          series_uid=header.series_uid)
                 return STATUS_SUCCESS, "ignored"
@@ -419,8 +418,8 @@ class Receiver:
                 known_sha256, known_path = known
                 if known_sha256 == digest:
                     self._record_now(aid, header, spool_path=known_path, size=size,
-                                               sha256=digest, status="duplicate",
-                                               reason="byte-identical resend")
+                                     sha256=digest, status="duplicate",
+                                     reason="byte-identical resend")
                     return STATUS_SUCCESS, "duplicate"
                 path = staged.commit(conflict_relpath(header, digest))
                 self._record_now(
@@ -432,8 +431,8 @@ class Receiver:
                             series_uid=header.series_uid)
                 return STATUS_CONFLICT_WARNING, "conflict"
             path = staged.commit(instance_relpath(header))
-        # durable now: the row follows through the write-behind (reconcile_spool after a crash)
-        # its sha256 is taken by the write-behind (the bytes go along), off the sender's path
+        # durable now: the row (and its sha256: the bytes go along) follows through the
+        # write-behind, off the sender's path; reconcile_spool re-indexes it after a crash
         self.recorder.submit(StoredInstance(aid, header, str(path), size, None,
                                             self.store.now(), data=stream))
         return STATUS_SUCCESS, "stored"

@@ -165,7 +165,8 @@ class Spool:
 
     def stage(self, data: Chunks, *, durable: bool | None = None) -> "StagedFile":
         """Start writing ``data`` to a temp file under ``incoming/`` in an I/O thread (fsynced;
-        inline when not durable) and return at once; :meth:`StagedFile.commit` gives it its final name.
+        inline when not durable) and return at once; :meth:`StagedFile.commit` gives it its
+        final name.
 
         Why: the receiver learns the final name only from the header it is still parsing; the
         write and its fsync need no GIL, so they run meanwhile instead of afterwards."""

@@ -251,7 +251,8 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-#: Columns the receiver's fast path writes (explicit, so a column added later keeps its default).
+#: Columns the receiver's group commit writes (explicit, so a column added later keeps its
+#: default).
 _HOT_INSTANCE_COLUMNS = (
     "sop_instance_uid", "sop_class_uid", "study_uid", "series_uid", "series_version",
     "instance_number", "transfer_syntax", "spool_path", "size", "sha256", "status", "reason",
@@ -260,15 +261,15 @@ _HOT_INSTANCE_COLUMNS = (
 
 def _stored_values(h: InstanceHeader, series_version: int, assoc_id: int | None,
                    received_at: dt.datetime, *, spool_path: str | Path | None, size: int | None,
-                   sha256: str | None, reason: str | None) -> dict[str, Any]:
+                   sha256: str | None) -> dict[str, Any]:
     """Bind values of one 'stored' instance row (`_HOT_INSTANCE_COLUMNS`) for the prepared
-    inserts of :meth:`Store._record_stored_fast` and :meth:`Store.record_stored_batch`."""
+    insert of :meth:`Store.record_stored_batch`."""
     return dict(
         sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
         study_uid=h.study_uid, series_uid=h.series_uid, series_version=series_version,
         instance_number=h.instance_number, transfer_syntax=h.transfer_syntax,
         spool_path=str(spool_path) if spool_path is not None else None, size=size,
-        sha256=sha256, status="stored", reason=reason, received_at=received_at,
+        sha256=sha256, status="stored", reason=None, received_at=received_at,
         association_id=assoc_id, meta=_json_safe(h.meta or {}))
 
 
@@ -374,8 +375,6 @@ class Store:
                     bindparam("b_now", type_=series_t.c.first_instance_at.type))
             ).returning(series_t.c.version)
             cols = [inst_t.c[name] for name in _HOT_INSTANCE_COLUMNS]
-            add = insert(inst_t).values({c: bindparam(c.name, type_=c.type) for c in cols}
-                                        ).returning(inst_t.c.id)
             add_many = insert(inst_t).values({c: bindparam(c.name, type_=c.type) for c in cols})
             count = update(assoc_t).where(assoc_t.c.id == bindparam("b_assoc")).values(
                 n_stored=assoc_t.c.n_stored + bindparam("b_n", 1))
@@ -383,8 +382,7 @@ class Store:
                 inst_t.c.sop_instance_uid == bindparam("b_sop"),
                 inst_t.c.status == "stored").order_by(inst_t.c.id.desc()).limit(1)
             d = self.db.engine.dialect
-            self._prepared_hot = {"bump": _Prepared(bump, d), "add": _Prepared(add, d),
-                                  "add_many": _Prepared(add_many, d),
+            self._prepared_hot = {"bump": _Prepared(bump, d), "add_many": _Prepared(add_many, d),
                                   "count": _Prepared(count, d), "find": _Prepared(find, d)}
         return self._prepared_hot
 
@@ -581,11 +579,6 @@ class Store:
         if status not in INSTANCE_STATUSES:
             raise ValueError(f"instance status must be one of {INSTANCE_STATUSES}, not {status!r}")
         now = self.now()
-        if status == "stored" and header.series_uid and header.study_uid:
-            fast = self._record_stored_fast(assoc_id, header, now, spool_path=spool_path,
-                                            size=size, sha256=sha256, reason=reason)
-            if fast is not None:
-                return fast
         with self.db.session() as s:
             return _instance_record(self._record_orm(s, assoc_id, header, now,
                                                      spool_path=spool_path, size=size,
@@ -665,37 +658,13 @@ class Store:
                     continue
                 inserts.append(_stored_values(h, version, r.assoc_id, r.received_at,
                                               spool_path=r.spool_path, size=r.size,
-                                              sha256=r.digest(), reason=None))
+                                              sha256=r.digest()))
                 queued.add(key)
                 if r.assoc_id is not None:
                     counts[r.assoc_id] = counts.get(r.assoc_id, 0) + 1
             insert_queued()
             for assoc_id, n in counts.items():
                 hot["count"].run(c, b_assoc=assoc_id, b_n=n)
-
-    def _record_stored_fast(self, assoc_id: int | None, h: InstanceHeader, now: dt.datetime, *,
-                            spool_path: str | Path | None, size: int | None,
-                            sha256: str | None, reason: str | None) -> InstanceRecord | None:
-        """The common case of :meth:`record_instance` -- another instance of a series that is
-        already 'receiving' -- as three Core statements in one transaction: series counters
-        bumped in place (``instance_count + 1`` unless this SOP UID is already stored in the
-        series), the instance row inserted, the association counter bumped. Returns None
-        (nothing written) when the series is new or must be reopened; the ORM path does that.
-        """
-        hot = self._hot()
-        with self.db.connection() as c:
-            got = hot["bump"].run(c, b_series=h.series_uid, b_sop=h.sop_instance_uid,
-                                  b_now=now).fetchone()
-            if got is None:
-                return None  # no row matched: nothing written, the ORM path decides
-            values = _stored_values(h, got[0], assoc_id, now, spool_path=spool_path,
-                                    size=size, sha256=sha256, reason=reason)
-            row_id = hot["add"].run(c, **values).fetchone()[0]
-            if assoc_id is not None:
-                hot["count"].run(c, b_assoc=assoc_id)
-        values.pop("reason")
-        values.pop("association_id")
-        return InstanceRecord(id=row_id, **{**values, "meta": dict(values["meta"])})
 
     def _touch_series(self, s: Session, h: InstanceHeader, now: dt.datetime) -> int:
         """Create/update study + series for a stored instance; returns the series version."""

@@ -654,13 +654,13 @@ def test_spool_recreates_directory_removed_by_another_process(tmp_path: Path) ->
     assert spool.write_atomic("x/y/2.dcm", b"2").read_bytes() == b"2"
 
 
-def test_stored_fast_path_counts_reopens_and_versions(store: Store, db: Database,
+def test_record_instance_stored_counts_reopens_and_versions(store: Store, db: Database,
                                                       clock) -> None:
     a = store.begin_association("SCU", "MOLRE", "127.0.0.1", 4242)
     first = store.record_instance(a, header(sop="1.2.3.1.1"), spool_path="/s/1", size=10,
                                   sha256="a" * 64, status="stored")  # creates the series
     second = store.record_instance(a, header(sop="1.2.3.1.2", n=2), spool_path="/s/2", size=11,
-                                   sha256="b" * 64, status="stored")  # fast path
+                                   sha256="b" * 64, status="stored")  # series exists
     assert (second.series_version, second.status, second.size, second.instance_number) == \
         (1, "stored", 11, 2)
     assert second.id > first.id and second.meta == {"SeriesDescription": "HEAD"}
@@ -674,7 +674,7 @@ def test_stored_fast_path_counts_reopens_and_versions(store: Store, db: Database
     assert rec.instance_count == 3 and rec.version == 1
     assert rec.last_instance_at == T0 + dt.timedelta(seconds=30)
     assert rec.first_instance_at == T0
-    # a series past 'receiving' is reopened by the ORM path, then the fast path continues
+    # a series past 'receiving' is reopened, then later instances join the new version
     store.transition("1.2.3.1", "complete")
     late = store.record_instance(a, header(sop="1.2.3.1.4", n=4), spool_path="/s/4", size=1,
                                  sha256="d" * 64, status="stored")
