@@ -474,7 +474,8 @@ def test_cli_synth_writes_manifest_and_folders(tmp_path: Path) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert (out / "manifest.csv").is_file()
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["series_0001", "series_0002"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["masks", "series_0001",
+                                                                   "series_0002"]
     assert all(any((out / n).glob("*.dcm")) for n in ("series_0001", "series_0002"))
     assert str(out) in res.output and "manifest" in res.output
     assert "intraparenchymal_hemorrhage" in res.output
@@ -488,4 +489,91 @@ def test_cli_synth_writes_manifest_and_folders(tmp_path: Path) -> None:
                                "--size", "32", "--thickness", "5", "--slices", "12", "--overwrite",
                                "--no-progress"])
     assert res3.exit_code == 0, res3.output
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["series_0001"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["masks", "series_0001"]
+
+
+# ------------------------------------------------------------------------------------------
+# Sites (scanners that differ in the pixels) and ground-truth masks
+# ------------------------------------------------------------------------------------------
+
+
+def test_sites_differ_in_pixels_and_tags() -> None:
+    """Same head and findings, two sites: noise, calibration and kernel show in the image."""
+    def brain_stats(site: str):
+        clean = synth.render(np.random.default_rng(4), (), size=None, site=site, noise=False)
+        r = synth.render(np.random.default_rng(4), (), size=None, site=site)
+        region = (clean.hu > 10) & (clean.hu < 60)  # brain (any calibration), from the clean image
+        brain = ndimage.binary_erosion(region, structure=np.ones((1, 5, 5)), iterations=2)
+        vals = r.hu[brain]
+        # high-pass residual: noise (and edge enhancement) after removing the local mean
+        resid = (r.hu - ndimage.uniform_filter(r.hu, size=(1, 5, 5)))[brain]
+        return float(np.median(clean.hu[brain])), float(resid.std()), r
+
+    med_m, noise_m, rm = brain_stats("metro")
+    med_c, noise_c, rc = brain_stats("coastal")
+    med_v, _, rv = brain_stats("valley")
+    assert noise_c > 1.8 * noise_m  # low dose + edge-enhancing kernel vs smooth, normal dose
+    assert med_c > med_m + 3.0 > med_v + 3.0  # +HU offset at coastal, -offset and gain at valley
+    assert rc.geometry.tilt_deg >= 12.0 and rm.geometry.tilt_deg == 0.0
+    assert rc.geometry.spacing[0] == 2.5 and rm.geometry.spacing[0] == 5.0
+    assert rc.hu.shape[1] == 160 and rm.hu.shape[1] == 128
+
+
+def test_site_tags_and_tilted_series_read_back(tmp_path: Path) -> None:
+    volume = pytest.importorskip("molre.data.volume")
+    info = write_phantom_series(tmp_path / "c", np.random.default_rng(2), ("subdural_hemorrhage",),
+                                size=64, site="coastal")
+    ds = pydicom.dcmread(info.paths[0], stop_before_pixels=True)
+    assert ds.Manufacturer == synth.SITES["coastal"].manufacturer
+    assert ds.ConvolutionKernel == "DETAIL"
+    assert float(ds.GantryDetectorTilt) == pytest.approx(info.geometry.tilt_deg, abs=0.1)
+    assert float(ds.SliceThickness) == 2.5
+    iop = [float(v) for v in ds.ImageOrientationPatient]
+    assert iop[5] == pytest.approx(math.sin(math.radians(info.geometry.tilt_deg)), abs=1e-4)
+    vol = volume.read_series(tmp_path / "c")
+    assert any("gantry tilt" in w for w in vol.warnings)  # deskewed onto an orthogonal grid
+
+
+@pytest.mark.parametrize("key", ["intraparenchymal_hemorrhage", "subdural_hemorrhage",
+                                 "skull_fracture", "intracranial_calcification", "hydrocephalus",
+                                 "midline_shift", "acute_infarct"])
+def test_masks_cover_exactly_what_the_finding_changed(key: str) -> None:
+    """Without noise, the image with and without the finding differs only inside its mask
+    (dilated by the kernel's reach), and the mask is not empty."""
+    kw = dict(size=SIZE, slice_thickness=5.0, noise=False)
+    base = synth.render(np.random.default_rng(3), (), **kw)
+    r = synth.render(np.random.default_rng(3), (key,), **kw)
+    m = r.masks[key]
+    assert m.any() and m.shape == r.hu.shape
+    near = ndimage.binary_dilation(m, structure=np.ones((1, 5, 5), bool))
+    diff = np.abs(r.hu - base.hu)
+    assert float(diff[~near].max(initial=0.0)) < 0.5
+    assert float(diff[m].mean()) > 1.0
+
+
+def test_dataset_sites_masks_and_fixed_findings(tmp_path: Path) -> None:
+    kw = dict(size=48, slice_thickness=5.0, n_slices=14, progress=False)
+    m1 = synth.generate_dataset(tmp_path / "a", 4, seed=9, sites=["metro"], **kw)
+    m2 = synth.generate_dataset(tmp_path / "b", 4, seed=9, sites=["valley"], **kw)
+    r1, r2 = _read_rows(m1), _read_rows(m2)
+    assert {r["site"] for r in r1} == {"metro"} and {r["site"] for r in r2} == {"valley"}
+    # the site is drawn from its own stream: the same seed plants the same findings anywhere
+    assert [{k: v for k, v in r.items() if k not in ("site",)} for r in r1] == \
+        [{k: v for k, v in r.items() if k not in ("site",)} for r in r2]
+    recs = [json.loads(x) for x in (tmp_path / "a" / "phantoms.jsonl").read_text().splitlines()]
+    for rec in recs:
+        mpath = tmp_path / "a" / synth.MASKS_DIR / f"{rec['name']}.npz"
+        if rec["findings"]:
+            masks = synth.load_masks(mpath)
+            assert sorted(masks) == sorted(rec["findings"])
+            assert all(v.shape == tuple(rec["geometry"]["shape"]) and v.any()
+                       for v in masks.values())
+    # --findings / --normal
+    synth.generate_dataset(tmp_path / "f", 2, seed=1, findings=["epidural_hematoma"], **kw)
+    recs = [json.loads(x) for x in (tmp_path / "f" / "phantoms.jsonl").read_text().splitlines()]
+    assert [r["findings"] for r in recs] == [["epidural_hematoma"]] * 2
+    synth.generate_dataset(tmp_path / "n", 2, seed=1, findings=[], **kw)
+    recs = [json.loads(x) for x in (tmp_path / "n" / "phantoms.jsonl").read_text().splitlines()]
+    assert [r["findings"] for r in recs] == [[], []]
+    with pytest.raises(MolreError, match="unknown synthetic site"):
+        synth.generate_dataset(tmp_path / "x", 1, seed=1, sites=["mars"], **kw)

@@ -32,6 +32,9 @@ from molre.errors import MolreError
 
 SPLITS = ("train", "val", "test")
 BASE_COLUMNS = ("path", "patient_id", "split")
+#: Optional descriptive columns (not findings): ``site`` names the scanner / centre of a scan
+#: (what `molre-node synth` writes; used to report results and expert usage per site).
+META_COLUMNS = ("site",)
 _TRUE = {"1", "1.0"}
 _FALSE = {"0", "0.0"}
 
@@ -44,6 +47,7 @@ class ManifestRow:
     patient_id: str
     split: str
     labels: np.ndarray
+    site: str = ""
 
     def volume(self, **kwargs: Any) -> SeriesVolume:
         return read_volume(self.path, **kwargs)
@@ -89,7 +93,7 @@ def read_manifest(
     dups = sorted({h for h in header if header.count(h) > 1})
     if dups:
         raise MolreError(f"{mpath}: line 1: duplicate column(s) {', '.join(dups)}")
-    findings = [h for h in header if h not in BASE_COLUMNS]
+    findings = [h for h in header if h not in BASE_COLUMNS and h not in META_COLUMNS]
     unknown = [h for h in findings if h not in catalog]
     if unknown:
         shown = ", ".join(repr(u) for u in unknown)
@@ -134,7 +138,9 @@ def read_manifest(
                              f"({other_split}) appears again in {split}; keep each patient in "
                              "one split to avoid leakage")
         first_line.setdefault(patient, (line, split))
-        rows.append(ManifestRow(path=p, patient_id=patient, split=split, labels=labels))
+        site = values[col_index["site"]].strip() if "site" in col_index else ""
+        rows.append(ManifestRow(path=p, patient_id=patient, split=split, labels=labels,
+                                site=site))
     if not rows:
         raise MolreError(f"{mpath}: no rows after the header")
     return rows
@@ -179,6 +185,10 @@ def write_manifest(
     mpath.parent.mkdir(parents=True, exist_ok=True)
     base = mpath.parent.resolve()
     out_rows: list[list[str]] = []
+    rows = list(rows)
+    sites = [str((r.get("site") if isinstance(r, Mapping) else getattr(r, "site", "")) or "")
+             for r in rows]
+    with_site = any(sites)
     for i, row in enumerate(rows):
         where = f"manifest row {i + 1}"
         get = row.get if isinstance(row, Mapping) else lambda k, r=row: getattr(r, k)
@@ -198,13 +208,13 @@ def write_manifest(
         else:
             p_text = p.as_posix()
         labels = _labels_of(row, catalog, where)
-        out_rows.append([p_text, patient, split,
+        out_rows.append([p_text, patient, split, *([sites[i]] if with_site else []),
                          *(_fmt(float(v), f"{where}, column {k}")
                            for k, v in zip(catalog.keys, labels, strict=True))])
     tmp = mpath.with_name(mpath.name + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow([*BASE_COLUMNS, *catalog.keys])
+        writer.writerow([*BASE_COLUMNS, *(["site"] if with_site else []), *catalog.keys])
         writer.writerows(out_rows)
     os.replace(tmp, mpath)
     return mpath
