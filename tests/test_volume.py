@@ -325,3 +325,83 @@ def test_positions_keep_sub_millimetre_precision_far_from_the_origin(tmp_path: P
     v = read_series(tmp_path / "s")
     assert v.warnings == [] and v.spacing == pytest.approx(spacing, abs=1e-9)
     assert np.allclose(v.origin, (-125.123456, 0, 1234.56789), atol=1e-6)
+
+
+# -- real-scanner geometry and input sanity (issue 12) -------------------------------------------
+def test_ge_stepped_tilted_head_is_resampled_not_refused(tmp_path: Path) -> None:
+    """GE two-part head: 14 x 4 mm then 14 x 7 mm, +18.5 degrees tilt, -1500 padding. The
+    series is complete: read onto the finest (4 mm) grid, thickness 4 mm (from SliceThickness),
+    both corrections listed."""
+    from tests.scanner_series import PADDING_HU, write_ge_stepped_head
+
+    write_ge_stepped_head(tmp_path / "ge")
+    v = read_series(tmp_path / "ge")
+    cos = np.cos(np.radians(18.5))
+    assert v.spacing[0] == pytest.approx(4.0 * cos, rel=1e-4)
+    extent = (14 * 4.0 + 13 * 7.0) * cos
+    assert v.shape[0] == round(extent / v.spacing[0]) + 1
+    assert v.meta["slice_thickness"] == 4.0 and v.meta["slice_thickness_values"] == [4.0, 7.0]
+    kinds = [c["kind"] for c in v.meta["corrections"]]
+    assert kinds == ["slice_spacing_regularised", "gantry_tilt_resampled"]
+    assert not any("missing" in w for w in v.warnings)
+    assert "gantry tilt about 18.5 degrees" in v.meta["corrections"][1]["description"]
+    assert v.hu.min() == PADDING_HU and 20 < float(np.median(v.hu[v.hu > 0])) < 1200
+    assert len(v.sop_instance_uids) == 28
+
+
+def test_dropped_slices_are_still_gaps_in_stepped_and_uniform_series(tmp_path: Path) -> None:
+    from tests.scanner_series import write_ge_stepped_head
+
+    s = write_ge_stepped_head(tmp_path / "ge")
+    s.paths[20].unlink()  # one slice of the 7 mm block
+    s.paths[5].unlink()  # one slice of the 4 mm block
+    v = read_series(tmp_path / "ge")
+    (gap,) = [w for w in v.warnings if "missing slice" in w]
+    assert gap.startswith("2 missing slice(s)")
+    assert "missing_slices_interpolated" in [c["kind"] for c in v.meta["corrections"]]
+    # a 5 mm series with every other slice gone in its middle (thickness still 5 mm) is not a
+    # 5/10 mm protocol: the slices are missing, and too many to read
+    vol = _vol(n=30)
+    paths = write_ct_series(tmp_path / "u", vol, spacing=SPACING)
+    for p in paths[9:20:2]:
+        p.unlink()
+    with pytest.raises(SeriesError, match="6 missing slice"):
+        read_series(tmp_path / "u")
+    # ... while a real 5 mm / 10 mm protocol (10 mm thick slices) is read
+    proto = tmp_path / "p"
+    study, series = new_uid(), new_uid()
+    write_ct_series(proto / "a", _vol(n=8), spacing=SPACING, study_uid=study, series_uid=series)
+    write_ct_series(proto / "b", _vol(n=8, seed=1), spacing=(10.0, 0.5, 0.75),
+                    origin=(0, 0, 45.0), study_uid=study, series_uid=series)
+    v = read_series(proto)
+    assert v.spacing[0] == 5.0 and not any("missing" in w for w in v.warnings)
+    assert v.meta["slice_thickness_values"] == [5.0, 10.0]
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"RescaleSlope": "0"}, r"RescaleSlope \(0028,1053\) is 0"),
+    ({"RescaleSlope": "NaN"}, r"RescaleSlope \(0028,1053\) is nan \(not a finite number\)"),
+    ({"RescaleIntercept": "inf"}, r"RescaleIntercept \(0028,1052\) is inf"),
+    ({"PixelSpacing": ["60", "60"]}, r"PixelSpacing \(0028,0030\) \[60.0, 60.0\] mm is outside"),
+    ({"PixelSpacing": ["150", "150"]}, r"PixelSpacing \(0028,0030\) \[150.0, 150.0\] mm"),
+])
+def test_insane_headers_are_refused_naming_the_tag(tmp_path: Path, changes, match) -> None:
+    paths = write_ct_series(tmp_path / "s", _vol(n=6), spacing=SPACING)
+    for p in paths:
+        _edit(p, **changes)
+    with pytest.raises(SeriesError, match=match):
+        read_series(tmp_path / "s")
+
+
+def test_absurd_slice_spacing_grid_size_and_constant_volumes_are_refused(tmp_path: Path) -> None:
+    write_ct_series(tmp_path / "far", _vol(n=6), spacing=(60.0, 0.5, 0.75))
+    with pytest.raises(SeriesError, match=r"slice spacing 60 mm .*ImagePositionPatient"):
+        read_series(tmp_path / "far")
+    write_ct_series(tmp_path / "s", _vol(n=6), spacing=SPACING)
+    with pytest.raises(SeriesError, match=r"6 x 16 x 20 = 1,920 voxels, more than the limit "
+                                          r"of 1,000"):
+        read_series(tmp_path / "s", max_voxels=1000)
+    assert read_series(tmp_path / "s", max_voxels=1920).shape == (6, 16, 20)
+    write_ct_series(tmp_path / "c", np.full((6, 16, 20), 40.0, np.float32), spacing=SPACING)
+    with pytest.raises(SeriesError, match="every voxel is 40 .*constant volume"):
+        read_series(tmp_path / "c")

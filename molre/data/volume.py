@@ -27,9 +27,21 @@ Policies (all recorded in ``warnings`` when they change data):
 - Every slice is rescaled with its own RescaleSlope / RescaleIntercept.
 - Duplicate positions: one slice is kept (lowest InstanceNumber), the warning says whether the
   dropped pixels were identical.
-- Gaps (> 1.5 x median spacing) are filled by linear interpolation between the neighbours and
-  reported; more than ``max_missing_fraction`` missing -> SeriesError. Non-uniform spacing is
-  resampled linearly onto the median spacing.
+- Stepped spacing (head protocols acquire the posterior fossa thinner, e.g. 14 slices at 4 mm
+  then 14 at 7 mm): runs of >= 3 equal steps are acquisition blocks; the volume is resampled onto
+  a regular grid at the finest block spacing by linear interpolation between acquired slices.
+- Gaps (a step > 1.5 x the spacing of the run around it, i.e. slices dropped inside a uniformly
+  spaced run) are filled by linear interpolation between the neighbours and reported; more than
+  ``max_missing_fraction`` missing -> SeriesError. Other non-uniform spacing is resampled
+  linearly onto the median spacing.
+- Sanity before any pixel is resampled (SeriesError naming the tag): RescaleSlope 0 or
+  non-finite RescaleSlope / RescaleIntercept, PixelSpacing outside ``PIXEL_SPACING_MM``, a field
+  of view above ``MAX_FIELD_OF_VIEW_MM``, a slice spacing above ``MAX_SLICE_SPACING_MM``, a
+  regular grid of more than ``max_voxels`` voxels, and a constant volume (every voxel equal).
+- Every change to the geometry (tilt resampled, spacing regularised, gaps filled, duplicates
+  dropped) is listed in ``meta["corrections"]`` (kind + description) for the audit trail.
+- ``meta["slice_thickness"]`` is the SliceThickness (0018,0050) of most slices (ties: the
+  thinner), ``meta["slice_thickness_values"]`` every distinct value: never inferred from spacing.
 - Gantry tilt (slice positions not along the normal): each slice is shifted in-plane (linear
   interpolation) onto an orthogonal grid, as dcm2niix does, up to ``max_tilt_deg``; above that,
   or with ``tilt="refuse"``, SeriesError.
@@ -64,6 +76,17 @@ _MULTIFRAME_CT = (ENHANCED_CT_IMAGE, LEGACY_ENHANCED_CT_IMAGE)
 _CT_CLASSES = (CT_IMAGE, *_MULTIFRAME_CT)
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: What a CT scanner can produce; a header outside these is corrupt or hostile, and resampling
+#: it would make megabytes of input into gigabytes of volume.
+PIXEL_SPACING_MM = (0.01, 10.0)
+MAX_FIELD_OF_VIEW_MM = 1000.0
+MAX_SLICE_SPACING_MM = 20.0
+#: Default bound on the voxels of the regular grid (float32: 4 bytes each); callers pass theirs.
+DEFAULT_MAX_VOXELS = 512 * 512 * 2048
+#: A run of at least this many equal steps is an acquisition block (stepped-spacing protocols).
+_MIN_BLOCK_STEPS = 3
+_STEP_TOL = 0.1
 
 
 @dataclass
@@ -135,6 +158,7 @@ class _Frame:
     cols: int
     slope: float
     intercept: float
+    thickness: float | None = None
     t: float = 0.0
 
 
@@ -171,13 +195,21 @@ def _rescale(ds: Dataset, where: str, warnings: list[str], slope: Any, intercept
     if slope is None or intercept is None:
         warnings.append(f"{where}: RescaleSlope/RescaleIntercept missing; assumed 1 and 0 "
                         "(values may not be HU)")
-        return (1.0 if slope is None else float(slope),
-                0.0 if intercept is None else float(intercept))
+        slope = 1.0 if slope is None else slope
+        intercept = 0.0 if intercept is None else intercept
     try:
-        return float(slope), float(intercept)
+        s, i = float(slope), float(intercept)
     except (TypeError, ValueError):
         raise SeriesError(f"{where}: RescaleSlope/RescaleIntercept not numeric "
                           f"({slope!r}, {intercept!r})") from None
+    for tag, v in (("RescaleSlope (0028,1053)", s), ("RescaleIntercept (0028,1052)", i)):
+        if not math.isfinite(v):
+            raise SeriesError(f"{where}: {tag} is {v} (not a finite number); the pixel values "
+                              "cannot be converted to HU")
+    if s == 0:
+        raise SeriesError(f"{where}: RescaleSlope (0028,1053) is 0: every voxel would have the "
+                          "same value; the series is unusable")
+    return s, i
 
 
 def _frames_of(path: Path, ds: Dataset, warnings: list[str]) -> list[_Frame]:
@@ -207,12 +239,13 @@ def _frames_of(path: Path, ds: Dataset, warnings: list[str]) -> list[_Frame]:
             spc = _fg_attr(ds, item, "PixelMeasuresSequence", "PixelSpacing")
             slope = _fg_attr(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
             icpt = _fg_attr(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
+            thick = _float_or_none(_fg_attr(ds, item, "PixelMeasuresSequence", "SliceThickness"))
             out.append(_Frame(
                 path, i, sop_uid, inst,
                 _floats(pos, 3, "PlanePositionSequence/ImagePositionPatient", fw),
                 _floats(ori, 6, "PlaneOrientationSequence/ImageOrientationPatient", fw),
                 tuple(_floats(spc, 2, "PixelMeasuresSequence/PixelSpacing", fw)),  # type: ignore
-                rows, cols, *_rescale(ds, fw, warnings, slope, icpt)))
+                rows, cols, *_rescale(ds, fw, warnings, slope, icpt), thick))
         return out
     return [_Frame(
         path, None, sop_uid, inst,
@@ -220,7 +253,8 @@ def _frames_of(path: Path, ds: Dataset, warnings: list[str]) -> list[_Frame]:
         _floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient (0020,0037)", where),
         tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing (0028,0030)", where)),  # type: ignore
         rows, cols,
-        *_rescale(ds, where, warnings, ds.get("RescaleSlope"), ds.get("RescaleIntercept")))]
+        *_rescale(ds, where, warnings, ds.get("RescaleSlope"), ds.get("RescaleIntercept")),
+        _float_or_none(ds.get("SliceThickness")))]
 
 
 def _list_files(source: Path | Sequence[Path]) -> list[Path]:
@@ -390,6 +424,17 @@ def _check_consistent(frames: list[_Frame]) -> None:
                           "series geometry is unusable")
     if np.max(np.abs(sp - sp[0])) > 1e-3 * max(1.0, float(sp[0].max())):
         fail("PixelSpacing (0028,0030)", Counter(f"{a:g}\\{b:g}" for a, b in sp))
+    lo, hi = PIXEL_SPACING_MM
+    if not (np.all(np.isfinite(sp[0])) and lo <= sp[0].min() and sp[0].max() <= hi):
+        raise SeriesError(f"PixelSpacing (0028,0030) {[float(v) for v in sp[0]]} mm is outside "
+                          f"{lo:g}..{hi:g} mm, not a CT pixel size; refused rather than "
+                          "resampled (check the header)")
+    f0 = frames[0]
+    fov = (f0.rows * float(sp[0][0]), f0.cols * float(sp[0][1]))
+    if max(fov) > MAX_FIELD_OF_VIEW_MM:
+        raise SeriesError(f"Rows x PixelSpacing (0028,0010)/(0028,0030) give a field of view of "
+                          f"{fov[0]:.0f} x {fov[1]:.0f} mm, more than {MAX_FIELD_OF_VIEW_MM:g} mm; "
+                          "refused rather than resampled (check the header)")
     r, c = ref[:3], ref[3:]
     if abs(np.linalg.norm(r) - 1) > 1e-2 or abs(np.linalg.norm(c) - 1) > 1e-2 or abs(r @ c) > 1e-2:
         raise SeriesError(f"ImageOrientationPatient (0020,0037) {list(ref)} is not two orthogonal "
@@ -450,6 +495,84 @@ def _deskew(slices: list[np.ndarray], offsets_px: np.ndarray, fill: float) -> li
     return out
 
 
+@dataclass
+class _SpacingPlan:
+    step: float  # spacing of the regular grid
+    missing: int = 0  # slices judged dropped (gaps)
+    gap_idx: list[int] = field(default_factory=list)  # steps that are gaps
+    blocks: list[tuple[float, float, float]] = field(default_factory=list)  # stepped: (from,
+    # to, spacing) per acquisition block, empty for a uniformly spaced series
+    nonuniform: bool = False
+
+
+def _runs(steps: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs [a, b) of >= _MIN_BLOCK_STEPS steps within _STEP_TOL of the run's first."""
+    out: list[tuple[int, int]] = []
+    i, n = 0, len(steps)
+    while i < n:
+        j = i + 1
+        while j < n and abs(steps[j] - steps[i]) <= _STEP_TOL * steps[i]:
+            j += 1
+        if j - i >= _MIN_BLOCK_STEPS:
+            out.append((i, j))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _spacing_plan(ts: np.ndarray, thickness: Sequence[float | None]) -> _SpacingPlan:
+    """Tell a stepped-spacing protocol from dropped slices, and pick the grid spacing.
+
+    Uniform series (one spacing, possibly with holes): the median step; a step > 1.5 x it is a
+    gap. Stepped series (acquisition blocks of different spacing): the finest block spacing; a
+    step outside the blocks is a gap when it is > 1.5 x the spacing of the blocks around it, and
+    a whole block whose spacing is k x (k >= 2) a neighbour's while its slices are thinner than
+    its spacing (SliceThickness) is that neighbour's run with every other slice dropped.
+    """
+    steps = np.diff(ts)
+    median = float(np.median(steps))
+    runs = _runs(steps) if median > 0 else []
+    spacing = [float(np.median(steps[a:b])) for a, b in runs]
+    if len(runs) < 2 or max(spacing) <= (1 + _STEP_TOL) * min(spacing):
+        gap_idx = [int(i) for i in np.nonzero(steps > 1.5 * median)[0]] if median > 0 else []
+        missing = int(sum(round(steps[i] / median) - 1 for i in gap_idx))
+        nonuniform = bool(median > 0 and np.max(np.abs(steps - median)) > _STEP_TOL * median)
+        return _SpacingPlan(median, missing, gap_idx, [], nonuniform)
+    ref = list(spacing)  # the spacing each block's acquisition really had
+    for b, (a, e) in enumerate(runs):
+        for nb in (b - 1, b + 1):
+            if not 0 <= nb < len(runs):
+                continue
+            ratio = spacing[b] / spacing[nb]
+            k = round(ratio)
+            if k >= 2 and abs(ratio - k) <= _STEP_TOL * k:
+                th = [t for t in thickness[a:e + 1] if t]
+                if not th or spacing[b] > 1.5 * float(np.median(th)):
+                    ref[b] = min(ref[b], spacing[nb])
+    block_of = np.full(len(steps), -1)
+    for b, (a, e) in enumerate(runs):
+        block_of[a:e] = b
+    gap_idx: list[int] = []
+    missing = 0
+    for i, st in enumerate(steps):
+        b = int(block_of[i])
+        if b >= 0:
+            r = ref[b]
+        else:
+            left = [k for k, (_, e) in enumerate(runs) if e <= i]
+            right = [k for k, (a, _) in enumerate(runs) if a > i]
+            near = ([ref[left[-1]]] if left else []) + ([ref[right[0]]] if right else [])
+            r = max(near) if near else median
+        if st > 1.5 * r:
+            gap_idx.append(i)
+            missing += int(round(st / r)) - 1
+    stepped = max(ref) > (1 + _STEP_TOL) * min(ref)  # else: one spacing with slices dropped
+    blocks = ([(float(ts[a]), float(ts[e]), spacing[b]) for b, (a, e) in enumerate(runs)]
+              if stepped else [])
+    return _SpacingPlan(min(ref), missing, gap_idx, blocks, True)
+
+
 def _regular_grid(t: np.ndarray, slices: list[np.ndarray], step: float
                   ) -> tuple[np.ndarray, int]:
     """Place slices at positions ``t`` onto a grid t0 + m*step; interpolate the gaps linearly."""
@@ -480,12 +603,14 @@ def read_series(
     max_missing_fraction: float = 0.10,
     tilt: str = "resample",
     max_tilt_deg: float = 30.0,
+    max_voxels: int | None = None,
 ) -> SeriesVolume:
     """Assemble one CT series (folder or list of files) into a `SeriesVolume`.
 
     Headers are read first without pixels to sort and validate; pixels are decoded only for the
     slices kept. See the module docstring for every policy; ``min_slices``,
-    ``max_missing_fraction``, ``tilt`` ("resample" | "refuse") and ``max_tilt_deg`` tune them.
+    ``max_missing_fraction``, ``tilt`` ("resample" | "refuse"), ``max_tilt_deg`` and
+    ``max_voxels`` (the regular grid; None = ``DEFAULT_MAX_VOXELS``) tune them.
     """
     if tilt not in ("resample", "refuse"):
         raise ValueError("tilt must be 'resample' or 'refuse'")
@@ -523,38 +648,62 @@ def read_series(
         raise SeriesError(f"series {info['series_uid']} has {len(kept)} distinct slice position(s) "
                           f"(ImagePositionPatient); at least {min_slices} are needed")
 
+    # geometry first (cheap, headers only): refuse before decoding or allocating anything big
+    ts = np.array([f.t for f in kept])
+    plan = _spacing_plan(ts, [f.thickness for f in kept])
+    step = plan.step
+    if step <= 0:
+        raise SeriesError("slice positions along the normal do not increase (ImagePositionPatient)")
+    if step > MAX_SLICE_SPACING_MM:
+        raise SeriesError(f"series {info['series_uid']}: slice spacing {step:.4g} mm (from "
+                          f"ImagePositionPatient (0020,0032)) is more than "
+                          f"{MAX_SLICE_SPACING_MM:g} mm, not a CT volume; refused rather than "
+                          "resampled (check the header)")
+    corrections: list[dict[str, str]] = []
+    if plan.missing:
+        frac = plan.missing / (len(kept) + plan.missing)
+        where = ", ".join(f"{ts[i]:.1f}..{ts[i + 1]:.1f} mm" for i in plan.gap_idx[:5])
+        msg = (f"{plan.missing} missing slice(s) ({frac:.0%} of the extent) in "
+               f"{len(plan.gap_idx)} gap(s) at {where}")
+        if frac > max_missing_fraction:
+            raise SeriesError(f"series {info['series_uid']}: {msg}; more than "
+                              f"{max_missing_fraction:.0%} missing — resend the complete series")
+        warnings.append(msg + "; filled by linear interpolation")
+        corrections.append({"kind": "missing_slices_interpolated",
+                            "description": msg + "; filled by linear interpolation"})
+    if plan.blocks:
+        runs = ", ".join(f"{sp:.3g} mm from {a:.1f} to {b:.1f} mm" for a, b, sp in plan.blocks)
+        msg = (f"stepped slice spacing ({runs}); resampled onto a regular {step:.3g} mm grid by "
+               "linear interpolation between acquired slices")
+        warnings.append(msg)
+        corrections.append({"kind": "slice_spacing_regularised", "description": msg})
+    elif not plan.missing and plan.nonuniform:
+        steps = np.diff(ts)
+        msg = (f"non-uniform slice spacing ({steps.min():.3g}..{steps.max():.3g} mm); "
+               f"resampled to {step:.3g} mm")
+        warnings.append(msg)
+        corrections.append({"kind": "slice_spacing_regularised", "description": msg})
+    n_out = int(round((ts[-1] - ts[0]) / step)) + 1
+    grid_voxels = n_out * kept[0].rows * kept[0].cols
+    limit = DEFAULT_MAX_VOXELS if max_voxels is None else int(max_voxels)
+    if grid_voxels > limit:
+        raise SeriesError(f"series {info['series_uid']}: the regular grid would have "
+                          f"{n_out} x {kept[0].rows} x {kept[0].cols} = {grid_voxels:,} voxels, "
+                          f"more than the limit of {limit:,} (model.max_resampled_voxels); "
+                          "refused rather than resampled")
+
     pixels = _load_pixels(kept + [f for g in dup_groups for f in g if f not in kept],
                           info["datasets"])
     if dup_groups:
         same = sum(all(np.array_equal(pixels[(f.path, f.frame)], pixels[(g[0].path, g[0].frame)])
                        for f in g) for g in dup_groups)
         dropped = sum(len(g) - 1 for g in dup_groups)
-        warnings.append(f"duplicate slice positions: {len(dup_groups)} position(s), {dropped} "
-                        f"slice(s) dropped ({same} with identical pixels, "
-                        f"{len(dup_groups) - same} with different pixels); kept the lowest "
-                        "InstanceNumber")
-
-    ts = np.array([f.t for f in kept])
-    steps = np.diff(ts)
-    step = float(np.median(steps))
-    if step <= 0:
-        raise SeriesError("slice positions along the normal do not increase (ImagePositionPatient)")
-
-    # gaps and missing-slice policy
-    gap_idx = np.nonzero(steps > 1.5 * step)[0]
-    missing = int(sum(round(steps[i] / step) - 1 for i in gap_idx))
-    if missing:
-        frac = missing / (len(kept) + missing)
-        where = ", ".join(f"{ts[i]:.1f}..{ts[i + 1]:.1f} mm" for i in gap_idx[:5])
-        msg = (f"{missing} missing slice(s) ({frac:.0%} of the extent) in {len(gap_idx)} gap(s) "
-               f"at {where}")
-        if frac > max_missing_fraction:
-            raise SeriesError(f"series {info['series_uid']}: {msg}; more than "
-                              f"{max_missing_fraction:.0%} missing — resend the complete series")
-        warnings.append(msg + "; filled by linear interpolation")
-    elif np.max(np.abs(steps - step)) > 0.1 * step:
-        warnings.append(f"non-uniform slice spacing ({steps.min():.3g}..{steps.max():.3g} mm); "
-                        f"resampled to {step:.3g} mm")
+        msg = (f"duplicate slice positions: {len(dup_groups)} position(s), {dropped} "
+               f"slice(s) dropped ({same} with identical pixels, "
+               f"{len(dup_groups) - same} with different pixels); kept the lowest "
+               "InstanceNumber")
+        warnings.append(msg)
+        corrections.append({"kind": "duplicate_slices_dropped", "description": msg})
 
     # gantry tilt / in-plane offsets between slices
     p0 = kept[0].position
@@ -563,6 +712,12 @@ def read_series(
     inplane = rel - np.outer(rel @ normal, normal)
     offsets_px = np.stack([inplane @ col_dir / spacing_y, inplane @ row_dir / spacing_x], axis=1)
     slices = [pixels[(f.path, f.frame)] for f in kept]
+    lo_hu = min(float(x.min()) for x in slices)
+    hi_hu = max(float(x.max()) for x in slices)
+    if lo_hu == hi_hu:
+        raise SeriesError(f"series {info['series_uid']}: every voxel is {lo_hu:g} after "
+                          "RescaleSlope (0028,1053) / RescaleIntercept (0028,1052): a constant "
+                          "volume has nothing to read (check the rescale values and Pixel Data)")
     extent = float(ts[-1] - ts[0])
     shift_mm = float(np.linalg.norm(inplane[-1]))
     angle = math.degrees(math.atan2(shift_mm, extent)) if extent > 0 else 0.0
@@ -575,15 +730,17 @@ def read_series(
             raise SeriesError(f"series {info['series_uid']}: {reason}; "
                               + ("tilted series are refused by configuration" if tilt == "refuse"
                                  else f"more than {max_tilt_deg:g} degrees cannot be corrected"))
-        fill = float(min(float(s.min()) for s in slices))
-        slices = _deskew(slices, offsets_px, fill)
+        slices = _deskew(slices, offsets_px, lo_hu)
         warnings.append(reason + "; resampled onto an orthogonal grid")
+        corrections.append({"kind": "gantry_tilt_resampled",
+                            "description": reason + "; resampled onto an orthogonal grid"})
     elif any(v not in ("0", "0.0", "") for v in info["meta"]["gantry_detector_tilt"]):
         warnings.append("GantryDetectorTilt is not 0 but slice positions are orthogonal; "
                         "geometry used as given")
 
     hu, n_interp = _regular_grid(ts, slices, step)
     direction = np.stack([row_dir, col_dir, normal])
+    thick = Counter(round(f.thickness, 4) for f in kept if f.thickness is not None)
     volume = SeriesVolume(
         hu=hu,
         spacing=(step, float(spacing_y), float(spacing_x)),
@@ -593,7 +750,12 @@ def read_series(
         series_uid=info["series_uid"],
         study_uid=info["study_uid"],
         warnings=warnings,
-        meta=info["meta"] | {"interpolated_slices": n_interp},
+        meta=info["meta"] | {
+            "interpolated_slices": n_interp,
+            "slice_thickness": (min(thick, key=lambda t: (-thick[t], t)) if thick else None),
+            "slice_thickness_values": sorted(thick),
+            "corrections": corrections,
+        },
     )
     log.debug("series assembled", series_uid=volume.series_uid, slices=len(kept),
              shape=list(hu.shape), warnings=len(warnings))
