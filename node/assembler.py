@@ -142,6 +142,7 @@ class Assembler(BackgroundLoop):
         uid = summary.series_uid
         self.store.transition(uid, "selected", details={
             "slices": summary.slices, "slice_thickness": summary.slice_thickness,
+            "slice_thickness_values": summary.slice_thickness_values,
             "kernel": summary.kernel})
         job_id = self.store.enqueue_job(uid)
         log.info("series selected", series_uid=uid, job_id=job_id, slices=summary.slices)

@@ -39,7 +39,7 @@ META_KEYWORDS = (
     "StudyDescription", "SeriesDescription", "ProtocolName", "SliceThickness",
     "ContrastBolusAgent", "ConvolutionKernel", "Rows", "Columns", "NumberOfFrames",
     "ImageOrientationPatient", "SeriesNumber", "StudyDate", "Manufacturer",
-    "ManufacturerModelName", "PixelSpacing", "KVP",
+    "ManufacturerModelName", "PixelSpacing", "KVP", "RescaleSlope", "RescaleIntercept",
 )
 PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
 
@@ -55,6 +55,8 @@ _FALLBACKS = {
     "PixelSpacing": _SHARED + ("PixelMeasuresSequence", "PixelSpacing"),
     "ImageOrientationPatient": _SHARED + ("PlaneOrientationSequence", "ImageOrientationPatient"),
     "ConvolutionKernel": _SHARED + ("CTReconstructionSequence", "ConvolutionKernel"),
+    "RescaleSlope": _SHARED + ("PixelValueTransformationSequence", "RescaleSlope"),
+    "RescaleIntercept": _SHARED + ("PixelValueTransformationSequence", "RescaleIntercept"),
 }
 _SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _ACCESSION, _INSTANCE_NUMBER = (
     int(Tag(kw)) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
@@ -81,7 +83,9 @@ def _plain(value: Any) -> Any:
         return int(value)
     if isinstance(value, float):
         f = float(value)
-        return f if math.isfinite(f) else None
+        # kept as text ("nan", "inf"): the selection rules refuse a NaN RescaleSlope by name
+        # instead of seeing the attribute as absent
+        return f if math.isfinite(f) else str(f)
     return str(value)
 
 

@@ -12,19 +12,29 @@ Preference when several series of one study qualify (`selection.prefer`):
 - "thinnest-soft-tissue": among qualifying series whose ConvolutionKernel matches
   `selection.soft_tissue_kernel` (if none match: among all qualifying series), the one with the
   thinnest slices wins; ties go to the series with more slices, then the lower series UID (so the
-  choice is deterministic). The others are skipped with reason `preference: ...`.
+  choice is deterministic). The others are skipped with reason `preference: ...` naming the rule
+  that decided (kernel, thicker slices, fewer slices, or the UID tie-breaker).
 - "all": every qualifying series is read.
+
+Input sanity (not configurable, checked on the header meta before anything is read): a
+RescaleSlope of 0 (every voxel the same value), a non-finite RescaleSlope / RescaleIntercept, a
+PixelSpacing outside what a CT scanner produces or a field of view above 1 m are skipped with
+a reason naming the tag (`rescale: RescaleSlope (0028,1053) is 0 ...`).
+
+Slice thickness of a series = the SliceThickness of most of its instances (ties: the thinner),
+never a mean or median that no slice has (a stepped 4 mm / 7 mm head protocol is 4 mm, not 5.5).
 """
 
 from __future__ import annotations
 
 import math
 import re
-import statistics
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from molre.data.volume import MAX_FIELD_OF_VIEW_MM, PIXEL_SPACING_MM
 from node.config import SelectionConfig
 
 HEAD_FIELDS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")
@@ -46,6 +56,9 @@ class SeriesSummary:
     contrast: str = ""
     texts: dict[str, str] = field(default_factory=dict)
     axial: bool | None = None
+    slice_thickness_values: list[float] = field(default_factory=list)
+    #: header values that make the series unreadable: "rescale: ..." / "pixel_spacing: ..."
+    insane: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +87,14 @@ def _as_float(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _number(v: Any) -> float | None:
+    """float of a header value, NaN/inf included (the sanity rules must see them)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def _is_axial(iop: Any) -> bool | None:
     vals = [_as_float(x) for x in _as_list(iop)]
     if len(vals) != 6 or any(v is None for v in vals):
@@ -91,7 +112,24 @@ def summarize(series_uid: str, metas: Sequence[Mapping[str, Any]],
     thick: list[float] = []
     image_types: list[tuple[str, ...]] = []
     axial_votes: list[bool] = []
+    bad_rescale: Counter[str] = Counter()
+    spacings: set[tuple[str, ...]] = set()
+    fovs: list[float] = []
     for m in metas:
+        for kw, tag in (("RescaleSlope", "(0028,1053)"), ("RescaleIntercept", "(0028,1052)")):
+            if kw in m and m[kw] not in (None, ""):
+                v = _number(m[kw])
+                if v is None or not math.isfinite(v):
+                    bad_rescale[f"{kw} {tag} is {m[kw]} (not a finite number)"] += 1
+                elif kw == "RescaleSlope" and v == 0:
+                    bad_rescale[f"{kw} {tag} is 0 (every voxel would have the same value)"] += 1
+        ps = _as_list(m.get("PixelSpacing"))
+        if ps:
+            spacings.add(tuple(str(x) for x in ps))
+            vals = [_number(x) for x in ps]
+            rows, cols = _number(m.get("Rows")), _number(m.get("Columns"))
+            if len(vals) == 2 and all(v is not None for v in vals) and rows and cols:
+                fovs.append(max(rows * vals[0], cols * vals[1]))  # type: ignore[operator]
         if m.get("Modality"):
             s.modalities.add(str(m["Modality"]).upper())
         frames = m.get("NumberOfFrames")
@@ -121,7 +159,25 @@ def summarize(series_uid: str, metas: Sequence[Mapping[str, Any]],
             s.study_uid = str(m["StudyInstanceUID"])
     if image_types:
         s.image_type = list(max(set(image_types), key=image_types.count))
-    s.slice_thickness = statistics.median(thick) if thick else None
+    counts = Counter(thick)
+    s.slice_thickness = min(counts, key=lambda t: (-counts[t], t)) if counts else None
+    s.slice_thickness_values = sorted(counts)
+    for reason, n in sorted(bad_rescale.items()):
+        s.insane.append(f"rescale: {reason} in {n} of {len(metas)} instance(s)")
+    lo, hi = PIXEL_SPACING_MM
+    for ps in sorted(spacings):
+        vals = [_number(x) for x in ps]
+        if len(vals) != 2 or any(v is None or not math.isfinite(v) or not lo <= v <= hi
+                                 for v in vals):
+            shown = "\\".join(ps)
+            s.insane.append(f"pixel_spacing: PixelSpacing (0028,0030) {shown} mm is "
+                            f"outside {lo:g}..{hi:g} mm (not a CT pixel size)")
+            break
+    else:
+        if fovs and max(fovs) > MAX_FIELD_OF_VIEW_MM:
+            s.insane.append(f"pixel_spacing: Rows/Columns x PixelSpacing (0028,0030) give a "
+                            f"{max(fovs):.0f} mm field of view, more than "
+                            f"{MAX_FIELD_OF_VIEW_MM:g} mm")
     if axial_votes:
         s.axial = sum(axial_votes) * 2 >= len(axial_votes)
     return s
@@ -150,11 +206,18 @@ def evaluate(s: SeriesSummary, rules: SelectionConfig) -> Decision:
             return Decision(False, f"image_type: {third or 'no AXIAL value'} (not axial)")
     if s.slices < rules.min_slices:
         return Decision(False, f"slices: {s.slices} < {rules.min_slices}")
+    if s.insane:
+        return Decision(False, s.insane[0] + "; not read")
     if s.slice_thickness is None:
         return Decision(False, "slice_thickness: missing")
-    if not rules.slice_thickness_min_mm <= s.slice_thickness <= rules.slice_thickness_max_mm:
-        return Decision(False, f"slice_thickness: {s.slice_thickness:g} mm outside "
-                               f"{rules.slice_thickness_min_mm:g}..{rules.slice_thickness_max_mm:g}")
+    if s.slice_thickness > rules.slice_thickness_max_mm:
+        return Decision(False, f"slice_thickness: {s.slice_thickness:g} mm slices, thicker than "
+                               f"the {rules.slice_thickness_max_mm:g} mm limit "
+                               "(selection.slice_thickness_max_mm)")
+    if s.slice_thickness < rules.slice_thickness_min_mm:
+        return Decision(False, f"slice_thickness: {s.slice_thickness:g} mm slices, thinner than "
+                               f"the {rules.slice_thickness_min_mm:g} mm minimum "
+                               "(selection.slice_thickness_min_mm)")
     if rules.require_head and not is_head(s, rules.head_patterns):
         return Decision(False, "body_part: no head pattern in " + "/".join(HEAD_FIELDS))
     if rules.exclude_contrast and s.contrast:
@@ -190,13 +253,25 @@ def choose_preferred(candidates: Sequence[SeriesSummary],
         if s is best:
             continue
         if soft and s not in soft:
-            why = f"kernel {s.kernel or 'missing'} is not soft tissue"
+            why = (f"kernel {s.kernel or 'missing'} is not soft tissue "
+                   "(selection.soft_tissue_kernel) and a soft-tissue series exists")
         else:
-            why = (f"{s.slice_thickness:g} mm slices, thinner or equal "
-                   f"{best.slice_thickness:g} mm" if s.slice_thickness is not None
-                   and best.slice_thickness is not None else "ranked lower")
+            why = _why_ranked_lower(s, best)
         skipped[s.series_uid] = f"preference: series {best.series_uid} preferred ({why})"
     return [best], skipped
+
+
+def _why_ranked_lower(s: SeriesSummary, best: SeriesSummary) -> str:
+    """The rule of `_rank` that decided between `s` and `best`, in words."""
+    mine, theirs = s.slice_thickness, best.slice_thickness
+    if mine is None:
+        return "SliceThickness missing; a series with a known thickness is preferred"
+    if theirs is not None and mine != theirs:
+        return f"{mine:g} mm slices, thicker than its {theirs:g} mm"
+    if s.slices != best.slices:
+        return f"same {mine:g} mm slices, fewer slices ({s.slices} < {best.slices})"
+    return (f"same {mine:g} mm slices and {s.slices} slices; tie broken by the lower Series "
+            "Instance UID")
 
 
 __all__ = ["Decision", "HEAD_FIELDS", "SeriesSummary", "choose_preferred", "evaluate",

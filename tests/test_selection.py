@@ -43,7 +43,17 @@ def test_a_plain_head_ct_is_selected() -> None:
     ({"ImageType": ["ORIGINAL", "PRIMARY", "OTHER"],
       "ImageOrientationPatient": [1, 0, 0, 0, 0, -1]}, 32, "not axial"),
     ({}, 5, "slices: 5 < 16"),
-    ({"SliceThickness": 12.0}, 32, "slice_thickness: 12 mm outside 0.4..10"),
+    ({"SliceThickness": 12.0}, 32,
+     "slice_thickness: 12 mm slices, thicker than the 10 mm limit (selection.slice_thickness_max_mm)"),
+    ({"SliceThickness": 0.2}, 32, "slice_thickness: 0.2 mm slices, thinner than the 0.4 mm minimum"),
+    ({"RescaleSlope": 0.0}, 32, "rescale: RescaleSlope (0028,1053) is 0"),
+    ({"RescaleSlope": "nan"}, 32, "rescale: RescaleSlope (0028,1053) is nan (not a finite number)"),
+    ({"RescaleIntercept": "inf"}, 32, "rescale: RescaleIntercept (0028,1052) is inf"),
+    ({"PixelSpacing": [60.0, 60.0]}, 32, "pixel_spacing: PixelSpacing (0028,0030) 60.0\\60.0 mm "
+                                         "is outside 0.01..10 mm"),
+    ({"PixelSpacing": [0.0, 0.0]}, 32, "pixel_spacing: PixelSpacing (0028,0030) 0.0\\0.0 mm"),
+    ({"PixelSpacing": [5.0, 5.0], "Rows": 512, "Columns": 512}, 32,
+     "pixel_spacing: Rows/Columns x PixelSpacing (0028,0030) give a 2560 mm field of view"),
     ({"SliceThickness": None}, 32, "slice_thickness: missing"),
     ({"BodyPartExamined": "CHEST", "StudyDescription": "CT THORAX", "SeriesDescription": "Lung",
       "ProtocolName": "CHEST"}, 32, "body_part: no head pattern"),
@@ -101,3 +111,25 @@ def test_preference_without_soft_kernels_takes_thinnest_and_all_keeps_all() -> N
     assert [c.series_uid for c in chosen] == ["1.2"] and list(skipped) == ["1.1"]
     chosen, skipped = choose_preferred([a, b], SelectionConfig(prefer="all"))
     assert len(chosen) == 2 and skipped == {}
+
+
+def test_preference_reasons_name_the_rule_that_decided() -> None:
+    best = series(64, uid="1.2", SliceThickness=1.0)
+    thicker = series(64, uid="1.5", SliceThickness=5.0)
+    fewer = series(32, uid="1.1", SliceThickness=1.0)
+    tie = series(64, uid="1.9", SliceThickness=1.0)
+    chosen, skipped = choose_preferred([thicker, fewer, tie, best], RULES)
+    assert [c.series_uid for c in chosen] == ["1.2"]
+    assert skipped["1.5"].endswith("(5 mm slices, thicker than its 1 mm)")
+    assert skipped["1.1"].endswith("(same 1 mm slices, fewer slices (32 < 64))")
+    assert skipped["1.9"].endswith("tie broken by the lower Series Instance UID)")
+
+
+def test_stepped_protocol_thickness_is_a_real_slice_thickness() -> None:
+    """14 slices at 4 mm + 14 at 7 mm: the series is 4 mm (ties go to the thinner), never the
+    5.5 mm median no slice has; a majority decides otherwise."""
+    stepped = summarize("1.7", [meta(SliceThickness=4.0)] * 14 + [meta(SliceThickness=7.0)] * 14)
+    assert stepped.slice_thickness == 4.0 and stepped.slice_thickness_values == [4.0, 7.0]
+    assert evaluate(stepped, RULES).selected
+    mostly_7 = summarize("1.8", [meta(SliceThickness=4.0)] * 10 + [meta(SliceThickness=7.0)] * 18)
+    assert mostly_7.slice_thickness == 7.0
