@@ -14,6 +14,11 @@ Why these choices (IHE AI Results, AIR):
 - the local `99MOLRE` coding scheme is declared in the Coding Scheme Identification Sequence;
 - SeriesDescription starts with "AI RESULTS – NOT FOR DIAGNOSTIC USE" (+ " – DEMO MODEL" for the
   packaged demo checkpoint). The text contains an en dash, so the SR is UTF-8 (ISO_IR 192).
+- the content says so too (a viewer may show the tree, not the header): the root container has
+  a "Qualitative Evaluations" container (UMLS C0034375, TID 1500) with TEXT items
+  99MOLRE "usage" (not for diagnostic use) and 99MOLRE "processing" (what the node did to the
+  source geometry before reading it: tilt resampled, spacing regularised, gaps filled, or
+  "none"); the processing text is also the Contributing Equipment's ContributionDescription.
 
 Versions: a series reopened by late instances is reported again as a *new SR instance* (new SOP
 Instance UID, InstanceNumber = series version) in the *same* result series — the result series
@@ -53,6 +58,12 @@ NO_UNITS = Code("1", "UCUM", "no units")
 CT_OF_HEAD = Code("303653007", "SCT", "CT of head")
 HEAD = Code("69536005", "SCT", "Head")
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+USAGE = Code("usage", LOCAL_SCHEME, "Usage restriction")
+PROCESSING = Code("processing", LOCAL_SCHEME, "Processing of the source images")
+USAGE_TEXT = ("AI RESULTS – NOT FOR DIAGNOSTIC USE. Output of research software; it must not be "
+              "used for diagnosis or treatment decisions.")
+DEMO_TEXT = " DEMO MODEL: random weights, the findings are meaningless."
 
 # Type 2 attributes highdicom copies from the evidence and refuses when absent.
 _TYPE2_FILL = ("StudyID", "ReferringPhysicianName", "AccessionNumber", "StudyDate",
@@ -111,6 +122,27 @@ def _coding_scheme_item() -> Dataset:
     return item
 
 
+def processing_description(prediction: Mapping[str, Any]) -> str:
+    """What was done to the source geometry before the model read it (from the reader's
+    corrections), in words; ST allows 1024 characters."""
+    done = [str(c.get("description") or c.get("kind"))
+            for c in (prediction.get("corrections") or []) if isinstance(c, Mapping)]
+    text = ("Source geometry corrected before reading: " + "; ".join(done) if done
+            else "Source geometry used as acquired (no correction).")
+    return text[:1024]
+
+
+def _notes_container(prediction: Mapping[str, Any]) -> hd.sr.ContainerContentItem:
+    """Usage restriction and processing description as TEXT content items (see module doc)."""
+    box = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
+    usage = USAGE_TEXT + (DEMO_TEXT if prediction.get("is_demo") else "")
+    box.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.TextContentItem(name=USAGE, value=usage, relationship_type="CONTAINS"),
+        hd.sr.TextContentItem(name=PROCESSING, value=processing_description(prediction),
+                              relationship_type="CONTAINS")])
+    return box
+
+
 def _contributing_equipment(identity: NodeIdentity, prediction: Mapping[str, Any]
                             ) -> hd.ContributingEquipment:
     versions = [f"molre-node {__version__}", str(prediction.get("model_version") or ""),
@@ -122,7 +154,8 @@ def _contributing_equipment(identity: NodeIdentity, prediction: Mapping[str, Any
         software_versions=[v[:64] for v in versions if v],
         institution_name=identity.institution_name or None,
         station_name=identity.ae_title,
-        contribution_description="AI inference of head-CT findings (molre-node)",
+        contribution_description=("AI inference of head-CT findings (molre-node). "
+                                  + processing_description(prediction))[:1024],
     )
 
 
@@ -171,6 +204,7 @@ def build_sr(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog:
     report = hd.sr.MeasurementReport(observation_context=context,
                                      procedure_reported=CT_OF_HEAD,
                                      imaging_measurements=groups)
+    report[0].ContentSequence.append(_notes_container(prediction))
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -205,20 +239,29 @@ def _render_summary(lines: Sequence[str], size: int = 512) -> np.ndarray:
         font = ImageFont.load_default(size=16)
     except TypeError:  # older Pillow
         font = ImageFont.load_default()
+    if len(lines) > summary_capacity(size):
+        raise ValueError(f"{len(lines)} summary lines do not fit {size} px (at most "
+                         f"{summary_capacity(size)}); summary_lines must shorten them")
     y = 10
     for line in lines:
         draw.text((10, y), line, fill=255, font=font)
         y += 20
-        if y > size - 20:
-            draw.text((10, y), "...", fill=255, font=font)
-            break
     return np.asarray(img, dtype=np.uint8)
 
 
-def summary_lines(prediction: Mapping[str, Any], catalog: Any) -> list[str]:
-    """Text of the summary image: the positive findings with their probabilities."""
+def summary_capacity(size: int = 512) -> int:
+    """Lines of text the rendered summary image holds (20 px per line, 10 px margins)."""
+    return (size - 20) // 20
+
+
+def summary_lines(prediction: Mapping[str, Any], catalog: Any,
+                  max_lines: int | None = None) -> list[str]:
+    """Text of the summary image: the positive findings with their probabilities, most probable
+    first. When they do not all fit, the last line says how many were left out (never a silent
+    cut): the SR holds every finding."""
     probs = prediction["probabilities"]
     decisions = prediction["decisions"]
+    max_lines = summary_capacity() if max_lines is None else max_lines
     head = ["AI RESULTS - NOT FOR DIAGNOSTIC USE"]
     if prediction.get("is_demo"):
         head.append("DEMO MODEL - random weights, meaningless output")
@@ -228,8 +271,14 @@ def summary_lines(prediction: Mapping[str, Any], catalog: Any) -> list[str]:
     positives.sort(key=lambda f: -float(probs.get(f.key, 0.0)))
     if not positives:
         return head + ["No finding above its threshold."]
-    return head + ["Positive findings:"] + [
-        f"  {f.name[:44]}  p={float(probs[f.key]):.2f}" for f in positives]
+    head.append(f"Positive findings ({len(positives)}):")
+    shown = [f"  {f.name[:44]}  p={float(probs[f.key]):.2f}" for f in positives]
+    room = max_lines - len(head)
+    if len(shown) > room:
+        left = len(shown) - (room - 1)
+        shown = shown[:room - 1] + [f"  ... {left} more positive finding(s) not shown "
+                                    "(see the SR)"]
+    return head + shown
 
 
 def build_summary_sc(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog: Any,
@@ -261,5 +310,5 @@ def to_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["NodeIdentity", "build_sr", "build_summary_sc", "read_sources", "result_series_uid",
-           "summary_lines", "to_bytes"]
+__all__ = ["NodeIdentity", "build_sr", "build_summary_sc", "processing_description",
+           "read_sources", "result_series_uid", "summary_capacity", "summary_lines", "to_bytes"]

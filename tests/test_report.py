@@ -136,3 +136,48 @@ def test_summary_secondary_capture(tmp_path: Path, ct, catalog) -> None:
     assert back.StudyInstanceUID == read_sources(ct)[0].StudyInstanceUID
     assert back.pixel_array.max() == 255  # text was rendered
     assert back.SeriesDescription.startswith("AI RESULTS")
+
+
+def _notes(sr) -> dict[str, str]:
+    (box,) = [i for i in sr.ContentSequence
+              if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    return {i.ConceptNameCodeSequence[0].CodeValue: i.TextValue for i in box.ContentSequence}
+
+
+def test_sr_content_states_usage_and_the_processing_done(tmp_path: Path, ct, catalog) -> None:
+    """'Not for diagnostic use' is in the content tree (not only SeriesDescription), and every
+    geometry correction of the reader is stated in the content and the Contributing Equipment."""
+    pred = prediction(catalog, {"hydrocephalus"}, demo=True) | {"corrections": [
+        {"kind": "gantry_tilt_resampled", "description": "gantry tilt about 18.5 degrees; "
+                                                         "resampled onto an orthogonal grid"},
+        {"kind": "slice_spacing_regularised", "description": "stepped slice spacing (4 mm, "
+                                                             "7 mm); resampled to 4 mm"}]}
+    sr = build_sr(read_sources(ct), pred, catalog)
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(to_bytes(sr))
+    assert dciodvfy_errors(path) == []
+    back = hd.sr.srread(path)
+    notes = _notes(back)
+    assert "NOT FOR DIAGNOSTIC USE" in notes["usage"] and "DEMO MODEL" in notes["usage"]
+    assert "gantry tilt about 18.5 degrees" in notes["processing"]
+    assert "resampled to 4 mm" in notes["processing"]
+    (eq,) = [e for e in back.ContributingEquipmentSequence
+             if e.Manufacturer == NodeIdentity().manufacturer]
+    assert "gantry tilt about 18.5 degrees" in eq.ContributionDescription
+    assert len(back.content.get_image_measurement_groups()) == len(catalog)
+    plain = _notes(build_sr(read_sources(ct), prediction(catalog, set()), catalog))
+    assert "DEMO" not in plain["usage"] and "no correction" in plain["processing"]
+
+
+def test_summary_never_drops_findings_silently(catalog) -> None:
+    from node.report import summary_capacity
+
+    everything = set(catalog.keys)
+    lines = summary_lines(prediction(catalog, everything, demo=True), catalog)
+    assert len(lines) == summary_capacity()
+    assert f"Positive findings ({len(everything)}):" in lines
+    shown = sum(1 for ln in lines if " p=" in ln)
+    assert lines[-1].strip() == (f"... {len(everything) - shown} more positive finding(s) not "
+                                 "shown (see the SR)")
+    few = summary_lines(prediction(catalog, {"hydrocephalus"}), catalog)
+    assert not any("not shown" in ln for ln in few)
