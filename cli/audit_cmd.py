@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import difflib
 import enum
 import io
 import json
@@ -207,7 +208,8 @@ def show_cmd(
 @audit_app.command("findings")
 def findings_cmd(
     finding: str | None = typer.Option(None, "--finding", help="Finding key, e.g. "
-                                       "subdural_hemorrhage (see `molre-node models`)."),
+                                       "subdural_hemorrhage (the packaged catalog's keys are in "
+                                       "docs/catalog.md; an unknown key lists the valid ones)."),
     min_prob: float | None = typer.Option(None, "--min-prob", help="Only probabilities >= P "
                                           "(0..1)."),
     since: str | None = typer.Option(None, "--since", help="Reported at/after: date or '7d'."),
@@ -219,8 +221,37 @@ def findings_cmd(
     if min_prob is not None and not 0.0 <= min_prob <= 1.0:
         raise MolreError(f"--min-prob {min_prob}: a probability between 0 and 1")
     store, _ = _open(db, config)
-    _echo(store.findings(key=finding, min_prob=min_prob, since=parse_since(since),
-                         positive_only=positive, limit=limit or None), fmt)
+    if finding is not None:
+        _check_finding_key(store, finding)
+    rows = store.findings(key=finding, min_prob=min_prob, since=parse_since(since),
+                          positive_only=positive, limit=limit or None)
+    if fmt is not Format.json:  # the table and CSV say what the SR says; JSON keeps the boolean
+        rows = [r | {"decision": "Present" if r.get("decision") else "Absent"} for r in rows]
+    _echo(rows, fmt)
+
+
+def _check_finding_key(store: Any, key: str) -> None:
+    """An unknown --finding would silently match nothing: name the valid keys instead (those
+    of the packaged catalog and those recorded in this database)."""
+    from molre.catalog import load_catalog
+
+    known = set(load_catalog().keys)
+    if key in known:
+        return
+    from sqlalchemy import select
+
+    from storage.models import Result
+
+    with store.db.session(write=False) as s:
+        recorded = set(s.scalars(select(Result.finding_key).distinct()))
+    if key in recorded:
+        return
+    valid = sorted(known | recorded)
+    close = ([k for k in valid if key.lower() in k][:5]
+             or difflib.get_close_matches(key.lower(), valid, n=3))
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise MolreError(f"--finding {key!r} is not a finding key.{hint} Valid keys: "
+                     f"{', '.join(valid)}")
 
 
 @audit_app.command("exports")

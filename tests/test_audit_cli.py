@@ -92,9 +92,20 @@ def test_findings_filters(seeded) -> None:
     since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=11)).date().isoformat()
     rows = list(csv.DictReader(io.StringIO(run("findings", *db_args(data), "--since", since,
                                                "-f", "csv"))))
-    assert len(rows) == 5 and {r["decision"] for r in rows} == {"True", "False"}
+    assert len(rows) == 5 and {r["decision"] for r in rows} == {"Present", "Absent"}
+    table = run("findings", *db_args(data), "--finding", "subdural_hemorrhage")
+    assert "Present" in table and "True" not in table
     with pytest.raises(MolreError, match="--since"):
         run("findings", *db_args(data), "--since", "yesterday-ish")
+
+
+def test_findings_unknown_key_lists_the_valid_ones(seeded) -> None:
+    data, _ = seeded
+    with pytest.raises(MolreError, match="'subdural' is not a finding key.*Did you mean "
+                                         ".*subdural_hemorrhage.*Valid keys: .*hydrocephalus"):
+        run("findings", *db_args(data), "--finding", "subdural")
+    result = runner.invoke(app, ["audit", "findings", "--help"])
+    assert result.exit_code == 0 and "molre-node models" not in result.stdout
 
 
 def test_exports_pending_failed(seeded) -> None:
