@@ -130,6 +130,8 @@ class ModelConfig:
     isolation: str = "process"
     job_lease_s: float = 600.0
     job_timeout_s: float = 540.0
+    # bound on any volume the reader or the recipe resamples (voxels; float32 = 4 bytes each)
+    max_resampled_voxels: int = 512 * 512 * 2048
 
 
 @dataclass
@@ -409,6 +411,9 @@ def validate(cfg: NodeConfig) -> NodeConfig:
                           f"{_show(m.isolation)}")
     _check_positive(m.job_lease_s, "model.job_lease_s")
     _check_positive(m.job_timeout_s, "model.job_timeout_s")
+    if m.max_resampled_voxels < 1:
+        raise ConfigError(f"model.max_resampled_voxels: expected integer >= 1, got "
+                          f"{m.max_resampled_voxels}")
     if m.job_timeout_s >= m.job_lease_s:
         raise ConfigError(f"model.job_timeout_s: must be smaller than model.job_lease_s "
                           f"({m.job_timeout_s:g} >= {m.job_lease_s:g}), or a slow job could be "

@@ -50,9 +50,64 @@ class UserSeriesError(MolreError):
 # ---------------------------------------------------------------------------------------------
 
 
+def _resampled_voxels(recipe: Any, volume: Any) -> int:
+    """Voxels the recipe will allocate when it resamples `volume` (an upper estimate).
+
+    3-D recipes resample to ``spacing`` (the product of extent / spacing is the same in any
+    axis order); 2-D recipes pad ``n_slices`` slices to a square field of view at the pixel size.
+    """
+    import numpy as np
+
+    params = getattr(recipe, "params", None) or {}
+    extent = [n * s for n, s in zip(volume.shape, volume.spacing)]
+    if params.get("spacing"):
+        return int(np.prod(extent) / np.prod([float(v) for v in params["spacing"]]))
+    if params.get("n_slices"):
+        side = max(extent) / min(volume.spacing)
+        return int(int(params["n_slices"]) * side * side)
+    return int(np.prod(volume.shape))
+
+
+def predict_files(predictor: Any, paths: list[str], limits: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """Read the series under the node's limits, refuse what would resample into a runaway
+    volume, predict; the result carries the reader's geometry corrections for the audit trail.
+
+    Raises MolreError (SeriesError) naming the tag or limit when the series must not be read."""
+    import math
+
+    from molre.data.volume import read_series
+    from molre.errors import SeriesError
+
+    max_voxels = (limits or {}).get("max_resampled_voxels")
+    volume = read_series([Path(p) for p in paths], max_voxels=max_voxels)
+    if max_voxels:
+        est = _resampled_voxels(getattr(predictor, "recipe", None), volume)
+        if est > max_voxels:
+            raise SeriesError(f"series {volume.series_uid}: preprocessing would resample "
+                              f"{volume.shape} voxels of {tuple(round(s, 3) for s in volume.spacing)}"
+                              f" mm into about {est:,} voxels, more than model.max_resampled_voxels "
+                              f"({max_voxels:,}); refused (check PixelSpacing (0028,0030) and "
+                              "slice positions)")
+    pred = predictor.predict_volume(volume).to_dict()
+    bad = [k for k, p in pred.get("probabilities", {}).items() if not math.isfinite(float(p))]
+    if bad:
+        raise SeriesError(f"series {volume.series_uid}: the model produced non-finite "
+                          f"probabilities for {len(bad)} finding(s) (e.g. {bad[0]}); no report")
+    pred["corrections"] = list(volume.meta.get("corrections") or [])
+    pred["slice_thickness"] = volume.meta.get("slice_thickness")
+    pred["slice_thickness_values"] = list(volume.meta.get("slice_thickness_values") or [])
+    return pred
+
+
 def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
                 threads: int) -> None:
     """Entry point of the inference process: load once, then serve predict requests."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops this child ("stop" / kill), so
+    # the child ignores SIGINT instead of printing a KeyboardInterrupt traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     from molre.log import configure_logging
 
@@ -82,8 +137,8 @@ def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
             os._exit(139)
         if msg[0] == "predict":
             try:
-                pred = predictor.predict_series([Path(p) for p in msg[1]])
-                conn.send(("ok", pred.to_dict()))
+                conn.send(("ok", predict_files(predictor, msg[1],
+                                               msg[2] if len(msg) > 2 else None)))
             except MolreError as exc:
                 conn.send(("user_error", str(exc)))
             except Exception as exc:  # noqa: BLE001
@@ -104,6 +159,7 @@ class ProcessEngine:
         self.log_json = log_json
         self.threads = threads or max(1, (os.cpu_count() or 2))
         self.info: dict[str, Any] | None = None
+        self.limits: dict[str, Any] = {}  # read limits sent with every request (make_engine)
         self._proc: Any = None
         self._conn: Any = None
         self._loading: Any = None
@@ -175,7 +231,7 @@ class ProcessEngine:
         with self._lock:
             conn, proc = self._conn, self._proc
             try:
-                conn.send(("predict", list(paths)))
+                conn.send(("predict", list(paths), dict(self.limits)))
                 ready = conn.poll(timeout)
                 if not ready:
                     self._discard()
@@ -216,6 +272,7 @@ class ThreadEngine:
         self.checkpoint = checkpoint
         self.device = device
         self.info: dict[str, Any] | None = None
+        self.limits: dict[str, Any] = {}
         self._predictor: Any = None
         self._lock = threading.Lock()
 
@@ -234,7 +291,7 @@ class ThreadEngine:
         self.ensure_started()
         with self._lock:
             try:
-                return self._predictor.predict_series([Path(p) for p in paths]).to_dict()
+                return predict_files(self._predictor, paths, self.limits)
             except MolreError as exc:
                 raise UserSeriesError(str(exc)) from None
 
@@ -250,10 +307,14 @@ class ThreadEngine:
 def make_engine(config: NodeConfig) -> ProcessEngine | ThreadEngine:
     m = config.model
     ckpt = m.checkpoint or None
+    engine: ProcessEngine | ThreadEngine
     if m.isolation == "thread":
-        return ThreadEngine(ckpt, m.device)
-    threads = max(1, (os.cpu_count() or 2) // max(1, m.workers))
-    return ProcessEngine(ckpt, m.device, log_json=config.logging.json, threads=threads)
+        engine = ThreadEngine(ckpt, m.device)
+    else:
+        threads = max(1, (os.cpu_count() or 2) // max(1, m.workers))
+        engine = ProcessEngine(ckpt, m.device, log_json=config.logging.json, threads=threads)
+    engine.limits = {"max_resampled_voxels": m.max_resampled_voxels}
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +418,12 @@ class Worker(BackgroundLoop):
             if self.metrics is not None:
                 self.metrics.inference_seconds.observe(inference_s)
             catalog = self.catalog()
+            if pred.get("corrections"):
+                # the reader changed the geometry (tilt, spacing, gaps): say so in the audit trail
+                self.store.log_event("series", job.series_uid, "geometry_corrected",
+                                     {"version": job.version, "job_id": job.id,
+                                      "corrections": pred["corrections"]},
+                                     study_uid=job.study_uid, series_uid=job.series_uid)
             used = set(pred.get("used_sop_instance_uids") or [])
             evidence_paths = [i.spool_path for i in instances
                               if i.spool_path in paths and (not used or i.sop_instance_uid in used)]
