@@ -125,6 +125,9 @@ class ModelConfig:
     """The checkpoint and how inference runs."""
 
     checkpoint: str = ""
+    # backbone base weights the checkpoint was trained on, when the checkpoint does not ship
+    # them: a file, a directory (published layout) or "hf://org/name" from the offline HF cache
+    weights: str = ""
     device: str = "cpu"
     workers: int = 1
     isolation: str = "process"
@@ -455,6 +458,8 @@ def _resolve_paths(cfg: NodeConfig, base: Path) -> None:
 
     cfg.storage.data_dir = fix(cfg.storage.data_dir)
     cfg.model.checkpoint = fix(cfg.model.checkpoint)
+    if not cfg.model.weights.startswith("hf://"):  # an offline-cache reference is not a path
+        cfg.model.weights = fix(cfg.model.weights)
     for name in ("certificate", "key", "ca"):
         setattr(cfg.tls, name, fix(getattr(cfg.tls, name)))
 

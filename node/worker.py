@@ -101,7 +101,7 @@ def predict_files(predictor: Any, paths: list[str], limits: dict[str, Any] | Non
 
 
 def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
-                threads: int) -> None:
+                threads: int, weights: str | None = None) -> None:
     """Entry point of the inference process: load once, then serve predict requests."""
     import signal
 
@@ -118,7 +118,8 @@ def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
         torch.set_num_threads(max(1, threads))
         from molre.checkpoint import Predictor
 
-        predictor = Predictor.from_checkpoint(checkpoint or None, device=device)
+        predictor = Predictor.from_checkpoint(checkpoint or None, device=device,
+                                              weights=weights or None)
         conn.send(("ready", {"catalog": predictor.catalog.to_dict(),
                              "model_name": predictor.model_name,
                              "checkpoint_hash": predictor.checkpoint_hash,
@@ -151,9 +152,10 @@ class ProcessEngine:
 
     def __init__(self, checkpoint: str | None, device: str, *, load_timeout: float = 600.0,
                  log_json: bool = True, threads: int | None = None,
-                 target: Any = None) -> None:
+                 target: Any = None, weights: str | None = None) -> None:
         self.target = target or _child_main  # tests substitute a fake child
         self.checkpoint = checkpoint
+        self.weights = weights  # [model] weights: backbone base weights for the checkpoint
         self.device = device
         self.load_timeout = load_timeout
         self.log_json = log_json
@@ -175,7 +177,8 @@ class ProcessEngine:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=self.target, name="molre-inference",
                            args=(child, self.checkpoint, self.device, self.log_json,
-                                 self.threads), daemon=True)
+                                 self.threads),
+                           kwargs={"weights": self.weights} if self.weights else {}, daemon=True)
         proc.start()
         child.close()
         self._loading = proc
@@ -268,8 +271,9 @@ class ProcessEngine:
 class ThreadEngine:
     """The Predictor inside the node process (no isolation)."""
 
-    def __init__(self, checkpoint: str | None, device: str) -> None:
+    def __init__(self, checkpoint: str | None, device: str, weights: str | None = None) -> None:
         self.checkpoint = checkpoint
+        self.weights = weights
         self.device = device
         self.info: dict[str, Any] | None = None
         self.limits: dict[str, Any] = {}
@@ -281,7 +285,8 @@ class ThreadEngine:
             if self._predictor is None:
                 from molre.checkpoint import Predictor
 
-                p = Predictor.from_checkpoint(self.checkpoint or None, device=self.device)
+                p = Predictor.from_checkpoint(self.checkpoint or None, device=self.device,
+                                              weights=self.weights)
                 self._predictor = p
                 self.info = {"catalog": p.catalog.to_dict(), "model_name": p.model_name,
                              "checkpoint_hash": p.checkpoint_hash, "is_demo": p.is_demo}
@@ -309,10 +314,11 @@ def make_engine(config: NodeConfig) -> ProcessEngine | ThreadEngine:
     ckpt = m.checkpoint or None
     engine: ProcessEngine | ThreadEngine
     if m.isolation == "thread":
-        engine = ThreadEngine(ckpt, m.device)
+        engine = ThreadEngine(ckpt, m.device, weights=m.weights or None)
     else:
         threads = max(1, (os.cpu_count() or 2) // max(1, m.workers))
-        engine = ProcessEngine(ckpt, m.device, log_json=config.logging.json, threads=threads)
+        engine = ProcessEngine(ckpt, m.device, log_json=config.logging.json, threads=threads,
+                               weights=m.weights or None)
     engine.limits = {"max_resampled_voxels": m.max_resampled_voxels}
     return engine
 
