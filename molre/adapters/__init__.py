@@ -3,12 +3,14 @@
 Public API (see docs/architecture.md):
     MoLREConfig, inject_adapters, adapter_state_dict, load_adapter_state_dict, save_adapters,
     load_adapters, read_adapter_config, merge_adapters, adapter_report, expert_usage,
-    reset_expert_usage, balance_loss, adapted_layers, get_config, MoLRELinear, MoLREConv.
+    reset_expert_usage, balance_loss, adapted_layers, adapter_parameter_names, get_config,
+    MoLRELinear, MoLREConv.
 """
 
 from molre.adapters.config import DEFAULT_TARGETS, MoLREConfig
 from molre.adapters.inject import (
     adapted_layers,
+    adapter_parameter_names,
     adapter_report,
     balance_loss,
     expert_usage,
@@ -39,6 +41,7 @@ __all__ = [
     "MoLRELinear",
     "Router",
     "adapted_layers",
+    "adapter_parameter_names",
     "adapter_report",
     "adapter_state_dict",
     "balance_loss",

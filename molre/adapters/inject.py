@@ -33,6 +33,18 @@ def adapted_layers(model: nn.Module) -> dict[str, MoLRELayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoLRELayer)}
 
 
+def adapter_parameter_names(model: nn.Module) -> list[str]:
+    """Qualified names of every adapter and router parameter of `model` (``lora_down``,
+    ``lora_up``, ``router.*`` inside each MoLRE layer), in `named_parameters` order, regardless of
+    `requires_grad`.
+
+    The one definition of "adapter parameters": adapter state files, the training loop (what to
+    unfreeze) and checkpoints (what to save) all call this instead of filtering names.
+    """
+    ids = {id(p) for layer in adapted_layers(model).values() for p in layer.adapter_parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
 def get_config(model: nn.Module) -> MoLREConfig:
     """The `MoLREConfig` the model was injected with (MolreError if it has no adapters)."""
     layers = adapted_layers(model)
@@ -161,9 +173,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 def adapter_report(model: nn.Module) -> dict:
     """Parameter counts: base (every non-adapter parameter), adapter, overhead %, per layer."""
     layers = adapted_layers(model)
-    adapter_ids = {id(p) for l in layers.values() for p in l.adapter_parameters()}
-    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
-    adapter = sum(p.numel() for p in model.parameters() if id(p) in adapter_ids)
+    names = set(adapter_parameter_names(model))
+    base = sum(p.numel() for n, p in model.named_parameters() if n not in names)
+    adapter = sum(p.numel() for n, p in model.named_parameters() if n in names)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = [
         {

@@ -92,6 +92,18 @@ class MoLRELayer(nn.Module):
                 self._buffers[name] = buf.float()
         return self
 
+    # -- the wrapped layer's tensors, read-only ----------------------------------------------
+    # Why: some model code reads a layer's weight directly, e.g. transformers' SigLIP casts its
+    # input to ``patch_embedding.weight.dtype``. Exposing the base tensors keeps such code working
+    # when the layer is wrapped (they are not registered again: state dicts are unchanged).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     # -- parameters --------------------------------------------------------------------------
     def _init_adapter(self) -> None:
         """PEFT's init: A kaiming-uniform(a=sqrt(5)), B zero -> the layer starts as its base."""

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from molre.adapters.config import MoLREConfig
-from molre.adapters.inject import adapted_layers, get_config
+from molre.adapters.inject import adapted_layers, adapter_parameter_names, get_config
 from molre.errors import CheckpointError, MolreError
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -36,15 +36,10 @@ def _base_param_ids(model: nn.Module) -> set[int]:
     return {id(p) for l in adapted_layers(model).values() for p in l.base.parameters()}
 
 
-def _adapter_param_names(model: nn.Module) -> list[str]:
-    ids = {id(p) for l in adapted_layers(model).values() for p in l.adapter_parameters()}
-    return [n for n, p in model.named_parameters() if id(p) in ids]
-
-
 def _expected_keys(model: nn.Module) -> list[str]:
     """Adapter/router parameter names plus trainable parameters outside the frozen bases."""
     base_ids = _base_param_ids(model)
-    adapter = set(_adapter_param_names(model))
+    adapter = set(adapter_parameter_names(model))
     return [
         n for n, p in model.named_parameters()
         if n in adapter or (p.requires_grad and id(p) not in base_ids)
