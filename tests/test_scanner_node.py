@@ -168,3 +168,40 @@ def test_real_scanner_series_and_insane_headers(tmp_path: Path) -> None:
         log = node.log_text()
         assert node.proc.returncode == 0, node.log_tail()
         assert "KeyboardInterrupt" not in log and "Traceback" not in log, node.log_tail()
+
+
+class _FakeRecipe:
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+
+class _FakePredictor:
+    """Stands in for molre.checkpoint.Predictor: records whether the model was reached."""
+
+    def __init__(self, **recipe: Any) -> None:
+        self.recipe = _FakeRecipe(**recipe)
+        self.called = False
+
+    def predict_volume(self, volume: Any) -> Any:
+        self.called = True
+        pred = {"probabilities": {"a": 0.5}, "decisions": {"a": False}}
+        return type("P", (), {"to_dict": lambda _self: dict(pred)})()
+
+
+def test_predict_files_bounds_what_the_recipe_resamples(tmp_path: Path) -> None:
+    """The limit is checked before the recipe allocates: a 3-D recipe at 0.5 mm over a
+    216 x 216 x 100 mm head is ~37 M voxels, refused under a 1 M limit; 5 x 2 x 2 mm is not."""
+    from molre.errors import SeriesError
+    from node.worker import predict_files
+
+    paths = [str(p) for p in write_base_series(tmp_path / "s", np.random.default_rng(0))]
+    fine = _FakePredictor(spacing=[0.5, 0.5, 0.5])
+    with pytest.raises(SeriesError, match=r"more than model.max_resampled_voxels \(1,000,000\)"):
+        predict_files(fine, paths, {"max_resampled_voxels": 1_000_000})
+    assert not fine.called
+    coarse = _FakePredictor(spacing=[5.0, 2.0, 2.0])
+    out = predict_files(coarse, paths, {"max_resampled_voxels": 1_000_000})
+    assert coarse.called and out["corrections"] == [] and out["slice_thickness"] == 5.0
+    two_d = _FakePredictor(n_slices=16, size=224)
+    with pytest.raises(SeriesError, match="max_resampled_voxels"):
+        predict_files(two_d, paths, {"max_resampled_voxels": 10_000})
