@@ -1,18 +1,111 @@
-"""structlog set-up, done once per process.
+"""structlog set-up, done once per process, and what keeps PHI and raw bytes out of the logs.
 
 Humans get a coloured console renderer; the service (or `--log-json`) gets one JSON object per
 line so log shippers can index it. Never pass patient names, IDs or birth dates to a logger: log
 UIDs, hashes and counts.
+
+Text the node does not write itself reaches the logs too: warnings of pydicom and highdicom
+(highdicom quotes a single-component patient name; pydicom echoes header values, control
+characters included, so a crafted value could forge a log line), messages of libraries that log
+through the standard library (pynetdicom, pydicom, alembic), and exception texts. With
+:func:`configure_logging` all of it goes through structlog -- in JSON mode every line on stderr
+is one JSON object, the start-up banner included (:func:`banner`) -- and:
+
+- warnings (:func:`warnings.showwarning`) are logged as ``python warning`` with their category
+  and source line, the message passed through :func:`redact` (quoted values removed);
+- standard-library records are rendered by the same processors (their message redacted:
+  libraries quote the header values they complain about);
+- exceptions are rendered with their frames (file, line, function) and a redacted message, not
+  the raw ``str(exc)``; uncaught ones (``sys.excepthook``, ``threading.excepthook``) are logged
+  the same way instead of printed;
+- every string value of every record loses its control characters.
+
+:func:`redact` and :func:`clean_text` are also what exception texts go through before they
+become audit rows (the receiver's reasons, the worker's job errors).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
+import traceback
+import warnings
+from typing import Any
 
 import structlog
 
 _configured = False
+_json = False
+
+#: C0 and C1 control characters and DEL (newline, tab, ESC of ANSI sequences included)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+#: quoted values, greedy from the first to the last quote of a kind: a value that contains the
+#: quote character itself cannot leave a part of it outside the redaction
+_QUOTED = (re.compile(r'".*"|".*$', re.S), re.compile(r"'.*'|'.*$", re.S))
+#: reprs of bytes (b'...' / b"...") are values too
+_BYTES = re.compile(r"""b(['"]).*?\1""", re.S)
+REDACTED = "<value>"
+
+
+def clean_text(text: Any, limit: int = 500) -> str:
+    """``text`` without control characters (runs become one space), at most ``limit`` chars.
+
+    For messages the node composes itself (they may embed UIDs and numbers, never PHI)."""
+    out = _CONTROL.sub(" ", str(text)).strip()
+    return out if len(out) <= limit else out[:limit - 1] + "…"
+
+
+def redact(text: Any, limit: int = 300) -> str:
+    """Foreign text (a library's exception or warning) made safe for logs and audit rows:
+    quoted values -- how pydicom, highdicom and Python quote what they complain about -- and
+    byte reprs are replaced by ``<value>``, control characters removed, length capped."""
+    out = _BYTES.sub(REDACTED, str(text))
+    out = _CONTROL.sub(" ", out)
+    for pattern in _QUOTED:
+        out = pattern.sub(REDACTED, out)
+    return clean_text(out, limit)
+
+
+def _safe_exception(exc: BaseException) -> str:
+    """A traceback without values: frames (file:line in function) and the redacted message."""
+    frames = traceback.extract_tb(exc.__traceback__)[-8:]
+    lines = [f"{f.filename}:{f.lineno} in {f.name}" for f in frames]
+    lines.append(f"{type(exc).__name__}: {redact(str(exc))}")
+    return " | ".join(lines)
+
+
+def _exc_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """``exc_info`` -> ``exception`` as :func:`_safe_exception` renders it."""
+    info = event.pop("exc_info", None)
+    if info:
+        if info is True:
+            info = sys.exc_info()
+        elif isinstance(info, BaseException):
+            info = (type(info), info, info.__traceback__)
+        if isinstance(info, tuple) and info[1] is not None:
+            event["exception"] = _safe_exception(info[1])
+    return event
+
+
+def _clean_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """No control characters in any string value (nor in list items)."""
+    for key, value in list(event.items()):
+        if isinstance(value, str):
+            if _CONTROL.search(value):
+                event[key] = _CONTROL.sub(" ", value)
+        elif isinstance(value, (list, tuple)):
+            event[key] = [_CONTROL.sub(" ", v) if isinstance(v, str) else v for v in value]
+    return event
+
+
+def _foreign_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A standard-library record's message is foreign text: redacted."""
+    record = event.get("_record")
+    if record is not None and not getattr(record, "_molre_safe", False):
+        event["event"] = redact(event.get("event", ""))
+    return event
 
 
 class _CurrentStderr:
@@ -25,9 +118,34 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+def _showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning``: one structured record, the message redacted."""
+    structlog.get_logger("py.warnings").warning(
+        "python warning", category=getattr(category, "__name__", str(category)),
+        source=f"{filename.rsplit('/', 1)[-1]}:{lineno}", message=redact(str(message)))
+
+
+def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        return
+    structlog.get_logger("uncaught").error("uncaught exception",
+                                           exception=_safe_exception(exc.with_traceback(tb)))
+
+
+def _thread_excepthook(args: Any) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    structlog.get_logger("uncaught").error(
+        "uncaught exception in thread",
+        thread=getattr(args.thread, "name", None),
+        exception=_safe_exception(args.exc_value.with_traceback(args.exc_traceback)))
+
+
 def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
-    """Configure structlog and the stdlib root logger (pynetdicom logs through stdlib)."""
-    global _configured
+    """Configure structlog and route the standard library's logging, warnings and uncaught
+    exceptions through it (see the module docstring)."""
+    global _configured, _json
     lvl = getattr(logging, str(level).upper(), logging.INFO)
     shared = [
         structlog.contextvars.merge_contextvars,
@@ -40,16 +158,41 @@ def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(),
-                    structlog.processors.format_exc_info, renderer],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), _exc_processor,
+                    _clean_processor, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
-    # stdlib loggers (pynetdicom, alembic) go to stderr at WARNING unless we are verbose.
-    logging.basicConfig(stream=sys.stderr, level=max(lvl, logging.WARNING), force=True)
+    # stdlib loggers (pynetdicom, pydicom, alembic) go to stderr at WARNING unless we are
+    # verbose, rendered like structlog's own records
+    handler = logging.StreamHandler(_CurrentStderr())
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, _foreign_processor],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _exc_processor,
+                    _clean_processor, renderer]))
+    logging.basicConfig(level=max(lvl, logging.WARNING), handlers=[handler], force=True)
     logging.getLogger("pynetdicom").setLevel(max(lvl, logging.WARNING))
+    logging.captureWarnings(False)
+    warnings.showwarning = _showwarning
+    if json_output:
+        sys.excepthook = _excepthook
+        threading.excepthook = _thread_excepthook
     _configured = True
+    _json = bool(json_output)
+
+
+def json_logging() -> bool:
+    """Whether stderr carries JSON lines (only JSON may be written there then)."""
+    return _json
+
+
+def banner(text: str, **fields: Any) -> None:
+    """The start-up banner: a plain line for a human, one JSON record in JSON mode."""
+    if _json:
+        structlog.get_logger("banner").info(clean_text(text, 2000), **fields)
+    else:
+        print(text, file=sys.stderr, flush=True)
 
 
 def get_logger(name: str | None = None, **bound) -> structlog.typing.FilteringBoundLogger:
@@ -58,3 +201,7 @@ def get_logger(name: str | None = None, **bound) -> structlog.typing.FilteringBo
         configure_logging()
     log = structlog.get_logger(name) if name else structlog.get_logger()
     return log.bind(**bound) if bound else log
+
+
+__all__ = ["REDACTED", "banner", "clean_text", "configure_logging", "get_logger",
+           "json_logging", "redact"]
