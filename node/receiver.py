@@ -20,6 +20,9 @@ status the sender can act on, and every outcome is in the audit database:
 | stored                                      | 0x0000 Success            | stored          |
 | byte-identical resend of a known instance   | 0x0000 Success            | duplicate (no second file) |
 | *different* object with a known SOP UID     | 0xB000 Warning            | conflict (kept under spool/conflicts/, never used for a report) |
+| series known under another StudyInstanceUID | 0xC010 (identity conflict) | rejected, event `identity_conflict` |
+| PatientID differs from the series'/study's  | 0xC011 (identity conflict) | rejected, event `identity_conflict` |
+| SOP Instance UID already stored in another study | 0xC012 (identity conflict) | rejected, event `identity_conflict` |
 | not a CT storage class (MR, SC, SR, ...)    | 0x0000 Success            | ignored (not kept) |
 | free disk below `storage.min_free_disk`     | 0xA700 Out of Resources   | rejected        |
 | SOP class/instance in dataset != request, missing/invalid UIDs | 0xA900 | rejected   |
@@ -28,6 +31,16 @@ status the sender can act on, and every outcome is in the audit database:
 
 A conflict answers Warning rather than Failure so a sender does not retry the same object
 forever; the original stays the one that is read (see docs/configuration.md).
+
+Identity checks: UIDs collide in the wild (buggy modalities, anonymisers, re-imports), and a
+series is keyed by its SeriesInstanceUID. An instance whose StudyInstanceUID differs from its
+series' record, whose PatientID differs from its series' or study's (compared as keyed hashes,
+:mod:`storage.identity`: no PHI is stored), or whose SOP Instance UID is stored in another study
+is refused with a failure (0xC010-0xC012, ErrorComment saying why) and not merged: two patients
+never end up in one series, one report. The check, the file's rename and the queued row happen
+under per-UID locks (study, series, SOP Instance UID, always taken in that order), so two
+associations sending the same UIDs at once are decided one after the other: the second sees the
+first as a duplicate, a conflict or an identity conflict, never as nothing.
 
 Access control happens when the association is requested (A-ASSOCIATE-RJ, rejected-permanent,
 source = service user): calling AE title or host not on the allow-list -> reason 0x03 "calling
@@ -38,6 +51,7 @@ operator needs to look at); called AE title != ours (with `network.require_calle
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import shutil
@@ -49,12 +63,13 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import A_RELEASE
 
 from molre.errors import MolreError
-from molre.log import get_logger
+from molre.log import get_logger, redact
 from node.config import AllowedCaller, NodeConfig
 from node.dicomnet import (
     CT_STORAGE_CLASSES,
@@ -65,6 +80,7 @@ from node.dicomnet import (
 )
 from node.header import read_header, scan_header
 from storage import InstanceRecorder, StoredInstance
+from storage.identity import load_patient_keyer
 
 log = get_logger("node.receiver")
 
@@ -74,6 +90,10 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0xC001
+# identity conflicts (Cxxx: "cannot understand", the range DICOM leaves to the implementation)
+STATUS_STUDY_CONFLICT = 0xC010
+STATUS_PATIENT_CONFLICT = 0xC011
+STATUS_SOP_ELSEWHERE = 0xC012
 
 REJECT_CALLING_AE = 0x03
 REJECT_CALLED_AE = 0x07
@@ -124,6 +144,60 @@ def check_access(calling_ae: str, called_ae: str, peer_host: str, *, own_ae: str
                           f"calling AE title {calling!r} is not on the allow-list")
 
 
+class UIDLocks:
+    """One lock per UID in use (created on demand, dropped when nobody holds or waits).
+
+    Why: the receiver decides "new, duplicate, conflict or identity conflict?" from what is
+    stored or queued, then renames the file and queues its row. Two associations doing that for
+    the same UIDs at once would both see "new" (and the second file would replace the first).
+    Keys are always taken in the order given (study, series, SOP), so no two holders wait on
+    each other in a circle."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, list] = {}  # key -> [lock, users]
+
+    def _acquire(self, key: str) -> None:
+        with self._guard:
+            entry = self._locks.get(key)
+            if entry is None:
+                entry = self._locks[key] = [threading.Lock(), 0]
+            entry[1] += 1
+        entry[0].acquire()
+
+    def _release(self, key: str) -> None:
+        with self._guard:
+            entry = self._locks[key]
+            entry[0].release()
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[key]
+
+    @contextlib.contextmanager
+    def hold(self, *keys: str):
+        taken: list[str] = []
+        try:
+            for key in dict.fromkeys(k for k in keys if k):
+                self._acquire(key)
+                taken.append(key)
+            yield
+        finally:
+            for key in reversed(taken):
+                self._release(key)
+
+    def __len__(self) -> int:
+        with self._guard:
+            return len(self._locks)
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    """A C-STORE failure status with an Error Comment (0000,0902; LO, 64 characters)."""
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = comment[:64]
+    return rsp
+
+
 def _uid_ok(value: Any) -> bool:
     return bool(value) and UID(str(value)).is_valid
 
@@ -164,6 +238,11 @@ class Receiver:
         self.durable = getattr(config.storage, "durability", "fsync") != "os"
         self.with_phi = bool(getattr(store, "store_phi", True))
         self.recorder = InstanceRecorder(store)
+        # PatientIDs are compared as keyed hashes; the secret lives in the data dir
+        self.keyer = load_patient_keyer(config.data_dir)
+        self.uid_locks = UIDLocks()
+        # how long the end of an association waits for its rows to be committed
+        self.flush_timeout_s = 30.0
         self._assoc_ids: dict[int, int] = {}
         self._lock = threading.Lock()
         self._server = None
@@ -289,13 +368,39 @@ class Receiver:
             aid = self._assoc_ids.pop(id(assoc), None)
         if aid is None:
             return None
-        self.recorder.flush()  # the association's counters and its series see all its rows
+        # the association's counters and its series see all its rows -- or the sender is told
+        if not self.recorder.flush(self.flush_timeout_s):
+            outcome = self._flush_failed(assoc, aid, outcome)
         try:
             self.store.end_association(aid, outcome)
         except Exception:  # noqa: BLE001
             log.exception("could not record association end", association_id=aid)
         log.info(f"association {outcome}", association_id=aid)
         return aid
+
+    def _flush_failed(self, assoc: Any, aid: int, outcome: str) -> str:
+        """The write-behind did not commit this association's rows in time (database locked
+        or failing): the release must not be answered as if they were. The files are in the
+        spool (durable, re-indexed at the next start if their rows never come), but the sender
+        is told something went wrong -- A-ABORT instead of the A-RELEASE response -- and the
+        audit trail says so."""
+        queued = self.recorder.queued()
+        reason = (f"instance rows not committed within {self.flush_timeout_s:g} s "
+                  f"({queued} queued); the association is aborted instead of released")
+        log.error("instance rows not committed before the association ended",
+                  association_id=aid, queued=queued, outcome=outcome)
+        try:
+            self.store.log_event("association", aid, "flush_failed",
+                                 details={"queued": queued, "reason": reason,
+                                          "requested": outcome})
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the failed flush", association_id=aid)
+        if outcome == "released":
+            try:
+                assoc.abort()
+            except Exception:  # noqa: BLE001
+                log.exception("could not abort the association", association_id=aid)
+        return "aborted"
 
     def _released(self, assoc: Any) -> None:
         aid = self._end(assoc, "released")
@@ -340,7 +445,8 @@ class Receiver:
                                      or None)
                 self._record_now(aid, hdr, spool_path=None, size=None, sha256=None,
                                  status="rejected",
-                                 reason=f"internal error: {type(exc).__name__}: {exc}")
+                                 reason=f"internal error: {type(exc).__name__}: "
+                                        f"{redact(str(exc))}")
             except Exception:  # noqa: BLE001
                 log.exception("could not record failed instance")
         if self.metrics:
@@ -348,13 +454,15 @@ class Receiver:
             self.metrics.store_seconds.observe(time.perf_counter() - t0)
         return status
 
-    def _record_now(self, aid: int | None, header: Any, **row: Any) -> None:
+    def _record_now(self, aid: int | None, header: Any, **row: Any) -> Any:
         """Record a non-'stored' outcome before answering. Rows of instances answered earlier
         may still be queued in the write-behind: they are committed first, so the audit rows
         of an association keep the order in which its instances arrived (a resend's
         'duplicate' row comes after the 'stored' row it repeats)."""
-        self.recorder.flush()
-        self.store.record_instance(aid, header, **row)
+        if not self.recorder.flush(self.flush_timeout_s):
+            log.warning("earlier rows still queued; this row may come before them",
+                        association_id=aid, queued=self.recorder.queued())
+        return self.store.record_instance(aid, header, **row)
 
     def _reject(self, aid: int | None, header: Any, status: int, reason: str,
                 outcome: str = "rejected") -> tuple[int, str]:
@@ -385,7 +493,9 @@ class Receiver:
         # the write (and fsync) runs in a spool I/O thread while this one reads the header;
         # leaving the block without commit() removes the file (rejected, duplicate, error)
         with self.spool.stage((head, stream), durable=self.durable) as staged:
-            with_phi = self.with_phi
+            # PatientID is read whatever audit.store_phi says: the identity check compares its
+            # keyed hash (the value itself is dropped below unless the store keeps PHI)
+            with_phi = True
             # the scan reads the ~30 elements the node needs straight from the bytes; when it
             # is not sure of something (see node.header) pydicom parses the header
             header = scan_header(stream, ts, with_phi=with_phi)
@@ -394,14 +504,17 @@ class Receiver:
                     ds = pydicom.dcmread(BytesIO(head + stream), stop_before_pixels=True)
                 except Exception as exc:  # noqa: BLE001 - any parse failure: "cannot understand"
                     return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
-                                        f"cannot decode header: {type(exc).__name__}: {exc}"
-                                        [:500])
+                                        f"cannot decode header: {type(exc).__name__}: "
+                                        f"{redact(str(exc))}")
                 try:
                     header = read_header(ds, ts, with_phi=with_phi)
                 except Exception as exc:  # noqa: BLE001 - malformed values in a readable header
                     return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
                                         f"cannot read header values: {type(exc).__name__}: "
-                                        f"{exc}"[:500])
+                                        f"{redact(str(exc))}")
+            header.patient_key = self.keyer.key(header.phi.get("PatientID"))
+            if not self.with_phi:
+                header.phi = {}
             refusal = _refusal(header, rq_class, rq_instance)
             if refusal is not None:
                 return self._reject(aid, header, STATUS_DATASET_MISMATCH, refusal)
@@ -412,15 +525,71 @@ class Receiver:
                 log.info("instance ignored", association_id=aid, sop_class=name,
                          series_uid=header.series_uid)
                 return STATUS_SUCCESS, "ignored"
-            known = self.recorder.stored_digest(header.sop_instance_uid)
-            if known is not None:
-                digest = hashlib.sha256(stream).hexdigest()
-                known_sha256, known_path = known
-                if known_sha256 == digest:
-                    self._record_now(aid, header, spool_path=known_path, size=size,
-                                     sha256=digest, status="duplicate",
-                                     reason="byte-identical resend")
+            with self.uid_locks.hold("study:" + header.study_uid,
+                                     "series:" + header.series_uid,
+                                     "sop:" + header.sop_instance_uid):
+                return self._keep(aid, header, staged, stream, size)
+
+    def _identity_conflict(self, header: Any) -> tuple[int, str, str, dict] | None:
+        """(status, what, reason, details) when the instance's study or patient disagrees with
+        what is recorded for its series, its study or its SOP Instance UID; else None."""
+        known = self.recorder.known_instance(header.sop_instance_uid)
+        if known is not None and known.study_uid and known.study_uid != header.study_uid:
+            return (STATUS_SOP_ELSEWHERE, "sop_instance_uid",
+                    f"identity conflict: SOP Instance UID {header.sop_instance_uid} is already "
+                    f"stored in study {known.study_uid}, not {header.study_uid}",
+                    {"known_study_uid": known.study_uid})
+        ident = self.recorder.series_identity(header.series_uid, header.study_uid)
+        if ident.series_study_uid and ident.series_study_uid != header.study_uid:
+            return (STATUS_STUDY_CONFLICT, "study_instance_uid",
+                    f"identity conflict: StudyInstanceUID {header.study_uid} differs from "
+                    f"study {ident.series_study_uid} of series {header.series_uid}",
+                    {"known_study_uid": ident.series_study_uid})
+        key = header.patient_key
+        if ident.series_patient_key and key and ident.series_patient_key != key:
+            return (STATUS_PATIENT_CONFLICT, "patient_id",
+                    f"identity conflict: PatientID differs from that of series "
+                    f"{header.series_uid} (compared as keyed hashes)", {"scope": "series"})
+        if ident.study_patient_key and key and ident.study_patient_key != key:
+            return (STATUS_PATIENT_CONFLICT, "patient_id",
+                    f"identity conflict: PatientID differs from that of study "
+                    f"{header.study_uid} (compared as keyed hashes)", {"scope": "study"})
+        return None
+
+    def _keep(self, aid: int | None, header: Any, staged: Any, stream: bytes,
+              size: int) -> tuple[Any, str]:
+        """The decision for a parsed CT instance, under its UID locks: identity conflict,
+        duplicate, conflict or stored."""
+        conflict = self._identity_conflict(header)
+        if conflict is not None:
+            status, what, reason, details = conflict
+            self._record_now(aid, header, spool_path=None, size=size, sha256=None,
+                             status="rejected", reason=reason, event_kind="identity_conflict",
+                             details={"conflict": what, **details})
+            log.warning("instance refused: identity conflict", association_id=aid,
+                        conflict=what, status=f"0x{status:04X}",
+                        sop_instance_uid=header.sop_instance_uid,
+                        series_uid=header.series_uid, study_uid=header.study_uid)
+            comment = {"sop_instance_uid": "SOP Instance UID stored in another study",
+                       "study_instance_uid": "series UID known in another study",
+                       "patient_id": "PatientID differs from the series/study"}[what]
+            return _failure(status, "identity conflict: " + comment), "identity_conflict"
+        known = self.recorder.stored_digest(header.sop_instance_uid)
+        if known is not None:
+            digest = hashlib.sha256(stream).hexdigest()
+            known_sha256, known_path = known
+            if known_sha256 == digest:
+                if not self.recorder.flush(self.flush_timeout_s):
+                    log.warning("earlier rows still queued; this row may come before them",
+                                association_id=aid, queued=self.recorder.queued())
+                # recorded only while the stored row is still there (prune may be removing
+                # it this very moment); otherwise the resend is stored as new, below
+                if self.store.record_duplicate(aid, header, sha256=digest, size=size,
+                                               reason="byte-identical resend") is not None:
                     return STATUS_SUCCESS, "duplicate"
+                log.info("resend of a pruned instance stored again", association_id=aid,
+                         sop_instance_uid=header.sop_instance_uid)
+            else:
                 path = staged.commit(conflict_relpath(header, digest))
                 self._record_now(
                     aid, header, spool_path=str(path), size=size, sha256=digest,
@@ -430,9 +599,10 @@ class Receiver:
                             sop_instance_uid=header.sop_instance_uid,
                             series_uid=header.series_uid)
                 return STATUS_CONFLICT_WARNING, "conflict"
-            path = staged.commit(instance_relpath(header))
+        path = staged.commit(instance_relpath(header))
         # durable now: the row (and its sha256: the bytes go along) follows through the
-        # write-behind, off the sender's path; reconcile_spool re-indexes it after a crash
+        # write-behind, off the sender's path; reconcile_spool re-indexes it after a crash.
+        # Queued before the UID locks are released, so the next holder sees it.
         self.recorder.submit(StoredInstance(aid, header, str(path), size, None,
                                             self.store.now(), data=stream))
         return STATUS_SUCCESS, "stored"
@@ -472,7 +642,7 @@ def _dataset_digest(data: bytes) -> str:
     return hashlib.sha256(memoryview(data)[start:]).hexdigest()
 
 
-def reconcile_spool(store: Any, spool: Any) -> dict[str, int]:
+def reconcile_spool(store: Any, spool: Any, keyer: Any = None) -> dict[str, int]:
     """Give every spool file an instance row again; call at start-up before the listener opens.
 
     Why: the spool file is the durable record of a received instance (fsynced before C-STORE
@@ -509,12 +679,15 @@ def reconcile_spool(store: Any, spool: Any) -> dict[str, int]:
         try:
             data = f.read_bytes()
             ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-            header = read_header(ds, str(ds.file_meta.TransferSyntaxUID),
-                                 with_phi=bool(getattr(store, "store_phi", True)))
+            header = read_header(ds, str(ds.file_meta.TransferSyntaxUID), with_phi=True)
+            if keyer is not None:  # the series row gets its patient key, as on receipt
+                header.patient_key = keyer.key(header.phi.get("PatientID"))
+            if not getattr(store, "store_phi", True):
+                header.phi = {}
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the node
             counts["unreadable"] += 1
             log.warning("spool file without a row cannot be read; not re-indexed", path=rel,
-                        error=f"{type(exc).__name__}: {exc}"[:300])
+                        error=f"{type(exc).__name__}: {redact(str(exc))}")
             continue
         digest = _dataset_digest(data)
         conflict = rel.startswith("conflicts/")
@@ -541,5 +714,6 @@ def reconcile_spool(store: Any, spool: Any) -> dict[str, int]:
     return counts
 
 
-__all__ = ["AccessDecision", "Receiver", "check_access", "conflict_relpath", "instance_relpath",
+__all__ = ["AccessDecision", "Receiver", "UIDLocks", "check_access",
+           "conflict_relpath", "instance_relpath",
            "reconcile_spool"]

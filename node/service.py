@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from molre.log import get_logger
+from molre.log import banner, get_logger
 from node.config import NodeConfig
 
 log = get_logger("node.service")
@@ -91,7 +91,9 @@ class NodeService:
         self.spool, self.db, self.store = open_storage(cfg)
         # rows a power cut took from the database (synchronous=NORMAL) come back from the spool
         # before recovery and before the listener opens
-        reconciled = reconcile_spool(self.store, self.spool)
+        from storage.identity import load_patient_keyer
+
+        reconciled = reconcile_spool(self.store, self.spool, load_patient_keyer(cfg.data_dir))
         recovered = self.store.recover_on_start()
         self.metrics = Metrics()
         if cfg.metrics.port:
@@ -119,7 +121,7 @@ class NodeService:
                 f"{cfg.data_dir} | destinations "
                 f"{', '.join(f'{d.name}={d.ae_title}@{d.host}:{d.port}' for d in cfg.destinations) or 'none'}"
                 f"{f' | metrics :{cfg.metrics.port}' if cfg.metrics.port else ''}")
-        print(line, file=sys.stderr, flush=True)
+        banner(line)  # a JSON record when logging is JSON: every stderr line parses
         log.info("node started", ae_title=cfg.network.ae_title, port=self.port,
                  checkpoint=checkpoint, data_dir=str(cfg.data_dir), recovered=recovered)
 

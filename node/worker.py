@@ -25,12 +25,11 @@ import multiprocessing as mp
 import os
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from molre.errors import MolreError
-from molre.log import get_logger
+from molre.log import clean_text, get_logger, redact
 from node.background import BackgroundLoop
 from node.config import NodeConfig
 
@@ -141,10 +140,13 @@ def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
                 conn.send(("ok", predict_files(predictor, msg[1],
                                                msg[2] if len(msg) > 2 else None)))
             except MolreError as exc:
-                conn.send(("user_error", str(exc)))
+                conn.send(("user_error", clean_text(exc, 1000)))
             except Exception as exc:  # noqa: BLE001
-                conn.send(("error", f"{type(exc).__name__}: {exc}\n"
-                                    f"{traceback.format_exc(limit=5)}"))
+                # the traceback goes to this process's log (frames, redacted message); the job
+                # error and the series reason get one line without header values or raw bytes
+                logger = get_logger("node.worker.inference")
+                logger.error("inference failed", exc_info=exc)
+                conn.send(("error", f"{type(exc).__name__}: {redact(str(exc))}"))
 
 
 class ProcessEngine:
@@ -298,7 +300,7 @@ class ThreadEngine:
             try:
                 return predict_files(self._predictor, paths, self.limits)
             except MolreError as exc:
-                raise UserSeriesError(str(exc)) from None
+                raise UserSeriesError(clean_text(exc, 1000)) from None
 
     def close(self) -> None:
         self._predictor = None
@@ -368,7 +370,8 @@ class Worker(BackgroundLoop):
                 self.engine.ensure_started()
                 backoff = 1.0
             except Exception as exc:  # noqa: BLE001 - keep receiving; retry loading later
-                log.error("inference engine not available", error=str(exc), retry_in_s=backoff)
+                log.error("inference engine not available", error=redact(str(exc)),
+                          retry_in_s=backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 300.0)
                 continue
@@ -414,6 +417,13 @@ class Worker(BackgroundLoop):
         try:
             instances = self.store.series_instances(job.series_uid)
             paths = [i.spool_path for i in instances if i.spool_path and Path(i.spool_path).exists()]
+            if len(paths) < len(instances):
+                # never read a part of a series as if it were all of it
+                gone = [i for i in instances if i.spool_path not in paths]
+                raise UserSeriesError(
+                    f"series {job.series_uid}: {len(gone)} of {len(instances)} stored instance "
+                    f"file(s) missing from the spool (e.g. SOP Instance UID "
+                    f"{gone[0].sop_instance_uid}); resend the complete series")
             if not paths:
                 raise UserSeriesError(f"series {job.series_uid}: no stored instance files in "
                                       f"the spool")
@@ -465,9 +475,12 @@ class Worker(BackgroundLoop):
             if current and self.on_reported is not None:
                 self.on_reported()
         except UserSeriesError as exc:
-            self._fail(job, f"series not readable: {exc}", final=True, jlog=jlog)
+            self._fail(job, f"series not readable: {clean_text(exc, 1000)}", final=True,
+                       jlog=jlog)
         except Exception as exc:  # noqa: BLE001 - one bad series never blocks the queue
-            self._fail(job, f"{type(exc).__name__}: {exc}"[:2000], final=False, jlog=jlog)
+            # exception texts of libraries may quote header values: redacted, one line
+            self._fail(job, f"{type(exc).__name__}: {redact(str(exc), 1000)}", final=False,
+                       jlog=jlog)
 
     def _fail(self, job: Any, error: str, *, final: bool, jlog: Any) -> None:
         r = self.config.retry

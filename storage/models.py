@@ -60,6 +60,8 @@ class Study(Base):
     patient_id: Mapped[str | None] = mapped_column(String(64))
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # added in revision 0004: keyed hash of the PatientID (storage.identity), never the ID
+    patient_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class Series(Base):
@@ -87,6 +89,8 @@ class Series(Base):
     meta: Mapped[dict[str, Any] | None]
     # added in revision 0002: higher runs first
     priority: Mapped[int] = mapped_column(default=0, server_default="0")
+    # added in revision 0004: keyed hash of the PatientID of the series' instances
+    patient_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class Instance(Base):

@@ -233,168 +233,259 @@ class PruneReport:
     files: list[str] = field(default_factory=list)
     bytes: int = 0
     missing_files: int = 0
+    #: files another write replaced after prune decided to remove them (a resend): kept
+    rewritten_files: int = 0
+    #: write transactions the removal took (it commits in batches)
+    batches: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON output."""
         return asdict(self)
 
 
-def _eligible_series(s: Session, cutoff: dt.datetime) -> list[str]:
-    """Series in a final state, untouched since ``cutoff``, with no pending export or live job."""
+def _eligible(cutoff: dt.datetime):
+    """Series in a final state, untouched since ``cutoff``, with no pending export or live job
+    and no instance row (of any status) received since ``cutoff``: a resend acknowledged a
+    moment ago -- even a duplicate -- keeps its series."""
     final = [st.value for st in FINAL_STATES]
     pending_export = select(Export.id).where(Export.series_uid == Series.series_uid,
                                              Export.state != "delivered").exists()
     live_job = select(Job.id).where(Job.series_uid == Series.series_uid,
                                     Job.state.in_(("queued", "running"))).exists()
-    q = select(Series.series_uid).where(
+    recent = select(Instance.id).where(Instance.series_uid == Series.series_uid,
+                                       Instance.received_at >= cutoff).exists()
+    return select(Series.series_uid).where(
         Series.state.in_(final), Series.updated_at < cutoff,
         or_(Series.last_instance_at.is_(None), Series.last_instance_at < cutoff),
-        ~pending_export, ~live_job).order_by(Series.id)
-    return list(s.execute(q).scalars())
+        ~pending_export, ~live_job, ~recent).order_by(Series.id)
+
+
+def _eligible_series(s: Session, cutoff: dt.datetime) -> list[str]:
+    """The scan: every series prune may remove (read-only; re-checked batch by batch)."""
+    return list(s.execute(_eligible(cutoff)).scalars())
+
+
+class _DryRun(Exception):
+    """Rolls back the dry run's transaction."""
+
+
+@dataclass
+class _Removal:
+    """Files a committed batch leaves to delete, with the identity each had under the lock."""
+
+    files: dict[str, tuple[int, int] | None] = field(default_factory=dict)
 
 
 def prune(store: Store, older_than: dt.timedelta, *, dry_run: bool = False,
-          spool: Spool | None = None, now: dt.datetime | None = None) -> PruneReport:
-    """Remove audit rows and files older than the retention; never pending work.
+          spool: Spool | None = None, now: dt.datetime | None = None,
+          batch_series: int = 20) -> PruneReport:
+    """Remove audit rows and files older than the retention; never pending work, never a file
+    a newer row refers to.
 
     Removed: series in a final state (delivered, skipped, failed, reported without pending
-    exports) whose last change and last instance are older than the cutoff, with their
-    instances (rows + spool files), jobs, results, exports (+ report files) and events; studies
-    left without series; instances that never made a series (ignored/rejected) past the cutoff;
-    ended associations past the cutoff no longer referenced; node events past the cutoff.
-    Files are deleted after the rows are committed (a crash leaves an orphan file, never a row
-    pointing at nothing); a file still referenced by a kept row is never deleted.
+    exports) whose last change, last instance and every instance row are older than the
+    cutoff, with their instances (rows + spool files), jobs, results, exports (+ report files)
+    and events; studies left without series; instances that never made a series
+    (ignored/rejected) past the cutoff; ended associations past the cutoff no longer
+    referenced; node events past the cutoff.
+
+    How, so that the node keeps receiving meanwhile and loses nothing: the scan reads without
+    the write lock; then ``batch_series`` series at a time, one short write transaction
+    re-checks them, notes which file each row points at (and its inode) and deletes the rows;
+    after its commit the files go -- each only if it is still the file noted (a resend of the
+    study may have written a new one under the same name once the rows were gone: kept,
+    counted in ``rewritten_files``) and no kept row points at it. A crash between a commit and
+    the deletions leaves orphan files (older than the cutoff recorded in the 'pruned' event,
+    so start-up reconciliation does not revive them), never a row pointing at nothing. A dry
+    run does the same in one transaction that is rolled back, and touches no file.
     """
     if older_than.total_seconds() < 0:
         raise ValueError("older_than must not be negative")
     now = now or store.now()
     cutoff = now - older_than
     report = PruneReport(cutoff=cutoff, dry_run=dry_run)
-    with store.db.session(write=not dry_run) as s:
-        p_series = _eligible_series(s, cutoff)
-        report.series = p_series
-        # instances: of pruned series, or orphan (no series row) and old
-        has_series = select(Series.id).where(Series.series_uid == Instance.series_uid).exists()
-        orphan_ids = list(s.execute(select(Instance.id).where(
-            ~has_series, Instance.received_at < cutoff)).scalars())
-        inst_ids = list(orphan_ids)
-        for chunk in _chunks(p_series):
-            inst_ids += s.execute(select(Instance.id).where(
-                Instance.series_uid.in_(chunk))).scalars().all()
-        paths: dict[str, int] = {}
-        for chunk in _chunks(inst_ids):
-            for path, size in s.execute(select(Instance.spool_path, Instance.size)
-                                        .where(Instance.id.in_(chunk),
-                                               Instance.spool_path.is_not(None))):
-                paths[path] = size or 0
-        report_paths: set[str] = set()
-        job_ids: list[int] = []
-        export_ids: list[int] = []
-        result_ids: list[int] = []
-        for chunk in _chunks(p_series):
-            job_ids += s.execute(select(Job.id).where(Job.series_uid.in_(chunk))).scalars().all()
-            result_ids += s.execute(select(Result.id).where(
-                Result.series_uid.in_(chunk))).scalars().all()
-            for eid, rpath in s.execute(select(Export.id, Export.report_path)
-                                        .where(Export.series_uid.in_(chunk))):
-                export_ids.append(eid)
-                if rpath:
-                    report_paths.add(rpath)
-        # never delete a file a kept row still points at
-        inst_set = set(inst_ids)
-        for chunk in _chunks(list(paths)):
-            for iid, path in s.execute(select(Instance.id, Instance.spool_path)
-                                       .where(Instance.spool_path.in_(chunk))):
-                if iid not in inst_set:
-                    paths.pop(path, None)
-        export_set = set(export_ids)
-        for chunk in _chunks(list(report_paths)):
-            for eid, path in s.execute(select(Export.id, Export.report_path)
-                                       .where(Export.report_path.in_(chunk))):
-                if eid not in export_set:
-                    report_paths.discard(path)
-        p_series_set = set(p_series)
-        # studies left without any series once these are gone
-        candidates: set[str] = set(s.execute(select(Study.study_uid).where(
-            Study.created_at < cutoff,
-            ~select(Series.id).where(Series.study_uid == Study.study_uid).exists())).scalars())
-        for chunk in _chunks(p_series):
-            candidates.update(s.execute(select(Series.study_uid).where(
-                Series.series_uid.in_(chunk))).scalars())
-        study_list = sorted(candidates)
-        for chunk in _chunks(study_list):
-            for study_uid, series_uid, created in s.execute(
-                    select(Series.study_uid, Series.series_uid, Study.created_at)
-                    .join(Study, Study.study_uid == Series.study_uid)
-                    .where(Series.study_uid.in_(chunk))):
-                if series_uid not in p_series_set:
-                    candidates.discard(study_uid)
-        report.studies = sorted(candidates)
-        # associations: ended before the cutoff and not referenced by a kept instance
-        assoc_set = set(s.execute(select(Association.id).where(
-            Association.outcome != "open",
-            func.coalesce(Association.ended_at, Association.started_at) < cutoff)).scalars())
-        for chunk in _chunks(sorted(assoc_set)):
-            for aid, iid in s.execute(select(Instance.association_id, Instance.id)
-                                      .where(Instance.association_id.in_(chunk))):
-                if iid not in inst_set:
-                    assoc_set.discard(aid)
-        assoc_ids = sorted(assoc_set)
-        # events of everything removed, plus old node / orphan-instance events
-        ev_conds = [Event.series_uid.in_(c) for c in _chunks(p_series)]
-        ev_conds += [Event.study_uid.in_(c) for c in _chunks(report.studies)]
-        ev_conds += [and_(Event.entity == "association", Event.entity_id.in_(c))
-                     for c in _chunks([str(a) for a in assoc_ids])]
-        ev_conds.append(and_(Event.series_uid.is_(None), Event.study_uid.is_(None),
-                             Event.entity.in_(("node", "instance")), Event.at < cutoff))
-        event_ids: set[int] = set()
-        for cond in ev_conds:
-            event_ids.update(s.execute(select(Event.id).where(cond)).scalars())
-        report.events = len(event_ids)
-        report.instances = len(inst_ids)
-        report.jobs, report.results, report.exports = len(job_ids), len(result_ids), len(export_ids)
-        report.associations = len(assoc_ids)
-        report.files = sorted(paths) + sorted(report_paths)
-        report.bytes = sum(paths.values())
-        if not dry_run:
-            for chunk in _chunks(sorted(event_ids)):
-                s.execute(delete(Event).where(Event.id.in_(chunk)))
-            for chunk in _chunks(result_ids):
-                s.execute(delete(Result).where(Result.id.in_(chunk)))
-            for chunk in _chunks(export_ids):
-                s.execute(delete(Export).where(Export.id.in_(chunk)))
-            for chunk in _chunks(job_ids):
-                s.execute(delete(Job).where(Job.id.in_(chunk)))
-            for chunk in _chunks(inst_ids):
-                s.execute(delete(Instance).where(Instance.id.in_(chunk)))
-            for chunk in _chunks(p_series):
-                s.execute(delete(Series).where(Series.series_uid.in_(chunk)))
-            for chunk in _chunks(report.studies):
-                s.execute(delete(Study).where(Study.study_uid.in_(chunk)))
-            for chunk in _chunks(assoc_ids):
-                s.execute(delete(Association).where(Association.id.in_(chunk)))
-            store._event(s, "node", "prune", "pruned", at=now,
-                         details={"cutoff": cutoff, "series": len(p_series),
-                                  "studies": len(report.studies), "instances": len(inst_ids),
-                                  "files": len(report.files)})
-    if not dry_run:
-        for path in report.files:
-            if not _remove_file(path, spool):
-                report.missing_files += 1
-        log.info("pruned audit data", cutoff=cutoff.isoformat(), series=len(report.series),
-                 instances=report.instances, files=len(report.files))
+    with store.db.session(write=False) as s:
+        candidates = _eligible_series(s, cutoff)
+    batch_series = max(1, int(batch_series))
+    if dry_run:
+        try:
+            with store.db.session() as s:
+                for chunk in _chunks(candidates, batch_series):
+                    _prune_batch(s, chunk, cutoff, report)
+                _prune_rest(store, s, cutoff, now, report)
+                raise _DryRun
+        except _DryRun:
+            pass
+        _finish(report)
+        return report
+    for chunk in _chunks(candidates, batch_series):
+        with store.db.session() as s:
+            removal = _prune_batch(s, chunk, cutoff, report)
+        report.batches += 1
+        _remove_files(removal, spool, report)
+    with store.db.session() as s:
+        removal = _prune_rest(store, s, cutoff, now, report)
+    report.batches += 1
+    _remove_files(removal, spool, report)
+    _finish(report)
+    log.info("pruned audit data", cutoff=cutoff.isoformat(), series=len(report.series),
+             instances=report.instances, files=len(report.files), batches=report.batches,
+             rewritten_files=report.rewritten_files)
     return report
 
 
-def _remove_file(path: str, spool: Spool | None) -> bool:
+def _finish(report: PruneReport) -> None:
+    report.series.sort()
+    report.studies.sort()
+    report.files.sort()
+
+
+def _kept_paths(s: Session, column: Any, id_column: Any, paths: Iterable[str],
+                removed: set[int]) -> set[str]:
+    """Which of ``paths`` a row outside ``removed`` points at."""
+    kept: set[str] = set()
+    for chunk in _chunks(sorted(set(paths))):
+        for rid, path in s.execute(select(id_column, column).where(column.in_(chunk))):
+            if rid not in removed:
+                kept.add(path)
+    return kept
+
+
+def _note_files(s: Session, inst_ids: list[int], report_paths: set[str], export_ids: list[int],
+                report: PruneReport) -> _Removal:
+    """The files of the rows about to go (minus those a kept row points at), with identities."""
+    from storage.spool import file_identity
+
+    removal = _Removal()
+    paths: dict[str, int] = {}
+    for chunk in _chunks(inst_ids):
+        for path, size in s.execute(select(Instance.spool_path, Instance.size)
+                                    .where(Instance.id.in_(chunk),
+                                           Instance.spool_path.is_not(None))):
+            paths[path] = size or 0
+    for path in _kept_paths(s, Instance.spool_path, Instance.id, paths, set(inst_ids)):
+        paths.pop(path, None)
+    report_paths = report_paths - _kept_paths(s, Export.report_path, Export.id, report_paths,
+                                              set(export_ids))
+    for path in [*paths, *sorted(report_paths)]:
+        removal.files[path] = file_identity(path) if Path(path).is_absolute() else None
+    report.files += list(paths) + sorted(report_paths)
+    report.bytes += sum(paths.values())
+    return removal
+
+
+def _prune_batch(s: Session, chunk: Sequence[str], cutoff: dt.datetime,
+                 report: PruneReport) -> _Removal:
+    """One write transaction: re-check ``chunk`` under the lock, delete the rows of those still
+    eligible (and of studies they leave empty); returns the files to delete after commit."""
+    p_series = list(s.execute(_eligible(cutoff).where(Series.series_uid.in_(chunk))).scalars())
+    if not p_series:
+        return _Removal()
+    report.series += p_series
+    inst_ids = list(s.execute(select(Instance.id).where(
+        Instance.series_uid.in_(p_series))).scalars())
+    job_ids = list(s.execute(select(Job.id).where(Job.series_uid.in_(p_series))).scalars())
+    result_ids = list(s.execute(select(Result.id).where(
+        Result.series_uid.in_(p_series))).scalars())
+    export_ids: list[int] = []
+    report_paths: set[str] = set()
+    for eid, rpath in s.execute(select(Export.id, Export.report_path)
+                                .where(Export.series_uid.in_(p_series))):
+        export_ids.append(eid)
+        if rpath:
+            report_paths.add(rpath)
+    removal = _note_files(s, inst_ids, report_paths, export_ids, report)
+    study_uids = set(s.execute(select(Series.study_uid).where(
+        Series.series_uid.in_(p_series))).scalars())
+    event_ids = set(s.execute(select(Event.id).where(Event.series_uid.in_(p_series))).scalars())
+    for ids, model in ((result_ids, Result), (export_ids, Export), (job_ids, Job),
+                       (inst_ids, Instance)):
+        for part in _chunks(ids):
+            s.execute(delete(model).where(model.id.in_(part)))
+    s.execute(delete(Series).where(Series.series_uid.in_(p_series)))
+    report.instances += len(inst_ids)
+    report.jobs += len(job_ids)
+    report.results += len(result_ids)
+    report.exports += len(export_ids)
+    # studies left without any series
+    left = sorted(study_uids - set(s.execute(select(Series.study_uid).where(
+        Series.study_uid.in_(study_uids))).scalars()))
+    if left:
+        event_ids.update(s.execute(select(Event.id).where(Event.study_uid.in_(left))).scalars())
+        s.execute(delete(Study).where(Study.study_uid.in_(left)))
+        report.studies += left
+    for part in _chunks(sorted(event_ids)):
+        s.execute(delete(Event).where(Event.id.in_(part)))
+    report.events += len(event_ids)
+    return removal
+
+
+def _prune_rest(store: Store, s: Session, cutoff: dt.datetime, now: dt.datetime,
+                report: PruneReport) -> _Removal:
+    """The last transaction: instances that never made a series, studies without series,
+    associations nothing refers to, old node events; and the 'pruned' event."""
+    has_series = select(Series.id).where(Series.series_uid == Instance.series_uid).exists()
+    orphan_ids = list(s.execute(select(Instance.id).where(
+        ~has_series, Instance.received_at < cutoff)).scalars())
+    removal = _note_files(s, orphan_ids, set(), [], report)
+    for part in _chunks(orphan_ids):
+        s.execute(delete(Instance).where(Instance.id.in_(part)))
+    report.instances += len(orphan_ids)
+    studies = list(s.execute(select(Study.study_uid).where(
+        Study.created_at < cutoff,
+        ~select(Series.id).where(Series.study_uid == Study.study_uid).exists())).scalars())
+    referenced = select(Instance.id).where(Instance.association_id == Association.id).exists()
+    assoc_ids = list(s.execute(select(Association.id).where(
+        Association.outcome != "open",
+        func.coalesce(Association.ended_at, Association.started_at) < cutoff,
+        ~referenced)).scalars())
+    ev_conds = [Event.study_uid.in_(c) for c in _chunks(studies)]
+    ev_conds += [and_(Event.entity == "association", Event.entity_id.in_(c))
+                 for c in _chunks([str(a) for a in assoc_ids])]
+    ev_conds.append(and_(Event.series_uid.is_(None), Event.study_uid.is_(None),
+                         Event.entity.in_(("node", "instance")), Event.at < cutoff))
+    event_ids: set[int] = set()
+    for cond in ev_conds:
+        event_ids.update(s.execute(select(Event.id).where(cond)).scalars())
+    for part in _chunks(sorted(event_ids)):
+        s.execute(delete(Event).where(Event.id.in_(part)))
+    for part in _chunks(studies):
+        s.execute(delete(Study).where(Study.study_uid.in_(part)))
+    for part in _chunks(assoc_ids):
+        s.execute(delete(Association).where(Association.id.in_(part)))
+    report.studies += studies
+    report.associations += len(assoc_ids)
+    report.events += len(event_ids)
+    store._event(s, "node", "prune", "pruned", at=now,
+                 details={"cutoff": cutoff, "series": len(report.series),
+                          "studies": len(report.studies), "instances": report.instances,
+                          "files": len(report.files), "batches": report.batches + 1})
+    return removal
+
+
+def _remove_files(removal: _Removal, spool: Spool | None, report: PruneReport) -> None:
+    for path, identity in removal.files.items():
+        outcome = _remove_file(path, identity, spool)
+        if outcome == "missing":
+            report.missing_files += 1
+        elif outcome == "changed":
+            report.rewritten_files += 1
+            log.warning("file rewritten after prune decided to remove it (a resend); kept",
+                        path=path)
+
+
+def _remove_file(path: str, identity: tuple[int, int] | None, spool: Spool | None) -> str:
+    """Delete one file if it is still the one noted: "removed", "missing" or "changed"."""
+    from storage.spool import file_identity, remove_if_same
+
     p = Path(path)
     if spool is not None:
         full = p if p.is_absolute() else spool.root / p
         if spool.root in full.resolve().parents:
-            return spool.remove(full)
+            if identity is None and not p.is_absolute():
+                identity = file_identity(full)
+            return spool.remove_if_same(full, identity)
     if not p.is_absolute():
         log.warning("relative spool path without a spool root; file kept", path=path)
-        return False
-    existed = p.exists()
-    p.unlink(missing_ok=True)
-    return existed
+        return "missing"
+    return remove_if_same(p, identity)

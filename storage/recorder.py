@@ -9,10 +9,13 @@ in one transaction (:meth:`storage.Store.record_stored_batch`).
 
 What callers can rely on:
 
-- :meth:`InstanceRecorder.stored_digest` sees queued rows, so duplicates and conflicts are
-  detected exactly as if every row were committed;
-- :meth:`InstanceRecorder.flush` returns once every row submitted before it is committed; the
-  receiver flushes before it records an association's end (and before the A-RELEASE response),
+- :meth:`InstanceRecorder.stored_digest` / :meth:`InstanceRecorder.known_instance` and
+  :meth:`InstanceRecorder.series_identity` see queued rows, so duplicates, conflicts and
+  identity conflicts (another study or patient under a known series UID) are detected exactly
+  as if every row were committed;
+- :meth:`InstanceRecorder.flush` returns once every row submitted before it is committed, or
+  False after its timeout; the receiver flushes before it records an association's end (and
+  before the A-RELEASE response; a flush that fails aborts the association instead),
   and the store calls it before deciding which series are complete
   (:meth:`storage.Store.set_completion_barrier`), so no series completes without rows of
   instances that were already acknowledged;
@@ -29,7 +32,7 @@ import time
 from collections import deque
 
 from molre.log import get_logger
-from storage.store import Store, StoredInstance
+from storage.store import KnownInstance, SeriesIdentity, Store, StoredInstance
 
 log = get_logger("storage.recorder")
 
@@ -56,6 +59,10 @@ class InstanceRecorder:
         self._cond = threading.Condition()
         self._queue: deque[StoredInstance] = deque()
         self._pending: dict[str, StoredInstance] = {}  # SOP Instance UID -> queued row
+        # identities of queued rows: series UID -> [study UID, patient key, rows queued],
+        # study UID -> [patient key, rows queued]
+        self._pending_series: dict[str, list] = {}
+        self._pending_studies: dict[str, list] = {}
         self._submitted = 0
         self._done = 0
         self._stopping = False
@@ -104,8 +111,17 @@ class InstanceRecorder:
                 if self._thread is not None:
                     self._submitted += 1
                     self._queue.append(row)
-                    if row.header.sop_instance_uid:
-                        self._pending[row.header.sop_instance_uid] = row
+                    h = row.header
+                    if h.sop_instance_uid:
+                        self._pending[h.sop_instance_uid] = row
+                    if h.series_uid:
+                        entry = self._pending_series.setdefault(
+                            h.series_uid, [h.study_uid, h.patient_key, 0])
+                        entry[2] += 1
+                    if h.study_uid:
+                        entry = self._pending_studies.setdefault(h.study_uid,
+                                                                 [h.patient_key, 0])
+                        entry[1] += 1
                     if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
                         self._cond.notify_all()  # the writer is idle, or its batch is full
                     return
@@ -114,11 +130,31 @@ class InstanceRecorder:
     def stored_digest(self, sop_instance_uid: str) -> tuple[str | None, str | None] | None:
         """(sha256, spool_path) of the latest stored instance with this SOP UID, queued or
         committed (:meth:`storage.Store.stored_digest` plus the queue)."""
+        known = self.known_instance(sop_instance_uid)
+        return (known.sha256, known.spool_path) if known is not None else None
+
+    def known_instance(self, sop_instance_uid: str) -> KnownInstance | None:
+        """:meth:`storage.Store.known_instance`, queued rows included."""
         # queue first: a row leaves it only after its commit, so it is always in one of them
         row = self._pending.get(sop_instance_uid)
         if row is not None:
-            return row.digest(), row.spool_path
-        return self.store.stored_digest(sop_instance_uid)
+            return KnownInstance(row.digest(), row.spool_path, row.header.study_uid)
+        return self.store.known_instance(sop_instance_uid)
+
+    def series_identity(self, series_uid: str | None,
+                        study_uid: str | None) -> SeriesIdentity:
+        """:meth:`storage.Store.series_identity`, queued rows included (they win: a queued
+        row of a series is newer than its committed ones). Callers that act on the answer
+        serialise per series and study themselves (the receiver's UID locks)."""
+        series = self._pending_series.get(series_uid or "")
+        study = self._pending_studies.get(study_uid or "")
+        if series is not None and study is not None:
+            return SeriesIdentity(series[0], series[1], study[0])
+        known = self.store.series_identity(series_uid, study_uid)
+        return SeriesIdentity(
+            series[0] if series is not None else known.series_study_uid,
+            series[1] if series is not None and series[1] else known.series_patient_key,
+            study[0] if study is not None and study[0] else known.study_patient_key)
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until every row submitted before this call is committed (or given up on);
@@ -158,9 +194,17 @@ class InstanceRecorder:
             self._commit(batch)
             with self._cond:
                 for row in batch:
-                    uid = row.header.sop_instance_uid
+                    h = row.header
+                    uid = h.sop_instance_uid
                     if uid and self._pending.get(uid) is row:
                         del self._pending[uid]
+                    for table, key, slot in ((self._pending_series, h.series_uid, 2),
+                                             (self._pending_studies, h.study_uid, 1)):
+                        entry = table.get(key or "")
+                        if entry is not None:
+                            entry[slot] -= 1
+                            if entry[slot] <= 0:
+                                del table[key]
                 self._done += len(batch)
                 self._cond.notify_all()
 

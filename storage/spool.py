@@ -247,6 +247,34 @@ class Spool:
             parent = parent.parent
         return existed
 
+    def remove_if_same(self, path: str | Path, identity: tuple[int, int] | None) -> str:
+        """Delete a spooled file only if it is still the file ``identity`` (:func:`file_identity`)
+        was taken of; prune empty parent dirs. Returns "removed", "missing" or "changed".
+
+        Why: ``audit prune`` decides under the database lock which files go, and deletes them
+        after its commit. A resend of the same study may meanwhile have written a *new* file
+        under the same name (its row no longer exists, so it is stored as new) -- that file
+        was acknowledged and must stay. Every write here is a new inode (temp file + rename),
+        so the inode tells the two apart: the file is moved aside atomically, checked, and
+        put back if a newer one had taken the name."""
+        p = Path(path)
+        p = p if p.is_absolute() else self.path(p)
+        if self.root not in p.resolve().parents:
+            raise ValueError(f"{p} is not inside the spool {self.root}")
+        outcome = remove_if_same(p, identity)
+        if outcome == "removed":
+            self._prune_empty_dirs(p.parent)
+        return outcome
+
+    def _prune_empty_dirs(self, parent: Path) -> None:
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()  # only succeeds when empty
+            except OSError:
+                break
+            self._known_dirs.discard(parent)
+            parent = parent.parent
+
     def free_bytes(self) -> int:
         """Free space on the spool's filesystem (the receiver refuses work below a watermark)."""
         return shutil.disk_usage(self.root).free
@@ -271,6 +299,45 @@ class Spool:
 
     def __repr__(self) -> str:
         return f"Spool({str(self.root)!r})"
+
+
+def file_identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, or None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def remove_if_same(path: str | Path, identity: tuple[int, int] | None) -> str:
+    """Delete ``path`` if it is still the file of ``identity``: "removed", "missing" (nothing
+    there, or nothing was there when the identity was taken) or "changed" (a newer file has the
+    name: kept). See :meth:`Spool.remove_if_same`."""
+    p = Path(path)
+    if identity is None:
+        return "missing"
+    now = file_identity(p)
+    if now is None:
+        return "missing"
+    if now != identity:
+        return "changed"
+    aside = p.with_name(f"{TEMP_PREFIX}prune-{p.name}")  # clean_temp removes it after a crash
+    try:
+        os.rename(p, aside)
+    except FileNotFoundError:
+        return "missing"
+    if file_identity(aside) != identity:
+        # replaced between the check and the rename: the newer file goes back under its name
+        # (unless an even newer one is there already), ours was never moved
+        try:
+            os.link(aside, p)
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
+        return "changed"
+    aside.unlink(missing_ok=True)
+    return "removed"
 
 
 class StagedFile:

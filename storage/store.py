@@ -25,14 +25,15 @@ import datetime as dt
 import enum
 import hashlib
 import math
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (String, and_, bindparam, case, cast, func, insert, or_, select,
-                        update)
+from sqlalchemy import (String, and_, bindparam, case, cast, func, insert, literal, or_,
+                        select, union_all, update)
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
@@ -77,6 +78,9 @@ ALLOWED_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
 #: States in which nothing more happens by itself (prune may remove them after retention).
 FINAL_STATES: frozenset[SeriesState] = frozenset({S.DELIVERED, S.SKIPPED, S.FAILED, S.REPORTED})
 
+#: control characters (C0, DEL, C1): never stored from a header value or an error text
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 INSTANCE_STATUSES = ("stored", "duplicate", "conflict", "ignored", "rejected")
 _COUNT_COLUMN = {"stored": "n_stored", "duplicate": "n_duplicate", "ignored": "n_ignored",
                  "conflict": "n_failed", "rejected": "n_failed"}
@@ -101,6 +105,8 @@ class InstanceHeader:
     selection rules need (ImageType, BodyPartExamined, StudyDescription, SeriesDescription,
     ProtocolName, SliceThickness, ContrastBolusAgent, ConvolutionKernel, Rows, Columns, ...).
     ``phi`` (PatientName, PatientID, PatientBirthDate) is persisted only with store_phi=True.
+    ``patient_key`` is the keyed hash of the PatientID (:mod:`storage.identity`): what the
+    receiver's identity checks compare and what the study and series rows keep.
     """
 
     sop_class_uid: str | None = None
@@ -113,6 +119,28 @@ class InstanceHeader:
     instance_number: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     phi: dict[str, Any] = field(default_factory=dict)
+    patient_key: str | None = None
+
+
+@dataclass(frozen=True)
+class KnownInstance:
+    """The latest *stored* instance with a SOP Instance UID, as the receiver's checks need it."""
+
+    sha256: str | None
+    spool_path: str | None
+    study_uid: str | None
+
+
+@dataclass(frozen=True)
+class SeriesIdentity:
+    """Who a series and a study belong to, as recorded (None = no such row / no key yet).
+
+    ``series_study_uid`` is the study the series was first received in; the keys are
+    :class:`storage.identity.PatientKeyer` hashes."""
+
+    series_study_uid: str | None = None
+    series_patient_key: str | None = None
+    study_patient_key: str | None = None
 
 
 @dataclass
@@ -237,7 +265,9 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, str):
-        return str(value)
+        # header values land here: no control characters in the audit database (an ANSI
+        # escape in a SeriesDescription must not reach an operator's terminal via `audit`)
+        return _CONTROL.sub(" ", value) if _CONTROL.search(value) else str(value)
     if isinstance(value, Mapping):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (dt.datetime, dt.date)):
@@ -372,18 +402,28 @@ class Store:
                 last_instance_at=bindparam("b_now", type_=series_t.c.last_instance_at.type),
                 first_instance_at=func.coalesce(
                     series_t.c.first_instance_at,
-                    bindparam("b_now", type_=series_t.c.first_instance_at.type))
+                    bindparam("b_now", type_=series_t.c.first_instance_at.type)),
+                patient_key=func.coalesce(series_t.c.patient_key,
+                                          bindparam("b_key", type_=series_t.c.patient_key.type))
             ).returning(series_t.c.version)
             cols = [inst_t.c[name] for name in _HOT_INSTANCE_COLUMNS]
             add_many = insert(inst_t).values({c: bindparam(c.name, type_=c.type) for c in cols})
             count = update(assoc_t).where(assoc_t.c.id == bindparam("b_assoc")).values(
                 n_stored=assoc_t.c.n_stored + bindparam("b_n", 1))
-            find = select(inst_t.c.sha256, inst_t.c.spool_path).where(
+            find = select(inst_t.c.sha256, inst_t.c.spool_path, inst_t.c.study_uid).where(
                 inst_t.c.sop_instance_uid == bindparam("b_sop"),
                 inst_t.c.status == "stored").order_by(inst_t.c.id.desc()).limit(1)
+            study_t = Study.__table__
+            # who the series and the study belong to, in one round trip
+            identity = union_all(
+                select(literal(1).label("k"), series_t.c.study_uid, series_t.c.patient_key)
+                .where(series_t.c.series_uid == bindparam("b_series")),
+                select(literal(2).label("k"), study_t.c.study_uid, study_t.c.patient_key)
+                .where(study_t.c.study_uid == bindparam("b_study")))
             d = self.db.engine.dialect
             self._prepared_hot = {"bump": _Prepared(bump, d), "add_many": _Prepared(add_many, d),
-                                  "count": _Prepared(count, d), "find": _Prepared(find, d)}
+                                  "count": _Prepared(count, d), "find": _Prepared(find, d),
+                                  "identity": _Prepared(identity, d)}
         return self._prepared_hot
 
     def now(self) -> dt.datetime:
@@ -521,22 +561,40 @@ class Store:
             transfer_syntax=m["transfer_syntax"], size=m["size"],
             series_version=m["series_version"], received_at=m["received_at"])
 
-    def stored_digest(self, sop_instance_uid: str) -> tuple[str | None, str | None] | None:
-        """(sha256, spool_path) of the latest stored instance with this SOP UID, or None:
-        :meth:`find_instance` reduced to what the receiver's duplicate check needs, with one
-        prepared statement (it runs for every received instance)."""
-        find = self._hot()["find"]
-        if find.raw and not self.db.in_memory:
+    def _lookup_rows(self, name: str, **binds: Any) -> list[tuple[Any, ...]]:
+        """Rows of one of the receiver's prepared lookups (it runs them for every instance)."""
+        stmt = self._hot()[name]
+        if stmt.raw and not self.db.in_memory:
             # one autocommit read on a connection kept for it: no pool checkout, no BEGIN/COMMIT
             with self._lookup_lock:
                 if self._lookup is None:
                     self._lookup = self.db.engine.raw_connection()
-                rows = self._lookup.driver_connection.execute(
-                    find.sql, find.bind({"b_sop": sop_instance_uid})).fetchall()
-            return (rows[0][0], rows[0][1]) if rows else None
+                return list(self._lookup.driver_connection.execute(
+                    stmt.sql, stmt.bind(binds)).fetchall())
         with self.db.connection(write=False) as c:
-            row = find.run(c, b_sop=sop_instance_uid).fetchone()
-        return (row[0], row[1]) if row is not None else None
+            return [tuple(r) for r in stmt.run(c, **binds).fetchall()]
+
+    def known_instance(self, sop_instance_uid: str) -> KnownInstance | None:
+        """sha256, spool path and study of the latest stored instance with this SOP UID, or
+        None: :meth:`find_instance` reduced to what the receiver's checks need."""
+        rows = self._lookup_rows("find", b_sop=sop_instance_uid)
+        return KnownInstance(rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+    def stored_digest(self, sop_instance_uid: str) -> tuple[str | None, str | None] | None:
+        """(sha256, spool_path) of the latest stored instance with this SOP UID, or None."""
+        known = self.known_instance(sop_instance_uid)
+        return (known.sha256, known.spool_path) if known is not None else None
+
+    def series_identity(self, series_uid: str | None, study_uid: str | None) -> SeriesIdentity:
+        """The study and patient key recorded for a series, and the study's patient key."""
+        series_study = series_key = study_key = None
+        for k, study, key in self._lookup_rows("identity", b_series=series_uid or "",
+                                               b_study=study_uid or ""):
+            if k == 1:
+                series_study, series_key = study, key
+            else:
+                study_key = key
+        return SeriesIdentity(series_study, series_key, study_key)
 
     def indexed_spool_paths(self, paths: Iterable[str]) -> set[str]:
         """Which of ``paths`` some instance row points at (any status); start-up reconciliation
@@ -567,14 +625,16 @@ class Store:
 
     def record_instance(self, assoc_id: int | None, header: InstanceHeader, *,
                         spool_path: str | Path | None, size: int | None, sha256: str | None,
-                        status: str, reason: str | None = None) -> InstanceRecord:
+                        status: str, reason: str | None = None, event_kind: str | None = None,
+                        details: dict | None = None) -> InstanceRecord:
         """Record one received instance, whatever its fate, in one transaction.
 
         For ``status='stored'`` the study and series rows are created or updated (series in
         'receiving', ``last_instance_at``, ``instance_count`` counting distinct SOP UIDs); a
         series that had moved past 'receiving' is reopened as a new report version
         (``version += 1``, event 'reopened', queued jobs of the old version superseded).
-        Other statuses only add the instance row (+ an event) and the association count.
+        Other statuses only add the instance row (+ an event: kind ``event_kind``, default the
+        status, with ``details`` added) and the association count.
         """
         if status not in INSTANCE_STATUSES:
             raise ValueError(f"instance status must be one of {INSTANCE_STATUSES}, not {status!r}")
@@ -583,11 +643,35 @@ class Store:
             return _instance_record(self._record_orm(s, assoc_id, header, now,
                                                      spool_path=spool_path, size=size,
                                                      sha256=sha256, status=status,
-                                                     reason=reason))
+                                                     reason=reason, event_kind=event_kind,
+                                                     details=details))
+
+    def record_duplicate(self, assoc_id: int | None, header: InstanceHeader, *, sha256: str,
+                         size: int | None, reason: str) -> InstanceRecord | None:
+        """Record a byte-identical resend -- if a stored row with this SOP UID and ``sha256``
+        still exists; None (nothing written) when it is gone.
+
+        Why in one transaction: the receiver found the stored row a moment ago, but
+        ``audit prune`` (another process, maybe) may have removed it and be deleting its file.
+        Checked under the write lock, either the row is still there -- and prune, which
+        re-checks under the same lock, now sees a row newer than its cutoff and keeps the
+        series -- or it is gone and the caller stores the resend as a new instance."""
+        now = self.now()
+        t = Instance.__table__
+        with self.db.session() as s:
+            path = s.execute(select(t.c.spool_path).where(
+                t.c.sop_instance_uid == header.sop_instance_uid, t.c.status == "stored",
+                t.c.sha256 == sha256).order_by(t.c.id.desc()).limit(1)).scalar_one_or_none()
+            if path is None or not Path(path).exists():
+                return None
+            return _instance_record(self._record_orm(s, assoc_id, header, now, spool_path=path,
+                                                     size=size, sha256=sha256,
+                                                     status="duplicate", reason=reason))
 
     def _record_orm(self, s: Session, assoc_id: int | None, header: InstanceHeader,
                     now: dt.datetime, *, spool_path: str | Path | None, size: int | None,
-                    sha256: str | None, status: str, reason: str | None) -> Instance:
+                    sha256: str | None, status: str, reason: str | None,
+                    event_kind: str | None = None, details: dict | None = None) -> Instance:
         """:meth:`record_instance`'s general path inside the caller's session (flushed)."""
         series_version = None
         if status == "stored" and header.series_uid and header.study_uid:
@@ -598,7 +682,7 @@ class Store:
             series_version=series_version, instance_number=header.instance_number,
             transfer_syntax=header.transfer_syntax,
             spool_path=str(spool_path) if spool_path is not None else None, size=size,
-            sha256=sha256, status=status, reason=reason, received_at=now,
+            sha256=sha256, status=status, reason=_short(reason, 2000), received_at=now,
             association_id=assoc_id, meta=_json_safe(header.meta or {}))
         s.add(row)
         if assoc_id is not None:
@@ -607,11 +691,11 @@ class Store:
                       .values({column: column + 1}))
         s.flush()
         if status != "stored":
-            self._event(s, "instance", header.sop_instance_uid or f"#{row.id}", status,
-                        at=now, to_state=status, study_uid=header.study_uid,
-                        series_uid=header.series_uid,
+            self._event(s, "instance", header.sop_instance_uid or f"#{row.id}",
+                        event_kind or status, at=now, to_state=status,
+                        study_uid=header.study_uid, series_uid=header.series_uid,
                         details={"reason": reason, "association_id": assoc_id,
-                                 "instance_id": row.id})
+                                 "instance_id": row.id, **(details or {})})
             s.flush()
         return row
 
@@ -647,7 +731,8 @@ class Store:
                 version = None
                 if h.series_uid and h.study_uid:
                     got = hot["bump"].run(c, b_series=h.series_uid, b_sop=h.sop_instance_uid,
-                                          b_now=r.received_at).fetchone()
+                                          b_now=r.received_at,
+                                          b_key=h.patient_key).fetchone()
                     version = got[0] if got is not None else None
                 if version is None:  # new or reopened series: the general path, same transaction
                     insert_queued()
@@ -677,6 +762,8 @@ class Store:
                 "study_date": _short(meta.get("StudyDate"), 8),
                 "study_description": _short(meta.get("StudyDescription"), 255),
                 "created_at": now}
+            if h.patient_key:
+                study_values["patient_key"] = h.patient_key
             if self.store_phi and h.phi:
                 study_values.update(
                     patient_name=_short(h.phi.get("PatientName"), 255),
@@ -687,12 +774,16 @@ class Store:
                 s.execute(update(Study).where(Study.study_uid == h.study_uid,
                                               Study.accession_number.is_(None))
                           .values(accession_number=h.accession_number))
+            if h.patient_key:  # a study row from before revision 0004 gets its key now
+                s.execute(update(Study).where(Study.study_uid == h.study_uid,
+                                              Study.patient_key.is_(None))
+                          .values(patient_key=h.patient_key))
             created = self._insert_ignore(
                 s, Series, series_uid=h.series_uid, study_uid=h.study_uid, modality=h.modality,
                 description=_short(meta.get("SeriesDescription"), 255),
                 state=S.RECEIVING.value, version=1, instance_count=0, first_instance_at=now,
                 last_instance_at=now, created_at=now, updated_at=now,
-                meta=_json_safe(meta), priority=0)
+                meta=_json_safe(meta), priority=0, patient_key=h.patient_key)
             series = self._lock_series(s, h.series_uid)
             if created:
                 self._event(s, "series", series.series_uid, "created", at=now,
@@ -715,6 +806,8 @@ class Store:
                         study_uid=series.study_uid, series_uid=series.series_uid,
                         details={"version": series.version, "sop_instance_uid": h.sop_instance_uid,
                                  "jobs_superseded": superseded})
+        if series.patient_key is None and h.patient_key:
+            series.patient_key = h.patient_key  # a series from before revision 0004
         new_sop = True
         if h.sop_instance_uid:
             new_sop = s.execute(
@@ -1161,7 +1254,7 @@ class Store:
 def _short(value: Any, n: int) -> str | None:
     if value is None:
         return None
-    text = str(value)
+    text = _CONTROL.sub(" ", str(value))
     return text[:n]
 
 

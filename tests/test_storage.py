@@ -46,7 +46,7 @@ def template_db(tmp_path_factory) -> Path:
 def db(tmp_path: Path, template_db: Path) -> Database:
     shutil.copyfile(template_db, tmp_path / "audit.db")
     database = Database(f"sqlite:///{tmp_path / 'audit.db'}")
-    assert database.current_revision() == "0003"
+    assert database.current_revision() == "0004"
     yield database
     database.dispose()
 
