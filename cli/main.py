@@ -75,7 +75,12 @@ def main() -> None:
         if isinstance(rc, int) and not isinstance(rc, bool):
             sys.exit(rc)
     except MolreError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        from molre.log import clean_text, get_logger, json_logging
+
+        if json_logging():  # `serve` with JSON logging: stderr carries JSON lines only
+            get_logger("cli").error(clean_text(f"error: {exc}", 2000))
+        else:
+            typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -142,6 +142,14 @@ def _thread_excepthook(args: Any) -> None:
         exception=_safe_exception(args.exc_value.with_traceback(args.exc_traceback)))
 
 
+def _unraisablehook(args: Any) -> None:
+    """"Exception ignored in ..." (a failing __del__, a callback): a record, not raw text."""
+    exc = args.exc_value
+    structlog.get_logger("uncaught").warning(
+        "exception ignored", where=redact(repr(getattr(args, "object", None)), 120),
+        exception=_safe_exception(exc) if exc is not None else None)
+
+
 def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
     """Configure structlog and route the standard library's logging, warnings and uncaught
     exceptions through it (see the module docstring)."""
@@ -178,6 +186,7 @@ def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
     if json_output:
         sys.excepthook = _excepthook
         threading.excepthook = _thread_excepthook
+        sys.unraisablehook = _unraisablehook
     _configured = True
     _json = bool(json_output)
 
