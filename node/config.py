@@ -57,6 +57,20 @@ class NetworkConfig:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    # listener hardening (node/listener.py, docs/conformance.md "Limits")
+    # an empty allow-list admits everyone: only allowed off loopback when said explicitly
+    allow_any_caller: bool = False
+    # concurrent connections from one peer address (0 = half of max_associations, at least 1)
+    max_associations_per_host: int = 0
+    max_associate_rq_size: str = "256KiB"
+    # rows per minute for connections refused before acceptance (the rest are counted)
+    refusal_audit_per_minute: int = 60
+
+    def per_host_limit(self) -> int:
+        """`max_associations_per_host`, with 0 meaning half of `max_associations`."""
+        if self.max_associations_per_host:
+            return self.max_associations_per_host
+        return max(1, self.max_associations // 2)
 
 
 @dataclass
@@ -81,6 +95,9 @@ class StorageConfig:
     data_dir: str = "./molre-data"
     database_url: str = ""
     min_free_disk: str = "5%"
+    # largest data set accepted on the wire, and inflated size of a deflated one (0xA700 above)
+    max_instance_size: str = "1GiB"
+    max_inflated_size: str = "1GiB"
     # "fsync": spool file + directory fsynced before C-STORE Success (survives a power cut);
     # "os": no fsync, data in the page cache at Success (survives kill -9, not a power cut)
     durability: str = "fsync"
@@ -237,6 +254,11 @@ class NodeConfig:
                 return d
         return None
 
+    def size_limit(self, key: str) -> int:
+        """A byte size key (`storage.max_instance_size`, `network.max_associate_rq_size`...)."""
+        section, name = key.split(".")
+        return _parse_size(getattr(getattr(self, section), name), 0, key)
+
     def free_disk_threshold(self, total_bytes: int) -> int:
         """Bytes that must stay free on the spool's disk, from `storage.min_free_disk`."""
         return _parse_size(self.storage.min_free_disk, total_bytes, "storage.min_free_disk")
@@ -362,6 +384,21 @@ def validate(cfg: NodeConfig) -> NodeConfig:
                           f"{n.max_associations}")
     for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
         _check_positive(getattr(n, name), f"network.{name}")
+    if not 0 <= n.max_associations_per_host <= n.max_associations:
+        raise ConfigError(f"network.max_associations_per_host: expected 0 (= half of "
+                          f"max_associations) or 1..{n.max_associations}, got "
+                          f"{n.max_associations_per_host}")
+    if n.refusal_audit_per_minute < 0:
+        raise ConfigError(f"network.refusal_audit_per_minute: expected integer >= 0, got "
+                          f"{n.refusal_audit_per_minute}")
+    for key, low in (("network.max_associate_rq_size", 4096),
+                     ("storage.max_instance_size", 1024),
+                     ("storage.max_inflated_size", 1024)):
+        section, name = key.split(".")
+        text = getattr(getattr(cfg, section), name)
+        if "%" in str(text) or _parse_size(text, 0, key) < low:
+            raise ConfigError(f"{key}: expected a size of at least {low} bytes (\"256KiB\", "
+                              f"\"1GiB\"), got {_show(text)}")
     for i, c in enumerate(n.allowed_callers):
         _check_ae(c.ae_title, f"network.allowed_callers[{i}].ae_title", allow_star=True)
         if c.host:
@@ -452,6 +489,28 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     return cfg
 
 
+def _is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(cfg: NodeConfig) -> None:
+    """Refuse to serve everyone on a reachable address by accident: a non-loopback
+    `network.host` needs an allow-list, or `network.allow_any_caller = true` said explicitly.
+    Checked when the node starts (not by every command that reads the config)."""
+    n = cfg.network
+    if n.allowed_callers or n.allow_any_caller or _is_loopback(n.host):
+        return
+    raise ConfigError(f"network.allowed_callers: empty while network.host = {_show(n.host)} is "
+                      f"not a loopback address, so every host that can reach the port could "
+                      f"store data; add [[network.allowed_callers]] entries (AE title + IP/CIDR) "
+                      f"or set network.allow_any_caller = true to admit every caller on purpose")
+
+
 def _resolve_paths(cfg: NodeConfig, base: Path) -> None:
     def fix(p: str) -> str:
         return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
@@ -526,7 +585,8 @@ __all__ = [
     "DURABILITY_MODES", "AllowedCaller", "AssemblerConfig", "AuditConfig", "Destination",
     "LoggingConfig",
     "MetricsConfig", "ModelConfig", "NetworkConfig", "NodeConfig", "ReportConfig",
-    "RetryConfig", "SelectionConfig", "StorageConfig", "TLSConfig", "config_from_dict",
+    "RetryConfig", "SelectionConfig", "StorageConfig", "TLSConfig", "check_exposure",
+    "config_from_dict",
     "iter_keys", "load_config", "validate", "with_overrides",
 ]
 

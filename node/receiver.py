@@ -51,12 +51,14 @@ operator needs to look at); called AE title != ours (with `network.require_calle
 
 from __future__ import annotations
 
+import errno
 import contextlib
 import hashlib
 import ipaddress
 import shutil
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -79,12 +81,22 @@ from node.dicomnet import (
     server_ssl_context,
 )
 from node.header import read_header, scan_header
+from node.listener import (
+    ListenerLimits,
+    RefusalAudit,
+    mark_audited,
+    mark_established,
+    oversize_of,
+    peer_host,
+    start_server,
+)
 from storage import InstanceRecorder, StoredInstance
 from storage.identity import load_patient_keyer
 
 log = get_logger("node.receiver")
 
 STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_CONFLICT_WARNING = 0xB000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
@@ -125,7 +137,7 @@ def check_access(calling_ae: str, called_ae: str, peer_host: str, *, own_ae: str
     if not allowed:
         return AccessDecision(True)
     try:
-        addr = ipaddress.ip_address(peer_host)
+        addr = ipaddress.ip_address(_peer_host(peer_host))
     except ValueError:
         addr = None
     ae_known = False
@@ -142,6 +154,37 @@ def check_access(calling_ae: str, called_ae: str, peer_host: str, *, own_ae: str
                               f"calling AE title {calling!r} not allowed from host {peer_host}")
     return AccessDecision(False, REJECT_CALLING_AE,
                           f"calling AE title {calling!r} is not on the allow-list")
+
+
+_peer_host = peer_host  # check_access's parameter shadows the helper's name
+
+
+def inflated_size_over(data: bytes, limit: int) -> int | None:
+    """Inflate a Deflated Explicit VR Little Endian data set in 1 MiB steps without keeping
+    the output; returns the size reached once it passes ``limit`` (None = within it, or not
+    deflate data -- the parser reports that). Why: pydicom inflates the whole data set into
+    memory to read its header; 1 MB on the wire can inflate to gigabytes."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    buf: bytes = data
+    try:
+        while True:
+            out = d.decompress(buf, 1 << 20)
+            total += len(out)
+            if total > limit:
+                return total
+            buf = d.unconsumed_tail
+            if d.eof or (not buf and len(out) < (1 << 20)):
+                break
+        total += len(d.flush())
+    except zlib.error:
+        return None
+    return total if total > limit else None
+
+
+#: Low-disk refusals of one episode that still get their own audit row; the rest are counted
+#: and written as one event when space returns (a full disk must not fill up with rows).
+LOW_DISK_ROWS = 10
 
 
 class UIDLocks:
@@ -250,6 +293,18 @@ class Receiver:
         self.port: int | None = None
         total = shutil.disk_usage(self.spool.root).total
         self.min_free_bytes = config.free_disk_threshold(total)
+        n = config.network
+        self.max_instance_bytes = config.size_limit("storage.max_instance_size")
+        self.max_inflated_bytes = config.size_limit("storage.max_inflated_size")
+        self.limits = ListenerLimits(
+            acse_timeout_s=n.acse_timeout_s, network_timeout_s=n.network_timeout_s,
+            max_associate_rq_bytes=config.size_limit("network.max_associate_rq_size"),
+            max_instance_bytes=self.max_instance_bytes, max_per_host=n.per_host_limit())
+        self.refusals = RefusalAudit(store, n.refusal_audit_per_minute, metrics=metrics)
+        # low disk: refusals counted per episode (see _disk_refusal)
+        self._disk_lock = threading.Lock()
+        self.disk_low_since: float | None = None
+        self.disk_refusals = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> int:
@@ -275,18 +330,24 @@ class Receiver:
         ]
         self.ae = ae
         self.recorder.start()
+        self.refusals.start()
         try:
-            self._server = ae.start_server((n.host, n.port), block=False,
-                                           evt_handlers=handlers, ssl_context=ssl_ctx)
+            # node.listener: deadlines on every read, size caps, TLS handshake off the accept
+            # thread, per-host connection limit, audited refusals
+            self._server = start_server(ae, (n.host, n.port), evt_handlers=handlers,
+                                        ssl_context=ssl_ctx, limits=self.limits,
+                                        audit=self.refusals)
         except OSError as exc:
             self.recorder.stop()
+            self.refusals.stop()
             why = exc.strerror or str(exc)
             raise MolreError(f"network.port: cannot listen on {n.host}:{n.port} ({why}); is "
                              f"another service using it? Choose another network.port or "
                              f"network.host") from None
         self.port = int(self._server.server_address[1])
         log.info("receiver listening", ae_title=n.ae_title, host=n.host, port=self.port,
-                 tls=t.enabled, allowed_callers=len(n.allowed_callers))
+                 tls=t.enabled, allowed_callers=len(n.allowed_callers),
+                 max_per_host=self.limits.max_per_host)
         return self.port
 
     def stop_accepting(self) -> None:
@@ -300,16 +361,37 @@ class Receiver:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let running associations finish (up to `timeout`), then abort them;
-        then commit the rows still queued and wait for staged writes."""
+        then commit the rows still queued and wait for staged writes.
+
+        Bounded: a connection stuck in a read is shut down at the socket (which ends the read
+        at once), and the aborts run in a helper thread given at most 5 s."""
         self.stop_accepting()
         deadline = time.monotonic() + timeout
         while self.active_associations() and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.ae is not None:
-            for assoc in list(self.ae.active_associations):
-                assoc.abort()
-            self.ae.shutdown()
+            ae = self.ae
+            for assoc in list(ae.active_associations):
+                sock = getattr(assoc.dul, "socket", None)
+                try:
+                    if sock is not None and sock.socket is not None:
+                        sock.socket.shutdown(2)  # socket.SHUT_RDWR: ends a blocked recv
+                except OSError:
+                    pass
+
+            def abort_all() -> None:
+                for assoc in list(ae.active_associations):
+                    try:
+                        assoc.abort()
+                    except Exception:  # noqa: BLE001
+                        pass
+                ae.shutdown()
+
+            aborter = threading.Thread(target=abort_all, name="receiver-abort", daemon=True)
+            aborter.start()
+            aborter.join(5.0)
         self.recorder.stop()
+        self.refusals.stop()
         self.spool.close()
 
     def flush(self, timeout: float | None = 30.0) -> bool:
@@ -322,7 +404,7 @@ class Receiver:
         rq = assoc.requestor.primitive
         calling = str(rq.calling_ae_title or "").strip()
         called = str(rq.called_ae_title or "").strip()
-        host, port = assoc.requestor.address, assoc.requestor.port
+        host, port = peer_host(assoc.requestor.address), assoc.requestor.port
         n = self.config.network
         decision = check_access(calling, called, host, own_ae=n.ae_title,
                                 require_called_ae=n.require_called_ae, allowed=n.allowed_callers)
@@ -330,17 +412,16 @@ class Receiver:
             return
         log.warning("association rejected", calling_ae=calling, called_ae=called, peer=host,
                     reason=decision.reason)
-        if self.metrics:
-            self.metrics.associations_rejected.inc()
-        try:
-            self.store.record_rejected_association(calling, called, host, port, decision.reason)
-        except Exception:  # noqa: BLE001 - never let bookkeeping break the network layer
-            log.exception("could not record rejected association")
+        # rate-limited like every refusal before acceptance (a flood must not fill the disk)
+        mark_audited(assoc)
+        self.refusals.record(host, port, decision.reason, calling_ae=calling, called_ae=called,
+                             kind="not allowed")
         assoc.acse.send_reject(0x01, 0x01, decision.diagnostic)
         assoc.kill()
 
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc
+        mark_established(assoc)
         try:
             aid = self.store.begin_association(
                 assoc.requestor.ae_title.strip(), assoc.acceptor.ae_title.strip(),
@@ -432,7 +513,16 @@ class Receiver:
         t0 = time.perf_counter()
         aid = self._assoc_id(event.assoc)
         try:
-            status, outcome = self._store(event, aid)
+            try:
+                status, outcome = self._store(event, aid)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # the disk filled up during the write (the staged temp file is already
+                # removed): transient, the sender must retry -- not a permanent 0xC001
+                status, outcome = self._disk_refusal(aid, event, f"no space left on the "
+                                                     f"spool's disk while writing "
+                                                     f"({exc.strerror})")
         except Exception as exc:  # noqa: BLE001 - the service never crashes on input
             log.exception("C-STORE handling failed", association_id=aid)
             status, outcome = STATUS_PROCESSING_FAILURE, "error"
@@ -464,6 +554,52 @@ class Receiver:
                         association_id=aid, queued=self.recorder.queued())
         return self.store.record_instance(aid, header, **row)
 
+    def _disk_refusal(self, aid: int | None, event_or_header: Any,
+                      reason: str) -> tuple[int, str]:
+        """0xA700 for a full (or nearly full) disk. The first :data:`LOW_DISK_ROWS` refusals of
+        an episode get an audit row; the rest are only counted (every row is a write to the
+        disk that is full), and :meth:`_disk_recovered` writes the count when space is back."""
+        with self._disk_lock:
+            if self.disk_low_since is None:
+                self.disk_low_since = time.time()
+                self.disk_refusals = 0
+            self.disk_refusals += 1
+            write_row = self.disk_refusals <= LOW_DISK_ROWS
+        if self.metrics:
+            self.metrics.disk_full.inc()
+        header = event_or_header
+        if hasattr(event_or_header, "request"):
+            from storage import InstanceHeader
+
+            req = event_or_header.request
+            header = InstanceHeader(sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
+                                    sop_instance_uid=str(req.AffectedSOPInstanceUID or "")
+                                    or None)
+        if write_row:
+            try:
+                return self._reject(aid, header, STATUS_OUT_OF_RESOURCES, reason,
+                                    "out_of_resources")
+            except Exception:  # noqa: BLE001 - the database shares the full disk
+                log.exception("could not record a low-disk refusal")
+        log.warning("instance refused: low disk", association_id=aid, reason=reason,
+                    refusals=self.disk_refusals, sop_instance_uid=header.sop_instance_uid)
+        return STATUS_OUT_OF_RESOURCES, "out_of_resources"
+
+    def _disk_recovered(self) -> None:
+        with self._disk_lock:
+            since, count = self.disk_low_since, self.disk_refusals
+            self.disk_low_since = None
+            self.disk_refusals = 0
+        if since is None:
+            return
+        details = {"refused": count, "rows_written": min(count, LOW_DISK_ROWS),
+                   "seconds": round(time.time() - since, 1)}
+        log.info("disk space recovered", **details)
+        try:
+            self.store.log_event("node", "disk", "space-recovered", details=details)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the disk recovery")
+
     def _reject(self, aid: int | None, header: Any, status: int, reason: str,
                 outcome: str = "rejected") -> tuple[int, str]:
         self._record_now(aid, header, spool_path=None, size=None, sha256=None,
@@ -479,15 +615,33 @@ class Receiver:
         rq_class = str(req.AffectedSOPClassUID or "")
         rq_instance = str(req.AffectedSOPInstanceUID or "")
         ts = str(event.context.transfer_syntax)
-        stream = event.encoded_dataset(include_meta=False)
         base = InstanceHeader(sop_class_uid=rq_class or None,
                               sop_instance_uid=rq_instance or None, transfer_syntax=ts)
-        if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
-            if self.metrics:
-                self.metrics.disk_full.inc()
+        cut = oversize_of(event)  # node.listener stopped buffering it at the cap
+        if cut is not None:
             return self._reject(aid, base, STATUS_OUT_OF_RESOURCES,
-                                f"free disk below storage.min_free_disk "
-                                f"({self.min_free_bytes} bytes)", "out_of_resources")
+                                f"data set larger than storage.max_instance_size "
+                                f"({self.max_instance_bytes} bytes; more than {cut} received)")
+        context_class = str(event.context.abstract_syntax)
+        if rq_class != context_class:
+            # e.g. a CT object sent on an MR or Verification context (pynetdicom passes it on):
+            # the negotiated SOP class is what the node accepted, CT only on CT contexts
+            return self._reject(aid, base, STATUS_SOP_CLASS_NOT_SUPPORTED,
+                                f"C-STORE of {UID(rq_class).name} on a presentation context "
+                                f"negotiated for {UID(context_class).name}")
+        if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
+            return self._disk_refusal(aid, base, f"free disk below storage.min_free_disk "
+                                                 f"({self.min_free_bytes} bytes)")
+        if self.disk_low_since is not None:
+            self._disk_recovered()
+        stream = event.encoded_dataset(include_meta=False)
+        if UID(ts).is_deflated:
+            inflated = inflated_size_over(stream, self.max_inflated_bytes)
+            if inflated is not None:
+                return self._reject(aid, base, STATUS_OUT_OF_RESOURCES,
+                                    f"deflated data set inflates past "
+                                    f"storage.max_inflated_size ({self.max_inflated_bytes} "
+                                    f"bytes; {len(stream)} bytes on the wire)")
         head = file_header(rq_class, rq_instance, ts)
         size = len(head) + len(stream)
         # the write (and fsync) runs in a spool I/O thread while this one reads the header;

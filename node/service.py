@@ -6,23 +6,75 @@ wait for a model to load); then the assembler (which also re-decides series left
 completes series left 'receiving' by quiet time), the workers (loading the checkpoint in their
 inference processes) and the dispatcher (resending pending exports).
 
-Stop (SIGTERM/SIGINT): stop accepting associations, let running ones finish, let the assembler
-finish its pass, let workers finish the job in flight (up to `model.job_timeout_s`; a job cut off
-is requeued at the next start), let the dispatcher finish its send; exit 0.
+Stop (SIGTERM/SIGINT): stop accepting associations, let running ones finish (up to
+`network.dimse_timeout_s`, then they are aborted), let the assembler finish its pass, let
+workers finish the job in flight (up to `model.job_timeout_s`; a job cut off is requeued at the
+next start), let the dispatcher finish its send; exit 0. The whole stop is bounded by
+:func:`stop_grace_s`; past it a watchdog ends the process (exit 1) -- nothing acknowledged is
+lost that way either: instances are durable before Success and unfinished jobs are requeued.
+
+Least privilege: the data directory is made 0700 and the SQLite database files 0600 whatever
+the umask (the database holds accession numbers, and names with `audit.store_phi`); a node on a
+non-loopback address refuses to start with an empty allow-list unless
+`network.allow_any_caller = true` (:func:`node.config.check_exposure`).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from molre.log import banner, get_logger
 from node.config import NodeConfig
 
 log = get_logger("node.service")
+
+
+#: Seconds on top of the summed stop timeouts before the watchdog ends the process.
+STOP_MARGIN_S = 10.0
+
+
+def stop_grace_s(config: NodeConfig) -> float:
+    """How long a SIGTERM may take at most: associations (`dimse_timeout_s`), the job in
+    flight (`model.job_timeout_s`), the dispatcher's send (`dimse_timeout_s`), plus a margin."""
+    return (2 * config.network.dimse_timeout_s + config.model.job_timeout_s + STOP_MARGIN_S)
+
+
+def _private(path: Path, mode: int) -> None:
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:  # not ours (a shared mount): say so, keep going
+        log.warning("cannot restrict permissions", path=str(path), mode=oct(mode),
+                    error=exc.strerror)
+
+
+def secure_data_dir(config: NodeConfig) -> None:
+    """Data dir 0700, SQLite database (+ -wal/-shm/-journal) 0600, whatever the umask.
+
+    The database file is created 0600 before SQLite opens it: SQLite gives its -wal and -shm
+    files the permissions of the database file."""
+    data = config.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    _private(data, 0o700)
+    if config.storage.database_url:
+        url = config.storage.database_url
+        if not url.startswith("sqlite:///"):
+            return
+        db_path = Path(url.removeprefix("sqlite:///")).expanduser()
+    else:
+        db_path = data / "molre.db"
+    if not db_path.exists():
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        f = db_path.with_name(db_path.name + suffix)
+        if f.exists():
+            _private(f, 0o600)
 
 
 def open_storage(config: NodeConfig) -> tuple[Any, Any, Any]:
@@ -38,6 +90,7 @@ def open_storage(config: NodeConfig) -> tuple[Any, Any, Any]:
     """
     from storage import Database, Spool, Store
 
+    secure_data_dir(config)
     spool = Spool(config.spool_dir)
     spool.clean_temp()
     db = Database(config.database_url, synchronous="NORMAL")
@@ -86,7 +139,10 @@ class NodeService:
         from node.receiver import Receiver, reconcile_spool
         from node.worker import WorkerPool
 
+        from node.config import check_exposure
+
         cfg = self.config
+        check_exposure(cfg)
         checkpoint = self._check_checkpoint()
         self.spool, self.db, self.store = open_storage(cfg)
         # rows a power cut took from the database (synchronous=NORMAL) come back from the spool
@@ -126,7 +182,21 @@ class NodeService:
                  checkpoint=checkpoint, data_dir=str(cfg.data_dir), recovered=recovered)
 
     def request_stop(self, *_: Any) -> None:
+        if not self._stop_event.is_set():
+            self._arm_watchdog()
         self._stop_event.set()
+
+    def _arm_watchdog(self) -> None:
+        """SIGTERM ends the process within :func:`stop_grace_s`, whatever part hangs."""
+        grace = stop_grace_s(self.config)
+
+        def watchdog() -> None:
+            time.sleep(grace)
+            log.error("stop did not finish within the grace; exiting", grace_s=grace)
+            sys.stderr.flush()
+            os._exit(1)
+
+        threading.Thread(target=watchdog, name="stop-watchdog", daemon=True).start()
 
     def stop(self) -> None:
         if self._stopped:
