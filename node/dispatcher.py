@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from molre.log import get_logger
+from molre.log import get_logger, redact
 from node.background import BackgroundLoop
 from node.config import Destination, NodeConfig
 from node.dicomnet import AssociationError, client_ssl_context, send_files
@@ -83,6 +83,7 @@ class Dispatcher(BackgroundLoop):
 
     def _fail(self, e: Any, status: int | None, error: str) -> None:
         r = self.config.retry
+        error = redact(error, 1000)  # library texts may quote header values (the SR's too)
         delay = backoff_s(e.attempts + 1, r.export_backoff_base_s, r.export_backoff_max_s)
         nxt = self.store.now() + dt.timedelta(seconds=delay)
         self.store.record_export_attempt(e.id, ok=False, status=status, error=error[:1000],

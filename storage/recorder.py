@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 
-from molre.log import get_logger
+from molre.log import get_logger, redact
 from storage.store import KnownInstance, SeriesIdentity, Store, StoredInstance
 
 log = get_logger("storage.recorder")
@@ -218,7 +218,7 @@ class InstanceRecorder:
             except Exception as exc:  # noqa: BLE001 - the thread must outlive database errors
                 if delay is None:
                     log.warning("group commit failed; writing rows one by one", rows=len(batch),
-                                error=f"{type(exc).__name__}: {exc}"[:300])
+                                error=f"{type(exc).__name__}: {redact(str(exc))}")
                     break
                 time.sleep(delay)
         for row in batch:
