@@ -23,6 +23,9 @@ receiver process, and ratios (goal: node >= 0.8 x bare, judged for the default d
 
     python bench/ingest.py                       # full run -> bench/results/ingest.json
     python bench/ingest.py --slices 20 --size 64 --repeats 1 --out /tmp/ingest.json  # smoke
+    # before/after a change, in one run: the node of another checkout as receiver node_base
+    git archive HEAD~1 | (mkdir -p /tmp/base && tar -x -C /tmp/base)
+    python bench/ingest.py --receivers bare,node_base,node --node-base /tmp/base
 
 Not part of the CI test run.
 """
@@ -98,7 +101,8 @@ def make_series(out: Path, slices: int, size: int, seed: int = 0) -> list[Path]:
 
 #: (receiver, baseline) pairs reported as instances/s ratios ("node_vs_bare" is the goal's).
 RATIOS = (("node", "bare"), ("node", "storescp"), ("node_os", "bare"), ("node", "bare_fsync"),
-          ("bare_fsync", "bare"), ("storescp", "bare"))
+          ("bare_fsync", "bare"), ("storescp", "bare"), ("node", "node_base"),
+          ("node_base", "bare"))
 
 
 def serve_bare(port: int, out_dir: Path, durable: bool = False) -> None:
@@ -222,10 +226,12 @@ class NodeReceiver(Receiver):
     checkpoint = ""  # set from --node-checkpoint; empty = packaged demo
     durability = "fsync"  # storage.durability
 
+    node_process = NodeProcess
+
     def start(self, work: Path) -> None:
         # Long quiet time + grace: nothing completes, no inference competes with the receiver.
         model = {"checkpoint": self.checkpoint} if self.checkpoint else {}
-        self.node = NodeProcess.create(work / self.name, ae_title=self.aet, quiet_time_s=3600.0,
+        self.node = self.node_process.create(work / self.name, ae_title=self.aet, quiet_time_s=3600.0,
                                        release_grace_s=3600.0, model=model,
                                        storage={"durability": self.durability},
                                        logging={"json": True, "level": "INFO"})
@@ -268,8 +274,31 @@ class NodeOsReceiver(NodeReceiver):
     durability = "os"
 
 
+class NodeBaseReceiver(NodeReceiver):
+    """The node of another checkout (``--node-base DIR``, e.g. ``git archive`` of the commit
+    before a change), run by that checkout's own tests/nodeproc.py: a before/after comparison
+    inside one run, where the machine's noise hits both alike."""
+
+    name = "node_base"
+    base: Path | None = None
+
+    def start(self, work: Path) -> None:
+        import importlib.util
+
+        if self.base is None:
+            raise RuntimeError("node_base needs --node-base DIR (a checkout to compare with)")
+        spec = importlib.util.spec_from_file_location("_base_nodeproc",
+                                                      self.base / "tests" / "nodeproc.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        self.node_process = mod.NodeProcess
+        super().start(work)
+
+
 RECEIVERS = {"bare": BareReceiver, "bare_fsync": BareFsyncReceiver,
-             "storescp": StorescpReceiver, "node": NodeReceiver, "node_os": NodeOsReceiver}
+             "storescp": StorescpReceiver, "node": NodeReceiver, "node_os": NodeOsReceiver,
+             "node_base": NodeBaseReceiver}
 
 
 def _cpu_seconds(pid: int, children: bool = True) -> float:
@@ -372,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
     ap.add_argument("--node-checkpoint", default="",
                     help="checkpoint directory for the node (default: packaged demo)")
+    ap.add_argument("--node-base", type=Path, default=None,
+                    help="another checkout whose node runs as receiver 'node_base' "
+                         "(before/after comparison in one run)")
     ap.add_argument("--serve-bare", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -386,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     NodeReceiver.checkpoint = str(Path(args.node_checkpoint).resolve()) \
         if args.node_checkpoint else ""
+    NodeBaseReceiver.base = args.node_base.resolve() if args.node_base else None
     data = args.data or Path(tempfile.gettempdir()) / f"molre-bench-{args.slices}x{args.size}"
     files = make_series(data, args.slices, args.size)
     total_bytes = sum(p.stat().st_size for p in files)

@@ -305,6 +305,10 @@ def test_attack_corpus(corpus_node) -> None:
     # 8. a CT object on an MR context and on the Verification context
     statuses = _store_on_wrong_context(port, node.ae_title, info.paths[-1])
     assert statuses == [0x0122, 0x0122], statuses
+    wrong = sql(node, "SELECT status, reason FROM instances WHERE reason LIKE "
+                      "'%on a presentation context negotiated for%' ORDER BY id")
+    assert [s for s, _ in wrong] == ["rejected", "rejected"], wrong
+    assert "MR Image" in wrong[0][1] and "Verification" in wrong[1][1], wrong
     caller.probe("after C-STOREs on wrong contexts")
 
     # 9. a flood from one host: at most max_associations_per_host connections at a time;
@@ -322,6 +326,8 @@ def test_attack_corpus(corpus_node) -> None:
 
     # memory: nothing above was buffered whole
     grown = vm_hwm(node.proc.pid) - baseline
+    print(f"node peak memory: {baseline >> 20} MiB after start, +{grown >> 20} MiB after the "
+          f"attacks (bound {MEMORY_BOUND >> 20} MiB)")
     assert grown < MEMORY_BOUND, f"node peak memory grew by {grown >> 20} MiB"
 
     # 10. SIGTERM while a pre-acceptance and an established connection are stuck
