@@ -21,7 +21,10 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(..., "--data", help="Manifest CSV (path, patient_id, split, one column per finding key; DICOM folders or NIfTI files)."),
         out: Path = typer.Option(Path("runs/run"), "--out", help="Run directory: last/, best/, metrics.jsonl, cache/."),
         backbone: str = typer.Option("tiny-3d", "--backbone", help="Backbone name (see `molre-node backbones`)."),
-        weights: Optional[str] = typer.Option(None, "--weights", help="Local backbone weights (file, folder or hf://repo in an offline cache). Omit = random init (only sensible for tiny-3d)."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="Local backbone weights (file, folder or hf://repo in an offline cache). Required for pretrained backbones (ct-fm, dinov3-*, medsiglip) unless --random-init."),
+        random_init: bool = typer.Option(False, "--random-init", help="Train a pretrained-backbone architecture from random init without --weights (pipeline tests only; the model means nothing)."),
+        preset: str = typer.Option("paper", "--preset", help="Adapter placement: paper (default: patch embedding + every attention block / CT-FM's stem and deep convs) or light (< 0.5 % parameters); see `molre-node backbones`."),
+        slices: Optional[int] = typer.Option(None, "--slices", help="2D backbones: sample N slices evenly instead of reading every slice of the series (the default)."),
         adapter: str = typer.Option("molre", "--adapter", help="molre | lora | none (linear probe)."),
         experts: int = typer.Option(6, "--experts", help="MoLRE experts K."),
         rank: int = typer.Option(8, "--rank", help="Rank r of each expert (LoRA rank for --adapter lora)."),
@@ -42,7 +45,23 @@ def register(app: typer.Typer) -> None:
         """Train adapters on a frozen backbone; writes OUT/best (for the node) and OUT/last."""
         from molre.training import TrainConfig, train
 
+        recipe = None
+        if slices is not None:
+            from molre.backbones import get_spec
+            from molre.errors import ConfigError
+
+            if get_spec(backbone).dims != 2:
+                raise ConfigError(f"--slices applies to 2D backbones; {backbone!r} reads the whole "
+                                  "volume in 3D")
+            if slices < 1:
+                raise ConfigError("--slices must be >= 1 (omit it to read every slice)")
+            recipe = {"n_slices": slices}
+        if random_init and weights is None:
+            typer.echo(f"WARNING: --random-init: {backbone} is trained from RANDOM weights, not the "
+                       "pretrained foundation model; the result is for pipeline tests only.",
+                       err=True)
         cfg = TrainConfig(backbone=backbone, data=data, out=resume or out, weights=weights,
+                          random_init=random_init, preset=preset, recipe=recipe,
                           adapter=adapter, experts=experts, rank=rank, alpha=alpha, epochs=epochs,
                           batch_size=batch_size, lr=lr, accumulate=accumulate, workers=workers,
                           seed=seed, resume=resume, device=device, catalog=catalog,
@@ -68,7 +87,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="Manifest split to evaluate (or 'all')."),
         bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples (by case) for CIs."),
         seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights if not found from the card."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights if not found from the card (file, folder or hf://repo in an offline cache, as for train)."),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Reuse / fill a preprocessed-tensor cache."),
         device: str = typer.Option("cpu", "--device"),
         batch_size: int = typer.Option(4, "--batch-size"),
@@ -107,7 +126,7 @@ def register(app: typer.Typer) -> None:
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint (default: the packaged demo)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
         device: str = typer.Option("cpu", "--device"),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights if not found from the card."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights if not found from the card (file, folder or hf://repo in an offline cache, as for train)."),
     ) -> None:
         """Probabilities and decisions per finding for one series on disk."""
         from molre.checkpoint import Predictor

@@ -138,20 +138,13 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 # which tensors belong in a checkpoint
 # --------------------------------------------------------------------------------------------
 
-def _adapter_keys(model: nn.Module) -> set[str]:
-    """Qualified names of adapter + router parameters (independent of requires_grad)."""
-    from molre.adapters import adapted_layers
-
-    ids = {id(p) for layer in adapted_layers(model).values() for p in layer.adapter_parameters()}
-    return {n for n, p in model.named_parameters() if id(p) in ids}
-
-
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter (+router) tensors, plus everything of the model that is not the backbone (pooling,
-    head). Backbone base weights are left out on purpose (see module docstring)."""
-    adapter = _adapter_keys(model)
-    return {k: v for k, v in model.state_dict().items()
-            if k in adapter or not k.startswith("backbone.")}
+    head). Backbone base weights are left out on purpose (see module docstring). Defined once,
+    in ``molre.model.trainable_state_dict``."""
+    from molre.model import trainable_state_dict as _trainable
+
+    return _trainable(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +318,14 @@ def _build_backbone(card: Mapping[str, Any], ckpt_dir: Path, weights: str | Path
         src = bb.get("weights_source")
         if src and src not in ("random", "random-init") and Path(str(src)).exists():
             weights = src
+        elif src and str(src).startswith("hf://"):  # offline HF cache only, never downloads
+            from molre.backbones import resolve_weights
+
+            try:
+                resolve_weights(str(src))
+                weights = src
+            except WeightsError:
+                pass  # not cached here: the error below says how to pass the weights
     if weights is None and seed is None:
         raise WeightsError(
             f"checkpoint {ckpt_dir} was trained on backbone {name!r} with weights from "

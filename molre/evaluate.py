@@ -210,7 +210,11 @@ def predict_rows(predictor: Any, rows: Sequence[Any], cache_dir: Path | None = N
             p = rep.paths.get(str(r.path))
             if p is None:
                 continue
-            batch.append(cache.load(p).float()); bidx.append(i)
+            x = cache.load(p).float()
+            if batch and x.shape != batch[0].shape:  # 2D series differ in slice count
+                out.append(predictor.predict_tensor(torch.stack(batch))); ok += bidx
+                batch, bidx = [], []
+            batch.append(x); bidx.append(i)
             if len(batch) == batch_size:
                 out.append(predictor.predict_tensor(torch.stack(batch))); ok += bidx
                 batch, bidx = [], []

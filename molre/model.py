@@ -9,6 +9,12 @@ tells which slices drove a prediction (``last_attention``).
 
 Only adapters, pooling and head are trained; the backbone's base weights stay frozen and its
 BatchNorm statistics stay fixed (the backbone is kept in eval mode even while training).
+``trainable_parameter_names`` / ``trainable_state_dict`` are the one definition of "what training
+changes": the training loop unfreezes exactly that and checkpoints save exactly that.
+
+2D series have as many slices as were acquired (recipes read every slice by default), so a batch
+of volumes is padded to its longest series by ``pad_slices`` and the padded slices are masked
+out of the attention pooling; the backbone reads them in chunks of ``slice_chunk`` slices.
 """
 
 from __future__ import annotations
@@ -21,12 +27,80 @@ from typing import Any
 import torch
 from torch import nn
 
-from molre.adapters import DEFAULT_TARGETS, MoLREConfig, adapted_layers, inject_adapters
-from molre.backbones import BackboneSpec, create_backbone
+from molre.adapters import (
+    DEFAULT_TARGETS,
+    MoLREConfig,
+    adapted_layers,
+    adapter_parameter_names,
+    inject_adapters,
+)
+from molre.backbones import BackboneSpec, create_backbone, preset_targets
 from molre.errors import ConfigError
 from molre.log import get_logger
 
 log = get_logger(__name__)
+
+#: Slices a 2D backbone reads at once (bounds activation memory at inference on long series).
+DEFAULT_SLICE_CHUNK = 32
+_BACKBONE = "backbone."
+
+
+# -- what training changes (one definition) ------------------------------------------------------
+
+def _is_trainable(key: str, adapter_names: set[str]) -> bool:
+    """Adapter/router tensors, and everything outside the backbone (pooling, head)."""
+    return key in adapter_names or not key.startswith(_BACKBONE)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that training updates: every adapter/router parameter of the
+    backbone (``molre.adapters.adapter_parameter_names``) and every parameter outside
+    ``backbone.`` (pooling, head). The backbone's base weights never are."""
+    adapter = set(adapter_parameter_names(model))
+    return [n for n, _ in model.named_parameters() if _is_trainable(n, adapter)]
+
+
+def set_trainable(model: nn.Module) -> int:
+    """requires_grad on exactly ``trainable_parameter_names`` (off elsewhere); returns the count
+    of trainable scalars."""
+    names = set(trainable_parameter_names(model))
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+        n += p.numel() if name in names else 0
+    return n
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds: ``model.state_dict()`` restricted to adapter/router
+    tensors and everything outside the backbone. The frozen backbone is never included (it comes
+    from its own weights; the card records their digest)."""
+    adapter = set(adapter_parameter_names(model))
+    return {k: v.detach() for k, v in model.state_dict().items() if _is_trainable(k, adapter)}
+
+
+def pad_slices(volumes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack preprocessed volumes into a batch.
+
+    3D (1, D, H, W) volumes (equal shapes) stack as they are, mask None. 2D (S_i, 3, H, W) series
+    of different lengths are zero-padded to the longest; the (B, S) bool mask marks real slices
+    (None when no padding was needed).
+    """
+    if not volumes:
+        raise ValueError("pad_slices: no volumes")
+    shapes = {tuple(v.shape) for v in volumes}
+    if len(shapes) == 1:
+        return torch.stack(volumes), None
+    rest = {tuple(v.shape[1:]) for v in volumes}
+    if len(rest) != 1:
+        raise ValueError(f"pad_slices: volumes differ in more than their slice count: {sorted(shapes)}")
+    s_max = max(int(v.shape[0]) for v in volumes)
+    x = volumes[0].new_zeros((len(volumes), s_max, *volumes[0].shape[1:]))
+    mask = torch.zeros((len(volumes), s_max), dtype=torch.bool)
+    for i, v in enumerate(volumes):
+        x[i, : v.shape[0]] = v
+        mask[i, : v.shape[0]] = True
+    return x, mask
 
 
 class AttentionPool(nn.Module):
@@ -60,7 +134,7 @@ class HeadCTClassifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_findings: int, dropout: float = 0.1,
-                 slice_chunk: int | None = None) -> None:
+                 slice_chunk: int | None = DEFAULT_SLICE_CHUNK) -> None:
         super().__init__()
         spec = getattr(backbone, "spec", None)
         if not isinstance(spec, BackboneSpec):
@@ -117,19 +191,11 @@ class HeadCTClassifier(nn.Module):
 
     # -- state -----------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter + router tensors and everything outside the backbone (pooling, head).
-
-        Same keys as ``molre.adapters.adapter_state_dict(model)`` when adapters are present
-        (head and pooling are trainable parameters outside the frozen bases) and as
-        ``molre.checkpoint.trainable_state_dict``; with no adapters (linear probe) just pooling
-        and head. The frozen backbone is never included.
-        """
-        adapter_ids = {id(p) for layer in adapted_layers(self.backbone).values()
-                       for p in layer.adapter_parameters()}
-        adapter_names = {f"backbone.{n}" for n, p in self.backbone.named_parameters()
-                         if id(p) in adapter_ids}
-        return {k: v.detach() for k, v in self.state_dict().items()
-                if k in adapter_names or not k.startswith("backbone.")}
+        """``molre.model.trainable_state_dict(self)``: adapter + router tensors and everything
+        outside the backbone (pooling, head); the same keys as
+        ``molre.adapters.adapter_state_dict(model)`` when adapters are present. The frozen
+        backbone is never included."""
+        return trainable_state_dict(self)
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Inverse of ``trainable_state_dict`` (strict: exactly the same keys and shapes)."""
@@ -155,14 +221,16 @@ def _num_findings(catalog: Any) -> int:
                           f"got {type(catalog).__name__}") from None
 
 
-def resolve_adapter_config(adapter: MoLREConfig, spec: BackboneSpec) -> MoLREConfig:
-    """The config actually injected: the backbone's default targets unless the config names its own.
+def resolve_adapter_config(adapter: MoLREConfig, spec: BackboneSpec,
+                           preset: str | None = None) -> MoLREConfig:
+    """The config actually injected: the targets of the backbone's adapter ``preset`` (None =
+    the default, ``"paper"``) unless the config names its own.
 
     A config whose targets are still ``molre.adapters.DEFAULT_TARGETS`` (the generic default)
     counts as "no targets given", because those patterns are not right for every backbone.
     """
     if list(adapter.targets) == list(DEFAULT_TARGETS):
-        return replace(adapter, targets=list(spec.default_targets))
+        return replace(adapter, targets=preset_targets(spec, preset))
     return adapter
 
 
@@ -172,12 +240,15 @@ def build_model(
     adapter: MoLREConfig | None = None,
     weights: str | Path | None = None,
     dropout: float = 0.1,
+    preset: str | None = None,
+    slice_chunk: int | None = DEFAULT_SLICE_CHUNK,
     **overrides: Any,
 ) -> HeadCTClassifier:
     """Backbone (by name, or an already built module) + MoLRE adapters + pooling + head.
 
     The backbone is frozen; ``adapter=None`` is a linear probe (only pooling and head train).
-    ``catalog`` gives the number of findings (a ``Catalog``, or an int for tests).
+    ``catalog`` gives the number of findings (a ``Catalog``, or an int for tests). ``preset``
+    picks the adapter placement when the adapter config names no targets (None = "paper").
     """
     if isinstance(backbone, str):
         module = create_backbone(backbone, weights=weights, **overrides)
@@ -194,9 +265,10 @@ def build_model(
     if adapter is not None:
         if not isinstance(adapter, MoLREConfig):
             raise ConfigError(f"build_model: adapter must be a MoLREConfig or None, got {type(adapter).__name__}")
-        config = resolve_adapter_config(adapter, spec)
+        config = resolve_adapter_config(adapter, spec, preset)
         names = inject_adapters(module, config)
-    model = HeadCTClassifier(module, _num_findings(catalog), dropout=dropout)
+    model = HeadCTClassifier(module, _num_findings(catalog), dropout=dropout,
+                             slice_chunk=slice_chunk)
     model.adapter_config = config
     model.adapted = names
     model.catalog = None if isinstance(catalog, int) else catalog

@@ -15,6 +15,7 @@ from molre.backbones import (
     create_backbone,
     get_spec,
     list_backbones,
+    preset_targets,
     weights_digest,
 )
 from molre.errors import ConfigError, WeightsError
@@ -72,14 +73,55 @@ def test_ctfm_matches_published_encoder(ctfm):
         ctfm(torch.randn(1, 1, 24, 32, 32))
 
 
-def test_ctfm_default_targets_stay_under_half_a_percent(ctfm):
-    with torch.device("meta"):
-        m = create_backbone("ct-fm")
-        names = inject_adapters(m, MoLREConfig(experts=6, rank=8, targets=m.spec.default_targets))
-    rep = adapter_report(m)
-    assert names and all(isinstance(n, str) for n in names)
-    assert 0 < rep["overhead_percent"] < 0.5
-    assert rep["base_params"] == sum(p.numel() for p in ctfm.parameters())
+def test_ctfm_presets_adapt_the_documented_convs(ctfm):
+    """paper (default): conv_init + every block conv and the embedding downsample of the stride
+    >= 4 stages; light: one conv under 0.5 %."""
+    reports = {}
+    for preset in ("paper", "light"):
+        with torch.device("meta"):
+            m = create_backbone("ct-fm")
+            names = inject_adapters(m, MoLREConfig(experts=6, rank=8,
+                                                   targets=preset_targets(m.spec, preset)))
+        reports[preset] = (names, adapter_report(m))
+    paper, light = reports["paper"][0], reports["light"][0]
+    assert paper[0] == "conv_init"
+    assert sorted(n for n in paper if "downsample" in n) == [f"layers.{i}.downsample" for i in (1, 2, 3)]
+    blocks = [n for n in paper if ".blocks." in n]
+    assert {n.split(".")[1] for n in blocks} == {"2", "3", "4"}
+    assert len(blocks) == 2 * (2 + 4 + 4) and len(paper) == 1 + 3 + len(blocks)
+    assert create_backbone("ct-fm").spec.default_targets == preset_targets(ctfm.spec, "paper")
+    assert light == ["layers.3.blocks.3.conv2"]
+    assert 10 < reports["paper"][1]["overhead_percent"] < 15
+    assert 0 < reports["light"][1]["overhead_percent"] < 0.5
+    assert reports["paper"][1]["base_params"] == sum(p.numel() for p in ctfm.parameters())
+    with pytest.raises(ConfigError, match="no adapter preset 'heavy'.*paper, light"):
+        preset_targets(ctfm.spec, "heavy")
+
+
+@pytest.mark.parametrize("name", ["dinov3-small", "dinov3-base", "tiny-2d"])
+def test_vit_paper_preset_is_patch_embedding_and_every_attention(name):
+    m = create_backbone(name, img_size=32, depth=3) if name != "tiny-2d" else create_backbone(name)
+    depth = len(m.blocks)
+    names = inject_adapters(m, MoLREConfig(experts=2, rank=2, targets=m.spec.default_targets))
+    assert names == ["patch_embed.proj"] + [f"blocks.{i}.attn.{k}" for i in range(depth)
+                                            for k in ("qkv", "proj")]
+    light = preset_targets(m.spec, "light")
+    assert light != m.spec.default_targets
+
+
+def test_medsiglip_paper_preset_wraps_patch_embedding_and_still_runs():
+    pytest.importorskip("transformers")
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    m = create_backbone("medsiglip", **kw)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        before = m(x)
+    names = inject_adapters(m, MoLREConfig(experts=3, rank=2, targets=m.spec.default_targets))
+    assert names[0] == "model.embeddings.patch_embedding" and len(names) == 1 + 2 * 4
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), before)  # up-projections start at zero
 
 
 def test_weights_file_roundtrip_reproduces_outputs(tmp_path):
@@ -269,8 +311,12 @@ def test_cli_backbones_json_lists_every_entry():
             assert name == "medsiglip" and "transformers" in r["error"]
             continue
         assert r["lora"]["adapter_params"] < r["molre"]["adapter_params"]
-        if not name.startswith("tiny"):
-            assert r["molre"]["overhead_percent"] < 0.5, name
+        assert r["default_preset"] == "paper" and set(r["presets"]) == {"paper", "light"}
+        assert r["molre"] == r["presets"]["paper"]["molre"]
+        light = r["presets"]["light"]["molre"]
+        assert light["adapter_params"] < r["molre"]["adapter_params"], name
+        if not name.startswith("tiny"):  # light = the old placement, under 0.5 %
+            assert light["overhead_percent"] < 0.5, name
     assert abs(rows["ct-fm"]["params"] - 77.8e6) / 77.8e6 < 0.01
 
 

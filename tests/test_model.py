@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,7 +187,76 @@ def test_phantom_series_through_recipe_and_model(name, tmp_path, catalog):
     params = {k: v for k, v in model.spec.recipe.items() if k != "name"}
     recipe = make_recipe(model.spec.recipe["name"], **params)
     x = recipe(read_series(tmp_path))
-    assert tuple(x.shape) == recipe.output_shape()
+    want = recipe.output_shape()
+    if model.spec.dims == 2:  # 2D backbones read every slice of the series by default
+        assert want[0] == 0
+        want = (12, *want[1:])
+    assert tuple(x.shape) == want
     with torch.no_grad():
         logits = model(x[None])
     assert logits.shape == (1, len(catalog)) and torch.isfinite(logits).all()
+
+
+def test_variable_slice_counts_are_padded_and_masked(tmp_path):
+    """2D series keep all their slices: a padded batch predicts what each series alone does,
+    through the model and through the training loop's loader (collate + predict_tensors)."""
+    from molre.model import pad_slices
+    from molre.training.loop import _CachedDataset, predict_tensors
+
+    torch.manual_seed(0)
+    model = build_model("tiny-2d", 4, MoLREConfig(experts=2, rank=2))
+    model.slice_chunk = 4  # 9 + 5 slices go through the backbone in chunks
+    a, b = torch.randn(9, 3, 64, 64), torch.randn(5, 3, 64, 64)
+    x, mask = pad_slices([a, b])
+    assert x.shape == (2, 9, 3, 64, 64) and mask.sum(1).tolist() == [9, 5]
+    assert torch.equal(x[1, 5:], torch.zeros(4, 3, 64, 64))
+    with torch.no_grad():
+        alone = torch.cat([model(a[None]), model(b[None])])
+        torch.testing.assert_close(model(x, mask), alone, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(model(x), alone, atol=1e-4)  # unmasked padding would change it
+    paths = []
+    for i, t in enumerate((a, b, a[:3])):
+        torch.save(t, tmp_path / f"{i}.pt")
+        paths.append(tmp_path / f"{i}.pt")
+    ds = _CachedDataset(paths, torch.zeros(3, 4).numpy())
+    probs, _ = predict_tensors(model, ds, batch_size=3, device=torch.device("cpu"))
+    with torch.no_grad():
+        want = torch.sigmoid(torch.cat([model(t[None]) for t in (a, b, a[:3])])).numpy()
+    np.testing.assert_allclose(probs, want, rtol=1e-4, atol=1e-5)
+    same, none = pad_slices([a, a])
+    assert none is None and same.shape == (2, 9, 3, 64, 64)
+
+
+def test_recipe_reads_every_slice_unless_told_otherwise(tmp_path):
+    import numpy as np
+
+    from molre.data.preprocess import make_recipe
+    from molre.data.synth import write_phantom_series
+    from molre.data.volume import read_series
+
+    write_phantom_series(tmp_path, np.random.default_rng(1), [], size=64, n_slices=15,
+                         slice_thickness=5.0)
+    vol = read_series(tmp_path)
+    assert make_recipe("slices-2d", size=32)(vol).shape[0] == 16  # the recipe's own default
+    assert make_recipe("slices-2d", n_slices=0, size=32)(vol).shape == (15, 3, 32, 32)
+    assert make_recipe("slices-2d", n_slices=None, size=32).params["n_slices"] == 0
+    assert make_recipe("slices-2d", n_slices=4, size=32)(vol).shape == (4, 3, 32, 32)
+    with pytest.raises(ConfigError, match="0 = every slice"):
+        make_recipe("slices-2d", n_slices=-1)
+    for name in ("dinov3-small", "medsiglip", "tiny-2d"):
+        from molre.backbones import get_spec
+
+        assert get_spec(name).recipe["n_slices"] == 0, name
+
+
+def test_preset_selects_the_adapter_placement():
+    from molre.backbones import preset_targets
+
+    paper = build_model("tiny-2d", 3, MoLREConfig(experts=2, rank=2))
+    light = build_model("tiny-2d", 3, MoLREConfig(experts=2, rank=2), preset="light")
+    assert paper.adapted == ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.proj",
+                             "blocks.1.attn.qkv", "blocks.1.attn.proj"]
+    assert light.adapted == ["blocks.1.attn.qkv"]
+    assert light.adapter_config.targets == preset_targets(light.spec, "light")
+    with pytest.raises(ConfigError, match="no adapter preset"):
+        build_model("tiny-2d", 3, MoLREConfig(), preset="heavy")

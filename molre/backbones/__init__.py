@@ -9,18 +9,21 @@ from __future__ import annotations
 
 from . import ctfm, vit2d, medsiglip  # noqa: F401,I001  (register the entries, in listing order)
 from .registry import (
+    DEFAULT_PRESET,
     BackboneSpec,
     describe_backbone,
     base_state_dict,
     create_backbone,
     get_spec,
     list_backbones,
+    preset_targets,
     register_backbone,
     weights_digest,
 )
 from .weights import LoadReport, load_weights_into, resolve_weights
 
 __all__ = [
+    "DEFAULT_PRESET",
     "BackboneSpec",
     "LoadReport",
     "base_state_dict",
@@ -29,6 +32,7 @@ __all__ = [
     "get_spec",
     "list_backbones",
     "load_weights_into",
+    "preset_targets",
     "register_backbone",
     "resolve_weights",
     "weights_digest",

@@ -64,19 +64,58 @@ def _build_tiny3d(**overrides: Any) -> CTFMEncoder:
     return CTFMEncoder(**kw)
 
 
-# MoLRE targets: 3x3x3 convs are expensive to adapt (rank·27·C_in per expert), so only a few
-# layers of the deeper stages are wrapped; see docs/backbones.md for the measured overhead.
-CTFM_TARGETS = [r"^layers\.3\.blocks\.3\.conv2$"]
+# MoLRE adapter placements (presets). "paper" is the default; docs/backbones.md gives the
+# parameter overhead of each and the reasoning, in short:
+# The paper adapts a ViT's patch embedding (the layer that reads pixels, where scanner and
+# reconstruction shifts act) and the attention projections of every block (the layers that mix
+# positions, at every depth). A SegResEncoder has neither, but it has their counterparts:
+# - ``conv_init`` reads the HU volume: the patch embedding's counterpart, always adapted;
+# - in every block of a stage, ``conv1``/``conv2`` (3x3x3) are what mixes positions: the
+#   counterpart of the attention projections; the stride-2 ``downsample`` conv that embeds a
+#   stage's input grid is the counterpart of a hierarchical ViT's patch merging.
+# These are adapted in every stage of stride >= 4 (128/256/512 channels at CT-FM's size). In the
+# two full-resolution stages (32/64 channels) a mixture of 6 rank-8 experts is 48 channels wide:
+# not a low-rank update of a 32/64-channel conv but a bigger-than-the-layer one, which would add
+# ~+65 % compute at full resolution for no low-rank benefit; they are left frozen.
+# "light" is the old single-conv (resp. two-conv for tiny-3d) placement, < 0.5 % parameters.
+
+
+def _ctfm_paper(module: CTFMEncoder) -> list[str]:
+    """conv_init + every block conv and the embedding downsample of the stride >= 4 stages."""
+    levels = len(module.blocks_down)
+    deep = list(range(min(2, levels - 1), levels))
+    stages = "|".join(str(i) for i in deep)
+    feeds = "|".join(str(i - 1) for i in deep if i >= 1)
+    out = [r"^conv_init$", rf"^layers\.({stages})\.blocks\.\d+\.conv[12]$"]
+    if feeds:
+        out.append(rf"^layers\.({feeds})\.downsample$")
+    return out
 
 
 def _ctfm_targets(module: CTFMEncoder) -> list[str]:
-    """Last conv of the second-deepest level (layers.3.blocks.3.conv2 at default size)."""
+    """Light: the last conv of the second-deepest level (layers.3.blocks.3.conv2 at default size)."""
     level = max(0, len(module.blocks_down) - 2)
     block = module.blocks_down[level] - 1
     return [rf"^layers\.{level}\.blocks\.{block}\.conv2$"]
 
 
-TINY3D_TARGETS = [r"^layers\.2\.blocks\.0\.conv2$", r"^layers\.3\.blocks\.0\.conv2$"]
+def _tiny3d_light(module: CTFMEncoder) -> list[str]:
+    """Light: the last conv of each of the two deepest levels."""
+    levels = len(module.blocks_down)
+    return [rf"^layers\.{i}\.blocks\.{module.blocks_down[i] - 1}\.conv2$"
+            for i in range(max(0, levels - 2), levels)]
+
+
+def _presets(light):
+    return lambda m: {"paper": _ctfm_paper(m), "light": light(m)}
+
+
+CTFM_TARGETS = [r"^conv_init$", r"^layers\.(2|3|4)\.blocks\.\d+\.conv[12]$",
+                r"^layers\.(1|2|3)\.downsample$"]
+CTFM_LIGHT = [r"^layers\.3\.blocks\.3\.conv2$"]
+TINY3D_TARGETS = [r"^conv_init$", r"^layers\.(2|3)\.blocks\.\d+\.conv[12]$",
+                  r"^layers\.(1|2)\.downsample$"]
+TINY3D_LIGHT = [r"^layers\.2\.blocks\.0\.conv2$", r"^layers\.3\.blocks\.0\.conv2$"]
 
 register_backbone(
     BackboneSpec(
@@ -87,9 +126,11 @@ register_backbone(
         default_targets=CTFM_TARGETS,
         description="CT-FM 3D SegResEncoder (MONAI), 77.8M params, GAP of the 512-ch stride-16 map",
         weights_hint=CTFM_HINT,
+        target_presets={"paper": CTFM_TARGETS, "light": CTFM_LIGHT},
+        requires_weights=True,
     ),
     _build_ctfm,
-    targets_for=_ctfm_targets,
+    presets_for=_presets(_ctfm_targets),
 )
 
 register_backbone(
@@ -101,6 +142,8 @@ register_backbone(
         default_targets=TINY3D_TARGETS,
         description="Tiny SegResEncoder (same code path as ct-fm) for the CPU demo and tests",
         weights_hint="tiny-3d has no published weights; it is trained from random init by the demo.",
+        target_presets={"paper": TINY3D_TARGETS, "light": TINY3D_LIGHT},
     ),
     _build_tiny3d,
+    presets_for=_presets(_tiny3d_light),
 )

@@ -89,12 +89,16 @@ def _config_from_weights(cfg: dict) -> dict:
     return {"vision_config": {k: v for k, v in vision.items() if k in keep}}
 
 
-def _targets(depth: int, last: int = 2) -> list[str]:
-    """q/k/v/out projections of the last two encoder layers (0.35 % extra at experts=6, rank=8).
+#: The paper's placement: patch embedding + every encoder layer's attention projections. The
+#: patch embedding can be wrapped because MoLRE layers expose the base ``weight`` (transformers'
+#: SigLIP reads ``patch_embedding.weight.dtype``).
+SIGLIP_PAPER = [r"^model\.embeddings\.patch_embedding$",
+                r"^model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"]
 
-    Not the patch embedding: transformers' SigLIP reads ``patch_embedding.weight.dtype`` directly,
-    which a wrapped layer does not expose.
-    """
+
+def _targets(depth: int, last: int = 2) -> list[str]:
+    """Light preset: q/k/v/out projections of the last two encoder layers (0.35 % extra at
+    experts=6, rank=8), the pre-paper default."""
     layers = "|".join(str(i) for i in range(max(0, depth - last), depth))
     return [rf"^model\.encoder\.layers\.({layers})\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"]
 
@@ -104,15 +108,19 @@ register_backbone(
         name="medsiglip",
         dims=2,
         feature_dim=MEDSIGLIP_VISION["hidden_size"],
-        recipe={"name": "slices-2d", "n_slices": 16, "size": 448, "normalize": "siglip"},
-        default_targets=_targets(MEDSIGLIP_VISION["num_hidden_layers"]),
+        # n_slices 0 = every slice of the series (HeadCTClassifier chunks them)
+        recipe={"name": "slices-2d", "n_slices": 0, "size": 448, "normalize": "siglip"},
+        default_targets=list(SIGLIP_PAPER),
         description="MedSigLIP-448 vision tower (SigLIP so400m/14, ~429M), pooled output per slice; "
         "needs transformers",
         weights_hint=MEDSIGLIP_HINT,
+        target_presets={"paper": list(SIGLIP_PAPER),
+                        "light": _targets(MEDSIGLIP_VISION["num_hidden_layers"])},
+        requires_weights=True,
     ),
     SiglipSliceEncoder,
     weights_target=lambda m: m.model,
     weights_ignore=(r"^text_model\.", r"^logit_(scale|bias)$"),
     config_from_weights=_config_from_weights,
-    targets_for=lambda m: _targets(len(m.model.encoder.layers)),
+    presets_for=lambda m: {"paper": list(SIGLIP_PAPER), "light": _targets(len(m.model.encoder.layers))},
 )

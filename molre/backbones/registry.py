@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ class BackboneSpec:
 
     ``recipe`` is ``{"name": <recipe name in molre.data.preprocess>, **params}``;
     ``default_targets`` are regexes over module names *inside the backbone* that MoLRE wraps when
-    the adapter config gives no targets.
+    the adapter config gives no targets: the targets of the default preset (``"paper"``).
+    ``target_presets`` names every adapter placement the entry offers (``{"paper": [...],
+    "light": [...]}``); see ``preset_targets`` and docs/backbones.md.
     """
 
     name: str
@@ -40,12 +42,17 @@ class BackboneSpec:
     default_targets: list[str]
     description: str = ""
     weights_hint: str = ""
+    target_presets: dict[str, list[str]] = field(default_factory=dict)
+    #: a foundation model that is only meaningful with its published weights: training one at
+    #: random init needs an explicit opt-in (``molre-node train --random-init``)
+    requires_weights: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for model cards and ``molre-node backbones --json``)."""
         d = asdict(self)
         d["recipe"] = copy.deepcopy(self.recipe)
         d["default_targets"] = list(self.default_targets)
+        d["target_presets"] = {k: list(v) for k, v in self.target_presets.items()}
         return d
 
     @classmethod
@@ -69,7 +76,13 @@ class _Entry:
     config_from_weights: Callable[[dict], dict] | None = None
     # default MoLRE targets of a *built* module (follows depth overrides); None = spec's list
     targets_for: Callable[[nn.Module], list[str]] | None = None
+    # adapter placements of a *built* module by preset name ({"paper": [...], "light": [...]});
+    # when given, its DEFAULT_PRESET entry is the default targets
+    presets_for: Callable[[nn.Module], dict[str, list[str]]] | None = None
 
+
+#: The adapter placement used unless one is asked for: the paper's (see docs/backbones.md).
+DEFAULT_PRESET = "paper"
 
 _REGISTRY: dict[str, _Entry] = {}
 
@@ -83,6 +96,7 @@ def register_backbone(
     weights_convert: Callable[[dict, nn.Module], dict] | None = None,
     config_from_weights: Callable[[dict], dict] | None = None,
     targets_for: Callable[[nn.Module], list[str]] | None = None,
+    presets_for: Callable[[nn.Module], dict[str, list[str]]] | None = None,
 ) -> None:
     """Add an entry (used by the modules of this package; a site may add its own)."""
     _REGISTRY[spec.name] = _Entry(
@@ -93,6 +107,7 @@ def register_backbone(
         weights_convert=weights_convert,
         config_from_weights=config_from_weights,
         targets_for=targets_for,
+        presets_for=presets_for,
     )
 
 
@@ -139,8 +154,13 @@ def create_backbone(name: str, weights: str | Path | None = None, **overrides: A
     if entry.spec.dims == 2 and getattr(module, "image_size", None):
         recipe["size"] = int(module.image_size)  # slices are resized to what the ViT was built for
     targets = entry.targets_for(module) if entry.targets_for else list(entry.spec.default_targets)
+    presets = {k: list(v) for k, v in (entry.spec.target_presets or {}).items()}
+    if entry.presets_for is not None:
+        presets = {k: list(v) for k, v in entry.presets_for(module).items()}
+        targets = list(presets.get(DEFAULT_PRESET, targets))
+    presets.setdefault(DEFAULT_PRESET, list(targets))
     spec = replace(entry.spec, feature_dim=int(module.feature_dim), recipe=recipe,
-                   default_targets=targets)
+                   default_targets=targets, target_presets=presets)
     module.spec = spec
     module.weights_source = None
     if path is not None:
@@ -153,6 +173,20 @@ def create_backbone(name: str, weights: str | Path | None = None, **overrides: A
         )
         module.weights_source = report.path
     return module.eval()
+
+
+def preset_targets(spec: BackboneSpec, preset: str | None = None) -> list[str]:
+    """The MoLRE target regexes of adapter placement ``preset`` (None = ``DEFAULT_PRESET``).
+
+    Use the ``.spec`` of a built module: its presets follow depth/width overrides.
+    """
+    name = preset or DEFAULT_PRESET
+    presets = dict(spec.target_presets or {})
+    presets.setdefault(DEFAULT_PRESET, list(spec.default_targets))
+    if name not in presets:
+        raise ConfigError(f"backbone {spec.name!r} has no adapter preset {name!r}; "
+                          f"available: {', '.join(presets)}")
+    return list(presets[name])
 
 
 def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -205,12 +239,14 @@ def weights_digest(module: nn.Module) -> str:
 
 
 def describe_backbone(name: str, experts: int = 6, rank: int = 8) -> dict[str, Any]:
-    """Spec, parameter count and adapter overhead (MoLRE(experts, rank) and LoRA(rank)).
+    """Spec, parameter count and adapter overhead (MoLRE(experts, rank) and LoRA(rank)) of every
+    adapter preset.
 
-    The architecture is built at random init on PyTorch's ``meta`` device: the counts are exact
-    but nothing is allocated, so even the 300-400 M parameter entries take well under a second.
-    A backbone that cannot be built here (e.g. ``medsiglip`` without ``transformers``) gets an
-    ``error`` field instead of counts.
+    ``molre``/``lora`` describe the default preset; ``presets`` holds the same for each preset
+    (``{"paper": {"molre": ..., "lora": ...}, "light": ...}``). The architecture is built at random
+    init on PyTorch's ``meta`` device: the counts are exact but nothing is allocated, so even the
+    300-400 M parameter entries take well under a second. A backbone that cannot be built here
+    (e.g. ``medsiglip`` without ``transformers``) gets an ``error`` field instead of counts.
     """
     from molre.adapters import MoLREConfig, adapter_report, inject_adapters
     from molre.errors import MolreError
@@ -218,22 +254,32 @@ def describe_backbone(name: str, experts: int = 6, rank: int = 8) -> dict[str, A
     spec = get_spec(name)
     row: dict[str, Any] = spec.to_dict()
     try:
-        reports = {}
-        for label, k in (("molre", experts), ("lora", 1)):
-            with torch.device("meta"):
-                module = create_backbone(name)
-                inject_adapters(module, MoLREConfig(experts=k, rank=rank, targets=list(spec.default_targets)))
-            rep = adapter_report(module)
-            reports[label] = {
-                "experts": k,
-                "rank": rank,
-                "adapter_params": rep["adapter_params"],
-                "overhead_percent": round(rep["overhead_percent"], 4),
-                "layers": [layer["name"] for layer in rep["layers"]],
-            }
-            row["params"] = rep["base_params"]
-        row.update(reports)
+        with torch.device("meta"):
+            built = create_backbone(name).spec
+        row["default_targets"] = list(built.default_targets)
+        row["target_presets"] = {k: list(v) for k, v in built.target_presets.items()}
+        presets: dict[str, dict[str, Any]] = {}
+        for preset in built.target_presets:
+            targets = preset_targets(built, preset)
+            reports = {}
+            for label, k in (("molre", experts), ("lora", 1)):
+                with torch.device("meta"):
+                    module = create_backbone(name)
+                    inject_adapters(module, MoLREConfig(experts=k, rank=rank, targets=targets))
+                rep = adapter_report(module)
+                reports[label] = {
+                    "experts": k,
+                    "rank": rank,
+                    "adapter_params": rep["adapter_params"],
+                    "overhead_percent": round(rep["overhead_percent"], 4),
+                    "layers": [layer["name"] for layer in rep["layers"]],
+                }
+                row["params"] = rep["base_params"]
+            presets[preset] = reports
+        row["presets"] = presets
+        row["default_preset"] = DEFAULT_PRESET
+        row.update(presets[DEFAULT_PRESET])
         row["error"] = None
     except MolreError as exc:
-        row.update(params=None, molre=None, lora=None, error=str(exc))
+        row.update(params=None, molre=None, lora=None, presets=None, error=str(exc))
     return row

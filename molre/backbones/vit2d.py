@@ -49,11 +49,16 @@ def _convert_dinov3(state: dict, model: nn.Module) -> dict:
     return checkpoint_filter_fn(state, model)
 
 
-def _vit_targets(depth: int, last_blocks: int, *, patch: bool = True, proj: bool = True) -> list[str]:
-    """Patch embedding + attention qkv (and proj) of the last ``last_blocks`` blocks.
+#: The paper's placement: the patch embedding (reads the pixels, where scanner and
+#: reconstruction shifts act) and the attention projections (qkv, proj) of *every* block.
+VIT_PAPER = [r"^patch_embed\.proj$", r"^blocks\.\d+\.attn\.(qkv|proj)$"]
 
-    Why only the last blocks: with experts=6, rank=8 every adapted qkv costs 48·(d + 3d) + a
-    router, so adapting all blocks would be ~4 % extra parameters; the paper's budget is < 0.5 %.
+
+def _vit_targets(depth: int, last_blocks: int, *, patch: bool = True, proj: bool = True) -> list[str]:
+    """Light preset: patch embedding (optional) + attention qkv (and proj) of the last blocks.
+
+    The pre-paper default, kept selectable (``preset="light"``): it stays under 0.5 % extra
+    parameters with experts=6, rank=8, where the paper's placement costs 3-9 % (docs/backbones.md).
     """
     blocks = "|".join(str(i) for i in range(depth - last_blocks, depth))
     layers = "qkv|proj" if proj else "qkv"
@@ -62,19 +67,20 @@ def _vit_targets(depth: int, last_blocks: int, *, patch: bool = True, proj: bool
 
 
 _DINO_SIZES = {
-    # name: (timm model, depth, dim, params, adapted last blocks, patch embed, attn proj)
+    # name: (timm model, depth, dim, params, light: adapted last blocks, patch embed, attn proj)
     "dinov3-small": ("vit_small_patch16_dinov3", 12, 384, "21.6M", 1, False, False),
     "dinov3-base": ("vit_base_patch16_dinov3", 12, 768, "85.6M", 1, True, True),
     "dinov3-large": ("vit_large_patch16_dinov3", 24, 1024, "303M", 3, True, True),
 }
 
 
-def _targets_for(last: int, patch: bool, proj: bool):
-    def targets(module: nn.Module) -> list[str]:
+def _presets_for(last: int, patch: bool, proj: bool):
+    def presets(module: nn.Module) -> dict[str, list[str]]:
         depth = len(module.blocks)
-        return _vit_targets(depth, min(last, depth), patch=patch, proj=proj)
+        return {"paper": list(VIT_PAPER),
+                "light": _vit_targets(depth, min(last, depth), patch=patch, proj=proj)}
 
-    return targets
+    return presets
 
 
 for _name, (_timm, _depth, _dim, _params, _last, _patch, _proj) in _DINO_SIZES.items():
@@ -83,14 +89,18 @@ for _name, (_timm, _depth, _dim, _params, _last, _patch, _proj) in _DINO_SIZES.i
             name=_name,
             dims=2,
             feature_dim=_dim,
-            recipe={"name": "slices-2d", "n_slices": 16, "size": 224, "normalize": "imagenet"},
-            default_targets=_vit_targets(_depth, _last, patch=_patch, proj=_proj),
+            # n_slices 0 = every slice of the series (HeadCTClassifier chunks them)
+            recipe={"name": "slices-2d", "n_slices": 0, "size": 224, "normalize": "imagenet"},
+            default_targets=list(VIT_PAPER),
             description=f"DINOv3 ViT/16 ({_timm}, timm Eva, {_params}), CLS token per slice",
             weights_hint=_DINO_HINT.format(model=_timm, name=_name),
+            target_presets={"paper": list(VIT_PAPER),
+                            "light": _vit_targets(_depth, _last, patch=_patch, proj=_proj)},
+            requires_weights=True,
         ),
         _make_builder(_timm),
         weights_convert=_convert_dinov3,
-        targets_for=_targets_for(_last, _patch, _proj),
+        presets_for=_presets_for(_last, _patch, _proj),
     )
 
 register_backbone(
@@ -98,14 +108,16 @@ register_backbone(
         name="tiny-2d",
         dims=2,
         feature_dim=64,
-        recipe={"name": "slices-2d", "n_slices": 8, "size": 64, "normalize": "imagenet"},
-        default_targets=[r"^patch_embed\.proj$", r"^blocks\.\d+\.attn\.(qkv|proj)$"],
+        recipe={"name": "slices-2d", "n_slices": 0, "size": 64, "normalize": "imagenet"},
+        default_targets=list(VIT_PAPER),
         description="Tiny DINOv3-style Eva (dim 64, depth 2, 64 px; same code path) for CPU tests",
         weights_hint="tiny-2d has no published weights; it is trained from random init by the demo.",
+        target_presets={"paper": list(VIT_PAPER), "light": _vit_targets(2, 1, patch=False, proj=False)},
     ),
     _make_builder("vit_small_patch16_dinov3",
                   # layer scale starts at 1 (DINOv3: 1e-5): at random init the blocks would
                   # otherwise barely touch the CLS token and every slice would look the same
                   dict(embed_dim=64, depth=2, num_heads=2, img_size=64, init_values=1.0)),
     weights_convert=_convert_dinov3,
+    presets_for=_presets_for(1, False, False),
 )

@@ -13,8 +13,9 @@ Recipes
     crop to ``roi``. Defaults follow CT-FM's head-CT recipe: spacing (5, 2, 2), roi (48, 128, 128),
     HU -1024..2048.
 ``slices-2d`` (2-D encoders read the scan slice by slice) -> ``(S, 3, H, W)`` float32:
-    orientation SPL, ``n_slices`` axial slices sampled evenly along z (linear interpolation
-    between neighbours), each padded to a square field of view with air and resized to
+    orientation SPL, every axial slice of the series when ``n_slices`` is 0 (or null; the default
+    of the 2-D backbones, so S varies with the series), else ``n_slices`` slices sampled evenly
+    along z (linear interpolation between neighbours), each padded to a square field of view with air and resized to
     ``size`` x ``size``; three CT windows (default brain 40/80, subdural 75/215, bone 600/2800)
     become the 3 channels, each scaled to 0..1; then optional ``normalize``: ``"imagenet"``
     (DINOv3 / timm), ``"siglip"`` (mean = std = 0.5, MedSigLIP) or None (keep 0..1).
@@ -99,13 +100,16 @@ def _validate(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         if p["mode"] not in ("bilinear", "nearest"):
             raise ConfigError(f"recipe {name!r}: mode must be 'bilinear' or 'nearest'")
     else:
+        if p["n_slices"] is None:  # null = every slice
+            p["n_slices"] = 0
         for key in ("n_slices", "size"):
             try:
                 p[key] = int(p[key])
             except (TypeError, ValueError):
                 raise ConfigError(f"recipe {name!r}: {key} must be an integer") from None
-            if p[key] < 1:
-                raise ConfigError(f"recipe {name!r}: {key} must be >= 1")
+            if p[key] < (0 if key == "n_slices" else 1):
+                raise ConfigError(f"recipe {name!r}: {key} must be >= 1"
+                                  + (" (or 0 = every slice)" if key == "n_slices" else ""))
         try:
             windows = [[float(c), float(w)] for c, w in p["windows"]]
         except (TypeError, ValueError):
@@ -160,6 +164,8 @@ class Recipe:
         return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
     def output_shape(self) -> tuple[int, ...]:
+        """Shape of the output; for ``slices-2d`` with ``n_slices`` 0 the first entry is 0,
+        meaning "the series' slice count" (it varies)."""
         p = self.params
         if self.name == "ctfm-3d":
             return (1, *p["roi"])
@@ -205,11 +211,14 @@ class Recipe:
         pixdim = [float(v) for v in img.pixdim]  # spacing of the oriented axes
         n = p["n_slices"]
         z = vol.shape[0]
-        pos = torch.linspace(0, z - 1, n) if n > 1 else torch.tensor([(z - 1) / 2])
-        lo = pos.floor().long().clamp(0, z - 1)
-        hi = (lo + 1).clamp(max=z - 1)
-        w = (pos - lo.float()).view(-1, 1, 1)
-        slices = (1 - w) * vol[lo] + w * vol[hi]  # (S, y, x)
+        if n == 0:  # every slice, as acquired
+            slices = vol
+        else:
+            pos = torch.linspace(0, z - 1, n) if n > 1 else torch.tensor([(z - 1) / 2])
+            lo = pos.floor().long().clamp(0, z - 1)
+            hi = (lo + 1).clamp(max=z - 1)
+            w = (pos - lo.float()).view(-1, 1, 1)
+            slices = (1 - w) * vol[lo] + w * vol[hi]  # (S, y, x)
         # square field of view in mm, padded with air, so anatomy keeps its aspect ratio
         h_mm, w_mm = slices.shape[1] * pixdim[1], slices.shape[2] * pixdim[2]
         side_mm = max(h_mm, w_mm)

@@ -109,6 +109,12 @@ class TrainConfig:
     #: small random-init backbones). True for a small backbone pretrained here (the demo), so the
     #: checkpoint stays self-contained and the digest check has the exact weights to load.
     save_backbone: bool | None = None
+    #: adapter placement when ``targets`` is not given: "paper" (default) or "light" (see
+    #: docs/backbones.md for what each adapts and its parameter overhead)
+    preset: str = "paper"
+    #: allow training a backbone whose spec requires pretrained weights (ct-fm, dinov3-*,
+    #: medsiglip) without ``weights``; off by default because the result is meaningless
+    random_init: bool = False
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -132,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"head_init {self.head_init!r}: use lp or random")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be >= 1")
+        if self.random_init and self.weights is not None:
+            raise ConfigError("--random-init and --weights exclude each other")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -307,22 +315,19 @@ def _assign_val(rows: list, fraction: float, seed: int) -> list[str]:
 # model pieces
 # ----------------------------------------------------------------------------------------------
 
-def _adapter_param_names(model: nn.Module) -> set[str]:
-    from molre.adapters import adapted_layers
+def _collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x, y, index, slice mask): 2D series of different lengths are padded (``pad_slices``)."""
+    from molre.model import pad_slices
 
-    ids = {id(p) for l in adapted_layers(model).values() for p in l.adapter_parameters()}
-    return {n for n, p in model.named_parameters() if id(p) in ids}
+    xs, ys, idx = zip(*batch)
+    x, mask = pad_slices(list(xs))
+    return x, torch.stack(list(ys)), torch.as_tensor(idx), mask
 
 
-def _set_trainable(model: nn.Module) -> int:
-    """Adapters + everything outside the backbone train; the backbone's base stays frozen."""
-    adapter = _adapter_param_names(model)
-    n = 0
-    for name, p in model.named_parameters():
-        on = name in adapter or not name.startswith("backbone.")
-        p.requires_grad_(on)
-        n += p.numel() if on else 0
-    return n
+def _loader(dataset: Dataset, batch_size: int, workers: int = 0, **kw: Any) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                      **kw)
 
 
 def _train_mode(model: nn.Module) -> None:
@@ -391,10 +396,11 @@ def calibrate_batchnorm(backbone: nn.Module, dataset: Dataset, batch_size: int,
 def _features(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> np.ndarray:
     model.eval()
     feats = []
-    for x, _, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for x, _, _, mask in _loader(dataset, batch_size, shuffle=False):
         x = x.to(device)
+        mask = None if mask is None else mask.to(device)
         with _autocast(device):
-            f = model.features(x) if hasattr(model, "features") else model.backbone(x)
+            f = model.features(x, mask) if hasattr(model, "features") else model.backbone(x)
         feats.append(f.float().cpu().numpy())
     return np.concatenate(feats, 0).astype(np.float64)
 
@@ -463,13 +469,14 @@ def predict_tensors(model: nn.Module, dataset: Dataset, batch_size: int, device:
                     workers: int = 0) -> tuple[np.ndarray, float | None]:
     """Probabilities (n, F) over a dataset of (x, y, i) and the mean focal loss (None if unlabelled)."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = _loader(dataset, batch_size, workers, shuffle=False)
     probs: list[np.ndarray] = []
     tot, cnt = 0.0, 0
-    for x, y, _ in loader:
+    for x, y, _, mask in loader:
         x = x.to(device, non_blocking=True)
+        mask = None if mask is None else mask.to(device)
         with _autocast(device):
-            logits = model(x)
+            logits = model(x) if mask is None else model(x, mask)
         logits = logits.float()
         probs.append(torch.sigmoid(logits).cpu().numpy())
         y = y.to(device)
@@ -576,41 +583,172 @@ def _truncate_metrics(path: Path, upto_epoch: int) -> None:
 _RESUME_KEYS = ("backbone", "weights", "adapter", "experts", "rank", "alpha", "dropout", "targets",
                 "balance_weight", "batch_size", "lr", "weight_decay", "warmup", "accumulate",
                 "seed", "gamma", "catalog", "catalog_keys", "limit", "data", "recipe", "head_init",
-                "lp_l2", "calibrate_bn", "max_pos_weight", "grad_clip", "val_fraction")
+                "lp_l2", "calibrate_bn", "max_pos_weight", "grad_clip", "val_fraction", "preset")
+
+
+@dataclass
+class _Run:
+    """What `_setup` builds: everything one epoch, validation and checkpointing read."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dd: _Dist
+    out: Path
+    catalog: Any
+    model: nn.Module
+    net: nn.Module  # `model`, or its DDP wrapper
+    acfg: Any  # MoLREConfig | None (linear probe)
+    opt: torch.optim.Optimizer
+    sched: Any
+    params: list[nn.Parameter]
+    sampler: Any
+    loader: DataLoader
+    loader_gen: torch.Generator
+    ds_tr: Dataset
+    ds_va: Dataset
+    ytr: np.ndarray
+    yva: np.ndarray
+    pos_weight: torch.Tensor
+    batches_per_epoch: int
+    steps_per_epoch: int
+    backbone_state: dict[str, torch.Tensor] | None
+    card_base: dict[str, Any]  # model-card fields fixed for the whole run
+
+    @property
+    def last_dir(self) -> Path:
+        return self.out / "last"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out / "best"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / METRICS_FILE
+
+
+@dataclass
+class _Progress:
+    """What changes from epoch to epoch (and is saved in trainer_state.pt for --resume)."""
+
+    epoch: int = 0
+    global_step: int = 0
+    best_auc: float | None = None
+    best_loss: float | None = None
+    best_epoch: int | None = None
+    history: list[dict] = field(default_factory=list)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) a training run; see the module docstring."""
+    """Run (or resume) a training run; see the module docstring.
+
+    Reads like timm's train script: set-up (`_setup`), resume or fresh start (`_resume` /
+    `_fresh_start`), then per epoch `_train_one_epoch`, `_validate` and `_save_epoch`.
+    """
+    run, state = _setup(cfg)
+    progress = _resume(run, state) if state is not None else _fresh_start(run)
+    if run.dd.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        run.net = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.dd.main:
+        log.info("train.start", backbone=cfg.backbone, adapter=cfg.adapter, preset=cfg.preset,
+                 train=len(run.ds_tr), val=len(run.ds_va),
+                 failed=run.card_base["training"]["counts"]["failed"],
+                 trainable_params=run.card_base["adapter"]["trainable_params"],
+                 device=str(run.device), world_size=run.dd.world, epochs=cfg.epochs,
+                 steps_per_epoch=run.steps_per_epoch)
+    start_epoch = progress.epoch
+    end_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, int(cfg.stop_after_epoch))
+    for epoch in range(start_epoch, end_epoch):
+        train_loss, epoch_s = _train_one_epoch(run, progress, epoch)
+        if run.dd.main:
+            val, thresholds, usage = _validate(run)
+            _save_epoch(run, progress, epoch, train_loss, epoch_s, val, thresholds, usage)
+        run.dd.barrier()
+
+    result = TrainResult(out=run.out,
+                         best_dir=run.best_dir if (run.best_dir / "model.json").exists() else None,
+                         last_dir=run.last_dir, best_epoch=progress.best_epoch,
+                         best_val_macro_auc=progress.best_auc,
+                         epochs_run=max(0, end_epoch - start_epoch),
+                         global_step=progress.global_step, history=progress.history)
+    run.dd.barrier()
+    return result
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+
+def _check_backbone_weights(cfg: TrainConfig) -> None:
+    """Checks that need no data: the adapter preset exists; a foundation-model backbone at random
+    init trains nothing useful, so refuse it unless asked for with ``random_init`` (then say so
+    loudly)."""
+    from molre.backbones import get_spec, preset_targets
+
+    spec = get_spec(cfg.backbone)
+    if cfg.adapter != "none" and not cfg.targets:
+        preset_targets(spec, cfg.preset)  # an unknown preset fails before any data is read
+    if cfg.weights is not None or not spec.requires_weights:
+        return
+    if not cfg.random_init:
+        raise ConfigError(
+            f"backbone {cfg.backbone!r} is a pretrained foundation model and no --weights were "
+            f"given: training it from random init produces a meaningless model. Pass --weights "
+            f"(file, folder or hf://repo in an offline cache), or --random-init if you really want "
+            f"an untrained backbone (pipeline tests only). {spec.weights_hint}")
+    log.warning("train.random_init_backbone", backbone=cfg.backbone,
+                warning=f"{cfg.backbone} is trained from RANDOM INIT (--random-init): the model "
+                        "is not a foundation model and its results mean nothing clinically")
+
+
+def _weights_ref(weights: str | None) -> str:
+    """How the card records the backbone weights: ``hf://`` references as given, local paths
+    absolute (so a node on the same machine finds them from any working directory)."""
+    if not weights:
+        return "random-init"
+    if str(weights).startswith("hf://"):
+        return str(weights)
+    return str(Path(weights).expanduser().resolve())
+
+
+def _load_resume_state(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
+    """trainer_state.pt of the run to resume (None for a fresh run); the options that shape the
+    run must be those it was started with."""
+    if cfg.resume is None:
+        return None
+    sp = out / "last" / TRAINER_STATE
+    if not sp.is_file():
+        raise MolreError(f"--resume {out}: {sp} not found; resume needs a run directory "
+                         "written by `molre-node train` (with last/trainer_state.pt)")
+    state = torch.load(sp, map_location="cpu", weights_only=False)
+    saved = state.get("config", {})
+    now = cfg.to_dict()
+    diff = [k for k in _RESUME_KEYS if k in saved and str(saved.get(k)) != str(now.get(k))]
+    if diff:
+        raise MolreError(
+            f"--resume {out}: options differ from the original run: "
+            + ", ".join(f"{k} (was {saved.get(k)!r}, now {now.get(k)!r})" for k in diff)
+            + "; resume with the same options (only --epochs/--workers/--device may change)")
+    return state
+
+
+def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
+    """Device, processes, data (through the tensor cache), backbone, model, optimizer, schedule,
+    loader and the static part of the model card. Random-number use is in a fixed order, so a
+    resumed run rebuilds exactly the same model."""
     from molre.backbones import create_backbone, weights_digest
-    from molre.checkpoint import DEMO_DISCLAIMER, save_checkpoint, trainable_state_dict
-    from molre.data.manifest import read_manifest
-    from molre.model import build_model
-
     from molre.cache import VolumeCache
+    from molre.data.manifest import read_manifest
+    from molre.model import build_model, set_trainable
 
+    _check_backbone_weights(cfg)
     device = _resolve_device(cfg.device)
     dd = _setup_dist(device)
     if device.type == "cuda" and dd.enabled:
         device = torch.device("cuda", dd.local_rank)
         torch.cuda.set_device(device)
     out = Path(cfg.resume or cfg.out)
-    last_dir, best_dir = out / "last", out / "best"
-    metrics_path = out / METRICS_FILE
-
-    state: dict[str, Any] | None = None
-    if cfg.resume is not None:
-        sp = last_dir / TRAINER_STATE
-        if not sp.is_file():
-            raise MolreError(f"--resume {out}: {sp} not found; resume needs a run directory "
-                             "written by `molre-node train` (with last/trainer_state.pt)")
-        state = torch.load(sp, map_location="cpu", weights_only=False)
-        saved = state.get("config", {})
-        diff = [k for k in _RESUME_KEYS if str(saved.get(k)) != str(cfg.to_dict().get(k))]
-        if diff:
-            raise MolreError(
-                f"--resume {out}: options differ from the original run: "
-                + ", ".join(f"{k} (was {saved.get(k)!r}, now {cfg.to_dict().get(k)!r})" for k in diff)
-                + "; resume with the same options (only --epochs/--workers/--device may change)")
+    state = _load_resume_state(cfg, out)
 
     _seed_all(cfg.seed)
     if device.type == "cuda":
@@ -639,8 +777,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     spec = backbone.spec
 
     # Cache: rank 0 preprocesses, the others wait and then just look the files up.
-    cache_root = cfg.cache_dir or (out / "cache")
-    cache = VolumeCache(cache_root, recipe)
+    cache = VolumeCache(cfg.cache_dir or (out / "cache"), recipe)
     use_idx = [i for i, s in enumerate(splits) if s in ("train", "val")]
     sources = [str(rows[i].path) for i in use_idx]
     if dd.main:
@@ -672,12 +809,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         backbone.cpu()
         base_digest = weights_digest(backbone)
         backbone_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-        save_bb = True
 
-    acfg = cfg.adapter_config(getattr(spec, "default_targets", None))
+    from molre.backbones import preset_targets
+
+    acfg = cfg.adapter_config(preset_targets(spec, cfg.preset))
     torch.manual_seed(cfg.seed + 1)
     model = build_model(backbone, catalog, acfg)
-    n_trainable = _set_trainable(model)
+    n_trainable = set_trainable(model)
     n_total = sum(p.numel() for p in model.parameters())
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -700,220 +838,243 @@ def train(cfg: TrainConfig) -> TrainResult:
     sched = warmup_cosine(opt, total_steps, warm)
     pos_weight = prevalence_weights(ytr, cfg.max_pos_weight).to(device)
 
-    start_epoch, global_step = 0, 0
-    best_auc: float | None = None
-    best_loss: float | None = None
-    best_epoch: int | None = None
-    history: list[dict] = []
-    if state is not None:
-        from molre.checkpoint import ADAPTER_FILE, _load_tensors
-
-        tensors = _load_tensors(last_dir / ADAPTER_FILE)
-        expected = trainable_state_dict(model)
-        if set(tensors) != set(expected):
-            raise MolreError(f"--resume {out}: {last_dir / ADAPTER_FILE} does not match the model")
-        model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        global_step = int(state["global_step"])
-        best_auc, best_loss = state.get("best_auc"), state.get("best_loss")
-        best_epoch = state.get("best_epoch")
-        history = list(state.get("history", []))
-        _set_rng_state(state["rng"])
-        if dd.main:
-            _truncate_metrics(metrics_path, start_epoch)
-        log.info("train.resumed", out=str(out), epoch=start_epoch, step=global_step)
-    else:
-        if dd.main and metrics_path.exists():
-            metrics_path.unlink()
-        if cfg.head_init == "lp":
-            # every rank computes the same probe from the same data: no broadcast needed
-            n_lp = linear_probe_init(model, ds_tr, ytr, cfg.batch_size, device, pos_weight,
-                                     cfg.lp_l2)
-            if dd.main:
-                log.info("train.linear_probe_init", findings=n_lp)
-
-    net: nn.Module = model
-    if dd.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     loader_gen = torch.Generator()
-    loader = DataLoader(ds_tr, batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.workers, worker_init_fn=_worker_init,
-                        generator=loader_gen, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+    loader = _loader(ds_tr, cfg.batch_size, cfg.workers, sampler=sampler,
+                     worker_init_fn=_worker_init, generator=loader_gen,
+                     pin_memory=device.type == "cuda", persistent_workers=False)
 
-    manifest_hash = _file_sha256(cfg.data)
-    split_counts = {"train": len(tr), "val": len(va),
-                    "test": sum(1 for s in splits if s == "test"),
-                    "failed": len(report.failures)}
     labelled = ~np.isnan(ytr)
-    prevalence = {k: (float(np.nansum(ytr[:, f]) / labelled[:, f].sum()) if labelled[:, f].sum() else None)
-                  for f, k in enumerate(catalog.keys)}
     positives = {k: int(np.nansum(ytr[:, f])) for f, k in enumerate(catalog.keys)}
-    bb_source = str(cfg.weights) if cfg.weights else "random-init"
+    card_base: dict[str, Any] = {
+        "model_name": cfg.model_name or f"molre-{cfg.backbone}-{cfg.adapter}",
+        "is_demo": bool(cfg.is_demo),
+        "backbone": {"name": cfg.backbone, "weights_digest": base_digest,
+                     "weights_source": _weights_ref(cfg.weights),
+                     "init_seed": cfg.seed if cfg.weights is None else None,
+                     "base_params": int(n_base),
+                     "batchnorm_calibrated": (
+                         {"layers": bn_layers, "volumes": len(tr), "on": "training split"}
+                         if bn_layers else None)},
+        "adapter": {"type": cfg.adapter, "config": acfg.to_dict() if acfg else None,
+                    "preset": None if (acfg is None or cfg.targets) else cfg.preset,
+                    "trainable_params": int(n_trainable), "total_params": int(n_total)},
+        "catalog": catalog.to_dict(),
+        "catalog_digest": catalog.digest(),
+        "recipe": recipe.to_dict(),
+        "training": {
+            "manifest": str(cfg.data), "manifest_sha256": _file_sha256(cfg.data),
+            "counts": {"train": len(tr), "val": len(va),
+                       "test": sum(1 for s in splits if s == "test"),
+                       "failed": len(report.failures)},
+            "prevalence_train": {
+                k: (float(np.nansum(ytr[:, f]) / labelled[:, f].sum()) if labelled[:, f].sum() else None)
+                for f, k in enumerate(catalog.keys)},
+            "positives_train": positives,
+            "findings_without_train_positives": [k for k, v in positives.items() if v == 0],
+            "epochs": cfg.epochs, "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size,
+            "accumulate": cfg.accumulate, "world_size": dd.world, "head_init": cfg.head_init,
+            "loss": {"type": "focal", "gamma": cfg.gamma, "pos_weight": "n_neg/n_pos clipped",
+                     "max_pos_weight": cfg.max_pos_weight},
+            "optimizer": {"type": "AdamW", "weight_decay": cfg.weight_decay,
+                          "schedule": "linear warm-up + cosine", "warmup_steps": warm,
+                          "total_steps": total_steps},
+        },
+    }
+    run = _Run(cfg=cfg, device=device, dd=dd, out=out, catalog=catalog, model=model, net=model,
+               acfg=acfg, opt=opt, sched=sched, params=params, sampler=sampler, loader=loader,
+               loader_gen=loader_gen, ds_tr=ds_tr, ds_va=ds_va, ytr=ytr, yva=yva,
+               pos_weight=pos_weight, batches_per_epoch=batches_per_epoch,
+               steps_per_epoch=steps_per_epoch, backbone_state=backbone_state,
+               card_base=card_base)
+    return run, state
 
-    def make_card(epoch: int, val: dict, thresholds: dict) -> dict:
-        card: dict[str, Any] = {
-            "model_name": cfg.model_name or f"molre-{cfg.backbone}-{cfg.adapter}",
-            "model_version": f"{__version__}+e{epoch}",
-            "is_demo": bool(cfg.is_demo),
-            "backbone": {"name": cfg.backbone, "weights_digest": base_digest,
-                         "weights_source": bb_source,
-                         "init_seed": cfg.seed if cfg.weights is None else None,
-                         "base_params": int(n_base),
-                         "batchnorm_calibrated": (
-                             {"layers": bn_layers, "volumes": len(tr), "on": "training split"}
-                             if bn_layers else None)},
-            "adapter": {"type": cfg.adapter, "config": acfg.to_dict() if acfg else None,
-                        "trainable_params": int(n_trainable), "total_params": int(n_total)},
-            "catalog": catalog.to_dict(),
-            "catalog_digest": catalog.digest(),
-            "recipe": recipe.to_dict(),
-            "thresholds": thresholds,
-            "training": {
-                "manifest": str(cfg.data), "manifest_sha256": manifest_hash,
-                "counts": split_counts, "prevalence_train": prevalence,
-                "positives_train": positives,
-                "findings_without_train_positives": [k for k, v in positives.items() if v == 0],
-                "epochs": cfg.epochs, "epoch": epoch, "global_step": global_step,
-                "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                "accumulate": cfg.accumulate, "world_size": dd.world,
-                "head_init": cfg.head_init,
-                "loss": {"type": "focal", "gamma": cfg.gamma, "pos_weight": "n_neg/n_pos clipped",
-                         "max_pos_weight": cfg.max_pos_weight},
-                "optimizer": {"type": "AdamW", "weight_decay": cfg.weight_decay,
-                              "schedule": "linear warm-up + cosine", "warmup_steps": warm,
-                              "total_steps": total_steps},
-            },
-            "metrics": {"split": "val", "epoch": epoch, **val},
-        }
-        if cfg.intended_use:
-            card["intended_use"] = cfg.intended_use
-        if cfg.is_demo:
-            card["disclaimer"] = cfg.disclaimer or DEMO_DISCLAIMER
-            card["training_data"] = "synthetic training data — not for clinical use"
-        elif cfg.disclaimer:
-            card["disclaimer"] = cfg.disclaimer
-        return card
 
-    if dd.main:
-        log.info("train.start", backbone=cfg.backbone, adapter=cfg.adapter, train=len(tr),
-                 val=len(va), failed=len(report.failures), trainable_params=n_trainable,
-                 device=str(device), world_size=dd.world, epochs=cfg.epochs,
-                 steps_per_epoch=steps_per_epoch)
+# -- resume / fresh start ------------------------------------------------------------------------
 
-    from tqdm.auto import tqdm
+def _resume(run: _Run, state: dict[str, Any]) -> _Progress:
+    """Adapter/head tensors of last/, optimizer, schedule, RNG states and the run's history."""
+    from molre.checkpoint import ADAPTER_FILE, _load_tensors
+    from molre.model import trainable_state_dict
 
-    if state is not None and int(state.get("config", {}).get("epochs", cfg.epochs)) != cfg.epochs:
+    cfg = run.cfg
+    tensors = _load_tensors(run.last_dir / ADAPTER_FILE)
+    if set(tensors) != set(trainable_state_dict(run.model)):
+        raise MolreError(f"--resume {run.out}: {run.last_dir / ADAPTER_FILE} does not match the model")
+    run.model.load_state_dict({k: v.to(run.device) for k, v in tensors.items()}, strict=False)
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    progress = _Progress(epoch=int(state["epoch"]), global_step=int(state["global_step"]),
+                         best_auc=state.get("best_auc"), best_loss=state.get("best_loss"),
+                         best_epoch=state.get("best_epoch"), history=list(state.get("history", [])))
+    _set_rng_state(state["rng"])
+    if run.dd.main:
+        _truncate_metrics(run.metrics_path, progress.epoch)
+    log.info("train.resumed", out=str(run.out), epoch=progress.epoch, step=progress.global_step)
+    if int(state.get("config", {}).get("epochs", cfg.epochs)) != cfg.epochs:
         log.warning("train.resume_epochs_changed", was=state["config"]["epochs"], now=cfg.epochs,
                     hint="the cosine schedule spans --epochs, so this is not an exact continuation")
-    end_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, int(cfg.stop_after_epoch))
-    for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
-        loader_gen.manual_seed(cfg.seed * 7919 + epoch)
-        _train_mode(model)
-        t0 = time.perf_counter()
-        seen, loss_sum, loss_n = 0, 0.0, 0
-        bar = tqdm(total=batches_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and dd.main), leave=False, unit="batch")
-        opt.zero_grad(set_to_none=True)
-        for b, (x, y, _) in enumerate(loader):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            last_micro = (b + 1) % cfg.accumulate == 0 or (b + 1) == batches_per_epoch
-            sync = net.no_sync() if (dd.enabled and not last_micro) else contextlib.nullcontext()
-            with sync:
-                with _autocast(device):
-                    logits = net(x)
-                loss = focal_loss(logits, y, gamma=cfg.gamma, pos_weight=pos_weight)
-                if acfg is not None and acfg.balance_weight > 0:
-                    from molre.adapters import balance_loss
+    return progress
 
-                    loss = loss + balance_loss(model)
-                group_start = (b // cfg.accumulate) * cfg.accumulate
-                group = min(cfg.accumulate, batches_per_epoch - group_start)
-                (loss / group).backward()
-            if last_micro:
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                global_step += 1
-            loss_sum += float(loss.detach()) * x.shape[0]
-            loss_n += x.shape[0]
-            seen += x.shape[0]
-            el = time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.4f}",
-                            vol_s=f"{seen * dd.world / max(el, 1e-9):.1f}")
-        epoch_s = time.perf_counter() - t0
-        train_loss = loss_sum / max(loss_n, 1)
-        if dd.enabled:
-            t = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)
-            dist.all_reduce(t)
-            train_loss = float(t[0] / max(t[1], 1.0))
 
-        if dd.main:
-            from molre.adapters import adapted_layers, expert_usage, reset_expert_usage
+def _fresh_start(run: _Run) -> _Progress:
+    """A new run: clear old metrics; warm-start the head with a linear probe (LP-FT)."""
+    cfg = run.cfg
+    if run.dd.main and run.metrics_path.exists():
+        run.metrics_path.unlink()
+    if cfg.head_init == "lp":
+        # every rank computes the same probe from the same data: no broadcast needed
+        n_lp = linear_probe_init(run.model, run.ds_tr, run.ytr, cfg.batch_size, run.device,
+                                 run.pos_weight, cfg.lp_l2)
+        if run.dd.main:
+            log.info("train.linear_probe_init", findings=n_lp)
+    return _Progress()
 
-            has_adapters = bool(adapted_layers(model))
-            if has_adapters:
-                reset_expert_usage(model)
-            probs, val_loss = predict_tensors(model, ds_va, cfg.batch_size, device, pos_weight,
-                                              cfg.gamma)
-            usage = ({k: {"mean_gate": v["mean_gate"], "entropy": v["entropy"]}
-                      for k, v in expert_usage(model).items()} if has_adapters else {})
-            val = summarise_auc(yva, probs, catalog)
-            val["loss"] = val_loss
-            thresholds = choose_thresholds(yva, probs, catalog.keys)
-            macro = val["macro_auc"]
-            improved = (
-                (macro is not None and (best_auc is None or macro > best_auc))
-                or (macro is None and best_auc is None and val_loss is not None
-                    and (best_loss is None or val_loss < best_loss))
-            )
-            lr_now = float(sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{train_loss:.4f}", val_auc=("n/a" if macro is None else f"{macro:.3f}"))
-            bar.close()
-            rec = {"epoch": epoch + 1, "step": global_step, "lr": lr_now,
-                   "train_loss": train_loss, "val_loss": val_loss, "val_macro_auc": macro,
-                   "val_auc": val["auc"], "val_auc_by_category": val["auc_by_category"],
-                   "epoch_seconds": round(epoch_s, 3),
-                   "volumes_per_s": round(len(ds_tr) / max(epoch_s, 1e-9), 3),
-                   "expert_usage": usage, "best": bool(improved)}
-            history.append(rec)
-            card = make_card(epoch + 1, val, thresholds)
-            save_checkpoint(last_dir, model, card, backbone_state=backbone_state)
-            if improved:
-                best_auc = macro if macro is not None else best_auc
-                best_loss = val_loss
-                best_epoch = epoch + 1
-                save_checkpoint(best_dir, model, card, backbone_state=backbone_state)
-            tstate = {"epoch": epoch + 1, "global_step": global_step,
-                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "rng": _rng_state(), "best_auc": best_auc, "best_loss": best_loss,
-                      "best_epoch": best_epoch, "config": cfg.to_dict(), "history": history}
-            tmp = last_dir / (TRAINER_STATE + ".tmp")
-            torch.save(tstate, tmp)
-            os.replace(tmp, last_dir / TRAINER_STATE)
-            _json_line(metrics_path, rec)
-            log.info("train.epoch", epoch=epoch + 1, step=global_step, train_loss=round(train_loss, 5),
-                     val_loss=None if val_loss is None else round(val_loss, 5),
-                     val_macro_auc=None if macro is None else round(macro, 4),
-                     volumes_per_s=rec["volumes_per_s"], best=improved)
-        else:
-            bar.close()
-        dd.barrier()
 
-    epochs_run = max(0, end_epoch - start_epoch)
-    result = TrainResult(out=out, best_dir=best_dir if (best_dir / "model.json").exists() else None,
-                         last_dir=last_dir, best_epoch=best_epoch, best_val_macro_auc=best_auc,
-                         epochs_run=epochs_run, global_step=global_step, history=history)
+# -- one epoch -----------------------------------------------------------------------------------
+
+def _train_one_epoch(run: _Run, progress: _Progress, epoch: int) -> tuple[float, float]:
+    """One pass over the training split (gradient accumulation, clipping, LR schedule per
+    optimizer step). Returns (mean training loss over all processes, seconds)."""
+    from tqdm.auto import tqdm
+
+    cfg, dd, device = run.cfg, run.dd, run.device
+    run.sampler.set_epoch(epoch)
+    run.loader_gen.manual_seed(cfg.seed * 7919 + epoch)
+    _train_mode(run.model)
+    balance = run.acfg is not None and run.acfg.balance_weight > 0
+    t0 = time.perf_counter()
+    seen, loss_sum, loss_n = 0, 0.0, 0
+    n_batches = run.batches_per_epoch
+    bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and dd.main), leave=False, unit="batch")
+    run.opt.zero_grad(set_to_none=True)
+    for b, (x, y, _, mask) in enumerate(run.loader):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        mask = None if mask is None else mask.to(device)
+        last_micro = (b + 1) % cfg.accumulate == 0 or (b + 1) == n_batches
+        sync = run.net.no_sync() if (dd.enabled and not last_micro) else contextlib.nullcontext()
+        with sync:
+            with _autocast(device):
+                logits = run.net(x) if mask is None else run.net(x, mask)
+            loss = focal_loss(logits, y, gamma=cfg.gamma, pos_weight=run.pos_weight)
+            if balance:
+                from molre.adapters import balance_loss
+
+                loss = loss + balance_loss(run.model)
+            group_start = (b // cfg.accumulate) * cfg.accumulate
+            group = min(cfg.accumulate, n_batches - group_start)
+            (loss / group).backward()
+        if last_micro:
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+            run.opt.step()
+            run.sched.step()
+            run.opt.zero_grad(set_to_none=True)
+            progress.global_step += 1
+        loss_sum += float(loss.detach()) * x.shape[0]
+        loss_n += x.shape[0]
+        seen += x.shape[0]
+        el = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.4f}",
+                        vol_s=f"{seen * dd.world / max(el, 1e-9):.1f}")
+    bar.close()
+    epoch_s = time.perf_counter() - t0
+    train_loss = loss_sum / max(loss_n, 1)
     if dd.enabled:
-        dd.barrier()
-    return result
+        t = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)
+        dist.all_reduce(t)
+        train_loss = float(t[0] / max(t[1], 1.0))
+    return train_loss, epoch_s
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+def _validate(run: _Run) -> tuple[dict[str, Any], dict[str, dict], dict[str, dict]]:
+    """Scores on the validation split: AUCs (``summarise_auc`` + ``loss``), Youden thresholds,
+    and the routers' expert usage on those cases."""
+    from molre.adapters import adapted_layers, expert_usage, reset_expert_usage
+
+    has_adapters = bool(adapted_layers(run.model))
+    if has_adapters:
+        reset_expert_usage(run.model)
+    probs, val_loss = predict_tensors(run.model, run.ds_va, run.cfg.batch_size, run.device,
+                                      run.pos_weight, run.cfg.gamma)
+    usage = ({k: {"mean_gate": v["mean_gate"], "entropy": v["entropy"]}
+              for k, v in expert_usage(run.model).items()} if has_adapters else {})
+    val = summarise_auc(run.yva, probs, run.catalog)
+    val["loss"] = val_loss
+    return val, choose_thresholds(run.yva, probs, run.catalog.keys), usage
+
+
+# -- checkpointing -------------------------------------------------------------------------------
+
+def _make_card(run: _Run, progress: _Progress, epoch: int, val: dict, thresholds: dict) -> dict:
+    """The model card of the checkpoint written after `epoch` (1-based)."""
+    cfg = run.cfg
+    base = json.loads(json.dumps(run.card_base, default=json_default))
+    training: dict[str, Any] = {}
+    for k, v in base["training"].items():
+        training[k] = v
+        if k == "epochs":
+            training.update(epoch=epoch, global_step=progress.global_step)
+    card: dict[str, Any] = {"model_name": base["model_name"],
+                            "model_version": f"{__version__}+e{epoch}"}
+    card.update({k: v for k, v in base.items() if k not in ("model_name", "training")})
+    card.update(thresholds=thresholds, training=training,
+                metrics={"split": "val", "epoch": epoch, **val})
+    if cfg.intended_use:
+        card["intended_use"] = cfg.intended_use
+    if cfg.is_demo:
+        from molre.checkpoint import DEMO_DISCLAIMER
+
+        card["disclaimer"] = cfg.disclaimer or DEMO_DISCLAIMER
+        card["training_data"] = "synthetic training data — not for clinical use"
+    elif cfg.disclaimer:
+        card["disclaimer"] = cfg.disclaimer
+    return card
+
+
+def _save_epoch(run: _Run, progress: _Progress, epoch: int, train_loss: float, epoch_s: float,
+                val: dict, thresholds: dict, usage: dict) -> None:
+    """last/ every epoch, best/ when validation improved, trainer_state.pt (for --resume) and one
+    metrics.jsonl line. Rank 0 only."""
+    from molre.checkpoint import save_checkpoint
+
+    macro, val_loss = val["macro_auc"], val["loss"]
+    improved = (
+        (macro is not None and (progress.best_auc is None or macro > progress.best_auc))
+        or (macro is None and progress.best_auc is None and val_loss is not None
+            and (progress.best_loss is None or val_loss < progress.best_loss))
+    )
+    rec = {"epoch": epoch + 1, "step": progress.global_step,
+           "lr": float(run.sched.get_last_lr()[0]),
+           "train_loss": train_loss, "val_loss": val_loss, "val_macro_auc": macro,
+           "val_auc": val["auc"], "val_auc_by_category": val["auc_by_category"],
+           "epoch_seconds": round(epoch_s, 3),
+           "volumes_per_s": round(len(run.ds_tr) / max(epoch_s, 1e-9), 3),
+           "expert_usage": usage, "best": bool(improved)}
+    progress.history.append(rec)
+    card = _make_card(run, progress, epoch + 1, val, thresholds)
+    save_checkpoint(run.last_dir, run.model, card, backbone_state=run.backbone_state)
+    if improved:
+        progress.best_auc = macro if macro is not None else progress.best_auc
+        progress.best_loss = val_loss
+        progress.best_epoch = epoch + 1
+        save_checkpoint(run.best_dir, run.model, card, backbone_state=run.backbone_state)
+    progress.epoch = epoch + 1
+    tstate = {"epoch": epoch + 1, "global_step": progress.global_step,
+              "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+              "rng": _rng_state(), "best_auc": progress.best_auc,
+              "best_loss": progress.best_loss, "best_epoch": progress.best_epoch,
+              "config": run.cfg.to_dict(), "history": progress.history}
+    tmp = run.last_dir / (TRAINER_STATE + ".tmp")
+    torch.save(tstate, tmp)
+    os.replace(tmp, run.last_dir / TRAINER_STATE)
+    _json_line(run.metrics_path, rec)
+    log.info("train.epoch", epoch=epoch + 1, step=progress.global_step,
+             train_loss=round(train_loss, 5),
+             val_loss=None if val_loss is None else round(val_loss, 5),
+             val_macro_auc=None if macro is None else round(macro, 4),
+             volumes_per_s=rec["volumes_per_s"], best=improved)
