@@ -214,9 +214,16 @@ def default_checkpoint_path() -> Path:
     return Path(__file__).resolve().parent / "resources" / "demo"
 
 
+#: The name every command accepts for the packaged demo checkpoint (`--checkpoint demo`,
+#: `checkpoint = "demo"` in the node config), unless a folder of that name exists.
+DEMO_NAME = "demo"
+
+
 def resolve_checkpoint_dir(path: str | Path | None) -> Path:
     """Accept a checkpoint dir, a training run dir (uses `best/`, else `last/`) or a `model.json`
-    path; None = the packaged demo. Raises CheckpointError saying where it looked."""
+    path; None or "demo" = the packaged demo. Raises CheckpointError saying where it looked."""
+    if path is not None and str(path) == DEMO_NAME and not Path(DEMO_NAME).exists():
+        path = None
     if path is None:
         p = default_checkpoint_path()
         if not (p / CARD_FILE).is_file():
@@ -238,6 +245,25 @@ def resolve_checkpoint_dir(path: str | Path | None) -> Path:
         "no checkpoint found: looked for " + ", ".join(str(x) for x in looked)
         + " — pass a checkpoint directory (with model.json and adapter.safetensors) or a training "
         "run directory (with best/ or last/)")
+
+
+def assessed_findings(card: Mapping[str, Any]) -> list[str]:
+    """The findings a checkpoint has validation evidence for, in catalog order.
+
+    A card may list them (``assessed_findings``); otherwise they are the findings whose
+    validation AUC was computable (labelled positives and negatives in the validation split).
+    A card without validation metrics (hand-made, very old) assesses its whole catalog. The node
+    reports only these: a finding the model was never validated on is "not assessed", never
+    "Present".
+    """
+    keys = [f["key"] for f in card.get("catalog", {}).get("findings", [])]
+    explicit = card.get("assessed_findings")
+    if explicit is not None:
+        return [k for k in keys if k in set(explicit)]
+    auc = (card.get("metrics") or {}).get("auc")
+    if not auc:
+        return keys
+    return [k for k in keys if auc.get(k) is not None]
 
 
 def load_card(path: str | Path | None) -> dict[str, Any]:
@@ -314,6 +340,8 @@ def _build_backbone(card: Mapping[str, Any], ckpt_dir: Path, weights: str | Path
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: backbone weights do not fit backbone {name!r}: {exc}") from exc
         return module
+    if weights is None and str(bb.get("weights_source") or "").startswith("packaged:"):
+        return create_backbone(name)  # weights shipped with the package; the digest is checked
     if weights is None:
         src = bb.get("weights_source")
         if src and src not in ("random", "random-init") and Path(str(src)).exists():
@@ -428,9 +456,11 @@ class Prediction:
     used_sop_instance_uids: list[str]
     thresholds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    not_assessed: list[str] = field(default_factory=list)  # catalog findings without evidence
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "not_assessed": self.not_assessed,
             "probabilities": self.probabilities,
             "decisions": self.decisions,
             "thresholds": self.thresholds,
@@ -460,6 +490,7 @@ class Predictor:
         self.checkpoint_hash = loaded.checkpoint_hash
         self.thresholds = dict(loaded.thresholds)
         self.path = loaded.path
+        self.assessed = assessed_findings(self.card)
 
     @classmethod
     def from_checkpoint(
@@ -501,8 +532,9 @@ class Predictor:
         """Predict from an already-read `SeriesVolume`."""
         x = self.recipe(volume)
         probs = self.predict_tensor(x)[0]
-        keys = list(self.catalog.keys)
-        probabilities = {k: float(p) for k, p in zip(keys, probs)}
+        assessed = set(self.assessed)
+        keys = [k for k in self.catalog.keys if k in assessed]
+        probabilities = {k: float(p) for k, p in zip(self.catalog.keys, probs) if k in assessed}
         decisions = {k: bool(probabilities[k] >= self.thresholds.get(k, 0.5)) for k in keys}
         return Prediction(
             probabilities=probabilities,
@@ -514,6 +546,7 @@ class Predictor:
             used_sop_instance_uids=list(getattr(volume, "sop_instance_uids", []) or []),
             thresholds={k: self.thresholds.get(k, 0.5) for k in keys},
             warnings=list(getattr(volume, "warnings", []) or []),
+            not_assessed=[k for k in self.catalog.keys if k not in assessed],
         )
 
     def predict_series(self, files: str | Path | Sequence[str | Path]) -> Prediction:

@@ -36,6 +36,7 @@ import json
 import functools
 import os
 import shutil
+import sqlite3
 import signal
 import socket
 import subprocess
@@ -590,6 +591,45 @@ def make_ct_series(out_dir: Path, findings: Sequence[str] = (), *, n_slices: int
                                 **tags)
 
 
+def sql(node: "NodeProcess", query: str, *args) -> list[tuple]:
+    con = sqlite3.connect(f"file:{node.data_dir / 'molre.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(query, args).fetchall()
+    finally:
+        con.close()
+
+
+def sr_for(scp: "StorageSCP", series_uid: str, node: "NodeProcess", timeout: float = 150):
+    """The SR the node sent for `series_uid` (evidence references that series)."""
+
+    def find():
+        for ds in list(scp.received):
+            if ds.Modality != "SR":
+                continue
+            for st in ds.CurrentRequestedProcedureEvidenceSequence:
+                for se in st.ReferencedSeriesSequence:
+                    if se.SeriesInstanceUID == series_uid:
+                        return ds
+        return None
+
+    try:
+        return wait_until(find, timeout, interval=0.3, what=f"SR for series {series_uid}")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n--- node log ---\n{node.log_tail(40)}") from None
+
+
+def sr_presence(ds: Any, tmp: Path) -> dict[str, tuple[float, bool]]:
+    """finding key -> (probability, Present?) of an SR the node sent (parsed with highdicom)."""
+    import highdicom as hd
+
+    path = Path(tmp) / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    groups = hd.sr.srread(path).content.get_image_measurement_groups()
+    return {g.tracking_identifier: (float(g.get_measurements()[0].value),
+                                    g.get_qualitative_evaluations()[0].value.value == "52101004")
+            for g in groups}
+
+
 def dciodvfy_errors(path: Path | str) -> list[str]:
     """Lines of `dciodvfy` output that report errors (empty list = valid)."""
     exe = shutil.which("dciodvfy")
@@ -602,6 +642,7 @@ def dciodvfy_errors(path: Path | str) -> list[str]:
 
 __all__ = [
     "NodeProcess", "StorageSCP", "dciodvfy_errors", "dicom_files", "echo", "echoscu",
-    "free_port", "make_ct_series", "node_config", "send_folder", "storescu", "to_toml",
+    "free_port", "make_ct_series", "node_config", "send_folder", "sql", "sr_for", "sr_presence",
+    "storescu", "to_toml",
     "wait_until", "write_config",
 ]

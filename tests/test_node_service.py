@@ -6,7 +6,6 @@ their own. Quiet times are short (1 s) so a series completes quickly.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pydicom
@@ -22,6 +21,8 @@ from tests.nodeproc import (
     free_port,
     make_ct_series,
     send_folder,
+    sql,
+    sr_for,
     storescu,
     wait_until,
 )
@@ -29,33 +30,6 @@ from tests.nodeproc import (
 CALLERS = [{"ae_title": "TESTSCU", "host": "127.0.0.1"}, {"ae_title": "DCMTKSCU", "host": ""}]
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 MODEL: dict = {}  # default: the packaged demo checkpoint
-
-
-def sql(node: NodeProcess, query: str, *args) -> list[tuple]:
-    con = sqlite3.connect(f"file:{node.data_dir / 'molre.db'}?mode=ro", uri=True, timeout=30)
-    try:
-        return con.execute(query, args).fetchall()
-    finally:
-        con.close()
-
-
-def sr_for(scp: StorageSCP, series_uid: str, node: NodeProcess, timeout: float = 150):
-    """The SR the node sent for `series_uid` (evidence references that series)."""
-
-    def find():
-        for ds in list(scp.received):
-            if ds.Modality != "SR":
-                continue
-            for st in ds.CurrentRequestedProcedureEvidenceSequence:
-                for se in st.ReferencedSeriesSequence:
-                    if se.SeriesInstanceUID == series_uid:
-                        return ds
-        return None
-
-    try:
-        return wait_until(find, timeout, interval=0.3, what=f"SR for series {series_uid}")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n--- node log ---\n{node.log_tail(40)}") from None
 
 
 def check_sr_matches_audit(node: NodeProcess, ds: pydicom.Dataset, series_uid: str,

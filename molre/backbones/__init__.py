@@ -7,7 +7,7 @@ and the node agree on preprocessing and adapter targets. Weights are only ever r
 
 from __future__ import annotations
 
-from . import ctfm, vit2d, medsiglip  # noqa: F401,I001  (register the entries, in listing order)
+from . import ctfm, phantom, vit2d, medsiglip  # noqa: F401,I001  (register the entries, in listing order)
 from .registry import (
     DEFAULT_PRESET,
     BackboneSpec,

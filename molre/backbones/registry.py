@@ -162,7 +162,8 @@ def create_backbone(name: str, weights: str | Path | None = None, **overrides: A
     spec = replace(entry.spec, feature_dim=int(module.feature_dim), recipe=recipe,
                    default_targets=targets, target_presets=presets)
     module.spec = spec
-    module.weights_source = None
+    # a builder may have loaded weights shipped with the package (phantom-3d) and said so
+    module.weights_source = getattr(module, "weights_source", None)
     if path is not None:
         report: LoadReport = load_weights_into(
             entry.weights_target(module),

@@ -134,6 +134,31 @@ class Rendered:
     def findings(self) -> tuple[str, ...]:
         return check_findings(list(self.details))
 
+    def volume(self) -> Any:
+        """The `SeriesVolume` the node's reader would assemble from this series written as DICOM
+        (a tilted acquisition deskewed onto an orthogonal grid the same way), without writing
+        any file: what on-the-fly pretraining feeds to the preprocessing recipe."""
+        import math
+
+        from molre.data.volume import SeriesVolume
+
+        g = self.geometry
+        dz, dy, dx = g.spacing
+        t = math.radians(g.tilt_deg)
+        hu = self.hu
+        if abs(t) > 1e-9:
+            from scipy import ndimage
+
+            fill = float(hu.min())
+            hu = np.stack([ndimage.shift(sl, (k * dz * math.sin(t) / dy, 0.0), order=1,
+                                         mode="constant", cval=fill)
+                           for k, sl in enumerate(hu)]).astype(np.float32)
+        direction = np.array([[1.0, 0.0, 0.0], [0.0, math.cos(t), math.sin(t)],
+                              [0.0, -math.sin(t), math.cos(t)]])
+        return SeriesVolume(hu=hu, spacing=(dz * math.cos(t), dy, dx),
+                            origin=np.asarray(g.origin, dtype=np.float64), direction=direction,
+                            sop_instance_uids=[], series_uid="", study_uid="")
+
 
 def render(rng: np.random.Generator, findings: Sequence[str] = (), *, size: int | None = 128,
            n_slices: int | None = None, slice_thickness: float | None = None,

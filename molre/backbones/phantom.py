@@ -1,0 +1,149 @@
+"""phantom-3d: a compact 3-D U-Net pretrained on synthetic phantoms, the stand-in foundation model.
+
+Why: no head-CT foundation weights can be downloaded here, and a random-init network is useless as
+a frozen feature extractor. The project therefore makes its own the way foundation models are
+made: pretrain once with dense supervision on many generated phantoms from several simulated
+sites (`molre.training.pretrain`: voxel masks of every planted finding + per-finding presence),
+then freeze; MoLRE / LoRA adapters are trained on top exactly as they would be on CT-FM.
+
+Architecture (MONAI blocks): a stride-2 stem, residual encoder levels at 1/2, 1/4 and 1/8 of the
+input, a bottleneck, and a light decoder back to 1/2 with skip connections. The backbone's
+feature vector is ``[avg(bottleneck), max(bottleneck), avg(decoder), max(decoder)]``: the max
+pools keep small localised abnormalities (a 2 mm calcification, a fracture line) that a global
+average would wash out. The segmentation head used in pretraining (`seg_head`) is part of the
+module (so the shipped weights are complete) but not of the feature vector.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.blocks import Convolution, ResidualUnit
+from torch import nn
+from torch.nn import functional as F
+
+from .registry import BackboneSpec, register_backbone
+
+#: CT windows (center, width) of the three input channels: blood/brain, subdural, bone.
+PHANTOM_WINDOWS = [[40.0, 80.0], [60.0, 200.0], [500.0, 2000.0]]
+PHANTOM_RECIPE = {"name": "ctfm-3d", "spacing": [5.0, 3.0, 3.0], "roi": [32, 72, 72],
+                  "windows": PHANTOM_WINDOWS, "antialias": True}
+#: Where the packaged weights live (inside the installed package), and how a model card names them.
+WEIGHTS_RESOURCE = "phantom-3d"
+PACKAGED_PREFIX = "packaged:"
+
+
+def _res(c_in: int, c_out: int, stride: int = 1, subunits: int = 2) -> ResidualUnit:
+    return ResidualUnit(spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=stride,
+                        kernel_size=3, subunits=subunits, norm=("instance", {"affine": True}),
+                        act="PRELU")
+
+
+class PhantomUNet(nn.Module):
+    """Compact 3-D U-Net; ``forward`` returns the feature vector, ``dense`` the mask logits."""
+
+    def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (16, 32, 64, 96),
+                 decoder: tuple[int, int, int] = (32, 8, 16), num_classes: int = 12) -> None:
+        super().__init__()
+        c0, c1, c2, c3 = channels
+        d1, dr, d0 = decoder
+        self.stem = Convolution(3, in_channels, c0, strides=2, kernel_size=3,
+                                norm=("instance", {"affine": True}), act="PRELU")  # 1/2
+        self.enc1 = _res(c0, c0, subunits=1)  # 1/2
+        self.enc2 = _res(c0, c1, 2)  # 1/4
+        self.enc3 = _res(c1, c2, 2)  # 1/8
+        self.bottleneck = _res(c2, c3)  # 1/8
+        self.dec2 = _res(c3 + c1, d1)  # 1/4
+        self.reduce = nn.Conv3d(d1, dr, kernel_size=1)  # few channels to carry up to 1/2
+        self.dec1 = _res(dr + c0, d0, subunits=1)  # 1/2
+        self.seg_head = nn.Conv3d(d0, num_classes, kernel_size=1)
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.feature_dim = 2 * (c3 + d0)
+        self.stride = 8
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.ndim != 5:
+            raise ValueError(f"phantom-3d expects (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"phantom-3d expects {self.in_channels} input channels (CT windows), "
+                             f"got {x.shape[1]}")
+        bad = [s for s in x.shape[2:] if s % self.stride]
+        if bad:
+            raise ValueError(f"phantom-3d input sides {tuple(x.shape[2:])} must be divisible by "
+                             f"{self.stride}")
+        s1 = self.enc1(self.stem(x))
+        s2 = self.enc2(s1)
+        b = self.bottleneck(self.enc3(s2))
+        u2 = self.dec2(torch.cat([F.interpolate(b, size=s2.shape[2:], mode="trilinear",
+                                                align_corners=False), s2], dim=1))
+        u1 = self.dec1(torch.cat([F.interpolate(self.reduce(u2), size=s1.shape[2:],
+                                                mode="trilinear", align_corners=False), s1],
+                                 dim=1))
+        return b, u1
+
+    @staticmethod
+    def _pool(b: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b.mean(dim=(2, 3, 4)), b.amax(dim=(2, 3, 4)),
+                          u1.mean(dim=(2, 3, 4)), u1.amax(dim=(2, 3, 4))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, D, H, W) -> (B, F)
+        return self._pool(*self._run(x))
+
+    def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature vector (B, F), mask logits (B, classes, D/2, H/2, W/2)) in one pass."""
+        b, u1 = self._run(x)
+        return self._pool(b, u1), self.seg_head(u1)
+
+
+def packaged_weights() -> Path | None:
+    """The shipped weights file, or None when the package was installed without them."""
+    p = Path(__file__).resolve().parent.parent / "resources" / WEIGHTS_RESOURCE / "model.safetensors"
+    return p if p.is_file() else None
+
+
+def packaged_card() -> dict[str, Any]:
+    p = Path(__file__).resolve().parent.parent / "resources" / WEIGHTS_RESOURCE / "card.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+
+def _build(pretrained: bool = True, **overrides: Any) -> PhantomUNet:
+    """The architecture; with `pretrained` (default) and the default sizes, the shipped weights
+    are loaded, so `create_backbone("phantom-3d")` is the frozen pretrained backbone."""
+    net = PhantomUNet(**overrides)
+    path = packaged_weights() if pretrained and not overrides else None
+    if path is not None:
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(path)), strict=True)
+        net.weights_source = f"{PACKAGED_PREFIX}{WEIGHTS_RESOURCE}"
+    return net
+
+
+#: Adapter placements. "paper": every conv of the bottleneck and the decoder, the layers whose
+#: outputs are pooled into the feature vector (the 3-D analogue of adapting the last blocks'
+#: projections); "light": the bottleneck's last conv and the decoder's last conv only.
+PHANTOM_PRESETS = {
+    "paper": [r"^bottleneck\.conv\.unit[01]\.conv$", r"^dec2\.conv\.unit[01]\.conv$",
+              r"^dec1\.conv\.unit0\.conv$"],
+    "light": [r"^bottleneck\.conv\.unit1\.conv$", r"^dec1\.conv\.unit0\.conv$"],
+}
+
+register_backbone(
+    BackboneSpec(
+        name="phantom-3d",
+        dims=3,
+        feature_dim=224,
+        recipe=dict(PHANTOM_RECIPE),
+        default_targets=list(PHANTOM_PRESETS["paper"]),
+        description=("Compact 3-D U-Net (MONAI blocks) pretrained on multi-site synthetic "
+                     "phantoms with dense supervision; weights ship with the package"),
+        weights_hint=("phantom-3d weights ship with molre-node (molre/resources/phantom-3d); "
+                      "regenerate them with `python -m molre.training.pretrain`."),
+        target_presets={k: list(v) for k, v in PHANTOM_PRESETS.items()},
+    ),
+    _build,
+)

@@ -1,0 +1,106 @@
+"""phantom-3d: dense-supervision pretraining, the shipped weights, and the demo that detects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from molre.backbones.phantom import PHANTOM_RECIPE, packaged_card, packaged_weights
+from molre.data.synth import PHANTOM_FINDINGS
+from molre.training import pretrain as P
+
+
+def test_sample_targets_follow_the_planted_findings():
+    """A pretraining sample: the recipe's input, a non-empty mask for every planted finding on
+    the half-resolution grid, nothing for the others, presence = what was planted."""
+    from molre.data.preprocess import Recipe
+
+    shape = Recipe.from_dict(PHANTOM_RECIPE).output_shape()
+    seen = 0
+    for i in range(6):
+        s = P._sample_job((7, 0, i, 0.35, 0.0, ()))
+        assert s.x.shape == shape and s.x.dtype == np.float16
+        assert s.mask.shape == (len(PHANTOM_FINDINGS), *[n // 2 for n in shape[1:]])
+        per = s.mask.reshape(len(PHANTOM_FINDINGS), -1).sum(1)
+        assert ((per > 0) == (s.presence > 0)).all(), (s.site, per, s.presence)
+        seen += int(s.presence.sum())
+    assert seen >= 6  # the draw planted findings at all
+
+
+def test_mask_on_grid_keeps_a_finding_smaller_than_a_voxel():
+    mask = np.zeros((20, 40, 40), bool)
+    mask[10, 20, 20] = True  # one native voxel
+    idx = np.stack(np.meshgrid(np.arange(8) * 2.5, np.arange(16) * 2.5, np.arange(16) * 2.5,
+                               indexing="ij")).reshape(3, -1)
+    out = P._mask_on_grid(mask, idx, (8, 16, 16))
+    assert out.shape == (4, 8, 8) and out.sum() == 1
+
+
+def test_pretraining_is_deterministic_and_loads_as_the_backbone(tmp_path):
+    from molre.backbones import create_backbone, weights_digest
+
+    cfg = P.PretrainConfig(train_phantoms=8, val_phantoms=4, epochs=1, batch_size=4,
+                           sites=("metro", "valley"))
+    a = P.pretrain(cfg, progress=False)
+    b = P.pretrain(cfg, progress=False)
+    assert a.sha256 == b.sha256  # same seed, same weights, bit for bit
+    assert a.history[0]["dense_loss"] > 0 and a.validation["n"] == 4
+    out = P.save(a, cfg, tmp_path / "w", "test")
+    card = json.loads((out / P.CARD_FILE).read_text())
+    assert card["weights_sha256"] == hashlib.sha256(
+        (out / P.WEIGHTS_FILE).read_bytes()).hexdigest()
+    net = create_backbone("phantom-3d", weights=str(out / P.WEIGHTS_FILE))
+    assert weights_digest(net) == card["state_sha256"] == a.sha256
+    random = create_backbone("phantom-3d", pretrained=False)
+    assert weights_digest(random) != a.sha256
+
+
+def test_shipped_backbone_matches_its_card():
+    """CI check of the packaged weights: file hash, tensor digest and size as the card says."""
+    from molre.backbones import create_backbone, weights_digest
+
+    path = packaged_weights()
+    assert path is not None, "molre/resources/phantom-3d/model.safetensors is missing"
+    card = packaged_card()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == card["weights_sha256"]
+    assert path.stat().st_size < 20 * 2**20
+    net = create_backbone("phantom-3d")
+    assert str(net.weights_source).startswith("packaged:")
+    assert weights_digest(net) == card["state_sha256"]
+    # the card says how it was made and how well the pretraining itself detects
+    assert "python -m molre.training.pretrain" in card["regenerate"]
+    assert card["validation_presence_auc"]["macro_auc"] > 0.75
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from molre.checkpoint import Predictor
+
+    return Predictor.from_checkpoint("demo")
+
+
+def test_demo_detects_on_fresh_phantoms_from_every_site(demo):
+    """A small freshly seeded evaluation of the packaged demo (not its training seed), read the
+    way the node reads a series: macro AUC well above chance."""
+    from molre.data.synth import SITES, render
+    from molre.training.metrics import auc_matrix
+
+    torch.set_num_threads(2)
+    assert demo.card["backbone"]["name"] == "phantom-3d"
+    rng = np.random.default_rng(20261203)
+    probs, labels = [], []
+    names = list(SITES)
+    for i in range(40):
+        k = int(rng.integers(len(PHANTOM_FINDINGS)))
+        found = () if i % 5 == 0 else (PHANTOM_FINDINGS[k],)
+        r = render(np.random.default_rng([99, i]), found, size=None, site=names[i % len(names)])
+        pred = demo.predict_volume(r.volume())
+        probs.append([pred.probabilities[f] for f in PHANTOM_FINDINGS])
+        labels.append([float(f in found) for f in PHANTOM_FINDINGS])
+    aucs = [a for a in auc_matrix(np.array(labels), np.array(probs)) if a is not None]
+    assert len(aucs) >= 8
+    assert float(np.mean(aucs)) > 0.8, aucs
