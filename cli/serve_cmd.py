@@ -42,12 +42,17 @@ def register(app: typer.Typer) -> None:
         """Validate a configuration file (exit 2 with the offending key on error)."""
         import json
 
+        from storage.db import mask_url
+
         cfg = _load(config, None, None)
         if show:
-            typer.echo(json.dumps(cfg.to_dict(), indent=2))
+            shown = cfg.to_dict()
+            if shown.get("storage", {}).get("database_url"):  # never print the password
+                shown["storage"]["database_url"] = mask_url(shown["storage"]["database_url"])
+            typer.echo(json.dumps(shown, indent=2))
         typer.echo(f"ok: {config or '<defaults>'} (AE {cfg.network.ae_title} on "
                    f"{cfg.network.host}:{cfg.network.port}, {len(cfg.destinations)} "
-                   f"destination(s), database {cfg.database_url})")
+                   f"destination(s), database {mask_url(cfg.database_url)})")
 
     @app.command("echo")
     def echo_cmd(

@@ -18,6 +18,7 @@ and PostgreSQL behave the same and users can compare columns to ``datetime('now'
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 import threading
@@ -68,6 +69,18 @@ class UTCDateTime(TypeDecorator):
         return value.astimezone(dt.timezone.utc)
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_QUERY_PASSWORD = re.compile(r"(?i)\b(password=)[^&\s]*")
+
+
+def mask_url(url: str | Path | None) -> str:
+    """A database URL fit to print or log: the password (``user:***@host``, also a
+    ``password=`` query parameter) replaced by ``***``; works on unparseable text too."""
+    if url is None:
+        return ""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", str(url)))
+
+
 def normalise_url(url: str | Path) -> str:
     """Accept a URL or a bare file path; map ``postgresql://`` to the psycopg (v3) driver.
 
@@ -82,7 +95,7 @@ def normalise_url(url: str | Path) -> str:
     try:
         parsed = make_url(text)
     except Exception as exc:  # sqlalchemy.exc.ArgumentError
-        raise ConfigError(f"database URL {text!r} is not valid: {exc}; use "
+        raise ConfigError(f"database URL {mask_url(text)!r} is not valid; use "
                           "sqlite:///path/to/molre.db or postgresql://user@host/dbname") from exc
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -130,7 +143,7 @@ class Database:
                     f"database URL uses PostgreSQL but its driver is missing ({exc.name}); "
                     "install it with: pip install 'molre-node[postgres]'") from exc
         else:
-            raise ConfigError(f"database URL {parsed.render_as_string()!r}: unsupported backend "
+            raise ConfigError(f"database URL {mask_url(self.url)!r}: unsupported backend "
                               f"{self.dialect!r}; use sqlite:/// or postgresql://")
         self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False, future=True)
         self._read_engine = self.engine.execution_options(**{_READ_ONLY_OPT: True})
@@ -220,4 +233,4 @@ class Database:
         self.engine.dispose()
 
     def __repr__(self) -> str:
-        return f"Database({make_url(self.url).render_as_string(hide_password=True)!r})"
+        return f"Database({mask_url(self.url)!r})"

@@ -16,6 +16,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
 from molre.errors import MolreError
 from molre.log import get_logger
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 log = get_logger("storage.migrate")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+#: PostgreSQL advisory lock key held while migrating ("molre" + "mig" in ASCII, any constant)
+MIGRATION_LOCK_KEY = 0x6D6F6C72656D6967
 
 
 def alembic_config(db: Database) -> Config:
@@ -64,8 +67,21 @@ def upgrade(db: Database, revision: str = "head") -> None:
             "or point database_url at another database")
     cfg = alembic_config(db)
     with db.engine.connect() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+        locked = db.dialect == "postgresql"
+        if locked:
+            # PostgreSQL: nodes starting together on an empty database would each create the
+            # tables / insert into alembic_version (UniqueViolation). A session-level advisory
+            # lock serialises them; the later ones find the schema at head and do nothing.
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+        finally:
+            if locked:
+                conn.rollback()
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                conn.commit()
     after = current_revision(db)
     if after != before:
         log.info("database schema migrated", database=repr(db), from_revision=before,

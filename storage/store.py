@@ -482,12 +482,13 @@ class Store:
     def _insert_ignore(self, s: Session, model, **values) -> bool:
         """INSERT … ON CONFLICT DO NOTHING, so two receivers creating one study never collide.
 
-        Returns True when the row was created by this call."""
-        if self.db.dialect == "postgresql":
-            stmt = pg_dialect.insert(model).values(**values).on_conflict_do_nothing()
-        else:
-            stmt = sqlite_dialect.insert(model).values(**values).on_conflict_do_nothing()
-        return s.execute(stmt).rowcount == 1
+        Returns True when the row was created by this call: decided by ``RETURNING`` (a row
+        comes back only for an insert that happened), not by ``rowcount``, which psycopg
+        reports as -1 for this statement through the ORM session."""
+        dialect = pg_dialect if self.db.dialect == "postgresql" else sqlite_dialect
+        stmt = (dialect.insert(model).values(**values).on_conflict_do_nothing()
+                .returning(model.__table__.c.id))
+        return s.execute(stmt).first() is not None
 
     # -- associations --------------------------------------------------------------------------
     def begin_association(self, calling_ae: str | None, called_ae: str | None,

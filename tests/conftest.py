@@ -7,3 +7,36 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+# -- PostgreSQL (tests/pgcluster.py): one throw-away cluster per session -----------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A running PostgreSQL server (skipped when unavailable, unless MOLRE_TEST_PG=required)."""
+    from tests.pgcluster import mode, start_server
+
+    if mode() == "off":
+        pytest.skip("PostgreSQL tests disabled (MOLRE_TEST_PG=off)")
+    try:
+        server = start_server()
+    except RuntimeError as exc:
+        if mode() == "required":
+            pytest.fail(f"PostgreSQL required (MOLRE_TEST_PG=required) but: {exc}")
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """URL of a fresh, empty audit database on each backend (not migrated)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'audit.db'}"
+        return
+    server = request.getfixturevalue("pg_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 
 from storage import (
     ALLOWED_TRANSITIONS,
@@ -32,23 +33,57 @@ def clock() -> ManualClock:
     return ManualClock(T0)
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    """Every database test runs on SQLite and on a real PostgreSQL server (tests/pgcluster.py)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    """Migrate once per module, copy per test: Alembic on every test would dominate run time."""
+def template_db(tmp_path_factory, backend: str, request):
+    """Migrate once per module, copy per test: Alembic on every test would dominate run time.
+
+    SQLite: a file copied per test; PostgreSQL: a database used as ``CREATE DATABASE … TEMPLATE``.
+    """
+    if backend == "postgresql":
+        server = request.getfixturevalue("pg_server")
+        url = server.create_database()
+        database = Database(url)
+        database.upgrade()
+        database.dispose()  # a template must have no open connection
+        yield server, url
+        server.drop_database(url)
+        return
     path = tmp_path_factory.mktemp("template") / "audit.db"
     database = Database(f"sqlite:///{path}")
     database.upgrade()
     database.dispose()  # last connection closed: WAL checkpointed into the main file
-    return path
+    yield None, path
+
+
+def _copy_db(template, tmp_path: Path, name: str = "audit.db") -> tuple[Database, object]:
+    """A new Database with the template's content; returns it and what to drop afterwards."""
+    server, src = template
+    if server is None:
+        shutil.copyfile(src, tmp_path / name)
+        return Database(f"sqlite:///{tmp_path / name}"), None
+    url = server.create_database(template=make_url(src).database)
+    return Database(url), (server, url)
+
+
+def _drop(database: Database, handle) -> None:
+    database.dispose()
+    if handle is not None:
+        server, url = handle
+        server.drop_database(url)
 
 
 @pytest.fixture()
-def db(tmp_path: Path, template_db: Path) -> Database:
-    shutil.copyfile(template_db, tmp_path / "audit.db")
-    database = Database(f"sqlite:///{tmp_path / 'audit.db'}")
+def db(tmp_path: Path, template_db) -> Database:
+    database, handle = _copy_db(template_db, tmp_path)
     assert database.current_revision() == "0004"
     yield database
-    database.dispose()
+    _drop(database, handle)
 
 
 @pytest.fixture()
@@ -446,23 +481,24 @@ def test_log_event_and_json_safe_details(store: Store, db: Database) -> None:
 
 # -- audit queries --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def seeded_template(tmp_path_factory, template_db: Path):
+def seeded_template(tmp_path_factory, template_db):
     """The demo history, seeded once per module (spool + database) and copied per test."""
     root = tmp_path_factory.mktemp("seeded")
-    shutil.copyfile(template_db, root / "audit.db")
-    database = Database(f"sqlite:///{root / 'audit.db'}")
+    database, handle = _copy_db(template_db, root)
     clock = ManualClock(T0)
     uids = seed_demo(Store(database, clock=clock), clock, Spool(root / "spool"))
     database.dispose()
-    return root, uids, clock.t
+    server = template_db[0]
+    yield root, uids, clock.t, (server, database.url if server else root / "audit.db")
+    if handle is not None:
+        _drop(database, handle)
 
 
 @pytest.fixture()
 def seeded(seeded_template, tmp_path: Path, clock: ManualClock):
-    root, uids, end = seeded_template
-    shutil.copyfile(root / "audit.db", tmp_path / "audit.db")
+    root, uids, end, template = seeded_template
+    database, handle = _copy_db(template, tmp_path)
     shutil.copytree(root / "spool", tmp_path / "spool")
-    database = Database(f"sqlite:///{tmp_path / 'audit.db'}")
     clock.t = end
     spool = Spool(tmp_path / "spool")
     # the copied rows point at the template's spool: re-point them at this test's copy
@@ -473,7 +509,7 @@ def seeded(seeded_template, tmp_path: Path, clock: ManualClock):
              for k, v in uids.files.items()}
     uids = dataclasses.replace(uids, files=files)
     yield Store(database, clock=clock), uids, spool
-    database.dispose()
+    _drop(database, handle)
 
 
 def test_queries_on_seeded_db(seeded) -> None:

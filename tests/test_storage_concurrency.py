@@ -1,7 +1,8 @@
-"""Concurrent writers on one SQLite file: threads and processes, no lost row, no 'locked'.
+"""Concurrent writers on one database: threads and processes, no lost row, no 'locked'.
 
 The node's receiver, worker and dispatcher write the same database at the same time (threads in
-one process, or separate processes). These tests run them for real and then count rows.
+one process, or separate processes; on PostgreSQL also separate nodes). These tests run them for
+real and then count rows, on SQLite and on a real PostgreSQL server (``db_url`` in conftest.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from storage.models import Event, Instance, Job, Series, Study
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _db(tmp_path: Path) -> Database:
-    db = Database(f"sqlite:///{tmp_path / 'audit.db'}")
+def _db(url: str) -> Database:
+    db = Database(url)
     db.upgrade()
     return db
 
@@ -47,8 +48,8 @@ def _queue(store: Store, uids: list[str]) -> None:
             s.add(Job(series_uid=uid, version=1, state="queued", attempts=0, enqueued_at=now))
 
 
-def test_receiver_worker_dispatcher_threads(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_receiver_worker_dispatcher_threads(db_url: str) -> None:
+    db = _db(db_url)
     store = Store(db)
     jobs = [f"2.{i}" for i in range(15)]
     _queue(store, jobs)
@@ -133,8 +134,8 @@ def _spawn(code: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_three_processes_write_without_loss(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_three_processes_write_without_loss(db_url: str) -> None:
+    db = _db(db_url)
     n = 70  # 3 write transactions per iteration: 210 per process, 630 in all
     procs = [_spawn(WRITER, db.url, tag, str(n)) for tag in ("p1", "p2", "p3")]
     outs = [p.communicate(timeout=500) for p in procs]
@@ -164,8 +165,8 @@ print(json.dumps(got))
 """
 
 
-def test_concurrent_claimers_never_share_a_job(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_concurrent_claimers_never_share_a_job(db_url: str) -> None:
+    db = _db(db_url)
     store = Store(db)
     _queue(store, [f"5.{i}" for i in range(40)])
     procs = [_spawn(CLAIMER, db.url, f"w{i}") for i in range(3)]
@@ -196,8 +197,9 @@ def test_concurrent_claimers_never_share_a_job(tmp_path: Path) -> None:
 
 
 def test_reader_not_blocked_by_open_writer(tmp_path: Path) -> None:
-    """Read sessions use a deferred BEGIN: the audit CLI never waits for the receiver."""
-    db = _db(tmp_path)
+    """Read sessions use a deferred BEGIN: the audit CLI never waits for the receiver (SQLite:
+    PostgreSQL readers never wait for writers anyway)."""
+    db = _db(f"sqlite:///{tmp_path / 'audit.db'}")
     store = Store(db)
     _queue(store, ["8.1"])
     other = Database(db.url, busy_timeout_s=0.2)

@@ -101,15 +101,19 @@ def test_unknown_revision_is_a_clear_error(tmp_path: Path) -> None:
         db.upgrade()
 
 
-def test_concurrent_first_upgrade_from_processes(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'race.db'}"
+def test_concurrent_first_upgrade_from_processes(db_url: str) -> None:
+    """Three processes migrate one empty database at once (SQLite: BEGIN IMMEDIATE;
+    PostgreSQL: advisory lock) -- all succeed, the schema is at head once."""
+    url = db_url
     code = "import sys; from storage import Database; Database(sys.argv[1]).upgrade(); print('ok')"
     procs = [subprocess.Popen([sys.executable, "-c", code, url], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
-    assert Database(url).current_revision() == "0004"
+    db = Database(url)
+    assert db.current_revision() == "0004"
+    db.dispose()
 
 
 def test_migrations_ship_in_package_data() -> None:
@@ -135,7 +139,7 @@ def test_sqlite_pragmas_and_bare_path(tmp_path: Path) -> None:
 
 
 def test_postgres_sql_compiles() -> None:
-    """No PostgreSQL server in CI: check the SQL the PG dialect would run."""
+    """The SQL the PG dialect runs (the PostgreSQL variants of the storage tests run it)."""
     from sqlalchemy.dialects import postgresql, sqlite
 
     from storage.store import claim_statement
