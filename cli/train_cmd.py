@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate_cmd(
-        checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint dir or run dir (uses best/)."),
+        checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint dir or run dir (uses best/); 'demo' = the packaged demo."),
         data: Path = typer.Option(..., "--data", help="Manifest CSV."),
         out: Path = typer.Option(..., "--out", help="Output directory for metrics.json, report.md, predictions.csv, roc/."),
         split: str = typer.Option("test", "--split", help="Manifest split to evaluate (or 'all')."),
@@ -123,7 +123,7 @@ def register(app: typer.Typer) -> None:
     @app.command("infer")
     def infer_cmd(
         series: Path = typer.Argument(..., help="Series directory (DICOM files) or NIfTI file."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint (default: the packaged demo)."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint dir or run dir; 'demo' (the default) = the packaged demo."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
         device: str = typer.Option("cpu", "--device"),
         weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights if not found from the card (file, folder or hf://repo in an offline cache, as for train)."),
@@ -144,5 +144,8 @@ def register(app: typer.Typer) -> None:
         for k, p in sorted(res.probabilities.items(), key=lambda kv: -kv[1]):
             flag = "POSITIVE" if res.decisions[k] else ""
             typer.echo(f"  {k:<{w}}  {p:6.3f}  (thr {res.thresholds.get(k, 0.5):.3f})  {flag}")
+        if res.not_assessed:
+            typer.echo(f"  not assessed (no validation evidence in this checkpoint): "
+                       f"{len(res.not_assessed)} catalog finding(s)")
         for warn in res.warnings:
             typer.echo(f"  warning: {warn}")

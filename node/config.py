@@ -516,7 +516,8 @@ def _resolve_paths(cfg: NodeConfig, base: Path) -> None:
         return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
 
     cfg.storage.data_dir = fix(cfg.storage.data_dir)
-    cfg.model.checkpoint = fix(cfg.model.checkpoint)
+    if cfg.model.checkpoint != "demo" or (base / "demo").exists():  # "demo" = the packaged one
+        cfg.model.checkpoint = fix(cfg.model.checkpoint)
     if not cfg.model.weights.startswith("hf://"):  # an offline-cache reference is not a path
         cfg.model.weights = fix(cfg.model.weights)
     for name in ("certificate", "key", "ca"):
