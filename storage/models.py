@@ -44,6 +44,8 @@ class Association(Base):
     n_duplicate: Mapped[int] = mapped_column(default=0)
     n_ignored: Mapped[int] = mapped_column(default=0)
     n_failed: Mapped[int] = mapped_column(default=0)
+    # added in revision 0005: node.name of the node that accepted it (recovery scope)
+    node: Mapped[str | None] = mapped_column(String(128))
 
 
 class Study(Base):
@@ -141,6 +143,8 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # added in revision 0005: node.name of the node whose worker holds / last held it
+    node: Mapped[str | None] = mapped_column(String(128))
 
 
 class Result(Base):
@@ -182,6 +186,9 @@ class Export(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     # added in revision 0002
     report_sop_uid: Mapped[str | None] = mapped_column(UID)
+    # added in revision 0005: the dispatcher attempting it now (one attempt at a time) + lease
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None]
 
 
 Index("ix_exports_due", Export.state, Export.next_attempt_at)  # revision 0002

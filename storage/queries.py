@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from molre.log import get_logger
 from storage.models import Association, Event, Export, Instance, Job, Result, Series, Study
-from storage.store import FINAL_STATES, NotFound, SeriesState
+from storage.records import FINAL_STATES, NotFound, SeriesState
 
 if TYPE_CHECKING:
     from storage.spool import Spool

@@ -1,5 +1,10 @@
 """`Store`: the node's durable queue and audit trail as a handful of short transactions.
 
+Where things live: the state machine and value objects in :mod:`storage.records`, the job queue
+in :mod:`storage.queue`, the outbox in :mod:`storage.outbox` (both mixed into :class:`Store`),
+the audit queries in :mod:`storage.queries`; this module keeps associations, instances (the
+receiver's hot path), series transitions and events.
+
 Every public method is exactly one transaction (``Database.session()``), so the receiver, the
 assembler, the worker and the dispatcher can call it from any thread or process without sharing
 sessions, and a ``kill -9`` at any point leaves the database consistent: the node picks up again
@@ -22,263 +27,38 @@ backoff the dispatcher computes (``next_attempt_at``).
 from __future__ import annotations
 
 import datetime as dt
-import enum
-import hashlib
-import math
-import re
+import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+import zlib
 
-from sqlalchemy import (String, and_, bindparam, case, cast, func, insert, literal, or_,
-                        select, union_all, update)
+from sqlalchemy import (String, and_, bindparam, case, cast, func, insert, literal, select,
+                        text, union_all, update)
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
 
 from molre.log import get_logger
 from storage.db import Database, utcnow
-from storage.models import Association, Event, Export, Instance, Job, Result, Series, Study
+from storage.models import Association, Event, Instance, Job, Series, Study
+from storage.outbox import OutboxMixin
+from storage.queue import QueueMixin, claim_statement  # noqa: F401 - re-exported
+# the records are part of this module's API (``from storage.store import SeriesState`` ...)
+from storage.records import (  # noqa: F401 - re-exported
+    _CONTROL, _COUNT_COLUMN, ALLOWED_TRANSITIONS, FINAL_STATES, INSTANCE_STATUSES, S,
+    ExportClaim, FindingResult, InstanceHeader, InstanceRecord, InvalidTransition, JobClaim,
+    KnownInstance, NotFound, SeriesIdentity, SeriesRecord, SeriesState, StoredInstance,
+    _instance_record, _json_safe, _series_record, _short)
 
 log = get_logger("storage.store")
 
 
-class SeriesState(str, enum.Enum):
-    """States of a series; the value is what the ``series.state`` column holds."""
-
-    RECEIVING = "receiving"
-    COMPLETE = "complete"
-    SELECTED = "selected"
-    SKIPPED = "skipped"
-    QUEUED = "queued"
-    INFERRING = "inferring"
-    REPORTED = "reported"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-S = SeriesState
-#: Allowed moves of :meth:`Store.transition` (reopening by a late instance is separate).
-ALLOWED_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
-    S.RECEIVING: frozenset({S.COMPLETE, S.FAILED}),
-    S.COMPLETE: frozenset({S.SELECTED, S.SKIPPED, S.FAILED}),
-    S.SELECTED: frozenset({S.QUEUED, S.SKIPPED, S.FAILED}),
-    S.QUEUED: frozenset({S.INFERRING, S.FAILED}),
-    S.INFERRING: frozenset({S.REPORTED, S.QUEUED, S.FAILED}),
-    S.REPORTED: frozenset({S.DELIVERED, S.FAILED}),
-    S.DELIVERED: frozenset(),
-    S.SKIPPED: frozenset({S.SELECTED}),  # operator override: read it anyway
-    S.FAILED: frozenset({S.QUEUED}),  # operator retry
-}
-#: States in which nothing more happens by itself (prune may remove them after retention).
-FINAL_STATES: frozenset[SeriesState] = frozenset({S.DELIVERED, S.SKIPPED, S.FAILED, S.REPORTED})
-
-#: control characters (C0, DEL, C1): never stored from a header value or an error text
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-INSTANCE_STATUSES = ("stored", "duplicate", "conflict", "ignored", "rejected")
-_COUNT_COLUMN = {"stored": "n_stored", "duplicate": "n_duplicate", "ignored": "n_ignored",
-                 "conflict": "n_failed", "rejected": "n_failed"}
-
-
-class InvalidTransition(RuntimeError):
-    """A state change the state machine does not allow (a bug in the caller, not user input)."""
-
-
-class NotFound(LookupError):
-    """The series / job / export / association asked for does not exist."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Value objects handed across the API (plain data, detached from any session)
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class InstanceHeader:
-    """What the receiver read from an instance's header (no pixel data).
-
-    Any UID may be None for unreadable input. ``meta`` is JSON-able series/instance metadata the
-    selection rules need (ImageType, BodyPartExamined, StudyDescription, SeriesDescription,
-    ProtocolName, SliceThickness, ContrastBolusAgent, ConvolutionKernel, Rows, Columns, ...).
-    ``phi`` (PatientName, PatientID, PatientBirthDate) is persisted only with store_phi=True.
-    ``patient_key`` is the keyed hash of the PatientID (:mod:`storage.identity`): what the
-    receiver's identity checks compare and what the study and series rows keep.
-    """
-
-    sop_class_uid: str | None = None
-    sop_instance_uid: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
-    modality: str | None = None
-    transfer_syntax: str | None = None
-    accession_number: str | None = None
-    instance_number: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    phi: dict[str, Any] = field(default_factory=dict)
-    patient_key: str | None = None
-
-
-@dataclass(frozen=True)
-class KnownInstance:
-    """The latest *stored* instance with a SOP Instance UID, as the receiver's checks need it."""
-
-    sha256: str | None
-    spool_path: str | None
-    study_uid: str | None
-
-
-@dataclass(frozen=True)
-class SeriesIdentity:
-    """Who a series and a study belong to, as recorded (None = no such row / no key yet).
-
-    ``series_study_uid`` is the study the series was first received in; the keys are
-    :class:`storage.identity.PatientKeyer` hashes."""
-
-    series_study_uid: str | None = None
-    series_patient_key: str | None = None
-    study_patient_key: str | None = None
-
-
-@dataclass
-class InstanceRecord:
-    """One row of ``instances`` as the node needs it."""
-
-    id: int
-    sop_instance_uid: str | None
-    series_uid: str | None
-    sha256: str | None
-    spool_path: str | None
-    status: str
-    meta: dict[str, Any]
-    study_uid: str | None = None
-    sop_class_uid: str | None = None
-    instance_number: int | None = None
-    transfer_syntax: str | None = None
-    size: int | None = None
-    series_version: int | None = None
-    received_at: dt.datetime | None = None
-
-
-@dataclass
-class StoredInstance:
-    """One 'stored' row queued by the receiver's write-behind
-    (:class:`storage.recorder.InstanceRecorder`) for :meth:`Store.record_stored_batch`;
-    ``received_at`` is when the instance was acknowledged, not when its row is committed."""
-
-    assoc_id: int | None
-    header: InstanceHeader
-    spool_path: str
-    size: int
-    sha256: str | None
-    received_at: dt.datetime
-    #: the data set bytes, when ``sha256`` is left to :meth:`digest` (the write-behind hashes
-    #: them off the sender's critical path); dropped once hashed
-    data: bytes | None = field(default=None, repr=False, compare=False)
-
-    def digest(self) -> str | None:
-        """sha256 of the data set (computed from ``data`` on first use)."""
-        if self.sha256 is None and self.data is not None:
-            self.sha256 = hashlib.sha256(self.data).hexdigest()
-            self.data = None
-        return self.sha256
-
-
-@dataclass
-class SeriesRecord:
-    """One row of ``series``. ``meta`` = header meta of the series' first stored instance."""
-
-    uid: str
-    study_uid: str
-    state: SeriesState
-    version: int
-    reason: str | None
-    instance_count: int
-    first_instance_at: dt.datetime | None
-    last_instance_at: dt.datetime | None
-    modality: str | None = None
-    description: str | None = None
-    priority: int = 0
-    accession_number: str | None = None
-    completed_at: dt.datetime | None = None
-    reported_at: dt.datetime | None = None
-    delivered_at: dt.datetime | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class FindingResult:
-    """One finding of a prediction: catalog key, probability in [0, 1], thresholded decision."""
-
-    key: str
-    probability: float
-    decision: bool
-
-
-@dataclass
-class JobClaim:
-    """A job handed to a worker; the worker owns it until ``lease_expires_at``."""
-
-    id: int
-    series_uid: str
-    study_uid: str
-    version: int
-    attempts: int
-    lease_expires_at: dt.datetime | None = None
-
-
-@dataclass
-class ExportClaim:
-    """An export due for an attempt (report file + destination name from the node config)."""
-
-    id: int
-    series_uid: str
-    destination: str
-    report_path: str | None
-    attempts: int
-    study_uid: str | None = None
-    version: int | None = None
-    report_sop_uid: str | None = None
-
-
-def _instance_record(row: Instance) -> InstanceRecord:
-    return InstanceRecord(
-        id=row.id, sop_instance_uid=row.sop_instance_uid, series_uid=row.series_uid,
-        sha256=row.sha256, spool_path=row.spool_path, status=row.status, meta=dict(row.meta or {}),
-        study_uid=row.study_uid, sop_class_uid=row.sop_class_uid,
-        instance_number=row.instance_number, transfer_syntax=row.transfer_syntax, size=row.size,
-        series_version=row.series_version, received_at=row.received_at)
-
-
-def _json_safe(value: Any) -> Any:
-    """JSON columns get plain values: datetimes, paths, enums, numpy scalars/arrays and pydicom
-    values (MultiValue, DSfloat, IS, PersonName) are converted; anything else becomes text."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        # header values land here: no control characters in the audit database (an ANSI
-        # escape in a SeriesDescription must not reach an operator's terminal via `audit`)
-        return _CONTROL.sub(" ", value) if _CONTROL.search(value) else str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (dt.datetime, dt.date)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray)):
-        return value.hex()
-    if hasattr(value, "tolist"):  # numpy scalar or array
-        return _json_safe(value.tolist())
-    if isinstance(value, (Sequence, set, frozenset)):
-        return [_json_safe(v) for v in value]
-    return str(value)
+def default_node_name() -> str:
+    """``node.name`` when the config leaves it empty: the host name (stable across restarts)."""
+    return socket.gethostname() or "molre-node"
 
 
 #: Columns the receiver's group commit writes (explicit, so a column added later keeps its
@@ -360,7 +140,7 @@ class _Prepared:
         conn.connection.driver_connection.executemany(self.sql, [self.bind(v) for v in rows])
 
 
-class Store:
+class Store(QueueMixin, OutboxMixin):
     """Facade over the audit database used by every part of the node.
 
     ``Store(db, store_phi=False)``; ``clock`` (returns aware UTC) exists for tests that need to
@@ -368,9 +148,13 @@ class Store:
     """
 
     def __init__(self, db: Database, store_phi: bool = False,
-                 clock: Callable[[], dt.datetime] | None = None) -> None:
+                 clock: Callable[[], dt.datetime] | None = None, *,
+                 node: str | None = None) -> None:
         self.db = db
         self.store_phi = bool(store_phi)
+        #: ``node.name``: recorded on the associations, jobs and export claims this process
+        #: owns; recovery at start touches only those (several nodes may share one database)
+        self.node = node or default_node_name()
         self._clock = clock or utcnow
         self._prepared_hot: dict[str, _Prepared] | None = None
         self._completion_barrier: Callable[[], bool] | None = None
@@ -497,7 +281,8 @@ class Store:
         now = self.now()
         with self.db.session() as s:
             row = Association(calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host,
-                              peer_port=peer_port, started_at=now, outcome="open")
+                              peer_port=peer_port, started_at=now, outcome="open",
+                              node=self.node)
             s.add(row)
             s.flush()
             self._event(s, "association", row.id, "opened", at=now, to_state="open",
@@ -532,7 +317,7 @@ class Store:
         with self.db.session() as s:
             row = Association(calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host,
                               peer_port=peer_port, started_at=now, ended_at=now,
-                              outcome="rejected", reject_reason=reason)
+                              outcome="rejected", reject_reason=reason, node=self.node)
             s.add(row)
             s.flush()
             self._event(s, "association", row.id, "rejected", at=now, to_state="rejected",
@@ -896,299 +681,6 @@ class Store:
                               .order_by(Series.last_instance_at)).scalars()
             return list(order)
 
-    # -- jobs ----------------------------------------------------------------------------------
-    def enqueue_job(self, series_uid: str) -> int:
-        """Queue inference of the series' current version; idempotent while a job is live."""
-        now = self.now()
-        with self.db.session() as s:
-            series = self._lock_series(s, series_uid)
-            live = s.execute(select(Job.id).where(
-                Job.series_uid == series_uid, Job.version == series.version,
-                Job.state.in_(("queued", "running")))).scalar_one_or_none()
-            if live is not None:
-                return live
-            self._move(s, series, S.QUEUED, at=now)
-            job = Job(series_uid=series_uid, version=series.version, state="queued",
-                      attempts=0, enqueued_at=now)
-            s.add(job)
-            s.flush()
-            self._event(s, "job", job.id, "enqueued", at=now, to_state="queued",
-                        study_uid=series.study_uid, series_uid=series_uid,
-                        details={"version": series.version})
-            return job.id
-
-    def claim_job(self, worker_id: str, lease_s: float = 600, *,
-                  max_attempts: int | None = None) -> JobClaim | None:
-        """Atomically take the next runnable job (highest series priority, then oldest).
-
-        Runnable = queued and past its retry delay, or running with an expired lease (its
-        worker died). SQLite serialises claimers with BEGIN IMMEDIATE; PostgreSQL uses
-        ``FOR UPDATE OF jobs SKIP LOCKED`` so claimers never wait on or share a row. With
-        ``max_attempts``, an expired job that already used them all fails its series instead of
-        looping forever (a crash that kills every worker that tries it).
-        """
-        now = self.now()
-        with self.db.session() as s:
-            while True:
-                job = s.execute(claim_statement(now)).scalar_one_or_none()
-                if job is None:
-                    return None
-                series = self._lock_series(s, job.series_uid)
-                reclaimed = job.state == "running"
-                if series.version != job.version:
-                    job.state, job.finished_at = "superseded", now
-                    job.error = f"series is at version {series.version}"
-                    self._event(s, "job", job.id, "superseded", at=now, from_state="queued",
-                                to_state="superseded", study_uid=series.study_uid,
-                                series_uid=series.series_uid)
-                    continue
-                if reclaimed and max_attempts is not None and job.attempts >= max_attempts:
-                    error = (f"lease expired after {job.attempts} attempt(s) "
-                             f"(worker {job.worker_id})")
-                    job.state, job.finished_at, job.error = "failed", now, error
-                    self._event(s, "job", job.id, "failed", at=now, from_state="running",
-                                to_state="failed", study_uid=series.study_uid,
-                                series_uid=series.series_uid, details={"error": error})
-                    self._move(s, series, S.FAILED, at=now, reason=error)
-                    continue
-                previous_worker = job.worker_id
-                job.state = "running"
-                job.worker_id = worker_id
-                job.attempts += 1
-                job.claimed_at = job.started_at = now
-                job.lease_expires_at = now + dt.timedelta(seconds=lease_s)
-                job.finished_at = None
-                self._event(s, "job", job.id, "reclaimed" if reclaimed else "claimed", at=now,
-                            from_state="running" if reclaimed else "queued", to_state="running",
-                            study_uid=series.study_uid, series_uid=series.series_uid,
-                            details={"worker": worker_id, "attempt": job.attempts,
-                                     "previous_worker": previous_worker if reclaimed else None})
-                if series.state == S.QUEUED.value:
-                    self._move(s, series, S.INFERRING, at=now, details={"job_id": job.id})
-                return JobClaim(id=job.id, series_uid=series.series_uid,
-                                study_uid=series.study_uid, version=job.version,
-                                attempts=job.attempts, lease_expires_at=job.lease_expires_at)
-
-    def extend_lease(self, job_id: int, worker_id: str, lease_s: float = 600) -> bool:
-        """Heartbeat for long inferences; False when the job is no longer this worker's."""
-        now = self.now()
-        with self.db.session() as s:
-            n = s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id,
-                                            Job.state == "running")
-                          .values(lease_expires_at=now + dt.timedelta(seconds=lease_s))).rowcount
-            return n == 1
-
-    def _running_job(self, s: Session, job_id: int) -> tuple[Job, Series]:
-        job = s.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
-        if job is None:
-            raise NotFound(f"job {job_id} is not in the audit database")
-        return job, self._lock_series(s, job.series_uid)
-
-    def finish_job(self, job_id: int, *, results: Sequence[FindingResult],
-                   checkpoint_hash: str | None, model_name: str | None,
-                   report_path: str | Path | None, report_sop_uid: str | None,
-                   destinations: Iterable[str]) -> bool:
-        """Store results, mark the job done, series -> reported, one export per destination.
-
-        Returns False (nothing stored but a 'superseded' / 'late_finish' event; series
-        untouched) when the series was reopened by a late instance meanwhile (a newer version
-        will be reported) or when another worker already finished this job after this worker's
-        lease expired.
-        """
-        now = self.now()
-        with self.db.session() as s:
-            job, series = self._running_job(s, job_id)
-            if job.state != "running":
-                # another worker finished it after this one's lease expired: first one wins
-                self._event(s, "job", job.id, "late_finish", at=now, from_state=job.state,
-                            to_state=job.state, study_uid=series.study_uid,
-                            series_uid=series.series_uid, details={"findings": len(results)})
-                return False
-            job.finished_at = now
-            job.lease_expires_at = None
-            if series.version != job.version:
-                job.state = "superseded"
-                self._event(s, "job", job.id, "superseded", at=now, from_state="running",
-                            to_state="superseded", study_uid=series.study_uid,
-                            series_uid=series.series_uid,
-                            details={"job_version": job.version, "findings": len(results),
-                                     "series_version": series.version})
-                return False
-            for r in results:
-                s.add(Result(job_id=job.id, series_uid=job.series_uid, series_version=job.version,
-                             finding_key=r.key, probability=float(r.probability),
-                             decision=bool(r.decision), checkpoint_hash=checkpoint_hash,
-                             model_name=model_name, created_at=now))
-            job.state = "done"
-            self._event(s, "job", job.id, "finished", at=now, from_state="running",
-                        to_state="done", study_uid=series.study_uid, series_uid=series.series_uid,
-                        details={"findings": len(results), "positives":
-                                 sum(1 for r in results if r.decision),
-                                 "checkpoint_hash": checkpoint_hash, "model": model_name,
-                                 "report_sop_uid": report_sop_uid})
-            self._move(s, series, S.REPORTED, at=now, details={"job_id": job.id})
-            for dest in destinations:
-                exp = Export(series_uid=series.series_uid, series_version=job.version,
-                             job_id=job.id, destination=dest, state="pending", attempts=0,
-                             next_attempt_at=now, report_path=str(report_path)
-                             if report_path is not None else None,
-                             report_sop_uid=report_sop_uid, created_at=now)
-                s.add(exp)
-                s.flush()
-                self._event(s, "export", exp.id, "created", at=now, to_state="pending",
-                            study_uid=series.study_uid, series_uid=series.series_uid,
-                            details={"destination": dest})
-            return True
-
-    def fail_job(self, job_id: int, error: str, *, max_attempts: int,
-                 retry_delay_s: float) -> bool:
-        """Record a failed attempt. True = requeued (after ``retry_delay_s``); False = given up
-        (series -> failed with ``error`` as reason) or the job was superseded meanwhile."""
-        now = self.now()
-        with self.db.session() as s:
-            job, series = self._running_job(s, job_id)
-            if job.state != "running":  # finished or failed by a worker that reclaimed it
-                return False
-            job.error = error
-            job.lease_expires_at = None
-            if series.version != job.version:
-                job.state, job.finished_at = "superseded", now
-                return False
-            if job.attempts < max_attempts:
-                job.state = "queued"
-                job.not_before = now + dt.timedelta(seconds=retry_delay_s)
-                self._event(s, "job", job.id, "retry", at=now, from_state="running",
-                            to_state="queued", study_uid=series.study_uid,
-                            series_uid=series.series_uid,
-                            details={"error": error, "attempt": job.attempts,
-                                     "not_before": job.not_before})
-                if series.state == S.INFERRING.value:
-                    self._move(s, series, S.QUEUED, at=now, details={"retry_of_job": job.id})
-                return True
-            job.state, job.finished_at = "failed", now
-            self._event(s, "job", job.id, "failed", at=now, from_state="running",
-                        to_state="failed", study_uid=series.study_uid,
-                        series_uid=series.series_uid,
-                        details={"error": error, "attempts": job.attempts})
-            self._move(s, series, S.FAILED, at=now, reason=error)
-            return False
-
-    def recover_on_start(self) -> dict[str, int]:
-        """Undo what a crash left half-done; call once before workers start.
-
-        Jobs still 'running' -> 'queued' (attempts kept, so a job that crashes the node each
-        time still reaches max_attempts); their series inferring -> queued. Series left
-        'selected' without a job get one. Returns counts: ``jobs_requeued``, ``series_enqueued``,
-        ``complete_pending`` (series in 'complete' the assembler must decide again; see
-        :meth:`series_in_state`), ``associations_aborted`` (left 'open' by a crash, now
-        'aborted' with a 'node restarted' event).
-        """
-        now = self.now()
-        counts = {"jobs_requeued": 0, "series_enqueued": 0, "complete_pending": 0,
-                  "associations_aborted": 0}
-        with self.db.session() as s:
-            # Associations cut off by a crash would stay 'open' in the audit trail forever; the
-            # node is not listening yet, so every 'open' association belongs to the previous
-            # run. (Their series still complete by quiet time: the sender may resend.)
-            for row in s.execute(select(Association)
-                                 .where(Association.outcome == "open")).scalars().all():
-                row.outcome, row.ended_at = "aborted", now
-                self._event(s, "association", row.id, "aborted", at=now, from_state="open",
-                            to_state="aborted", details={"reason": "node restarted",
-                                                         "stored": row.n_stored})
-                counts["associations_aborted"] += 1
-            running = s.execute(select(Job).where(Job.state == "running")).scalars().all()
-            for job in running:
-                series = self._lock_series(s, job.series_uid)
-                job.state, job.worker_id, job.lease_expires_at = "queued", None, None
-                self._event(s, "job", job.id, "recovered", at=now, from_state="running",
-                            to_state="queued", study_uid=series.study_uid,
-                            series_uid=series.series_uid)
-                if series.state == S.INFERRING.value and series.version == job.version:
-                    self._move(s, series, S.QUEUED, at=now, details={"recovered_job": job.id})
-                counts["jobs_requeued"] += 1
-            selected = s.execute(select(Series).where(Series.state == S.SELECTED.value)).scalars()
-            for series in selected.all():
-                self._move(s, series, S.QUEUED, at=now, details={"recovered": True})
-                job = Job(series_uid=series.series_uid, version=series.version, state="queued",
-                          attempts=0, enqueued_at=now)
-                s.add(job)
-                s.flush()
-                self._event(s, "job", job.id, "enqueued", at=now, to_state="queued",
-                            study_uid=series.study_uid, series_uid=series.series_uid,
-                            details={"version": series.version, "recovered": True})
-                counts["series_enqueued"] += 1
-            counts["complete_pending"] = s.execute(
-                select(func.count()).select_from(Series)
-                .where(Series.state == S.COMPLETE.value)).scalar_one()
-            self._event(s, "node", "node", "recovered", at=now, details=counts)
-        if any(counts.values()):
-            log.info("recovered unfinished work", **counts)
-        return counts
-
-    # -- exports -------------------------------------------------------------------------------
-    def due_exports(self, now: dt.datetime | None = None, limit: int = 10) -> list[ExportClaim]:
-        """Pending exports whose next attempt time has come, oldest due first."""
-        now = now or self.now()
-        with self.db.session(write=False) as s:
-            rows = s.execute(
-                select(Export, Series.study_uid)
-                .join(Series, Series.series_uid == Export.series_uid)
-                .where(Export.state == "pending",
-                       or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now))
-                .order_by(Export.next_attempt_at, Export.id).limit(limit)).all()
-            return [ExportClaim(id=e.id, series_uid=e.series_uid, destination=e.destination,
-                                report_path=e.report_path, attempts=e.attempts,
-                                study_uid=study_uid, version=e.series_version,
-                                report_sop_uid=e.report_sop_uid) for e, study_uid in rows]
-
-    def record_export_attempt(self, export_id: int, *, ok: bool, status: int | str | None,
-                              error: str | None = None,
-                              next_attempt_at: dt.datetime | None = None) -> None:
-        """Record one C-STORE attempt of an export.
-
-        ok -> delivered (+ ``delivered_at``); when every export of the series' current version is
-        delivered, series reported -> delivered. Not ok -> stays pending with
-        ``next_attempt_at`` (default: now + 60 s); never dropped.
-        """
-        now = self.now()
-        with self.db.session() as s:
-            exp = s.execute(select(Export).where(Export.id == export_id)
-                            .with_for_update()).scalar_one_or_none()
-            if exp is None:
-                raise NotFound(f"export {export_id} is not in the audit database")
-            series = self._lock_series(s, exp.series_uid)
-            if exp.state == "delivered":
-                return  # a repeated acknowledgement changes nothing
-            exp.attempts += 1
-            exp.last_status = None if status is None else (
-                f"0x{status:04X}" if isinstance(status, int) else str(status))
-            if ok:
-                exp.state, exp.delivered_at, exp.last_error = "delivered", now, None
-                exp.next_attempt_at = None
-                self._event(s, "export", exp.id, "delivered", at=now, from_state="pending",
-                            to_state="delivered", study_uid=series.study_uid,
-                            series_uid=series.series_uid,
-                            details={"destination": exp.destination, "attempts": exp.attempts,
-                                     "status": exp.last_status})
-                s.flush()
-                undelivered = s.execute(select(func.count()).select_from(Export).where(
-                    Export.series_uid == series.series_uid,
-                    Export.series_version == series.version,
-                    Export.state != "delivered")).scalar_one()
-                if (undelivered == 0 and series.state == S.REPORTED.value
-                        and exp.series_version == series.version):
-                    self._move(s, series, S.DELIVERED, at=now)
-            else:
-                exp.last_error = error
-                exp.next_attempt_at = next_attempt_at or now + dt.timedelta(seconds=60)
-                self._event(s, "export", exp.id, "attempt_failed", at=now, from_state=exp.state,
-                            to_state=exp.state, study_uid=series.study_uid,
-                            series_uid=series.series_uid,
-                            details={"destination": exp.destination, "attempt": exp.attempts,
-                                     "status": exp.last_status, "error": error,
-                                     "next_attempt_at": exp.next_attempt_at})
-
     # -- events --------------------------------------------------------------------------------
     def log_event(self, entity: str, entity_id: Any, kind: str, details: dict | None = None, *,
                   study_uid: str | None = None, series_uid: str | None = None) -> None:
@@ -1199,6 +691,28 @@ class Store:
                 series_uid = str(entity_id)
             self._event(s, entity, entity_id, kind, at=now, study_uid=study_uid,
                         series_uid=series_uid, details=details)
+
+    # -- several nodes ---------------------------------------------------------------------------
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """``with store.exclusive("assembler") as mine:`` -- True for exactly one holder at a
+        time across every node on the database (PostgreSQL: a session-level advisory lock on a
+        connection kept for the block, released at its end or when the holder dies); SQLite
+        (one node): always True. A False holder skips its pass; another node does it."""
+        if self.db.dialect != "postgresql":
+            yield True
+            return
+        key = zlib.crc32(f"molre:{name}".encode())
+        with self.db.engine.connect() as conn:
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.rollback()
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
 
     # -- audit queries (storage.queries does the work) -----------------------------------------
     def studies(self, **kw: Any) -> list[dict[str, Any]]:
@@ -1250,30 +764,3 @@ class Store:
 
         return queries.prune(self, older_than, dry_run=dry_run, spool=spool,
                              now=now or self.now())
-
-
-def _short(value: Any, n: int) -> str | None:
-    if value is None:
-        return None
-    text = _CONTROL.sub(" ", str(value))
-    return text[:n]
-
-
-def _series_record(row: Series, accession: str | None = None) -> SeriesRecord:
-    return SeriesRecord(
-        uid=row.series_uid, study_uid=row.study_uid, state=SeriesState(row.state),
-        version=row.version, reason=row.reason, instance_count=row.instance_count,
-        first_instance_at=row.first_instance_at, last_instance_at=row.last_instance_at,
-        modality=row.modality, description=row.description, priority=row.priority or 0,
-        accession_number=accession, completed_at=row.completed_at, reported_at=row.reported_at,
-        delivered_at=row.delivered_at, meta=dict(row.meta or {}))
-
-
-def claim_statement(now: dt.datetime):
-    """The SELECT that picks the next job; separate so its PostgreSQL SQL can be unit-tested."""
-    runnable = or_(
-        and_(Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now)),
-        and_(Job.state == "running", Job.lease_expires_at < now))
-    return (select(Job).join(Series, Series.series_uid == Job.series_uid)
-            .where(runnable).order_by(Series.priority.desc(), Job.id).limit(1)
-            .with_for_update(skip_locked=True, of=Job))

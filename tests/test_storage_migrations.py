@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_head_schema_matches_models(tmp_path: Path) -> None:
     db = Database(tmp_path / "a.db")
     db.upgrade()
-    assert db.current_revision() == head_revision() == "0004"
+    assert db.current_revision() == head_revision() == "0005"
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
     db.upgrade()  # idempotent
-    assert db.current_revision() == "0004"
+    assert db.current_revision() == "0005"
 
 
 def test_revision_0001_database_upgrades_with_rows_intact(tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_revision_0001_database_upgrades_with_rows_intact(tmp_path: Path) -> Non
 
     db = Database(tmp_path / "old.db")
     db.upgrade()
-    assert db.current_revision() == "0004"
+    assert db.current_revision() == "0005"
     store = Store(db)
     rec = store.get_series("1.1.1")
     assert (rec.state, rec.instance_count, rec.priority, rec.accession_number) == \
@@ -89,7 +89,7 @@ def test_downgrade_to_0001_and_back(tmp_path: Path) -> None:
     assert db.current_revision() == "0001"
     assert "report_sop_uid" not in {c["name"] for c in inspect(db.engine).get_columns("exports")}
     db.upgrade()
-    assert db.current_revision() == "0004"
+    assert db.current_revision() == "0005"
 
 
 def test_unknown_revision_is_a_clear_error(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_concurrent_first_upgrade_from_processes(db_url: str) -> None:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
     db = Database(url)
-    assert db.current_revision() == "0004"
+    assert db.current_revision() == "0005"
     db.dispose()
 
 
@@ -124,7 +124,7 @@ def test_migrations_ship_in_package_data() -> None:
     assert "migrations/*" in patterns and "migrations/**/*" in patterns
     assert {p.name for p in (MIGRATIONS_DIR / "versions").glob("*.py")} >= \
         {"0001_initial.py", "0002_priority_report_uid.py", "0003_instance_sop_series_index.py",
-         "0004_patient_key.py"}
+         "0004_patient_key.py", "0005_node_ownership.py"}
     assert (MIGRATIONS_DIR / "env.py").is_file()
 
 
@@ -214,3 +214,5 @@ def test_postgres_offline_migration_sql() -> None:
     assert "ALTER TABLE series ADD COLUMN priority INTEGER DEFAULT '0' NOT NULL" in sql
     assert "CREATE INDEX ix_exports_due ON exports (state, next_attempt_at)" in sql
     assert "UPDATE alembic_version SET version_num='0004'" in sql
+    assert "ALTER TABLE exports ADD COLUMN lease_expires_at TIMESTAMP WITHOUT TIME ZONE" in sql
+    assert "UPDATE alembic_version SET version_num='0005'" in sql

@@ -1,0 +1,143 @@
+"""The outbox: one export row per (report, destination), claimed under a lease, retried
+forever with the dispatcher's backoff, never dropped.
+
+Mixed into :class:`storage.store.Store`. Several dispatchers (threads, processes or nodes on one
+database) may drain it at once: :meth:`OutboxMixin.claim_exports` hands each due export to
+exactly one of them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite)
+with a lease (``claimed_by`` + ``lease_expires_at``); a dispatcher that dies mid-send loses its
+claim when the lease expires, and the next claim is audited as 'reclaimed'. Every attempt is an
+event ('delivered' / 'attempt_failed'; a send recorded after another one already delivered the
+report is a 'late_attempt' event, never silent).
+
+Exports: pending -> delivered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import and_, func, or_, select
+
+from storage.models import Export, Series
+from storage.records import ExportClaim, NotFound, SeriesState
+
+S = SeriesState
+
+
+class OutboxMixin:
+    """Exports of :class:`storage.store.Store`."""
+
+    def due_exports(self, now: dt.datetime | None = None, limit: int = 10) -> list[ExportClaim]:
+        """Pending exports whose next attempt time has come and that no dispatcher holds, oldest
+        due first (a read: :meth:`claim_exports` is what a dispatcher uses)."""
+        now = now or self.now()
+        with self.db.session(write=False) as s:
+            rows = s.execute(
+                select(Export, Series.study_uid)
+                .join(Series, Series.series_uid == Export.series_uid)
+                .where(_due(now))
+                .order_by(Export.next_attempt_at, Export.id).limit(limit)).all()
+            return [ExportClaim(id=e.id, series_uid=e.series_uid, destination=e.destination,
+                                report_path=e.report_path, attempts=e.attempts,
+                                study_uid=study_uid, version=e.series_version,
+                                report_sop_uid=e.report_sop_uid) for e, study_uid in rows]
+
+    def claim_exports(self, lease_s: float = 300.0, limit: int = 10,
+                      now: dt.datetime | None = None) -> list[ExportClaim]:
+        """Take up to ``limit`` due exports for one delivery attempt each, under a lease.
+
+        An export is claimable when pending, due, and not held (no claim, or the claim's lease
+        expired: that dispatcher died or hung mid-send -> a 'reclaimed' event names it). The
+        claim records ``self.node``; :meth:`record_export_attempt` ends it. PostgreSQL: ``FOR
+        UPDATE OF exports SKIP LOCKED``, so dispatchers of several nodes never take the same
+        row; SQLite: the write transaction serialises them."""
+        now = now or self.now()
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Export).where(_due(now))
+                .order_by(Export.next_attempt_at, Export.id).limit(limit)
+                .with_for_update(skip_locked=True, of=Export)).scalars().all()
+            claims: list[ExportClaim] = []
+            for e in rows:
+                series = s.execute(select(Series).where(
+                    Series.series_uid == e.series_uid)).scalar_one()
+                if e.claimed_by is not None:
+                    self._event(s, "export", e.id, "reclaimed", at=now, from_state=e.state,
+                                to_state=e.state, study_uid=series.study_uid,
+                                series_uid=series.series_uid,
+                                details={"destination": e.destination, "node": self.node,
+                                         "previous_node": e.claimed_by,
+                                         "lease_expired_at": e.lease_expires_at})
+                e.claimed_by = self.node
+                e.lease_expires_at = now + dt.timedelta(seconds=lease_s)
+                claims.append(ExportClaim(id=e.id, series_uid=e.series_uid,
+                                          destination=e.destination, report_path=e.report_path,
+                                          attempts=e.attempts, study_uid=series.study_uid,
+                                          version=e.series_version,
+                                          report_sop_uid=e.report_sop_uid))
+            return claims
+
+    def record_export_attempt(self, export_id: int, *, ok: bool, status: int | str | None,
+                              error: str | None = None,
+                              next_attempt_at: dt.datetime | None = None) -> None:
+        """Record one C-STORE attempt of an export (and end this node's claim on it).
+
+        ok -> delivered (+ ``delivered_at``); when every export of the series' current version is
+        delivered, series reported -> delivered. Not ok -> stays pending with
+        ``next_attempt_at`` (default: now + 60 s); never dropped. An attempt recorded after the
+        export was already delivered (a dispatcher whose lease had expired) is a 'late_attempt'
+        event: the destination may hold the report twice, and the audit trail says so.
+        """
+        now = self.now()
+        with self.db.session() as s:
+            exp = s.execute(select(Export).where(Export.id == export_id)
+                            .with_for_update()).scalar_one_or_none()
+            if exp is None:
+                raise NotFound(f"export {export_id} is not in the audit database")
+            series = self._lock_series(s, exp.series_uid)
+            if exp.claimed_by == self.node:
+                exp.claimed_by, exp.lease_expires_at = None, None
+            if exp.state == "delivered":
+                self._event(s, "export", exp.id, "late_attempt", at=now, from_state=exp.state,
+                            to_state=exp.state, study_uid=series.study_uid,
+                            series_uid=series.series_uid,
+                            details={"destination": exp.destination, "node": self.node,
+                                     "ok": bool(ok), "status": status, "error": error})
+                return
+            exp.attempts += 1
+            exp.last_status = None if status is None else (
+                f"0x{status:04X}" if isinstance(status, int) else str(status))
+            if ok:
+                exp.state, exp.delivered_at, exp.last_error = "delivered", now, None
+                exp.next_attempt_at = None
+                self._event(s, "export", exp.id, "delivered", at=now, from_state="pending",
+                            to_state="delivered", study_uid=series.study_uid,
+                            series_uid=series.series_uid,
+                            details={"destination": exp.destination, "attempts": exp.attempts,
+                                     "status": exp.last_status, "node": self.node})
+                s.flush()
+                undelivered = s.execute(select(func.count()).select_from(Export).where(
+                    Export.series_uid == series.series_uid,
+                    Export.series_version == series.version,
+                    Export.state != "delivered")).scalar_one()
+                if (undelivered == 0 and series.state == S.REPORTED.value
+                        and exp.series_version == series.version):
+                    self._move(s, series, S.DELIVERED, at=now)
+            else:
+                exp.last_error = error
+                exp.next_attempt_at = next_attempt_at or now + dt.timedelta(seconds=60)
+                self._event(s, "export", exp.id, "attempt_failed", at=now, from_state=exp.state,
+                            to_state=exp.state, study_uid=series.study_uid,
+                            series_uid=series.series_uid,
+                            details={"destination": exp.destination, "attempt": exp.attempts,
+                                     "status": exp.last_status, "error": error,
+                                     "node": self.node,
+                                     "next_attempt_at": exp.next_attempt_at})
+
+
+def _due(now: dt.datetime):
+    """Pending, due, and not held by a live claim."""
+    return and_(Export.state == "pending",
+                or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now),
+                or_(Export.claimed_by.is_(None), Export.lease_expires_at.is_(None),
+                    Export.lease_expires_at < now))
