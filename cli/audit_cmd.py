@@ -329,6 +329,23 @@ def prune_cmd(
     _echo(rows, fmt, payload=data)
 
 
+@audit_app.command("retry")
+def retry_cmd(
+    series_uid: str = typer.Argument(..., help="Series Instance UID of a failed series."),
+    db: str | None = DbOpt, config: Path | None = ConfigOpt,
+) -> None:
+    """Re-queue a failed series: a new inference job (attempts from 0), audited as an operator
+    retry. The running nodes' workers pick it up; nothing else changes."""
+    from storage import InvalidTransition, NotFound
+
+    store, _ = _open(db, config)
+    try:
+        job_id = store.retry_series(series_uid, by="operator (molre-node audit retry)")
+    except (InvalidTransition, NotFound) as exc:
+        raise MolreError(str(exc)) from None
+    typer.echo(f"series {series_uid}: queued again as job {job_id}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
     app.add_typer(audit_app, name="audit")

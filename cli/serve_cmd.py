@@ -7,11 +7,12 @@ from pathlib import Path
 import typer
 
 
-def _load(config: Path | None, port: int | None, data_dir: Path | None):
+def _load(config: Path | None, port: int | None, data_dir: Path | None,
+          roles: str | None = None):
     from node.config import load_config, with_overrides
 
     cfg = load_config(config)
-    return with_overrides(cfg, port=port, data_dir=data_dir)
+    return with_overrides(cfg, port=port, data_dir=data_dir, roles=roles)
 
 
 def register(app: typer.Typer) -> None:
@@ -25,12 +26,16 @@ def register(app: typer.Typer) -> None:
                                          "on 127.0.0.1, ./molre-data, demo checkpoint)."),
         port: int = typer.Option(None, "--port", help="Override network.port."),
         data_dir: Path = typer.Option(None, "--data-dir", help="Override storage.data_dir."),
+        roles: str = typer.Option(None, "--roles",
+                                  help="Override node.roles: a comma-separated subset of "
+                                       "receive,assemble,infer,dispatch (several nodes on one "
+                                       "PostgreSQL database; docs/operations.md)."),
     ) -> None:
         """Run the DICOM node: receive head CT, read it, send the SR back. Stops on SIGTERM."""
         from molre.log import configure_logging
         from node.service import NodeService
 
-        cfg = _load(config, port, data_dir)
+        cfg = _load(config, port, data_dir, roles)
         configure_logging(json_output=cfg.logging.json, level=cfg.logging.level)
         raise typer.Exit(NodeService(cfg).run())
 

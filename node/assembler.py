@@ -61,7 +61,17 @@ class Assembler(BackgroundLoop):
 
     # -- one pass ----------------------------------------------------------------------------------
     def tick(self, now: dt.datetime | None = None) -> dict[str, int]:
-        """One pass: complete due series, then decide complete ones. Returns counts."""
+        """One pass: complete due series, then decide complete ones. Returns counts.
+
+        Several nodes with the assemble role on one database: a pass runs under
+        ``Store.exclusive("assembler")``, so one assembler at a time takes series (the others
+        skip the pass; whichever polls next continues)."""
+        with self.store.exclusive("assembler") as mine:
+            if not mine:
+                return {"completed": 0, "selected": 0, "skipped": 0}
+            return self._tick(now)
+
+    def _tick(self, now: dt.datetime | None = None) -> dict[str, int]:
         a = self.config.assembler
         counts = {"completed": 0, "selected": 0, "skipped": 0}
         for uid in self.store.series_due_for_completion(a.quiet_time_s, a.release_grace_s,

@@ -210,6 +210,18 @@ class LoggingConfig:
     level: str = "INFO"
 
 
+#: What one node process can run (`node.roles`, `serve --roles`).
+ROLES = ("receive", "assemble", "infer", "dispatch")
+
+
+@dataclass
+class NodeSection:
+    """This node among several on one database (docs/operations.md, "Several nodes")."""
+
+    name: str = ""  # empty = the host name; recorded on what the node owns
+    roles: list[str] = field(default_factory=lambda: list(ROLES))
+
+
 @dataclass
 class NodeConfig:
     """The whole node configuration (one TOML table per section)."""
@@ -226,7 +238,18 @@ class NodeConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    node: NodeSection = field(default_factory=NodeSection)
     source: str = field(default="", metadata={"internal": True})
+
+    @property
+    def node_name(self) -> str:
+        """`node.name`, or the host name when it is empty."""
+        import socket
+
+        return self.node.name or socket.gethostname() or "molre-node"
+
+    def has_role(self, role: str) -> bool:
+        return role in self.node.roles
 
     # -- derived paths ---------------------------------------------------------------------
     @property
@@ -486,6 +509,13 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"logging.level: expected DEBUG, INFO, WARNING or ERROR, got "
                           f"{_show(cfg.logging.level)}")
+    if not re.fullmatch(r"[A-Za-z0-9._:@-]{0,128}", cfg.node.name):
+        raise ConfigError(f"node.name: expected up to 128 letters, digits or . _ : @ -, got "
+                          f"{_show(cfg.node.name)}")
+    bad = [r for r in cfg.node.roles if r not in ROLES]
+    if bad or not cfg.node.roles:
+        raise ConfigError(f"node.roles: expected a non-empty subset of {', '.join(ROLES)}, got "
+                          f"{cfg.node.roles!r}")
     return cfg
 
 
@@ -573,8 +603,11 @@ def iter_keys(cls: type = NodeConfig, prefix: str = "") -> list[str]:
 
 
 def with_overrides(cfg: NodeConfig, *, port: int | None = None,
-                   data_dir: str | Path | None = None) -> NodeConfig:
-    """Apply CLI overrides (`--port`, `--data-dir`) and re-validate."""
+                   data_dir: str | Path | None = None,
+                   roles: str | None = None) -> NodeConfig:
+    """Apply CLI overrides (`--port`, `--data-dir`, `--roles a,b`) and re-validate."""
+    if roles is not None:
+        cfg.node.roles = [r.strip() for r in roles.split(",") if r.strip()]
     if port is not None:
         cfg.network.port = port
     if data_dir is not None:
@@ -585,7 +618,8 @@ def with_overrides(cfg: NodeConfig, *, port: int | None = None,
 __all__ = [
     "DURABILITY_MODES", "AllowedCaller", "AssemblerConfig", "AuditConfig", "Destination",
     "LoggingConfig",
-    "MetricsConfig", "ModelConfig", "NetworkConfig", "NodeConfig", "ReportConfig",
+    "MetricsConfig", "ModelConfig", "NetworkConfig", "NodeConfig", "NodeSection", "ROLES",
+    "ReportConfig",
     "RetryConfig", "SelectionConfig", "StorageConfig", "TLSConfig", "check_exposure",
     "config_from_dict",
     "iter_keys", "load_config", "validate", "with_overrides",

@@ -3,7 +3,9 @@
 Why an outbox in the database: a result must never be lost because a PACS was down or the node
 restarted. `storage` keeps one export row per (report, destination); the dispatcher takes the
 ones that are due, C-STOREs the report (plus its summary SC if there is one) over one association
-per destination, and records every attempt. A failed attempt is retried after
+per destination, and records every attempt. Exports are *claimed* with a lease
+(`Store.claim_exports`), so dispatchers of several nodes on one database never send the same
+report at once. A failed attempt is retried after
 `min(retry.export_backoff_max_s, retry.export_backoff_base_s * 2 ** (attempts - 1))` seconds —
 forever, with the ceiling; nothing is dropped. A destination removed from the config keeps its
 pending exports (they fail with a clear error until it is configured again).
@@ -22,6 +24,9 @@ from node.config import Destination, NodeConfig
 from node.dicomnet import AssociationError, client_ssl_context, send_files
 
 log = get_logger("node.dispatcher")
+
+#: Exports claimed per pass (each holds a lease until its attempt is recorded).
+CLAIM_BATCH = 10
 
 
 def backoff_s(attempts: int, base: float, ceiling: float) -> float:
@@ -67,9 +72,15 @@ class Dispatcher(BackgroundLoop):
         t = self.config.tls
         return client_ssl_context(t.ca or None, t.certificate or None, t.key or None)
 
+    def lease_s(self) -> float:
+        """How long a claim on a batch of exports lasts: every object of a full batch may take
+        up to `network.dimse_timeout_s`, plus a margin (then another dispatcher may take it)."""
+        return 60.0 + 2 * CLAIM_BATCH * self.config.network.dimse_timeout_s
+
     def tick(self) -> int:
-        """Attempt every due export once; returns how many were attempted."""
-        due = self.store.due_exports(limit=50)
+        """Claim the due exports (one delivery attempt at a time across every dispatcher on the
+        database) and attempt each once; returns how many were attempted."""
+        due = self.store.claim_exports(lease_s=self.lease_s(), limit=CLAIM_BATCH)
         if not due:
             return 0
         by_dest: dict[str, list[Any]] = defaultdict(list)

@@ -37,6 +37,8 @@ log = get_logger("node.service")
 
 #: Seconds on top of the summed stop timeouts before the watchdog ends the process.
 STOP_MARGIN_S = 10.0
+#: With a shared database, spool temp files younger than this may be another node's write.
+SHARED_TEMP_AGE_S = 3600.0
 
 
 def stop_grace_s(config: NodeConfig) -> float:
@@ -92,10 +94,12 @@ def open_storage(config: NodeConfig) -> tuple[Any, Any, Any]:
 
     secure_data_dir(config)
     spool = Spool(config.spool_dir)
-    spool.clean_temp()
     db = Database(config.database_url, synchronous="NORMAL")
+    # a database other nodes may share (PostgreSQL): the spool may be shared too, so only temp
+    # files nobody touched for an hour are crash leftovers (docs/operations.md, "Several nodes")
+    spool.clean_temp(min_age_s=SHARED_TEMP_AGE_S if db.dialect == "postgresql" else 0.0)
     db.upgrade()
-    store = Store(db, store_phi=config.audit.store_phi)
+    store = Store(db, store_phi=config.audit.store_phi, node=config.node_name)
     return spool, db, store
 
 
@@ -149,29 +153,44 @@ class NodeService:
         # before recovery and before the listener opens
         from storage.identity import load_patient_keyer
 
-        reconciled = reconcile_spool(self.store, self.spool, load_patient_keyer(cfg.data_dir))
+        reconciled = {"reindexed": 0, "conflicts": 0}
+        if cfg.has_role("receive"):  # the spool files this node received
+            reconciled = reconcile_spool(self.store, self.spool,
+                                         load_patient_keyer(cfg.data_dir))
         recovered = self.store.recover_on_start()
         self.metrics = Metrics()
         if cfg.metrics.port:
             self.metrics.serve(cfg.metrics.port, cfg.metrics.host)
-        self.dispatcher = Dispatcher(cfg, self.store, metrics=self.metrics)
-        self.workers = WorkerPool(cfg, self.store, self.spool, metrics=self.metrics,
-                                  on_reported=self.dispatcher.wake)
-        self.assembler = Assembler(cfg, self.store, metrics=self.metrics,
-                                   on_enqueued=self.workers.wake, spool=self.spool)
-        self.receiver = Receiver(cfg, self.store, self.spool, metrics=self.metrics,
-                                 on_release=self.assembler.wake)
-        self.port = self.receiver.start()
-        self.assembler.start()
-        self.workers.start()
-        self.dispatcher.start()
-        self.store.log_event("node", "node", "started", details={
+        # roles (node.roles / serve --roles): each part runs only where it is asked for; the
+        # parts of other nodes are reached through the shared database (their loops poll it)
+        if cfg.has_role("dispatch"):
+            self.dispatcher = Dispatcher(cfg, self.store, metrics=self.metrics)
+        if cfg.has_role("infer"):
+            self.workers = WorkerPool(cfg, self.store, self.spool, metrics=self.metrics,
+                                      on_reported=self.dispatcher.wake if self.dispatcher
+                                      else None)
+        if cfg.has_role("assemble"):
+            self.assembler = Assembler(cfg, self.store, metrics=self.metrics,
+                                       on_enqueued=self.workers.wake if self.workers else None,
+                                       spool=self.spool)
+        if cfg.has_role("receive"):
+            self.receiver = Receiver(cfg, self.store, self.spool, metrics=self.metrics,
+                                     on_release=self.assembler.wake if self.assembler
+                                     else None)
+            self.port = self.receiver.start()
+        for part in (self.assembler, self.workers, self.dispatcher):
+            if part is not None:
+                part.start()
+        self.store.log_event("node", cfg.node_name, "started", details={
+            "roles": list(cfg.node.roles), "node": cfg.node_name,
             "ae_title": cfg.network.ae_title, "port": self.port, "checkpoint": checkpoint,
             "recovered": recovered,
             "reindexed": reconciled["reindexed"] + reconciled["conflicts"],
             "durability": cfg.storage.durability,
             "destinations": [d.name for d in cfg.destinations]})
-        line = (f"molre-node serving AE {cfg.network.ae_title} on {cfg.network.host}:{self.port}"
+        listening = (f"serving AE {cfg.network.ae_title} on {cfg.network.host}:{self.port}"
+                     if self.receiver is not None else "not receiving")
+        line = (f"molre-node {cfg.node_name} [{','.join(cfg.node.roles)}] {listening}"
                 f"{' (TLS)' if cfg.tls.enabled else ''} | checkpoint {checkpoint} | device "
                 f"{cfg.model.device} x{cfg.model.workers} ({cfg.model.isolation}) | data "
                 f"{cfg.data_dir} | destinations "

@@ -36,6 +36,11 @@ from node.config import NodeConfig
 log = get_logger("node.worker")
 
 
+#: A job released because its files are not visible here waits this long before any node
+#: claims it again (gives a node that sees them the chance; avoids a claim/release spin).
+RELEASE_DELAY_S = 5.0
+
+
 class InferenceCrash(RuntimeError):
     """The inference process died or timed out (retryable)."""
 
@@ -341,7 +346,8 @@ class Worker(BackgroundLoop):
         self.store = store
         self.spool = spool
         self.metrics = metrics
-        self.worker_id = f"{os.uname().nodename}:{os.getpid()}:w{index}"
+        node = getattr(store, "node", None) or os.uname().nodename
+        self.worker_id = f"{node}:{os.getpid()}:w{index}"
         super().__init__(f"worker-{self.worker_id}", wake)
         self.engine = make_engine(config)
         self._catalog: Any = None
@@ -417,6 +423,17 @@ class Worker(BackgroundLoop):
         try:
             instances = self.store.series_instances(job.series_uid)
             paths = [i.spool_path for i in instances if i.spool_path and Path(i.spool_path).exists()]
+            if instances and not paths:
+                # none of the files is visible from here: they are on another node's disk (no
+                # shared spool), not lost. Give the job back for a node that sees them, without
+                # burning an attempt (docs/operations.md, "Several nodes").
+                reason = (f"instance files not visible from node {self.store.node} (e.g. "
+                          f"{instances[0].spool_path})")
+                self.store.release_job(job.id, self.worker_id, reason,
+                                       delay_s=RELEASE_DELAY_S)
+                jlog.warning("job released: instance files not visible from this node",
+                             instances=len(instances))
+                return
             if len(paths) < len(instances):
                 # never read a part of a series as if it were all of it
                 gone = [i for i in instances if i.spool_path not in paths]

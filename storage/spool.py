@@ -279,13 +279,23 @@ class Spool:
         """Free space on the spool's filesystem (the receiver refuses work below a watermark)."""
         return shutil.disk_usage(self.root).free
 
-    def clean_temp(self) -> int:
-        """Remove temp files left by a crash during :meth:`write_atomic`; returns how many."""
+    def clean_temp(self, min_age_s: float = 0.0) -> int:
+        """Remove temp files left by a crash during :meth:`write_atomic`; returns how many.
+
+        ``min_age_s`` > 0 (a spool shared by several nodes): only temp files not modified for
+        that long -- a file another node is writing right now is young and stays."""
+        import time
+
         count = 0
+        cutoff = time.time() - min_age_s
         for tmp in self.root.rglob(TEMP_PREFIX + "*"):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
-                count += 1
+            try:
+                if not tmp.is_file() or (min_age_s > 0 and tmp.stat().st_mtime > cutoff):
+                    continue
+            except OSError:  # removed meanwhile (by its writer's rename)
+                continue
+            tmp.unlink(missing_ok=True)
+            count += 1
         if count:
             log.info("spool temp files removed", count=count)
         return count

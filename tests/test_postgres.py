@@ -168,3 +168,22 @@ def test_exclusive_has_one_holder_across_nodes(two_nodes) -> None:
             assert other
     with b.exclusive("assembler") as mine_b:
         assert mine_b
+
+
+def test_audit_retry_requeues_a_failed_series(db_url: str) -> None:
+    db = Database(db_url)
+    db.upgrade()
+    store = Store(db, node="edge-a")
+    _series_to_queue(store, "4.9")
+    claim = store.claim_job("edge-a:w0")
+    store.fail_job(claim.id, "series not readable: x", max_attempts=1, retry_delay_s=0)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["audit", "retry", "4.9", "--db", db_url])
+    assert ok.exit_code == 0, ok.output
+    assert "queued again as job" in ok.output
+    assert store.get_series("4.9").state is SeriesState.QUEUED
+    again = runner.invoke(app, ["audit", "retry", "4.9", "--db", db_url])
+    assert again.exit_code != 0 and "not failed" in str(again.exception or again.output)
+    unknown = runner.invoke(app, ["audit", "retry", "9.9.9", "--db", db_url])
+    assert unknown.exit_code != 0
+    db.dispose()
