@@ -45,6 +45,9 @@ def _register_all() -> None:
 
     for module in (serve_cmd, models_cmd, data_cmd, train_cmd, audit_cmd):
         module.register(app)
+    from cli import labels_cmd  # report labels (issue 19)
+
+    labels_cmd.register(app)
 
 
 _register_all()
