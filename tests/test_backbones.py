@@ -315,8 +315,11 @@ def test_cli_backbones_json_lists_every_entry():
         assert r["molre"] == r["presets"]["paper"]["molre"]
         light = r["presets"]["light"]["molre"]
         assert light["adapter_params"] < r["molre"]["adapter_params"], name
-        if not name.startswith("tiny"):  # light = the old placement, under 0.5 %
-            assert light["overhead_percent"] < 0.5, name
+        if not name.startswith("tiny") and name != "phantom-3d":
+            assert light["overhead_percent"] < 0.5, name  # light = the old placement
+    # compact backbones (< 1 M params, 8-128-channel convs): a rank-48 adapter is not small
+    # next to them, but the light preset (1x1x1 projections only) stays a few per cent
+    assert rows["phantom-3d"]["presets"]["light"]["molre"]["overhead_percent"] < 6.0
     assert abs(rows["ct-fm"]["params"] - 77.8e6) / 77.8e6 < 0.01
 
 
@@ -353,8 +356,9 @@ def test_every_recipe_is_valid_and_fits_its_backbone():
         shape = recipe.output_shape()
         if spec.dims == 3:
             with torch.device("meta"):
-                stride = create_backbone(name).stride
-            assert shape[0] == 1 and all(s % stride == 0 for s in shape[1:]), (name, shape)
+                net = create_backbone(name)
+            channels = getattr(net, "in_channels", 1)  # one per CT window (phantom-3d: 3)
+            assert shape[0] == channels and all(s % net.stride == 0 for s in shape[1:]), (name, shape)
         else:
             assert shape[1] == 3 and shape[2] == shape[3] == spec.recipe["size"]
             assert recipe.params["normalize"] == ("siglip" if name == "medsiglip" else "imagenet")

@@ -44,9 +44,9 @@ class PretrainConfig:
     """Everything that determines the weights (recorded in the card)."""
 
     seed: int = 0
-    train_phantoms: int = 1600
+    train_phantoms: int = 1400
     val_phantoms: int = 240
-    epochs: int = 5
+    epochs: int = 6
     batch_size: int = 4
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -57,7 +57,7 @@ class PretrainConfig:
     dice_weight: float = 1.0
     presence_weight: float = 0.5
     threads: int = 2
-    workers: int = 1  # generator processes (the data do not depend on it)
+    workers: int = 2  # generator processes (the data do not depend on it)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,13 +73,17 @@ class Sample:
     site: str
 
 
-def _sample_job(job: tuple[int, int, int, float, float, tuple[str, ...]]) -> Sample:
-    """Render one phantom (seeded by (seed, split, index)) and prepare input and targets."""
+def _sample_job(job: tuple) -> Sample:
+    """Render one phantom (seeded by (seed, split, index)) and prepare input and targets.
+
+    `job` = (seed, split, index, prevalence, normal_fraction, sites[, with_masks=True]); without
+    masks (benchmarks that need only the input and labels) the mask array is empty."""
     from molre.backbones.phantom import PHANTOM_RECIPE
     from molre.data.preprocess import Recipe
     from molre.data.synth import PHANTOM_FINDINGS, _prevalences, check_sites, render, sample_findings
 
-    seed, split, i, prevalence, normal_fraction, sites = job
+    seed, split, i, prevalence, normal_fraction, sites = job[:6]
+    with_masks = bool(job[6]) if len(job) > 6 else True
     rng = np.random.default_rng([seed, split, i])
     names = check_sites(sites)
     site = names[int(rng.integers(len(names)))]
@@ -89,7 +93,9 @@ def _sample_job(job: tuple[int, int, int, float, float, tuple[str, ...]]) -> Sam
     img = recipe.transform_meta(r.volume())
     x = np.asarray(img.as_tensor(), dtype=np.float16)
     masks = np.zeros((len(PHANTOM_FINDINGS), *[s // 2 for s in x.shape[1:]]), dtype=np.uint8)
-    if r.masks:
+    if not with_masks:
+        masks = masks[:0]
+    elif r.masks:
         idx = _native_index_of_output(img, r.geometry, x.shape[1:])
         for k, m in r.masks.items():
             masks[PHANTOM_FINDINGS.index(k)] = _mask_on_grid(m, idx, x.shape[1:])
@@ -252,7 +258,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainResult:
 
     torch.manual_seed(cfg.seed)
     net = PhantomUNet(num_classes=len(PHANTOM_FINDINGS))
-    head = PresenceHead(net.feature_dim, len(PHANTOM_FINDINGS))
+    head = PresenceHead(net.pooled_dim, len(PHANTOM_FINDINGS))
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * (len(train_set) // cfg.batch_size)
