@@ -48,6 +48,9 @@ def _register_all() -> None:
     from cli import labels_cmd  # report labels (issue 19)
 
     labels_cmd.register(app)
+    from cli import dataset_cmd  # dataset pull from a PACS (issue 19)
+
+    dataset_cmd.register(app)
 
 
 _register_all()

@@ -274,5 +274,23 @@ def _why_ranked_lower(s: SeriesSummary, best: SeriesSummary) -> str:
             "Instance UID")
 
 
+def select_study(summaries: Sequence[SeriesSummary],
+                 rules: SelectionConfig) -> tuple[list[SeriesSummary], dict[str, str]]:
+    """The rules for a whole study at once: each series through `evaluate`, the qualifying ones
+    through `choose_preferred`. Returns (chosen, {series_uid: skip reason}) -- what the node
+    decides for a complete study, for callers outside the node (`molre-node dataset pull`)."""
+    candidates: list[SeriesSummary] = []
+    reasons: dict[str, str] = {}
+    for s in summaries:
+        d = evaluate(s, rules)
+        if d.selected:
+            candidates.append(s)
+        else:
+            reasons[s.series_uid] = d.reason or "rules"
+    chosen, pref = choose_preferred(candidates, rules)
+    reasons.update(pref)
+    return chosen, reasons
+
+
 __all__ = ["Decision", "HEAD_FIELDS", "SeriesSummary", "choose_preferred", "evaluate",
-           "is_head", "summarize"]
+           "is_head", "select_study", "summarize"]

@@ -93,13 +93,11 @@ def _quiet_pyrush() -> None:
 
 def _import_medspacy() -> Any:
     try:
-        import medspacy  # noqa: F401
-        from medspacy.context import ConTextRule  # noqa: F401
+        import medspacy
+        import medspacy.context  # noqa: F401 - ConText, imported by the labeler
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise MolreError("report labelling needs medspaCy: pip install 'medspacy>=1.3.1,<1.4' "
                          f"(see docs/report-labels.md) ({exc})") from exc
-    import medspacy
-
     return medspacy
 
 
