@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def pg_server():
     """A running PostgreSQL server (skipped when unavailable, unless MOLRE_TEST_PG=required)."""
-    from pgcluster import mode, start_server  # tests/ is on sys.path (rootdir conftest)
+    from tests.pgcluster import mode, start_server
 
     if mode() == "off":
         pytest.skip("PostgreSQL tests disabled (MOLRE_TEST_PG=off)")
