@@ -166,6 +166,12 @@ class NodeService:
         if cfg.has_role("dispatch"):
             self.dispatcher = Dispatcher(cfg, self.store, metrics=self.metrics)
         if cfg.has_role("infer"):
+            if not cfg.destinations and not cfg.has_role("dispatch"):
+                # the worker creates one export per configured destination name: an infer-only
+                # node without [[destinations]] reports what no dispatcher will ever send
+                log.warning("infer role without [[destinations]]: this node's reports get no "
+                            "exports; list the dispatchers' destinations here too "
+                            "(docs/operations.md, 'Several nodes')")
             self.workers = WorkerPool(cfg, self.store, self.spool, metrics=self.metrics,
                                       on_reported=self.dispatcher.wake if self.dispatcher
                                       else None)
@@ -236,7 +242,7 @@ class NodeService:
             self.metrics.stop()
         if self.store is not None:
             try:
-                self.store.log_event("node", "node", "stopped",
+                self.store.log_event("node", cfg.node_name, "stopped",
                                      details={"seconds": round(time.monotonic() - t0, 3)})
             except Exception:  # noqa: BLE001
                 pass

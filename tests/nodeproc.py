@@ -172,6 +172,8 @@ def node_config(data_dir: Path, port: int, *, ae_title: str = "MOLRE",
         "retry": {"max_attempts": 2, "job_retry_delay_s": 0.5,
                   "export_backoff_base_s": 0.5, "export_backoff_max_s": 2.0},
         "logging": {"json": True, "level": "INFO"},
+        # the dashboard is on by default (port 8470): off in tests unless a test asks for it
+        "dashboard": {"port": 0},
     }
     if destinations:
         cfg["destinations"] = [dict(d) for d in destinations]
@@ -381,8 +383,9 @@ class NodeProcess:
     def __init__(self, config_path: Path, *, port: int, data_dir: Path,
                  ae_title: str = "MOLRE", env: Mapping[str, str] | None = None,
                  log_path: Path | None = None, extra_args: Sequence[str] = (),
-                 calling_ae: str = "TESTSCU") -> None:
+                 calling_ae: str = "TESTSCU", database_url: str | None = None) -> None:
         self.calling_ae = calling_ae  # used by wait_ready's C-ECHO and send()
+        self._database_url = database_url  # None = the SQLite file in data_dir
         self.config_path = Path(config_path)
         self.port = port
         self.data_dir = Path(data_dir)
@@ -396,16 +399,21 @@ class NodeProcess:
     @classmethod
     def create(cls, tmp_dir: Path, *, port: int | None = None, ae_title: str = "MOLRE",
                env: Mapping[str, str] | None = None, calling_ae: str = "TESTSCU",
-               **config: Any) -> "NodeProcess":
-        """Write `<tmp_dir>/node.toml` from `node_config(**config)` and return a (not started)
-        NodeProcess for it."""
+               database_url: str | None = None, data_dir: Path | None = None,
+               config_name: str = "node.toml", **config: Any) -> "NodeProcess":
+        """Write `<tmp_dir>/<config_name>` from `node_config(**config)` and return a (not
+        started) NodeProcess for it. `database_url` (e.g. a PostgreSQL one) goes to
+        `storage.database_url`; several nodes may share one `data_dir` (several-nodes
+        topology: pass `node={"name": ..., "roles": [...]}` and distinct `config_name`s)."""
         tmp_dir = Path(tmp_dir)
         port = port or free_port()
-        data_dir = tmp_dir / "node-data"
+        data_dir = Path(data_dir) if data_dir is not None else tmp_dir / "node-data"
+        if database_url:
+            config["storage"] = {**config.get("storage", {}), "database_url": database_url}
         data = node_config(data_dir, port, ae_title=ae_title, **config)
-        path = write_config(tmp_dir / "node.toml", data)
+        path = write_config(tmp_dir / config_name, data)
         return cls(path, port=port, data_dir=data_dir, ae_title=ae_title, env=env,
-                   calling_ae=calling_ae)
+                   calling_ae=calling_ae, database_url=database_url)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 90.0) -> "NodeProcess":
@@ -427,8 +435,20 @@ class NodeProcess:
             self.wait_ready(timeout)
         return self
 
+    @property
+    def roles(self) -> list[str]:
+        """The node's roles: `--roles` in extra_args, else `[node] roles` of its config."""
+        import tomllib
+
+        if "--roles" in self.extra_args:
+            return self.extra_args[self.extra_args.index("--roles") + 1].split(",")
+        cfg = tomllib.loads(self.config_path.read_text(encoding="utf-8"))
+        return list(cfg.get("node", {}).get("roles", ["receive", "assemble", "infer",
+                                                      "dispatch"]))
+
     def wait_ready(self, timeout: float = 90.0) -> None:
-        """Wait until the node answers C-ECHO; raises with the log tail if it died."""
+        """Wait until the node answers C-ECHO (a node without the receive role: until it logged
+        'node started'); raises with the log tail if it died."""
         import logging
 
         deadline = time.monotonic() + timeout
@@ -441,10 +461,18 @@ class NodeProcess:
             pnd.setLevel(level)
 
     def _wait_ready(self, deadline: float, timeout: float) -> None:
+        listens = "receive" in self.roles
+        starts = self.starts
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode} during start:\n"
                                    f"{self.log_tail()}")
+            if not listens:
+                started = sum(1 for r in self.log_records() if r.get("event") == "node started")
+                if started >= starts:
+                    return
+                time.sleep(0.2)
+                continue
             try:
                 if echo(self.port, self.ae_title, calling_ae=self.calling_ae,
                         timeout=2.0) == 0:
@@ -534,6 +562,8 @@ class NodeProcess:
 
     @property
     def database_url(self) -> str:
+        if self._database_url:
+            return self._database_url
         return f"sqlite:///{(self.data_dir / 'molre.db').resolve()}"
 
     def store(self):
@@ -592,6 +622,18 @@ def make_ct_series(out_dir: Path, findings: Sequence[str] = (), *, n_slices: int
 
 
 def sql(node: "NodeProcess", query: str, *args) -> list[tuple]:
+    """Rows of `query` (`?` placeholders) on the node's audit database, SQLite or PostgreSQL."""
+    if not node.database_url.startswith("sqlite:"):
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(node.database_url, poolclass=NullPool)
+        try:
+            with engine.connect() as c:
+                return [tuple(r) for r in c.exec_driver_sql(query.replace("?", "%s"),
+                                                            tuple(args)).fetchall()]
+        finally:
+            engine.dispose()
     con = sqlite3.connect(f"file:{node.data_dir / 'molre.db'}?mode=ro", uri=True, timeout=30)
     try:
         return con.execute(query, args).fetchall()
