@@ -63,7 +63,8 @@ USAGE = Code("usage", LOCAL_SCHEME, "Usage restriction")
 PROCESSING = Code("processing", LOCAL_SCHEME, "Processing of the source images")
 USAGE_TEXT = ("AI RESULTS – NOT FOR DIAGNOSTIC USE. Output of research software; it must not be "
               "used for diagnosis or treatment decisions.")
-DEMO_TEXT = " DEMO MODEL: random weights, the findings are meaningless."
+DEMO_TEXT = (" DEMO MODEL: trained on synthetic phantoms only; it detects what phantoms show and "
+             "says nothing about patients. Not for clinical use.")
 
 # Type 2 attributes highdicom copies from the evidence and refuses when absent.
 _TYPE2_FILL = ("StudyID", "ReferringPhysicianName", "AccessionNumber", "StudyDate",
@@ -136,6 +137,11 @@ def _notes_container(prediction: Mapping[str, Any]) -> hd.sr.ContainerContentIte
     """Usage restriction and processing description as TEXT content items (see module doc)."""
     box = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
     usage = USAGE_TEXT + (DEMO_TEXT if prediction.get("is_demo") else "")
+    skipped = list(prediction.get("not_assessed") or [])
+    if skipped:  # findings the model has no validation evidence for are not reported at all
+        usage += (f" Findings assessed: {len(prediction.get('probabilities') or {})}; "
+                  f"{len(skipped)} other catalog finding(s) were not assessed by this model "
+                  "and are not reported (neither present nor absent).")
     box.ContentSequence = hd.sr.ContentSequence([
         hd.sr.TextContentItem(name=USAGE, value=usage, relationship_type="CONTAINS"),
         hd.sr.TextContentItem(name=PROCESSING, value=processing_description(prediction),

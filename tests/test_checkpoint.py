@@ -119,12 +119,25 @@ def test_packaged_demo_checkpoint_loads_and_is_labelled():
     card = load_card(d)
     assert card["is_demo"] is True
     assert "not for clinical use" in card["disclaimer"].lower()
-    assert card["backbone"]["name"] == "tiny-3d" and card["backbone"]["init_seed"] is not None
-    assert (d / "backbone.safetensors").is_file()
+    # MoLRE on the packaged, frozen phantom-3d: the checkpoint names the shipped weights
+    assert card["backbone"]["name"] == "phantom-3d"
+    assert card["backbone"]["weights_source"].startswith("packaged:")
+    assert card["adapter"]["config"]["experts"] == 6 and card["adapter"]["config"]["rank"] == 8
     size = sum(f.stat().st_size for f in d.iterdir())
     assert size < 8 * 2**20
+    assert load_card("demo") == card  # every command accepts "demo" for it
     p = Predictor.from_checkpoint(None)
     assert p.is_demo and p.card["adapter"]["config"]["experts"] == 6
     x = torch.zeros((1, *p.recipe.output_shape()))
     probs = p.predict_tensor(x)
     assert probs.shape == (1, len(p.catalog.keys)) and np.isfinite(probs).all()
+
+
+def test_assessed_findings_are_those_with_validation_evidence():
+    from molre.checkpoint import assessed_findings
+
+    card = {"catalog": {"findings": [{"key": "a"}, {"key": "b"}, {"key": "c"}]},
+            "metrics": {"auc": {"a": 0.9, "b": None, "c": 0.55}}}
+    assert assessed_findings(card) == ["a", "c"]  # b had no positives/negatives in validation
+    assert assessed_findings({**card, "assessed_findings": ["c"]}) == ["c"]
+    assert assessed_findings({"catalog": card["catalog"]}) == ["a", "b", "c"]  # no metrics

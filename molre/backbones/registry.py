@@ -222,7 +222,11 @@ def weights_digest(module: nn.Module) -> str:
     Checkpoints store it so that loading adapters onto a *different* backbone (other weights,
     other size) is caught. Stable across processes and before/after adapter injection.
     """
-    state = base_state_dict(module)
+    return state_digest(base_state_dict(module))
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and raw bytes, in key order."""
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach()

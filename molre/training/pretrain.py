@@ -229,18 +229,10 @@ class PretrainResult:
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes (same as the registry's weights digest)."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(b"\0")
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(b"\0")
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    """The registry's weights digest of a state dict (what `weights_digest` gives the module)."""
+    from molre.backbones.registry import state_digest
+
+    return state_digest(state)
 
 
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainResult:
