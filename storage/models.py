@@ -214,3 +214,56 @@ class Event(Base):
     study_uid: Mapped[str | None] = mapped_column(UID, index=True)
     series_uid: Mapped[str | None] = mapped_column(UID, index=True)
     details: Mapped[dict[str, Any] | None]
+
+
+class ShadowResult(Base):
+    """One finding of a shadow model (`[[model.shadow]]`) for one series version (revision
+    0006). Recorded for validation only: never reported, never exported."""
+
+    __tablename__ = "shadow_results"
+    __table_args__ = (Index("ix_shadow_results_series", "series_uid", "series_version"),
+                      Index("ix_shadow_results_model", "model_name", "finding_key"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    series_uid: Mapped[str] = mapped_column(UID, ForeignKey("series.series_uid"))
+    series_version: Mapped[int]
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    checkpoint_hash: Mapped[str | None] = mapped_column(String(64))
+    finding_key: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    decision: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Notification(Base):
+    """The notification outbox (revision 0006): one row per (result, rule match, channel);
+    claimed under a lease, retried with backoff until delivered, never dropped; an HL7 AR
+    (the receiver refuses the message itself) ends it as 'rejected'."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID, ForeignKey("series.series_uid"), index=True)
+    series_version: Mapped[int]
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    channel: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    finding_key: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    decision: Mapped[bool] = mapped_column(Boolean)
+    rule: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    report_sop_uid: Mapped[str | None] = mapped_column(UID)
+    # pending | delivered | rejected
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_status: Mapped[str | None] = mapped_column(String(32))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[dt.datetime | None]
+    delivered_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None]

@@ -18,7 +18,8 @@ from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from molre.log import get_logger
-from storage.models import Association, Event, Export, Instance, Job, Result, Series, Study
+from storage.models import (Association, Event, Export, Instance, Job, Notification, Result,
+                            Series, ShadowResult, Study)
 from storage.records import FINAL_STATES, NotFound, SeriesState
 
 if TYPE_CHECKING:
@@ -252,12 +253,14 @@ def _eligible(cutoff: dt.datetime):
                                              Export.state != "delivered").exists()
     live_job = select(Job.id).where(Job.series_uid == Series.series_uid,
                                     Job.state.in_(("queued", "running"))).exists()
+    pending_notice = select(Notification.id).where(Notification.series_uid == Series.series_uid,
+                                                   Notification.state == "pending").exists()
     recent = select(Instance.id).where(Instance.series_uid == Series.series_uid,
                                        Instance.received_at >= cutoff).exists()
     return select(Series.series_uid).where(
         Series.state.in_(final), Series.updated_at < cutoff,
         or_(Series.last_instance_at.is_(None), Series.last_instance_at < cutoff),
-        ~pending_export, ~live_job, ~recent).order_by(Series.id)
+        ~pending_export, ~live_job, ~pending_notice, ~recent).order_by(Series.id)
 
 
 def _eligible_series(s: Session, cutoff: dt.datetime) -> list[str]:
@@ -398,6 +401,8 @@ def _prune_batch(s: Session, chunk: Sequence[str], cutoff: dt.datetime,
     study_uids = set(s.execute(select(Series.study_uid).where(
         Series.series_uid.in_(p_series))).scalars())
     event_ids = set(s.execute(select(Event.id).where(Event.series_uid.in_(p_series))).scalars())
+    for model in (ShadowResult, Notification):  # issue 17 tables (reference jobs, series)
+        s.execute(delete(model).where(model.series_uid.in_(p_series)))
     for ids, model in ((result_ids, Result), (export_ids, Export), (job_ids, Job),
                        (inst_ids, Instance)):
         for part in _chunks(ids):

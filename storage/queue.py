@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -173,7 +174,7 @@ class QueueMixin:
     def finish_job(self, job_id: int, *, results: Sequence[FindingResult],
                    checkpoint_hash: str | None, model_name: str | None,
                    report_path: str | Path | None, report_sop_uid: str | None,
-                   destinations: Iterable[str]) -> bool:
+                   destinations: Iterable[str], notifications: Sequence[Any] = ()) -> bool:
         """Store results, mark the job done, series -> reported, one export per destination.
 
         Returns False (nothing stored but a 'superseded' / 'late_finish' event; series
@@ -224,6 +225,10 @@ class QueueMixin:
                 self._event(s, "export", exp.id, "created", at=now, to_state="pending",
                             study_uid=series.study_uid, series_uid=series.series_uid,
                             details={"destination": dest})
+            if notifications:  # same transaction as the results (storage.notices)
+                self._add_notifications(s, series=series, job_id=job.id, version=job.version,
+                                        specs=notifications, model_name=model_name,
+                                        report_sop_uid=report_sop_uid, now=now)
             return True
 
     def fail_job(self, job_id: int, error: str, *, max_attempts: int,

@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 from molre.log import get_logger
 from storage.db import Database, utcnow
 from storage.models import Association, Event, Instance, Job, Series, Study
+from storage.notices import NoticeMixin
 from storage.outbox import OutboxMixin
 from storage.queue import QueueMixin, claim_statement  # noqa: F401 - re-exported
 # the records are part of this module's API (``from storage.store import SeriesState`` ...)
@@ -140,7 +141,7 @@ class _Prepared:
         conn.connection.driver_connection.executemany(self.sql, [self.bind(v) for v in rows])
 
 
-class Store(QueueMixin, OutboxMixin):
+class Store(QueueMixin, OutboxMixin, NoticeMixin):
     """Facade over the audit database used by every part of the node.
 
     ``Store(db, store_phi=False)``; ``clock`` (returns aware UTC) exists for tests that need to

@@ -81,7 +81,7 @@ def _drop(database: Database, handle) -> None:
 @pytest.fixture()
 def db(tmp_path: Path, template_db) -> Database:
     database, handle = _copy_db(template_db, tmp_path)
-    assert database.current_revision() == "0005"
+    assert database.current_revision() == "0006"
     yield database
     _drop(database, handle)
 

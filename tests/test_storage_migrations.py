@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_head_schema_matches_models(tmp_path: Path) -> None:
     db = Database(tmp_path / "a.db")
     db.upgrade()
-    assert db.current_revision() == head_revision() == "0005"
+    assert db.current_revision() == head_revision() == "0006"
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
     db.upgrade()  # idempotent
-    assert db.current_revision() == "0005"
+    assert db.current_revision() == "0006"
 
 
 def test_revision_0001_database_upgrades_with_rows_intact(tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_revision_0001_database_upgrades_with_rows_intact(tmp_path: Path) -> Non
 
     db = Database(tmp_path / "old.db")
     db.upgrade()
-    assert db.current_revision() == "0005"
+    assert db.current_revision() == "0006"
     store = Store(db)
     rec = store.get_series("1.1.1")
     assert (rec.state, rec.instance_count, rec.priority, rec.accession_number) == \
@@ -89,7 +89,7 @@ def test_downgrade_to_0001_and_back(tmp_path: Path) -> None:
     assert db.current_revision() == "0001"
     assert "report_sop_uid" not in {c["name"] for c in inspect(db.engine).get_columns("exports")}
     db.upgrade()
-    assert db.current_revision() == "0005"
+    assert db.current_revision() == "0006"
 
 
 def test_unknown_revision_is_a_clear_error(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_concurrent_first_upgrade_from_processes(db_url: str) -> None:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
     db = Database(url)
-    assert db.current_revision() == "0005"
+    assert db.current_revision() == "0006"
     db.dispose()
 
 
