@@ -267,6 +267,47 @@ def exports_cmd(
     _echo(store.exports(pending=pending, failed=failed, limit=limit or None), fmt)
 
 
+@audit_app.command("notifications")
+def notifications_cmd(
+    pending: bool = typer.Option(False, "--pending", help="Only not yet delivered."),
+    limit: int = typer.Option(0, "--limit", help="At most this many rows (0 = all)."),
+    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+) -> None:
+    """Critical-finding notifications and their delivery state (pending, delivered,
+    rejected), attempts and last error."""
+    store, _ = _open(db, config)
+    _echo(store.notifications(pending=pending, limit=limit or None), fmt)
+
+
+@audit_app.command("agreement")
+def agreement_cmd(
+    shadow: str | None = typer.Option(None, "--shadow", help="Only this shadow model "
+                                      "([[model.shadow]] name)."),
+    by: str = typer.Option("finding", "--by", help="finding (default), site (manufacturer + "
+                           "model) or manufacturer."),
+    show_disagreements: bool = typer.Option(False, "--disagreements", help="List the cases "
+                                            "where primary and shadow decisions differ."),
+    since: str | None = typer.Option(None, "--since", help="Results at/after: date or '7d'."),
+    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+) -> None:
+    """Shadow mode: primary vs shadow model per finding -- agreement, Cohen's kappa,
+    positives of each side; --by site/manufacturer; --disagreements lists the cases."""
+    from storage import agreement as ag
+
+    if by not in ag.GROUPINGS:
+        raise MolreError(f"--by {by!r}: use one of {', '.join(ag.GROUPINGS)}")
+    store, _ = _open(db, config)
+    with store.db.session(write=False) as s:
+        if show_disagreements:
+            rows = ag.disagreements(s, shadow=shadow, since=parse_since(since))
+        else:
+            rows = ag.agreement(s, shadow=shadow, by=by, since=parse_since(since))
+    if not rows and fmt is Format.table:
+        typer.echo("(no shadow results paired with primary results; configure [[model.shadow]])")
+        return
+    _echo(rows, fmt)
+
+
 def _flatten(prefix: str, value: Any, out: list[dict[str, Any]]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():

@@ -51,9 +51,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = _load(config, None, None)
         if show:
-            shown = cfg.to_dict()
-            if shown.get("storage", {}).get("database_url"):  # never print the password
-                shown["storage"]["database_url"] = mask_url(shown["storage"]["database_url"])
+            shown = cfg.public_dict()  # never print a password, token or secret
             typer.echo(json.dumps(shown, indent=2))
         typer.echo(f"ok: {config or '<defaults>'} (AE {cfg.network.ae_title} on "
                    f"{cfg.network.host}:{cfg.network.port}, {len(cfg.destinations)} "

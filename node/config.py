@@ -152,6 +152,18 @@ class ModelConfig:
     job_timeout_s: float = 540.0
     # bound on any volume the reader or the recipe resamples (voxels; float32 = 4 bytes each)
     max_resampled_voxels: int = 512 * 512 * 2048
+    # shadow mode: further checkpoints run on the same series after the primary; results are
+    # recorded (model name + version), never reported or sent (docs/operations.md)
+    shadow: list["ShadowModel"] = field(default_factory=list)
+
+
+@dataclass
+class ShadowModel:
+    """One `[[model.shadow]]` checkpoint (silent validation next to the primary model)."""
+
+    name: str = ""
+    checkpoint: str = ""
+    weights: str = ""
 
 
 @dataclass
@@ -190,6 +202,64 @@ class MetricsConfig:
 
     port: int = 0
     host: str = "127.0.0.1"
+
+
+@dataclass
+class DashboardConfig:
+    """The read-only web dashboard (node/dashboard.py). Loopback by default; port 0 = off."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8470
+    # access control: a bearer token ("Authorization: Bearer T" or ?token=T), and/or HTTP basic
+    # auth; one of them is required on a non-loopback host
+    token: str = ""
+    username: str = ""
+    password: str = ""
+
+
+#: `notifications.channels[].kind` values.
+CHANNEL_KINDS = ("webhook", "hl7-mllp")
+
+
+@dataclass
+class NotifyChannel:
+    """Where a critical-finding notification goes: an HTTP webhook or HL7 v2 over MLLP."""
+
+    name: str = ""
+    kind: str = ""
+    # webhook: POST JSON to `url`, signed with HMAC-SHA256 of the body under `secret`
+    url: str = ""
+    secret: str = ""
+    # hl7-mllp: ORU^R01 to host:port, MSA-1 AA = delivered, AE = retried, AR = rejected
+    host: str = ""
+    port: int = 0
+    sending_application: str = "MOLRE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    timeout_s: float = 10.0
+
+
+@dataclass
+class NotifyRule:
+    """finding -> threshold / decision -> channels."""
+
+    finding: str = ""  # a catalog key, or "*" for every finding
+    # 0 = the model's decision (Present); above 0 = probability >= threshold
+    threshold: float = 0.0
+    channels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NotificationsConfig:
+    """Critical-finding notifications (outbox: durable rows, claimed, retried, audited)."""
+
+    enabled: bool = False
+    channels: list[NotifyChannel] = field(default_factory=list)
+    rules: list[NotifyRule] = field(default_factory=list)
+    backoff_base_s: float = 5.0
+    backoff_max_s: float = 900.0
 
 
 @dataclass
@@ -239,6 +309,8 @@ class NodeConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     node: NodeSection = field(default_factory=NodeSection)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     source: str = field(default="", metadata={"internal": True})
 
     @property
@@ -289,6 +361,22 @@ class NodeConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source", None)
+        return d
+
+    def public_dict(self) -> dict[str, Any]:
+        """`to_dict()` with every secret masked (database password, dashboard token and
+        password, webhook secrets): what config-check --show and the dashboard display."""
+        from storage.db import mask_url
+
+        d = self.to_dict()
+        if d["storage"].get("database_url"):
+            d["storage"]["database_url"] = mask_url(d["storage"]["database_url"])
+        for name in ("token", "password"):
+            if d["dashboard"].get(name):
+                d["dashboard"][name] = "***"
+        for ch in d["notifications"]["channels"]:
+            if ch.get("secret"):
+                ch["secret"] = "***"
         return d
 
 
@@ -512,11 +600,79 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     if not re.fullmatch(r"[A-Za-z0-9._:@-]{0,128}", cfg.node.name):
         raise ConfigError(f"node.name: expected up to 128 letters, digits or . _ : @ -, got "
                           f"{_show(cfg.node.name)}")
+    _validate_extras(cfg)
     bad = [r for r in cfg.node.roles if r not in ROLES]
     if bad or not cfg.node.roles:
         raise ConfigError(f"node.roles: expected a non-empty subset of {', '.join(ROLES)}, got "
                           f"{cfg.node.roles!r}")
     return cfg
+
+
+def _validate_extras(cfg: NodeConfig) -> None:
+    """Shadow models, dashboard and notifications (issue 17)."""
+    names: set[str] = set()
+    for i, sm in enumerate(cfg.model.shadow):
+        if not sm.name or not re.fullmatch(r"[A-Za-z0-9._:@+-]{1,64}", sm.name):
+            raise ConfigError(f"model.shadow[{i}].name: expected 1..64 letters, digits or "
+                              f". _ : @ + -, got {_show(sm.name)}")
+        if sm.name in names:
+            raise ConfigError(f"model.shadow[{i}].name: duplicate shadow model {sm.name!r}")
+        names.add(sm.name)
+        if not sm.checkpoint:
+            raise ConfigError(f"model.shadow[{i}].checkpoint: required (a checkpoint directory "
+                              f"or \"demo\")")
+    d = cfg.dashboard
+    _check_port(d.port, "dashboard.port", allow_zero=True)
+    if bool(d.username) != bool(d.password):
+        raise ConfigError("dashboard.username / dashboard.password: set both (HTTP basic auth) "
+                          "or neither")
+    if d.enabled and d.port and not _is_loopback(d.host) and not (d.token or d.username):
+        raise ConfigError(f"dashboard.token: required (or dashboard.username + password) when "
+                          f"dashboard.host = {_show(d.host)} is not a loopback address")
+    nt = cfg.notifications
+    _check_positive(nt.backoff_base_s, "notifications.backoff_base_s")
+    _check_positive(nt.backoff_max_s, "notifications.backoff_max_s")
+    if nt.backoff_base_s > nt.backoff_max_s:
+        raise ConfigError("notifications.backoff_base_s: must be <= notifications.backoff_max_s")
+    channels: set[str] = set()
+    for i, c in enumerate(nt.channels):
+        key = f"notifications.channels[{i}]"
+        if not c.name:
+            raise ConfigError(f"{key}.name: required")
+        if c.name in channels:
+            raise ConfigError(f"{key}.name: duplicate channel name {c.name!r}")
+        channels.add(c.name)
+        if c.kind not in CHANNEL_KINDS:
+            raise ConfigError(f"{key}.kind: expected one of {', '.join(CHANNEL_KINDS)}, got "
+                              f"{_show(c.kind)}")
+        if c.kind == "webhook":
+            if not re.match(r"https?://", c.url):
+                raise ConfigError(f"{key}.url: expected an http:// or https:// URL, got "
+                                  f"{_show(c.url)}")
+            if not c.secret:
+                raise ConfigError(f"{key}.secret: required (the HMAC-SHA256 key the receiver "
+                                  f"verifies the X-Molre-Signature header with)")
+        else:
+            if not c.host:
+                raise ConfigError(f"{key}.host: required for kind = \"hl7-mllp\"")
+            _check_port(c.port, f"{key}.port")
+        _check_positive(c.timeout_s, f"{key}.timeout_s")
+    for i, r in enumerate(nt.rules):
+        key = f"notifications.rules[{i}]"
+        if not r.finding:
+            raise ConfigError(f"{key}.finding: required (a catalog key or \"*\")")
+        if not 0.0 <= r.threshold <= 1.0:
+            raise ConfigError(f"{key}.threshold: expected 0 (= the model's decision) or a "
+                              f"probability 0..1, got {r.threshold}")
+        if not r.channels:
+            raise ConfigError(f"{key}.channels: name at least one channel")
+        for ch in r.channels:
+            if ch not in channels:
+                raise ConfigError(f"{key}.channels: unknown channel {ch!r} (channels: "
+                                  f"{', '.join(sorted(channels)) or 'none'})")
+    if nt.enabled and not nt.rules:
+        raise ConfigError("notifications.rules: notifications.enabled = true needs at least one "
+                          "[[notifications.rules]] entry")
 
 
 def _is_loopback(host: str) -> bool:
@@ -550,6 +706,11 @@ def _resolve_paths(cfg: NodeConfig, base: Path) -> None:
         cfg.model.checkpoint = fix(cfg.model.checkpoint)
     if not cfg.model.weights.startswith("hf://"):  # an offline-cache reference is not a path
         cfg.model.weights = fix(cfg.model.weights)
+    for sm in cfg.model.shadow:
+        if sm.checkpoint != "demo" or (base / "demo").exists():
+            sm.checkpoint = fix(sm.checkpoint)
+        if not sm.weights.startswith("hf://"):
+            sm.weights = fix(sm.weights)
     for name in ("certificate", "key", "ca"):
         setattr(cfg.tls, name, fix(getattr(cfg.tls, name)))
 
@@ -616,6 +777,8 @@ def with_overrides(cfg: NodeConfig, *, port: int | None = None,
 
 
 __all__ = [
+    "CHANNEL_KINDS", "DashboardConfig", "NotificationsConfig", "NotifyChannel", "NotifyRule",
+    "ShadowModel",
     "DURABILITY_MODES", "AllowedCaller", "AssemblerConfig", "AuditConfig", "Destination",
     "LoggingConfig",
     "MetricsConfig", "ModelConfig", "NetworkConfig", "NodeConfig", "NodeSection", "ROLES",

@@ -116,6 +116,8 @@ class NodeService:
         self.assembler: Any = None
         self.workers: Any = None
         self.dispatcher: Any = None
+        self.notifier: Any = None
+        self.dashboard: Any = None
         self.port: int | None = None
         self._stop_event = threading.Event()
         self._stopped = False
@@ -165,6 +167,10 @@ class NodeService:
         # parts of other nodes are reached through the shared database (their loops poll it)
         if cfg.has_role("dispatch"):
             self.dispatcher = Dispatcher(cfg, self.store, metrics=self.metrics)
+            if cfg.notifications.enabled or cfg.notifications.channels:
+                from node.notify import Notifier  # drains rows even after rules were removed
+
+                self.notifier = Notifier(cfg, self.store)
         if cfg.has_role("infer"):
             if not cfg.destinations and not cfg.has_role("dispatch"):
                 # the worker creates one export per configured destination name: an infer-only
@@ -184,9 +190,10 @@ class NodeService:
                                      on_release=self.assembler.wake if self.assembler
                                      else None)
             self.port = self.receiver.start()
-        for part in (self.assembler, self.workers, self.dispatcher):
+        for part in (self.assembler, self.workers, self.dispatcher, self.notifier):
             if part is not None:
                 part.start()
+        self._start_dashboard()
         self.store.log_event("node", cfg.node_name, "started", details={
             "roles": list(cfg.node.roles), "node": cfg.node_name,
             "ae_title": cfg.network.ae_title, "port": self.port, "checkpoint": checkpoint,
@@ -201,10 +208,29 @@ class NodeService:
                 f"{cfg.model.device} x{cfg.model.workers} ({cfg.model.isolation}) | data "
                 f"{cfg.data_dir} | destinations "
                 f"{', '.join(f'{d.name}={d.ae_title}@{d.host}:{d.port}' for d in cfg.destinations) or 'none'}"
-                f"{f' | metrics :{cfg.metrics.port}' if cfg.metrics.port else ''}")
+                f"{f' | metrics :{cfg.metrics.port}' if cfg.metrics.port else ''}"
+                f"{f' | dashboard http://{cfg.dashboard.host}:{self.dashboard.port}/' if self.dashboard else ''}")
         banner(line)  # a JSON record when logging is JSON: every stderr line parses
         log.info("node started", ae_title=cfg.network.ae_title, port=self.port,
                  checkpoint=checkpoint, data_dir=str(cfg.data_dir), recovered=recovered)
+
+    def _start_dashboard(self) -> None:
+        """The read-only dashboard (node/dashboard.py); a port it cannot bind is an error in
+        the log and the audit trail, never a reason for the node not to serve DICOM."""
+        d = self.config.dashboard
+        if not (d.enabled and d.port):
+            return
+        from node.dashboard import Dashboard
+
+        try:
+            dash = Dashboard(self.config, self.store, service=self)
+            dash.start()
+            self.dashboard = dash
+        except OSError as exc:
+            log.error("dashboard not started", host=d.host, port=d.port, error=exc.strerror)
+            self.store.log_event("node", self.config.node_name, "dashboard_failed",
+                                 details={"host": d.host, "port": d.port,
+                                          "error": exc.strerror or str(exc)})
 
     def request_stop(self, *_: Any) -> None:
         if not self._stop_event.is_set():
@@ -238,6 +264,11 @@ class NodeService:
             self.workers.stop(timeout=cfg.model.job_timeout_s)
         if self.dispatcher is not None:
             self.dispatcher.stop(timeout=cfg.network.dimse_timeout_s)
+        if self.notifier is not None:
+            self.notifier.stop(timeout=max([c.timeout_s for c in cfg.notifications.channels]
+                                           or [10.0]) + 1.0)
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self.metrics is not None:
             self.metrics.stop()
         if self.store is not None:

@@ -316,16 +316,18 @@ class ThreadEngine:
     pid = None
 
 
-def make_engine(config: NodeConfig) -> ProcessEngine | ThreadEngine:
+def make_engine(config: NodeConfig, shadow: Any = None) -> ProcessEngine | ThreadEngine:
+    """The primary model's engine, or a `[[model.shadow]]` entry's (same isolation/device)."""
     m = config.model
-    ckpt = m.checkpoint or None
+    ckpt = (shadow.checkpoint if shadow is not None else m.checkpoint) or None
+    weights = (shadow.weights if shadow is not None else m.weights) or None
     engine: ProcessEngine | ThreadEngine
     if m.isolation == "thread":
-        engine = ThreadEngine(ckpt, m.device, weights=m.weights or None)
+        engine = ThreadEngine(ckpt, m.device, weights=weights)
     else:
         threads = max(1, (os.cpu_count() or 2) // max(1, m.workers))
         engine = ProcessEngine(ckpt, m.device, log_json=config.logging.json, threads=threads,
-                               weights=m.weights or None)
+                               weights=weights)
     engine.limits = {"max_resampled_voxels": m.max_resampled_voxels}
     return engine
 
@@ -350,6 +352,8 @@ class Worker(BackgroundLoop):
         self.worker_id = f"{node}:{os.getpid()}:w{index}"
         super().__init__(f"worker-{self.worker_id}", wake)
         self.engine = make_engine(config)
+        # shadow mode: each [[model.shadow]] checkpoint in its own engine, loaded at first use
+        self.shadows = [(sm, make_engine(config, sm)) for sm in config.model.shadow]
         self._catalog: Any = None
         self.busy = False
 
@@ -358,8 +362,12 @@ class Worker(BackgroundLoop):
         self._signal_stop()
         if not self.busy:
             self.engine.cancel()  # a checkpoint load in progress need not finish
+        for _, eng in self.shadows:
+            eng.cancel()
         self._join(timeout)
         self.engine.close()
+        for _, eng in self.shadows:
+            eng.close()
 
     @staticmethod
     def _warm_up() -> None:
@@ -396,6 +404,12 @@ class Worker(BackgroundLoop):
 
             info = self.engine.ensure_started()
             self._catalog = Catalog.from_dict(info["catalog"])
+            from node.notify import unknown_rule_findings
+
+            unknown = unknown_rule_findings(self.config, self._catalog.keys)
+            if unknown:
+                log.warning("notification rules name findings this model does not report",
+                            findings=unknown)
         return self._catalog
 
     def run_once(self) -> bool:
@@ -475,11 +489,16 @@ class Worker(BackgroundLoop):
             results = [FindingResult(key=k, probability=float(p),
                                      decision=bool(pred["decisions"].get(k, False)))
                        for k, p in pred["probabilities"].items()]
+            from node.notify import match_rules
+
+            # critical-finding notifications: written with the results, in one transaction
+            notices = match_rules(self.config, pred["probabilities"], pred["decisions"])
             current = self.store.finish_job(
                 job.id, results=results, checkpoint_hash=pred.get("checkpoint_hash"),
                 model_name=pred.get("model_name"), report_path=str(report_path),
                 report_sop_uid=str(sr.SOPInstanceUID),
-                destinations=[d.name for d in self.config.destinations])
+                destinations=[d.name for d in self.config.destinations],
+                notifications=notices)
             positives = sum(1 for x in results if x.decision)
             jlog.info("series reported" if current else "report superseded by newer version",
                       findings=len(results), positives=positives,
@@ -491,6 +510,8 @@ class Worker(BackgroundLoop):
                 self._observe_end_to_end(job.series_uid)
             if current and self.on_reported is not None:
                 self.on_reported()
+            if current and self.shadows:
+                self._run_shadows(job, paths, jlog)
         except UserSeriesError as exc:
             self._fail(job, f"series not readable: {clean_text(exc, 1000)}", final=True,
                        jlog=jlog)
@@ -498,6 +519,37 @@ class Worker(BackgroundLoop):
             # exception texts of libraries may quote header values: redacted, one line
             self._fail(job, f"{type(exc).__name__}: {redact(str(exc), 1000)}", final=False,
                        jlog=jlog)
+
+    def _run_shadows(self, job: Any, paths: list[str], jlog: Any) -> None:
+        """Shadow mode: every `[[model.shadow]]` checkpoint reads the same files after the
+        primary reported; its results are recorded (never reported, never exported). A shadow
+        that fails is an audit event, never a failure of the job."""
+        from storage import FindingResult
+
+        for sm, engine in self.shadows:
+            if self._stop.is_set():
+                return
+            try:
+                pred = engine.predict(paths, timeout=self.config.model.job_timeout_s)
+                results = [FindingResult(key=k, probability=float(p),
+                                         decision=bool(pred["decisions"].get(k, False)))
+                           for k, p in pred["probabilities"].items()]
+                self.store.record_shadow_results(
+                    job_id=job.id, series_uid=job.series_uid, version=job.version,
+                    model_name=sm.name, model_version=str(pred.get("model_version") or ""),
+                    checkpoint_hash=pred.get("checkpoint_hash"), results=results)
+                jlog.info("shadow model recorded", shadow=sm.name, findings=len(results),
+                          positives=sum(1 for r in results if r.decision))
+            except Exception as exc:  # noqa: BLE001 - a shadow never affects the primary
+                error = f"{type(exc).__name__}: {redact(str(exc), 500)}"
+                jlog.warning("shadow model failed", shadow=sm.name, error=error[:200])
+                try:
+                    self.store.log_event("series", job.series_uid, "shadow_failed",
+                                         {"model": sm.name, "job_id": job.id,
+                                          "version": job.version, "error": error},
+                                         study_uid=job.study_uid, series_uid=job.series_uid)
+                except Exception:  # noqa: BLE001
+                    jlog.exception("could not record shadow failure")
 
     def _fail(self, job: Any, error: str, *, final: bool, jlog: Any) -> None:
         r = self.config.retry
