@@ -24,7 +24,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from molre.log import get_logger
-from storage.models import Association, Export, Job, Result, Series
+from storage.models import Association, Export, Job, Notification, Result, Series
 from storage.records import (FindingResult, InvalidTransition, JobClaim, NotFound, SeriesState)
 
 log = get_logger("storage.queue")
@@ -307,6 +307,11 @@ class QueueMixin:
                 counts["jobs_requeued"] += 1
             counts["exports_released"] = s.execute(
                 update(Export).where(Export.claimed_by == self.node, Export.state == "pending")
+                .values(claimed_by=None, lease_expires_at=None)).rowcount or 0
+            # notifications this node had claimed (storage.notices): due again at once
+            counts["notifications_released"] = s.execute(
+                update(Notification).where(Notification.claimed_by == self.node,
+                                           Notification.state == "pending")
                 .values(claimed_by=None, lease_expires_at=None)).rowcount or 0
             selected = s.execute(select(Series.series_uid)
                                  .where(Series.state == S.SELECTED.value)).scalars().all()

@@ -231,7 +231,8 @@ def test_webhook_signed_retried_while_down_then_delivered_once(tmp_path: Path) -
     assert len(_events(store, "delivered")) == 1 and len(_events(store, "created")) == 1
 
 
-def test_hl7_oru_over_mllp_ack_ae_retried_aa_delivered_ar_rejected(tmp_path: Path) -> None:
+def test_hl7_oru_over_mllp_ack_ae_retried_aa_delivered_ar_rejected(tmp_path: Path,
+                                                                    db_url: str) -> None:
     from hl7apy.parser import parse_message
 
     ok_after_error = MLLPListener(["AE", "AA"]).start()
@@ -244,7 +245,7 @@ def test_hl7_oru_over_mllp_ack_ae_retried_aa_delivered_ar_rejected(tmp_path: Pat
                       [{"finding": "intraparenchymal_hemorrhage",
                         "channels": ["ris", "strict"]}], tmp_path)
         clock = Clock()
-        db = Database(tmp_path / "a.db")
+        db = Database(db_url)
         db.upgrade()
         store = Store(db, clock=clock, node="n1")
         _reported_series(store, match_rules(cfg, {"intraparenchymal_hemorrhage": 0.93},
@@ -350,3 +351,33 @@ def test_public_config_masks_secrets() -> None:
     text = json.dumps(cfg.public_dict())
     assert "T0K" not in text and "PW" not in text and "S3C" not in text
     assert cfg.dashboard.token == "T0K"  # the live object keeps them
+
+
+def test_a_dead_notifiers_claim_is_taken_over_or_released_at_restart(tmp_path: Path,
+                                                                      db_url: str) -> None:
+    """A node killed mid-send: another node takes the notification when the lease expires
+    ('reclaimed' names the dead one); the dead node itself, restarted, releases its claims at
+    once (recover_on_start)."""
+    cfg = _config([{"name": "hook", "kind": "webhook", "url": "http://127.0.0.1:9/x",
+                    "secret": SECRET}],
+                  [{"finding": "intraparenchymal_hemorrhage", "channels": ["hook"]}], tmp_path)
+    specs = match_rules(cfg, {"intraparenchymal_hemorrhage": 0.9},
+                        {"intraparenchymal_hemorrhage": True})
+    clock = Clock()
+    db = Database(db_url)
+    db.upgrade()
+    n1, n2 = Store(db, clock=clock, node="n1"), Store(db, clock=clock, node="n2")
+    _reported_series(n1, specs)
+    spec2 = NotificationSpec(channel="hook", kind="webhook", finding_key="acute_infarct",
+                             probability=0.8, decision=True)
+    _reported_series(n1, [spec2], uid="1.2.3.4.6")
+    assert len(n1.claim_notifications(lease_s=60)) == 2  # n1 "dies" holding both
+    assert n2.claim_notifications(lease_s=60) == []  # held: nobody else sends them
+    clock.advance(61)
+    (taken,) = n2.claim_notifications(lease_s=60, limit=1)
+    ev = [e for e in n2.timeline(taken.series_uid) if e["kind"] == "reclaimed"]
+    assert ev and ev[0]["details"]["previous_node"] == "n1"
+    # n1 restarts: its remaining claim is released at once, not after the lease
+    assert n1.recover_on_start()["notifications_released"] == 1
+    (again,) = n1.claim_notifications(lease_s=60)
+    assert again.id != taken.id

@@ -460,7 +460,8 @@ def test_recover_on_start(store: Store, clock, db: Database) -> None:
     store.end_association(done, "released")
     counts = store.recover_on_start()
     assert counts == {"jobs_requeued": 1, "series_enqueued": 1, "complete_pending": 1,
-                      "associations_aborted": 1, "exports_released": 0}
+                      "associations_aborted": 1, "exports_released": 0,
+                      "notifications_released": 0}
     with db.session(write=False) as s:
         outcomes = {a.id: a.outcome for a in s.execute(select(Association)).scalars()}
     assert outcomes[cut] == "aborted" and outcomes[done] == "released"
