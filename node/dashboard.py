@@ -97,31 +97,42 @@ def collect(store: Any, config: Any, service: Any = None,
             "last_job_error": errors.get(r.series_uid), "site": _site(r.meta),
             "updated_at": _iso(r.updated_at),
             **({"accession_number": acc} if phi else {})} for r, acc in rows]
-        # deliveries per destination
+        # deliveries per destination (aggregated in SQL: the outbox keeps its whole history)
         dests: dict[str, dict[str, Any]] = {}
-        for e in s.execute(select(Export)).scalars():
-            d = dests.setdefault(e.destination, {"destination": e.destination, "pending": 0,
-                                                 "delivered": 0, "attempts": 0, "retries": 0,
-                                                 "last_error": None, "oldest_pending": None})
-            d[e.state] = d.get(e.state, 0) + 1
-            d["attempts"] += e.attempts
-            d["retries"] += max(0, e.attempts - 1)
-            if e.state == "pending":
-                if e.last_error:
-                    d["last_error"] = e.last_error
-                if d["oldest_pending"] is None or e.created_at < d["oldest_pending"]:
-                    d["oldest_pending"] = e.created_at
-        out["deliveries"] = [{**d, "oldest_pending": _iso(d["oldest_pending"])}
-                             for d in sorted(dests.values(), key=lambda x: x["destination"])]
+        for name, state, count, attempts, oldest in s.execute(
+                select(Export.destination, Export.state, func.count(),
+                       func.sum(Export.attempts), func.min(Export.created_at))
+                .group_by(Export.destination, Export.state)):
+            d = dests.setdefault(name, {"destination": name, "pending": 0, "delivered": 0,
+                                        "attempts": 0, "retries": 0, "last_error": None,
+                                        "oldest_pending": None})
+            d[state] = count
+            d["attempts"] += int(attempts or 0)
+            d["retries"] += max(0, int(attempts or 0) - count)
+            if state == "pending":
+                d["oldest_pending"] = _iso(oldest)
+                d["last_error"] = s.execute(
+                    select(Export.last_error).where(Export.destination == name,
+                                                    Export.state == "pending",
+                                                    Export.last_error.is_not(None))
+                    .order_by(Export.id.desc()).limit(1)).scalar()
+        out["deliveries"] = sorted(dests.values(), key=lambda x: x["destination"])
         chans: dict[str, dict[str, Any]] = {}
-        for n in s.execute(select(Notification)).scalars():
-            c = chans.setdefault(n.channel, {"channel": n.channel, "kind": n.kind, "pending": 0,
-                                             "delivered": 0, "rejected": 0, "attempts": 0,
-                                             "last_error": None})
-            c[n.state] = c.get(n.state, 0) + 1
-            c["attempts"] += n.attempts
-            if n.state != "delivered" and n.last_error:
-                c["last_error"] = n.last_error
+        for name, kind, state, count, attempts in s.execute(
+                select(Notification.channel, Notification.kind, Notification.state,
+                       func.count(), func.sum(Notification.attempts))
+                .group_by(Notification.channel, Notification.kind, Notification.state)):
+            c = chans.setdefault(name, {"channel": name, "kind": kind, "pending": 0,
+                                        "delivered": 0, "rejected": 0, "attempts": 0,
+                                        "last_error": None})
+            c[state] = count
+            c["attempts"] += int(attempts or 0)
+            if state != "delivered" and c["last_error"] is None:
+                c["last_error"] = s.execute(
+                    select(Notification.last_error).where(
+                        Notification.channel == name, Notification.state != "delivered",
+                        Notification.last_error.is_not(None))
+                    .order_by(Notification.id.desc()).limit(1)).scalar()
         out["notifications"] = sorted(chans.values(), key=lambda x: x["channel"])
         # positive rate per finding per day and per site/scanner (drift at a glance)
         since = now - dt.timedelta(days=RATE_DAYS)

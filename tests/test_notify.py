@@ -381,3 +381,57 @@ def test_a_dead_notifiers_claim_is_taken_over_or_released_at_restart(tmp_path: P
     assert n1.recover_on_start()["notifications_released"] == 1
     (again,) = n1.claim_notifications(lease_s=60)
     assert again.id != taken.id
+
+
+def test_dashboard_auth_and_content_without_a_browser(tmp_path: Path) -> None:
+    """Token and basic auth, 401/404, /healthz; a failed delivery shows its error and a
+    rejected notification its state (the browser test covers the happy path)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from node.dashboard import Dashboard
+
+    port = free_port()
+    cfg = config_from_dict({"storage": {"data_dir": str(tmp_path / "d")},
+                            "dashboard": {"port": port, "token": "TT", "username": "op",
+                                          "password": "pw"}})
+    db = Database(tmp_path / "a.db")
+    db.upgrade()
+    store = Store(db)
+    spec = NotificationSpec(channel="ris", kind="hl7-mllp", finding_key="acute_infarct",
+                            probability=0.8, decision=True)
+    _reported_series(store, [spec])
+    (n,) = store.claim_notifications()
+    store.record_notification_attempt(n.id, ok=False, status="AR", error="rejected: bad PID",
+                                      final=True)
+    dash = Dashboard(cfg, store)
+    dash.start()
+
+    def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        assert get("/healthz") == (200, "ok\n")
+        assert get("/")[0] == 401 and get("/?token=nope")[0] == 401
+        basic = "Basic " + base64.b64encode(b"op:pw").decode()
+        wrong = "Basic " + base64.b64encode(b"op:no").decode()
+        assert get("/", {"Authorization": wrong})[0] == 401
+        code, page = get("/", {"Authorization": basic})
+        assert code == 200 and "1.2.3.4.5" in page
+        code, body = get("/api/status?token=TT")
+        assert code == 200
+        assert get("/nothing?token=TT")[0] == 404
+    finally:
+        dash.stop()
+    data = json.loads(body)
+    (ch,) = data["notifications"]
+    assert (ch["channel"], ch["rejected"], ch["last_error"]) == ("ris", 1, "rejected: bad PID")
+    assert "accession_number" not in data["series"][0]  # store_phi off
+    assert data["series"][0]["site"] == "ACME" and data["config"]["dashboard"]["password"] == "***"
