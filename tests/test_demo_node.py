@@ -10,10 +10,10 @@ import numpy as np
 from molre.data.synth import write_phantom_series
 from tests.nodeproc import NodeProcess, StorageSCP, sr_for, sr_presence, storescu
 
-CALLERS = [{"ae_title": "DCMTKSCU", "host": ""}]
+CALLERS = [{"ae_title": "DCMTKSCU", "host": ""}, {"ae_title": "TESTSCU", "host": "127.0.0.1"}]
 #: Phantoms as `molre-node synth --findings ... --seed S` would draw them (full coverage, the
 #: site's own matrix); fixed seeds so the test is deterministic.
-ICH_SEED, NORMAL_SEED = 11, 12
+ICH_SEED, NORMAL_SEED = 2, 12
 
 
 def test_planted_hemorrhage_is_reported_present_and_normal_reports_nothing(tmp_path: Path):
