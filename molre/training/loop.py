@@ -845,12 +845,15 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
 
     labelled = ~np.isnan(ytr)
     positives = {k: int(np.nansum(ytr[:, f])) for f, k in enumerate(catalog.keys)}
+    packaged = getattr(model.backbone, "weights_source", None)
     card_base: dict[str, Any] = {
         "model_name": cfg.model_name or f"molre-{cfg.backbone}-{cfg.adapter}",
         "is_demo": bool(cfg.is_demo),
         "backbone": {"name": cfg.backbone, "weights_digest": base_digest,
-                     "weights_source": _weights_ref(cfg.weights),
-                     "init_seed": cfg.seed if cfg.weights is None else None,
+                     # weights shipped with the package (phantom-3d) are named as such
+                     "weights_source": (str(packaged) if packaged and cfg.weights is None
+                                        else _weights_ref(cfg.weights)),
+                     "init_seed": cfg.seed if cfg.weights is None and not packaged else None,
                      "base_params": int(n_base),
                      "batchnorm_calibrated": (
                          {"layers": bn_layers, "volumes": len(tr), "on": "training split"}
