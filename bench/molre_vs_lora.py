@@ -86,7 +86,9 @@ def pretrained_backbone(size: dict, cache: Path, seed: int) -> tuple[PhantomUNet
 def samples(seed: int, split: int, n: int, sites: tuple[str, ...]) -> list[P.Sample]:
     """Phantoms through the node's recipe (no masks), each from its own seed."""
     jobs = [(seed, split, i, 0.3, 0.15, sites, False) for i in range(n)]
-    with ProcessPoolExecutor(max_workers=2) as ex:
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as ex:
         return list(ex.map(P._sample_job, jobs, chunksize=8))
 
 

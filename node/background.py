@@ -41,3 +41,29 @@ class BackgroundLoop:
 
     def _run(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class DrainLoop(BackgroundLoop):
+    """A loop that drains an outbox: `tick()` does one pass and returns how much it did; an
+    empty pass sleeps `poll_s` (or until woken), a failing pass is logged and the loop goes on."""
+
+    def __init__(self, name: str, poll_s: float = 0.5) -> None:
+        super().__init__(name)
+        self.poll_s = poll_s
+
+    def tick(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        from molre.log import get_logger
+
+        log = get_logger(f"node.{self._name}")
+        while not self._stop.is_set():
+            try:
+                n = self.tick()
+            except Exception:  # noqa: BLE001 - keep draining whatever one pass did
+                log.exception(f"{self._name} pass failed")
+                n = 0
+            if n == 0:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from molre.log import get_logger, redact
-from node.background import BackgroundLoop
+from node.background import DrainLoop
 from node.config import Destination, NodeConfig
 from node.dicomnet import AssociationError, client_ssl_context, send_files
 
@@ -44,27 +44,15 @@ def report_files(report_path: str | Path) -> list[Path]:
     return files
 
 
-class Dispatcher(BackgroundLoop):
+class Dispatcher(DrainLoop):
     """Background thread draining the outbox."""
 
     def __init__(self, config: NodeConfig, store: Any, *, metrics: Any = None,
                  poll_s: float = 0.5) -> None:
-        super().__init__("dispatcher")
+        super().__init__("dispatcher", poll_s)
         self.config = config
         self.store = store
         self.metrics = metrics
-        self.poll_s = poll_s
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                n = self.tick()
-            except Exception:  # noqa: BLE001 - keep draining whatever one pass did
-                log.exception("dispatcher pass failed")
-                n = 0
-            if n == 0:
-                self._wake.wait(self.poll_s)
-                self._wake.clear()
 
     def _ssl(self, dest: Destination) -> Any:
         if not dest.tls:

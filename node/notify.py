@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from molre.log import get_logger, redact
-from node.background import BackgroundLoop
+from node.background import DrainLoop
 from node.config import NodeConfig, NotifyChannel
 
 log = get_logger("node.notify")
@@ -298,25 +298,13 @@ def send(n: Any, channel: NotifyChannel) -> SendOutcome:
 # ---------------------------------------------------------------------------------------------
 
 
-class Notifier(BackgroundLoop):
+class Notifier(DrainLoop):
     """Background thread draining the notification outbox (nodes with the dispatch role)."""
 
     def __init__(self, config: NodeConfig, store: Any, *, poll_s: float = 0.5) -> None:
-        super().__init__("notifier")
+        super().__init__("notifier", poll_s)
         self.config = config
         self.store = store
-        self.poll_s = poll_s
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                n = self.tick()
-            except Exception:  # noqa: BLE001 - keep draining whatever one pass did
-                log.exception("notifier pass failed")
-                n = 0
-            if n == 0:
-                self._wake.wait(self.poll_s)
-                self._wake.clear()
 
     def lease_s(self) -> float:
         longest = max([c.timeout_s for c in self.config.notifications.channels] or [10.0])

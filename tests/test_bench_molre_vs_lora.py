@@ -7,17 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import os
-
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(os.environ.get("MOLRE_BENCH_SMOKE") != "1",
-                    reason="benchmark smoke run: set MOLRE_BENCH_SMOKE=1 (took > 14 min on a "
-                           "loaded 2-core machine, too long for every CI run)")
 def test_quick_benchmark_runs_and_reports_paired_intervals(tmp_path: Path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "molre_vs_lora.py"), "--quick",
                            "--out", str(tmp_path), "--boot", "50"],

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -136,7 +137,9 @@ def generate(cfg: PretrainConfig, split: int, count: int, progress: bool = False
     out: list[Sample] = []
     t0 = time.perf_counter()
     if cfg.workers > 1:
-        with ProcessPoolExecutor(max_workers=cfg.workers) as ex:
+        # spawn, not fork: a fork after torch has run its thread pool can deadlock the children
+        with ProcessPoolExecutor(max_workers=cfg.workers,
+                                 mp_context=multiprocessing.get_context("spawn")) as ex:
             for s in ex.map(_sample_job, jobs, chunksize=8):
                 out.append(s)
     else:
