@@ -70,7 +70,8 @@ def test_eight_concurrent_senders(tmp_path: Path) -> None:
                              slice_thickness=1.0) for i in range(SENDERS)]
     with StorageSCP("LOADPACS") as scp:
         node = NodeProcess.create(tmp_path, destinations=[scp.destination()],
-                                  network={"max_associations": SENDERS + 2},
+                                  network={"max_associations": SENDERS + 2,
+                                           "max_associations_per_host": SENDERS + 2},
                                   model=model_section())
         with node:
             assert node.proc is not None
