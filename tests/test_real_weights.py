@@ -98,8 +98,7 @@ def test_infer_and_evaluate_accept_an_hf_reference(trained, tmp_path, monkeypatc
                     "hf://acme/tiny3d", "--json"])
     assert res.exit_code == 0, (res.output, res.exception)
     out = json.loads(res.stdout[res.stdout.index("{"):])
-    assert set(out["probabilities"]) == {"intraparenchymal_hemorrhage", "hydrocephalus",
-                                         "intracranial_calcification"}
+    assert set(out["probabilities"]) == _assessed(ckpt)
     res = _run_cli(["evaluate", "--checkpoint", str(ckpt), "--data", str(manifest), "--out",
                     str(tmp_path / "eval"), "--weights", "hf://acme/tiny3d", "--split", "all",
                     "--bootstrap", "20"])
@@ -149,8 +148,7 @@ def test_node_serves_a_checkpoint_trained_on_external_weights(trained, tmp_path)
                            (info.series_uid,)).fetchall()
     finally:
         con.close()
-    assert {r[0] for r in rows} == {"intraparenchymal_hemorrhage", "hydrocephalus",
-                                    "intracranial_calcification"}
+    assert {r[0] for r in rows} == _assessed(ckpt)
 
 
 def test_train_refuses_random_init_of_a_pretrained_backbone(tmp_path):
@@ -169,3 +167,13 @@ def test_train_refuses_random_init_of_a_pretrained_backbone(tmp_path):
     # tiny test backbones need no weights; --slices is for 2D backbones only
     res = _run_cli(["train", "--backbone", "tiny-3d", "--slices", "8", "--data", str(missing)])
     assert isinstance(res.exception, ConfigError) and "2D backbones" in str(res.exception)
+
+
+def _assessed(ckpt) -> set[str]:
+    """The toy checkpoint's findings with validation evidence (only those are reported)."""
+    from molre.checkpoint import assessed_findings, load_card
+
+    found = set(assessed_findings(load_card(ckpt)))
+    assert found and found <= {"intraparenchymal_hemorrhage", "hydrocephalus",
+                               "intracranial_calcification"}
+    return found
