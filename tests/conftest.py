@@ -40,3 +40,12 @@ def db_url(request, tmp_path):
     url = server.create_database()
     yield url
     server.drop_database(url)
+
+
+@pytest.fixture()
+def rx(tmp_path):
+    """In-process receiver parts (config, store, spool, receiver) in a temp data dir."""
+    from tests.nodeproc import receiver_parts
+
+    with receiver_parts(tmp_path) as parts:
+        yield parts

@@ -660,6 +660,15 @@ def sr_for(scp: "StorageSCP", series_uid: str, node: "NodeProcess", timeout: flo
         raise AssertionError(f"{exc}\n--- node log ---\n{node.log_tail(40)}") from None
 
 
+def sql_rows(cfg: Any, query: str, *args: Any) -> list[tuple]:
+    """Rows of a query on the SQLite audit database of an in-process node config."""
+    con = sqlite3.connect(cfg.database_url.removeprefix("sqlite:///"))
+    try:
+        return con.execute(query, args).fetchall()
+    finally:
+        con.close()
+
+
 def sr_presence(ds: Any, tmp: Path) -> dict[str, tuple[float, bool]]:
     """finding key -> (probability, Present?) of an SR the node sent (parsed with highdicom)."""
     import highdicom as hd

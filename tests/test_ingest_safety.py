@@ -20,20 +20,9 @@ from pynetdicom.sop_class import CTImageStorage
 
 from storage import Database, Store
 from tests.nodeproc import make_ct_series, receiver_parts, send_folder, wait_until
+from tests.nodeproc import sql_rows as rows
 
 
-@pytest.fixture()
-def rx(tmp_path: Path):
-    with receiver_parts(tmp_path) as parts:
-        yield parts
-
-
-def rows(cfg, query: str, *args):
-    con = sqlite3.connect(cfg.database_url.removeprefix("sqlite:///"))
-    try:
-        return con.execute(query, args).fetchall()
-    finally:
-        con.close()
 
 
 def _variant(src: Path, dst: Path, **tags) -> Path:

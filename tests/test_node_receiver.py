@@ -12,20 +12,9 @@ from node.config import config_from_dict
 from node.receiver import Receiver
 from storage import Database, Spool, Store
 from tests.nodeproc import make_ct_series, receiver_parts, send_folder, wait_until
+from tests.nodeproc import sql_rows as rows
 
 
-@pytest.fixture()
-def rx(tmp_path: Path):
-    with receiver_parts(tmp_path) as parts:
-        yield parts
-
-
-def rows(cfg, query: str, *args):
-    con = sqlite3.connect(cfg.database_url.removeprefix("sqlite:///"))
-    try:
-        return con.execute(query, args).fetchall()
-    finally:
-        con.close()
 
 
 def test_store_duplicate_conflict(rx, tmp_path: Path) -> None:
