@@ -9,7 +9,6 @@ the race window is.
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from storage import Database, Store
-from tests.nodeproc import make_ct_series, receiver_parts, send_folder, wait_until
+from tests.nodeproc import make_ct_series, send_folder, wait_until
 from tests.nodeproc import sql_rows as rows
 
 

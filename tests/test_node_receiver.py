@@ -11,7 +11,7 @@ import pytest
 from node.config import config_from_dict
 from node.receiver import Receiver
 from storage import Database, Spool, Store
-from tests.nodeproc import make_ct_series, receiver_parts, send_folder, wait_until
+from tests.nodeproc import make_ct_series, send_folder, wait_until
 from tests.nodeproc import sql_rows as rows
 
 
