@@ -237,14 +237,7 @@ class Spool:
             raise ValueError(f"{p} is not inside the spool {self.root}")
         existed = p.exists()
         p.unlink(missing_ok=True)
-        parent = p.parent
-        while parent != self.root and self.root in parent.parents:
-            try:
-                parent.rmdir()  # only succeeds when empty
-            except OSError:
-                break
-            self._known_dirs.discard(parent)
-            parent = parent.parent
+        self._prune_empty_dirs(p.parent)
         return existed
 
     def remove_if_same(self, path: str | Path, identity: tuple[int, int] | None) -> str:
