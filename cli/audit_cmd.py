@@ -18,7 +18,8 @@ from typing import Any
 
 import typer
 
-from molre.errors import MolreError
+from common.errors import MolreError
+from common.jsonsafe import jsonable
 
 audit_app = typer.Typer(
     name="audit",
@@ -98,20 +99,8 @@ def _open(db: str | None, config: Path | None):
     return Store(database, store_phi=store_phi), cfg
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _cell(value: Any) -> str:
-    value = _plain(value)
+    value = jsonable(value)
     if value is None:
         return ""
     if isinstance(value, (dict, list)):
@@ -129,7 +118,7 @@ def render(rows: list[dict[str, Any]], fmt: Format, *, payload: Any = None,
            max_width: int = 64) -> str:
     """Rows as an aligned text table, a JSON array (or ``payload``), or CSV with a header."""
     if fmt is Format.json:
-        return json.dumps(_plain(payload if payload is not None else rows), indent=2)
+        return json.dumps(jsonable(payload if payload is not None else rows), indent=2)
     if fmt is Format.csv:
         buf = io.StringIO()
         if rows:

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write synthetic head-CT phantoms with planted findings, and their manifest."""
         from molre.data.synth import dataset_summary, generate_dataset
-        from molre.errors import MolreError
+        from common.errors import MolreError
 
         if normal and findings:
             raise MolreError("synth: --normal and --findings contradict each other; give one")

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         """Label head-CT reports per catalog finding (medspaCy: ConText + sections)."""
         from molre.catalog import load_catalog
         from molre.labels import label_reports, load_lexicon, read_reports
-        from molre.log import get_logger
+        from common.log import get_logger
 
         cat = load_catalog(catalog)
         lex = load_lexicon(cat, lexicon)

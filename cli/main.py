@@ -11,9 +11,9 @@ import sys
 
 import typer
 
-from molre import __version__
-from molre.errors import MolreError
-from molre.log import configure_logging
+from common import __version__
+from common.errors import MolreError
+from common.log import configure_logging
 
 app = typer.Typer(
     name="molre-node",
@@ -81,7 +81,7 @@ def main() -> None:
         if isinstance(rc, int) and not isinstance(rc, bool):
             sys.exit(rc)
     except MolreError as exc:
-        from molre.log import clean_text, get_logger, json_logging
+        from common.log import clean_text, get_logger, json_logging
 
         if json_logging():  # `serve` with JSON logging: stderr carries JSON lines only
             get_logger("cli").error(clean_text(f"error: {exc}", 2000))

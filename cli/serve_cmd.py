@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
                                        "PostgreSQL database; docs/operations.md)."),
     ) -> None:
         """Run the DICOM node: receive head CT, read it, send the SR back. Stops on SIGTERM."""
-        from molre.log import configure_logging
+        from common.log import configure_logging
         from node.service import NodeService
 
         cfg = _load(config, port, data_dir, roles)

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         recipe = None
         if slices is not None:
             from molre.backbones import get_spec
-            from molre.errors import ConfigError
+            from common.errors import ConfigError
 
             if get_spec(backbone).dims != 2:
                 raise ConfigError(f"--slices applies to 2D backbones; {backbone!r} reads the whole "

@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
-from molre.errors import MolreError
-from molre.log import get_logger
+from common.errors import MolreError
+from common.log import get_logger
 
 __all__ = ["CacheReport", "VolumeCache", "series_key"]
 

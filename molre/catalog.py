@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from molre.errors import MolreError
+from common.errors import MolreError
 
 #: Category keys in their canonical order, with display names.
 CATEGORIES: dict[str, str] = {

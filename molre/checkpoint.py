@@ -21,8 +21,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,8 +30,10 @@ import torch
 from torch import nn
 
 from molre import __version__
-from molre.errors import CheckpointError, MolreError, WeightsError
-from molre.log import get_logger
+from common.errors import CheckpointError, MolreError, WeightsError
+from common.fs import atomic_write
+from common.jsonsafe import json_default
+from common.log import get_logger
 
 __all__ = [
     "CARD_FORMAT_VERSION",
@@ -102,26 +102,11 @@ def checkpoint_hash(tensors: Mapping[str, torch.Tensor], card: Mapping[str, Any]
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared read-only data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write_bytes(path, save(clean, metadata={"format": "pt"}))
+    atomic_write(path, save(clean, metadata={"format": "pt"}))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -189,24 +174,11 @@ def save_checkpoint(
         card["backbone"] = dict(card["backbone"], weights_file=BACKBONE_FILE)
     _save_tensors(directory / ADAPTER_FILE, tensors)
     digest = checkpoint_hash(tensors, card)
-    _atomic_write_bytes(directory / CARD_FILE,
-                        (json.dumps(card, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    atomic_write(directory / CARD_FILE,
+                 (json.dumps(card, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     log.info("checkpoint.saved", path=str(directory), checkpoint_hash=digest[:16],
              tensors=len(tensors))
     return digest
-
-
-def json_default(o: Any) -> Any:
-    """JSON encoder fallback for model cards and metrics lines (numpy, paths, to_dict objects)."""
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def default_checkpoint_path() -> Path:
@@ -548,6 +520,16 @@ class Predictor:
             warnings=list(getattr(volume, "warnings", []) or []),
             not_assessed=[k for k in self.catalog.keys if k not in assessed],
         )
+
+    def explain(self, volume: Any, keys: Sequence[str], *, key_images: int = 3,
+                method: str = "gradient") -> dict[str, Any]:
+        """Saliency of findings `keys` on `volume`, mapped to its slices (`molre.saliency`):
+        plain data for the node's evidence images."""
+        from molre.saliency import explain
+
+        index = {k: i for i, k in enumerate(self.catalog.keys)}
+        return explain(self.model, self.recipe, volume, {k: index[k] for k in keys},
+                       key_images=key_images, method=method, device=self.device)
 
     def predict_series(self, files: str | Path | Sequence[str | Path]) -> Prediction:
         """Read a series (directory or list of DICOM files / a NIfTI file) and predict.

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from molre.log import get_logger
+from common.log import get_logger
 
 log = get_logger("molre.demo_checkpoint")
 

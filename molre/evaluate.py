@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from molre.errors import MolreError
-from molre.log import get_logger
+from common.errors import MolreError
+from common.log import get_logger
 from molre.training import metrics as M
 
 __all__ = ["evaluate_checkpoint", "compare_runs", "read_predictions", "write_predictions",

@@ -35,8 +35,8 @@ from molre.adapters import (
     inject_adapters,
 )
 from molre.backbones import BackboneSpec, create_backbone, preset_targets
-from molre.errors import ConfigError
-from molre.log import get_logger
+from common.errors import ConfigError
+from common.log import get_logger
 
 log = get_logger(__name__)
 

@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from molre.log import get_logger
+from common.log import get_logger
 from node.background import BackgroundLoop
 from node.config import NodeConfig
 from node.selection import SeriesSummary, choose_preferred, evaluate, summarize

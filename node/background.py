@@ -55,7 +55,7 @@ class DrainLoop(BackgroundLoop):
         raise NotImplementedError
 
     def _run(self) -> None:
-        from molre.log import get_logger
+        from common.log import get_logger
 
         log = get_logger(f"node.{self._name}")
         while not self._stop.is_set():

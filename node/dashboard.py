@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from molre.log import get_logger
+from common.log import get_logger
 
 log = get_logger("node.dashboard")
 

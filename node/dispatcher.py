@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from molre.log import get_logger, redact
+from common.log import get_logger, redact
 from node.background import DrainLoop
 from node.config import Destination, NodeConfig
 from node.dicomnet import AssociationError, client_ssl_context, send_files

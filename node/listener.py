@@ -59,7 +59,7 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
-from molre.log import get_logger
+from common.log import get_logger
 
 log = get_logger("node.listener")
 

@@ -38,7 +38,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from molre.log import get_logger, redact
+from common.log import get_logger, redact
 from node.background import DrainLoop
 from node.config import NodeConfig, NotifyChannel
 

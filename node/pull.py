@@ -44,8 +44,8 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from molre.errors import MolreError
-from molre.log import get_logger
+from common.errors import MolreError
+from common.log import get_logger
 from node.config import SelectionConfig
 from node.dicomnet import CT_STORAGE_CLASSES, TRANSFER_SYNTAXES, file_header, make_ae
 from node.header import META_KEYWORDS, header_meta

@@ -70,8 +70,8 @@ from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import A_RELEASE
 
-from molre.errors import MolreError
-from molre.log import get_logger, redact
+from common.errors import MolreError
+from common.log import get_logger, redact
 from node.config import AllowedCaller, NodeConfig
 from node.dicomnet import (
     CT_STORAGE_CLASSES,

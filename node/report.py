@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from molre import __version__
+from common import __version__
 
 SERIES_DESCRIPTION = "AI RESULTS – NOT FOR DIAGNOSTIC USE"
 DEMO_SUFFIX = " – DEMO MODEL"

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from molre.data.volume import MAX_FIELD_OF_VIEW_MM, PIXEL_SPACING_MM
+from common.dicom import MAX_FIELD_OF_VIEW_MM, PIXEL_SPACING_MM
 from node.config import SelectionConfig
 
 HEAD_FIELDS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")

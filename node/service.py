@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from molre.log import banner, get_logger
+from common.log import banner, get_logger
 from node.config import NodeConfig
 
 log = get_logger("node.service")
@@ -125,7 +125,7 @@ class NodeService:
     def _check_checkpoint(self) -> str:
         """Cheap start-up check of `model.checkpoint` (the full load happens in the inference
         process, so the node process never imports torch in process isolation)."""
-        from molre.errors import ConfigError
+        from common.errors import ConfigError
 
         path = self.config.model.checkpoint
         if not path:

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from molre.errors import MolreError
-from molre.log import clean_text, get_logger, redact
+from common.errors import MolreError
+from common.log import clean_text, get_logger, redact
 from node.background import BackgroundLoop
 from node.config import NodeConfig
 
@@ -81,7 +81,7 @@ def predict_files(predictor: Any, paths: list[str], limits: dict[str, Any] | Non
     import math
 
     from molre.data.volume import read_series
-    from molre.errors import SeriesError
+    from common.errors import SeriesError
 
     max_voxels = (limits or {}).get("max_resampled_voxels")
     volume = read_series([Path(p) for p in paths], max_voxels=max_voxels)
@@ -113,7 +113,7 @@ def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
     # the child ignores SIGINT instead of printing a KeyboardInterrupt traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    from molre.log import configure_logging
+    from common.log import configure_logging
 
     configure_logging(json_output=log_json, level="WARNING")
     try:

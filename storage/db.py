@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
-from molre.errors import ConfigError
-from molre.log import get_logger
+from common.errors import ConfigError
+from common.log import get_logger
 
 log = get_logger("storage.db")
 

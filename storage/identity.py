@@ -22,7 +22,7 @@ import os
 import secrets
 from pathlib import Path
 
-from molre.errors import MolreError
+from common.errors import MolreError
 
 SECRET_FILE = "patient-key.secret"
 

@@ -18,8 +18,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
-from molre.errors import MolreError
-from molre.log import get_logger
+from common.errors import MolreError
+from common.log import get_logger
 
 if TYPE_CHECKING:
     from storage.db import Database

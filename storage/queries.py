@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
-from molre.log import get_logger
+from common.log import get_logger
 from storage.models import (Association, Event, Export, Instance, Job, Notification, Result,
                             Series, ShadowResult, Study)
 from storage.records import FINAL_STATES, NotFound, SeriesState

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from molre.log import get_logger
+from common.log import get_logger
 from storage.models import Association, Export, Job, Notification, Result, Series
 from storage.records import (FindingResult, InvalidTransition, JobClaim, NotFound, SeriesState)
 

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 
-from molre.log import get_logger, redact
+from common.log import get_logger, redact
 from storage.store import KnownInstance, SeriesIdentity, Store, StoredInstance
 
 log = get_logger("storage.recorder")

@@ -12,9 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
-import math
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,34 +225,6 @@ def _instance_record(row: Instance) -> InstanceRecord:
         study_uid=row.study_uid, sop_class_uid=row.sop_class_uid,
         instance_number=row.instance_number, transfer_syntax=row.transfer_syntax, size=row.size,
         series_version=row.series_version, received_at=row.received_at)
-
-
-def _json_safe(value: Any) -> Any:
-    """JSON columns get plain values: datetimes, paths, enums, numpy scalars/arrays and pydicom
-    values (MultiValue, DSfloat, IS, PersonName) are converted; anything else becomes text."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        # header values land here: no control characters in the audit database (an ANSI
-        # escape in a SeriesDescription must not reach an operator's terminal via `audit`)
-        return _CONTROL.sub(" ", value) if _CONTROL.search(value) else str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (dt.datetime, dt.date)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray)):
-        return value.hex()
-    if hasattr(value, "tolist"):  # numpy scalar or array
-        return _json_safe(value.tolist())
-    if isinstance(value, (Sequence, set, frozenset)):
-        return [_json_safe(v) for v in value]
-    return str(value)
 
 
 def _short(value: Any, n: int) -> str | None:

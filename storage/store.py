@@ -41,7 +41,8 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
 
-from molre.log import get_logger
+from common.jsonsafe import jsonable
+from common.log import get_logger
 from storage.db import Database, utcnow
 from storage.models import Association, Event, Instance, Job, Series, Study
 from storage.notices import NoticeMixin
@@ -52,7 +53,7 @@ from storage.records import (  # noqa: F401 - re-exported
     _CONTROL, _COUNT_COLUMN, ALLOWED_TRANSITIONS, FINAL_STATES, INSTANCE_STATUSES, S,
     ExportClaim, FindingResult, InstanceHeader, InstanceRecord, InvalidTransition, JobClaim,
     KnownInstance, NotFound, SeriesIdentity, SeriesRecord, SeriesState, StoredInstance,
-    _instance_record, _json_safe, _series_record, _short)
+    _instance_record, _series_record, _short)
 
 log = get_logger("storage.store")
 
@@ -81,7 +82,7 @@ def _stored_values(h: InstanceHeader, series_version: int, assoc_id: int | None,
         instance_number=h.instance_number, transfer_syntax=h.transfer_syntax,
         spool_path=str(spool_path) if spool_path is not None else None, size=size,
         sha256=sha256, status="stored", reason=None, received_at=received_at,
-        association_id=assoc_id, meta=_json_safe(h.meta or {}))
+        association_id=assoc_id, meta=jsonable(h.meta or {}))
 
 
 class _Prepared:
@@ -225,7 +226,7 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
                     from_state=str(from_state) if from_state is not None else None,
                     to_state=str(to_state) if to_state is not None else None,
                     study_uid=study_uid, series_uid=series_uid,
-                    details=_json_safe(details) if details else None))
+                    details=jsonable(details) if details else None))
 
     def _lock_series(self, s: Session, series_uid: str) -> Series:
         row = s.execute(select(Series).where(Series.series_uid == series_uid)
@@ -470,7 +471,7 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
             transfer_syntax=header.transfer_syntax,
             spool_path=str(spool_path) if spool_path is not None else None, size=size,
             sha256=sha256, status=status, reason=_short(reason, 2000), received_at=now,
-            association_id=assoc_id, meta=_json_safe(header.meta or {}))
+            association_id=assoc_id, meta=jsonable(header.meta or {}))
         s.add(row)
         if assoc_id is not None:
             column = getattr(Association, _COUNT_COLUMN[status])
@@ -570,7 +571,7 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
                 description=_short(meta.get("SeriesDescription"), 255),
                 state=S.RECEIVING.value, version=1, instance_count=0, first_instance_at=now,
                 last_instance_at=now, created_at=now, updated_at=now,
-                meta=_json_safe(meta), priority=0, patient_key=h.patient_key)
+                meta=jsonable(meta), priority=0, patient_key=h.patient_key)
             series = self._lock_series(s, h.series_uid)
             if created:
                 self._event(s, "series", series.series_uid, "created", at=now,

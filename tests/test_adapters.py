@@ -29,7 +29,7 @@ from molre.adapters import (
     reset_expert_usage,
     save_adapters,
 )
-from molre.errors import MolreError
+from common.errors import MolreError
 
 
 # ---------------------------------------------------------------------------------------------

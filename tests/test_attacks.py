@@ -500,7 +500,7 @@ def test_data_dir_and_database_are_private_whatever_the_umask(tmp_path: Path) ->
 
 
 def test_open_allow_list_needs_loopback_or_explicit_opt_in() -> None:
-    from molre.errors import ConfigError
+    from common.errors import ConfigError
     from node.config import check_exposure, config_from_dict
 
     for host in ("127.0.0.1", "::1", "localhost"):

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from molre.errors import MolreError
+from common.errors import MolreError
 from storage import Database, Spool, Store
 from storage.demo import ManualClock, seed_demo
 

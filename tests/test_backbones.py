@@ -18,7 +18,7 @@ from molre.backbones import (
     preset_targets,
     weights_digest,
 )
-from molre.errors import ConfigError, WeightsError
+from common.errors import ConfigError, WeightsError
 
 ALL = ["ct-fm", "tiny-3d", "dinov3-small", "dinov3-base", "dinov3-large", "tiny-2d", "medsiglip"]
 
@@ -289,7 +289,7 @@ def _run_cli(args: list[str]):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from molre.log import configure_logging
+    from common.log import configure_logging
 
     try:
         return CliRunner().invoke(app, args)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from molre.checkpoint import (Predictor, checkpoint_hash, default_checkpoint_path, load_card,
                               load_checkpoint, save_checkpoint, trainable_state_dict)
-from molre.errors import CheckpointError
+from common.errors import CheckpointError
 
 
 @pytest.fixture(scope="session")

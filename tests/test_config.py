@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from molre.errors import ConfigError
+from common.errors import ConfigError
 from node.config import NodeConfig, config_from_dict, iter_keys, load_config, with_overrides
 
 REPO = Path(__file__).resolve().parent.parent

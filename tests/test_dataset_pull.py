@@ -163,7 +163,7 @@ def test_pacs_and_reports_to_train(tmp_path: Path) -> None:
 
 
 def test_select_study_split_and_pacs_parsing() -> None:
-    from molre.errors import MolreError
+    from common.errors import MolreError
     from node.config import SelectionConfig
     from node.pull import Pacs, parse_split, split_of
     from node.selection import select_study, summarize

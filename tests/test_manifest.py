@@ -11,7 +11,7 @@ import pytest
 from molre.catalog import load_catalog
 from molre.data.dicomio import write_ct_series
 from molre.data.manifest import ManifestRow, read_manifest, read_volume, write_manifest
-from molre.errors import MolreError
+from common.errors import MolreError
 
 CAT = load_catalog()
 

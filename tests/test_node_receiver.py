@@ -135,7 +135,7 @@ def test_tls_listener_requires_client_certificate(tmp_path: Path) -> None:
 def test_durability_config_and_os_mode_needs_no_fsync(tmp_path: Path, monkeypatch) -> None:
     import os
 
-    from molre.errors import ConfigError
+    from common.errors import ConfigError
     from node.service import open_storage
 
     with pytest.raises(ConfigError, match="storage.durability"):

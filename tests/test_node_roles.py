@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from molre.errors import ConfigError
+from common.errors import ConfigError
 from node.config import config_from_dict, with_overrides
 from node.worker import RELEASE_DELAY_S, Worker
 from storage import Database, InstanceHeader, Spool, Store

@@ -336,7 +336,7 @@ def test_cohen_kappa_and_agreement_by_site(tmp_path: Path) -> None:
     ({"model": {"shadow": [{"name": "a"}]}}, "model.shadow[0].checkpoint: required"),
 ])
 def test_bad_issue17_config_names_the_key(data: dict, message: str) -> None:
-    from molre.errors import ConfigError
+    from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")
                        .replace("(", r"\(").replace(".", r"\.")):

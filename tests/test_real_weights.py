@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from molre.errors import ConfigError, WeightsError
+from common.errors import ConfigError, WeightsError
 from tests.nodeproc import NodeProcess, StorageSCP, make_ct_series, send_folder, wait_until
 
 
@@ -25,7 +25,7 @@ def _run_cli(args: list[str]):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from molre.log import configure_logging
+    from common.log import configure_logging
 
     try:
         return CliRunner().invoke(app, args)

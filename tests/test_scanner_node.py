@@ -191,7 +191,7 @@ class _FakePredictor:
 def test_predict_files_bounds_what_the_recipe_resamples(tmp_path: Path) -> None:
     """The limit is checked before the recipe allocates: a 3-D recipe at 0.5 mm over a
     216 x 216 x 100 mm head is ~37 M voxels, refused under a 1 M limit; 5 x 2 x 2 mm is not."""
-    from molre.errors import SeriesError
+    from common.errors import SeriesError
     from node.worker import predict_files
 
     paths = [str(p) for p in write_base_series(tmp_path / "s", np.random.default_rng(0))]

@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from molre.errors import MolreError
+from common.errors import MolreError
 from storage import Database, FindingResult, SeriesState, Store
 from storage.migrate import MIGRATIONS_DIR, head_revision
 from storage.models import Base

@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from molre.data import synth
 from molre.data.synth import PHANTOM_FINDINGS, render_phantom, write_phantom_series
-from molre.errors import MolreError
+from common.errors import MolreError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SIZE = 96  # coarse enough to be fast, fine enough (2.3 mm pixels) to resolve the findings

@@ -132,7 +132,7 @@ def test_resume_continues_exactly(toy_run, tmp_path):
         assert x["step"] == y["step"] and x["train_loss"] == y["train_loss"]
         assert x["val_macro_auc"] == y["val_macro_auc"]
     # resuming with different options is refused with the option named
-    from molre.errors import MolreError
+    from common.errors import MolreError
 
     with pytest.raises(MolreError, match="lr"):
         train(toy_train_config(manifest, out, cache, epochs=3, resume=out, lr=0.5))
@@ -189,7 +189,7 @@ def test_ddp_two_processes_gloo_only_rank0_writes(toy_run, tmp_path):
 def test_cache_skips_bad_series_with_reason_and_reuses_good_ones(toy_run, tmp_path):
     from molre.backbones import create_backbone
     from molre.cache import VolumeCache
-    from molre.errors import MolreError
+    from common.errors import MolreError
     from molre.training.loop import _build_recipe
 
     manifest, _ = toy_run

@@ -18,7 +18,7 @@ from molre.data.dicomio import (
     write_enhanced_ct,
 )
 from molre.data.volume import read_series
-from molre.errors import SeriesError
+from common.errors import SeriesError
 
 SPACING = (5.0, 0.5, 0.75)
 

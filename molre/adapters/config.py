@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from molre.errors import ConfigError
+from common.errors import ConfigError
 
 #: Default targets: attention projections of timm ViTs and every Conv3d of a CT-FM style encoder.
 #: Backbones normally pass their own `BackboneSpec.default_targets`.

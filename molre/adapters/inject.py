@@ -22,8 +22,8 @@ from torch import nn
 
 from molre.adapters.config import MoLREConfig
 from molre.adapters.layers import SUPPORTED_TYPES, MoLREConv, MoLRELayer, MoLRELinear
-from molre.errors import MolreError
-from molre.log import get_logger
+from common.errors import MolreError
+from common.log import get_logger
 
 _log = get_logger("molre.adapters")
 

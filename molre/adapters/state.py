@@ -25,7 +25,7 @@ from torch import nn
 
 from molre.adapters.config import MoLREConfig
 from molre.adapters.inject import adapted_layers, adapter_parameter_names, get_config
-from molre.errors import CheckpointError, MolreError
+from common.errors import CheckpointError, MolreError
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from molre.errors import MolreError
+from common.errors import MolreError
 
 from .registry import BackboneSpec, register_backbone
 

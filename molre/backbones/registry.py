@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from molre.errors import ConfigError
+from common.errors import ConfigError
 
 from .weights import LoadReport, load_weights_into, read_config, resolve_weights
 
@@ -254,7 +254,7 @@ def describe_backbone(name: str, experts: int = 6, rank: int = 8) -> dict[str, A
     (e.g. ``medsiglip`` without ``transformers``) gets an ``error`` field instead of counts.
     """
     from molre.adapters import MoLREConfig, adapter_report, inject_adapters
-    from molre.errors import MolreError
+    from common.errors import MolreError
 
     spec = get_spec(name)
     row: dict[str, Any] = spec.to_dict()

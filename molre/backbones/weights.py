@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from molre.errors import WeightsError
-from molre.log import get_logger
+from common.errors import WeightsError
+from common.log import get_logger
 
 log = get_logger(__name__)
 

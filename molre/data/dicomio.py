@@ -44,7 +44,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from molre.errors import MolreError
+from common.errors import MolreError
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")

@@ -28,7 +28,7 @@ import numpy as np
 
 from molre.catalog import Catalog
 from molre.data.volume import SeriesVolume, read_volume
-from molre.errors import MolreError
+from common.errors import MolreError
 
 SPLITS = ("train", "val", "test")
 BASE_COLUMNS = ("path", "patient_id", "split")

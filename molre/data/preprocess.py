@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from molre.data.volume import SeriesVolume
-from molre.errors import ConfigError
+from common.errors import ConfigError
 
 #: Bump when a recipe's output changes for the same params (invalidates caches).
 DATA_VERSION = "molre-preprocess-1"

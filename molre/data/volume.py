@@ -64,8 +64,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from molre.errors import SeriesError
-from molre.log import get_logger
+from common.errors import SeriesError
+from common.log import get_logger
 
 log = get_logger("molre.data.volume")
 

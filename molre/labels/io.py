@@ -21,14 +21,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from molre.catalog import Catalog
-from molre.errors import MolreError
+from common.errors import MolreError
+from common.fs import atomic_write
 
 REPORT_COLUMNS = ("accession_number", "report_text")
 LABEL_VALUES = {"1": 1, "0": 0, "-1": -1, "": None}
@@ -84,14 +84,6 @@ def read_reports(path: Path | str) -> list[tuple[str, str]]:
     return [(a, "\n".join(texts[a])) for a in order]
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        write(fh)
-    os.replace(tmp, path)
-
-
 def evidence_path(labels_csv: Path | str) -> Path:
     p = Path(labels_csv)
     return p.with_name(p.stem + ".evidence.jsonl")
@@ -117,7 +109,7 @@ def write_labels(path: Path | str, rows: Sequence[tuple[str, dict[str, int | Non
         for acc, labels in rows:
             w.writerow([acc, *(_fmt(labels.get(k)) for k in catalog.keys)])
 
-    _atomic_write(p, write)
+    atomic_write(p, write)
     return p
 
 
@@ -128,13 +120,13 @@ def write_evidence(path: Path | str, records: Iterable[dict[str, Any]]) -> Path:
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
 
-    _atomic_write(p, write)
+    atomic_write(p, write)
     return p
 
 
 def write_info(path: Path | str, info: dict[str, Any]) -> Path:
     p = Path(path)
-    _atomic_write(p, lambda fh: fh.write(json.dumps(info, indent=1, sort_keys=True) + "\n"))
+    atomic_write(p, lambda fh: fh.write(json.dumps(info, indent=1, sort_keys=True) + "\n"))
     return p
 
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from molre.catalog import Catalog
-from molre.errors import MolreError
+from common.errors import MolreError
 from molre.labels.lexicon import MAX_MODIFIERS, MOD, Lexicon
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1

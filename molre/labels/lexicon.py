@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from molre.catalog import Catalog
-from molre.errors import MolreError
+from common.errors import MolreError
 
 _FORMAT = "molre-report-lexicon"
 MOD = "{mod}"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from molre.catalog import Catalog
-from molre.errors import MolreError
+from common.errors import MolreError
 from molre.labels.labeler import NEGATIVE, POSITIVE, UNCERTAIN, ReportLabeler
 from molre.labels.lexicon import Lexicon
 

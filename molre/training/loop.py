@@ -39,9 +39,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from molre import __version__
-from molre.checkpoint import json_default
-from molre.errors import ConfigError, MolreError
-from molre.log import get_logger
+from common.errors import ConfigError, MolreError
+from common.fs import atomic_write
+from common.jsonsafe import json_default
+from common.log import get_logger
 from molre.losses import focal_loss, prevalence_weights
 from molre.training import metrics as M
 from molre.training.schedule import warmup_cosine
@@ -1072,9 +1073,7 @@ def _save_epoch(run: _Run, progress: _Progress, epoch: int, train_loss: float, e
               "rng": _rng_state(), "best_auc": progress.best_auc,
               "best_loss": progress.best_loss, "best_epoch": progress.best_epoch,
               "config": run.cfg.to_dict(), "history": progress.history}
-    tmp = run.last_dir / (TRAINER_STATE + ".tmp")
-    torch.save(tstate, tmp)
-    os.replace(tmp, run.last_dir / TRAINER_STATE)
+    atomic_write(run.last_dir / TRAINER_STATE, lambda fh: torch.save(tstate, fh), binary=True)
     _json_line(run.metrics_path, rec)
     log.info("train.epoch", epoch=epoch + 1, step=progress.global_step,
              train_loss=round(train_loss, 5),

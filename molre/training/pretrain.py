@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from molre.log import get_logger
+from common.log import get_logger
 
 log = get_logger("molre.pretrain")
 

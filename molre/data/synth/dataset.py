@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from molre.errors import MolreError
-from molre.log import get_logger
+from common.errors import MolreError
+from common.log import get_logger
 
 from .anatomy import sample_anatomy
 from .findings import PHANTOM_FINDINGS, check_findings

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from molre.errors import MolreError
+from common.errors import MolreError
 
 from .anatomy import (Anatomy, RenderContext, ellipsoid_depth, floor_w, in_ellipsoid,
                       ventricle_factors, ventricle_parts)

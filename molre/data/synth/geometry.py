@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from molre.errors import MolreError
+from common.errors import MolreError
 
 
 class PlacementError(MolreError):

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from molre.errors import MolreError
+from common.errors import MolreError
+from common.jsonsafe import jsonable
 
 from .anatomy import Anatomy, RenderContext, render_anatomy, sample_anatomy
 from .findings import (PHANTOM_FINDINGS, RENDER_ORDER, check_findings, finding_rngs,
@@ -64,19 +65,8 @@ class PhantomInfo:
 
 
 def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return round(float(obj), 4)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    return obj
+    """Manifest values: plain JSON, floats to 4 decimals."""
+    return jsonable(obj, float_digits=4)
 
 
 def check_shape_args(size: int | None, n_slices: int | None, slice_thickness: float | None) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from molre.errors import MolreError
+from common.errors import MolreError
 
 from .anatomy import Anatomy, RenderContext
 from .geometry import PhantomGeometry, rotation_matrix

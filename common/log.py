@@ -103,7 +103,7 @@ def _clean_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 def _foreign_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     """A standard-library record's message is foreign text: redacted."""
     record = event.get("_record")
-    if record is not None and not getattr(record, "_molre_safe", False):
+    if record is not None and not getattr(record, "_log_safe", False):
         event["event"] = redact(event.get("event", ""))
     return event
 
