@@ -267,6 +267,10 @@ class ReportConfig:
     """The result objects sent to destinations."""
 
     secondary_capture: bool = False
+    #: evidence images: key slices of each Present finding with the model's saliency overlaid
+    #: (Secondary Capture, series 9903), referenced from the SR (node/evidence.py)
+    evidence: bool = False
+    evidence_key_images: int = 3
     manufacturer: str = "molre-node project"
     institution_name: str = ""
     device_name: str = "MOLRE-NODE"
@@ -621,6 +625,9 @@ def _validate_extras(cfg: NodeConfig) -> None:
         if not sm.checkpoint:
             raise ConfigError(f"model.shadow[{i}].checkpoint: required (a checkpoint directory "
                               f"or \"demo\")")
+    if not 1 <= cfg.report.evidence_key_images <= 20:
+        raise ConfigError(f"report.evidence_key_images: expected an integer 1..20 (key images "
+                          f"per Present finding), got {cfg.report.evidence_key_images}")
     d = cfg.dashboard
     _check_port(d.port, "dashboard.port", allow_zero=True)
     if bool(d.username) != bool(d.password):
