@@ -33,13 +33,8 @@ from pynetdicom.presentation import (
 )
 from pynetdicom.sop_class import Verification
 
-# CT classes the node reads.
-CT_IMAGE_STORAGE = puid.UID("1.2.840.10008.5.1.4.1.1.2")
-ENHANCED_CT_IMAGE_STORAGE = puid.UID("1.2.840.10008.5.1.4.1.1.2.1")
-LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = puid.UID("1.2.840.10008.5.1.4.1.1.2.2")
-#: what the receiver stores (the volume reader reads all three); any other class is 'ignored'
-CT_STORAGE_CLASSES: tuple[puid.UID, ...] = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE,
-                                            LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE)
+from common.dicom import CT_STORAGE_CLASSES  # noqa: F401 - re-exported
+
 
 #: Transfer syntaxes accepted for every storage class (uncompressed first: preferred).
 TRANSFER_SYNTAXES: tuple[puid.UID, ...] = (

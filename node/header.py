@@ -32,6 +32,8 @@ from pydicom.uid import UID, PrivateTransferSyntaxes
 from pydicom.valuerep import IS, DSclass, PersonName
 from pydicom.values import convert_numbers, multi_string
 
+from common.dicom import first_item, functional_group_value
+from common.jsonsafe import jsonable
 from storage import InstanceHeader
 
 META_KEYWORDS = (
@@ -48,15 +50,14 @@ PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
 _META_TAGS = tuple((kw, int(Tag(kw))) for kw in META_KEYWORDS)
 _PHI_TAGS = tuple((kw, int(Tag(kw))) for kw in PHI_KEYWORDS)
 
-_SHARED = ("SharedFunctionalGroupsSequence",)
-#: Enhanced CT: where a meta attribute lives in the functional groups when it is not top-level
+#: Enhanced CT: the functional-group macro that holds a meta attribute when it is not top-level
 _FALLBACKS = {
-    "SliceThickness": _SHARED + ("PixelMeasuresSequence", "SliceThickness"),
-    "PixelSpacing": _SHARED + ("PixelMeasuresSequence", "PixelSpacing"),
-    "ImageOrientationPatient": _SHARED + ("PlaneOrientationSequence", "ImageOrientationPatient"),
-    "ConvolutionKernel": _SHARED + ("CTReconstructionSequence", "ConvolutionKernel"),
-    "RescaleSlope": _SHARED + ("PixelValueTransformationSequence", "RescaleSlope"),
-    "RescaleIntercept": _SHARED + ("PixelValueTransformationSequence", "RescaleIntercept"),
+    "SliceThickness": "PixelMeasuresSequence",
+    "PixelSpacing": "PixelMeasuresSequence",
+    "ImageOrientationPatient": "PlaneOrientationSequence",
+    "ConvolutionKernel": "CTReconstructionSequence",
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
 }
 _SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _ACCESSION, _INSTANCE_NUMBER = (
     int(Tag(kw)) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
@@ -72,21 +73,16 @@ _MISSING = object()
 
 
 def _plain(value: Any) -> Any:
-    """DICOM element value -> JSON-able (DS/IS -> float/int, PN/UID -> str, bytes dropped)."""
+    """DICOM element value -> header meta value (:func:`common.jsonsafe.jsonable`), except that
+    bytes are dropped and a non-finite number is kept as text ("nan"): the selection rules
+    refuse a NaN RescaleSlope by name instead of seeing the attribute as absent."""
     if value is None or isinstance(value, bytes):
         return None
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
         return [_plain(v) for v in value]
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        f = float(value)
-        # kept as text ("nan", "inf"): the selection rules refuse a NaN RescaleSlope by name
-        # instead of seeing the attribute as absent
-        return f if math.isfinite(f) else str(f)
-    return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(float(value))
+    return jsonable(value)
 
 
 def _int_or_none(v: Any) -> int | None:
@@ -137,11 +133,10 @@ def _meta(value: Callable[[int], Any], ds: Any = None) -> dict[str, Any]:
                 meta[kw] = v
     if ds is None:
         return meta
-    for kw, path in _FALLBACKS.items():
+    frame = first_item(ds, "PerFrameFunctionalGroupsSequence")
+    for kw, sequence in _FALLBACKS.items():
         if kw not in meta:
-            v = _first(ds, path)
-            if v is None and kw != "SliceThickness":
-                v = _first(ds, ("PerFrameFunctionalGroupsSequence",) + path[1:])
+            v = functional_group_value(ds, frame, sequence, kw)
             if v not in (None, "", []):
                 meta[kw] = _plain(v)
     if "ContrastBolusAgent" not in meta:

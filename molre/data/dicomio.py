@@ -32,6 +32,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import format_number_as_ds
 from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -46,8 +48,8 @@ from pydicom.uid import (
 
 from common.errors import MolreError
 
-CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
-ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
+CT_IMAGE_STORAGE = CTImageStorage
+ENHANCED_CT_IMAGE_STORAGE = EnhancedCTImageStorage
 JPEG_LOSSLESS_P14 = UID("1.2.840.10008.1.2.4.57")
 
 #: Transfer syntaxes `compress_file` can produce (pydicom encoders; dcmtk for JPEG Lossless).

@@ -63,24 +63,20 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import CTImageStorage
 
+from common.dicom import (CT_STORAGE_CLASSES, MAX_FIELD_OF_VIEW_MM, MULTIFRAME_CT_CLASSES,
+                          PIXEL_SPACING_MM, functional_group_value)
 from common.errors import SeriesError
 from common.log import get_logger
 
 log = get_logger("molre.data.volume")
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.2"
-_MULTIFRAME_CT = (ENHANCED_CT_IMAGE, LEGACY_ENHANCED_CT_IMAGE)
-_CT_CLASSES = (CT_IMAGE, *_MULTIFRAME_CT)
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-#: What a CT scanner can produce; a header outside these is corrupt or hostile, and resampling
-#: it would make megabytes of input into gigabytes of volume.
-PIXEL_SPACING_MM = (0.01, 10.0)
-MAX_FIELD_OF_VIEW_MM = 1000.0
+#: Like common.dicom's PIXEL_SPACING_MM and MAX_FIELD_OF_VIEW_MM: beyond it the header is
+#: corrupt or hostile.
 MAX_SLICE_SPACING_MM = 20.0
 #: Default bound on the voxels of the regular grid (float32: 4 bytes each); callers pass theirs.
 DEFAULT_MAX_VOXELS = 512 * 512 * 2048
@@ -172,24 +168,6 @@ def _floats(value: Any, n: int, tag: str, where: str) -> np.ndarray:
     return arr
 
 
-def _fg_attr(ds: Dataset, frame_item: Dataset | None, seq: str, attr: str) -> Any:
-    """Look an attribute up in the per-frame functional group, then the shared one."""
-    for holder in (frame_item, _first(ds, "SharedFunctionalGroupsSequence")):
-        if holder is None:
-            continue
-        item = _first(holder, seq)
-        if item is not None and attr in item:
-            return item[attr].value
-    return ds.get(attr)
-
-
-def _first(ds: Dataset | None, seq: str) -> Dataset | None:
-    if ds is None or seq not in ds:
-        return None
-    value = ds[seq].value
-    return value[0] if value else None
-
-
 def _rescale(ds: Dataset, where: str, warnings: list[str], slope: Any, intercept: Any
              ) -> tuple[float, float]:
     if slope is None or intercept is None:
@@ -224,7 +202,7 @@ def _frames_of(path: Path, ds: Dataset, warnings: list[str]) -> list[_Frame]:
         raise SeriesError(f"{where}: SamplesPerPixel={ds.SamplesPerPixel}; CT must be grey-scale")
     rows, cols = int(ds.Rows), int(ds.Columns)
     inst = int(ds.get("InstanceNumber") or 0)
-    if str(ds.SOPClassUID) in _MULTIFRAME_CT:
+    if str(ds.SOPClassUID) in MULTIFRAME_CT_CLASSES:
         n = int(ds.get("NumberOfFrames") or 1)
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         if per_frame is None or len(per_frame) != n:
@@ -234,12 +212,12 @@ def _frames_of(path: Path, ds: Dataset, warnings: list[str]) -> list[_Frame]:
         for i in range(n):
             item = per_frame[i]
             fw = f"{where} frame {i + 1}"
-            pos = _fg_attr(ds, item, "PlanePositionSequence", "ImagePositionPatient")
-            ori = _fg_attr(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient")
-            spc = _fg_attr(ds, item, "PixelMeasuresSequence", "PixelSpacing")
-            slope = _fg_attr(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
-            icpt = _fg_attr(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
-            thick = _float_or_none(_fg_attr(ds, item, "PixelMeasuresSequence", "SliceThickness"))
+            pos = functional_group_value(ds, item, "PlanePositionSequence", "ImagePositionPatient")
+            ori = functional_group_value(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient")
+            spc = functional_group_value(ds, item, "PixelMeasuresSequence", "PixelSpacing")
+            slope = functional_group_value(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
+            icpt = functional_group_value(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
+            thick = _float_or_none(functional_group_value(ds, item, "PixelMeasuresSequence", "SliceThickness"))
             out.append(_Frame(
                 path, i, sop_uid, inst,
                 _floats(pos, 3, "PlanePositionSequence/ImagePositionPatient", fw),
@@ -294,7 +272,7 @@ def _collect(files: list[Path], warnings: list[str]) -> tuple[list[_Frame], dict
         if "Rows" not in ds or not sop_class:
             skipped[f"non-image object ({_class_name(sop_class)})"] += 1
             continue
-        if sop_class not in _CT_CLASSES:
+        if sop_class not in CT_STORAGE_CLASSES:
             skipped[f"image of another SOP class ({_class_name(sop_class)})"] += 1
             continue
         image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
@@ -316,7 +294,7 @@ def _collect(files: list[Path], warnings: list[str]) -> tuple[list[_Frame], dict
         raise SeriesError(f"files belong to {len(series)} series (SeriesInstanceUID {detail}); "
                           "give one series at a time")
     classes = Counter(str(ds.SOPClassUID) for _, ds in headers)
-    if CT_IMAGE in classes and len(classes) > 1:
+    if CTImageStorage in classes and len(classes) > 1:
         raise SeriesError("series mixes single-frame CT Image Storage and Enhanced CT objects "
                           f"(SOPClassUID {dict(classes)}); export one form only")
     sops = Counter(str(ds.get("SOPInstanceUID", "")) for _, ds in headers)
