@@ -14,6 +14,7 @@ pending exports (they fail with a clear error until it is configured again).
 from __future__ import annotations
 
 import datetime as dt
+import glob
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,14 @@ def backoff_s(attempts: int, base: float, ceiling: float) -> float:
 
 
 def report_files(report_path: str | Path) -> list[Path]:
-    """The SR plus companion objects written beside it (`<stem>.sc.dcm`)."""
+    """The SR plus companion objects written beside it (`<stem>.sc.dcm`, the evidence images
+    `<stem>.evNNN.dcm`, node/evidence.py)."""
     p = Path(report_path)
     files = [p]
     sc = p.with_name(p.stem + ".sc.dcm")
     if sc.exists():
         files.append(sc)
+    files += sorted(p.parent.glob(glob.escape(p.stem) + ".ev[0-9][0-9][0-9].dcm"))
     return files
 
 

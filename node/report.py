@@ -59,6 +59,7 @@ CT_OF_HEAD = Code("303653007", "SCT", "CT of head")
 HEAD = Code("69536005", "SCT", "Head")
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+ILLUSTRATION_OF_ROI = Code("121200", "DCM", "Illustration of ROI")
 USAGE = Code("usage", LOCAL_SCHEME, "Usage restriction")
 PROCESSING = Code("processing", LOCAL_SCHEME, "Processing of the source images")
 USAGE_TEXT = ("AI RESULTS – NOT FOR DIAGNOSTIC USE. Output of research software; it must not be "
@@ -165,19 +166,34 @@ def _contributing_equipment(identity: NodeIdentity, prediction: Mapping[str, Any
     )
 
 
+def _source_images(evidence_images: Sequence[Any], key: str
+                   ) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
+    """The CT slices that drove finding `key` (its key images' sources), once each."""
+    refs: dict[str, str] = {}
+    for e in evidence_images:
+        if e.finding == key:
+            refs.setdefault(e.source_sop_instance_uid, e.source_sop_class_uid)
+    return [hd.sr.SourceImageForMeasurementGroup(referenced_sop_class_uid=cls,
+                                                 referenced_sop_instance_uid=uid)
+            for uid, cls in refs.items()] or None
+
+
 def build_sr(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog: Any, *,
              version: int = 1, identity: NodeIdentity | None = None,
-             sop_instance_uid: str | None = None) -> Dataset:
+             sop_instance_uid: str | None = None,
+             evidence_images: Sequence[Any] = ()) -> Dataset:
     """Build the TID 1500 Comprehensive 3D SR for one prediction.
 
     `sources`: headers of the CT instances read (evidence; the first gives patient/study).
     `prediction`: `Prediction.to_dict()` (probabilities, decisions, checkpoint_hash, model_name,
     model_version, is_demo). `catalog`: the checkpoint's `Catalog` (order and codes).
+    `evidence_images`: `node.evidence.EvidenceImage`s; each finding's measurement group then
+    names its key CT slices as Source images and its key images as "Illustration of ROI".
     """
     if not sources:
         raise ValueError("build_sr needs at least one source instance")
     identity = identity or NodeIdentity()
-    evidence = [_filled(ds) for ds in sources]
+    evidence = [_filled(ds) for ds in sources] + [_filled(e.dataset) for e in evidence_images]
     probs: Mapping[str, float] = prediction["probabilities"]
     decisions: Mapping[str, bool] = prediction["decisions"]
     model_name = str(prediction.get("model_name") or "molre")[:64]
@@ -206,7 +222,14 @@ def build_sr(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog:
                 name=PRESENCE, value=PRESENT if decisions.get(f.key) else ABSENT)],
             measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(p, 6),
                                             unit=NO_UNITS)],
+            source_images=_source_images(evidence_images, f.key),
         ))
+        for e in evidence_images:  # the key images of this finding (node.evidence)
+            if e.finding == f.key:
+                groups[-1][0].ContentSequence.append(hd.sr.ImageContentItem(
+                    name=ILLUSTRATION_OF_ROI, referenced_sop_class_uid=e.dataset.SOPClassUID,
+                    referenced_sop_instance_uid=e.dataset.SOPInstanceUID,
+                    relationship_type="CONTAINS"))
     report = hd.sr.MeasurementReport(observation_context=context,
                                      procedure_reported=CT_OF_HEAD,
                                      imaging_measurements=groups)

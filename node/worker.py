@@ -101,6 +101,15 @@ def predict_files(predictor: Any, paths: list[str], limits: dict[str, Any] | Non
     pred["corrections"] = list(volume.meta.get("corrections") or [])
     pred["slice_thickness"] = volume.meta.get("slice_thickness")
     pred["slice_thickness_values"] = list(volume.meta.get("slice_thickness_values") or [])
+    key_images = int((limits or {}).get("evidence_key_images") or 0)
+    present = [k for k, v in pred.get("decisions", {}).items() if v]
+    if key_images > 0 and present:
+        # evidence images ([report] evidence): saliency of the Present findings from this
+        # model; a failure here never costs the report (the worker audits "evidence_failed")
+        try:
+            pred["saliency"] = predictor.explain(volume, present, key_images=key_images)
+        except Exception as exc:  # noqa: BLE001
+            pred["saliency_error"] = f"{type(exc).__name__}: {redact(str(exc), 500)}"
     return pred
 
 
@@ -329,6 +338,8 @@ def make_engine(config: NodeConfig, shadow: Any = None) -> ProcessEngine | Threa
         engine = ProcessEngine(ckpt, m.device, log_json=config.logging.json, threads=threads,
                                weights=weights)
     engine.limits = {"max_resampled_voxels": m.max_resampled_voxels}
+    if shadow is None and config.report.evidence:  # shadows never report, so never explain
+        engine.limits["evidence_key_images"] = config.report.evidence_key_images
     return engine
 
 
@@ -479,8 +490,28 @@ class Worker(BackgroundLoop):
             identity = NodeIdentity(ae_title=self.config.network.ae_title,
                                     manufacturer=r.manufacturer, device_name=r.device_name,
                                     institution_name=r.institution_name)
-            sr = build_sr(sources, pred, catalog, version=job.version, identity=identity)
+            images = self._evidence(job, sources, instances, pred, catalog, identity, jlog)
+            try:
+                sr = build_sr(sources, pred, catalog, version=job.version, identity=identity,
+                              evidence_images=images)
+            except Exception as exc:  # noqa: BLE001 - evidence never costs the report
+                if not images:
+                    raise
+                self._evidence_failed(job, f"SR with evidence references: {type(exc).__name__}"
+                                           f": {redact(str(exc), 500)}", jlog)
+                images = []
+                sr = build_sr(sources, pred, catalog, version=job.version, identity=identity)
             base = f"reports/{job.study_uid}/{job.series_uid}/v{job.version}-{sr.SOPInstanceUID}"
+            for n, image in enumerate(images, 1):  # companions of the SR: sent with it
+                self.spool.write_atomic(f"{base}.ev{n:03d}.dcm", to_bytes(image.dataset))
+            if images:
+                self.store.log_event(
+                    "series", job.series_uid, "evidence_written",
+                    {"version": job.version, "job_id": job.id, "images": len(images),
+                     "findings": sorted({i.finding for i in images}),
+                     "sop_instance_uids": [str(i.dataset.SOPInstanceUID) for i in images],
+                     "source_sop_instance_uids": [i.source_sop_instance_uid for i in images]},
+                    study_uid=job.study_uid, series_uid=job.series_uid)
             report_path = self.spool.write_atomic(base + ".dcm", to_bytes(sr))
             if r.secondary_capture:
                 sc = build_summary_sc(sources, pred, catalog, version=job.version,
@@ -519,6 +550,36 @@ class Worker(BackgroundLoop):
             # exception texts of libraries may quote header values: redacted, one line
             self._fail(job, f"{type(exc).__name__}: {redact(str(exc), 1000)}", final=False,
                        jlog=jlog)
+
+    def _evidence(self, job: Any, sources: list[Any], instances: list[Any], pred: dict,
+                  catalog: Any, identity: Any, jlog: Any) -> list[Any]:
+        """Key images of the Present findings (`[report] evidence`); [] and an audit event
+        "evidence_failed" when they cannot be made -- the SR goes out regardless."""
+        if not self.config.report.evidence:
+            return []
+        if pred.get("saliency_error"):
+            self._evidence_failed(job, f"saliency: {pred['saliency_error']}", jlog)
+            return []
+        if not pred.get("saliency"):
+            return []  # nothing Present: nothing to show
+        try:
+            from node.evidence import build_evidence
+
+            files = {i.sop_instance_uid: i.spool_path for i in instances if i.spool_path}
+            return build_evidence(sources, files, pred, catalog, version=job.version,
+                                  identity=identity)
+        except Exception as exc:  # noqa: BLE001
+            self._evidence_failed(job, f"{type(exc).__name__}: {redact(str(exc), 500)}", jlog)
+            return []
+
+    def _evidence_failed(self, job: Any, error: str, jlog: Any) -> None:
+        jlog.warning("evidence images not made; report sent without them", error=error[:200])
+        try:
+            self.store.log_event("series", job.series_uid, "evidence_failed",
+                                 {"version": job.version, "job_id": job.id, "error": error},
+                                 study_uid=job.study_uid, series_uid=job.series_uid)
+        except Exception:  # noqa: BLE001
+            jlog.exception("could not record evidence failure")
 
     def _run_shadows(self, job: Any, paths: list[str], jlog: Any) -> None:
         """Shadow mode: every `[[model.shadow]]` checkpoint reads the same files after the
