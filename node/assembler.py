@@ -43,9 +43,6 @@ class Assembler(BackgroundLoop):
         self._last_prune = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def stop(self, timeout: float = 10.0) -> None:
-        super().stop(timeout)
-
     def _run(self) -> None:
         a = self.config.assembler
         while not self._stop.is_set():

@@ -153,11 +153,6 @@ def _dataset_value(ds: pydicom.Dataset) -> Callable[[int], Any]:
     return value
 
 
-def header_meta(ds: pydicom.Dataset) -> dict[str, Any]:
-    """The attributes the selection rules need, flattened (Enhanced CT: from functional groups)."""
-    return _meta(_dataset_value(ds), ds)
-
-
 def read_header(ds: pydicom.Dataset, transfer_syntax: str | None, *,
                 with_phi: bool = True) -> Any:
     """`storage.InstanceHeader` of a parsed header (start-up reconciliation, and the receiver
@@ -410,4 +405,4 @@ def _empty(vr: bytes) -> Any:
     return ""
 
 
-__all__ = ["META_KEYWORDS", "PHI_KEYWORDS", "header_meta", "read_header", "scan_header"]
+__all__ = ["META_KEYWORDS", "PHI_KEYWORDS", "read_header", "scan_header"]

@@ -48,7 +48,7 @@ from common.errors import MolreError
 from common.log import get_logger
 from node.config import SelectionConfig
 from node.dicomnet import CT_STORAGE_CLASSES, TRANSFER_SYNTAXES, file_header, make_ae
-from node.header import META_KEYWORDS, header_meta
+from node.header import META_KEYWORDS, read_header
 from node.selection import select_study, summarize
 
 log = get_logger("pull")
@@ -203,7 +203,7 @@ def _find(assoc: Any, level: str, query: Mapping[str, Any]) -> list[Dataset]:
 
 
 def _meta_of(ds: Dataset) -> dict[str, Any]:
-    return {k: v for k, v in header_meta(ds).items()}
+    return read_header(ds, None, with_phi=False).meta
 
 
 def _get_series(assoc: Any, study_uid: str, series_uid: str, dest: Path) -> int:

@@ -10,11 +10,11 @@ The node uses exactly these names (contract: docs/architecture.md, "storage"):
   :class:`SeriesRecord`, :class:`JobClaim`, :class:`ExportClaim`, :class:`FindingResult`).
 
 Audit queries behind `molre-node audit` live in :mod:`storage.queries` (also reachable as
-``Store.studies/series/timeline/findings/exports/stats/prune``); :mod:`storage.demo` writes a
-small realistic history for trying them. Schema and example SQL: docs/audit.md.
+``Store.studies/series/timeline/findings/exports/stats/prune``). Schema and example SQL:
+docs/audit.md.
 """
 
-from storage.db import DEFAULT_DATABASE_URL, Database, utcnow
+from storage.db import Database, utcnow
 from storage.spool import Spool
 from storage.store import (
     ALLOWED_TRANSITIONS,
@@ -34,7 +34,7 @@ from storage.store import (
 from storage.recorder import InstanceRecorder
 
 __all__ = [
-    "ALLOWED_TRANSITIONS", "DEFAULT_DATABASE_URL", "FINAL_STATES", "Database", "ExportClaim",
+    "ALLOWED_TRANSITIONS", "FINAL_STATES", "Database", "ExportClaim",
     "FindingResult", "InstanceHeader", "InstanceRecord", "InvalidTransition", "JobClaim",
     "InstanceRecorder", "NotFound", "SeriesRecord", "SeriesState", "Spool", "Store",
     "StoredInstance", "utcnow",

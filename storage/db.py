@@ -35,9 +35,6 @@ from common.log import get_logger
 
 log = get_logger("storage.db")
 
-#: Default database of the node: `<data dir>/molre.db` with the node's default data dir.
-DEFAULT_DATABASE_URL = "sqlite:///molre-data/molre.db"
-
 _READ_ONLY_OPT = "molre_read_only"
 
 

@@ -108,15 +108,6 @@ class QueueMixin:
                                 study_uid=series.study_uid, version=job.version,
                                 attempts=job.attempts, lease_expires_at=job.lease_expires_at)
 
-    def extend_lease(self, job_id: int, worker_id: str, lease_s: float = 600) -> bool:
-        """Heartbeat for long inferences; False when the job is no longer this worker's."""
-        now = self.now()
-        with self.db.session() as s:
-            n = s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id,
-                                            Job.state == "running")
-                          .values(lease_expires_at=now + dt.timedelta(seconds=lease_s))).rowcount
-            return n == 1
-
     def release_job(self, job_id: int, worker_id: str, reason: str, *,
                     delay_s: float = 0.0) -> bool:
         """Give a claimed job back without counting an attempt: this node cannot run it (e.g.

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from common.errors import MolreError
 from storage import Database, Spool, Store
-from storage.demo import ManualClock, seed_demo
+from tests.demo_history import ManualClock, seed_demo
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import pytest
 
 from node.config import AllowedCaller, config_from_dict
 from node.dispatcher import backoff_s
-from node.header import header_meta
+from node.header import read_header
 from node.receiver import REJECT_CALLED_AE, REJECT_CALLING_AE, check_access
 from tests.nodeproc import node_config, to_toml
 
@@ -55,7 +55,7 @@ def test_header_meta_plain_and_enhanced() -> None:
     fg.PlaneOrientationSequence = [po]
     ds.SharedFunctionalGroupsSequence = [fg]
     ds.PatientName = "Secret^Person"
-    meta = header_meta(ds)
+    meta = read_header(ds, None, with_phi=False).meta
     assert meta["SliceThickness"] == 1.25 and meta["NumberOfFrames"] == 40
     assert meta["ImageOrientationPatient"] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert meta["ImageType"] == ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]

@@ -1,11 +1,11 @@
-"""A small, realistic audit history played through the public `Store` API.
+"""Test fixture: a small, realistic audit history played through the public `Store` API.
 
 Why it exists: the audit CLI, docs/audit.md and the tests all need a database that looks like a
 node's after a day of work (delivered, skipped, failed, retrying and still-receiving series)
 without running the DICOM service. Because it only calls `Store` methods, it also exercises the
 same code paths the node uses. Try it::
 
-    python -m storage.demo /tmp/demo.db && molre-node audit studies --db /tmp/demo.db
+    python -m tests.demo_history /tmp/demo.db && molre-node audit studies --db /tmp/demo.db
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.uid import CTImageStorage as CT_IMAGE
+from pydicom.uid import ExplicitVRLittleEndian as EXPLICIT_LE
+
 from storage.db import Database
 from storage.spool import Spool
 from storage.store import FindingResult, InstanceHeader, SeriesState, Store
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 class ManualClock:
@@ -149,10 +150,10 @@ def seed_demo(store: Store, clock: ManualClock, spool: Spool | None = None) -> D
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m storage.demo DB [SPOOL]`: write the demo history into a new database."""
+    """`python -m tests.demo_history DB [SPOOL]`: write the demo history into a new database."""
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        print("usage: python -m storage.demo DB_FILE_OR_URL [SPOOL_DIR]", file=sys.stderr)
+        print("usage: python -m tests.demo_history DB_FILE_OR_URL [SPOOL_DIR]", file=sys.stderr)
         return 2
     db = Database(args[0])
     db.upgrade()
