@@ -1,4 +1,4 @@
-"""CLI commands: `molre-node audit …` (issue 5) — read the audit database, prune old data.
+"""CLI commands: `molre-node audit …` — read the audit database, prune old data.
 
 Thin on purpose: options are parsed here, the queries live in `storage.queries`, so the same
 answers are available to Python users and to `sqlite3` users (docs/audit.md).

@@ -1,4 +1,4 @@
-"""CLI: `molre-node dataset pull` -- a training set from the PACS (issue 19).
+"""CLI: `molre-node dataset pull` -- a training set from the PACS.
 
 Thin: options are parsed here, the work is in `node.pull` (docs/training.md, "From your PACS to
 your own adapters").

@@ -1,6 +1,6 @@
 """CLI: `molre-node labels` (reports -> LABELS.csv) and `labels-score` (labeler vs its corpus).
 
-Thin: options are parsed here, the work is in `molre.labels` (issue 19, docs/report-labels.md).
+Thin: options are parsed here, the work is in `molre.labels` (docs/report-labels.md).
 """
 
 from __future__ import annotations

@@ -45,10 +45,10 @@ def _register_all() -> None:
 
     for module in (serve_cmd, models_cmd, data_cmd, train_cmd, audit_cmd):
         module.register(app)
-    from cli import labels_cmd  # report labels (issue 19)
+    from cli import labels_cmd  # report labels
 
     labels_cmd.register(app)
-    from cli import dataset_cmd  # dataset pull from a PACS (issue 19)
+    from cli import dataset_cmd  # dataset pull from a PACS
 
     dataset_cmd.register(app)
 

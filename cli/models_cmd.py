@@ -1,4 +1,4 @@
-"""CLI commands: backbones (issue 3)."""
+"""CLI commands: backbones."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CLI commands: serve, config-check, echo (issue 6)."""
+"""CLI commands: serve, config-check, echo."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CLI commands: train / evaluate / compare / infer (issue 4).
+"""CLI commands: train / evaluate / compare / infer.
 
 Thin on purpose: options are parsed here and handed to `molre.training`, `molre.evaluate` and
 `molre.checkpoint`, which raise `MolreError` for anything a user can fix.

@@ -1,27 +1,15 @@
-"""structlog set-up, done once per process, and what keeps PHI and raw bytes out of the logs.
+"""structlog set-up, once per process, and what keeps PHI and raw bytes out of the logs.
 
-Humans get a coloured console renderer; the service (or `--log-json`) gets one JSON object per
-line so log shippers can index it. Never pass patient names, IDs or birth dates to a logger: log
-UIDs, hashes and counts.
+Humans get a coloured console; the service (or `--log-json`) one JSON object per line. Never
+pass patient names, IDs or birth dates to a logger: log UIDs, hashes and counts.
 
-Text the node does not write itself reaches the logs too: warnings of pydicom and highdicom
-(highdicom quotes a single-component patient name; pydicom echoes header values, control
-characters included, so a crafted value could forge a log line), messages of libraries that log
-through the standard library (pynetdicom, pydicom, alembic), and exception texts. With
-:func:`configure_logging` all of it goes through structlog -- in JSON mode every line on stderr
-is one JSON object, the start-up banner included (:func:`banner`) -- and:
-
-- warnings (:func:`warnings.showwarning`) are logged as ``python warning`` with their category
-  and source line, the message passed through :func:`redact` (quoted values removed);
-- standard-library records are rendered by the same processors (their message redacted:
-  libraries quote the header values they complain about);
-- exceptions are rendered with their frames (file, line, function) and a redacted message, not
-  the raw ``str(exc)``; uncaught ones (``sys.excepthook``, ``threading.excepthook``) are logged
-  the same way instead of printed;
-- every string value of every record loses its control characters.
-
-:func:`redact` and :func:`clean_text` are also what exception texts go through before they
-become audit rows (the receiver's reasons, the worker's job errors).
+Text the node does not write itself reaches the logs too (library warnings and log records,
+exception texts) and may quote header values, control characters included, so
+:func:`configure_logging` routes all of it through structlog: warnings, standard-library records
+and exception messages pass :func:`redact` (quoted values removed), exceptions are rendered as
+frames plus a redacted message, uncaught ones are logged the same way (JSON mode), and every
+string loses its control characters. :func:`redact` and :func:`clean_text` also clean exception
+texts before they become audit rows.
 """
 
 from __future__ import annotations

@@ -613,7 +613,7 @@ def validate(cfg: NodeConfig) -> NodeConfig:
 
 
 def _validate_extras(cfg: NodeConfig) -> None:
-    """Shadow models, dashboard and notifications (issue 17)."""
+    """Shadow models, dashboard and notifications."""
     names: set[str] = set()
     for i, sm in enumerate(cfg.model.shadow):
         if not sm.name or not re.fullmatch(r"[A-Za-z0-9._:@+-]{1,64}", sm.name):

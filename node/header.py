@@ -1,20 +1,13 @@
-"""Reading what the node needs from an instance's header (no pixel data).
+"""What the node needs from an instance's header (no pixel data), read two ways.
 
-Two readers give the same :class:`storage.InstanceHeader`:
-
-* :func:`read_header` -- from a parsed :class:`pydicom.Dataset` (start-up reconciliation, any
-  transfer syntax, Enhanced CT functional groups, any character set);
-* :func:`scan_header` -- the receiver's fast path: it walks the top-level elements of the
-  received data set bytes itself and converts only the ~30 it needs with pydicom's own value
-  converters. ``dcmread`` + :func:`read_header` cost ~2.2 ms per instance on the 2-core CI
-  machine (a Python object per element, conversion on access); the scan ~0.2 ms. Whenever it
-  is not sure -- big endian or deflated transfer syntax, a VR it does not know, an element
-  that runs past the end, tags out of order, file-meta or delimiter tags at the top level, an
-  explicit/implicit VR mismatch, non-ASCII or ISO 2022 escape bytes in a value it needs, a
-  multi-valued UID/ID/name, a VR that differs from the dictionary's, Enhanced CT functional
-  groups -- it returns None and the caller parses with pydicom. Equality with the pydicom path
-  (including its errors: where pydicom raises, the scan returns None) is fuzz-tested in
-  tests/test_header_scan.py.
+:func:`read_header` reads a parsed :class:`pydicom.Dataset` (any transfer syntax, Enhanced CT
+functional groups, any character set). :func:`scan_header`, the receiver's fast path, walks the
+encoded top-level elements itself and converts only the ones it needs with pydicom's own value
+converters, because parsing every element into Python objects dominates the receive path
+(BENCHMARKS.md). Whenever it is not sure (big endian or deflated, an unknown or mismatched VR,
+malformed lengths or order, non-ASCII or ISO 2022 text in a value it needs, functional groups)
+it returns None and the caller parses with pydicom. tests/test_header_scan.py fuzzes the two
+readers for equality, errors included.
 """
 
 from __future__ import annotations

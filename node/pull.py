@@ -1,4 +1,4 @@
-"""`molre-node dataset pull`: a site's training set from its PACS (issue 19).
+"""`molre-node dataset pull`: a site's training set from its PACS.
 
 Given the accession numbers of a labels file (`molre-node labels`), for each accession:
 

@@ -401,7 +401,7 @@ def _prune_batch(s: Session, chunk: Sequence[str], cutoff: dt.datetime,
     study_uids = set(s.execute(select(Series.study_uid).where(
         Series.series_uid.in_(p_series))).scalars())
     event_ids = set(s.execute(select(Event.id).where(Event.series_uid.in_(p_series))).scalars())
-    for model in (ShadowResult, Notification):  # issue 17 tables (reference jobs, series)
+    for model in (ShadowResult, Notification):  # tables that reference jobs and series
         s.execute(delete(model).where(model.series_uid.in_(p_series)))
     for ids, model in ((result_ids, Result), (export_ids, Export), (job_ids, Job),
                        (inst_ids, Instance)):

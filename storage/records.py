@@ -2,7 +2,7 @@
 :class:`storage.store.Store` API hands across (detached from any session), plus the JSON/text
 cleaning every stored header value goes through.
 
-Split out of ``storage/store.py`` (issue 15) so that the queue (:mod:`storage.queue`), the
+Split out of ``storage/store.py`` so that the queue (:mod:`storage.queue`), the
 outbox (:mod:`storage.outbox`), the audit queries (:mod:`storage.queries`) and the store import
 these without importing each other.
 """

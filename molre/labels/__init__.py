@@ -1,4 +1,4 @@
-"""Labels from radiology reports: medspaCy mention finding + ConText + sections (issue 19).
+"""Labels from radiology reports: medspaCy mention finding + ConText + sections.
 
 `molre-node labels REPORTS.csv --out LABELS.csv` (cli/labels_cmd.py) runs
 :func:`label_reports`; the lexicon is data (`molre.labels.lexicon`), the labeling rules are in

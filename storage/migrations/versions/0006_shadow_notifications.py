@@ -1,4 +1,4 @@
-"""Shadow-model results and the notification outbox (issue 17).
+"""Shadow-model results and the notification outbox.
 
 Revision ID: 0006
 Revises: 0005
