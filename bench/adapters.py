@@ -89,7 +89,7 @@ def bench_workload(name: str, make_model, make_input, targets: list[str], K: int
         # non-zero up-projections so the adapter path is numerically live (zeros could be skipped)
         with torch.no_grad():
             for mod_name, p in m.named_parameters():
-                if "lora_up" in mod_name:
+                if ".lora_B." in mod_name:
                     p.normal_(0, 1e-3)
         variants[vname] = m
         rep = adapter_report(m)

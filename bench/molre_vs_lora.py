@@ -354,9 +354,11 @@ def main() -> None:
     ap.add_argument("--settings", default="multi,single")
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (1 when the settings run as two processes)")
     a = ap.parse_args()
     size = SIZES["quick" if a.quick else "full"]
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     name = "molre_vs_lora_quick" if a.quick else "molre_vs_lora"
     out = a.out / name
     out.mkdir(parents=True, exist_ok=True)
@@ -371,15 +373,23 @@ def main() -> None:
         "sizes": size, "targets": TARGETS, "reference": REFERENCE, "settings": {},
         "backbone": {"pretrained_on": "metro", "pretrain_minutes": pcard.get("minutes"),
                      "presence_auc_val": pcard["validation_presence_auc"]["macro_auc"]}}
+    path = a.out / f"{name}.json"
     for setting in a.settings.split(","):
-        result["settings"][setting] = run_setting(setting, net, size, a.seed, a.boot, out, cat,
-                                                  cats)
-    result["minutes"] = round((time.perf_counter() - t0) / 60, 1)
-    (a.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        t_s = time.perf_counter()
+        r = run_setting(setting, net, size, a.seed, a.boot, out, cat, cats)
+        r["minutes"] = round((time.perf_counter() - t_s) / 60, 1)
+        # Settings may run as separate processes (--settings multi / --settings single): merge
+        # into the JSON the other one wrote, when it describes the same design.
+        if path.is_file():
+            prev = json.loads(path.read_text())
+            if prev.get("sizes") == size and prev.get("targets") == TARGETS:
+                result["settings"] = {**prev["settings"], **result["settings"]}
+        result["settings"][setting] = r
+        path.write_text(json.dumps(result, indent=1) + "\n")
     md = table(result)
     (a.out / f"{name}.md").write_text(md + "\n")
     print(md)
-    print(f"total {result['minutes']} min; JSON: {a.out / (name + '.json')}")
+    print(f"total {(time.perf_counter() - t0) / 60:.1f} min; JSON: {path}")
 
 
 if __name__ == "__main__":

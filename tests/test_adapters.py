@@ -118,8 +118,8 @@ def test_experts1_equals_peft_lora(kind: str) -> None:
             lay = ours.get_submodule(name)
             assert lay.router is None
             peft_layer = ref.base_model.model.get_submodule(name)
-            peft_layer.lora_A["default"].weight.copy_(lay.lora_down.weight)
-            peft_layer.lora_B["default"].weight.copy_(lay.lora_up.weight)
+            peft_layer.lora_A["default"].weight.copy_(lay.lora_A.weight)
+            peft_layer.lora_B["default"].weight.copy_(lay.lora_B.weight)
     ours.eval()
     ref.eval()
     with torch.no_grad():
@@ -145,10 +145,10 @@ def test_stacked_down_projection_shapes_follow_base_conv() -> None:
     inject_adapters(model, config)
     c2 = model.c2
     assert isinstance(c2, MoLREConv)
-    assert c2.lora_down.out_channels == 6  # K * r in one conv
-    assert c2.lora_down.kernel_size == (3, 3) and c2.lora_down.stride == (2, 2)
-    assert c2.lora_down.padding == (2, 2) and c2.lora_down.dilation == (2, 2)
-    assert c2.lora_up.kernel_size == (1, 1) and c2.lora_up.in_channels == 6
+    assert c2.lora_A.out_channels == 6  # K * r in one conv
+    assert c2.lora_A.kernel_size == (3, 3) and c2.lora_A.stride == (2, 2)
+    assert c2.lora_A.padding == (2, 2) and c2.lora_A.dilation == (2, 2)
+    assert c2.lora_B.kernel_size == (1, 1) and c2.lora_B.in_channels == 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +213,8 @@ def test_mixture_equals_explicit_sum_over_experts() -> None:
         xin = seen["qkv"]
         got = layer(xin)
         gates = layer.route(xin)
-        A = layer.lora_down.weight.view(3, 2, -1)  # (K, r, in)
-        B = layer.lora_up.weight.view(layer.out_features, 3, 2)  # (out, K, r)
+        A = layer.lora_A.weight.view(3, 2, -1)  # (K, r, in)
+        B = layer.lora_B.weight.view(layer.out_features, 3, 2)  # (out, K, r)
         want = layer.base(xin)
         for i in range(3):
             delta = xin @ A[i].T @ B[:, i, :].T * (6.0 / 2)
@@ -331,7 +331,7 @@ def test_only_adapter_parameters_train(kind: str) -> None:
     current = model.state_dict()
     for k, v in base_before.items():
         parent, _, leaf = k.rpartition(".")
-        key = f"{parent}.base.{leaf}" if parent in layers else k
+        key = f"{parent}.base_layer.{leaf}" if parent in layers else k
         assert torch.equal(current[key], v), k
 
 
@@ -343,11 +343,11 @@ def test_state_holds_adapters_and_caller_trainable_parameters_only() -> None:
     inject_adapters(model, config)
     keys = set(adapter_state_dict(model))
     assert all(".lora_" in k or ".router." in k for k in keys)
-    assert "qkv.router.fc1.weight" in keys and "proj.lora_up.weight" in keys
+    assert "qkv.router.fc1.weight" in keys and "proj.lora_B.weight" in keys
     model.head.requires_grad_(True)
     keys2 = set(adapter_state_dict(model))
     assert keys2 - keys == {"head.weight", "head.bias"}
-    assert not any(".base." in k for k in keys2)
+    assert not any(".base_layer." in k for k in keys2)
 
 
 @pytest.mark.parametrize("as_file", [False, True])
@@ -387,18 +387,18 @@ def test_strict_load_names_wrong_keys_and_shapes() -> None:
     inject_adapters(model, config)
     state = adapter_state_dict(model)
     bad = dict(state)
-    bad["qkv.lora_dwn.weight"] = bad.pop("qkv.lora_down.weight")
+    bad["qkv.lora_dwn.weight"] = bad.pop("qkv.lora_A.weight")
     with pytest.raises(MolreError) as err:
         load_adapter_state_dict(model, bad)
-    assert "qkv.lora_dwn.weight" in str(err.value) and "qkv.lora_down.weight" in str(err.value)
+    assert "qkv.lora_dwn.weight" in str(err.value) and "qkv.lora_A.weight" in str(err.value)
     report = load_adapter_state_dict(model, bad, strict=False)
-    assert report == {"missing": ["qkv.lora_down.weight"], "unexpected": ["qkv.lora_dwn.weight"]}
+    assert report == {"missing": ["qkv.lora_A.weight"], "unexpected": ["qkv.lora_dwn.weight"]}
     wrong = dict(state)
-    wrong["proj.lora_up.weight"] = torch.zeros(3, 3)
+    wrong["proj.lora_B.weight"] = torch.zeros(3, 3)
     with pytest.raises(MolreError, match=r"proj\.lora_up\.weight: saved \(3, 3\)"):
         load_adapter_state_dict(model, wrong)
     based = dict(state)
-    based["qkv.base.weight"] = model.qkv.base.weight.detach().clone()
+    based["qkv.base_layer.weight"] = model.qkv.base_layer.weight.detach().clone()
     with pytest.raises(MolreError, match="frozen base"):
         load_adapter_state_dict(model, based)
 
@@ -567,7 +567,7 @@ def test_inject_on_meta_device_counts_parameters_without_memory() -> None:
     with torch.device("meta"):
         model = TokenNet()
         inject_adapters(model, MoLREConfig(experts=4, rank=2, router_hidden=8, targets=["qkv", "proj"]))
-    assert model.qkv.lora_down.weight.device.type == "meta"
+    assert model.qkv.lora_A.weight.device.type == "meta"
     assert model.qkv.usage_gate_sum.device.type == "meta"
     cpu_model, config, _ = _make("linear", experts=4, rank=2, router_hidden=8)
     inject_adapters(cpu_model, config)
@@ -579,4 +579,4 @@ def test_usage_statistics_stay_out_of_state_dicts() -> None:
     inject_adapters(model, config)
     keys = set(model.state_dict())
     assert not any("usage_" in k for k in keys)
-    assert "qkv.base.weight" in keys and "qkv.lora_up.weight" in keys
+    assert "qkv.base_layer.weight" in keys and "qkv.lora_B.weight" in keys

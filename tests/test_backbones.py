@@ -271,7 +271,7 @@ def test_weights_digest_stable_and_sensitive():
     inject_adapters(b, MoLREConfig(targets=b.spec.default_targets))
     assert weights_digest(b) == da
     with torch.no_grad():
-        b.blocks[0].attn.qkv.base.weight[0, 0] += 1e-3
+        b.blocks[0].attn.qkv.base_layer.weight[0, 0] += 1e-3
     assert weights_digest(b) != da
     torch.manual_seed(10)
     assert weights_digest(create_backbone("tiny-2d")) != da

@@ -109,12 +109,12 @@ def test_only_adapters_pool_and_head_train():
     assert {"head.weight", "head.bias", "pool.query"} <= trainable
     backbone_trainable = {n for n in trainable if n.startswith("backbone.")}
     assert backbone_trainable and all(
-        any(part in n for part in (".lora_down.", ".lora_up.", ".router.")) for n in backbone_trainable)
+        any(part in n for part in (".lora_A.", ".lora_B.", ".router.")) for n in backbone_trainable)
     # frozen base weights get no gradient; adapter weights do
     model.train()
     model(torch.randn(1, 2, 3, 64, 64)).sum().backward()
-    assert model.backbone.blocks[0].attn.qkv.base.weight.grad is None
-    assert model.backbone.blocks[0].attn.qkv.lora_up.weight.grad is not None
+    assert model.backbone.blocks[0].attn.qkv.base_layer.weight.grad is None
+    assert model.backbone.blocks[0].attn.qkv.lora_B.weight.grad is not None
 
     probe = build_model("tiny-3d", 3, None)
     assert probe.adapter_config is None
@@ -127,7 +127,7 @@ def test_trainable_state_dict_matches_adapter_state_dict_and_roundtrips():
     a = build_model("tiny-2d", 4, MoLREConfig())
     state = a.trainable_state_dict()
     assert set(state) == set(adapter_state_dict(a))
-    assert not any(".base." in k for k in state)
+    assert not any(".base_layer." in k for k in state)
     with torch.no_grad():
         for v in a.parameters():
             if v.requires_grad:
