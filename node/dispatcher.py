@@ -14,7 +14,6 @@ pending exports (they fail with a clear error until it is configured again).
 from __future__ import annotations
 
 import datetime as dt
-import glob
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from common.log import get_logger, redact
 from node.background import DrainLoop
 from node.config import Destination, NodeConfig
 from node.dicomnet import AssociationError, client_ssl_context, send_files
+from storage.outbox import report_files
 
 log = get_logger("node.dispatcher")
 
@@ -33,18 +33,6 @@ CLAIM_BATCH = 10
 def backoff_s(attempts: int, base: float, ceiling: float) -> float:
     """Delay before the next attempt after `attempts` failed ones (exponential, capped)."""
     return float(min(ceiling, base * (2 ** max(0, attempts - 1))))
-
-
-def report_files(report_path: str | Path) -> list[Path]:
-    """The SR plus companion objects written beside it (`<stem>.sc.dcm`, the evidence images
-    `<stem>.evNNN.dcm`, node/evidence.py)."""
-    p = Path(report_path)
-    files = [p]
-    sc = p.with_name(p.stem + ".sc.dcm")
-    if sc.exists():
-        files.append(sc)
-    files += sorted(p.parent.glob(glob.escape(p.stem) + ".ev[0-9][0-9][0-9].dcm"))
-    return files
 
 
 class Dispatcher(DrainLoop):
@@ -142,4 +130,4 @@ class Dispatcher(DrainLoop):
                 self._fail(e, status, err)
 
 
-__all__ = ["Dispatcher", "backoff_s", "report_files"]
+__all__ = ["Dispatcher", "backoff_s"]

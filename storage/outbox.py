@@ -15,6 +15,8 @@ Exports: pending -> delivered.
 from __future__ import annotations
 
 import datetime as dt
+import glob
+from pathlib import Path
 
 from sqlalchemy import and_, func, or_, select
 
@@ -22,6 +24,18 @@ from storage.models import Export, Series
 from storage.records import ExportClaim, NotFound, SeriesState
 
 S = SeriesState
+
+
+def report_files(report_path: str | Path) -> list[Path]:
+    """The SR plus the companion objects written beside it and sent with it: the summary image
+    `<stem>.sc.dcm` and the evidence images `<stem>.evNNN.dcm` (node/evidence.py)."""
+    p = Path(report_path)
+    files = [p]
+    sc = p.with_name(p.stem + ".sc.dcm")
+    if sc.exists():
+        files.append(sc)
+    files += sorted(p.parent.glob(glob.escape(p.stem) + ".ev[0-9][0-9][0-9].dcm"))
+    return files
 
 
 class OutboxMixin:

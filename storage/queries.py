@@ -357,6 +357,7 @@ def _kept_paths(s: Session, column: Any, id_column: Any, paths: Iterable[str],
 def _note_files(s: Session, inst_ids: list[int], report_paths: set[str], export_ids: list[int],
                 report: PruneReport) -> _Removal:
     """The files of the rows about to go (minus those a kept row points at), with identities."""
+    from storage.outbox import report_files
     from storage.spool import file_identity
 
     removal = _Removal()
@@ -370,6 +371,9 @@ def _note_files(s: Session, inst_ids: list[int], report_paths: set[str], export_
         paths.pop(path, None)
     report_paths = report_paths - _kept_paths(s, Export.report_path, Export.id, report_paths,
                                               set(export_ids))
+    # the summary and evidence images written beside each report go with it
+    report_paths = {str(f) for rp in report_paths
+                    for f in (report_files(rp) if Path(rp).is_absolute() else [Path(rp)])}
     for path in [*paths, *sorted(report_paths)]:
         removal.files[path] = file_identity(path) if Path(path).is_absolute() else None
     report.files += list(paths) + sorted(report_paths)

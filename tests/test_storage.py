@@ -615,6 +615,30 @@ def test_prune_respects_retention_and_shared_files(store: Store, clock, tmp_path
     assert store.prune(dt.timedelta(days=30), spool=spool).series == []
 
 
+def test_prune_removes_the_report_with_its_summary_and_evidence_images(
+        store: Store, clock, tmp_path) -> None:
+    spool = Spool(tmp_path / "sp")
+    _queue(store, 1)
+    job = store.claim_job("w", lease_s=30)
+    sr = spool.root / "reports" / "r1.dcm"
+    companions = [sr.with_name("r1.sc.dcm"), sr.with_name("r1.ev001.dcm"),
+                  sr.with_name("r1.ev002.dcm")]
+    other = sr.with_name("r10.ev001.dcm")  # another report's image: not a companion of r1
+    for f in [sr, *companions, other]:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    assert store.finish_job(job.id, results=[FindingResult("k", 0.9, True)], checkpoint_hash="h",
+                            model_name="m", report_path=str(sr), report_sop_uid="1",
+                            destinations=["PACS"])
+    store.record_export_attempt(store.due_exports()[0].id, ok=True, status=0)
+    clock.advance(86400 * 10)
+    rep = store.prune(dt.timedelta(days=5), spool=spool)
+    assert rep.series == ["9.0"]
+    assert not sr.exists() and not any(f.exists() for f in companions)
+    assert other.exists()
+    assert set(rep.files) >= {str(sr), *map(str, companions)}
+
+
 def test_first_finisher_wins_after_lease_expiry(store: Store, clock, db: Database) -> None:
     _queue(store, 1)
     slow = store.claim_job("slow", lease_s=10)
