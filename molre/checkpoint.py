@@ -351,7 +351,8 @@ def load_checkpoint(
     (e.g. the site catalog the node is configured with), equal to it; the tensor file has exactly
     the tensors the model expects.
     """
-    from molre.adapters import MoLREConfig
+    from molre.adapters import MoLREConfig, adapted_layers
+    from molre.adapters.names import remap_legacy_keys
     from molre.backbones import weights_digest
     from molre.catalog import Catalog
     from molre.data.preprocess import Recipe
@@ -387,7 +388,10 @@ def load_checkpoint(
     ad = card["adapter"]
     cfg = MoLREConfig.from_dict(ad["config"]) if ad.get("type", "none") != "none" and ad.get("config") else None
     model = build_model(backbone, ckpt_catalog, cfg)
-    tensors = _load_tensors(d / ADAPTER_FILE)
+    stored = _load_tensors(d / ADAPTER_FILE)
+    # checkpoints written before the PEFT names (base/lora_down/lora_up) load under the new ones;
+    # the hash stays that of the tensors as stored
+    tensors = remap_legacy_keys(stored, adapted_layers(model))
     expected = trainable_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -407,7 +411,7 @@ def load_checkpoint(
     thresholds = {k: float(card.get("thresholds", {}).get(k, {}).get("value", 0.5))
                   for k in ckpt_catalog.keys}
     return LoadedCheckpoint(model=model, card=card, catalog=ckpt_catalog, recipe=recipe,
-                            checkpoint_hash=checkpoint_hash(tensors, card), path=d,
+                            checkpoint_hash=checkpoint_hash(stored, card), path=d,
                             thresholds=thresholds)
 
 

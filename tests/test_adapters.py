@@ -215,7 +215,7 @@ def test_mixture_equals_explicit_sum_over_experts() -> None:
         gates = layer.route(xin)
         A = layer.lora_A.weight.view(3, 2, -1)  # (K, r, in)
         B = layer.lora_B.weight.view(layer.out_features, 3, 2)  # (out, K, r)
-        want = layer.base(xin)
+        want = layer.base_layer(xin)
         for i in range(3):
             delta = xin @ A[i].T @ B[:, i, :].T * (6.0 / 2)
             want = want + gates[:, i].view(-1, 1, 1) * delta
@@ -395,7 +395,7 @@ def test_strict_load_names_wrong_keys_and_shapes() -> None:
     assert report == {"missing": ["qkv.lora_A.weight"], "unexpected": ["qkv.lora_dwn.weight"]}
     wrong = dict(state)
     wrong["proj.lora_B.weight"] = torch.zeros(3, 3)
-    with pytest.raises(MolreError, match=r"proj\.lora_up\.weight: saved \(3, 3\)"):
+    with pytest.raises(MolreError, match=r"proj\.lora_B\.weight: saved \(3, 3\)"):
         load_adapter_state_dict(model, wrong)
     based = dict(state)
     based["qkv.base_layer.weight"] = model.qkv.base_layer.weight.detach().clone()

@@ -34,8 +34,8 @@ def adapted_layers(model: nn.Module) -> dict[str, MoLRELayer]:
 
 
 def adapter_parameter_names(model: nn.Module) -> list[str]:
-    """Qualified names of every adapter and router parameter of `model` (``lora_down``,
-    ``lora_up``, ``router.*`` inside each MoLRE layer), in `named_parameters` order, regardless of
+    """Qualified names of every adapter and router parameter of `model` (``lora_A``,
+    ``lora_B``, ``router.*`` inside each MoLRE layer), in `named_parameters` order, regardless of
     `requires_grad`.
 
     The one definition of "adapter parameters": adapter state files, the training loop (what to
@@ -158,12 +158,12 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             "a routed mixture depends on the input and cannot be folded into fixed weights "
             "(only experts=1, plain LoRA, can be merged)"
         )
-    grouped = [n for n, l in layers.items() if isinstance(l, MoLREConv) and l.base.groups != 1]
+    grouped = [n for n, l in layers.items() if isinstance(l, MoLREConv) and l.base_layer.groups != 1]
     if grouped:
         raise MolreError(f"merge_adapters: grouped convolution(s) {grouped[:3]} cannot take a dense ΔW")
     with torch.no_grad():
         for name, layer in layers.items():
-            base = layer.base
+            base = layer.base_layer
             delta = layer.delta_weight()
             base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
             _set_submodule(model, name, base)
@@ -180,7 +180,7 @@ def adapter_report(model: nn.Module) -> dict:
     rows = [
         {
             "name": n,
-            "type": type(l.base).__name__,
+            "type": type(l.base_layer).__name__,
             "in": l.in_features,
             "out": l.out_features,
             "experts": l.experts,
@@ -239,7 +239,7 @@ def balance_loss(model: nn.Module) -> torch.Tensor:
     if not layers:
         raise MolreError("balance_loss: the model has no MoLRE adapters")
     first = next(iter(layers.values()))
-    device = first.lora_down.weight.device
+    device = first.lora_A.weight.device
     weight = float(first.config.balance_weight)
     terms = []
     if weight > 0:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from molre.adapters.config import MoLREConfig
+from molre.adapters.names import LORA_A, LORA_B, ROUTER
 
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Conv3d)
 
@@ -47,15 +48,16 @@ class Router(nn.Module):
 
 
 class MoLRELayer(nn.Module):
-    """Common part of `MoLRELinear` / `MoLREConv`; `base` is the original (frozen) layer."""
+    """Common part of `MoLRELinear` / `MoLREConv`; `base_layer` is the original (frozen)
+    layer, `lora_A` / `lora_B` the stacked down- / up-projections (PEFT's names)."""
 
-    base: nn.Module
-    lora_down: nn.Module
-    lora_up: nn.Module
+    base_layer: nn.Module
+    lora_A: nn.Module
+    lora_B: nn.Module
 
     def __init__(self, base: nn.Module, config: MoLREConfig, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.base = base
+        self.base_layer = base
         self.config = config
         self.experts = int(config.experts)
         self.rank = int(config.rank)
@@ -79,7 +81,7 @@ class MoLRELayer(nn.Module):
         # Dense router probabilities of the last training forward (kept only when a balance loss
         # is requested, because keeping them holds on to the autograd graph).
         self.last_probs: torch.Tensor | None = None
-        for p in self.base.parameters():
+        for p in self.base_layer.parameters():
             p.requires_grad_(False)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
@@ -98,22 +100,22 @@ class MoLRELayer(nn.Module):
     # when the layer is wrapped (they are not registered again: state dicts are unchanged).
     @property
     def weight(self) -> torch.Tensor:
-        return self.base.weight
+        return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        return self.base_layer.bias
 
     # -- parameters --------------------------------------------------------------------------
     def _init_adapter(self) -> None:
         """PEFT's init: A kaiming-uniform(a=sqrt(5)), B zero -> the layer starts as its base."""
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
 
     def adapter_modules(self) -> dict[str, nn.Module]:
-        mods: dict[str, nn.Module] = {"lora_down": self.lora_down, "lora_up": self.lora_up}
+        mods: dict[str, nn.Module] = {LORA_A: self.lora_A, LORA_B: self.lora_B}
         if self.router is not None:
-            mods["router"] = self.router
+            mods[ROUTER] = self.router
         return mods
 
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -169,8 +171,8 @@ class MoLRELayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
-        h = self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype)))
+        result = self.base_layer(x)
+        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))
         if self.router is None:
             self._record(None, None, self.num_samples(x))
             # scale the rank-r activations, not the (larger) output: same result, less work
@@ -186,7 +188,7 @@ class MoLRELayer(nn.Module):
 
     def _up_add(self, result: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """result + up(h)."""
-        return result + self.lora_up(h).to(result.dtype)
+        return result + self.lora_B(h).to(result.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -196,14 +198,14 @@ class MoLRELayer(nn.Module):
 
 
 class MoLRELinear(MoLRELayer):
-    """MoLRE around an `nn.Linear`; down = Linear(in, K·r), up = Linear(K·r, out), no biases."""
+    """MoLRE around an `nn.Linear`; lora_A = Linear(in, K·r), lora_B = Linear(K·r, out), no biases."""
 
     def __init__(self, base: nn.Linear, config: MoLREConfig) -> None:
         super().__init__(base, config, base.in_features, base.out_features)
         kr = self.experts * self.rank
         dev, dt = base.weight.device, base.weight.dtype
-        self.lora_down = nn.Linear(base.in_features, kr, bias=False, device=dev, dtype=dt)
-        self.lora_up = nn.Linear(kr, base.out_features, bias=False, device=dev, dtype=dt)
+        self.lora_A = nn.Linear(base.in_features, kr, bias=False, device=dev, dtype=dt)
+        self.lora_B = nn.Linear(kr, base.out_features, bias=False, device=dev, dtype=dt)
         self._init_adapter()
 
     def num_samples(self, x: torch.Tensor) -> int:
@@ -218,11 +220,11 @@ class MoLRELinear(MoLRELayer):
 
     def _up_add(self, result: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """result + h @ B^T fused into one GEMM (addmm), saving a pass over the output."""
-        w = self.lora_up.weight
+        w = self.lora_B.weight
         if h.dim() >= 2 and result.dtype == h.dtype == w.dtype:
             out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), w.t())
             return out.view(result.shape)
-        return result + self.lora_up(h).to(result.dtype)
+        return result + self.lora_B(h).to(result.dtype)
 
     def _gate_shape(self, h: torch.Tensor) -> tuple[int, ...]:
         if h.dim() == 1:
@@ -231,16 +233,16 @@ class MoLRELinear(MoLRELayer):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = B·A·scale (out, in); defined for experts=1 only."""
-        a = self.lora_down.weight.float()
-        b = self.lora_up.weight.float()
+        a = self.lora_A.weight.float()
+        b = self.lora_B.weight.float()
         return (b @ a) * self.scaling
 
 
 class MoLREConv(MoLRELayer):
     """MoLRE around `nn.Conv2d`/`nn.Conv3d`.
 
-    down = Conv(in, K·r) with the base's kernel, stride, padding, dilation and padding mode
-    (groups=1), so it sees the same receptive field; up = 1×1 Conv(K·r, out).
+    lora_A = Conv(in, K·r) with the base's kernel, stride, padding, dilation and padding mode
+    (groups=1), so it sees the same receptive field; lora_B = 1×1 Conv(K·r, out).
     """
 
     def __init__(self, base: nn.Conv2d | nn.Conv3d, config: MoLREConfig) -> None:
@@ -250,12 +252,12 @@ class MoLREConv(MoLRELayer):
         nd = 2 if isinstance(base, nn.Conv2d) else 3
         self.spatial_dims = nd
         dev, dt = base.weight.device, base.weight.dtype
-        self.lora_down = conv(
+        self.lora_A = conv(
             base.in_channels, kr, base.kernel_size, stride=base.stride, padding=base.padding,
             dilation=base.dilation, groups=1, bias=False, padding_mode=base.padding_mode,
             device=dev, dtype=dt,
         )
-        self.lora_up = conv(kr, base.out_channels, (1,) * nd, bias=False, device=dev, dtype=dt)
+        self.lora_B = conv(kr, base.out_channels, (1,) * nd, bias=False, device=dev, dtype=dt)
         self._init_adapter()
 
     def num_samples(self, x: torch.Tensor) -> int:
@@ -275,6 +277,6 @@ class MoLREConv(MoLRELayer):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in, *k) = einsum(B (out, r), A (r, in, *k)) · scale; experts=1 only."""
-        a = self.lora_down.weight.float()
-        b = self.lora_up.weight.float().flatten(1)
+        a = self.lora_A.weight.float()
+        b = self.lora_B.weight.float().flatten(1)
         return torch.einsum("or,r...->o...", b, a) * self.scaling

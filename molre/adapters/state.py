@@ -25,6 +25,7 @@ from torch import nn
 
 from molre.adapters.config import MoLREConfig
 from molre.adapters.inject import adapted_layers, adapter_parameter_names, get_config
+from molre.adapters.names import remap_legacy_keys
 from common.errors import CheckpointError, MolreError
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -33,7 +34,7 @@ FORMAT = "molre-adapters/1"
 
 
 def _base_param_ids(model: nn.Module) -> set[int]:
-    return {id(p) for l in adapted_layers(model).values() for p in l.base.parameters()}
+    return {id(p) for l in adapted_layers(model).values() for p in l.base_layer.parameters()}
 
 
 def _expected_keys(model: nn.Module) -> list[str]:
@@ -66,6 +67,7 @@ def load_adapter_state_dict(
     """
     if not adapted_layers(model):
         raise MolreError("load_adapter_state_dict: the model has no MoLRE adapters; inject them first")
+    state = remap_legacy_keys(state, adapted_layers(model))  # saved before the PEFT names
     base_ids = _base_param_ids(model)
     loadable = {n: p for n, p in model.named_parameters() if id(p) not in base_ids}
     base_names = {n for n, p in model.named_parameters() if id(p) in base_ids}

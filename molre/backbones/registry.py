@@ -193,12 +193,13 @@ def preset_targets(spec: BackboneSpec, preset: str | None = None) -> list[str]:
 def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's own (non-adapter) tensors under their *original* names.
 
-    Adapter tensors (``lora_down``/``lora_up``/``router``) are left out and ``<layer>.base.*``
+    Adapter tensors (``lora_A``/``lora_B``/``router``) are left out and ``<layer>.base_layer.*``
     inside a MoLRE wrapper is mapped back to ``<layer>.*``, so the result is the same before and
     after ``inject_adapters``.
     """
     state = module.state_dict()
     from molre.adapters import adapted_layers
+    from molre.adapters.names import BASE_LAYER
 
     wrapped = sorted(adapted_layers(module), key=len, reverse=True)
     if not wrapped:
@@ -210,8 +211,8 @@ def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
             out[key] = value
             continue
         rest = key[len(owner) + 1:]
-        if rest.startswith("base."):
-            out[owner + "." + rest[len("base."):]] = value
+        if rest.startswith(BASE_LAYER + "."):
+            out[owner + "." + rest[len(BASE_LAYER) + 1:]] = value
         # anything else inside a wrapper is adapter state: not part of the backbone
     return out
 

@@ -341,7 +341,7 @@ def _train_mode(model: nn.Module) -> None:
         bb.eval()
         for layer in adapted_layers(model).values():
             layer.train()
-            layer.base.eval()
+            layer.base_layer.eval()
 
 
 def _autocast(device: torch.device):
