@@ -380,8 +380,8 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import pynetdicom
     import pydicom
+    import pynetdicom
 
     dcmtk = subprocess.run([dcmtk_tool("storescu"), "--version"], capture_output=True,
                            text=True).stdout

@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Write synthetic head-CT phantoms with planted findings, and their manifest."""
-        from molre.data.synth import dataset_summary, generate_dataset
         from common.errors import MolreError
+        from molre.data.synth import dataset_summary, generate_dataset
 
         if normal and findings:
             raise MolreError("synth: --normal and --findings contradict each other; give one")

@@ -25,9 +25,9 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Label head-CT reports per catalog finding (medspaCy: ConText + sections)."""
+        from common.log import get_logger
         from molre.catalog import load_catalog
         from molre.labels import label_reports, load_lexicon, read_reports
-        from common.log import get_logger
 
         cat = load_catalog(catalog)
         lex = load_lexicon(cat, lexicon)
@@ -61,8 +61,7 @@ def register(app: typer.Typer) -> None:
         """Measure the labeler's per-finding precision/recall on a corpus with expected labels."""
         from molre.catalog import load_catalog
         from molre.labels import ReportLabeler, load_lexicon
-        from molre.labels.score import (default_corpus_path, read_corpus, score_corpus,
-                                        to_markdown)
+        from molre.labels.score import default_corpus_path, read_corpus, score_corpus, to_markdown
 
         cat = load_catalog(catalog)
         lex = load_lexicon(cat, lexicon)

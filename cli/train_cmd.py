@@ -47,8 +47,8 @@ def register(app: typer.Typer) -> None:
 
         recipe = None
         if slices is not None:
-            from molre.backbones import get_spec
             from common.errors import ConfigError
+            from molre.backbones import get_spec
 
             if get_spec(backbone).dims != 2:
                 raise ConfigError(f"--slices applies to 2D backbones; {backbone!r} reads the whole "

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from molre import __version__
 from common.errors import CheckpointError, MolreError, WeightsError
 from common.fs import atomic_write
 from common.jsonsafe import json_default
 from common.log import get_logger
+from molre import __version__
 
 __all__ = [
     "CARD_FORMAT_VERSION",

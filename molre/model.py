@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.errors import ConfigError
+from common.log import get_logger
 from molre.adapters import (
     DEFAULT_TARGETS,
     MoLREConfig,
@@ -35,8 +37,6 @@ from molre.adapters import (
     inject_adapters,
 )
 from molre.backbones import BackboneSpec, create_backbone, preset_targets
-from common.errors import ConfigError
-from common.log import get_logger
 
 log = get_logger(__name__)
 

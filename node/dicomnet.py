@@ -35,7 +35,6 @@ from pynetdicom.sop_class import Verification
 
 from common.dicom import CT_STORAGE_CLASSES  # noqa: F401 - re-exported
 
-
 #: Transfer syntaxes accepted for every storage class (uncompressed first: preferred).
 TRANSFER_SYNTAXES: tuple[puid.UID, ...] = (
     puid.ExplicitVRLittleEndian,

@@ -171,8 +171,13 @@ def build_evidence(sources: Sequence[Dataset], paths: Mapping[str, str | Path],
     `sources`: CT headers used as SR evidence; `paths`: SOP Instance UID -> file (pixels are
     read for the chosen slices only). Raises EvidenceError (or a pydicom/highdicom error) when
     they cannot be made; the caller audits it and still sends the SR."""
-    from node.report import (NodeIdentity, _contributing_equipment, _filled,
-                             _series_description, result_series_uid)
+    from node.report import (
+        NodeIdentity,
+        _contributing_equipment,
+        _filled,
+        _series_description,
+        result_series_uid,
+    )
 
     saliency = prediction.get("saliency")
     if not saliency or not saliency.get("findings"):

@@ -164,8 +164,10 @@ class _Skip(Exception):
 
 
 def _ae(calling_ae: str, timeout: float) -> Any:
-    from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
-                                      StudyRootQueryRetrieveInformationModelGet)
+    from pynetdicom.sop_class import (
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
 
     ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout,
                  network_timeout=timeout)

@@ -51,8 +51,8 @@ operator needs to look at); called AE title != ours (with `network.require_calle
 
 from __future__ import annotations
 
-import errno
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import shutil

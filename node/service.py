@@ -140,12 +140,11 @@ class NodeService:
 
     def start(self) -> None:
         from node.assembler import Assembler
+        from node.config import check_exposure
         from node.dispatcher import Dispatcher
         from node.metrics import Metrics
         from node.receiver import Receiver, reconcile_spool
         from node.worker import WorkerPool
-
-        from node.config import check_exposure
 
         cfg = self.config
         check_exposure(cfg)

@@ -80,8 +80,8 @@ def predict_files(predictor: Any, paths: list[str], limits: dict[str, Any] | Non
     Raises MolreError (SeriesError) naming the tag or limit when the series must not be read."""
     import math
 
-    from molre.data.volume import read_series
     from common.errors import SeriesError
+    from molre.data.volume import read_series
 
     max_voxels = (limits or {}).get("max_resampled_voxels")
     volume = read_series([Path(p) for p in paths], max_voxels=max_voxels)
@@ -438,9 +438,8 @@ class Worker(BackgroundLoop):
         return True
 
     def process(self, job: Any) -> None:
-        from storage import FindingResult
-
         from node.report import NodeIdentity, build_sr, build_summary_sc, read_sources, to_bytes
+        from storage import FindingResult
 
         jlog = log.bind(job_id=job.id, series_uid=job.series_uid, version=job.version,
                         attempt=job.attempts)

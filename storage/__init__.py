@@ -15,6 +15,7 @@ docs/audit.md.
 """
 
 from storage.db import Database, utcnow
+from storage.recorder import InstanceRecorder
 from storage.spool import Spool
 from storage.store import (
     ALLOWED_TRANSITIONS,
@@ -31,7 +32,6 @@ from storage.store import (
     Store,
     StoredInstance,
 )
-from storage.recorder import InstanceRecorder
 
 __all__ = [
     "ALLOWED_TRANSITIONS", "FINAL_STATES", "Database", "ExportClaim",

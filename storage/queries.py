@@ -18,8 +18,18 @@ from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from common.log import get_logger
-from storage.models import (Association, Event, Export, Instance, Job, Notification, Result,
-                            Series, ShadowResult, Study)
+from storage.models import (
+    Association,
+    Event,
+    Export,
+    Instance,
+    Job,
+    Notification,
+    Result,
+    Series,
+    ShadowResult,
+    Study,
+)
 from storage.records import FINAL_STATES, NotFound, SeriesState
 
 if TYPE_CHECKING:

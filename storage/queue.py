@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from common.log import get_logger
 from storage.models import Association, Export, Job, Notification, Result, Series
-from storage.records import (FindingResult, InvalidTransition, JobClaim, NotFound, SeriesState)
+from storage.records import FindingResult, InvalidTransition, JobClaim, NotFound, SeriesState
 
 log = get_logger("storage.queue")
 S = SeriesState

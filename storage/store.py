@@ -29,14 +29,26 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
-import zlib
 
-from sqlalchemy import (String, and_, bindparam, case, cast, func, insert, literal, select,
-                        text, union_all, update)
+from sqlalchemy import (
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
@@ -48,12 +60,31 @@ from storage.models import Association, Event, Instance, Job, Series, Study
 from storage.notices import NoticeMixin
 from storage.outbox import OutboxMixin
 from storage.queue import QueueMixin, claim_statement  # noqa: F401 - re-exported
+
 # the records are part of this module's API (``from storage.store import SeriesState`` ...)
 from storage.records import (  # noqa: F401 - re-exported
-    _CONTROL, _COUNT_COLUMN, ALLOWED_TRANSITIONS, FINAL_STATES, INSTANCE_STATUSES, S,
-    ExportClaim, FindingResult, InstanceHeader, InstanceRecord, InvalidTransition, JobClaim,
-    KnownInstance, NotFound, SeriesIdentity, SeriesRecord, SeriesState, StoredInstance,
-    _instance_record, _series_record, _short)
+    _CONTROL,
+    _COUNT_COLUMN,
+    ALLOWED_TRANSITIONS,
+    FINAL_STATES,
+    INSTANCE_STATUSES,
+    ExportClaim,
+    FindingResult,
+    InstanceHeader,
+    InstanceRecord,
+    InvalidTransition,
+    JobClaim,
+    KnownInstance,
+    NotFound,
+    S,
+    SeriesIdentity,
+    SeriesRecord,
+    SeriesState,
+    StoredInstance,
+    _instance_record,
+    _series_record,
+    _short,
+)
 
 log = get_logger("storage.store")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ImplicitVRLittleEndian, UID
+from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from molre.data import dicomio
 

@@ -23,7 +23,6 @@ from storage.spool import Spool
 from storage.store import FindingResult, InstanceHeader, SeriesState, Store
 
 
-
 class ManualClock:
     """A clock the caller advances (demo data spread over hours, tests without sleeping)."""
 

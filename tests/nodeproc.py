@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import functools
+import json
 import os
 import shutil
-import sqlite3
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading

@@ -10,8 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from molre.adapters import (MoLREConfig, adapted_layers, adapter_state_dict, inject_adapters,
-                            load_adapter_state_dict)
+from molre.adapters import (
+    MoLREConfig,
+    adapted_layers,
+    adapter_state_dict,
+    inject_adapters,
+    load_adapter_state_dict,
+)
 from molre.adapters.names import LEGACY_NAMES, remap_legacy_keys
 from molre.checkpoint import Predictor, default_checkpoint_path
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from common.errors import MolreError
 from molre.adapters import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -29,7 +30,6 @@ from molre.adapters import (
     reset_expert_usage,
     save_adapters,
 )
-from common.errors import MolreError
 
 
 # ---------------------------------------------------------------------------------------------

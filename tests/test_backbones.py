@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from common.errors import ConfigError, WeightsError
 from molre.adapters import MoLREConfig, adapter_report, inject_adapters
 from molre.backbones import (
     BackboneSpec,
@@ -18,7 +19,6 @@ from molre.backbones import (
     preset_targets,
     weights_digest,
 )
-from common.errors import ConfigError, WeightsError
 
 ALL = ["ct-fm", "tiny-3d", "dinov3-small", "dinov3-base", "dinov3-large", "tiny-2d", "medsiglip"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from molre.catalog import CATEGORIES, Catalog, Finding, load_catalog
 from common.errors import MolreError
+from molre.catalog import CATEGORIES, Catalog, Finding, load_catalog
 
 # Copied from /work/shared/REFERENCE.md ("Codes checked against public sources"): the only SCT
 # codes the catalog may use, with their meanings exactly as listed there.

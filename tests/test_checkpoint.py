@@ -12,9 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from molre.checkpoint import (Predictor, checkpoint_hash, default_checkpoint_path, load_card,
-                              load_checkpoint, save_checkpoint, trainable_state_dict)
 from common.errors import CheckpointError
+from molre.checkpoint import (
+    Predictor,
+    checkpoint_hash,
+    default_checkpoint_path,
+    load_card,
+    load_checkpoint,
+    save_checkpoint,
+    trainable_state_dict,
+)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian
-from pydicom.valuerep import DSfloat, IS, PersonName
+from pydicom.valuerep import IS, DSfloat, PersonName
 
 from common.dicom import CT_STORAGE_CLASSES, functional_group_value
 from common.fs import atomic_write

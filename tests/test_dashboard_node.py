@@ -6,7 +6,6 @@ dashboard and the test asserts what is on it; `molre-node audit agreement` compa
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodeproc import (REPO_ROOT, NodeProcess, StorageSCP, free_port, make_ct_series,
-                            wait_until)
+from tests.nodeproc import REPO_ROOT, NodeProcess, StorageSCP, free_port, make_ct_series, wait_until
 from tests.test_notify import SECRET, MLLPListener, WebhookServer
 
 TOKEN = "dash-token-123"

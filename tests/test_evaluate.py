@@ -91,9 +91,7 @@ def test_paired_bootstrap_detects_better_model():
 
 
 def test_evaluate_arrays_reports_na_for_findings_without_positives():
-    from molre.catalog import load_catalog
-
-    from molre.catalog import Catalog
+    from molre.catalog import Catalog, load_catalog
 
     cat = load_catalog()
     keys = cat.keys[:3]

@@ -21,9 +21,9 @@ from molre.data.preprocess import Recipe
 from molre.data.volume import SeriesVolume, read_series
 from molre.saliency import explain, key_planes
 from node.config import config_from_dict
-from storage.outbox import report_files
 from node.evidence import EvidenceError, build_evidence, key_slices
 from node.report import build_sr, read_sources, to_bytes
+from storage.outbox import report_files
 from tests.nodeproc import dciodvfy_errors, make_ct_series
 from tests.test_node_worker import FakeEngine, _ingest
 

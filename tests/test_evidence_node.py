@@ -15,8 +15,7 @@ import pydicom
 import pytest
 
 from molre.data.synth import write_phantom_series
-from tests.nodeproc import (NodeProcess, StorageSCP, dciodvfy_errors, sr_for, sr_presence,
-                            wait_until)
+from tests.nodeproc import NodeProcess, StorageSCP, dciodvfy_errors, sr_for, sr_presence, wait_until
 
 KEY = "intraparenchymal_hemorrhage"
 #: as `molre-node synth --findings intraparenchymal_hemorrhage --seed 2 --sites metro` draws it

@@ -13,15 +13,12 @@ import threading
 from pathlib import Path
 
 import pydicom
-import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from storage import Database, Store
 from tests.nodeproc import make_ct_series, send_folder, wait_until
 from tests.nodeproc import sql_rows as rows
-
-
 
 
 def _variant(src: Path, dst: Path, **tags) -> Path:

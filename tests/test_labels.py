@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from molre.catalog import load_catalog
 from common.errors import MolreError
+from molre.catalog import load_catalog
 from molre.labels import label_reports, read_labels, read_reports
 from molre.labels.labeler import ReportLabeler, apply_policy
 from molre.labels.lexicon import lexicon_from_dict, load_lexicon

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.errors import MolreError
 from molre.catalog import load_catalog
 from molre.data.dicomio import write_ct_series
 from molre.data.manifest import ManifestRow, read_manifest, read_volume, write_manifest
-from common.errors import MolreError
 
 CAT = load_catalog()
 

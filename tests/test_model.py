@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import ConfigError
 from molre.adapters import MoLREConfig, adapted_layers, adapter_state_dict, expert_usage
 from molre.backbones import create_backbone, weights_digest
 from molre.catalog import load_catalog
-from common.errors import ConfigError
 from molre.model import AttentionPool, HeadCTClassifier, build_model
 
 # Small inputs per entry; the dinov3 models keep their real width but are shortened (depth=2)

@@ -20,8 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodeproc import (NodeProcess, StorageSCP, make_ct_series, send_folder, sql, sr_for,
-                            sr_presence, wait_until)
+from tests.nodeproc import (
+    NodeProcess,
+    StorageSCP,
+    make_ct_series,
+    send_folder,
+    sql,
+    sr_for,
+    sr_presence,
+    wait_until,
+)
 from tests.orthanc import model_section
 
 FINDINGS = ["subdural_hemorrhage", "intraparenchymal_hemorrhage", "hydrocephalus",

@@ -15,8 +15,6 @@ from tests.nodeproc import make_ct_series, send_folder, wait_until
 from tests.nodeproc import sql_rows as rows
 
 
-
-
 def test_store_duplicate_conflict(rx, tmp_path: Path) -> None:
     receiver, store, cfg = rx
     info = make_ct_series(tmp_path / "ct", [], n_slices=3, seed=11)

@@ -16,9 +16,9 @@ from common.errors import ConfigError
 from node.config import config_from_dict, with_overrides
 from node.worker import RELEASE_DELAY_S, Worker
 from storage import Database, InstanceHeader, Spool, Store
-from tests.demo_history import ManualClock
 from storage.models import Event, Job
 from storage.spool import TEMP_PREFIX
+from tests.demo_history import ManualClock
 from tests.test_node_worker import FakeEngine
 
 T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.timezone.utc)

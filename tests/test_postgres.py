@@ -42,8 +42,8 @@ import pytest  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from storage import FindingResult, InstanceHeader, InvalidTransition, SeriesState, Store  # noqa: E402
-from tests.demo_history import ManualClock  # noqa: E402
 from storage.models import Association, Event, Export, Job  # noqa: E402
+from tests.demo_history import ManualClock  # noqa: E402
 
 T0 = dt.datetime(2026, 2, 1, 9, 0, tzinfo=dt.timezone.utc)
 

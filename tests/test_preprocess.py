@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import ConfigError
 from molre.data.dicomio import write_ct_series
 from molre.data.preprocess import Recipe, make_recipe
 from molre.data.volume import SeriesVolume, read_series
-from common.errors import ConfigError
 
 # patient LPS position (mm) of a marker placed left (+x), posterior (+y) and superior (+z)
 MARKER_LPS = np.array([30.0, 20.0, 110.0])

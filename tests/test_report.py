@@ -22,7 +22,6 @@ from node.report import (
     summary_lines,
     to_bytes,
 )
-
 from tests.nodeproc import dciodvfy_errors
 
 

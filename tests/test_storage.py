@@ -22,8 +22,8 @@ from storage import (
     Spool,
     Store,
 )
-from tests.demo_history import ManualClock, seed_demo
 from storage.models import Association, Event, Instance, Study
+from tests.demo_history import ManualClock, seed_demo
 
 T0 = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.timezone.utc)
 

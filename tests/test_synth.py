@@ -18,9 +18,9 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from common.errors import MolreError
 from molre.data import synth
 from molre.data.synth import PHANTOM_FINDINGS, render_phantom, write_phantom_series
-from common.errors import MolreError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SIZE = 96  # coarse enough to be fast, fine enough (2.3 mm pixels) to resolve the findings
@@ -504,7 +504,6 @@ def test_sites_differ_in_pixels_and_tags() -> None:
         r = synth.render(np.random.default_rng(4), (), size=None, site=site)
         region = (clean.hu > 10) & (clean.hu < 60)  # brain (any calibration), from the clean image
         brain = ndimage.binary_erosion(region, structure=np.ones((1, 5, 5)), iterations=2)
-        vals = r.hu[brain]
         # high-pass residual: noise (and edge enhancement) after removing the local mean
         resid = (r.hu - ndimage.uniform_filter(r.hu, size=(1, 5, 5)))[brain]
         return float(np.median(clean.hu[brain])), float(resid.std()), r

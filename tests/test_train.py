@@ -187,9 +187,9 @@ def test_ddp_two_processes_gloo_only_rank0_writes(toy_run, tmp_path):
 
 
 def test_cache_skips_bad_series_with_reason_and_reuses_good_ones(toy_run, tmp_path):
+    from common.errors import MolreError
     from molre.backbones import create_backbone
     from molre.cache import VolumeCache
-    from common.errors import MolreError
     from molre.training.loop import _build_recipe
 
     manifest, _ = toy_run

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless
 
+from common.errors import SeriesError
 from molre.data.dicomio import (
     LOSSLESS_SYNTAXES,
     compress_file,
@@ -18,7 +19,6 @@ from molre.data.dicomio import (
     write_enhanced_ct,
 )
 from molre.data.volume import read_series
-from common.errors import SeriesError
 
 SPACING = (5.0, 0.5, 0.75)
 

@@ -20,10 +20,10 @@ import re
 import torch
 from torch import nn
 
-from molre.adapters.config import MoLREConfig
-from molre.adapters.layers import SUPPORTED_TYPES, MoLREConv, MoLRELayer, MoLRELinear
 from common.errors import MolreError
 from common.log import get_logger
+from molre.adapters.config import MoLREConfig
+from molre.adapters.layers import SUPPORTED_TYPES, MoLREConv, MoLRELayer, MoLRELinear
 
 _log = get_logger("molre.adapters")
 

@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.errors import CheckpointError, MolreError
 from molre.adapters.config import MoLREConfig
 from molre.adapters.inject import adapted_layers, adapter_parameter_names, get_config
 from molre.adapters.names import remap_legacy_keys
-from common.errors import CheckpointError, MolreError
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"

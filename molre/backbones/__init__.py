@@ -7,13 +7,13 @@ and the node agree on preprocessing and adapter targets. Weights are only ever r
 
 from __future__ import annotations
 
-from . import ctfm, phantom, vit2d, medsiglip  # noqa: F401,I001  (register the entries, in listing order)
+from . import ctfm, medsiglip, phantom, vit2d  # noqa: F401,I001  (register the entries, in listing order)
 from .registry import (
     DEFAULT_PRESET,
     BackboneSpec,
-    describe_backbone,
     base_state_dict,
     create_backbone,
+    describe_backbone,
     get_spec,
     list_backbones,
     preset_targets,

@@ -254,8 +254,8 @@ def describe_backbone(name: str, experts: int = 6, rank: int = 8) -> dict[str, A
     300-400 M parameter entries take well under a second. A backbone that cannot be built here
     (e.g. ``medsiglip`` without ``transformers``) gets an ``error`` field instead of counts.
     """
-    from molre.adapters import MoLREConfig, adapter_report, inject_adapters
     from common.errors import MolreError
+    from molre.adapters import MoLREConfig, adapter_report, inject_adapters
 
     spec = get_spec(name)
     row: dict[str, Any] = spec.to_dict()

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import MolreError
 from molre.catalog import Catalog
 from molre.data.volume import SeriesVolume, read_volume
-from common.errors import MolreError
 
 SPLITS = ("train", "val", "test")
 BASE_COLUMNS = ("path", "patient_id", "split")

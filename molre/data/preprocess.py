@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from molre.data.volume import SeriesVolume
 from common.errors import ConfigError
+from molre.data.volume import SeriesVolume
 
 #: Bump when a recipe's output changes for the same params (invalidates caches).
 DATA_VERSION = "molre-preprocess-1"

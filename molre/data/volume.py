@@ -65,8 +65,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage
 
-from common.dicom import (CT_STORAGE_CLASSES, MAX_FIELD_OF_VIEW_MM, MULTIFRAME_CT_CLASSES,
-                          PIXEL_SPACING_MM, functional_group_value)
+from common.dicom import (
+    CT_STORAGE_CLASSES,
+    MAX_FIELD_OF_VIEW_MM,
+    MULTIFRAME_CT_CLASSES,
+    PIXEL_SPACING_MM,
+    functional_group_value,
+)
 from common.errors import SeriesError
 from common.log import get_logger
 

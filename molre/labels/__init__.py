@@ -12,10 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from molre.catalog import Catalog
-from molre.labels.io import (evidence_path, info_path, read_labels, read_reports,
-                             write_evidence, write_info, write_labels)
-from molre.labels.labeler import (UNCERTAIN_POLICIES, ReportLabeler, ReportLabels,
-                                  apply_policy)
+from molre.labels.io import (
+    evidence_path,
+    info_path,
+    read_labels,
+    read_reports,
+    write_evidence,
+    write_info,
+    write_labels,
+)
+from molre.labels.labeler import UNCERTAIN_POLICIES, ReportLabeler, ReportLabels, apply_policy
 from molre.labels.lexicon import Lexicon, load_lexicon
 
 

@@ -26,9 +26,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from molre.catalog import Catalog
 from common.errors import MolreError
 from common.fs import atomic_write
+from molre.catalog import Catalog
 
 REPORT_COLUMNS = ("accession_number", "report_text")
 LABEL_VALUES = {"1": 1, "0": 0, "-1": -1, "": None}

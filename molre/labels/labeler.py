@@ -33,8 +33,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from molre.catalog import Catalog
 from common.errors import MolreError
+from molre.catalog import Catalog
 from molre.labels.lexicon import MAX_MODIFIERS, MOD, Lexicon
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1

@@ -35,8 +35,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from molre.catalog import Catalog
 from common.errors import MolreError
+from molre.catalog import Catalog
 
 _FORMAT = "molre-report-lexicon"
 MOD = "{mod}"

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from molre.catalog import Catalog
 from common.errors import MolreError
+from molre.catalog import Catalog
 from molre.labels.labeler import NEGATIVE, POSITIVE, UNCERTAIN, ReportLabeler
 from molre.labels.lexicon import Lexicon
 

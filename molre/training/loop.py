@@ -38,11 +38,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from molre import __version__
 from common.errors import ConfigError, MolreError
 from common.fs import atomic_write
 from common.jsonsafe import json_default
 from common.log import get_logger
+from molre import __version__
 from molre.losses import focal_loss, prevalence_weights
 from molre.training import metrics as M
 from molre.training.schedule import warmup_cosine

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import multiprocessing
 import time
 from collections.abc import Iterator, Sequence
@@ -81,7 +80,13 @@ def _sample_job(job: tuple) -> Sample:
     masks (benchmarks that need only the input and labels) the mask array is empty."""
     from molre.backbones.phantom import PHANTOM_RECIPE
     from molre.data.preprocess import Recipe
-    from molre.data.synth import PHANTOM_FINDINGS, _prevalences, check_sites, render, sample_findings
+    from molre.data.synth import (
+        PHANTOM_FINDINGS,
+        _prevalences,
+        check_sites,
+        render,
+        sample_findings,
+    )
 
     seed, split, i, prevalence, normal_fraction, sites = job[:6]
     with_masks = bool(job[6]) if len(job) > 6 else True

@@ -17,12 +17,29 @@ validation: see docs/synthetic-data.md.
 """
 
 from .anatomy import Anatomy, sample_anatomy
-from .dataset import (EDEMA_WITH_MASS, MASKS_DIR, _prevalences, dataset_summary, generate_dataset,
-                      load_masks, sample_findings, save_masks)
+from .dataset import (
+                      EDEMA_WITH_MASS,
+                      MASKS_DIR,
+                      _prevalences,
+                      dataset_summary,
+                      generate_dataset,
+                      load_masks,
+                      sample_findings,
+                      save_masks,
+)
 from .findings import PHANTOM_FINDINGS, check_findings
 from .geometry import PhantomGeometry, PlacementError
 from .render import PhantomInfo, Rendered, render, render_phantom, write_phantom_series
-from .sites import GENERIC, MAX_SIZE, MIN_SIZE, SITES, SLICE_THICKNESSES, Site, check_sites, get_site
+from .sites import (
+                      GENERIC,
+                      MAX_SIZE,
+                      MIN_SIZE,
+                      SITES,
+                      SLICE_THICKNESSES,
+                      Site,
+                      check_sites,
+                      get_site,
+)
 
 __all__ = [
     "Anatomy", "EDEMA_WITH_MASS", "GENERIC", "MASKS_DIR", "MAX_SIZE", "MIN_SIZE",

@@ -16,6 +16,7 @@ import numpy as np
 
 from .geometry import PhantomGeometry
 
+
 @dataclass(frozen=True)
 class Anatomy:
     """Patient-specific shape and tissue values (shared by all series of one synthetic patient)."""

@@ -16,8 +16,14 @@ import numpy as np
 
 from common.errors import MolreError
 
-from .anatomy import (Anatomy, RenderContext, ellipsoid_depth, floor_w, in_ellipsoid,
-                      ventricle_factors, ventricle_parts)
+from .anatomy import (
+    Anatomy,
+    RenderContext,
+    ellipsoid_depth,
+    floor_w,
+    ventricle_factors,
+    ventricle_parts,
+)
 from .geometry import PhantomGeometry, PlacementError
 
 # Catalog keys the phantom can plant (docs/architecture.md, "molre.catalog").  Order matters:

@@ -19,11 +19,18 @@ from common.errors import MolreError
 from common.jsonsafe import jsonable
 
 from .anatomy import Anatomy, RenderContext, render_anatomy, sample_anatomy
-from .findings import (PHANTOM_FINDINGS, RENDER_ORDER, check_findings, finding_rngs,
-                       plan_findings)
+from .findings import PHANTOM_FINDINGS, RENDER_ORDER, check_findings, finding_rngs, plan_findings
 from .geometry import PhantomGeometry, PlacementError
-from .sites import (MAX_SIZE, MIN_SIZE, Site, acquire, draw_scanner, get_site, make_geometry,
-                    site_tags)
+from .sites import (
+    MAX_SIZE,
+    MIN_SIZE,
+    Site,
+    acquire,
+    draw_scanner,
+    get_site,
+    make_geometry,
+    site_tags,
+)
 
 _UID_PREFIX_ENTROPY = "molre-synth-v1"
 _PLACEMENT_TRIES = 5
