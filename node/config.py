@@ -65,6 +65,9 @@ class NetworkConfig:
     max_associate_rq_size: str = "256KiB"
     # rows per minute for connections refused before acceptance (the rest are counted)
     refusal_audit_per_minute: int = 60
+    # receiver processes (node/receiver_pool.py): 0 = one per core (at most 4), 1 = all
+    # associations in the node process
+    receiver_processes: int = 0
 
     def per_host_limit(self) -> int:
         """`max_associations_per_host`, with 0 meaning half of `max_associations`."""
@@ -497,6 +500,9 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     if n.max_associations < 1:
         raise ConfigError(f"network.max_associations: expected integer >= 1, got "
                           f"{n.max_associations}")
+    if not 0 <= n.receiver_processes <= 64:
+        raise ConfigError(f"network.receiver_processes: expected an integer 0..64 (0 = one "
+                          f"per core), got {n.receiver_processes}")
     for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
         _check_positive(getattr(n, name), f"network.{name}")
     if not 0 <= n.max_associations_per_host <= n.max_associations:
