@@ -8,7 +8,9 @@ Served by :class:`Dashboard` (stdlib ``http.server``, one thread per request) on
 ``dashboard.host:dashboard.port`` (loopback by default; port 0 = off). Pages:
 
 - ``/`` server-rendered HTML (no scripts, refreshes itself every 15 s),
-- ``/api/status`` the same content as JSON, ``/healthz`` (no auth) ``ok``.
+- ``/api/status`` the same content as JSON, ``/healthz`` (no auth) ``ok``, ``/readyz`` (no
+  auth) 200 ``ready`` once every inference process has loaded the checkpoint, 503
+  ``not ready: inference loading`` before (``node.inference`` in the status says the same).
 
 Access: ``dashboard.token`` (``Authorization: Bearer T`` or ``?token=T``) and/or
 ``dashboard.username`` + ``password`` (HTTP basic); a non-loopback host needs one of them
@@ -71,11 +73,13 @@ def collect(store: Any, config: Any, service: Any = None,
         info = getattr(w.engine, "info", None) or {}
         workers.append({"id": w.worker_id, "busy": bool(w.busy),
                         "alive": bool(w._thread is not None and w._thread.is_alive()),
+                        "inference": getattr(w, "engine_state", None),
                         "engine_pid": getattr(w.engine, "pid", None),
                         "model": info.get("model_name"),
                         "checkpoint_hash": (info.get("checkpoint_hash") or "")[:16] or None,
                         "shadows": [s.name for s, _ in getattr(w, "shadows", [])]})
     out["queue"] = {"series": stats["series"], "jobs": stats["jobs"], "workers": workers}
+    out["node"]["inference"] = inference_status(service)
     out["latency"] = stats["latency"]
     with store.db.session(write=False) as s:
         # recent series with their state, skip/failure reason and last job error
@@ -184,12 +188,33 @@ def _e(v: Any) -> str:
     return html.escape("" if v is None else str(v))
 
 
+def _inference_text(st: dict[str, Any]) -> str:
+    state = st.get("state")
+    if state == "ready":
+        return "ready"
+    if state == "none":
+        return "none on this node (no worker role)"
+    if state == "unavailable":
+        return f"NOT READY: checkpoint load failed ({st.get('error') or 'see the log'}); retrying"
+    return f"NOT READY: loading the checkpoint for {st.get('for_s', 0):.0f} s"
+
+
 def _table(title: str, rows: list[dict[str, Any]], cols: list[str], ident: str) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{_e(r.get(c))}</td>" for c in cols) + "</tr>"
                    for r in rows) or f"<tr><td colspan='{len(cols)}'>none</td></tr>"
     return (f"<section id='{ident}'><h2>{_e(title)}</h2><table><thead><tr>{head}</tr></thead>"
             f"<tbody>{body}</tbody></table></section>")
+
+
+def inference_status(service: Any) -> dict[str, Any]:
+    """Whether this node can read a series now: "ready", "loading" (an inference process is
+    still loading the checkpoint; completed series wait in the queue), "unavailable" (a load
+    failed and is retried), or "none" (no worker role here)."""
+    pool = getattr(service, "workers", None)
+    if pool is None or not getattr(pool, "workers", None):
+        return {"ready": True, "state": "none"}
+    return pool.inference_status()
 
 
 def render_html(data: dict[str, Any]) -> str:
@@ -214,8 +239,11 @@ def render_html(data: dict[str, Any]) -> str:
         f"{_e(node['port'])} | roles {_e(', '.join(node['roles']))} | checkpoint "
         f"{_e(node['checkpoint'])} | shadow models {_e(', '.join(node['shadow_models']) or 'none')}"
         f" | generated {_e(data['generated_at'])}</p>",
+        f"<p id='inference'>inference: <b>{_e(_inference_text(node.get('inference') or {}))}"
+        "</b></p>",
         _table("Queue", counts, count_cols, "queue"),
-        _table("Workers", q["workers"], ["id", "busy", "alive", "engine_pid", "model",
+        _table("Workers", q["workers"], ["id", "busy", "alive", "inference", "engine_pid",
+                                         "model",
                                          "checkpoint_hash", "shadows"], "workers"),
         _table("Recent series", data["series"],
                ["series_uid", "state", "version", "instances", "site", "reason", "updated_at"]
@@ -308,6 +336,11 @@ class Dashboard:
                 url = urlsplit(self.path)
                 if url.path == "/healthz":
                     return self._send(200, b"ok\n", "text/plain; charset=utf-8")
+                if url.path == "/readyz":  # 503 until the inference process has loaded
+                    st = inference_status(dash.service)
+                    text = "ready" if st["ready"] else f"not ready: inference {st['state']}"
+                    return self._send(200 if st["ready"] else 503, (text + "\n").encode(),
+                                      "text/plain; charset=utf-8")
                 if not dash.authorized(self.headers, parse_qs(url.query)):
                     extra = ({"WWW-Authenticate": 'Basic realm="molre-node"'}
                              if dash.config.dashboard.username else {})

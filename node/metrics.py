@@ -47,6 +47,14 @@ class Metrics:
                                             buckets=_LAT_BUCKETS, registry=r)
         self.exports = Counter("molre_exports_total", "Export attempts (delivered, failed)",
                                ["outcome"], registry=r)
+        self.inference_ready = Gauge("molre_inference_ready",
+                                     "1 when every worker's inference engine has loaded the "
+                                     "checkpoint, 0 while one is loading or failed to load "
+                                     "(completed series wait in the queue meanwhile)", registry=r)
+        self.inference_load_seconds = Gauge("molre_inference_load_seconds",
+                                            "Start -> ready of the last checkpoint load of an "
+                                            "inference engine (import torch, build, load)",
+                                            registry=r)
         self._server: Any = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:

@@ -97,6 +97,28 @@ def read_sources(paths: Sequence[str | Path]) -> list[Dataset]:
     return [pydicom.dcmread(str(p), stop_before_pixels=True) for p in paths]
 
 
+def recorded_sources(paths: Sequence[str | Path], records: Mapping[str, Any]) -> list[Dataset]:
+    """Evidence for the SR without reading every header again: the first instance's header
+    from its file (the SR copies the patient and study modules from it), the others as the four
+    UIDs the evidence sequence needs, from `records` (spool path -> the receiver's instance row,
+    read from the same headers). A path without a complete row is read from its file.
+
+    Why: a 480-slice series meant 480 header reads in the node after the inference process had
+    just read them all; the rows are already in memory."""
+    out: list[Dataset] = []
+    for n, p in enumerate(paths):
+        r = records.get(str(p))
+        uids = (getattr(r, "sop_class_uid", None), getattr(r, "sop_instance_uid", None),
+                getattr(r, "study_uid", None), getattr(r, "series_uid", None))
+        if n == 0 or not all(uids):
+            out.append(pydicom.dcmread(str(p), stop_before_pixels=True))
+            continue
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = uids
+        out.append(ds)
+    return out
+
+
 def _filled(ds: Dataset) -> Dataset:
     """A copy with empty values for missing Type 2 attributes (real sources do lack them)."""
     out = copy.copy(ds)
@@ -193,7 +215,9 @@ def build_sr(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog:
     if not sources:
         raise ValueError("build_sr needs at least one source instance")
     identity = identity or NodeIdentity()
-    evidence = [_filled(ds) for ds in sources] + [_filled(e.dataset) for e in evidence_images]
+    # patient/study come from the first source only (highdicom); the others are UID references
+    evidence = ([_filled(sources[0]), *sources[1:]]
+                + [_filled(e.dataset) for e in evidence_images])
     probs: Mapping[str, float] = prediction["probabilities"]
     decisions: Mapping[str, bool] = prediction["decisions"]
     model_name = str(prediction.get("model_name") or "molre")[:64]
@@ -340,4 +364,4 @@ def to_bytes(ds: Dataset) -> bytes:
 
 
 __all__ = ["NodeIdentity", "build_sr", "build_summary_sc", "processing_description",
-           "read_sources", "result_series_uid", "summary_capacity", "summary_lines", "to_bytes"]
+           "read_sources", "recorded_sources", "result_series_uid", "summary_capacity", "summary_lines", "to_bytes"]

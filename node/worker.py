@@ -84,7 +84,9 @@ def predict_files(predictor: Any, paths: list[str], limits: dict[str, Any] | Non
     from molre.data.volume import read_series
 
     max_voxels = (limits or {}).get("max_resampled_voxels")
-    volume = read_series([Path(p) for p in paths], max_voxels=max_voxels)
+    # pixels deferred: the 3-D recipes reduce each slice as it is decoded (a thin-slice series
+    # never exists at full resolution); the size check below needs headers only
+    volume = read_series([Path(p) for p in paths], max_voxels=max_voxels, defer_pixels=True)
     if max_voxels:
         est = _resampled_voxels(getattr(predictor, "recipe", None), volume)
         if est > max_voxels:
@@ -188,7 +190,14 @@ class ProcessEngine:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def ready(self) -> bool:
+        """The inference process has loaded the checkpoint and is alive."""
+        proc = self._proc
+        return proc is not None and proc.is_alive()
+
     def _start(self) -> None:
+        t0 = time.monotonic()
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=self.target, name="molre-inference",
@@ -226,7 +235,8 @@ class ProcessEngine:
             raise MolreError(f"checkpoint could not be loaded: {payload}")
         self._proc, self._conn, self.info = proc, parent, payload
         log.info("inference process ready", pid=proc.pid, model=payload.get("model_name"),
-                 checkpoint_hash=str(payload.get("checkpoint_hash"))[:16])
+                 checkpoint_hash=str(payload.get("checkpoint_hash"))[:16],
+                 load_s=round(time.monotonic() - t0, 2))
 
     def ensure_started(self) -> dict[str, Any]:
         with self._lock:
@@ -295,6 +305,10 @@ class ThreadEngine:
         self.limits: dict[str, Any] = {}
         self._predictor: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._predictor is not None
 
     def ensure_started(self) -> dict[str, Any]:
         with self._lock:
@@ -367,6 +381,13 @@ class Worker(BackgroundLoop):
         self.shadows = [(sm, make_engine(config, sm)) for sm in config.model.shadow]
         self._catalog: Any = None
         self.busy = False
+        # inference readiness, for the logs, metrics and dashboard ("loading" until the engine
+        # has loaded the checkpoint; "unavailable" after a failed load, until a retry works)
+        self.engine_state = "loading"
+        self.engine_error: str | None = None
+        self.engine_since = time.time()
+        self.engine_load_s: float | None = None
+        self.on_engine_state: Any = None  # WorkerPool: metrics of the whole pool
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the job in flight (up to `timeout`), then stop the engine."""
@@ -387,16 +408,35 @@ class Worker(BackgroundLoop):
         except Exception:  # noqa: BLE001
             log.exception("report module import failed")
 
+    def _set_engine_state(self, state: str, error: str | None = None) -> None:
+        if state == self.engine_state and error == self.engine_error:
+            return
+        now = time.time()
+        if state == "ready":
+            self.engine_load_s = round(now - self.engine_since, 2)
+        self.engine_state, self.engine_error, self.engine_since = state, error, now
+        if state == "loading":
+            log.info("inference not ready: loading the checkpoint", worker=self.worker_id)
+        elif state == "ready":
+            log.info("inference ready", worker=self.worker_id, load_s=self.engine_load_s)
+        if self.on_engine_state is not None:
+            self.on_engine_state()
+
     def _run(self) -> None:
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
         backoff = 1.0
+        log.info("inference not ready: loading the checkpoint", worker=self.worker_id)
         while not self._stop.is_set():
             try:
+                if not getattr(self.engine, "ready", True) and self.engine_state == "ready":
+                    self._set_engine_state("loading")  # restarted after a crash
                 self.engine.ensure_started()
+                self._set_engine_state("ready")
                 backoff = 1.0
             except Exception as exc:  # noqa: BLE001 - keep receiving; retry loading later
                 log.error("inference engine not available", error=redact(str(exc)),
                           retry_in_s=backoff)
+                self._set_engine_state("unavailable", redact(str(exc), 300))
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 300.0)
                 continue
@@ -438,7 +478,14 @@ class Worker(BackgroundLoop):
         return True
 
     def process(self, job: Any) -> None:
-        from node.report import NodeIdentity, build_sr, build_summary_sc, read_sources, to_bytes
+        from node.report import (
+            NodeIdentity,
+            build_sr,
+            build_summary_sc,
+            read_sources,
+            recorded_sources,
+            to_bytes,
+        )
         from storage import FindingResult
 
         jlog = log.bind(job_id=job.id, series_uid=job.series_uid, version=job.version,
@@ -484,7 +531,11 @@ class Worker(BackgroundLoop):
             used = set(pred.get("used_sop_instance_uids") or [])
             evidence_paths = [i.spool_path for i in instances
                               if i.spool_path in paths and (not used or i.sop_instance_uid in used)]
-            sources = read_sources(evidence_paths or paths)
+            if self.config.report.evidence:  # key images need every header (positions)
+                sources = read_sources(evidence_paths or paths)
+            else:  # the SR needs UIDs only beyond the first header: the rows have them
+                sources = recorded_sources(evidence_paths or paths,
+                                           {i.spool_path: i for i in instances})
             r = self.config.report
             identity = NodeIdentity(ae_title=self.config.network.ae_title,
                                     manufacturer=r.manufacturer, device_name=r.device_name,
@@ -647,6 +698,35 @@ class WorkerPool:
         self.workers = [Worker(config, store, spool, index=i, metrics=metrics,
                                wake=self.wake_event, on_reported=on_reported)
                         for i in range(config.model.workers)]
+        self.metrics = metrics
+        for w in self.workers:
+            w.on_engine_state = self._engine_state_changed
+        self._engine_state_changed()
+
+    @property
+    def inference_ready(self) -> bool:
+        """Every worker's engine has loaded the checkpoint (a series would be read now)."""
+        return all(w.engine_state == "ready" for w in self.workers)
+
+    def inference_status(self) -> dict[str, Any]:
+        """"ready", "loading" (some engine still loading the checkpoint) or "unavailable"
+        (a load failed; retried with backoff), with the age of that state."""
+        states = [w.engine_state for w in self.workers]
+        state = ("ready" if all(s == "ready" for s in states)
+                 else "unavailable" if "unavailable" in states else "loading")
+        since = max((w.engine_since for w in self.workers), default=time.time())
+        return {"ready": state == "ready", "state": state,
+                "for_s": round(time.time() - since, 1),
+                "load_s": [w.engine_load_s for w in self.workers],
+                "error": next((w.engine_error for w in self.workers if w.engine_error), None)}
+
+    def _engine_state_changed(self) -> None:
+        if self.metrics is None or not hasattr(self.metrics, "inference_ready"):
+            return
+        self.metrics.inference_ready.set(1 if self.inference_ready else 0)
+        loads = [w.engine_load_s for w in self.workers if w.engine_load_s is not None]
+        if loads:
+            self.metrics.inference_load_seconds.set(max(loads))
 
     def start(self) -> None:
         for w in self.workers:

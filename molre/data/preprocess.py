@@ -197,10 +197,23 @@ class Recipe:
         return orient(volume.to_metatensor())
 
     def transform_meta(self, volume: SeriesVolume) -> Any:
-        """3-D recipes: the output as a MetaTensor whose affine maps output voxels to RAS mm."""
+        """3-D recipes: the output as a MetaTensor whose affine maps output voxels to RAS mm.
+
+        Orientation, antialiasing and resampling are computed as one separable linear map per
+        axis (`_resampled_separable`), applied to each slice as it is decoded; geometries it
+        does not cover use MONAI's transforms (`_resampled_monai`). Both give the same volume
+        within float32 rounding (tests/test_preprocess_fast.py)."""
         if self.name != "ctfm-3d":
             raise ValueError("transform_meta is only defined for 3-D recipes")
-        from monai.transforms import CenterSpatialCrop, ScaleIntensityRange, Spacing, SpatialPad
+        img = self._resampled_separable(volume)
+        if img is None:
+            img = self._resampled_monai(volume)
+        return self._window_pad_crop(img)
+
+    def _resampled_monai(self, volume: SeriesVolume) -> Any:
+        """Reference path: MONAI Orientation -> GaussianSmooth (antialias) -> Spacing on the
+        full-resolution volume."""
+        from monai.transforms import Spacing
 
         p = self.params
         img = self.oriented(volume)
@@ -211,8 +224,13 @@ class Recipe:
             sigma = [max(0.0, (f - 1.0) / 2.0) for f in factor]
             if any(sg > 0 for sg in sigma):
                 img = GaussianSmooth(sigma=sigma)(img)
-        img = Spacing(pixdim=p["spacing"], mode=p["mode"], padding_mode="border",
-                      dtype=np.float32)(img)
+        return Spacing(pixdim=p["spacing"], mode=p["mode"], padding_mode="border",
+                       dtype=np.float32)(img)
+
+    def _window_pad_crop(self, img: Any) -> Any:
+        from monai.transforms import CenterSpatialCrop, ScaleIntensityRange, SpatialPad
+
+        p = self.params
         if p["windows"]:
             chans = [((img - (c - w / 2.0)) / w).clamp(0.0, 1.0) for c, w in p["windows"]]
             img = torch.cat(chans, dim=0)
@@ -222,6 +240,51 @@ class Recipe:
         img = SpatialPad(spatial_size=p["roi"], method="symmetric", mode="constant", value=0.0)(img)
         img = CenterSpatialCrop(roi_size=p["roi"])(img)
         return img
+
+    def _resampled_separable(self, volume: SeriesVolume) -> Any:
+        """What `_resampled_monai` computes, as three per-axis matrices.
+
+        Why this is the same thing: Orientation only permutes and flips axes; Spacing (not
+        ``diagonal``) keeps the direction cosines, so each output index maps to an input index
+        along the same axis (an axis-wise scale + offset, sampled bilinearly with the border
+        clamped, as grid_sample does); GaussianSmooth is separable (zero padding). Each axis is
+        therefore one matrix W (n_out x n_in) = interpolation @ Gaussian, and the volume is
+        Wz . (Wy @ slice @ Wx^T): the in-plane part runs on every slice as it is decoded
+        (`DeferredSeriesVolume.reduce_slices`), so a 480 x 512 x 512 series costs a few
+        megabytes instead of gigabytes of float copies and 3-D convolutions. None when the
+        geometry is not axis-wise (or the mode is not bilinear): the caller uses MONAI."""
+        from scipy import sparse
+
+        from molre.data.volume import DeferredSeriesVolume
+
+        plan = _separable_plan(self.params, tuple(int(v) for v in volume.shape),
+                               volume.affine("RAS"))
+        if plan is None:
+            return None
+        (wz, wy, wx), out_axes, affine, meta = plan
+        my = sparse.csr_matrix(wy)
+        mx = sparse.csr_matrix(wx)
+
+        def inplane(hu: np.ndarray) -> np.ndarray:
+            return np.asarray((mx @ np.asarray(my @ hu).T).T)
+
+        hw = (wy.shape[0], wx.shape[0])
+        reduced = None
+        if isinstance(volume, DeferredSeriesVolume):
+            reduced = volume.reduce_slices(inplane, hw)
+        if reduced is None:
+            hu = volume.hu
+            reduced = np.empty((hu.shape[0], *hw), np.float32)
+            for k in range(hu.shape[0]):
+                reduced[k] = inplane(hu[k])
+        out = np.tensordot(wz, reduced, axes=(1, 0)).astype(np.float32, copy=False)
+        out = np.ascontiguousarray(np.transpose(out, out_axes))
+        from monai.data import MetaTensor
+
+        return MetaTensor(torch.from_numpy(out)[None], affine=torch.as_tensor(affine),
+                          meta=meta | {"series_uid": volume.series_uid,
+                                       "study_uid": volume.study_uid,
+                                       "filename_or_obj": volume.series_uid})
 
     def __call__(self, volume: SeriesVolume) -> torch.Tensor:
         if self.name == "ctfm-3d":
@@ -268,6 +331,81 @@ class Recipe:
             mean, std = NORMALIZATIONS[p["normalize"]]
             out = (out - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         return out.contiguous()
+
+
+#: Tolerance on the index maps of `_separable_plan` (a matrix entry below it counts as zero).
+_AXIS_TOL = 1e-6
+
+
+def _separable_plan(p: Mapping[str, Any], shape: tuple[int, int, int], ras_affine: np.ndarray
+                    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[int, int, int],
+                               np.ndarray, dict[str, Any]] | None:
+    """Per-axis matrices (for the volume's z, y, x axes) of orientation + antialias +
+    resampling, the transpose from (z, y, x) to the output axes, the output affine (RAS) and
+    the metadata of the output. The output geometry is MONAI's own (Orientation and Spacing run
+    lazily on a zero-stride tensor: only affines and shapes, no pixels)."""
+    if p["mode"] != "bilinear":
+        return None
+    from monai.data import MetaTensor
+    from monai.networks.layers.convutils import gaussian_1d
+    from monai.transforms import Orientation, Spacing
+
+    src = np.asarray(ras_affine, dtype=np.float64)
+    labels = (("L", "R"), ("P", "A"), ("I", "S"))
+    meta = {"space": "RAS", "original_affine": torch.as_tensor(src, dtype=torch.float64)}
+    img = MetaTensor(torch.zeros((1, 1, 1, 1), dtype=torch.float32).expand(1, *shape),
+                     affine=torch.as_tensor(src, dtype=torch.float64), meta=dict(meta))
+    img = Orientation(axcodes=p["orientation"], labels=labels, lazy=True)(img)
+    a_or = np.asarray(img.peek_pending_affine(), dtype=np.float64)
+    shape_or = [int(v) for v in img.peek_pending_shape()]
+    img = Spacing(pixdim=p["spacing"], mode=p["mode"], padding_mode="border", dtype=np.float32,
+                  lazy=True)(img)
+    a_out = np.asarray(img.peek_pending_affine(), dtype=np.float64)
+    shape_out = [int(v) for v in img.peek_pending_shape()]
+    perm = np.linalg.solve(src, a_or)  # oriented index -> volume index: signed permutation
+    xform = np.linalg.solve(a_or, a_out)  # output index -> oriented index: axis-wise
+    src_axis = []
+    for k in range(3):
+        col = perm[:3, k]
+        a = int(np.argmax(np.abs(col)))
+        if abs(abs(col[a]) - 1) > _AXIS_TOL or np.sum(np.abs(col)) - abs(col[a]) > _AXIS_TOL:
+            return None
+        src_axis.append((a, col[a] < 0))
+    off = xform[:3, :3] - np.diag(np.diag(xform[:3, :3]))
+    if np.max(np.abs(off)) > _AXIS_TOL * max(1.0, float(np.max(np.abs(xform[:3, :3])))):
+        return None
+    if sorted(a for a, _ in src_axis) != [0, 1, 2]:
+        return None
+    pixdim = np.sqrt((a_or[:3, :3] ** 2).sum(axis=0))
+    sigma = [0.0, 0.0, 0.0]
+    if p["antialias"]:
+        sigma = [max(0.0, (t / float(s) - 1.0) / 2.0) for t, s in zip(p["spacing"], pixdim)]
+    smooth = any(sg > 0 for sg in sigma)
+    mats: list[np.ndarray | None] = [None, None, None]
+    for k in range(3):
+        n, n_out = shape_or[k], shape_out[k]
+        x = np.clip(xform[k, k] * np.arange(n_out) + xform[k, 3], 0.0, n - 1)
+        i0 = np.floor(x).astype(np.int64)
+        w = x - i0
+        i1 = np.minimum(i0 + 1, n - 1)
+        m = np.zeros((n_out, n))
+        np.add.at(m, (np.arange(n_out), i0), 1.0 - w)
+        np.add.at(m, (np.arange(n_out), i1), w)
+        if smooth:  # zero-padded correlation with MONAI's own kernel, as GaussianSmooth does
+            kern = gaussian_1d(torch.tensor(sigma[k]), truncated=4.0, approx="erf")
+            kern = kern.numpy().astype(np.float64)
+            tail = (len(kern) - 1) // 2
+            g = np.zeros((n, n))
+            for d in range(-tail, tail + 1):
+                g += np.eye(n, k=d) * kern[d + tail]
+            m = m @ g
+        a, flip = src_axis[k]
+        if flip:
+            m = m[:, ::-1]
+        mats[a] = np.ascontiguousarray(m, dtype=np.float32)
+    # the reduced array is indexed (z, y, x) of the volume; output axis k is volume axis src[k]
+    transpose = tuple(src_axis[k][0] for k in range(3))
+    return (mats[0], mats[1], mats[2]), transpose, a_out, meta  # type: ignore[return-value]
 
 
 def make_recipe(name: str, **params: Any) -> Recipe:

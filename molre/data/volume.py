@@ -143,6 +143,56 @@ class SeriesVolume:
                           meta=meta)
 
 
+class DeferredSeriesVolume(SeriesVolume):
+    """A `SeriesVolume` whose pixels are decoded when first needed (``read_series(...,
+    defer_pixels=True)``).
+
+    Why: a thin-slice series (480 x 512 x 512) is 500 MB of float32 that the 3-D recipes
+    immediately shrink a hundredfold. Geometry, UIDs, shape and header warnings are there at
+    once; ``hu`` decodes the full volume on first access (anything that needs it still works);
+    `reduce_slices` hands every slice to a linear in-plane map as it is decoded instead, so the
+    full-resolution volume is never held. Pixel-stage warnings (duplicate slices, tilt
+    resampling) are appended to ``warnings`` / ``meta["corrections"]`` when pixels are read.
+    """
+
+    def __init__(self, pixels: Any, shape: tuple[int, int, int], **geometry: Any) -> None:
+        self._pixels = pixels
+        self._shape = tuple(int(v) for v in shape)
+        self._hu: np.ndarray | None = None
+        super().__init__(hu=None, **geometry)  # type: ignore[arg-type]
+
+    @property  # type: ignore[override]
+    def hu(self) -> np.ndarray:
+        if self._hu is None:
+            self._hu = self._pixels.full()
+        return self._hu
+
+    @hu.setter
+    def hu(self, value: np.ndarray | None) -> None:
+        self._hu = value
+
+    @property
+    def loaded(self) -> bool:
+        return self._hu is not None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    def reduce_slices(self, fn: Any, out_hw: tuple[int, int]) -> np.ndarray | None:
+        """``fn`` (a *linear* map of one (rows, cols) HU slice to an ``out_hw`` array) applied
+        to each acquired slice as it is decoded, then the regular grid along z (linear too, so
+        the order does not change the result). Returns (z, *out_hw) float32, or None when the
+        pixels are already decoded (use ``hu``) or the slices must be shifted first (tilt)."""
+        if self._hu is not None:
+            return None
+        return self._pixels.reduced(fn, out_hw)
+
+    def __repr__(self) -> str:  # the dataclass repr would decode the pixels
+        return (f"DeferredSeriesVolume(series_uid={self.series_uid!r}, shape={self.shape}, "
+                f"spacing={self.spacing}, loaded={self.loaded})")
+
+
 # ------------------------------------------------------------------------------------------
 # header collection
 # ------------------------------------------------------------------------------------------
@@ -427,55 +477,193 @@ def _check_consistent(frames: list[_Frame]) -> None:
 # ------------------------------------------------------------------------------------------
 # pixels
 # ------------------------------------------------------------------------------------------
-def _load_pixels(frames: list[_Frame], datasets: dict[Path, Dataset]
-                 ) -> dict[tuple[Path, int | None], np.ndarray]:
-    """Decode each needed file once, from the dataset the header pass read (popped so its
-    pixel bytes are released after decoding); returns HU slices keyed by (path, frame)."""
-    by_path: dict[Path, list[_Frame]] = {}
-    for f in frames:
-        by_path.setdefault(f.path, []).append(f)
-    out: dict[tuple[Path, int | None], np.ndarray] = {}
-    for path, fs in by_path.items():
-        ds = _with_transfer_syntax(datasets.pop(path))
+#: Transfer syntaxes whose Pixel Data is the raw little-endian sample array (read directly).
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _decode(ds: Dataset, path: Path) -> np.ndarray:
+    """The stored sample values of every frame: (rows, cols) or (frames, rows, cols).
+
+    Uncompressed 16-bit little-endian grey-scale (what CT mostly is) is viewed straight from the
+    Pixel Data bytes (what ``pixel_array`` returns for it, without its per-call machinery);
+    anything else goes through pydicom's decoders."""
+    ds = _with_transfer_syntax(ds)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n = int(ds.get("NumberOfFrames") or 1)
+    if (str(ds.file_meta.TransferSyntaxUID) in _NATIVE_LE and ds.get("BitsAllocated") == 16
+            and ds.get("BitsStored") == 16 and int(ds.get("SamplesPerPixel", 1)) == 1
+            and "PixelData" in ds):
+        data = ds.PixelData
+        if isinstance(data, bytes) and len(data) >= 2 * n * rows * cols:
+            dtype = "<i2" if int(ds.get("PixelRepresentation", 0)) else "<u2"
+            arr = np.frombuffer(data, dtype=dtype, count=n * rows * cols)
+            return arr.reshape(rows, cols) if n == 1 else arr.reshape(n, rows, cols)
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # decoder errors come in many types
+        ts = "unknown"
         try:
-            arr = ds.pixel_array
-        except Exception as exc:  # decoder errors come in many types
-            ts = "unknown"
-            try:
-                ts = ds.file_meta.TransferSyntaxUID.name
-            except Exception:
-                pass
-            raise SeriesError(f"{path}: cannot decode pixel data (transfer syntax {ts}): {exc}. "
-                              "Install the pylibjpeg plugins / pyjpegls, or send the series "
-                              "uncompressed") from exc
-        for f in fs:
-            if f.frame is None:
-                raw = arr if arr.ndim == 2 else arr[0]
-            else:
-                raw = arr[f.frame] if arr.ndim == 3 else arr
-            if raw.shape != (f.rows, f.cols):
-                raise SeriesError(f"{path}: decoded pixel shape {raw.shape} does not match "
-                                  f"Rows/Columns {f.rows}x{f.cols}")
-            hu = raw.astype(np.float32)
-            if f.slope != 1.0:
-                hu *= np.float32(f.slope)
-            if f.intercept != 0.0:
-                hu += np.float32(f.intercept)
-            out[(f.path, f.frame)] = hu
+            ts = ds.file_meta.TransferSyntaxUID.name
+        except Exception:
+            pass
+        raise SeriesError(f"{path}: cannot decode pixel data (transfer syntax {ts}): {exc}. "
+                          "Install the pylibjpeg plugins / pyjpegls, or send the series "
+                          "uncompressed") from exc
+
+
+def _frame_of(arr: np.ndarray, f: _Frame) -> np.ndarray:
+    if f.frame is None:
+        raw = arr if arr.ndim == 2 else arr[0]
+    else:
+        raw = arr[f.frame] if arr.ndim == 3 else arr
+    if raw.shape != (f.rows, f.cols):
+        raise SeriesError(f"{f.path}: decoded pixel shape {raw.shape} does not match "
+                          f"Rows/Columns {f.rows}x{f.cols}")
+    return raw
+
+
+def _to_hu(raw: np.ndarray, f: _Frame, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values -> HU in float32 (into `out` when given): the slice's own rescale."""
+    if out is None:
+        out = raw.astype(np.float32)
+    else:
+        out[...] = raw
+    if f.slope != 1.0:
+        out *= np.float32(f.slope)
+    if f.intercept != 0.0:
+        out += np.float32(f.intercept)
     return out
 
 
-def _deskew(slices: list[np.ndarray], offsets_px: np.ndarray, fill: float) -> list[np.ndarray]:
+@dataclass
+class _PixelPass:
+    """What the header pass decided about the pixels: which frames, in which order, how the
+    regular grid is made of them, whether slices must be shifted (tilt). Decodes on demand,
+    each file once per pass; datasets read by the header pass are used (and released) first."""
+
+    series_uid: str
+    kept: list[_Frame]
+    dup_groups: list[list[_Frame]]
+    datasets: dict[Path, Dataset]
+    grid: list[tuple[int, int, float]]  # per grid plane: kept indices (lo, hi) and weight of hi
+    offsets_px: np.ndarray | None  # in-plane shift per kept slice (tilt), None = none needed
+    tilt_reason: str | None
+    warnings: list[str]
+    corrections: list[dict[str, str]]
+    reported: bool = False
+
+    def _dataset(self, path: Path) -> Dataset:
+        ds = self.datasets.pop(path, None)
+        if ds is None:  # released by an earlier pass: read it again
+            ds = _read_header(path)
+            if ds is None:
+                raise SeriesError(f"{path}: the file can no longer be read as DICOM")
+        return ds
+
+    def _slices(self, frames: list[_Frame], into: Any = None):
+        """Yield (index, HU slice) in order; ``into(k)`` gives the (rows, cols) float32 array
+        to write slice k into (None: a new array each). A multi-frame file is decoded once
+        while its frames are consumed."""
+        remaining = Counter(f.path for f in frames)
+        cache: dict[Path, np.ndarray] = {}
+        for k, f in enumerate(frames):
+            arr = cache.get(f.path)
+            if arr is None:
+                arr = _decode(self._dataset(f.path), f.path)
+                if remaining[f.path] > 1:
+                    cache[f.path] = arr
+            remaining[f.path] -= 1
+            if not remaining[f.path]:
+                cache.pop(f.path, None)
+            yield k, _to_hu(_frame_of(arr, f), f, None if into is None else into(k))
+
+    def _check_duplicates(self) -> None:
+        if not self.dup_groups or self.reported:
+            return
+        same = 0
+        for g in self.dup_groups:
+            ref = None
+            equal = True
+            for _, hu in self._slices(list(g)):
+                if ref is None:
+                    ref = hu
+                elif not np.array_equal(hu, ref):
+                    equal = False
+            same += equal
+        dropped = sum(len(g) - 1 for g in self.dup_groups)
+        msg = (f"duplicate slice positions: {len(self.dup_groups)} position(s), {dropped} "
+               f"slice(s) dropped ({same} with identical pixels, "
+               f"{len(self.dup_groups) - same} with different pixels); kept the lowest "
+               "InstanceNumber")
+        self.warnings.append(msg)
+        self.corrections.append({"kind": "duplicate_slices_dropped", "description": msg})
+
+    def _finish(self, lo_hu: float, hi_hu: float) -> None:
+        if lo_hu == hi_hu:
+            raise SeriesError(f"series {self.series_uid}: every voxel is {lo_hu:g} after "
+                              "RescaleSlope (0028,1053) / RescaleIntercept (0028,1052): a "
+                              "constant volume has nothing to read (check the rescale values "
+                              "and Pixel Data)")
+        if self.reported:
+            return
+        self.reported = True
+        if self.tilt_reason:
+            self.warnings.append(self.tilt_reason + "; resampled onto an orthogonal grid")
+            self.corrections.append({"kind": "gantry_tilt_resampled", "description":
+                                     self.tilt_reason + "; resampled onto an orthogonal grid"})
+
+    def _gridded(self, stack: np.ndarray) -> np.ndarray:
+        """The kept slices (first axis of `stack`) on the regular grid; `stack` itself when the
+        grid is the acquired slices."""
+        if len(self.grid) == len(stack) and all(lo == m and w == 0.0
+                                                 for m, (lo, _, w) in enumerate(self.grid)):
+            return stack
+        out = np.empty((len(self.grid), *stack.shape[1:]), np.float32)
+        for m, (lo, hi, w) in enumerate(self.grid):
+            # w is a float64 scalar: the blend is computed in float64, then stored as float32
+            out[m] = stack[lo] if w == 0.0 else (1 - w) * stack[lo] + w * stack[hi]
+        return out
+
+    def full(self) -> np.ndarray:
+        """The HU volume on the regular grid, decoded into one preallocated array."""
+        self._check_duplicates()
+        f0 = self.kept[0]
+        stack = np.empty((len(self.kept), f0.rows, f0.cols), np.float32)
+        lo_hu, hi_hu = math.inf, -math.inf
+        for k, _ in self._slices(self.kept, stack.__getitem__):
+            lo_hu = min(lo_hu, float(stack[k].min()))
+            hi_hu = max(hi_hu, float(stack[k].max()))
+        self._finish(lo_hu, hi_hu)
+        if self.offsets_px is not None:
+            _deskew_into(stack, self.offsets_px, lo_hu)
+        return self._gridded(stack)
+
+    def reduced(self, fn: Any, out_hw: tuple[int, int]) -> np.ndarray | None:
+        """`fn` (a linear map of one HU slice to an (h, w) array) applied to every acquired slice
+        as it is decoded, then the regular grid: the full-resolution volume never exists. None
+        when slices must be shifted first (tilt: the shift needs every slice's minimum)."""
+        if self.offsets_px is not None:
+            return None
+        self._check_duplicates()
+        f0 = self.kept[0]
+        buf = np.empty((f0.rows, f0.cols), np.float32)
+        out = np.empty((len(self.kept), *out_hw), np.float32)
+        lo_hu, hi_hu = math.inf, -math.inf
+        for k, hu in self._slices(self.kept, lambda _k: buf):
+            lo_hu = min(lo_hu, float(hu.min()))
+            hi_hu = max(hi_hu, float(hu.max()))
+            out[k] = fn(hu)
+        self._finish(lo_hu, hi_hu)
+        return self._gridded(out)
+
+
+def _deskew_into(stack: np.ndarray, offsets_px: np.ndarray, fill: float) -> None:
+    """Shift each slice in-plane by its offset (linear interpolation), in place."""
     from scipy import ndimage
 
-    out = []
-    for img, (dy, dx) in zip(slices, offsets_px, strict=True):
-        if abs(dy) < 1e-3 and abs(dx) < 1e-3:
-            out.append(img)
-        else:
-            out.append(ndimage.shift(img, (dy, dx), order=1, mode="constant", cval=fill)
-                       .astype(np.float32))
-    return out
+    for k, (dy, dx) in enumerate(offsets_px):
+        if abs(dy) >= 1e-3 or abs(dx) >= 1e-3:
+            stack[k] = ndimage.shift(stack[k], (dy, dx), order=1, mode="constant", cval=fill)
 
 
 @dataclass
@@ -556,27 +744,28 @@ def _spacing_plan(ts: np.ndarray, thickness: Sequence[float | None]) -> _Spacing
     return _SpacingPlan(min(ref), missing, gap_idx, blocks, True)
 
 
-def _regular_grid(t: np.ndarray, slices: list[np.ndarray], step: float
-                  ) -> tuple[np.ndarray, int]:
-    """Place slices at positions ``t`` onto a grid t0 + m*step; interpolate the gaps linearly."""
+def _grid_plan(t: np.ndarray, step: float) -> tuple[list[tuple[int, int, Any]], int]:
+    """Each plane of the regular grid t0 + m*step as (lo, hi, w): the acquired slice lo when
+    one lies within 0.1 step (w = 0), else (1 - w) * slice lo + w * slice hi (linear
+    interpolation across a gap); and how many planes are interpolated."""
     n_out = int(round((t[-1] - t[0]) / step)) + 1
     grid = t[0] + step * np.arange(n_out)
-    vol = np.empty((n_out, *slices[0].shape), np.float32)
+    plan: list[tuple[int, int, float]] = []
     exact = 0
-    for m, g in enumerate(grid):
+    for g in grid:
         i = int(np.searchsorted(t, g))
         if i < len(t) and abs(t[i] - g) <= 0.1 * step:
-            vol[m] = slices[i]
+            plan.append((i, i, 0.0))
             exact += 1
             continue
         if i > 0 and abs(t[i - 1] - g) <= 0.1 * step:
-            vol[m] = slices[i - 1]
+            plan.append((i - 1, i - 1, 0.0))
             exact += 1
             continue
         lo, hi = max(i - 1, 0), min(i, len(t) - 1)
-        w = 0.0 if hi == lo else (g - t[lo]) / (t[hi] - t[lo])
-        vol[m] = (1 - w) * slices[lo] + w * slices[hi]
-    return vol, n_out - exact
+        w = np.float64(0.0) if hi == lo else np.float64((g - t[lo]) / (t[hi] - t[lo]))
+        plan.append((lo, hi, w))
+    return plan, n_out - exact
 
 
 def read_series(
@@ -587,13 +776,21 @@ def read_series(
     tilt: str = "resample",
     max_tilt_deg: float = 30.0,
     max_voxels: int | None = None,
+    defer_pixels: bool = False,
 ) -> SeriesVolume:
     """Assemble one CT series (folder or list of files) into a `SeriesVolume`.
 
-    Headers are read first without pixels to sort and validate; pixels are decoded only for the
-    slices kept. See the module docstring for every policy; ``min_slices``,
+    Headers are read first without pixels to sort and validate (every refusal that headers can
+    decide happens before a pixel is decoded); pixels are decoded only for the slices kept, into
+    one preallocated array. See the module docstring for every policy; ``min_slices``,
     ``max_missing_fraction``, ``tilt`` ("resample" | "refuse"), ``max_tilt_deg`` and
     ``max_voxels`` (the regular grid; None = ``DEFAULT_MAX_VOXELS``) tune them.
+
+    ``defer_pixels=True`` returns a `DeferredSeriesVolume` after the header pass: geometry,
+    UIDs and header warnings are there at once, pixels are decoded when first needed (``hu``),
+    or reduced slice by slice as they are decoded (`DeferredSeriesVolume.reduce_slices`, what
+    the 3-D preprocessing uses so that a thin-slice series never exists at full resolution).
+    Pixel problems (undecodable data, a constant volume) then raise SeriesError at that point.
     """
     if tilt not in ("resample", "refuse"):
         raise ValueError("tilt must be 'resample' or 'refuse'")
@@ -675,57 +872,37 @@ def read_series(
                           f"more than the limit of {limit:,} (model.max_resampled_voxels); "
                           "refused rather than resampled")
 
-    pixels = _load_pixels(kept + [f for g in dup_groups for f in g if f not in kept],
-                          info["datasets"])
-    if dup_groups:
-        same = sum(all(np.array_equal(pixels[(f.path, f.frame)], pixels[(g[0].path, g[0].frame)])
-                       for f in g) for g in dup_groups)
-        dropped = sum(len(g) - 1 for g in dup_groups)
-        msg = (f"duplicate slice positions: {len(dup_groups)} position(s), {dropped} "
-               f"slice(s) dropped ({same} with identical pixels, "
-               f"{len(dup_groups) - same} with different pixels); kept the lowest "
-               "InstanceNumber")
-        warnings.append(msg)
-        corrections.append({"kind": "duplicate_slices_dropped", "description": msg})
-
-    # gantry tilt / in-plane offsets between slices
+    # gantry tilt / in-plane offsets between slices (headers only: refused before decoding)
     p0 = kept[0].position
     spacing_y, spacing_x = kept[0].pixel_spacing
     rel = np.array([f.position - p0 for f in kept])
     inplane = rel - np.outer(rel @ normal, normal)
     offsets_px = np.stack([inplane @ col_dir / spacing_y, inplane @ row_dir / spacing_x], axis=1)
-    slices = [pixels[(f.path, f.frame)] for f in kept]
-    lo_hu = min(float(x.min()) for x in slices)
-    hi_hu = max(float(x.max()) for x in slices)
-    if lo_hu == hi_hu:
-        raise SeriesError(f"series {info['series_uid']}: every voxel is {lo_hu:g} after "
-                          "RescaleSlope (0028,1053) / RescaleIntercept (0028,1052): a constant "
-                          "volume has nothing to read (check the rescale values and Pixel Data)")
     extent = float(ts[-1] - ts[0])
     shift_mm = float(np.linalg.norm(inplane[-1]))
     angle = math.degrees(math.atan2(shift_mm, extent)) if extent > 0 else 0.0
+    tilt_reason = None
     if np.max(np.abs(offsets_px)) > 0.05:
         tag_tilt = info["meta"]["gantry_detector_tilt"]
-        reason = (f"slice positions are not along the slice normal (gantry tilt about {angle:.1f} "
-                  f"degrees; GantryDetectorTilt {','.join(tag_tilt)}; in-plane offsets up to "
-                  f"{np.max(np.abs(offsets_px)):.1f} pixels)")
+        tilt_reason = (f"slice positions are not along the slice normal (gantry tilt about "
+                       f"{angle:.1f} degrees; GantryDetectorTilt {','.join(tag_tilt)}; in-plane "
+                       f"offsets up to {np.max(np.abs(offsets_px)):.1f} pixels)")
         if tilt == "refuse" or angle > max_tilt_deg:
-            raise SeriesError(f"series {info['series_uid']}: {reason}; "
+            raise SeriesError(f"series {info['series_uid']}: {tilt_reason}; "
                               + ("tilted series are refused by configuration" if tilt == "refuse"
                                  else f"more than {max_tilt_deg:g} degrees cannot be corrected"))
-        slices = _deskew(slices, offsets_px, lo_hu)
-        warnings.append(reason + "; resampled onto an orthogonal grid")
-        corrections.append({"kind": "gantry_tilt_resampled",
-                            "description": reason + "; resampled onto an orthogonal grid"})
     elif any(v not in ("0", "0.0", "") for v in info["meta"]["gantry_detector_tilt"]):
         warnings.append("GantryDetectorTilt is not 0 but slice positions are orthogonal; "
                         "geometry used as given")
 
-    hu, n_interp = _regular_grid(ts, slices, step)
+    grid, n_interp = _grid_plan(ts, step)
+    pixels = _PixelPass(series_uid=info["series_uid"], kept=kept, dup_groups=dup_groups,
+                        datasets=info["datasets"], grid=grid,
+                        offsets_px=offsets_px if tilt_reason else None, tilt_reason=tilt_reason,
+                        warnings=warnings, corrections=corrections)
     direction = np.stack([row_dir, col_dir, normal])
     thick = Counter(round(f.thickness, 4) for f in kept if f.thickness is not None)
-    volume = SeriesVolume(
-        hu=hu,
+    geometry: dict[str, Any] = dict(
         spacing=(step, float(spacing_y), float(spacing_x)),
         origin=p0.copy(),
         direction=direction,
@@ -740,8 +917,12 @@ def read_series(
             "corrections": corrections,
         },
     )
+    shape = (len(grid), kept[0].rows, kept[0].cols)
+    if defer_pixels:
+        return DeferredSeriesVolume(pixels, shape, **geometry)
+    volume = SeriesVolume(hu=pixels.full(), **geometry)
     log.debug("series assembled", series_uid=volume.series_uid, slices=len(kept),
-             shape=list(hu.shape), warnings=len(warnings))
+              shape=list(shape), warnings=len(warnings))
     return volume
 
 
@@ -793,4 +974,4 @@ def read_volume(path: Path | str, **kwargs: Any) -> SeriesVolume:
     return read_series(p, **kwargs)
 
 
-__all__ = ["SeriesVolume", "read_nifti", "read_series", "read_volume"]
+__all__ = ["DeferredSeriesVolume", "SeriesVolume", "read_nifti", "read_series", "read_volume"]
