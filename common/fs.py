@@ -24,8 +24,9 @@ def atomic_write(path: str | Path, data: bytes | str | Writer, *, binary: bool |
     try:
         if binary is None:
             binary = isinstance(data, (bytes, bytearray))
-        with (os.fdopen(fd, "wb") if binary
-              else os.fdopen(fd, "w", encoding=encoding, newline="")) as fh:
+        stream: IO[Any] = (os.fdopen(fd, "wb") if binary
+                           else os.fdopen(fd, "w", encoding=encoding, newline=""))
+        with stream as fh:
             if callable(data):
                 data(fh)
             else:

@@ -20,9 +20,10 @@ import sys
 import threading
 import traceback
 import warnings
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
+from structlog.typing import EventDict, Processor
 
 _configured = False
 _json = False
@@ -64,7 +65,7 @@ def _safe_exception(exc: BaseException) -> str:
     return " | ".join(lines)
 
 
-def _exc_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _exc_processor(_: Any, __: str, event: EventDict) -> EventDict:
     """``exc_info`` -> ``exception`` as :func:`_safe_exception` renders it."""
     info = event.pop("exc_info", None)
     if info:
@@ -77,7 +78,7 @@ def _exc_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def _clean_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _clean_processor(_: Any, __: str, event: EventDict) -> EventDict:
     """No control characters in any string value (nor in list items)."""
     for key, value in list(event.items()):
         if isinstance(value, str):
@@ -88,7 +89,7 @@ def _clean_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def _foreign_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _foreign_processor(_: Any, __: str, event: EventDict) -> EventDict:
     """A standard-library record's message is foreign text: redacted."""
     record = event.get("_record")
     if record is not None and not getattr(record, "_log_safe", False):
@@ -143,7 +144,7 @@ def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
     exceptions through it (see the module docstring)."""
     global _configured, _json
     lvl = getattr(logging, str(level).upper(), logging.INFO)
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -157,7 +158,7 @@ def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
         processors=[*shared, structlog.processors.StackInfoRenderer(), _exc_processor,
                     _clean_processor, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
     # stdlib loggers (pynetdicom, pydicom, alembic) go to stderr at WARNING unless we are
