@@ -83,12 +83,12 @@ def agreement(s: Session, *, shadow: str | None = None, by: str = "finding",
     if by not in GROUPINGS:
         raise ValueError(f"by={by!r}: use one of {', '.join(GROUPINGS)}")
     cells: dict[tuple[str, ...], list[float]] = defaultdict(lambda: [0, 0, 0, 0, 0.0])
-    for row in pairs(s, shadow=shadow, since=since):
-        key = (row["model"],) + (() if by == "finding" else (row[by],)) + (row["finding"],)
+    for pair in pairs(s, shadow=shadow, since=since):
+        key = (pair["model"],) + (() if by == "finding" else (pair[by],)) + (pair["finding"],)
         c = cells[key]
-        pp, sp = row["primary_decision"], row["shadow_decision"]
+        pp, sp = pair["primary_decision"], pair["shadow_decision"]
         c[0 if pp and sp else 1 if pp else 2 if sp else 3] += 1
-        c[4] += abs(row["primary_probability"] - row["shadow_probability"])
+        c[4] += abs(pair["primary_probability"] - pair["shadow_probability"])
     out = []
     for key, (a, b, c_, d, diff) in sorted(cells.items()):
         n = int(a + b + c_ + d)

@@ -41,7 +41,10 @@ def alembic_config(db: Database) -> Config:
 
 def head_revision() -> str:
     """The newest revision shipped with this version of molre-node."""
-    return ScriptDirectory.from_config(_bare()).get_current_head()
+    head = ScriptDirectory.from_config(_bare()).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations in {MIGRATIONS_DIR}")
+    return head
 
 
 def _bare() -> Config:

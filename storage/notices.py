@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from storage.core import StoreCore
 from storage.models import Notification, Series, ShadowResult, Study
 from storage.records import FindingResult, NotFound
 
@@ -69,7 +70,7 @@ def _due(now: dt.datetime):
                     Notification.lease_expires_at < now))
 
 
-class NoticeMixin:
+class NoticeMixin(StoreCore):
     """Notifications and shadow results of :class:`storage.store.Store`."""
 
     def _add_notifications(self, s: Session, *, series: Series, job_id: int | None,
@@ -144,7 +145,7 @@ class NoticeMixin:
                 Series.series_uid == n.series_uid)).scalar_one()
             if n.claimed_by == self.node:
                 n.claimed_by, n.lease_expires_at = None, None
-            common = dict(at=now, study_uid=study_uid, series_uid=n.series_uid)
+            common: dict[str, Any] = dict(at=now, study_uid=study_uid, series_uid=n.series_uid)
             if n.state != "pending":
                 self._event(s, "notification", n.id, "late_attempt", from_state=n.state,
                             to_state=n.state, **common,

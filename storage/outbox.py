@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sqlalchemy import and_, func, or_, select
 
+from storage.core import StoreCore
 from storage.models import Export, Series
 from storage.records import ExportClaim, NotFound, SeriesState
 
@@ -38,7 +39,7 @@ def report_files(report_path: str | Path) -> list[Path]:
     return files
 
 
-class OutboxMixin:
+class OutboxMixin(StoreCore):
     """Exports of :class:`storage.store.Store`."""
 
     def due_exports(self, now: dt.datetime | None = None, limit: int = 10) -> list[ExportClaim]:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from common.log import get_logger
@@ -214,6 +214,8 @@ def stats(s: Session) -> dict[str, Any]:
     for last, reported, delivered in s.execute(
             select(Series.last_instance_at, Series.reported_at, Series.delivered_at)
             .where(Series.reported_at.is_not(None))):
+        if reported is None:  # excluded by the query; narrows the type
+            continue
         if last is not None:
             rr.append((reported - last).total_seconds())
         if delivered is not None:
@@ -376,7 +378,8 @@ def _note_files(s: Session, inst_ids: list[int], report_paths: set[str], export_
         for path, size in s.execute(select(Instance.spool_path, Instance.size)
                                     .where(Instance.id.in_(chunk),
                                            Instance.spool_path.is_not(None))):
-            paths[path] = size or 0
+            if path is not None:  # excluded by the query; narrows the type
+                paths[path] = size or 0
     for path in _kept_paths(s, Instance.spool_path, Instance.id, paths, set(inst_ids)):
         paths.pop(path, None)
     report_paths = report_paths - _kept_paths(s, Export.report_path, Export.id, report_paths,
@@ -415,8 +418,8 @@ def _prune_batch(s: Session, chunk: Sequence[str], cutoff: dt.datetime,
     study_uids = set(s.execute(select(Series.study_uid).where(
         Series.series_uid.in_(p_series))).scalars())
     event_ids = set(s.execute(select(Event.id).where(Event.series_uid.in_(p_series))).scalars())
-    for model in (ShadowResult, Notification):  # tables that reference jobs and series
-        s.execute(delete(model).where(model.series_uid.in_(p_series)))
+    for notice in (ShadowResult, Notification):  # tables that reference jobs and series
+        s.execute(delete(notice).where(notice.series_uid.in_(p_series)))
     for ids, model in ((result_ids, Result), (export_ids, Export), (job_ids, Job),
                        (inst_ids, Instance)):
         for part in _chunks(ids):
@@ -458,7 +461,7 @@ def _prune_rest(store: Store, s: Session, cutoff: dt.datetime, now: dt.datetime,
         Association.outcome != "open",
         func.coalesce(Association.ended_at, Association.started_at) < cutoff,
         ~referenced)).scalars())
-    ev_conds = [Event.study_uid.in_(c) for c in _chunks(studies)]
+    ev_conds: list[ColumnElement[bool]] = [Event.study_uid.in_(c) for c in _chunks(studies)]
     ev_conds += [and_(Event.entity == "association", Event.entity_id.in_(c))
                  for c in _chunks([str(a) for a in assoc_ids])]
     ev_conds.append(and_(Event.series_uid.is_(None), Event.study_uid.is_(None),

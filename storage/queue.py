@@ -1,7 +1,9 @@
 """The durable inference queue: jobs claimed under a lease, retried, released, recovered.
 
-Mixed into :class:`storage.store.Store` (``Store`` provides ``db``, ``node``, ``now()``,
-``_event``, ``_lock_series``, ``_move``). Every method is one transaction.
+Mixed into :class:`storage.store.Store`; what it uses of the store (``db``, ``node``, ``now()``,
+``_event``, ``_lock_series``, ``_move``) is declared by :class:`storage.core.StoreCore`, and
+:meth:`QueueMixin.finish_job` writes notifications through :class:`storage.notices.NoticeMixin`.
+Every method is one transaction.
 
 Several nodes may share one (PostgreSQL) database: a job records the ``node`` whose worker
 holds it; :meth:`QueueMixin.recover_on_start` requeues only the starting node's own running jobs
@@ -24,14 +26,16 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.log import get_logger
+from storage.core import StoreCore, rowcount
 from storage.models import Association, Export, Job, Notification, Result, Series
+from storage.notices import NoticeMixin
 from storage.records import FindingResult, InvalidTransition, JobClaim, NotFound, SeriesState
 
 log = get_logger("storage.queue")
 S = SeriesState
 
 
-class QueueMixin:
+class QueueMixin(NoticeMixin, StoreCore):
     """Jobs of :class:`storage.store.Store`."""
 
     def enqueue_job(self, series_uid: str) -> int:
@@ -296,14 +300,14 @@ class QueueMixin:
                 if series.state == S.INFERRING.value and series.version == job.version:
                     self._move(s, series, S.QUEUED, at=now, details={"recovered_job": job.id})
                 counts["jobs_requeued"] += 1
-            counts["exports_released"] = s.execute(
+            counts["exports_released"] = rowcount(s.execute(
                 update(Export).where(Export.claimed_by == self.node, Export.state == "pending")
-                .values(claimed_by=None, lease_expires_at=None)).rowcount or 0
+                .values(claimed_by=None, lease_expires_at=None))) or 0
             # notifications this node had claimed (storage.notices): due again at once
-            counts["notifications_released"] = s.execute(
+            counts["notifications_released"] = rowcount(s.execute(
                 update(Notification).where(Notification.claimed_by == self.node,
                                            Notification.state == "pending")
-                .values(claimed_by=None, lease_expires_at=None)).rowcount or 0
+                .values(claimed_by=None, lease_expires_at=None))) or 0
             selected = s.execute(select(Series.series_uid)
                                  .where(Series.state == S.SELECTED.value)).scalars().all()
             for uid in selected:

@@ -198,9 +198,10 @@ class InstanceRecorder:
                     uid = h.sop_instance_uid
                     if uid and self._pending.get(uid) is row:
                         del self._pending[uid]
-                    for table, key, slot in ((self._pending_series, h.series_uid, 2),
+                    for table, uid, slot in ((self._pending_series, h.series_uid, 2),
                                              (self._pending_studies, h.study_uid, 1)):
-                        entry = table.get(key or "")
+                        key = uid or ""
+                        entry = table.get(key)
                         if entry is not None:
                             entry[slot] -= 1
                             if entry[slot] <= 0:

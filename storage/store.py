@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 from sqlalchemy import (
     String,
+    Table,
     and_,
     bindparam,
     case,
@@ -55,8 +56,9 @@ from sqlalchemy.orm import Session
 
 from common.jsonsafe import jsonable
 from common.log import get_logger
+from storage.core import StoreCore, rowcount
 from storage.db import Database, utcnow
-from storage.models import Association, Event, Instance, Job, Series, Study
+from storage.models import Association, Base, Event, Instance, Job, Series, Study
 from storage.notices import NoticeMixin
 from storage.outbox import OutboxMixin
 from storage.queue import QueueMixin, claim_statement  # noqa: F401 - re-exported
@@ -116,6 +118,14 @@ def _stored_values(h: InstanceHeader, series_version: int, assoc_id: int | None,
         association_id=assoc_id, meta=jsonable(h.meta or {}))
 
 
+def _table(model: type[Base]) -> Table:
+    """A mapped class's table (declarative typing says ``FromClause``; ours are all tables)."""
+    table = model.__table__
+    if not isinstance(table, Table):
+        raise TypeError(f"{model.__name__} is not mapped to a table")
+    return table
+
+
 class _Prepared:
     """A Core statement built once; on SQLite also compiled once and run straight on the DBAPI
     connection of the caller's transaction.
@@ -173,7 +183,7 @@ class _Prepared:
         conn.connection.driver_connection.executemany(self.sql, [self.bind(v) for v in rows])
 
 
-class Store(QueueMixin, OutboxMixin, NoticeMixin):
+class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
     """Facade over the audit database used by every part of the node.
 
     ``Store(db, store_phi=False)``; ``clock`` (returns aware UTC) exists for tests that need to
@@ -206,8 +216,7 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
     def _hot(self) -> dict[str, _Prepared]:
         """The receiver's per-instance statements, compiled once (see :class:`_Prepared`)."""
         if self._prepared_hot is None:
-            series_t, inst_t, assoc_t = (Series.__table__, Instance.__table__,
-                                         Association.__table__)
+            series_t, inst_t, assoc_t = (_table(Series), _table(Instance), _table(Association))
             already = select(inst_t.c.id).where(
                 inst_t.c.series_uid == bindparam("b_series"),
                 inst_t.c.sop_instance_uid == bindparam("b_sop"),
@@ -230,7 +239,7 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
             find = select(inst_t.c.sha256, inst_t.c.spool_path, inst_t.c.study_uid).where(
                 inst_t.c.sop_instance_uid == bindparam("b_sop"),
                 inst_t.c.status == "stored").order_by(inst_t.c.id.desc()).limit(1)
-            study_t = Study.__table__
+            study_t = _table(Study)
             # who the series and the study belong to, in one round trip
             identity = union_all(
                 select(literal(1).label("k"), series_t.c.study_uid, series_t.c.patient_key)
@@ -242,59 +251,6 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
                                   "count": _Prepared(count, d), "find": _Prepared(find, d),
                                   "identity": _Prepared(identity, d)}
         return self._prepared_hot
-
-    def now(self) -> dt.datetime:
-        """The store's notion of now (aware UTC)."""
-        return self._clock()
-
-    # -- helpers -------------------------------------------------------------------------------
-    @staticmethod
-    def _event(s: Session, entity: str, entity_id: Any, kind: str, *, at: dt.datetime,
-               from_state: str | None = None, to_state: str | None = None,
-               study_uid: str | None = None, series_uid: str | None = None,
-               details: dict | None = None) -> None:
-        s.add(Event(at=at, entity=entity, entity_id=str(entity_id), kind=kind,
-                    from_state=str(from_state) if from_state is not None else None,
-                    to_state=str(to_state) if to_state is not None else None,
-                    study_uid=study_uid, series_uid=series_uid,
-                    details=jsonable(details) if details else None))
-
-    def _lock_series(self, s: Session, series_uid: str) -> Series:
-        row = s.execute(select(Series).where(Series.series_uid == series_uid)
-                        .with_for_update()).scalar_one_or_none()
-        if row is None:
-            raise NotFound(f"series {series_uid} is not in the audit database")
-        return row
-
-    def _move(self, s: Session, series: Series, to_state: SeriesState, *, at: dt.datetime,
-              reason: str | None = None, details: dict | None = None,
-              kind: str = "transition") -> None:
-        """Apply one checked state change to a locked series row and write its event."""
-        to_state = SeriesState(to_state)
-        current = SeriesState(series.state)
-        if to_state not in ALLOWED_TRANSITIONS[current]:
-            raise InvalidTransition(
-                f"series {series.series_uid}: {current.value} -> {to_state.value} is not allowed "
-                f"(allowed: {sorted(x.value for x in ALLOWED_TRANSITIONS[current]) or 'none'})")
-        series.state = to_state.value
-        series.updated_at = at
-        if to_state in (S.SKIPPED, S.FAILED):
-            series.reason = reason
-        elif reason is not None:
-            series.reason = reason
-        if to_state is S.COMPLETE:
-            series.completed_at = at
-        elif to_state is S.REPORTED:
-            series.reported_at = at
-        elif to_state is S.DELIVERED:
-            series.delivered_at = at
-        ev_details = dict(details or {})
-        if reason is not None:
-            ev_details["reason"] = reason
-        ev_details["version"] = series.version
-        self._event(s, "series", series.series_uid, kind, at=at, from_state=current.value,
-                    to_state=to_state.value, study_uid=series.study_uid,
-                    series_uid=series.series_uid, details=ev_details)
 
     def _insert_ignore(self, s: Session, model, **values) -> bool:
         """INSERT … ON CONFLICT DO NOTHING, so two receivers creating one study never collide.
@@ -422,8 +378,8 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
         wanted = list(dict.fromkeys(str(p) for p in paths))
         with self.db.session(write=False) as s:
             for i in range(0, len(wanted), 500):
-                found.update(s.execute(select(Instance.spool_path).where(
-                    Instance.spool_path.in_(wanted[i:i + 500]))).scalars())
+                found.update(p for p in s.execute(select(Instance.spool_path).where(
+                    Instance.spool_path.in_(wanted[i:i + 500]))).scalars() if p is not None)
         return found
 
     def last_prune_cutoff(self) -> dt.datetime | None:
@@ -572,8 +528,11 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
 
     def _touch_series(self, s: Session, h: InstanceHeader, now: dt.datetime) -> int:
         """Create/update study + series for a stored instance; returns the series version."""
+        series_uid = h.series_uid
+        if not series_uid:  # the callers record such an instance without a series
+            raise ValueError("an instance without a Series Instance UID has no series row")
         meta = h.meta or {}
-        series = s.execute(select(Series).where(Series.series_uid == h.series_uid)
+        series = s.execute(select(Series).where(Series.series_uid == series_uid)
                            .with_for_update()).scalar_one_or_none()
         if series is None:  # first instance of this series: create study + series rows
             study_values: dict[str, Any] = {
@@ -603,7 +562,7 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
                 state=S.RECEIVING.value, version=1, instance_count=0, first_instance_at=now,
                 last_instance_at=now, created_at=now, updated_at=now,
                 meta=jsonable(meta), priority=0, patient_key=h.patient_key)
-            series = self._lock_series(s, h.series_uid)
+            series = self._lock_series(s, series_uid)
             if created:
                 self._event(s, "series", series.series_uid, "created", at=now,
                             to_state=S.RECEIVING.value, study_uid=series.study_uid,
@@ -615,11 +574,11 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin):
             series.reason = None
             series.completed_at = series.reported_at = series.delivered_at = None
             series.updated_at = now
-            superseded = s.execute(
+            superseded = rowcount(s.execute(
                 update(Job).where(Job.series_uid == series.series_uid,
                                   Job.state.in_(("queued", "running")))
                 .values(state="superseded", finished_at=now,
-                        error=f"series reopened as version {series.version}")).rowcount
+                        error=f"series reopened as version {series.version}")))
             self._event(s, "series", series.series_uid, "reopened", at=now,
                         from_state=previous, to_state=S.RECEIVING.value,
                         study_uid=series.study_uid, series_uid=series.series_uid,

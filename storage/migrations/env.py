@@ -42,7 +42,10 @@ def run_migrations_online() -> None:
         return
     from storage.db import Database
 
-    db = Database(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("alembic: set sqlalchemy.url (or pass a connection)")
+    db = Database(url)
     with db.engine.connect() as conn:
         _run(conn)
 
