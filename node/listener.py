@@ -237,6 +237,10 @@ class ConnectionGuard:
         self.bytes_received = 0
         #: DIMSE Message ID -> data set bytes seen, for C-STOREs cut at max_instance_size
         self.oversize: dict[int, int] = {}
+        #: several receiver processes: the pool's id of this connection, and the
+        #: network.max_associations it was counted past (None = within the limit)
+        self.conn_id: int | None = None
+        self.over_limit: int | None = None
         self._released = False
 
     @property
@@ -261,6 +265,8 @@ class ConnectionGuard:
         if not self._released:
             self._released = True
             self.server.release_host(self.host)
+            if self.conn_id is not None:
+                self.server.connection_ended(self.conn_id)
 
     def finished(self, assoc: "GuardedAssociation | None") -> None:
         """The connection is over: free its per-host slot; audit it if nothing else did."""
@@ -510,6 +516,12 @@ def oversize_of(event: Any) -> int | None:
     return guard.oversize.pop(int(msg_id), None) if msg_id is not None else None
 
 
+def over_limit_of(assoc: Any) -> int | None:
+    """The ``network.max_associations`` a pool connection was counted past, or None."""
+    guard = getattr(assoc, "guard", None)
+    return guard.over_limit if guard is not None else None
+
+
 def mark_audited(assoc: Any) -> None:
     """The receiver recorded this association itself: the guard must not record it again."""
     guard = getattr(assoc, "guard", None)
@@ -552,6 +564,7 @@ class GuardedRequestHandler(RequestHandler):
         server = self.server
         guard = ConnectionGuard(server, peer_host(str(self.client_address[0])),
                                 int(self.client_address[1]))
+        guard.conn_id, guard.over_limit = server.take_flags(self.request)
         assoc = None
         try:
             if server.ssl_context is not None:
@@ -657,6 +670,56 @@ class GuardedServer(ThreadedAssociationServer):
         with self._hosts_lock:
             return dict(self._hosts)
 
+    def take_flags(self, request: Any) -> tuple[int | None, int | None]:
+        """(pool connection id, max_associations it is over) -- only a :class:`FedServer`'s
+        connections have them."""
+        return None, None
+
+    def connection_ended(self, conn_id: int) -> None:
+        """A pool connection is over (see :class:`FedServer`)."""
+
+
+class FedServer(GuardedServer):
+    """A :class:`GuardedServer` without a listening socket: the connections come from the
+    acceptor of :class:`node.receiver_pool.ReceiverPool` (another process), which has already
+    applied the per-host limit and counted the connection against ``network.max_associations``
+    (``over_limit``: rejected by the receiver after the access check, as pynetdicom does in one
+    process). Everything else -- deadlines, size caps, TLS handshake, audit -- is the same."""
+
+    def __init__(self, *args: Any, on_connection_end: Any = None, **kw: Any) -> None:
+        self._on_connection_end = on_connection_end
+        self._flags: dict[int, tuple[int, int | None]] = {}
+        self._flags_lock = threading.Lock()
+        super().__init__(*args, **kw)
+
+    def server_bind(self) -> None:  # noqa: D102 - no socket of its own
+        pass
+
+    def server_activate(self) -> None:  # noqa: D102
+        pass
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:  # noqa: D102
+        return True  # the acceptor applied the per-host limit
+
+    def serve_connection(self, sock: socket.socket, client_address: Any, conn_id: int,
+                         over_limit: int | None) -> None:
+        """Handle an accepted connection in its own thread, like an accepted one."""
+        with self._flags_lock:
+            self._flags[sock.fileno()] = (conn_id, over_limit)
+        self.process_request(sock, client_address)
+
+    def take_flags(self, request: Any) -> tuple[int | None, int | None]:  # noqa: D102
+        raw = getattr(request, "fileno", None)
+        with self._flags_lock:
+            return self._flags.pop(raw(), (None, None)) if raw is not None else (None, None)
+
+    def connection_ended(self, conn_id: int) -> None:  # noqa: D102
+        if self._on_connection_end is not None:
+            self._on_connection_end(conn_id)
+
+    def shutdown(self) -> None:  # noqa: D102 - no serve_forever loop to end
+        self.server_close()
+
 
 def start_server(ae: Any, address: tuple[str, int], *, evt_handlers: list, ssl_context: Any,
                  limits: ListenerLimits, audit: RefusalAudit) -> GuardedServer:
@@ -685,5 +748,5 @@ def check_pynetdicom() -> None:
                            f"overrides them (written for pynetdicom 3.0)")
 
 
-__all__ = ["RECEIVE_PDU_BYTES", "GuardedServer", "ListenerLimits", "RefusalAudit", "check_pynetdicom",
-           "mark_audited", "mark_established", "oversize_of", "peer_host", "start_server"]
+__all__ = ["RECEIVE_PDU_BYTES", "FedServer", "GuardedServer", "ListenerLimits", "RefusalAudit", "check_pynetdicom",
+           "mark_audited", "mark_established", "over_limit_of", "oversize_of", "peer_host", "start_server"]

@@ -86,6 +86,7 @@ from node.listener import (
     RefusalAudit,
     mark_audited,
     mark_established,
+    over_limit_of,
     oversize_of,
     peer_host,
     start_server,
@@ -307,8 +308,8 @@ class Receiver:
         self.disk_refusals = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> int:
-        """Start listening (non-blocking); returns the bound port."""
+    def _make_ae(self) -> tuple[Any, Any, list]:
+        """The AE, TLS context and event handlers of this receiver (listening or fed)."""
         n = self.config.network
         ae = make_ae(n.ae_title, acse_timeout=n.acse_timeout_s, dimse_timeout=n.dimse_timeout_s,
                      network_timeout=n.network_timeout_s, max_associations=n.max_associations)
@@ -328,6 +329,39 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
+        return ae, ssl_ctx, handlers
+
+    def start_fed(self, address: tuple[str, int], on_connection_end: Callable[[str], None],
+                  *, write_behind: bool = False) -> Any:
+        """Serve connections accepted by another process (:mod:`node.receiver_pool`): no
+        listening socket; the returned server's ``serve_connection(sock, addr, over_limit)``
+        starts one. ``address`` is the pool's listening address (what pynetdicom reports as the
+        local end). Without ``write_behind`` every 'stored' row is committed before Success --
+        other receiver processes decide duplicates and identity conflicts from the database."""
+        from node.listener import FedServer
+
+        ae, ssl_ctx, handlers = self._make_ae()
+        # the pool counts connections across its processes and marks the one over
+        # network.max_associations (rejected in _on_requested); this process's own count is
+        # never the limit (a finished association's thread may linger a moment)
+        ae.maximum_associations = self.config.network.max_associations + 64
+        self.ae = ae
+        if write_behind:
+            self.recorder.start()
+        self.refusals.start()
+        server = ae.make_server(address, ssl_context=ssl_ctx, evt_handlers=handlers,
+                                server_class=FedServer, limits=self.limits, audit=self.refusals,
+                                on_connection_end=on_connection_end)
+        ae._servers.append(server)
+        self._server = server
+        self.port = int(address[1])
+        return server
+
+    def start(self) -> int:
+        """Start listening (non-blocking); returns the bound port."""
+        n = self.config.network
+        ae, ssl_ctx, handlers = self._make_ae()
+        t = self.config.tls
         self.ae = ae
         self.recorder.start()
         self.refusals.start()
@@ -409,6 +443,16 @@ class Receiver:
         decision = check_access(calling, called, host, own_ae=n.ae_title,
                                 require_called_ae=n.require_called_ae, allowed=n.allowed_callers)
         if decision.allowed:
+            limit = over_limit_of(assoc)
+            if limit is not None:
+                # several receiver processes: the pool counted this connection past
+                # network.max_associations -- the rejection pynetdicom gives in one process
+                # (rejected-transient, service provider (presentation), local limit exceeded)
+                log.warning("association rejected: network.max_associations reached",
+                            calling_ae=calling, peer=host, max_associations=limit)
+                assoc.guard.fail(f"network.max_associations ({limit}) reached")
+                assoc.acse.send_reject(0x02, 0x03, 0x02)
+                assoc.kill()
             return
         log.warning("association rejected", calling_ae=calling, called_ae=called, peer=host,
                     reason=decision.reason)
@@ -684,10 +728,11 @@ class Receiver:
                                      "sop:" + header.sop_instance_uid):
                 return self._keep(aid, header, staged, stream, size)
 
-    def _identity_conflict(self, header: Any) -> tuple[int, str, str, dict] | None:
+    def _identity_conflict(self, header: Any,
+                           known: Any = None) -> tuple[int, str, str, dict] | None:
         """(status, what, reason, details) when the instance's study or patient disagrees with
-        what is recorded for its series, its study or its SOP Instance UID; else None."""
-        known = self.recorder.known_instance(header.sop_instance_uid)
+        what is recorded for its series, its study or its SOP Instance UID; else None.
+        ``known``: the stored instance with this SOP UID (``recorder.known_instance``)."""
         if known is not None and known.study_uid and known.study_uid != header.study_uid:
             return (STATUS_SOP_ELSEWHERE, "sop_instance_uid",
                     f"identity conflict: SOP Instance UID {header.sop_instance_uid} is already "
@@ -714,7 +759,9 @@ class Receiver:
               size: int) -> tuple[Any, str]:
         """The decision for a parsed CT instance, under its UID locks: identity conflict,
         duplicate, conflict or stored."""
-        conflict = self._identity_conflict(header)
+        # one lookup of the SOP UID serves the identity check and the duplicate check
+        known_row = self.recorder.known_instance(header.sop_instance_uid)
+        conflict = self._identity_conflict(header, known_row)
         if conflict is not None:
             status, what, reason, details = conflict
             self._record_now(aid, header, spool_path=None, size=size, sha256=None,
@@ -728,10 +775,13 @@ class Receiver:
                        "study_instance_uid": "series UID known in another study",
                        "patient_id": "PatientID differs from the series/study"}[what]
             return _failure(status, "identity conflict: " + comment), "identity_conflict"
-        known = self.recorder.stored_digest(header.sop_instance_uid)
+        # a new SOP UID (the common case) needs no second lookup; a known one is looked up
+        # again as (sha256, path) -- the seam tests use to race prune against a resend
+        known = (self.recorder.stored_digest(header.sop_instance_uid)
+                 if known_row is not None else None)
         if known is not None:
             digest = hashlib.sha256(stream).hexdigest()
-            known_sha256, known_path = known
+            known_sha256 = known[0]
             if known_sha256 == digest:
                 if not self.recorder.flush(self.flush_timeout_s):
                     log.warning("earlier rows still queued; this row may come before them",

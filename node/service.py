@@ -185,7 +185,12 @@ class NodeService:
                                        on_enqueued=self.workers.wake if self.workers else None,
                                        spool=self.spool)
         if cfg.has_role("receive"):
-            self.receiver = Receiver(cfg, self.store, self.spool, metrics=self.metrics,
+            from node.receiver_pool import ReceiverPool, receiver_processes
+
+            # network.receiver_processes > 1: associations served by receiver processes fed
+            # by an acceptor here (node/receiver_pool.py), so they do not share one GIL
+            rx_class = ReceiverPool if receiver_processes(cfg) > 1 else Receiver
+            self.receiver = rx_class(cfg, self.store, self.spool, metrics=self.metrics,
                                      on_release=self.assembler.wake if self.assembler
                                      else None)
             self.port = self.receiver.start()

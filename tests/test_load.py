@@ -65,13 +65,17 @@ class PeakRSS:
         self._thread.join(5)
 
 
-def test_eight_concurrent_senders(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_eight_concurrent_senders(tmp_path: Path, processes: int) -> None:
+    """``processes``: ``network.receiver_processes`` (1 = every association in the node
+    process; 2 = an acceptor handing connections to two receiver processes)."""
     series = [make_ct_series(tmp_path / f"ct{i}", n_slices=SLICES, size=32, seed=100 + i,
                              slice_thickness=1.0) for i in range(SENDERS)]
     with StorageSCP("LOADPACS") as scp:
         node = NodeProcess.create(tmp_path, destinations=[scp.destination()],
                                   network={"max_associations": SENDERS + 2,
-                                           "max_associations_per_host": SENDERS + 2},
+                                           "max_associations_per_host": SENDERS + 2,
+                                           "receiver_processes": processes},
                                   model=model_section())
         with node:
             assert node.proc is not None
@@ -113,6 +117,14 @@ def test_eight_concurrent_senders(tmp_path: Path) -> None:
                     raise AssertionError(f"{exc}\n{node.log_tail(30)}") from None
             srs = [ds for ds in scp.received if ds.Modality == "SR"]
             assert len(srs) == SENDERS, f"{len(srs)} SRs for {SENDERS} series"
+        # after the stop: with several receiver processes, each one served connections
+        served = [r for r in node.log_records() if r.get("event") == "receiver process stopped"]
+        if processes == 1:
+            assert served == []
+        else:
+            assert len({r["pid"] for r in served}) == processes, served
+            assert all(r["connections"] >= 1 for r in served), served
+            assert sum(r["connections"] for r in served) >= SENDERS, served
             print(f"\nload: {SENDERS}x{SLICES} instances sent in {send_s:.1f} s "
                   f"({SENDERS * SLICES / send_s:.0f} inst/s); peak RSS node "
                   f"{mem.peak_main / 2**20:.0f} MiB, node + inference "
