@@ -56,7 +56,7 @@ def test_separable_path_equals_monai_reference(shape: Any, spacing: Any, directi
                                                antialias: bool) -> None:
     recipe = make_recipe("ctfm-3d", **{**PHANTOM.params, "antialias": antialias})
     vol = _volume(shape, spacing, direction)
-    assert recipe._resampled_separable(vol) is not None  # the fast path is what is compared
+    assert recipe._separable(vol) is not None  # the fast path is what is compared
     ref, fast = _reference(recipe, vol), recipe.transform_meta(vol)
     assert tuple(fast.shape) == tuple(ref.shape) == (3, 32, 72, 72)
     assert np.allclose(np.asarray(fast.affine), np.asarray(ref.affine), atol=1e-6)
@@ -69,7 +69,7 @@ def test_separable_path_equals_monai_reference(shape: Any, spacing: Any, directi
 def test_nearest_mode_uses_the_monai_path() -> None:
     recipe = make_recipe("ctfm-3d", **{**PHANTOM.params, "mode": "nearest"})
     vol = _volume((20, 32, 32), (2.0, 1.0, 1.0), AXIAL)
-    assert recipe._resampled_separable(vol) is None
+    assert recipe._separable(vol) is None
     out = recipe.transform_meta(vol)
     assert np.array_equal(out.as_tensor().numpy(), _reference(recipe, vol).as_tensor().numpy())
 
@@ -240,3 +240,36 @@ def test_node_logs_and_reports_not_ready_then_ready(tmp_path: Path) -> None:
     assert seen in ([200], [503, 200])  # never ready -> not ready
     assert "molre_inference_ready 1.0" in metrics
     assert "molre_inference_load_seconds" in metrics
+
+
+def test_inference_path_does_not_import_monai(tmp_path: Path) -> None:
+    """The packaged demo checkpoint loads and predicts a series without importing MONAI (whose
+    import pulls in torchvision, transformers, scipy.signal: ~340 MB resident and seconds in
+    every inference process); the prediction equals the MONAI preprocessing's."""
+    import subprocess
+    import sys
+
+    info = make_ct_series(tmp_path / "s", ["subdural_hemorrhage"], n_slices=24, size=96,
+                          seed=8, slice_thickness=2.5)
+    code = f"""
+import json, sys
+from molre.checkpoint import Predictor
+from node.worker import predict_files
+p = Predictor.from_checkpoint(None)
+pred = predict_files(p, {[str(x) for x in info.paths]!r}, {{"max_resampled_voxels": 10**9}})
+print(json.dumps({{"monai": "monai" in sys.modules, "timm": "timm" in sys.modules,
+                  "probabilities": pred["probabilities"]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parent.parent), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["monai"] is False and res["timm"] is False
+    from molre.checkpoint import Predictor
+
+    p = Predictor.from_checkpoint(None)
+    vol = read_series(info.paths)
+    x = p.recipe._window_pad_crop(p.recipe._resampled_monai(vol)).as_tensor()
+    ref = dict(zip(p.catalog.keys, p.predict_tensor(x)[0]))
+    for k, v in res["probabilities"].items():
+        assert abs(v - float(ref[k])) < 1e-4, k

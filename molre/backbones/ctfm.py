@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from monai.networks.nets.segresnet_ds import SegResEncoder
 
 from .registry import BackboneSpec, register_backbone
 
@@ -22,46 +21,66 @@ CTFM_HINT = (
 )
 
 
-class CTFMEncoder(SegResEncoder):
-    """SegResEncoder whose ``forward`` returns one feature vector per volume.
+_ENCODER: Any = None
 
-    The vector is the global average pool of the deepest feature map, as in CT-FM's feature
-    extractor; ``feature_maps`` gives the 5 (or fewer) maps for inspection and tests.
-    Input sides must be divisible by ``2 ** (levels - 1)``.
-    """
 
-    def __init__(self, init_filters: int = 32, blocks_down: tuple[int, ...] = (1, 2, 2, 4, 4),
-                 in_channels: int = 1, **kwargs: Any) -> None:
-        super().__init__(spatial_dims=3, init_filters=init_filters, in_channels=in_channels,
-                         blocks_down=tuple(blocks_down), **kwargs)
-        self.feature_dim = init_filters * 2 ** (len(blocks_down) - 1)
-        self.stride = 2 ** (len(blocks_down) - 1)
+def _encoder_class() -> Any:
+    """`CTFMEncoder`, defined on first use: MONAI is imported only by a process that builds a
+    CT-FM-family backbone (importing MONAI imports all of it: ~340 MB and seconds)."""
+    global _ENCODER
+    if _ENCODER is None:
+        from monai.networks.nets.segresnet_ds import SegResEncoder
 
-    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """All level outputs (channels init_filters·2^i, stride 2^i)."""
-        return self._forward(x)
+        class CTFMEncoder(SegResEncoder):
+            """SegResEncoder whose ``forward`` returns one feature vector per volume.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) -> (B, F)
-        if x.ndim != 5:
-            raise ValueError(f"3D backbone expects (B, C, D, H, W), got shape {tuple(x.shape)}")
-        bad = [s for s in x.shape[2:] if s % self.stride]
-        if bad:
-            raise ValueError(
-                f"3D backbone input sides {tuple(x.shape[2:])} must be divisible by {self.stride}"
-            )
-        return self._forward(x)[-1].mean(dim=(2, 3, 4))
+            The vector is the global average pool of the deepest feature map, as in CT-FM's feature
+            extractor; ``feature_maps`` gives the 5 (or fewer) maps for inspection and tests.
+            Input sides must be divisible by ``2 ** (levels - 1)``.
+            """
+
+            def __init__(self, init_filters: int = 32, blocks_down: tuple[int, ...] = (1, 2, 2, 4, 4),
+                         in_channels: int = 1, **kwargs: Any) -> None:
+                super().__init__(spatial_dims=3, init_filters=init_filters, in_channels=in_channels,
+                                 blocks_down=tuple(blocks_down), **kwargs)
+                self.feature_dim = init_filters * 2 ** (len(blocks_down) - 1)
+                self.stride = 2 ** (len(blocks_down) - 1)
+
+            def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+                """All level outputs (channels init_filters·2^i, stride 2^i)."""
+                return self._forward(x)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) -> (B, F)
+                if x.ndim != 5:
+                    raise ValueError(f"3D backbone expects (B, C, D, H, W), got shape {tuple(x.shape)}")
+                bad = [s for s in x.shape[2:] if s % self.stride]
+                if bad:
+                    raise ValueError(
+                        f"3D backbone input sides {tuple(x.shape[2:])} must be divisible by {self.stride}"
+                    )
+                return self._forward(x)[-1].mean(dim=(2, 3, 4))
+
+        CTFMEncoder.__module__, CTFMEncoder.__qualname__ = __name__, "CTFMEncoder"
+        _ENCODER = CTFMEncoder
+    return _ENCODER
+
+
+def __getattr__(name: str) -> Any:  # module attribute CTFMEncoder, built on first access
+    if name == "CTFMEncoder":
+        return _encoder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _build_ctfm(**overrides: Any) -> CTFMEncoder:
     kw: dict[str, Any] = dict(init_filters=32, blocks_down=(1, 2, 2, 4, 4))
     kw.update(overrides)
-    return CTFMEncoder(**kw)
+    return _encoder_class()(**kw)
 
 
 def _build_tiny3d(**overrides: Any) -> CTFMEncoder:
     kw: dict[str, Any] = dict(init_filters=8, blocks_down=(1, 1, 1, 1))
     kw.update(overrides)
-    return CTFMEncoder(**kw)
+    return _encoder_class()(**kw)
 
 
 # MoLRE adapter placements (presets). "paper" is the default; docs/backbones.md gives the

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 from torch.nn import functional as F
 
@@ -36,10 +35,55 @@ WEIGHTS_RESOURCE = "phantom-3d"
 PACKAGED_PREFIX = "packaged:"
 
 
+class _ADN(nn.Sequential):
+    """MONAI's ADN with ordering "NDA", instance norm (affine) and PReLU, no dropout."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.add_module("N", nn.InstanceNorm3d(channels, affine=True))
+        self.add_module("A", nn.PReLU())
+
+
+class Convolution(nn.Sequential):
+    """``monai.networks.blocks.Convolution(3, c_in, c_out, strides, kernel_size=3,
+    norm=("instance", {"affine": True}), act="PRELU")``: same modules, names, parameters and
+    computation (conv 3x3x3 padding 1 -> InstanceNorm3d -> PReLU).
+
+    Why a copy: importing any MONAI module imports all of MONAI (torchvision, transformers,
+    scipy.signal, ...): +340 MB resident and ~6 s in every inference process, for two blocks.
+    The weights (packaged phantom-3d, state-dict keys) are unchanged."""
+
+    def __init__(self, c_in: int, c_out: int, strides: int = 1) -> None:
+        super().__init__()
+        self.add_module("conv", nn.Conv3d(c_in, c_out, 3, strides, 1, bias=True))
+        self.add_module("adn", _ADN(c_out))
+
+
+class ResidualUnit(nn.Module):
+    """``monai.networks.blocks.ResidualUnit`` with the options `_res` used (see Convolution):
+    ``subunits`` Convolutions (the first strided) plus a residual path (identity, a 1x1x1 conv
+    when only the channels change, a strided 3x3x3 conv otherwise); built in MONAI's order, so
+    a seeded random init draws the same numbers."""
+
+    def __init__(self, c_in: int, c_out: int, strides: int = 1, subunits: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Sequential()
+        self.residual: nn.Module = nn.Identity()
+        ch, st = c_in, strides
+        for su in range(max(1, subunits)):
+            self.conv.add_module(f"unit{su:d}", Convolution(ch, c_out, st))
+            ch, st = c_out, 1
+        if strides != 1 or c_in != c_out:
+            k, pad = (3, 1) if strides != 1 else (1, 0)
+            self.residual = nn.Conv3d(c_in, c_out, k, strides, pad, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        res = self.residual(x)
+        return self.conv(x) + res
+
+
 def _res(c_in: int, c_out: int, stride: int = 1, subunits: int = 2) -> ResidualUnit:
-    return ResidualUnit(spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=stride,
-                        kernel_size=3, subunits=subunits, norm=("instance", {"affine": True}),
-                        act="PRELU")
+    return ResidualUnit(c_in, c_out, stride, subunits)
 
 
 class PhantomUNet(nn.Module):
@@ -50,8 +94,7 @@ class PhantomUNet(nn.Module):
         super().__init__()
         c0, c1, c2, c3 = channels
         d1, dr, d0 = decoder
-        self.stem = Convolution(3, in_channels, c0, strides=2, kernel_size=3,
-                                norm=("instance", {"affine": True}), act="PRELU")  # 1/2
+        self.stem = Convolution(in_channels, c0, strides=2)  # 1/2
         self.enc1 = _res(c0, c0, subunits=1)  # 1/2
         self.enc2 = _res(c0, c1, 2)  # 1/4
         self.enc3 = _res(c1, c2, 2)  # 1/8

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 from torch import nn
 
 from .registry import BackboneSpec, register_backbone
@@ -25,6 +24,8 @@ _DINO_HINT = (
 
 def _make_builder(timm_name: str, defaults: dict[str, Any] | None = None):
     def build(**overrides: Any) -> nn.Module:
+        import timm  # on first use: importing every backbone's library costs each process
+
         if timm_name not in timm.list_models(timm_name):
             raise RuntimeError(
                 f"timm {timm.__version__} has no model {timm_name!r}; DINOv3 needs timm >= 1.0.20"

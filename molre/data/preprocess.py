@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,15 +200,22 @@ class Recipe:
         """3-D recipes: the output as a MetaTensor whose affine maps output voxels to RAS mm.
 
         Orientation, antialiasing and resampling are computed as one separable linear map per
-        axis (`_resampled_separable`), applied to each slice as it is decoded; geometries it
-        does not cover use MONAI's transforms (`_resampled_monai`). Both give the same volume
-        within float32 rounding (tests/test_preprocess_fast.py)."""
+        axis (`_separable`), applied to each slice as it is decoded; geometries it does not
+        cover use MONAI's transforms (`_resampled_monai`). Both give the same volume within
+        float32 rounding (tests/test_thin_series.py)."""
         if self.name != "ctfm-3d":
             raise ValueError("transform_meta is only defined for 3-D recipes")
-        img = self._resampled_separable(volume)
-        if img is None:
-            img = self._resampled_monai(volume)
-        return self._window_pad_crop(img)
+        fast = self._separable(volume)
+        if fast is None:
+            return self._window_pad_crop(self._resampled_monai(volume))
+        from monai.data import MetaTensor
+
+        x, affine = fast
+        return MetaTensor(x, affine=torch.as_tensor(affine, dtype=torch.float64),
+                          meta={"space": "RAS", "series_uid": volume.series_uid,
+                                "study_uid": volume.study_uid,
+                                "filename_or_obj": volume.series_uid,
+                                "original_affine": torch.as_tensor(volume.affine("RAS"))})
 
     def _resampled_monai(self, volume: SeriesVolume) -> Any:
         """Reference path: MONAI Orientation -> GaussianSmooth (antialias) -> Spacing on the
@@ -241,27 +248,33 @@ class Recipe:
         img = CenterSpatialCrop(roi_size=p["roi"])(img)
         return img
 
-    def _resampled_separable(self, volume: SeriesVolume) -> Any:
-        """What `_resampled_monai` computes, as three per-axis matrices.
+    def _separable(self, volume: SeriesVolume) -> tuple[torch.Tensor, np.ndarray] | None:
+        """What `_resampled_monai` + `_window_pad_crop` compute, as three per-axis matrices:
+        the (C, D, H, W) float32 model input and its output-index -> RAS affine.
 
         Why this is the same thing: Orientation only permutes and flips axes; Spacing (not
         ``diagonal``) keeps the direction cosines, so each output index maps to an input index
-        along the same axis (an axis-wise scale + offset, sampled bilinearly with the border
+        along the same axis (an axis-wise scale + offset, sampled linearly with the border
         clamped, as grid_sample does); GaussianSmooth is separable (zero padding). Each axis is
         therefore one matrix W (n_out x n_in) = interpolation @ Gaussian, and the volume is
         Wz . (Wy @ slice @ Wx^T): the in-plane part runs on every slice as it is decoded
         (`DeferredSeriesVolume.reduce_slices`), so a 480 x 512 x 512 series costs a few
-        megabytes instead of gigabytes of float copies and 3-D convolutions. None when the
-        geometry is not axis-wise (or the mode is not bilinear): the caller uses MONAI."""
+        megabytes instead of gigabytes of float copies and 3-D convolutions, and MONAI (whose
+        import alone is ~340 MB) is not needed. The geometry follows MONAI's rules (nibabel's
+        io_orientation, zoom_affine, compute_shape_offset, symmetric pad, centre crop); tests
+        compare both paths. None when the geometry is not axis-wise or the mode is not
+        bilinear: the caller uses MONAI."""
         from scipy import sparse
 
         from molre.data.volume import DeferredSeriesVolume
 
+        if self.name != "ctfm-3d":
+            return None
         plan = _separable_plan(self.params, tuple(int(v) for v in volume.shape),
                                volume.affine("RAS"))
         if plan is None:
             return None
-        (wz, wy, wx), out_axes, affine, meta = plan
+        (wz, wy, wx), transpose, affine = plan
         my = sparse.csr_matrix(wy)
         mx = sparse.csr_matrix(wx)
 
@@ -278,16 +291,14 @@ class Recipe:
             for k in range(hu.shape[0]):
                 reduced[k] = inplane(hu[k])
         out = np.tensordot(wz, reduced, axes=(1, 0)).astype(np.float32, copy=False)
-        out = np.ascontiguousarray(np.transpose(out, out_axes))
-        from monai.data import MetaTensor
-
-        return MetaTensor(torch.from_numpy(out)[None], affine=torch.as_tensor(affine),
-                          meta=meta | {"series_uid": volume.series_uid,
-                                       "study_uid": volume.study_uid,
-                                       "filename_or_obj": volume.series_uid})
+        img = torch.from_numpy(np.ascontiguousarray(np.transpose(out, transpose)))[None]
+        return _window_pad_crop_array(self.params, img, affine)
 
     def __call__(self, volume: SeriesVolume) -> torch.Tensor:
         if self.name == "ctfm-3d":
+            fast = self._separable(volume)  # no MONAI import on this path (inference process)
+            if fast is not None:
+                return fast[0].contiguous()
             out = self.transform_meta(volume)
             return torch.as_tensor(out.as_tensor() if hasattr(out, "as_tensor") else out,
                                    dtype=torch.float32).contiguous()
@@ -335,47 +346,123 @@ class Recipe:
 
 #: Tolerance on the index maps of `_separable_plan` (a matrix entry below it counts as zero).
 _AXIS_TOL = 1e-6
+#: MONAI's AFFINE_TOL (monai.data.utils): spacings / affines closer than this count as equal.
+_MONAI_AFFINE_TOL = 1e-3
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def _io_orientation(affine: np.ndarray) -> list[tuple[int, int]]:
+    """nibabel.orientations.io_orientation (what MONAI's Orientation uses): for each array
+    axis, the closest world axis and its direction (+1 / -1)."""
+    rzs = affine[:3, :3]
+    zooms = np.sqrt(np.sum(rzs * rzs, axis=0))
+    zooms[zooms == 0] = 1
+    p_, s_, qs = np.linalg.svd(rzs / zooms, full_matrices=False)
+    tol = s_.max() * 3 * np.finfo(s_.dtype).eps
+    keep = s_ > tol
+    r = np.dot(p_[:, keep], qs[keep])
+    out: list[tuple[int, int]] = [(-1, 0)] * 3
+    for in_ax in np.argsort(np.min(-(r ** 2), axis=0), kind="stable"):
+        col = r[:, in_ax]
+        if np.allclose(col, 0):
+            raise ValueError("degenerate affine")
+        out_ax = int(np.argmax(np.abs(col)))
+        out[int(in_ax)] = (out_ax, -1 if col[out_ax] < 0 else 1)
+        r[out_ax, :] = 0
+    return out
+
+
+def _oriented_affine(src: np.ndarray, shape: tuple[int, int, int], axcodes: str
+                     ) -> tuple[np.ndarray, list[int], list[tuple[int, bool]]]:
+    """MONAI Orientation(axcodes, labels=RAS) on an array with affine `src`: the new affine,
+    shape, and for each new axis the source axis and whether it is flipped."""
+    ornt = _io_orientation(src)
+    want = []  # per output axis: (world axis, direction)
+    for code in axcodes:
+        for w, (lo, hi) in enumerate(_RAS_LABELS):
+            if code in (lo, hi):
+                want.append((w, 1 if code == hi else -1))
+    src_axis: list[tuple[int, bool]] = []
+    for w, d in want:
+        a = next(i for i, (ow, _) in enumerate(ornt) if ow == w)
+        src_axis.append((a, ornt[a][1] != d))
+    m = np.zeros((4, 4))
+    m[3, 3] = 1.0
+    for k, (a, flip) in enumerate(src_axis):
+        m[a, k] = -1.0 if flip else 1.0
+        if flip:
+            m[a, 3] = shape[a] - 1
+    return src @ m, [shape[a] for a, _ in src_axis], src_axis
+
+
+def _spacing_geometry(a_in: np.ndarray, shape: list[int], pixdim: Sequence[float]
+                      ) -> tuple[np.ndarray, list[int]]:
+    """MONAI Spacing(pixdim, diagonal=False, scale_extent=False): output affine and shape."""
+    orig = np.sqrt(np.sum(a_in[:3, :3] ** 2, axis=0))
+    out_d = np.array([float(v) for v in pixdim])
+    for i in range(3):  # a spacing within AFFINE_TOL of the target is kept as it is
+        if out_d[i] - _MONAI_AFFINE_TOL <= orig[i] <= out_d[i] + _MONAI_AFFINE_TOL:
+            out_d[i] = orig[i]
+    out_d[out_d == 0] = 1.0
+    rzs = a_in[:3, :3]
+    zs = np.linalg.cholesky(rzs.T @ rzs).T
+    rotation = rzs @ np.linalg.inv(zs)
+    new = np.eye(4)
+    new[:3, :3] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(out_d))
+    corners = np.asarray(np.meshgrid(*[(0.0, n - 1.0) for n in shape], indexing="ij")
+                         ).reshape((3, -1))
+    corners = np.concatenate((corners, np.ones_like(corners[:1])))
+    corners_out = np.linalg.solve(new, a_in) @ corners
+    world = a_in @ corners
+    all_dist = corners_out[:-1].copy()
+    corners_out = corners_out[:-1] / corners_out[-1]
+    out_shape = np.round(np.ptp(corners_out, axis=1) + 1.0)
+    offset = None
+    for i in range(world.shape[1]):
+        if np.allclose(np.min(all_dist - all_dist[:, i:i + 1], 1), 0.0, rtol=_MONAI_AFFINE_TOL):
+            offset = world[:-1, i]
+            break
+    if offset is None:
+        shp = np.array(shape, dtype=float)
+        offset = (a_in[:-1, :-1] @ (shp / 2.0) + a_in[:-1, -1]
+                  - new[:-1, :-1] @ (out_shape / 2.0))
+    new[:3, 3] = offset
+    return new, [int(v) for v in out_shape]
+
+
+def _gaussian_1d(sigma: float) -> np.ndarray:
+    """monai.networks.layers.convutils.gaussian_1d(sigma, truncated=4.0, approx="erf"), the
+    same float32 torch arithmetic."""
+    sg = torch.as_tensor(sigma, dtype=torch.float)
+    tail = int(max(float(sg) * 4.0, 0.5) + 0.5)
+    x = torch.arange(-tail, tail + 1, dtype=torch.float)
+    t = 0.70710678 / torch.abs(sg)
+    out = 0.5 * ((t * (x + 0.5)).erf() - (t * (x - 0.5)).erf())
+    return out.clamp(min=0).numpy().astype(np.float64)
 
 
 def _separable_plan(p: Mapping[str, Any], shape: tuple[int, int, int], ras_affine: np.ndarray
                     ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[int, int, int],
-                               np.ndarray, dict[str, Any]] | None:
+                               np.ndarray] | None:
     """Per-axis matrices (for the volume's z, y, x axes) of orientation + antialias +
-    resampling, the transpose from (z, y, x) to the output axes, the output affine (RAS) and
-    the metadata of the output. The output geometry is MONAI's own (Orientation and Spacing run
-    lazily on a zero-stride tensor: only affines and shapes, no pixels)."""
+    resampling, the transpose from (z, y, x) to the output axes, and the resampled grid's
+    affine (RAS)."""
     if p["mode"] != "bilinear":
         return None
-    from monai.data import MetaTensor
-    from monai.networks.layers.convutils import gaussian_1d
-    from monai.transforms import Orientation, Spacing
-
     src = np.asarray(ras_affine, dtype=np.float64)
-    labels = (("L", "R"), ("P", "A"), ("I", "S"))
-    meta = {"space": "RAS", "original_affine": torch.as_tensor(src, dtype=torch.float64)}
-    img = MetaTensor(torch.zeros((1, 1, 1, 1), dtype=torch.float32).expand(1, *shape),
-                     affine=torch.as_tensor(src, dtype=torch.float64), meta=dict(meta))
-    img = Orientation(axcodes=p["orientation"], labels=labels, lazy=True)(img)
-    a_or = np.asarray(img.peek_pending_affine(), dtype=np.float64)
-    shape_or = [int(v) for v in img.peek_pending_shape()]
-    img = Spacing(pixdim=p["spacing"], mode=p["mode"], padding_mode="border", dtype=np.float32,
-                  lazy=True)(img)
-    a_out = np.asarray(img.peek_pending_affine(), dtype=np.float64)
-    shape_out = [int(v) for v in img.peek_pending_shape()]
-    perm = np.linalg.solve(src, a_or)  # oriented index -> volume index: signed permutation
-    xform = np.linalg.solve(a_or, a_out)  # output index -> oriented index: axis-wise
-    src_axis = []
-    for k in range(3):
-        col = perm[:3, k]
-        a = int(np.argmax(np.abs(col)))
-        if abs(abs(col[a]) - 1) > _AXIS_TOL or np.sum(np.abs(col)) - abs(col[a]) > _AXIS_TOL:
-            return None
-        src_axis.append((a, col[a] < 0))
+    try:
+        a_or, shape_or, src_axis = _oriented_affine(src, shape, p["orientation"])
+        a_out, shape_out = _spacing_geometry(a_or, shape_or, p["spacing"])
+    except (ValueError, StopIteration, np.linalg.LinAlgError):
+        return None
+    if sorted(a for a, _ in src_axis) != [0, 1, 2] or min(shape_out) < 1:
+        return None
+    xform = np.linalg.solve(a_or, a_out)  # output index -> oriented index: axis-wise?
     off = xform[:3, :3] - np.diag(np.diag(xform[:3, :3]))
     if np.max(np.abs(off)) > _AXIS_TOL * max(1.0, float(np.max(np.abs(xform[:3, :3])))):
         return None
-    if sorted(a for a, _ in src_axis) != [0, 1, 2]:
-        return None
+    unchanged = (np.allclose(a_or, a_out, atol=_MONAI_AFFINE_TOL) and shape_or == shape_out) \
+        or (np.allclose(xform, np.eye(4), atol=_MONAI_AFFINE_TOL) and shape_or == shape_out)
     pixdim = np.sqrt((a_or[:3, :3] ** 2).sum(axis=0))
     sigma = [0.0, 0.0, 0.0]
     if p["antialias"]:
@@ -384,16 +471,18 @@ def _separable_plan(p: Mapping[str, Any], shape: tuple[int, int, int], ras_affin
     mats: list[np.ndarray | None] = [None, None, None]
     for k in range(3):
         n, n_out = shape_or[k], shape_out[k]
-        x = np.clip(xform[k, k] * np.arange(n_out) + xform[k, 3], 0.0, n - 1)
-        i0 = np.floor(x).astype(np.int64)
-        w = x - i0
-        i1 = np.minimum(i0 + 1, n - 1)
-        m = np.zeros((n_out, n))
-        np.add.at(m, (np.arange(n_out), i0), 1.0 - w)
-        np.add.at(m, (np.arange(n_out), i1), w)
-        if smooth:  # zero-padded correlation with MONAI's own kernel, as GaussianSmooth does
-            kern = gaussian_1d(torch.tensor(sigma[k]), truncated=4.0, approx="erf")
-            kern = kern.numpy().astype(np.float64)
+        if unchanged:  # MONAI returns the image as it is (no resampling)
+            m = np.eye(n)
+        else:
+            x = np.clip(xform[k, k] * np.arange(n_out) + xform[k, 3], 0.0, n - 1)
+            i0 = np.floor(x).astype(np.int64)
+            w = x - i0
+            i1 = np.minimum(i0 + 1, n - 1)
+            m = np.zeros((n_out, n))
+            np.add.at(m, (np.arange(n_out), i0), 1.0 - w)
+            np.add.at(m, (np.arange(n_out), i1), w)
+        if smooth and sigma[k] > 0:  # zero-padded correlation, as GaussianSmooth does
+            kern = _gaussian_1d(sigma[k])
             tail = (len(kern) - 1) // 2
             g = np.zeros((n, n))
             for d in range(-tail, tail + 1):
@@ -403,9 +492,34 @@ def _separable_plan(p: Mapping[str, Any], shape: tuple[int, int, int], ras_affin
         if flip:
             m = m[:, ::-1]
         mats[a] = np.ascontiguousarray(m, dtype=np.float32)
-    # the reduced array is indexed (z, y, x) of the volume; output axis k is volume axis src[k]
     transpose = tuple(src_axis[k][0] for k in range(3))
-    return (mats[0], mats[1], mats[2]), transpose, a_out, meta  # type: ignore[return-value]
+    return (mats[0], mats[1], mats[2]), transpose, a_or if unchanged else a_out  # type: ignore
+
+
+def _window_pad_crop_array(p: Mapping[str, Any], img: torch.Tensor, affine: np.ndarray
+                           ) -> tuple[torch.Tensor, np.ndarray]:
+    """`Recipe._window_pad_crop` without MONAI: windows (or the HU range) to 0..1, symmetric
+    zero padding to ``roi``, centre crop to ``roi``; the affine follows the voxels."""
+    if p["windows"]:
+        img = torch.cat([((img - (c - w / 2.0)) / w).clamp(0.0, 1.0) for c, w in p["windows"]],
+                        dim=0)
+    else:
+        lo, hi = p["hu_range"]
+        img = ((img - lo) / (hi - lo)) * (1.0 - 0.0) + 0.0
+        img = img.clamp(0.0, 1.0).to(torch.float32)
+    roi = [int(v) for v in p["roi"]]
+    size = list(img.shape[1:])
+    before = [max(r - n, 0) // 2 for r, n in zip(roi, size)]
+    after = [max(r - n, 0) - b for r, n, b in zip(roi, size, before)]
+    if any(before) or any(after):
+        img = torch.nn.functional.pad(img, [v for b, a in zip(reversed(before), reversed(after))
+                                            for v in (b, a)], mode="constant", value=0.0)
+    size = list(img.shape[1:])
+    start = [max(n // 2 - r // 2, 0) for n, r in zip(size, roi)]
+    img = img[:, start[0]:start[0] + roi[0], start[1]:start[1] + roi[1], start[2]:start[2] + roi[2]]
+    shift = np.eye(4)
+    shift[:3, 3] = np.array(start, dtype=float) - np.array(before, dtype=float)
+    return img.contiguous(), affine @ shift
 
 
 def make_recipe(name: str, **params: Any) -> Recipe:
