@@ -19,7 +19,9 @@ much, against baselines run in the same invocation on the same machine:
 Every receiver gets the same series (default 200 slices of 512x512, 16-bit) sent by dcmtk
 `storescu` over one association; each receiver is run `--repeats` times, interleaved, and the
 median wall time of the storescu run counts. Reported: instances/s, MB/s, CPU seconds used by the
-receiver process, and ratios (goal: node >= 0.8 x bare, judged for the default durability).
+receiver process (and its children), peak RSS of the receiver's process tree, and ratios
+(issue 16 goals: node >= 0.85 x bare_fsync for one association; with `--concurrent 8`,
+node (several receiver processes) >= 1.6 x node_1p and >= 1.0 x bare).
 
     python bench/ingest.py                       # full run -> bench/results/ingest.json
     python bench/ingest.py --slices 20 --size 64 --repeats 1 --out /tmp/ingest.json  # smoke
@@ -55,7 +57,12 @@ import psutil  # noqa: E402
 from tests.nodeproc import NodeProcess, free_port, wait_until  # noqa: E402
 from tests.orthanc import dcmtk_tool  # noqa: E402
 
-GOAL = 0.8
+#: issue 16, one association: the default node (fsync) >= 0.85 x the bare handler with fsync
+SINGLE_GOALS = {"node_vs_bare_fsync": 0.85}
+#: issue 16, 8 associations at once: several receiver processes >= 1.6 x the node in one
+#: process and >= 1.0 x one bare pynetdicom process
+CONCURRENT_GOALS = {"node_vs_node_1p": 1.6, "node_vs_bare": 1.0}
+LOAD_AT_START = list(os.getloadavg())
 
 #: dcmtk as packaged by Debian leaves Nagle's algorithm on unless TCP_NODELAY=1 is set in the
 #: environment; with it off every small PDU waits for a delayed ACK (~40 ms per instance on
@@ -101,6 +108,7 @@ def make_series(out: Path, slices: int, size: int, seed: int = 0) -> list[Path]:
 
 #: (receiver, baseline) pairs reported as instances/s ratios ("node_vs_bare" is the goal's).
 RATIOS = (("node", "bare"), ("node", "storescp"), ("node_os", "bare"), ("node", "bare_fsync"),
+          ("node_1p", "bare_fsync"), ("node", "node_1p"), ("node_1p", "bare"),
           ("bare_fsync", "bare"), ("storescp", "bare"), ("node", "node_base"),
           ("node_base", "bare"))
 
@@ -225,6 +233,7 @@ class NodeReceiver(Receiver):
     name, aet = "node", "MOLRE"
     checkpoint = ""  # set from --node-checkpoint; empty = packaged demo
     durability = "fsync"  # storage.durability
+    processes = 0  # network.receiver_processes (0 = the default: one per core, at most 4)
 
     node_process = NodeProcess
 
@@ -234,6 +243,9 @@ class NodeReceiver(Receiver):
         self.node = self.node_process.create(work / self.name, ae_title=self.aet, quiet_time_s=3600.0,
                                        release_grace_s=3600.0, model=model,
                                        storage={"durability": self.durability},
+                                       network={"receiver_processes": self.processes,
+                                                "max_associations": 32,
+                                                "max_associations_per_host": 32},
                                        logging={"json": True, "level": "INFO"})
         self.node.start(timeout=120)
         self.port = self.node.port
@@ -274,6 +286,14 @@ class NodeOsReceiver(NodeReceiver):
     durability = "os"
 
 
+class NodeOneProcessReceiver(NodeReceiver):
+    """The node with `network.receiver_processes = 1`: every association in the node process
+    (the behaviour before receiver processes existed)."""
+
+    name = "node_1p"
+    processes = 1
+
+
 class NodeBaseReceiver(NodeReceiver):
     """The node of another checkout (``--node-base DIR``, e.g. ``git archive`` of the commit
     before a change), run by that checkout's own tests/nodeproc.py: a before/after comparison
@@ -298,7 +318,7 @@ class NodeBaseReceiver(NodeReceiver):
 
 RECEIVERS = {"bare": BareReceiver, "bare_fsync": BareFsyncReceiver,
              "storescp": StorescpReceiver, "node": NodeReceiver, "node_os": NodeOsReceiver,
-             "node_base": NodeBaseReceiver}
+             "node_1p": NodeOneProcessReceiver, "node_base": NodeBaseReceiver}
 
 
 def _cpu_seconds(pid: int, children: bool = True) -> float:
@@ -317,26 +337,70 @@ def _cpu_seconds(pid: int, children: bool = True) -> float:
         return float("nan")
 
 
-def run_once(kind: str, files: list[Path], work: Path) -> dict[str, Any]:
+class PeakRSS:
+    """Peak resident memory of a process and its children (sampled every 50 ms)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                p = psutil.Process(self.pid)
+                total = p.memory_info().rss
+                for ch in p.children(recursive=True):
+                    try:
+                        total += ch.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def run_once(kind: str, batches: list[list[Path]], work: Path) -> dict[str, Any]:
+    """One receiver, ``len(batches)`` storescu processes at once (one association each)."""
     rec = RECEIVERS[kind]()
     rec.start(work)
+    n_files = sum(len(b) for b in batches)
     try:
         cpu0 = _cpu_seconds(rec.pid())
         main0 = _cpu_seconds(rec.pid(), children=False)
-        t0 = time.perf_counter()
-        res = subprocess.run([dcmtk_tool("storescu"), "-aec", rec.aet, "-aet", "BENCHSCU",
-                              "127.0.0.1", str(rec.port), *map(str, files)],
-                             capture_output=True, text=True, env=DCMTK_ENV)
-        seconds = time.perf_counter() - t0
+        with PeakRSS(rec.pid()) as mem:
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen([dcmtk_tool("storescu"), "-aec", rec.aet,
+                                       "-aet", f"BENCH{i}", "127.0.0.1", str(rec.port),
+                                       *map(str, files)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=DCMTK_ENV)
+                     for i, files in enumerate(batches)]
+            outs = [p.communicate()[0] for p in procs]
+            seconds = time.perf_counter() - t0
         cpu = _cpu_seconds(rec.pid()) - cpu0
         cpu_main = _cpu_seconds(rec.pid(), children=False) - main0
         received = rec.count()
     finally:
         rec.stop()
-    if res.returncode != 0 or received != len(files):
-        raise RuntimeError(f"{kind}: storescu rc={res.returncode}, {received}/{len(files)} "
-                           f"received; stderr: {res.stderr[-800:]}")
-    return {"seconds": seconds, "cpu_s": cpu, "cpu_main_s": cpu_main, "received": received}
+    bad = [i for i, p in enumerate(procs) if p.returncode != 0]
+    if bad or received != n_files:
+        raise RuntimeError(f"{kind}: storescu rc={[procs[i].returncode for i in bad]}, "
+                           f"{received}/{n_files} received; output: "
+                           f"{(outs[bad[0]] if bad else '')[-800:]}")
+    return {"seconds": seconds, "cpu_s": cpu, "cpu_main_s": cpu_main, "received": received,
+            "peak_rss_mb": round(mem.peak / 2**20, 1)}
 
 
 def disk_flush_ms(directory: Path, size: int, n: int = 60) -> dict[str, float]:
@@ -395,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--receivers", default="bare,bare_fsync,storescp,node,node_os")
+    ap.add_argument("--receivers", default=None,
+                    help="comma-separated (default: bare,bare_fsync,storescp,node,node_1p,"
+                         "node_os; with --concurrent: bare,node_1p,node)")
+    ap.add_argument("--concurrent", type=int, default=1, metavar="N",
+                    help="N storescu processes at once, each sending its own series over its "
+                         "own association (issue 16: 8)")
     ap.add_argument("--data", type=Path, default=None,
                     help="where the series is generated/cached (default: system temp dir)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
@@ -420,9 +489,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.node_checkpoint else ""
     NodeBaseReceiver.base = args.node_base.resolve() if args.node_base else None
     data = args.data or Path(tempfile.gettempdir()) / f"molre-bench-{args.slices}x{args.size}"
-    files = make_series(data, args.slices, args.size)
+    conc = max(1, args.concurrent)
+    # one series per association (own Study/Series UIDs): 8 senders = 8 studies at once
+    batches = [make_series(data if i == 0 else data.with_name(f"{data.name}-{i}"),
+                           args.slices, args.size, seed=i) for i in range(conc)]
+    files = [f for b in batches for f in b]
     total_bytes = sum(p.stat().st_size for p in files)
-    kinds = [k.strip() for k in args.receivers.split(",") if k.strip()]
+    default_kinds = ("bare,node_1p,node" if conc > 1
+                     else "bare,bare_fsync,storescp,node,node_1p,node_os")
+    kinds = [k.strip() for k in (args.receivers or default_kinds).split(",") if k.strip()]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="molre-ingest-") as tmp:
         flush = disk_flush_ms(Path(tmp) / "flush", total_bytes // max(1, len(files)))
@@ -431,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             for kind in kinds:  # interleaved so drift hits every receiver alike
                 work = Path(tmp) / f"{kind}-{rep}"
-                r = run_once(kind, files, work)
+                r = run_once(kind, batches, work)
                 runs[kind].append(r)
                 print(f"  rep {rep + 1}/{args.repeats} {kind:9s} {r['seconds']:7.2f} s "
                       f"{len(files) / r['seconds']:7.1f} inst/s", flush=True)
@@ -447,32 +522,42 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_s_median": round(statistics.median(r["cpu_s"] for r in rs), 3),
             "cpu_main_process_s_median": round(statistics.median(r["cpu_main_s"] for r in rs),
                                                3),
+            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rs),
         }
     ratios = {f"{a}_vs_{b}": round(summary[a]["instances_per_s"]
                                    / summary[b]["instances_per_s"], 3)
               for a, b in RATIOS if a in summary and b in summary}
+    goals = CONCURRENT_GOALS if conc > 1 else SINGLE_GOALS
+    verdict = {k: (ratios[k] >= v) if k in ratios else None for k, v in goals.items()}
     result = {
         "benchmark": "ingest",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),
         "series": {"slices": args.slices, "size": args.size, "bytes": total_bytes,
-                   "sender": "dcmtk storescu, one association, TCP_NODELAY=1"},
+                   "associations": conc,
+                   "sender": f"dcmtk storescu x{conc} at once, one association and one "
+                             f"series each, TCP_NODELAY=1"},
+        "load_average_at_start": LOAD_AT_START,
+        "load_average_at_end": list(os.getloadavg()),
         "repeats": args.repeats,
         "disk_flush": flush,
         "receivers": summary,
         "ratios": ratios,
-        "goal_node_vs_bare": GOAL,
-        "meets_goal": (ratios["node_vs_bare"] >= GOAL) if "node_vs_bare" in ratios else None,
+        "goals": goals,
+        "meets_goals": verdict,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print()
-    print(f"{'receiver':10s} {'median s':>9s} {'inst/s':>8s} {'MB/s':>8s} {'CPU s':>7s}")
+    print(f"{'receiver':10s} {'median s':>9s} {'inst/s':>8s} {'MB/s':>8s} {'CPU s':>7s} "
+          f"{'peak RSS MB':>11s}")
     for kind, s in summary.items():
         print(f"{kind:10s} {s['median_s']:9.2f} {s['instances_per_s']:8.1f} "
-              f"{s['mb_per_s']:8.1f} {s['cpu_s_median']:7.2f}")
+              f"{s['mb_per_s']:8.1f} {s['cpu_s_median']:7.2f} {s['peak_rss_mb_max']:11.0f}")
     for k, v in ratios.items():
-        print(f"{k}: {v}")
+        print(f"{k}: {v}" + (f"  (goal >= {goals[k]}: {'met' if verdict[k] else 'NOT met'})"
+                             if k in goals else ""))
+    print(f"load average: start {LOAD_AT_START}, end {result['load_average_at_end']}")
     print(f"-> {args.out}")
     return 0
 
