@@ -85,7 +85,12 @@ def _open(db: str | None, config: Path | None):
         from node.config import load_config
 
         cfg = load_config(config)
-    url = normalise_url(db if db is not None else cfg.database_url)
+    if db is not None:
+        url = normalise_url(db)
+    elif cfg is not None:  # no --db: the config's (or the default) database
+        url = normalise_url(cfg.database_url)
+    else:
+        raise AssertionError("unreachable: no --db loads the config")
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         if not Path(parsed.database).expanduser().is_file():

@@ -8,6 +8,7 @@ clear line on stderr with exit status 2 — never a traceback.
 from __future__ import annotations
 
 import sys
+from typing import Protocol, cast
 
 import typer
 
@@ -73,6 +74,14 @@ def _click_error_types() -> tuple[type[BaseException], ...]:
 _CLICK_ERRORS = _click_error_types()
 
 
+class _UsageError(Protocol):
+    """What both ClickException classes (click's and typer's vendored one) offer."""
+
+    exit_code: int
+
+    def show(self) -> None: ...
+
+
 def main() -> None:
     """Console-script entry: run the app, turning MolreError into a clean message."""
     try:
@@ -94,8 +103,9 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(1)
     except _CLICK_ERRORS as exc:  # usage errors: one message, click's exit code (2)
-        exc.show()
-        sys.exit(exc.exit_code)
+        usage = cast(_UsageError, exc)
+        usage.show()
+        sys.exit(usage.exit_code)
 
 
 if __name__ == "__main__":

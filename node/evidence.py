@@ -215,7 +215,9 @@ def build_evidence(sources: Sequence[Dataset], paths: Mapping[str, str | Path],
                 coordinate_system="PATIENT", series_instance_uid=series_uid,
                 series_number=EVIDENCE_SERIES_NUMBER, sop_instance_uid=generate_uid(),
                 instance_number=number, manufacturer=identity.manufacturer,
-                pixel_spacing=spacing, patient_orientation=_orientation(header),
+                # highdicom annotates pixel_spacing as tuple[int, int]; it is mm (DS), floats
+                pixel_spacing=spacing,  # type: ignore[arg-type]
+                patient_orientation=_orientation(header),
                 transfer_syntax_uid=ExplicitVRLittleEndian,
                 contributing_equipment=[_contributing_equipment(identity, prediction)])
             sc.SpecificCharacterSet = "ISO_IR 192"

@@ -217,7 +217,7 @@ _SINGLE = frozenset({_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _ACC
 
 def _wanted() -> dict[int, tuple[bytes, Callable[[bytes], Any]]]:
     tags = {tag for _, tag in _META_TAGS} | {tag for _, tag in _PHI_TAGS} | set(_SINGLE)
-    out = {}
+    out: dict[int, tuple[bytes, Callable[[bytes], Any]]] = {}
     for tag in tags:
         vr = dictionary_VR(tag)
         out[tag] = (vr.encode(), _CONVERT[vr])
@@ -290,16 +290,17 @@ def _skip_sequence(buf: bytes, pos: int, end: int, implicit: bool, depth: int = 
         if tag != _ITEM:
             return None
         if length == _UNDEFINED:
-            pos = _skip_item(buf, pos, end, implicit, depth, delimited=True)
+            after = _skip_item(buf, pos, end, implicit, depth, delimited=True)
         elif pos + length > end:
             return None
         else:
             item_end = pos + length
-            pos = _skip_item(buf, pos, item_end, implicit, depth, delimited=False)
-            if pos != item_end:
+            after = _skip_item(buf, pos, item_end, implicit, depth, delimited=False)
+            if after != item_end:
                 return None
-        if pos is None:
+        if after is None:
             return None
+        pos = after
     return None
 
 
@@ -325,9 +326,10 @@ def _skip_item(buf: bytes, pos: int, end: int, implicit: bool, depth: int, *,
         if length == _UNDEFINED:
             if not _is_sequence(tag, vr, implicit):
                 return None
-            pos = _skip_sequence(buf, start, end, implicit, depth + 1)
-            if pos is None:
+            after = _skip_sequence(buf, start, end, implicit, depth + 1)
+            if after is None:
                 return None
+            pos = after
         else:
             pos = start + length
             if pos > end:
@@ -361,9 +363,10 @@ def scan_header(stream: bytes, transfer_syntax: str, *, with_phi: bool = True) -
             if length == _UNDEFINED:
                 if tag in _WANTED or not _is_sequence(tag, vr, implicit):
                     return None
-                pos = _skip_sequence(stream, start, end, implicit)
-                if pos is None:
+                after = _skip_sequence(stream, start, end, implicit)
+                if after is None:
                     return None
+                pos = after
                 continue
             pos = start + length
             if pos > end:

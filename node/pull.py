@@ -163,8 +163,10 @@ class _Skip(Exception):
     """This accession is skipped; the message is the reason (no PHI)."""
 
 
+# pynetdicom.sop_class creates its SOP classes with globals(), so its type hints lack them: the
+# imports below carry a targeted ignore.
 def _ae(calling_ae: str, timeout: float) -> Any:
-    from pynetdicom.sop_class import (
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made by globals()
         StudyRootQueryRetrieveInformationModelFind,
         StudyRootQueryRetrieveInformationModelGet,
     )
@@ -186,7 +188,9 @@ def _roles() -> list[Any]:
 
 
 def _find(assoc: Any, level: str, query: Mapping[str, Any]) -> list[Dataset]:
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made by globals()
+        StudyRootQueryRetrieveInformationModelFind,
+    )
 
     ds = Dataset()
     ds.QueryRetrieveLevel = level
@@ -211,7 +215,9 @@ def _meta_of(ds: Dataset) -> dict[str, Any]:
 def _get_series(assoc: Any, study_uid: str, series_uid: str, dest: Path) -> int:
     """C-GET one series into `dest` (already created); returns instances written."""
     from pynetdicom import evt
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made by globals()
+        StudyRootQueryRetrieveInformationModelGet,
+    )
 
     ds = Dataset()
     ds.QueryRetrieveLevel = "SERIES"
@@ -414,7 +420,8 @@ def pull_dataset(labels_csv: Path | str, pacs: Pacs, opts: PullOptions, catalog:
             if progress is not None:
                 progress(done, len(accessions))
     # the manifest: every accession that has a series, in label-file order
-    rows, series_rows = [], []
+    rows: list[dict[str, Any]] = []
+    series_rows: list[list[Any]] = []
     for acc in accessions:
         rec = records.get(acc)
         if rec is None:

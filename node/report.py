@@ -224,7 +224,7 @@ def build_sr(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog:
     ckpt_hash = str(prediction.get("checkpoint_hash") or "unknown")
     algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=ckpt_hash[:64])
     observer = hd.sr.ObserverContext(
-        observer_type=Code("121007", "DCM", "Device"),
+        observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=identity.device_uid, name=identity.device_name,
             manufacturer_name=identity.manufacturer, model_name=model_name))

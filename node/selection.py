@@ -96,8 +96,9 @@ def _number(v: Any) -> float | None:
 
 
 def _is_axial(iop: Any) -> bool | None:
-    vals = [_as_float(x) for x in _as_list(iop)]
-    if len(vals) != 6 or any(v is None for v in vals):
+    items = _as_list(iop)
+    vals = [v for v in (_as_float(x) for x in items) if v is not None]
+    if len(items) != 6 or len(vals) != 6:  # six numbers, none missing
         return None
     r, c = vals[:3], vals[3:]
     n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
@@ -128,8 +129,10 @@ def summarize(series_uid: str, metas: Sequence[Mapping[str, Any]],
             spacings.add(tuple(str(x) for x in ps))
             vals = [_number(x) for x in ps]
             rows, cols = _number(m.get("Rows")), _number(m.get("Columns"))
-            if len(vals) == 2 and all(v is not None for v in vals) and rows and cols:
-                fovs.append(max(rows * vals[0], cols * vals[1]))  # type: ignore[operator]
+            if len(vals) == 2 and rows and cols:
+                px, py = vals
+                if px is not None and py is not None:
+                    fovs.append(max(rows * px, cols * py))
         if m.get("Modality"):
             s.modalities.add(str(m["Modality"]).upper())
         frames = m.get("NumberOfFrames")
@@ -158,18 +161,19 @@ def summarize(series_uid: str, metas: Sequence[Mapping[str, Any]],
         if study_uid is None and m.get("StudyInstanceUID"):
             s.study_uid = str(m["StudyInstanceUID"])
     if image_types:
-        s.image_type = list(max(set(image_types), key=image_types.count))
+        most: tuple[str, ...] = max(set(image_types), key=image_types.count)
+        s.image_type = list(most)
     counts = Counter(thick)
     s.slice_thickness = min(counts, key=lambda t: (-counts[t], t)) if counts else None
     s.slice_thickness_values = sorted(counts)
     for reason, n in sorted(bad_rescale.items()):
         s.insane.append(f"rescale: {reason} in {n} of {len(metas)} instance(s)")
     lo, hi = PIXEL_SPACING_MM
-    for ps in sorted(spacings):
-        vals = [_number(x) for x in ps]
+    for spacing in sorted(spacings):
+        vals = [_number(x) for x in spacing]
         if len(vals) != 2 or any(v is None or not math.isfinite(v) or not lo <= v <= hi
                                  for v in vals):
-            shown = "\\".join(ps)
+            shown = "\\".join(spacing)
             s.insane.append(f"pixel_spacing: PixelSpacing (0028,0030) {shown} mm is "
                             f"outside {lo:g}..{hi:g} mm (not a CT pixel size)")
             break
