@@ -1,4 +1,4 @@
-"""CLI commands: serve, config-check, echo."""
+"""CLI commands: serve, config-check, config-schema, echo."""
 
 from __future__ import annotations
 
@@ -56,6 +56,19 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"ok: {config or '<defaults>'} (AE {cfg.network.ae_title} on "
                    f"{cfg.network.host}:{cfg.network.port}, {len(cfg.destinations)} "
                    f"destination(s), database {mask_url(cfg.database_url)})")
+
+    @app.command("config-schema")
+    def config_schema(
+        keys: bool = typer.Option(False, "--keys",
+                                  help="Print the markdown table of every key (the one in "
+                                       "docs/configuration.md) instead of the JSON schema."),
+    ) -> None:
+        """Print the JSON schema of the configuration file (or the docs' key table)."""
+        import json
+
+        from node.config import json_schema, key_table
+
+        typer.echo(key_table() if keys else json.dumps(json_schema(), indent=2))
 
     @app.command("echo")
     def echo_cmd(

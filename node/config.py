@@ -1,30 +1,192 @@
 """The node's one typed configuration object, loaded from TOML.
 
-Why one object: every part of the service (receiver, assembler, worker, dispatcher, metrics)
-gets its settings passed down from here, so nothing reads files or environment variables on its
-own, and a bad setting fails at start with a message naming the key instead of failing later in
-the middle of a transfer.
+Every part of the service gets its settings passed down from here, so nothing reads files or
+environment variables on its own, and a bad setting fails at start with a message naming the key
+instead of failing later in the middle of a transfer.
+
+The schema is declarative (pydantic v2 models, one per TOML table): unknown keys are refused
+(`extra="forbid"`), values are not converted (strict: "10" is not a number; an integer is a
+number), ranges are field constraints and rules between keys are model validators. Every error is
+turned into a `ConfigError` whose lines start with the dotted key ("network.port: ...").
+`key_table()` renders the reference table of docs/configuration.md from these models and
+`json_schema()` gives their JSON schema (`molre-node config-schema`).
 
 `load_config(None)` gives the embedded defaults (AE title MOLRE on 127.0.0.1:11112, data in
-./molre-data, demo checkpoint, CPU). Every key is documented in `config.example.toml`.
-Relative paths in a config file are resolved against the directory of that file; relative
-defaults (no file) against the working directory.
+./molre-data, demo checkpoint, CPU). Relative paths in a config file are resolved against the
+directory of that file; relative defaults (no file) against the working directory.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
+import json
 import re
 import tomllib
 import typing
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from common.errors import ConfigError
 
+#: Values of `storage.durability`: "fsync" = spool file and directory fsynced before C-STORE
+#: Success (survives a power cut); "os" = in the page cache at Success (survives kill -9 only).
+Durability = Literal["fsync", "os"]
+DURABILITY_MODES: tuple[Durability, ...] = typing.get_args(Durability)
+#: `notifications.channels[].kind` values.
+ChannelKind = Literal["webhook", "hl7-mllp"]
+CHANNEL_KINDS: tuple[ChannelKind, ...] = typing.get_args(ChannelKind)
+#: What one node process can run (`node.roles`, `serve --roles`).
+Role = Literal["receive", "assemble", "infer", "dispatch"]
+ROLES: tuple[Role, ...] = typing.get_args(Role)
+#: The name of the packaged demo checkpoint in `model.checkpoint` and `[[model.shadow]]`
+#: (as `--checkpoint demo` on the command line; molre.checkpoint.DEMO_NAME), unless a folder of
+#: that name sits next to the config file.
+DEMO_CHECKPOINT = "demo"
+
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, <= 16 chars
+
+
+# ---------------------------------------------------------------------------------------------
+# Value types: a check with a message; the key is added where the error is reported
+# ---------------------------------------------------------------------------------------------
+
+
+class _KeyError(ValueError):
+    """A rule between keys failed: `key` is relative to the table the validator belongs to."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def _show(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"expected an AE title of 1..16 printable characters without "
+                         f"backslash, got {_show(value)}")
+    return value
+
+
+def _ae_title_or_star(value: str) -> str:
+    return value if value == "*" else _ae_title(value)
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {_show(value)}: {exc}") from None
+    return value
+
+
+def _network(value: str) -> str:
+    if value:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"expected an IP address or CIDR network (\"10.0.0.0/8\"), got "
+                             f"{_show(value)}") from None
+    return value
+
+
+def parse_size(text: str, total: int, key: str) -> int:
+    """Bytes of a size ("500MB", "2GiB", "1048576") or a percentage of `total` ("5%")."""
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", s)
+    if m:
+        pct = float(m.group(1))
+        if pct > 100:
+            raise ConfigError(f"{key}: percentage must be 0..100, got \"{text}\"")
+        return int(total * pct / 100.0)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", s, flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(
+            f"{key}: expected bytes (\"500MB\", \"2GiB\", \"1048576\") or a percentage "
+            f"(\"5%\"), got \"{text}\"")
+    num = float(m.group(1))
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit[0]]
+    return int(num * mult)
+
+
+def _size_or_percent(value: str) -> str:
+    try:
+        parse_size(value, 100, "")
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix(": ")) from None
+    return value
+
+
+def _size_at_least(low: int) -> AfterValidator:
+    def check(value: str) -> str:
+        try:
+            ok = "%" not in value and parse_size(value, 0, "") >= low
+        except ConfigError:
+            ok = False
+        if not ok:
+            raise ValueError(f"expected a size of at least {low} bytes (\"256KiB\", \"1GiB\"), "
+                             f"got {_show(value)}")
+        return value
+    return AfterValidator(check)
+
+
+def _path(value: str, info: ValidationInfo) -> str:
+    """Relative to the config file's directory (`context["base_dir"]`), when there is one."""
+    base = (info.context or {}).get("base_dir")
+    if base is None or not value or Path(value).is_absolute():
+        return value
+    return str((Path(base) / value).resolve())
+
+
+def _weights(value: str, info: ValidationInfo) -> str:
+    return value if value.startswith("hf://") else _path(value, info)  # hf:// = offline cache
+
+
+def _checkpoint(value: str, info: ValidationInfo) -> str:
+    """A checkpoint folder, or "demo" for the packaged demo checkpoint -- unless a folder named
+    demo sits next to the config file (then that folder, as for any relative path)."""
+    base = (info.context or {}).get("base_dir")
+    if value == DEMO_CHECKPOINT and (base is None or not (Path(base) / value).exists()):
+        return value
+    return _path(value, info)
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Regex = Annotated[str, AfterValidator(_regex)]
+FilePath = Annotated[str, AfterValidator(_path)]
+Checkpoint = Annotated[str, AfterValidator(_checkpoint)]
+Weights = Annotated[str, AfterValidator(_weights)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+PortOrOff = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+Count = Annotated[int, Field(ge=1)]
+#: a byte size as text ("256KiB", "1GiB", "1048576")
+Size = Annotated[str, Field(json_schema_extra={"format": "size"})]
+
+
+class _Table(BaseModel):
+    """One TOML table: unknown keys refused, no silent conversions (except int -> float)."""
+
+    # defaults are validated too: a relative default path is resolved like a written one
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True,
+                              use_attribute_docstrings=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,42 +194,57 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash,
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class AllowedCaller:
-    """One allow-list entry: a calling AE title and (optionally) where it may connect from.
+class AllowedCaller(_Table):
+    """One allow-list entry: a calling AE title and (optionally) where it may connect from."""
 
-    `host` is an IP address, a CIDR network ("10.1.0.0/16") or empty (= any host). `ae_title`
-    "*" matches any calling AE title (host-only rule).
-    """
+    ae_title: Annotated[str, AfterValidator(_ae_title_or_star)] = "*"
+    """calling AE title; "*" = any (a host-only rule)"""
+    host: Annotated[str, AfterValidator(_network)] = ""
+    """IP address or CIDR network ("10.1.0.0/16"); "" = any host"""
 
-    ae_title: str = "*"
-    host: str = ""
+    def __init__(self, ae_title: str = "*", host: str = "", **data: Any) -> None:
+        super().__init__(ae_title=ae_title, host=host, **data)  # AllowedCaller("PACS", "10/8")
 
 
-@dataclass
-class NetworkConfig:
+class NetworkConfig(_Table):
     """DICOM listener and access control."""
 
-    ae_title: str = "MOLRE"
+    ae_title: AETitle = "MOLRE"
+    """AE title of the node"""
     host: str = "127.0.0.1"
-    port: int = 11112
+    """address to listen on (a non-loopback one needs allowed_callers or allow_any_caller)"""
+    port: PortOrOff = 11112
+    """DICOM port (0 = pick a free one, for tests)"""
     require_called_ae: bool = True
-    allowed_callers: list[AllowedCaller] = field(default_factory=list)
-    max_associations: int = 10
-    acse_timeout_s: float = 30.0
-    dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 60.0
-    # listener hardening (node/listener.py, docs/conformance.md "Limits")
-    # an empty allow-list admits everyone: only allowed off loopback when said explicitly
+    """reject a called AE title that is not ae_title (0x07)"""
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    """who may send; empty = everyone"""
+    max_associations: Count = 10
+    """simultaneous associations; more are rejected transiently"""
+    acse_timeout_s: Seconds = 30.0
+    """from TCP connect until the A-ASSOCIATE-RQ is complete (TLS included)"""
+    dimse_timeout_s: Seconds = 60.0
+    """wait for a DIMSE message (and grace for associations at shutdown)"""
+    network_timeout_s: Seconds = 60.0
+    """longest silence on an association, also inside a PDU"""
     allow_any_caller: bool = False
-    # concurrent connections from one peer address (0 = half of max_associations, at least 1)
-    max_associations_per_host: int = 0
-    max_associate_rq_size: str = "256KiB"
-    # rows per minute for connections refused before acceptance (the rest are counted)
-    refusal_audit_per_minute: int = 60
-    # receiver processes (node/receiver_pool.py): 0 = one per core (at most 4), 1 = all
-    # associations in the node process
-    receiver_processes: int = 0
+    """start with an empty allow-list on a non-loopback host"""
+    max_associations_per_host: Annotated[int, Field(ge=0)] = 0
+    """connections at once from one IP address; 0 = half of max_associations (at least 1)"""
+    max_associate_rq_size: Annotated[Size, _size_at_least(4096)] = "256KiB"
+    """largest A-ASSOCIATE-RQ (checked on the PDU header)"""
+    refusal_audit_per_minute: Annotated[int, Field(ge=0)] = 60
+    """audit rows per minute for connections refused before acceptance"""
+    receiver_processes: Annotated[int, Field(ge=0, le=64)] = 0
+    """processes serving associations; 0 = one per core (at most 4), 1 = all in the node process"""
+
+    @model_validator(mode="after")
+    def _per_host_within_total(self) -> NetworkConfig:
+        if self.max_associations_per_host > self.max_associations:
+            raise _KeyError("max_associations_per_host",
+                            f"expected 0 (= half of max_associations) or "
+                            f"1..{self.max_associations}, got {self.max_associations_per_host}")
+        return self
 
     def per_host_limit(self) -> int:
         """`max_associations_per_host`, with 0 meaning half of `max_associations`."""
@@ -76,249 +253,433 @@ class NetworkConfig:
         return max(1, self.max_associations // 2)
 
 
-@dataclass
-class TLSConfig:
+class TLSConfig(_Table):
     """DICOM TLS for the listener (and default CA for destinations with tls = true)."""
 
     enabled: bool = False
-    certificate: str = ""
-    key: str = ""
-    ca: str = ""
+    """DICOM TLS on the listener"""
+    certificate: FilePath = ""
+    """PEM certificate chain of the node"""
+    key: FilePath = ""
+    """PEM private key of the node"""
+    ca: FilePath = ""
+    """PEM CA bundle verifying clients and destinations"""
     require_client_certificate: bool = False
+    """mutual TLS (needs ca)"""
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSConfig:
+        if self.enabled:
+            for name in ("certificate", "key"):
+                if not getattr(self, name):
+                    raise _KeyError(name, "required when tls.enabled = true")
+            if self.require_client_certificate and not self.ca:
+                raise _KeyError("ca", "required when tls.require_client_certificate = true")
+        return self
 
 
-#: Values of `storage.durability` (see StorageConfig and docs/configuration.md).
-DURABILITY_MODES = ("fsync", "os")
-
-
-@dataclass
-class StorageConfig:
+class StorageConfig(_Table):
     """Where received instances, reports and the audit database live."""
 
-    data_dir: str = "./molre-data"
+    data_dir: Annotated[FilePath, Field(min_length=1)] = "./molre-data"
+    """spool/ and the SQLite database molre.db"""
     database_url: str = ""
-    min_free_disk: str = "5%"
-    # largest data set accepted on the wire, and inflated size of a deflated one (0xA700 above)
-    max_instance_size: str = "1GiB"
-    max_inflated_size: str = "1GiB"
-    # "fsync": spool file + directory fsynced before C-STORE Success (survives a power cut);
-    # "os": no fsync, data in the page cache at Success (survives kill -9, not a power cut)
-    durability: str = "fsync"
+    """SQLAlchemy URL; "" = SQLite molre.db in data_dir"""
+    min_free_disk: Annotated[Size, AfterValidator(_size_or_percent)] = "5%"
+    """free-disk watermark: bytes ("2GiB") or a percentage; below: 0xA700"""
+    max_instance_size: Annotated[Size, _size_at_least(1024)] = "1GiB"
+    """largest data set on the wire; above: 0xA700"""
+    max_inflated_size: Annotated[Size, _size_at_least(1024)] = "1GiB"
+    """largest inflated size of a deflated data set; above: 0xA700"""
+    durability: Durability = "fsync"
+    '"fsync" = safe against power loss; "os" = faster, safe against a crash of the node only'
 
 
-@dataclass
-class AssemblerConfig:
+class AssemblerConfig(_Table):
     """When a series counts as complete."""
 
-    quiet_time_s: float = 10.0
-    release_grace_s: float = 2.0
-    poll_interval_s: float = 0.5
+    quiet_time_s: Seconds = 10.0
+    """no new instance for this long = complete"""
+    release_grace_s: Annotated[float, Field(ge=0)] = 2.0
+    """wait after the association released before assembling"""
+    poll_interval_s: Seconds = 0.5
+    """how often the assembler looks"""
 
 
-@dataclass
-class SelectionConfig:
+_DEFAULT_HEAD_PATTERNS = [r"head", r"brain", r"skull", r"cran", r"cerebr", r"neuro",
+                          r"\bsch[aä]del", r"\bkopf", r"\bt[eê]te", r"\bcabeza", r"\bcranio",
+                          r"\bhirn", r"\bstroke"]
+_DEFAULT_KERNEL = (r"^(H[0-4]\d[a-z]?|J[0-4]\d[a-z]?|Hr[0-4]\d|Qr[0-4]\d|Br[0-4]\d|B[0-4]\d[a-z]?|"
+                   r"FC[0-4]\d|UB|UA|EC|STANDARD|SOFT|BRAIN|HEAD|STND|SMOOTH|NORMAL|A|B|C)\b")
+
+
+class SelectionConfig(_Table):
     """Which complete series are read by the model (the rest are skipped with a reason)."""
 
-    modalities: list[str] = field(default_factory=lambda: ["CT"])
-    image_type_required: list[str] = field(default_factory=lambda: ["ORIGINAL", "PRIMARY"])
-    image_type_excluded: list[str] = field(
-        default_factory=lambda: ["LOCALIZER", "DERIVED", "SECONDARY", "REFORMATTED", "MPR",
-                                 "PROJECTION IMAGE", "MIP"])
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    """modalities read"""
+    image_type_required: list[str] = Field(default_factory=lambda: ["ORIGINAL", "PRIMARY"])
+    """Image Type values a series must have"""
+    image_type_excluded: list[str] = Field(default_factory=lambda: [
+        "LOCALIZER", "DERIVED", "SECONDARY", "REFORMATTED", "MPR", "PROJECTION IMAGE", "MIP"])
+    """Image Type values that skip a series"""
     require_axial: bool = True
-    min_slices: int = 16
-    slice_thickness_min_mm: float = 0.4
-    slice_thickness_max_mm: float = 10.0
+    """axial slices only"""
+    min_slices: Count = 16
+    """fewest slices read"""
+    slice_thickness_min_mm: Annotated[float, Field(ge=0)] = 0.4
+    """thinnest slices read"""
+    slice_thickness_max_mm: Annotated[float, Field(gt=0)] = 10.0
+    """thickest slices read"""
     require_head: bool = True
-    head_patterns: list[str] = field(
-        default_factory=lambda: [r"head", r"brain", r"skull", r"cran", r"cerebr", r"neuro",
-                                 r"\bsch[aä]del", r"\bkopf", r"\bt[eê]te", r"\bcabeza",
-                                 r"\bcranio", r"\bhirn", r"\bstroke"])
+    """body part / description must match head_patterns"""
+    head_patterns: list[Regex] = Field(default_factory=lambda: list(_DEFAULT_HEAD_PATTERNS))
+    """regular expressions (case-insensitive) naming a head series"""
     exclude_contrast: bool = True
-    prefer: str = "thinnest-soft-tissue"
-    soft_tissue_kernel: str = (
-        r"^(H[0-4]\d[a-z]?|J[0-4]\d[a-z]?|Hr[0-4]\d|Qr[0-4]\d|Br[0-4]\d|B[0-4]\d[a-z]?|"
-        r"FC[0-4]\d|UB|UA|EC|STANDARD|SOFT|BRAIN|HEAD|STND|SMOOTH|NORMAL|A|B|C)\b")
+    """skip series with a contrast agent"""
+    prefer: Literal["thinnest-soft-tissue", "all"] = "thinnest-soft-tissue"
+    """one series per study, or every eligible one"""
+    soft_tissue_kernel: Regex = _DEFAULT_KERNEL
+    """regular expression of soft-tissue kernels"""
+
+    @model_validator(mode="after")
+    def _thickness_order(self) -> SelectionConfig:
+        if self.slice_thickness_min_mm > self.slice_thickness_max_mm:
+            raise _KeyError("slice_thickness_min_mm",
+                            "must be <= selection.slice_thickness_max_mm")
+        return self
 
 
-@dataclass
-class ModelConfig:
-    """The checkpoint and how inference runs."""
-
-    checkpoint: str = ""
-    # backbone base weights the checkpoint was trained on, when the checkpoint does not ship
-    # them: a file, a directory (published layout) or "hf://org/name" from the offline HF cache
-    weights: str = ""
-    device: str = "cpu"
-    workers: int = 1
-    isolation: str = "process"
-    job_lease_s: float = 600.0
-    job_timeout_s: float = 540.0
-    # bound on any volume the reader or the recipe resamples (voxels; float32 = 4 bytes each)
-    max_resampled_voxels: int = 512 * 512 * 2048
-    # shadow mode: further checkpoints run on the same series after the primary; results are
-    # recorded (model name + version), never reported or sent (docs/operations.md)
-    shadow: list["ShadowModel"] = field(default_factory=list)
-
-
-@dataclass
-class ShadowModel:
+class ShadowModel(_Table):
     """One `[[model.shadow]]` checkpoint (silent validation next to the primary model)."""
 
     name: str = ""
-    checkpoint: str = ""
-    weights: str = ""
+    """recorded with the results (1..64 letters, digits, ._:@+-)"""
+    checkpoint: Checkpoint = ""
+    'a checkpoint folder or "demo"'
+    weights: Weights = ""
+    """backbone base weights, as model.weights"""
+
+    @model_validator(mode="after")
+    def _named(self) -> ShadowModel:
+        if not re.fullmatch(r"[A-Za-z0-9._:@+-]{1,64}", self.name):
+            raise _KeyError("name", f"expected 1..64 letters, digits or . _ : @ + -, got "
+                                    f"{_show(self.name)}")
+        if not self.checkpoint:
+            raise _KeyError("checkpoint", 'required (a checkpoint directory or "demo")')
+        return self
 
 
-@dataclass
-class Destination:
+class ModelConfig(_Table):
+    """The checkpoint and how inference runs."""
+
+    checkpoint: Checkpoint = ""
+    """checkpoint folder; "" or "demo" = the packaged demo checkpoint"""
+    weights: Weights = ""
+    """backbone base weights when the checkpoint has none: a file, a folder or "hf://org/name"
+    (offline cache)"""
+    device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?|mps)$")] = "cpu"
+    '"cpu", "cuda", "cuda:N" or "mps"'
+    workers: Count = 1
+    """inference workers"""
+    isolation: Literal["process", "thread"] = "process"
+    """inference in a child process or a thread"""
+    job_lease_s: Seconds = 600.0
+    """a claimed job is taken over after this"""
+    job_timeout_s: Seconds = 540.0
+    """longest inference (below job_lease_s)"""
+    max_resampled_voxels: Count = 512 * 512 * 2048
+    """bound on any resampled volume (voxels)"""
+    shadow: list[ShadowModel] = Field(default_factory=list)
+    """checkpoints run after the primary; recorded, never reported"""
+
+    @model_validator(mode="after")
+    def _rules(self) -> ModelConfig:
+        if self.job_timeout_s >= self.job_lease_s:
+            raise _KeyError("job_timeout_s",
+                            f"must be smaller than model.job_lease_s ({self.job_timeout_s:g} >= "
+                            f"{self.job_lease_s:g}), or a slow job could be claimed twice")
+        seen: set[str] = set()
+        for i, sm in enumerate(self.shadow):
+            if sm.name in seen:
+                raise _KeyError(f"shadow[{i}].name", f"duplicate shadow model {sm.name!r}")
+            seen.add(sm.name)
+        return self
+
+
+class Destination(_Table):
     """A DICOM node that receives the results (SR, optional SC) by C-STORE."""
 
-    name: str = ""
-    ae_title: str = ""
-    host: str = "127.0.0.1"
-    port: int = 104
+    name: Annotated[str, Field(min_length=1)] = ""
+    """name (unique)"""
+    ae_title: AETitle = ""
+    """called AE title"""
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    """host"""
+    port: Port = 104
+    """port"""
     tls: bool = False
+    """DICOM TLS (tls.ca verifies the peer)"""
     calling_ae_title: str = ""
+    """our AE title towards it; "" = network.ae_title"""
+
+    @model_validator(mode="after")
+    def _calling(self) -> Destination:
+        if self.calling_ae_title:
+            try:
+                _ae_title(self.calling_ae_title)
+            except ValueError as exc:
+                raise _KeyError("calling_ae_title", str(exc)) from None
+        return self
 
 
-@dataclass
-class RetryConfig:
+class RetryConfig(_Table):
     """Bounded retries for inference jobs; unbounded (backed-off) retries for exports."""
 
-    max_attempts: int = 3
-    job_retry_delay_s: float = 30.0
-    export_backoff_base_s: float = 5.0
-    export_backoff_max_s: float = 900.0
+    max_attempts: Count = 3
+    """inference attempts of a job"""
+    job_retry_delay_s: Annotated[float, Field(ge=0)] = 30.0
+    """wait before a failed job is tried again"""
+    export_backoff_base_s: Seconds = 5.0
+    """first wait after a failed send (doubles)"""
+    export_backoff_max_s: Seconds = 900.0
+    """longest wait between sends"""
+
+    @model_validator(mode="after")
+    def _order(self) -> RetryConfig:
+        if self.export_backoff_base_s > self.export_backoff_max_s:
+            raise _KeyError("export_backoff_base_s", "must be <= retry.export_backoff_max_s")
+        return self
 
 
-@dataclass
-class AuditConfig:
+class AuditConfig(_Table):
     """What the audit database keeps and for how long."""
 
     store_phi: bool = False
-    retention_days: int = 0
+    """keep patient name/ID in the audit database"""
+    retention_days: Annotated[int, Field(ge=0)] = 0
+    """0 = keep forever"""
 
 
-@dataclass
-class MetricsConfig:
+class MetricsConfig(_Table):
     """Prometheus metrics over HTTP."""
 
-    port: int = 0
+    port: PortOrOff = 0
+    """0 = off"""
     host: str = "127.0.0.1"
+    """address of the metrics endpoint"""
 
 
-@dataclass
-class DashboardConfig:
+def _is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class DashboardConfig(_Table):
     """The read-only web dashboard (node/dashboard.py). Loopback by default; port 0 = off."""
 
     enabled: bool = True
+    """serve the dashboard"""
     host: str = "127.0.0.1"
-    port: int = 8470
-    # access control: a bearer token ("Authorization: Bearer T" or ?token=T), and/or HTTP basic
-    # auth; one of them is required on a non-loopback host
+    """address (non-loopback needs token or username)"""
+    port: PortOrOff = 8470
+    """0 = off"""
     token: str = ""
+    """bearer token (Authorization: Bearer T or ?token=T)"""
     username: str = ""
+    """HTTP basic auth user (with password)"""
     password: str = ""
+    """HTTP basic auth password"""
+
+    @model_validator(mode="after")
+    def _access(self) -> DashboardConfig:
+        if bool(self.username) != bool(self.password):
+            raise _KeyError("username / dashboard.password",
+                            "set both (HTTP basic auth) or neither")
+        if (self.enabled and self.port and not _is_loopback(self.host)
+                and not (self.token or self.username)):
+            raise _KeyError("token", f"required (or dashboard.username + password) when "
+                                     f"dashboard.host = {_show(self.host)} is not a loopback "
+                                     f"address")
+        return self
 
 
-#: `notifications.channels[].kind` values.
-CHANNEL_KINDS = ("webhook", "hl7-mllp")
-
-
-@dataclass
-class NotifyChannel:
+class NotifyChannel(_Table):
     """Where a critical-finding notification goes: an HTTP webhook or HL7 v2 over MLLP."""
 
-    name: str = ""
-    kind: str = ""
-    # webhook: POST JSON to `url`, signed with HMAC-SHA256 of the body under `secret`
+    name: Annotated[str, Field(min_length=1)] = ""
+    """name (unique)"""
+    kind: ChannelKind
+    """webhook = HTTP POST of JSON; hl7-mllp = HL7 v2 ORU^R01 over MLLP"""
     url: str = ""
+    """webhook: http(s) URL the JSON is POSTed to"""
     secret: str = ""
-    # hl7-mllp: ORU^R01 to host:port, MSA-1 AA = delivered, AE = retried, AR = rejected
+    """webhook: HMAC-SHA256 key of X-Molre-Signature"""
     host: str = ""
-    port: int = 0
+    """hl7-mllp: host"""
+    port: PortOrOff = 0
+    """hl7-mllp: port"""
     sending_application: str = "MOLRE"
+    """hl7-mllp: MSH-3"""
     sending_facility: str = ""
+    """hl7-mllp: MSH-4"""
     receiving_application: str = ""
+    """hl7-mllp: MSH-5"""
     receiving_facility: str = ""
-    timeout_s: float = 10.0
+    """hl7-mllp: MSH-6"""
+    timeout_s: Seconds = 10.0
+    """per delivery attempt"""
+
+    @model_validator(mode="after")
+    def _complete(self) -> NotifyChannel:
+        if self.kind == "webhook":
+            if not re.match(r"https?://", self.url):
+                raise _KeyError("url", f"expected an http:// or https:// URL, got "
+                                       f"{_show(self.url)}")
+            if not self.secret:
+                raise _KeyError("secret", "required (the HMAC-SHA256 key the receiver verifies "
+                                          "the X-Molre-Signature header with)")
+        else:
+            if not self.host:
+                raise _KeyError("host", "required for kind = \"hl7-mllp\"")
+            if not 1 <= self.port <= 65535:
+                raise _KeyError("port", f"expected an integer 1..65535, got {self.port}")
+        return self
 
 
-@dataclass
-class NotifyRule:
+class NotifyRule(_Table):
     """finding -> threshold / decision -> channels."""
 
-    finding: str = ""  # a catalog key, or "*" for every finding
-    # 0 = the model's decision (Present); above 0 = probability >= threshold
-    threshold: float = 0.0
-    channels: list[str] = field(default_factory=list)
+    finding: Annotated[str, Field(min_length=1)] = ""
+    """a catalog key, or "*" for every finding"""
+    threshold: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """0 = the model's decision (Present); above 0 = probability >= it"""
+    channels: Annotated[list[str], Field(min_length=1)] = Field(default_factory=list)
+    """channel names"""
 
 
-@dataclass
-class NotificationsConfig:
+class NotificationsConfig(_Table):
     """Critical-finding notifications (outbox: durable rows, claimed, retried, audited)."""
 
     enabled: bool = False
-    channels: list[NotifyChannel] = field(default_factory=list)
-    rules: list[NotifyRule] = field(default_factory=list)
-    backoff_base_s: float = 5.0
-    backoff_max_s: float = 900.0
+    """send notifications"""
+    channels: list[NotifyChannel] = Field(default_factory=list)
+    """where they go"""
+    rules: list[NotifyRule] = Field(default_factory=list)
+    """what is sent where"""
+    backoff_base_s: Seconds = 5.0
+    """first wait after a failed delivery"""
+    backoff_max_s: Seconds = 900.0
+    """longest wait between deliveries"""
+
+    @model_validator(mode="after")
+    def _rules(self) -> NotificationsConfig:
+        if self.backoff_base_s > self.backoff_max_s:
+            raise _KeyError("backoff_base_s", "must be <= notifications.backoff_max_s")
+        names: set[str] = set()
+        for i, c in enumerate(self.channels):
+            if c.name in names:
+                raise _KeyError(f"channels[{i}].name", f"duplicate channel name {c.name!r}")
+            names.add(c.name)
+        for i, r in enumerate(self.rules):
+            for ch in r.channels:
+                if ch not in names:
+                    raise _KeyError(f"rules[{i}].channels",
+                                    f"unknown channel {ch!r} (channels: "
+                                    f"{', '.join(sorted(names)) or 'none'})")
+        if self.enabled and not self.rules:
+            raise _KeyError("rules", "notifications.enabled = true needs at least one "
+                                     "[[notifications.rules]] entry")
+        return self
 
 
-@dataclass
-class ReportConfig:
+class ReportConfig(_Table):
     """The result objects sent to destinations."""
 
     secondary_capture: bool = False
-    #: evidence images: key slices of each Present finding with the model's saliency overlaid
-    #: (Secondary Capture, series 9903), referenced from the SR (node/evidence.py)
+    """also send a Secondary Capture summary"""
     evidence: bool = False
-    evidence_key_images: int = 3
+    """key images of each Present finding with the saliency overlaid (series 9903)"""
+    evidence_key_images: Annotated[int, Field(ge=1, le=20)] = 3
+    """key images per Present finding"""
     manufacturer: str = "molre-node project"
+    """SR Manufacturer"""
     institution_name: str = ""
+    """SR Institution Name"""
     device_name: str = "MOLRE-NODE"
+    """SR Manufacturer's Model Name"""
 
 
-@dataclass
-class LoggingConfig:
-    """Service logging."""
+with warnings.catch_warnings():
+    # the TOML key `json` shadows BaseModel.json (deprecated in pydantic v2, not used here)
+    warnings.filterwarnings("ignore", message='Field name "json"', category=UserWarning)
 
-    json: bool = True
-    level: str = "INFO"
+    class LoggingConfig(_Table):
+        """Service logging."""
+
+        json: bool = True  # type: ignore[assignment]
+        """JSON lines (false = console format)"""
+        level: Annotated[str, Field(pattern=r"(?i)^(debug|info|warning|error)$")] = "INFO"
+        """DEBUG, INFO, WARNING or ERROR"""
 
 
-#: What one node process can run (`node.roles`, `serve --roles`).
-ROLES = ("receive", "assemble", "infer", "dispatch")
-
-
-@dataclass
-class NodeSection:
+class NodeSection(_Table):
     """This node among several on one database (docs/operations.md, "Several nodes")."""
 
-    name: str = ""  # empty = the host name; recorded on what the node owns
-    roles: list[str] = field(default_factory=lambda: list(ROLES))
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:@-]{0,128}$")] = ""
+    """up to 128 letters, digits or . _ : @ - ("" = the host name)"""
+    roles: Annotated[list[Role], Field(min_length=1)] = Field(default_factory=lambda: list(ROLES))
+    """what this process runs"""
 
 
-@dataclass
-class NodeConfig:
+class NodeConfig(_Table):
     """The whole node configuration (one TOML table per section)."""
 
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    tls: TLSConfig = field(default_factory=TLSConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    assembler: AssemblerConfig = field(default_factory=AssemblerConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    destinations: list[Destination] = field(default_factory=list)
-    retry: RetryConfig = field(default_factory=RetryConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    node: NodeSection = field(default_factory=NodeSection)
-    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
-    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
-    source: str = field(default="", metadata={"internal": True})
+    network: NetworkConfig = Field(default_factory=lambda: NetworkConfig())
+    tls: TLSConfig = Field(default_factory=lambda: TLSConfig())
+    storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
+    assembler: AssemblerConfig = Field(default_factory=lambda: AssemblerConfig())
+    selection: SelectionConfig = Field(default_factory=lambda: SelectionConfig())
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    destinations: list[Destination] = Field(default_factory=list)
+    retry: RetryConfig = Field(default_factory=lambda: RetryConfig())
+    audit: AuditConfig = Field(default_factory=lambda: AuditConfig())
+    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig())
+    report: ReportConfig = Field(default_factory=lambda: ReportConfig())
+    logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig())
+    node: NodeSection = Field(default_factory=lambda: NodeSection())
+    dashboard: DashboardConfig = Field(default_factory=lambda: DashboardConfig())
+    notifications: NotificationsConfig = Field(default_factory=lambda: NotificationsConfig())
+    _source: str = PrivateAttr("")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _every_table(cls, data: Any) -> Any:
+        """A section left out is validated as an empty table (its paths resolved too)."""
+        if isinstance(data, dict):
+            tables = {name for name, info in cls.model_fields.items()
+                      if typing.get_origin(info.annotation) is not list}
+            data = {**{name: {} for name in tables}, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> NodeConfig:
+        names: set[str] = set()
+        for i, d in enumerate(self.destinations):
+            if d.name in names:
+                raise _KeyError(f"destinations[{i}].name",
+                                f"duplicate destination name {d.name!r}")
+            names.add(d.name)
+        return self
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from ("<defaults>" without one)."""
+        return self._source
 
     @property
     def node_name(self) -> str:
@@ -346,10 +707,6 @@ class NodeConfig:
             return self.storage.database_url
         return f"sqlite:///{(self.data_dir / 'molre.db').resolve()}"
 
-    @property
-    def checkpoint_path(self) -> Path | None:
-        return Path(self.model.checkpoint) if self.model.checkpoint else None
-
     def destination(self, name: str) -> Destination | None:
         for d in self.destinations:
             if d.name == name:
@@ -359,16 +716,14 @@ class NodeConfig:
     def size_limit(self, key: str) -> int:
         """A byte size key (`storage.max_instance_size`, `network.max_associate_rq_size`...)."""
         section, name = key.split(".")
-        return _parse_size(getattr(getattr(self, section), name), 0, key)
+        return parse_size(getattr(getattr(self, section), name), 0, key)
 
     def free_disk_threshold(self, total_bytes: int) -> int:
         """Bytes that must stay free on the spool's disk, from `storage.min_free_disk`."""
-        return _parse_size(self.storage.min_free_disk, total_bytes, "storage.min_free_disk")
+        return parse_size(self.storage.min_free_disk, total_bytes, "storage.min_free_disk")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("source", None)
-        return d
+        return self.model_dump()
 
     def public_dict(self) -> dict[str, Any]:
         """`to_dict()` with every secret masked (database password, dashboard token and
@@ -388,354 +743,149 @@ class NodeConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and validation
+# Errors: pydantic's ValidationError -> ConfigError lines that start with the key
 # ---------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    return {int: "integer", float: "number", bool: "boolean (true/false)", str: "string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+def _key(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (no silent conversions except int -> float)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            rng = " 1..65535" if key.endswith(".port") else ""
-            raise ConfigError(f"{key}: expected integer{rng}, got {_show(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected number, got {_show(value)}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected string, got {_show(value)}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+def _table_of(annotation: Any) -> type[BaseModel] | None:
+    """The model of a field holding a table or a list of tables."""
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
+        else None
 
 
-def _show(value: Any) -> str:
-    return f'"{value}"' if isinstance(value, str) else repr(value)
+def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None,
+                                                                      Any]:
+    """(the table holding the last key of `loc`, that key's FieldInfo or None)."""
+    table: type[BaseModel] | None = model
+    info = None
+    names = [part for part in loc if not isinstance(part, int)]
+    for i, part in enumerate(names):
+        if table is None or part not in table.model_fields:
+            return table, None
+        info = table.model_fields[part]
+        if i < len(names) - 1:
+            table = _table_of(info.annotation)
+    return table, info
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if k not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{key}: unknown key (known keys here: {known})")
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
+def _bounds(info: Any) -> str:
+    """The bounds of a field's constraints as text: " 0..65535", " >= 1", " > 0"."""
+    lo: Any = None
+    hi: Any = None
+    lo_op = ">="
+    for m in getattr(info, "metadata", ()):
+        if isinstance(m, Ge):
+            lo = m.ge
+        elif isinstance(m, Gt):
+            lo, lo_op = m.gt, ">"
+        elif isinstance(m, Le):
+            hi = m.le
+        elif isinstance(m, Lt):
+            hi = m.lt
+    if lo is not None and hi is not None and lo_op == ">=":
+        return f" {lo}..{hi}"
+    if lo is not None:
+        return f" {lo_op} {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
 
 
-def _parse_size(text: str, total: int, key: str) -> int:
-    s = str(text).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", s)
-    if m:
-        pct = float(m.group(1))
-        if pct > 100:
-            raise ConfigError(f"{key}: percentage must be 0..100, got \"{text}\"")
-        return int(total * pct / 100.0)
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", s, flags=re.IGNORECASE)
-    if not m:
-        raise ConfigError(
-            f"{key}: expected bytes (\"500MB\", \"2GiB\", \"1048576\") or a percentage "
-            f"(\"5%\"), got \"{text}\"")
-    num = float(m.group(1))
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit[0]]
-    return int(num * mult)
+def _expected(info: Any, kind: str) -> str:
+    bounds = _bounds(info)
+    if kind == "number":
+        if bounds == " > 0":
+            return "a positive number"
+        if bounds == " >= 0":
+            return "a non-negative number"
+        return f"a number{bounds}"
+    return f"an integer{bounds}"
 
 
-def _check_ae(value: str, key: str, allow_star: bool = False) -> None:
-    if allow_star and value == "*":
-        return
-    if not _AE_RE.match(value) or not value.strip():
-        raise ConfigError(f"{key}: expected an AE title of 1..16 printable characters without "
-                          f"backslash, got {_show(value)}")
+def _message(model: type[BaseModel], err: Any) -> str:
+    loc: tuple[Any, ...] = tuple(err["loc"])
+    etype: str = err["type"]
+    value = err.get("input")
+    ctx = err.get("ctx") or {}
+    table, info = _field_at(model, loc)
+    got = f", got {_show(value)}"
+    cause = ctx.get("error")
+    if isinstance(cause, _KeyError):
+        return f"{_key(loc + (cause.key,))}: {cause.message}" if loc else \
+            f"{cause.key}: {cause.message}"
+    key = _key(loc)
+    if etype == "extra_forbidden":
+        known = ", ".join(sorted(table.model_fields)) if table is not None else ""
+        return f"{key}: unknown key (known keys here: {known})"
+    if etype == "value_error" and cause is not None:
+        return f"{key}: {cause}"
+    if etype in ("int_type", "int_parsing", "int_from_float"):
+        return f"{key}: expected {_expected(info, 'integer')}{got}"
+    if etype in ("float_type", "float_parsing", "finite_number"):
+        return f"{key}: expected {_expected(info, 'number')}{got}"
+    if etype in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        kind = "number" if getattr(info, "annotation", None) is float else "integer"
+        return f"{key}: expected {_expected(info, kind)}{got}"
+    if etype == "bool_type":
+        return f"{key}: expected a boolean (true or false){got}"
+    if etype == "string_type":
+        return f"{key}: expected a string{got}"
+    if etype == "list_type":
+        return f"{key}: expected a list{got}"
+    if etype in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key}: expected a table{got}"
+    if etype == "literal_error":
+        choices = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
+        why = f" ({info.description})" if getattr(info, "description", None) else ""
+        return f"{key}: expected one of {choices}{got}{why}"
+    if etype == "missing":
+        return f"{key}: required"
+    if etype == "too_short" and isinstance(value, list):
+        return f"{key}: must not be empty"
+    if etype in ("string_too_short", "too_short"):
+        return f"{key}: required (must not be empty)"
+    if etype == "string_pattern_mismatch":
+        what = getattr(info, "description", None) or f"text matching {ctx.get('pattern')}"
+        return f"{key}: expected {what}{got}"
+    return f"{key}: {err['msg']}{got}"  # pragma: no cover - a constraint not mapped above
 
 
-def _check_port(value: int, key: str, allow_zero: bool = False) -> None:
-    lo = 0 if allow_zero else 1
-    if not lo <= value <= 65535:
-        raise ConfigError(f"{key}: expected integer {lo}..65535, got {value}")
+def config_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> ConfigError:
+    """One line per problem, each starting with `prefix` + the dotted key."""
+    return ConfigError("\n".join(prefix + _message(model, e) for e in exc.errors()))
 
 
-def _check_positive(value: float, key: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}: expected a {'non-negative' if allow_zero else 'positive'} "
-                          f"number, got {value}")
-
-
-def _check_regex(pattern: str, key: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"{key}: invalid regular expression {_show(pattern)}: {exc}") from None
-
-
-def validate(cfg: NodeConfig) -> NodeConfig:
-    """Check value ranges and cross-field rules; raise ConfigError naming the key."""
-    n = cfg.network
-    _check_ae(n.ae_title, "network.ae_title")
-    _check_port(n.port, "network.port", allow_zero=True)  # 0 = pick a free port (tests)
-    if n.max_associations < 1:
-        raise ConfigError(f"network.max_associations: expected integer >= 1, got "
-                          f"{n.max_associations}")
-    if not 0 <= n.receiver_processes <= 64:
-        raise ConfigError(f"network.receiver_processes: expected an integer 0..64 (0 = one "
-                          f"per core), got {n.receiver_processes}")
-    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
-        _check_positive(getattr(n, name), f"network.{name}")
-    if not 0 <= n.max_associations_per_host <= n.max_associations:
-        raise ConfigError(f"network.max_associations_per_host: expected 0 (= half of "
-                          f"max_associations) or 1..{n.max_associations}, got "
-                          f"{n.max_associations_per_host}")
-    if n.refusal_audit_per_minute < 0:
-        raise ConfigError(f"network.refusal_audit_per_minute: expected integer >= 0, got "
-                          f"{n.refusal_audit_per_minute}")
-    for key, low in (("network.max_associate_rq_size", 4096),
-                     ("storage.max_instance_size", 1024),
-                     ("storage.max_inflated_size", 1024)):
-        section, name = key.split(".")
-        text = getattr(getattr(cfg, section), name)
-        if "%" in str(text) or _parse_size(text, 0, key) < low:
-            raise ConfigError(f"{key}: expected a size of at least {low} bytes (\"256KiB\", "
-                              f"\"1GiB\"), got {_show(text)}")
-    for i, c in enumerate(n.allowed_callers):
-        _check_ae(c.ae_title, f"network.allowed_callers[{i}].ae_title", allow_star=True)
-        if c.host:
-            try:
-                ipaddress.ip_network(c.host, strict=False)
-            except ValueError:
-                raise ConfigError(
-                    f"network.allowed_callers[{i}].host: expected an IP address or CIDR network "
-                    f"(\"10.0.0.0/8\"), got {_show(c.host)}") from None
-    t = cfg.tls
-    if t.enabled:
-        for name in ("certificate", "key"):
-            if not getattr(t, name):
-                raise ConfigError(f"tls.{name}: required when tls.enabled = true")
-        if t.require_client_certificate and not t.ca:
-            raise ConfigError("tls.ca: required when tls.require_client_certificate = true")
-    _parse_size(cfg.storage.min_free_disk, 100, "storage.min_free_disk")
-    if not cfg.storage.data_dir:
-        raise ConfigError("storage.data_dir: must not be empty")
-    if cfg.storage.durability not in DURABILITY_MODES:
-        raise ConfigError(f"storage.durability: expected one of {', '.join(DURABILITY_MODES)}, "
-                          f"got {_show(cfg.storage.durability)} (\"fsync\" = safe against power "
-                          f"loss, \"os\" = faster, safe against a crash of the node only)")
-    a = cfg.assembler
-    _check_positive(a.quiet_time_s, "assembler.quiet_time_s")
-    _check_positive(a.release_grace_s, "assembler.release_grace_s", allow_zero=True)
-    _check_positive(a.poll_interval_s, "assembler.poll_interval_s")
-    s = cfg.selection
-    if s.min_slices < 1:
-        raise ConfigError(f"selection.min_slices: expected integer >= 1, got {s.min_slices}")
-    _check_positive(s.slice_thickness_min_mm, "selection.slice_thickness_min_mm", True)
-    _check_positive(s.slice_thickness_max_mm, "selection.slice_thickness_max_mm")
-    if s.slice_thickness_min_mm > s.slice_thickness_max_mm:
-        raise ConfigError("selection.slice_thickness_min_mm: must be <= "
-                          "selection.slice_thickness_max_mm")
-    for i, p in enumerate(s.head_patterns):
-        _check_regex(p, f"selection.head_patterns[{i}]")
-    _check_regex(s.soft_tissue_kernel, "selection.soft_tissue_kernel")
-    if s.prefer not in ("thinnest-soft-tissue", "all"):
-        raise ConfigError(f"selection.prefer: expected \"thinnest-soft-tissue\" or \"all\", got "
-                          f"{_show(s.prefer)}")
-    m = cfg.model
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", m.device):
-        raise ConfigError(f"model.device: expected \"cpu\", \"cuda\" or \"cuda:N\", got "
-                          f"{_show(m.device)}")
-    if m.workers < 1:
-        raise ConfigError(f"model.workers: expected integer >= 1, got {m.workers}")
-    if m.isolation not in ("process", "thread"):
-        raise ConfigError(f"model.isolation: expected \"process\" or \"thread\", got "
-                          f"{_show(m.isolation)}")
-    _check_positive(m.job_lease_s, "model.job_lease_s")
-    _check_positive(m.job_timeout_s, "model.job_timeout_s")
-    if m.max_resampled_voxels < 1:
-        raise ConfigError(f"model.max_resampled_voxels: expected integer >= 1, got "
-                          f"{m.max_resampled_voxels}")
-    if m.job_timeout_s >= m.job_lease_s:
-        raise ConfigError(f"model.job_timeout_s: must be smaller than model.job_lease_s "
-                          f"({m.job_timeout_s:g} >= {m.job_lease_s:g}), or a slow job could be "
-                          f"claimed twice")
-    names: set[str] = set()
-    for i, d in enumerate(cfg.destinations):
-        if not d.name:
-            raise ConfigError(f"destinations[{i}].name: required")
-        if d.name in names:
-            raise ConfigError(f"destinations[{i}].name: duplicate destination name {d.name!r}")
-        names.add(d.name)
-        _check_ae(d.ae_title, f"destinations[{i}].ae_title")
-        if d.calling_ae_title:
-            _check_ae(d.calling_ae_title, f"destinations[{i}].calling_ae_title")
-        _check_port(d.port, f"destinations[{i}].port")
-        if not d.host:
-            raise ConfigError(f"destinations[{i}].host: required")
-    r = cfg.retry
-    if r.max_attempts < 1:
-        raise ConfigError(f"retry.max_attempts: expected integer >= 1, got {r.max_attempts}")
-    _check_positive(r.job_retry_delay_s, "retry.job_retry_delay_s", True)
-    _check_positive(r.export_backoff_base_s, "retry.export_backoff_base_s")
-    _check_positive(r.export_backoff_max_s, "retry.export_backoff_max_s")
-    if r.export_backoff_base_s > r.export_backoff_max_s:
-        raise ConfigError("retry.export_backoff_base_s: must be <= retry.export_backoff_max_s")
-    if cfg.audit.retention_days < 0:
-        raise ConfigError(f"audit.retention_days: expected integer >= 0 (0 = keep forever), got "
-                          f"{cfg.audit.retention_days}")
-    _check_port(cfg.metrics.port, "metrics.port", allow_zero=True)
-    if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"logging.level: expected DEBUG, INFO, WARNING or ERROR, got "
-                          f"{_show(cfg.logging.level)}")
-    if not re.fullmatch(r"[A-Za-z0-9._:@-]{0,128}", cfg.node.name):
-        raise ConfigError(f"node.name: expected up to 128 letters, digits or . _ : @ -, got "
-                          f"{_show(cfg.node.name)}")
-    _validate_extras(cfg)
-    bad = [r for r in cfg.node.roles if r not in ROLES]
-    if bad or not cfg.node.roles:
-        raise ConfigError(f"node.roles: expected a non-empty subset of {', '.join(ROLES)}, got "
-                          f"{cfg.node.roles!r}")
-    return cfg
-
-
-def _validate_extras(cfg: NodeConfig) -> None:
-    """Shadow models, dashboard and notifications."""
-    names: set[str] = set()
-    for i, sm in enumerate(cfg.model.shadow):
-        if not sm.name or not re.fullmatch(r"[A-Za-z0-9._:@+-]{1,64}", sm.name):
-            raise ConfigError(f"model.shadow[{i}].name: expected 1..64 letters, digits or "
-                              f". _ : @ + -, got {_show(sm.name)}")
-        if sm.name in names:
-            raise ConfigError(f"model.shadow[{i}].name: duplicate shadow model {sm.name!r}")
-        names.add(sm.name)
-        if not sm.checkpoint:
-            raise ConfigError(f"model.shadow[{i}].checkpoint: required (a checkpoint directory "
-                              f"or \"demo\")")
-    if not 1 <= cfg.report.evidence_key_images <= 20:
-        raise ConfigError(f"report.evidence_key_images: expected an integer 1..20 (key images "
-                          f"per Present finding), got {cfg.report.evidence_key_images}")
-    d = cfg.dashboard
-    _check_port(d.port, "dashboard.port", allow_zero=True)
-    if bool(d.username) != bool(d.password):
-        raise ConfigError("dashboard.username / dashboard.password: set both (HTTP basic auth) "
-                          "or neither")
-    if d.enabled and d.port and not _is_loopback(d.host) and not (d.token or d.username):
-        raise ConfigError(f"dashboard.token: required (or dashboard.username + password) when "
-                          f"dashboard.host = {_show(d.host)} is not a loopback address")
-    nt = cfg.notifications
-    _check_positive(nt.backoff_base_s, "notifications.backoff_base_s")
-    _check_positive(nt.backoff_max_s, "notifications.backoff_max_s")
-    if nt.backoff_base_s > nt.backoff_max_s:
-        raise ConfigError("notifications.backoff_base_s: must be <= notifications.backoff_max_s")
-    channels: set[str] = set()
-    for i, c in enumerate(nt.channels):
-        key = f"notifications.channels[{i}]"
-        if not c.name:
-            raise ConfigError(f"{key}.name: required")
-        if c.name in channels:
-            raise ConfigError(f"{key}.name: duplicate channel name {c.name!r}")
-        channels.add(c.name)
-        if c.kind not in CHANNEL_KINDS:
-            raise ConfigError(f"{key}.kind: expected one of {', '.join(CHANNEL_KINDS)}, got "
-                              f"{_show(c.kind)}")
-        if c.kind == "webhook":
-            if not re.match(r"https?://", c.url):
-                raise ConfigError(f"{key}.url: expected an http:// or https:// URL, got "
-                                  f"{_show(c.url)}")
-            if not c.secret:
-                raise ConfigError(f"{key}.secret: required (the HMAC-SHA256 key the receiver "
-                                  f"verifies the X-Molre-Signature header with)")
-        else:
-            if not c.host:
-                raise ConfigError(f"{key}.host: required for kind = \"hl7-mllp\"")
-            _check_port(c.port, f"{key}.port")
-        _check_positive(c.timeout_s, f"{key}.timeout_s")
-    for i, r in enumerate(nt.rules):
-        key = f"notifications.rules[{i}]"
-        if not r.finding:
-            raise ConfigError(f"{key}.finding: required (a catalog key or \"*\")")
-        if not 0.0 <= r.threshold <= 1.0:
-            raise ConfigError(f"{key}.threshold: expected 0 (= the model's decision) or a "
-                              f"probability 0..1, got {r.threshold}")
-        if not r.channels:
-            raise ConfigError(f"{key}.channels: name at least one channel")
-        for ch in r.channels:
-            if ch not in channels:
-                raise ConfigError(f"{key}.channels: unknown channel {ch!r} (channels: "
-                                  f"{', '.join(sorted(channels)) or 'none'})")
-    if nt.enabled and not nt.rules:
-        raise ConfigError("notifications.rules: notifications.enabled = true needs at least one "
-                          "[[notifications.rules]] entry")
-
-
-def _is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_exposure(cfg: NodeConfig) -> None:
-    """Refuse to serve everyone on a reachable address by accident: a non-loopback
-    `network.host` needs an allow-list, or `network.allow_any_caller = true` said explicitly.
-    Checked when the node starts (not by every command that reads the config)."""
-    n = cfg.network
-    if n.allowed_callers or n.allow_any_caller or _is_loopback(n.host):
-        return
-    raise ConfigError(f"network.allowed_callers: empty while network.host = {_show(n.host)} is "
-                      f"not a loopback address, so every host that can reach the port could "
-                      f"store data; add [[network.allowed_callers]] entries (AE title + IP/CIDR) "
-                      f"or set network.allow_any_caller = true to admit every caller on purpose")
-
-
-def _resolve_paths(cfg: NodeConfig, base: Path) -> None:
-    def fix(p: str) -> str:
-        return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
-
-    cfg.storage.data_dir = fix(cfg.storage.data_dir)
-    if cfg.model.checkpoint != "demo" or (base / "demo").exists():  # "demo" = the packaged one
-        cfg.model.checkpoint = fix(cfg.model.checkpoint)
-    if not cfg.model.weights.startswith("hf://"):  # an offline-cache reference is not a path
-        cfg.model.weights = fix(cfg.model.weights)
-    for sm in cfg.model.shadow:
-        if sm.checkpoint != "demo" or (base / "demo").exists():
-            sm.checkpoint = fix(sm.checkpoint)
-        if not sm.weights.startswith("hf://"):
-            sm.weights = fix(sm.weights)
-    for name in ("certificate", "key", "ca"):
-        setattr(cfg.tls, name, fix(getattr(cfg.tls, name)))
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
 
 
 def config_from_dict(data: dict[str, Any], base_dir: Path | None = None,
                      source: str = "") -> NodeConfig:
-    """Build and validate a NodeConfig from a TOML-shaped dict."""
-    cfg = _build(NodeConfig, data, "")
-    cfg.source = source
-    if base_dir is not None:
-        _resolve_paths(cfg, base_dir)
-    return validate(cfg)
+    """Build and validate a NodeConfig from a TOML-shaped dict; relative paths resolve against
+    `base_dir` (None: left as they are)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a table of sections, got {_show(data)}")
+    try:
+        cfg = NodeConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise config_error(exc, NodeConfig) from None
+    cfg._source = source
+    return cfg
+
+
+def validate(cfg: NodeConfig) -> NodeConfig:
+    """Validate a (changed) NodeConfig again; returns a new, checked object."""
+    return config_from_dict(cfg.model_dump(), source=cfg.source)
 
 
 def load_config(path: Path | str | None = None) -> NodeConfig:
@@ -755,25 +905,21 @@ def load_config(path: Path | str | None = None) -> NodeConfig:
     try:
         return config_from_dict(data, base_dir=p.resolve().parent, source=str(p))
     except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
+        raise ConfigError("\n".join(f"{p}: {line}" for line in str(exc).splitlines())) \
+            from None
 
 
-def iter_keys(cls: type = NodeConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of the config schema (lists of tables use `name[]`)."""
-    out: list[str] = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("internal"):
-            continue
-        tp = hints[f.name]
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(tp):
-            out += iter_keys(tp, key)
-        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-            out += iter_keys(typing.get_args(tp)[0], key + "[]")
-        else:
-            out.append(key)
-    return out
+def check_exposure(cfg: NodeConfig) -> None:
+    """Refuse to serve everyone on a reachable address by accident: a non-loopback
+    `network.host` needs an allow-list, or `network.allow_any_caller = true` said explicitly.
+    Checked when the node starts (not by every command that reads the config)."""
+    n = cfg.network
+    if n.allowed_callers or n.allow_any_caller or _is_loopback(n.host):
+        return
+    raise ConfigError(f"network.allowed_callers: empty while network.host = {_show(n.host)} is "
+                      f"not a loopback address, so every host that can reach the port could "
+                      f"store data; add [[network.allowed_callers]] entries (AE title + IP/CIDR) "
+                      f"or set network.allow_any_caller = true to admit every caller on purpose")
 
 
 def with_overrides(cfg: NodeConfig, *, port: int | None = None,
@@ -781,7 +927,8 @@ def with_overrides(cfg: NodeConfig, *, port: int | None = None,
                    roles: str | None = None) -> NodeConfig:
     """Apply CLI overrides (`--port`, `--data-dir`, `--roles a,b`) and re-validate."""
     if roles is not None:
-        cfg.node.roles = [r.strip() for r in roles.split(",") if r.strip()]
+        # any text: validate() below names a role that is not one
+        cfg.node.roles = [r.strip() for r in roles.split(",") if r.strip()]  # type: ignore[misc]
     if port is not None:
         cfg.network.port = port
     if data_dir is not None:
@@ -789,15 +936,87 @@ def with_overrides(cfg: NodeConfig, *, port: int | None = None,
     return validate(cfg)
 
 
-__all__ = [
-    "CHANNEL_KINDS", "DashboardConfig", "NotificationsConfig", "NotifyChannel", "NotifyRule",
-    "ShadowModel",
-    "DURABILITY_MODES", "AllowedCaller", "AssemblerConfig", "AuditConfig", "Destination",
-    "LoggingConfig",
-    "MetricsConfig", "ModelConfig", "NetworkConfig", "NodeConfig", "NodeSection", "ROLES",
-    "ReportConfig",
-    "RetryConfig", "SelectionConfig", "StorageConfig", "TLSConfig", "check_exposure",
-    "config_from_dict",
-    "iter_keys", "load_config", "validate", "with_overrides",
-]
+# ---------------------------------------------------------------------------------------------
+# The schema as data: keys, the docs' key table, JSON schema
+# ---------------------------------------------------------------------------------------------
 
+
+def iter_keys(cls: type[BaseModel] = NodeConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config schema (lists of tables use `name[]`)."""
+    out: list[str] = []
+    for name, info in cls.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        table = _table_of(info.annotation)
+        if table is None:
+            out.append(key)
+        elif typing.get_origin(info.annotation) is list:
+            out += iter_keys(table, key + "[]")
+        else:
+            out += iter_keys(table, key)
+    return out
+
+
+def _fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for name, info in cls.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        table = _table_of(info.annotation)
+        if table is None:
+            out.append((key, info))
+        else:
+            out += _fields(table, key + ("[]" if typing.get_origin(info.annotation) is list
+                                         else ""))
+    return out
+
+
+def _type_text(info: Any) -> str:
+    tp = info.annotation
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        return " \\| ".join(f'`"{a}"`' for a in args)
+    if typing.get_origin(tp) is list:
+        item = args[0]
+        while typing.get_origin(item) is Annotated:
+            item = typing.get_args(item)[0]
+        if typing.get_origin(item) is Literal:
+            return "list of " + " \\| ".join(f'`"{a}"`' for a in typing.get_args(item))
+        return "list of strings"
+    if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("format") == "size":
+        return "size (text)"
+    base = {int: "integer", float: "number", bool: "boolean", str: "string"}.get(tp, str(tp))
+    return f"{base}{_bounds(info)}" if base in ("integer", "number") else base
+
+
+def _default_text(info: Any) -> str:
+    if info.is_required():
+        return "required"
+    value = info.get_default(call_default_factory=True)
+    return f"`{json.dumps(value, ensure_ascii=False)}`".replace("|", "\\|")
+
+
+def key_table() -> str:
+    """The markdown table of every key (key, type, default, meaning) in docs/configuration.md,
+    between its `config-keys` markers (tests/test_config.py checks they are equal)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, info in _fields(NodeConfig):
+        desc = " ".join((info.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{key}` | {_type_text(info)} | {_default_text(info)} | {desc} |")
+    return "\n".join(rows) + "\n"
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the config file (`molre-node config-schema`)."""
+    schema = NodeConfig.model_json_schema()
+    schema["title"] = "molre-node configuration"
+    return schema
+
+
+__all__ = [
+    "CHANNEL_KINDS", "DEMO_CHECKPOINT", "DURABILITY_MODES", "ROLES",
+    "AllowedCaller", "AssemblerConfig", "AuditConfig", "DashboardConfig", "Destination",
+    "LoggingConfig", "MetricsConfig", "ModelConfig", "NetworkConfig", "NodeConfig", "NodeSection",
+    "NotificationsConfig", "NotifyChannel", "NotifyRule", "ReportConfig", "RetryConfig",
+    "SelectionConfig", "ShadowModel", "StorageConfig", "TLSConfig",
+    "check_exposure", "config_error", "config_from_dict", "iter_keys", "json_schema", "key_table",
+    "load_config", "parse_size", "validate", "with_overrides",
+]

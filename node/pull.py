@@ -457,7 +457,7 @@ def pull_dataset(labels_csv: Path | str, pacs: Pacs, opts: PullOptions, catalog:
             "pseudonymised": opts.pseudonymise, "site": opts.site or "from headers",
             "labels_file": str(Path(labels_csv).resolve()),
             "summary": asdict(summary), "series_not_chosen": dict(series_skips),
-            "selection": asdict(rules)}
+            "selection": rules.model_dump()}
     (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
     log.info("pull done", rows=summary.rows, fetched=summary.fetched, reused=summary.reused,
              skipped=sum(reasons.values()), **{f"skipped_{k}": v for k, v in reasons.items()})

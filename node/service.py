@@ -126,9 +126,10 @@ class NodeService:
         """Cheap start-up check of `model.checkpoint` (the full load happens in the inference
         process, so the node process never imports torch in process isolation)."""
         from common.errors import ConfigError
+        from node.config import DEMO_CHECKPOINT
 
         path = self.config.model.checkpoint
-        if not path:
+        if not path or path == DEMO_CHECKPOINT:  # the config keeps "demo" only for that one
             return "packaged demo checkpoint"
         from pathlib import Path
 
