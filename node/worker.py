@@ -124,6 +124,10 @@ def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
     # the child ignores SIGINT instead of printing a KeyboardInterrupt traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # OpenMP threads that wait for work spin by default: on a node whose cores are also busy
+    # receiving (or shared), the model's many small ops then ran 4x slower with 2 threads than
+    # with 1 (BENCHMARKS.md, thin-slice series); passive waiting yields the core instead
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from common.log import configure_logging
 
     configure_logging(json_output=log_json, level="WARNING")

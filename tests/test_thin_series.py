@@ -50,7 +50,8 @@ C, S = np.cos(0.3), np.sin(0.3)
     ((30, 40, 50), (1.0, 1.0, 0.7), [[1, 0, 0], [0, 0, -1], [0, 1, 0]]),  # coronal
     ((30, 40, 50), (1.0, 1.0, 0.7), [[C, S, 0], [-S, C, 0], [0, 0, 1]]),  # oblique
     ((20, 64, 64), (5.0, 3.5, 3.5), AXIAL),  # upsampled in-plane, no antialias needed
-], ids=["thin", "flipped", "coronal", "oblique", "upsampled"])
+    ((4, 30, 34), (0.5, 0.3, 0.3), AXIAL),  # Gaussian tail longer than the axis
+], ids=["thin", "flipped", "coronal", "oblique", "upsampled", "short"])
 @pytest.mark.parametrize("antialias", [True, False])
 def test_separable_path_equals_monai_reference(shape: Any, spacing: Any, direction: Any,
                                                antialias: bool) -> None:
@@ -63,7 +64,7 @@ def test_separable_path_equals_monai_reference(shape: Any, spacing: Any, directi
     diff = np.abs(fast.as_tensor().numpy() - ref.as_tensor().numpy())
     assert diff.max() < 1e-3, diff.max()  # 0..1 window units: float32 rounding only
     r = ref.as_tensor().numpy()
-    assert r.max() - r.min() > 0.5 and r.std() > 0.01  # not a trivially flat comparison
+    assert r.max() - r.min() > 0.5 and (r > 0.01).sum() > 20  # not a trivially flat comparison
 
 
 def test_nearest_mode_uses_the_monai_path() -> None:

@@ -481,13 +481,16 @@ def _separable_plan(p: Mapping[str, Any], shape: tuple[int, int, int], ras_affin
             m = np.zeros((n_out, n))
             np.add.at(m, (np.arange(n_out), i0), 1.0 - w)
             np.add.at(m, (np.arange(n_out), i1), w)
-        if smooth and sigma[k] > 0:  # zero-padded correlation, as GaussianSmooth does
-            kern = _gaussian_1d(sigma[k])
+        if smooth and sigma[k] > 0:  # zero-padded correlation, as GaussianSmooth does:
+            kern = _gaussian_1d(sigma[k])  # m @ G with G[i, i + d] = kern[tail + d]
             tail = (len(kern) - 1) // 2
-            g = np.zeros((n, n))
-            for d in range(-tail, tail + 1):
-                g += np.eye(n, k=d) * kern[d + tail]
-            m = m @ g
+            mg = np.zeros_like(m)
+            for d in range(-min(tail, n - 1), min(tail, n - 1) + 1):
+                if d >= 0:
+                    mg[:, d:] += m[:, :n - d] * kern[d + tail]
+                else:
+                    mg[:, :n + d] += m[:, -d:] * kern[d + tail]
+            m = mg
         a, flip = src_axis[k]
         if flip:
             m = m[:, ::-1]
