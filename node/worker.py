@@ -187,6 +187,7 @@ class ProcessEngine:
         self._proc: Any = None
         self._conn: Any = None
         self._loading: Any = None
+        self._prestarted: tuple[Any, Any, float] | None = None
         self._cancel = threading.Event()
         self._lock = threading.Lock()
 
@@ -200,7 +201,7 @@ class ProcessEngine:
         proc = self._proc
         return proc is not None and proc.is_alive()
 
-    def _start(self) -> None:
+    def _spawn(self) -> tuple[Any, Any, float]:
         t0 = time.monotonic()
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
@@ -210,8 +211,21 @@ class ProcessEngine:
                            kwargs={"weights": self.weights} if self.weights else {}, daemon=True)
         proc.start()
         child.close()
+        return proc, parent, t0
+
+    def prestart(self) -> None:
+        """Spawn the inference process now, without waiting: it imports torch and loads the
+        checkpoint while the node opens its database and starts listening, instead of after
+        (`ensure_started` then waits for the one already loading)."""
+        with self._lock:
+            if self._proc is None and self._prestarted is None:
+                self._prestarted = self._spawn()
+
+    def _start(self) -> None:
+        proc, parent, t0 = self._prestarted or self._spawn()
+        self._prestarted = None
         self._loading = proc
-        deadline = time.monotonic() + self.load_timeout
+        deadline = t0 + self.load_timeout
         try:
             while not parent.poll(0.2):
                 if self._cancel.is_set() or time.monotonic() > deadline or not proc.is_alive():
@@ -289,6 +303,12 @@ class ProcessEngine:
     def close(self) -> None:
         self._cancel.set()
         with self._lock:
+            if self._prestarted is not None:  # spawned, never waited for
+                proc, parent, _ = self._prestarted
+                self._prestarted = None
+                proc.kill()
+                proc.join(5)
+                parent.close()
             if self._conn is not None and self._proc is not None and self._proc.is_alive():
                 try:
                     self._conn.send(("stop",))
@@ -705,6 +725,8 @@ class WorkerPool:
         self.metrics = metrics
         for w in self.workers:
             w.on_engine_state = self._engine_state_changed
+            if hasattr(w.engine, "prestart"):  # load while the rest of the node starts
+                w.engine.prestart()
         self._engine_state_changed()
 
     @property

@@ -189,6 +189,7 @@ def test_status_says_not_ready_until_the_checkpoint_is_loaded(tmp_path: Path) ->
     metrics = Metrics()
     pool = WorkerPool(cfg, store, Spool(cfg.spool_dir), metrics=metrics)
     for w in pool.workers:
+        w.engine.close()  # the real inference process the pool started loading
         w.engine = ProcessEngine(str(gate), "cpu", target=gated_child, load_timeout=120)
     service = SimpleNamespace(workers=pool)
     dash = Dashboard(cfg, store, service)
