@@ -71,13 +71,13 @@ def __getattr__(name: str) -> Any:  # module attribute CTFMEncoder, built on fir
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _build_ctfm(**overrides: Any) -> CTFMEncoder:
+def _build_ctfm(**overrides: Any) -> Any:  # a CTFMEncoder
     kw: dict[str, Any] = dict(init_filters=32, blocks_down=(1, 2, 2, 4, 4))
     kw.update(overrides)
     return _encoder_class()(**kw)
 
 
-def _build_tiny3d(**overrides: Any) -> CTFMEncoder:
+def _build_tiny3d(**overrides: Any) -> Any:  # a CTFMEncoder
     kw: dict[str, Any] = dict(init_filters=8, blocks_down=(1, 1, 1, 1))
     kw.update(overrides)
     return _encoder_class()(**kw)
@@ -99,7 +99,7 @@ def _build_tiny3d(**overrides: Any) -> CTFMEncoder:
 # "light" is the old single-conv (resp. two-conv for tiny-3d) placement, < 0.5 % parameters.
 
 
-def _ctfm_paper(module: CTFMEncoder) -> list[str]:
+def _ctfm_paper(module: Any) -> list[str]:  # a CTFMEncoder
     """conv_init + every block conv and the embedding downsample of the stride >= 4 stages."""
     levels = len(module.blocks_down)
     deep = list(range(min(2, levels - 1), levels))
@@ -111,14 +111,14 @@ def _ctfm_paper(module: CTFMEncoder) -> list[str]:
     return out
 
 
-def _ctfm_targets(module: CTFMEncoder) -> list[str]:
+def _ctfm_targets(module: Any) -> list[str]:  # a CTFMEncoder
     """Light: the last conv of the second-deepest level (layers.3.blocks.3.conv2 at default size)."""
     level = max(0, len(module.blocks_down) - 2)
     block = module.blocks_down[level] - 1
     return [rf"^layers\.{level}\.blocks\.{block}\.conv2$"]
 
 
-def _tiny3d_light(module: CTFMEncoder) -> list[str]:
+def _tiny3d_light(module: Any) -> list[str]:  # a CTFMEncoder
     """Light: the last conv of each of the two deepest levels."""
     levels = len(module.blocks_down)
     return [rf"^layers\.{i}\.blocks\.{module.blocks_down[i] - 1}\.conv2$"

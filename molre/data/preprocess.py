@@ -270,8 +270,8 @@ class Recipe:
 
         if self.name != "ctfm-3d":
             return None
-        plan = _separable_plan(self.params, tuple(int(v) for v in volume.shape),
-                               volume.affine("RAS"))
+        nz, ny, nx = (int(v) for v in volume.shape)
+        plan = _separable_plan(self.params, (nz, ny, nx), volume.affine("RAS"))
         if plan is None:
             return None
         (wz, wy, wx), transpose, affine = plan

@@ -161,7 +161,7 @@ class DeferredSeriesVolume(SeriesVolume):
         self._hu: np.ndarray | None = None
         super().__init__(hu=None, **geometry)  # type: ignore[arg-type]
 
-    @property  # type: ignore[override]
+    @property
     def hu(self) -> np.ndarray:
         if self._hu is None:
             self._hu = self._pixels.full()
