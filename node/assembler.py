@@ -17,11 +17,12 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
 
 from common.log import get_logger
 from node.background import BackgroundLoop
 from node.config import NodeConfig
+from node.interfaces import AssemblerMetrics, AssemblerStore, PruneSpool
 from node.selection import SeriesSummary, choose_preferred, evaluate, summarize
 
 log = get_logger("node.assembler")
@@ -32,8 +33,10 @@ _DECIDED_SELECTED = ("selected", "queued", "inferring", "reported", "delivered")
 class Assembler(BackgroundLoop):
     """Background thread: receiving -> complete -> selected/queued or skipped."""
 
-    def __init__(self, config: NodeConfig, store: Any, *, metrics: Any = None,
-                 on_enqueued: Any = None, spool: Any = None) -> None:
+    def __init__(self, config: NodeConfig, store: AssemblerStore, *,
+                 metrics: AssemblerMetrics | None = None,
+                 on_enqueued: Callable[[], None] | None = None,
+                 spool: PruneSpool | None = None) -> None:
         super().__init__("assembler")
         self.config = config
         self.store = store

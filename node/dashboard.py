@@ -32,6 +32,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from common.log import get_logger
+from node.config import NodeConfig
+from node.interfaces import DashboardStore
 
 log = get_logger("node.dashboard")
 
@@ -50,7 +52,7 @@ def _site(meta: dict[str, Any] | None) -> str:
     return " ".join(p for p in parts if p) or "unknown"
 
 
-def collect(store: Any, config: Any, service: Any = None,
+def collect(store: DashboardStore, config: NodeConfig, service: Any = None,
             now: dt.datetime | None = None) -> dict[str, Any]:
     """Everything the dashboard shows, as one JSON-able dict (read-only queries)."""
     from sqlalchemy import func, select
@@ -93,7 +95,8 @@ def collect(store: Any, config: Any, service: Any = None,
             for uid, err in s.execute(select(Job.series_uid, Job.error)
                                       .where(Job.series_uid.in_(uids), Job.error.is_not(None))
                                       .order_by(Job.id)):
-                errors[uid] = err
+                if err is not None:  # excluded by the query; narrows the type
+                    errors[uid] = err
         out["series"] = [{
             "series_uid": r.series_uid, "study_uid": r.study_uid, "state": r.state,
             "version": r.version, "instances": r.instance_count, "modality": r.modality,
@@ -168,7 +171,7 @@ def collect(store: Any, config: Any, service: Any = None,
     return out
 
 
-def _config_summary(config: Any) -> dict[str, Any]:
+def _config_summary(config: NodeConfig) -> dict[str, Any]:
     d = config.public_dict()
     keep = ("node", "network", "model", "destinations", "retry", "audit", "dashboard",
             "notifications", "selection", "assembler", "storage", "report")
@@ -280,7 +283,7 @@ def render_html(data: dict[str, Any]) -> str:
 class Dashboard:
     """The HTTP server in a daemon thread; `start()` returns the bound port."""
 
-    def __init__(self, config: Any, store: Any, service: Any = None) -> None:
+    def __init__(self, config: NodeConfig, store: DashboardStore, service: Any = None) -> None:
         self.config = config
         self.store = store
         self.service = service

@@ -22,7 +22,9 @@ from common.log import get_logger, redact
 from node.background import DrainLoop
 from node.config import Destination, NodeConfig
 from node.dicomnet import AssociationError, client_ssl_context, send_files
+from node.interfaces import DispatcherMetrics, DispatcherStore
 from storage.outbox import report_files
+from storage.records import ExportClaim
 
 log = get_logger("node.dispatcher")
 
@@ -38,8 +40,8 @@ def backoff_s(attempts: int, base: float, ceiling: float) -> float:
 class Dispatcher(DrainLoop):
     """Background thread draining the outbox."""
 
-    def __init__(self, config: NodeConfig, store: Any, *, metrics: Any = None,
-                 poll_s: float = 0.5) -> None:
+    def __init__(self, config: NodeConfig, store: DispatcherStore, *,
+                 metrics: DispatcherMetrics | None = None, poll_s: float = 0.5) -> None:
         super().__init__("dispatcher", poll_s)
         self.config = config
         self.store = store
@@ -62,7 +64,7 @@ class Dispatcher(DrainLoop):
         due = self.store.claim_exports(lease_s=self.lease_s(), limit=CLAIM_BATCH)
         if not due:
             return 0
-        by_dest: dict[str, list[Any]] = defaultdict(list)
+        by_dest: dict[str, list[ExportClaim]] = defaultdict(list)
         for e in due:
             by_dest[e.destination].append(e)
         for name, exports in by_dest.items():
@@ -71,7 +73,7 @@ class Dispatcher(DrainLoop):
             self._send(name, exports)
         return len(due)
 
-    def _fail(self, e: Any, status: int | None, error: str) -> None:
+    def _fail(self, e: ExportClaim, status: int | None, error: str) -> None:
         r = self.config.retry
         error = redact(error, 1000)  # library texts may quote header values (the SR's too)
         delay = backoff_s(e.attempts + 1, r.export_backoff_base_s, r.export_backoff_max_s)
@@ -84,14 +86,14 @@ class Dispatcher(DrainLoop):
         if self.metrics is not None:
             self.metrics.exports.labels(outcome="failed").inc()
 
-    def _send(self, name: str, exports: list[Any]) -> None:
+    def _send(self, name: str, exports: list[ExportClaim]) -> None:
         dest = self.config.destination(name)
         if dest is None:
             for e in exports:
                 self._fail(e, None, f"destination {name!r} is not in the configuration "
                                     f"([[destinations]] name = {name!r})")
             return
-        batch: list[tuple[Any, list[Path]]] = []
+        batch: list[tuple[ExportClaim, list[Path]]] = []
         for e in exports:
             files = report_files(e.report_path) if e.report_path else []
             if not files or not files[0].exists():

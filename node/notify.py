@@ -36,11 +36,15 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.log import get_logger, redact
 from node.background import DrainLoop
 from node.config import NodeConfig, NotifyChannel
+from node.interfaces import NotifierStore
+
+if TYPE_CHECKING:
+    from storage.notices import NotificationClaim, NotificationSpec
 
 log = get_logger("node.notify")
 
@@ -61,7 +65,7 @@ def backoff_s(attempts: int, base: float, ceiling: float) -> float:
 
 
 def match_rules(config: NodeConfig, probabilities: dict[str, float],
-                decisions: dict[str, bool]) -> list[Any]:
+                decisions: dict[str, bool]) -> list[NotificationSpec]:
     """The notifications the rules ask for, one per (finding, channel) (a finding matched by
     several rules goes once to each channel). Empty when notifications are off."""
     from storage.notices import NotificationSpec
@@ -114,7 +118,7 @@ def _finding_code(key: str) -> tuple[str, str, str]:
         return key, key.replace("_", " "), "MOLRE"
 
 
-def webhook_payload(n: Any) -> dict[str, Any]:
+def webhook_payload(n: NotificationClaim) -> dict[str, Any]:
     """The JSON document a webhook receives (docs/operations.md, "Notifications")."""
     value, meaning, scheme = _finding_code(n.finding_key)
     doc: dict[str, Any] = {
@@ -150,7 +154,7 @@ def control_id(notification_id: int) -> str:
     return f"MOLRE-N{notification_id}"
 
 
-def build_oru(n: Any, channel: NotifyChannel, now: dt.datetime | None = None) -> str:
+def build_oru(n: NotificationClaim, channel: NotifyChannel, now: dt.datetime | None = None) -> str:
     """An HL7 v2.5 ORU^R01 (ER7, segments separated by CR) for one notification."""
     from hl7apy.core import Message
 
@@ -231,7 +235,7 @@ class SendOutcome:
         self.ok, self.status, self.error, self.final = ok, status, error, final
 
 
-def send_webhook(n: Any, channel: NotifyChannel) -> SendOutcome:
+def send_webhook(n: NotificationClaim, channel: NotifyChannel) -> SendOutcome:
     body = json.dumps(webhook_payload(n), sort_keys=True, default=str).encode("utf-8")
     req = urllib.request.Request(channel.url, data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "molre-node",
@@ -269,7 +273,7 @@ def mllp_exchange(host: str, port: int, message: str, timeout: float) -> str:
     return buf[start + 1 if start >= 0 else 0:buf.find(MLLP_END)].decode("utf-8", "replace")
 
 
-def send_hl7(n: Any, channel: NotifyChannel) -> SendOutcome:
+def send_hl7(n: NotificationClaim, channel: NotifyChannel) -> SendOutcome:
     message = build_oru(n, channel)
     try:
         answer = mllp_exchange(channel.host, channel.port, message, channel.timeout_s)
@@ -289,7 +293,7 @@ def send_hl7(n: Any, channel: NotifyChannel) -> SendOutcome:
     return SendOutcome(False, code, f"receiver error: {err or code}")
 
 
-def send(n: Any, channel: NotifyChannel) -> SendOutcome:
+def send(n: NotificationClaim, channel: NotifyChannel) -> SendOutcome:
     return send_webhook(n, channel) if channel.kind == "webhook" else send_hl7(n, channel)
 
 
@@ -301,7 +305,7 @@ def send(n: Any, channel: NotifyChannel) -> SendOutcome:
 class Notifier(DrainLoop):
     """Background thread draining the notification outbox (nodes with the dispatch role)."""
 
-    def __init__(self, config: NodeConfig, store: Any, *, poll_s: float = 0.5) -> None:
+    def __init__(self, config: NodeConfig, store: NotifierStore, *, poll_s: float = 0.5) -> None:
         super().__init__("notifier", poll_s)
         self.config = config
         self.store = store

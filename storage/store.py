@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import (
     String,
@@ -87,6 +87,9 @@ from storage.records import (  # noqa: F401 - re-exported
     _series_record,
     _short,
 )
+
+if TYPE_CHECKING:
+    from storage.queries import PruneReport
 
 log = get_logger("storage.store")
 
@@ -750,7 +753,7 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
             return queries.stats(s)
 
     def prune(self, older_than: dt.timedelta, *, dry_run: bool = False, spool: Any = None,
-              now: dt.datetime | None = None):
+              now: dt.datetime | None = None) -> PruneReport:
         """See :func:`storage.queries.prune`."""
         from storage import queries
 
