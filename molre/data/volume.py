@@ -282,12 +282,43 @@ def _frames_of(path: Path, ds: Dataset, warnings: list[str]) -> list[_Frame]:
         return out
     return [_Frame(
         path, None, sop_uid, inst,
-        _floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient (0020,0032)", where),
-        _floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient (0020,0037)", where),
-        tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing (0028,0030)", where)),  # type: ignore
+        _floats(_ds_value(ds, "ImagePositionPatient"), 3, "ImagePositionPatient (0020,0032)",
+                where),
+        _floats(_ds_value(ds, "ImageOrientationPatient"), 6, "ImageOrientationPatient (0020,0037)",
+                where),
+        tuple(_floats(_ds_value(ds, "PixelSpacing"), 2, "PixelSpacing (0028,0030)",  # type: ignore
+                      where)),
         rows, cols,
-        *_rescale(ds, where, warnings, ds.get("RescaleSlope"), ds.get("RescaleIntercept")),
-        _float_or_none(ds.get("SliceThickness")))]
+        *_rescale(ds, where, warnings, _ds_value(ds, "RescaleSlope"),
+                  _ds_value(ds, "RescaleIntercept")),
+        _float_or_none(_ds_value(ds, "SliceThickness")))]
+
+
+#: Decimal-string (DS) attributes every slice's geometry needs, by keyword.
+_DS_TAGS = {"ImagePositionPatient": 0x00200032, "ImageOrientationPatient": 0x00200037,
+            "PixelSpacing": 0x00280030, "RescaleSlope": 0x00281053,
+            "RescaleIntercept": 0x00281052, "SliceThickness": 0x00180050}
+
+
+def _ds_value(ds: Dataset, keyword: str) -> Any:
+    """``ds.get(keyword)`` for a DS attribute: parsed straight from its raw bytes while pydicom
+    has not converted it yet (a float, a list of floats, or None when empty/absent), else
+    pydicom's value. Why: pydicom builds and validates one DSfloat object per number, which was
+    a third of the header pass of a 480-slice series; anything the plain parse does not accept
+    goes through pydicom, with its messages."""
+    elem = ds.get_item(_DS_TAGS[keyword])
+    if elem is None:
+        return None
+    raw = getattr(elem, "value", None)
+    if isinstance(raw, bytes) and getattr(elem, "VR", None) in (None, "DS"):
+        try:
+            parts = [float(v) for v in raw.split(b"\\")] if raw.strip() else []
+        except ValueError:
+            return ds.get(keyword)
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else parts
+    return ds.get(keyword)
 
 
 def _list_files(source: Path | Sequence[Path]) -> list[Path]:
@@ -493,10 +524,25 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
     if (str(ds.file_meta.TransferSyntaxUID) in _NATIVE_LE and ds.get("BitsAllocated") == 16
             and ds.get("BitsStored") == 16 and int(ds.get("SamplesPerPixel", 1)) == 1
             and "PixelData" in ds):
-        data = ds.PixelData
-        if isinstance(data, bytes) and len(data) >= 2 * n * rows * cols:
-            dtype = "<i2" if int(ds.get("PixelRepresentation", 0)) else "<u2"
-            arr = np.frombuffer(data, dtype=dtype, count=n * rows * cols)
+        dtype = "<i2" if int(ds.get("PixelRepresentation", 0)) else "<u2"
+        count = n * rows * cols
+        elem = ds.get_item(0x7FE00010, keep_deferred=True)
+        tell = getattr(elem, "value_tell", None)
+        arr = None
+        if (getattr(elem, "value", b"") is None and tell is not None and ds.filename
+                and getattr(elem, "length", 0) >= 2 * count):
+            # deferred by the header pass: read the samples straight into the array
+            try:
+                arr = np.fromfile(ds.filename, dtype=dtype, count=count, offset=int(tell))
+            except (OSError, ValueError):
+                arr = None
+            if arr is not None and arr.size != count:
+                arr = None
+        if arr is None:
+            data = ds.PixelData
+            if isinstance(data, bytes) and len(data) >= 2 * count:
+                arr = np.frombuffer(data, dtype=dtype, count=count)
+        if arr is not None:
             return arr.reshape(rows, cols) if n == 1 else arr.reshape(n, rows, cols)
     try:
         return ds.pixel_array
