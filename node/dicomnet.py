@@ -31,7 +31,7 @@ from pynetdicom.presentation import (
     PresentationContext,
     build_context,
 )
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made by globals()
 
 from common.dicom import CT_STORAGE_CLASSES  # noqa: F401 - re-exported
 
@@ -70,10 +70,11 @@ def scp_contexts() -> list[PresentationContext]:
         contexts.append(build_context(uid, list(TRANSFER_SYNTAXES)))
         seen.add(uid)
     for cx in AllStoragePresentationContexts:
-        if cx.abstract_syntax in seen:
+        abstract = cx.abstract_syntax
+        if abstract is None or abstract in seen:  # None: never, pynetdicom's all have one
             continue
-        seen.add(cx.abstract_syntax)
-        contexts.append(build_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES)))
+        seen.add(abstract)
+        contexts.append(build_context(abstract, list(TRANSFER_SYNTAXES)))
     return contexts
 
 
@@ -224,7 +225,9 @@ def send_files(paths: Iterable[str | Path], host: str, port: int, called_ae: str
     ae.requested_contexts = contexts
     t0 = time.perf_counter()
     tls_args = (ssl_context, server_hostname) if ssl_context is not None else None
-    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    # pynetdicom hints tls_args as (SSLContext, str); a None host name (no SNI/check) works
+    assoc = ae.associate(host, port, ae_title=called_ae,
+                         tls_args=tls_args)  # type: ignore[arg-type]
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         detail = ""
@@ -266,7 +269,9 @@ def echo(host: str, port: int, called_ae: str, *, calling_ae: str = "MOLRE",
     ae.add_requested_context(Verification)
     tls_args = (ssl_context, None) if ssl_context is not None else None
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+        # pynetdicom hints tls_args as (SSLContext, str); None (no host name check) works
+        assoc = ae.associate(host, port, ae_title=called_ae,
+                             tls_args=tls_args)  # type: ignore[arg-type]
         if not assoc.is_established:
             return None
         try:
