@@ -90,6 +90,17 @@ class ReceiverMetrics(ListenerMetrics, Protocol):
     def disk_full(self) -> CounterMetric: ...
 
 
+class RefusalLog(Protocol):
+    """Where the listener records connections refused before acceptance: the node's
+    :class:`node.listener.RefusalAudit`, or a receiver process's forwarder to it."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def record(self, host: str | None, port: int | None, reason: str, *,
+               calling_ae: str | None = None, called_ae: str | None = None,
+               kind: str = "refused", sync: bool = True) -> None: ...
+
+
 # -- spool ----------------------------------------------------------------------------------------
 
 
@@ -117,6 +128,12 @@ class EventLog(Protocol):
     def now(self) -> dt.datetime: ...
     def log_event(self, entity: str, entity_id: Any, kind: str, details: dict | None = None, *,
                   study_uid: str | None = None, series_uid: str | None = None) -> None: ...
+
+
+class ListenerStore(EventLog, Protocol):
+    def record_rejected_association(self, calling_ae: str | None, called_ae: str | None,
+                                    peer_host: str | None, peer_port: int | None,
+                                    reason: str) -> int: ...
 
 
 class AssemblerStore(Protocol):
@@ -185,11 +202,14 @@ class WorkerStore(EventLog, Protocol):
 
 
 if TYPE_CHECKING:
+    from node.listener import RefusalAudit
     from node.metrics import Metrics
+    from node.receiver_pool import ForwardedRefusals
     from storage.spool import Spool
     from storage.store import Store
 
-    def _conformance(store: Store, spool: Spool, metrics: Metrics) -> None:
+    def _conformance(store: Store, spool: Spool, metrics: Metrics, audit: RefusalAudit,
+                     forwarded: ForwardedRefusals) -> None:
         """Never called: mypy checks here that the real classes satisfy the protocols."""
         a: AssemblerStore = store
         d: DispatcherStore = store
@@ -197,11 +217,15 @@ if TYPE_CHECKING:
         b: DashboardStore = store
         w: WorkerStore = store
         e: EventLog = store
+        ls: ListenerStore = store
         p: PruneSpool = spool
         r: ReportSpool = spool
         am: AssemblerMetrics = metrics
         dm: DispatcherMetrics = metrics
         wm: WorkerMetrics = metrics
         rm: ReceiverMetrics = metrics
-        checked: list[object] = [a, d, n, b, w, e, p, r, am, dm, wm, rm]
+        ra: RefusalLog = audit
+        rf: RefusalLog = forwarded
+        lm: ListenerMetrics = metrics
+        checked: list[object] = [a, d, n, b, w, e, ls, p, r, am, dm, wm, rm, lm, ra, rf]
         del checked

@@ -60,6 +60,7 @@ from pynetdicom.transport import (
 )
 
 from common.log import get_logger
+from node.interfaces import ListenerMetrics, ListenerStore, RefusalLog
 
 log = get_logger("node.listener")
 
@@ -118,7 +119,8 @@ class RefusalAudit:
     ``node/listener refusals-not-recorded`` event (counts by reason) when the minute is over.
     """
 
-    def __init__(self, store: Any, per_minute: int, *, metrics: Any = None) -> None:
+    def __init__(self, store: ListenerStore, per_minute: int, *,
+                 metrics: ListenerMetrics | None = None) -> None:
         self.store = store
         self.per_minute = max(0, int(per_minute))
         self.metrics = metrics
@@ -615,8 +617,10 @@ class GuardedRequestHandler(RequestHandler):
             if event.is_intervention and server._handlers[event]:
                 assoc.bind(event, *server._handlers[event])
             elif isinstance(event, evt.NotificationEvent):
-                for handler in server._handlers[event]:
-                    assoc.bind(event, handler[0], handler[1])
+                handlers = server._handlers[event]
+                if isinstance(handlers, list):  # always, for a notification event
+                    for handler in handlers:
+                        assoc.bind(event, handler[0], handler[1])
         return assoc
 
 
@@ -629,7 +633,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     def __init__(self, ae: Any, address: Any, ae_title: str, contexts: Any,
                  ssl_context: Any = None, evt_handlers: Any = None, *,
-                 limits: ListenerLimits, audit: RefusalAudit) -> None:
+                 limits: ListenerLimits, audit: RefusalLog) -> None:
         self.limits = limits
         self.audit = audit
         self._hosts: dict[str, int] = {}
@@ -638,7 +642,10 @@ class GuardedServer(ThreadedAssociationServer):
                          evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
 
     def get_request(self) -> tuple[socket.socket, Any]:  # noqa: D102 - handshake moved out
-        return self.socket.accept()
+        sock = self.socket
+        if sock is None:  # closed: socketserver treats OSError as "no request"
+            raise OSError("the server socket is closed")
+        return sock.accept()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:  # noqa: D102
         host = peer_host(str(client_address[0]))
@@ -722,7 +729,7 @@ class FedServer(GuardedServer):
 
 
 def start_server(ae: Any, address: tuple[str, int], *, evt_handlers: list, ssl_context: Any,
-                 limits: ListenerLimits, audit: RefusalAudit) -> GuardedServer:
+                 limits: ListenerLimits, audit: RefusalLog) -> GuardedServer:
     """Start a :class:`GuardedServer` for ``ae`` in a background thread (like
     ``AE.start_server(block=False)``) and return it; ``server.shutdown()`` stops it."""
     check_pynetdicom()

@@ -81,7 +81,9 @@ from node.dicomnet import (
     server_ssl_context,
 )
 from node.header import read_header, scan_header
+from node.interfaces import RefusalLog
 from node.listener import (
+    GuardedServer,
     ListenerLimits,
     RefusalAudit,
     mark_audited,
@@ -289,7 +291,7 @@ class Receiver:
         self.flush_timeout_s = 30.0
         self._assoc_ids: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._server = None
+        self._server: GuardedServer | None = None
         self.ae = None
         self.port: int | None = None
         total = shutil.disk_usage(self.spool.root).total
@@ -301,7 +303,8 @@ class Receiver:
             acse_timeout_s=n.acse_timeout_s, network_timeout_s=n.network_timeout_s,
             max_associate_rq_bytes=config.size_limit("network.max_associate_rq_size"),
             max_instance_bytes=self.max_instance_bytes, max_per_host=n.per_host_limit())
-        self.refusals = RefusalAudit(store, n.refusal_audit_per_minute, metrics=metrics)
+        self.refusals: RefusalLog = RefusalAudit(store, n.refusal_audit_per_minute,
+                                                 metrics=metrics)
         # low disk: refusals counted per episode (see _disk_refusal)
         self._disk_lock = threading.Lock()
         self.disk_low_since: float | None = None
@@ -368,9 +371,8 @@ class Receiver:
         try:
             # node.listener: deadlines on every read, size caps, TLS handshake off the accept
             # thread, per-host connection limit, audited refusals
-            self._server = start_server(ae, (n.host, n.port), evt_handlers=handlers,
-                                        ssl_context=ssl_ctx, limits=self.limits,
-                                        audit=self.refusals)
+            server = start_server(ae, (n.host, n.port), evt_handlers=handlers,
+                                  ssl_context=ssl_ctx, limits=self.limits, audit=self.refusals)
         except OSError as exc:
             self.recorder.stop()
             self.refusals.stop()
@@ -378,7 +380,8 @@ class Receiver:
             raise MolreError(f"network.port: cannot listen on {n.host}:{n.port} ({why}); is "
                              f"another service using it? Choose another network.port or "
                              f"network.host") from None
-        self.port = int(self._server.server_address[1])
+        self._server = server
+        self.port = int(server.server_address[1])
         log.info("receiver listening", ae_title=n.ae_title, host=n.host, port=self.port,
                  tls=t.enabled, allowed_callers=len(n.allowed_callers),
                  max_per_host=self.limits.max_per_host)

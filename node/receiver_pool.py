@@ -44,7 +44,6 @@ import signal
 import socket
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +184,7 @@ class RemoteMetrics:
         self._send = send
         self.interval = interval
         self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
+        self._counts: dict[str, float] = {}
         self._obs: list[float] = []
         self._last = time.monotonic()
         for name in ("instances", "associations", "associations_rejected", "disk_full"):
@@ -197,7 +196,8 @@ class RemoteMetrics:
             if observe:
                 self._obs.append(round(value, 6))
             else:
-                self._counts[f"{name}:{label or ''}"] += value
+                key = f"{name}:{label or ''}"
+                self._counts[key] = self._counts.get(key, 0) + value
             due = time.monotonic() - self._last >= self.interval
         if due:
             self.flush()
@@ -205,7 +205,7 @@ class RemoteMetrics:
     def flush(self) -> None:
         with self._lock:
             counts, obs = dict(self._counts), self._obs
-            self._counts, self._obs = Counter(), []
+            self._counts, self._obs = {}, []
             self._last = time.monotonic()
         if counts or obs:
             self._send({"op": "metrics", "counts": counts, "obs": obs})
