@@ -32,6 +32,7 @@ from common.errors import MolreError
 from common.log import clean_text, get_logger, redact
 from node.background import BackgroundLoop
 from node.config import NodeConfig
+from node.interfaces import ReportSpool, WorkerMetrics, WorkerStore
 
 log = get_logger("node.worker")
 
@@ -389,9 +390,9 @@ def make_engine(config: NodeConfig, shadow: Any = None) -> ProcessEngine | Threa
 class Worker(BackgroundLoop):
     """One worker thread with its own engine; `WorkerPool` runs `model.workers` of them."""
 
-    def __init__(self, config: NodeConfig, store: Any, spool: Any, *, index: int = 0,
-                 metrics: Any = None, wake: threading.Event | None = None,
-                 on_reported: Any = None) -> None:
+    def __init__(self, config: NodeConfig, store: WorkerStore, spool: ReportSpool, *,
+                 index: int = 0, metrics: WorkerMetrics | None = None,
+                 wake: threading.Event | None = None, on_reported: Any = None) -> None:
         self.on_reported = on_reported
         self.config = config
         self.store = store
@@ -559,7 +560,8 @@ class Worker(BackgroundLoop):
                 sources = read_sources(evidence_paths or paths)
             else:  # the SR needs UIDs only beyond the first header: the rows have them
                 sources = recorded_sources(evidence_paths or paths,
-                                           {i.spool_path: i for i in instances})
+                                           {i.spool_path: i for i in instances
+                                            if i.spool_path is not None})
             r = self.config.report
             identity = NodeIdentity(ae_title=self.config.network.ae_title,
                                     manufacturer=r.manufacturer, device_name=r.device_name,
@@ -706,7 +708,7 @@ class Worker(BackgroundLoop):
     def _observe_end_to_end(self, series_uid: str) -> None:
         try:
             rec = self.store.get_series(series_uid)
-            if rec.first_instance_at and rec.reported_at:
+            if self.metrics is not None and rec.first_instance_at and rec.reported_at:
                 self.metrics.end_to_end_seconds.observe(
                     (rec.reported_at - rec.first_instance_at).total_seconds())
         except Exception:  # noqa: BLE001
@@ -716,8 +718,8 @@ class Worker(BackgroundLoop):
 class WorkerPool:
     """`model.workers` workers sharing one wake-up event (set when a job is enqueued)."""
 
-    def __init__(self, config: NodeConfig, store: Any, spool: Any, *, metrics: Any = None,
-                 on_reported: Any = None) -> None:
+    def __init__(self, config: NodeConfig, store: WorkerStore, spool: ReportSpool, *,
+                 metrics: WorkerMetrics | None = None, on_reported: Any = None) -> None:
         self.wake_event = threading.Event()
         self.workers = [Worker(config, store, spool, index=i, metrics=metrics,
                                wake=self.wake_event, on_reported=on_reported)
