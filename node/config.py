@@ -203,7 +203,8 @@ class AllowedCaller(_Table):
     """IP address or CIDR network ("10.1.0.0/16"); "" = any host"""
 
     def __init__(self, ae_title: str = "*", host: str = "", **data: Any) -> None:
-        super().__init__(ae_title=ae_title, host=host, **data)  # AllowedCaller("PACS", "10/8")
+        fields: dict[str, Any] = {"ae_title": ae_title, "host": host, **data}
+        super().__init__(**fields)  # positional use: AllowedCaller("PACS", "10/8")
 
 
 class NetworkConfig(_Table):
@@ -235,8 +236,8 @@ class NetworkConfig(_Table):
     """largest A-ASSOCIATE-RQ (checked on the PDU header)"""
     refusal_audit_per_minute: Annotated[int, Field(ge=0)] = 60
     """audit rows per minute for connections refused before acceptance"""
-    receiver_processes: Annotated[int, Field(ge=0, le=64)] = 0
-    """processes serving associations; 0 = one per core (at most 4), 1 = all in the node process"""
+    receiver_processes: Annotated[int, Field(ge=0, le=64)] = 1
+    """processes serving associations; 1 = all in the node process, 0 = one per core (at most 4)"""
 
     @model_validator(mode="after")
     def _per_host_within_total(self) -> NetworkConfig:

@@ -190,6 +190,13 @@ class RemoteMetrics:
         for name in ("instances", "associations", "associations_rejected", "disk_full"):
             setattr(self, name, _Count(self, name))
         self.store_seconds = _Count(self, "store_seconds")
+        # counts of a quiet moment (the last instance of a burst) are sent on a timer too
+        threading.Thread(target=self._tick, name="metrics-flush", daemon=True).start()
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.flush()
 
     def add(self, name: str, label: str | None, value: float, observe: bool = False) -> None:
         with self._lock:
@@ -292,8 +299,11 @@ def _child_main(config: Any, ctrl: socket.socket, index: int,
     store = Store(db, store_phi=config.audit.store_phi, node=config.node_name)
     spool = Spool(config.spool_dir)
     metrics = RemoteMetrics(send)
-    receiver = Receiver(config, store, spool, metrics=metrics,
-                        on_release=lambda aid: send({"op": "released", "aid": aid}))
+    def released(aid: Any) -> None:
+        metrics.flush()  # the association's counts reach the node before its release does
+        send({"op": "released", "aid": aid})
+
+    receiver = Receiver(config, store, spool, metrics=metrics, on_release=released)
     receiver.uid_locks = ProcessUIDLocks(lock_file(config))
     refusals = receiver.refusals = ForwardedRefusals(send)
     server = receiver.start_fed(address, lambda cid: send({"op": "end", "id": cid}))
