@@ -44,7 +44,9 @@ class ConvStage(nn.Module):
     def __init__(self, ch: int = 256, n: int = 2) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(ch, ch, 3, padding=1, bias=False), nn.InstanceNorm3d(ch), nn.ReLU())
+            nn.Sequential(
+                nn.Conv3d(ch, ch, 3, padding=1, bias=False), nn.InstanceNorm3d(ch), nn.ReLU()
+            )
             for _ in range(n)
         )
 
@@ -57,7 +59,9 @@ class ConvStage(nn.Module):
 def vit_blocks(depth: int, dim: int = 768) -> nn.Module:
     from timm.models.vision_transformer import Block
 
-    return nn.Sequential(*[Block(dim=dim, num_heads=12, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
+    return nn.Sequential(
+        *[Block(dim=dim, num_heads=12, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)]
+    )
 
 
 def _cpu_model() -> str:
@@ -70,8 +74,9 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def bench_workload(name: str, make_model, make_input, targets: list[str], K: int, r: int,
-                   warmup: int, repeats: int) -> dict:
+def bench_workload(
+    name: str, make_model, make_input, targets: list[str], K: int, r: int, warmup: int, repeats: int
+) -> dict:
     torch.manual_seed(0)
     base = make_model()
     for p in base.parameters():
@@ -93,10 +98,20 @@ def bench_workload(name: str, make_model, make_input, targets: list[str], K: int
                     p.normal_(0, 1e-3)
         variants[vname] = m
         rep = adapter_report(m)
-        params[vname] = {"adapter_params": rep["adapter_params"], "overhead_percent": rep["overhead_percent"]}
+        params[vname] = {
+            "adapter_params": rep["adapter_params"],
+            "overhead_percent": rep["overhead_percent"],
+        }
     x = make_input()
-    out: dict = {"workload": name, "input_shape": list(x.shape), "params": params, "forward_s": {},
-                 "forward_backward_s": {}, "forward_min_s": {}, "forward_backward_min_s": {}}
+    out: dict = {
+        "workload": name,
+        "input_shape": list(x.shape),
+        "params": params,
+        "forward_s": {},
+        "forward_backward_s": {},
+        "forward_min_s": {},
+        "forward_backward_min_s": {},
+    }
     xg = x.clone().requires_grad_(True)
 
     def fwd(m: nn.Module) -> None:
@@ -139,7 +154,7 @@ def bench_workload(name: str, make_model, make_input, targets: list[str], K: int
             for _ in range(warmup):
                 fn(variants[v])
         for i in range(repeats):
-            for v in names[i % len(names):] + names[: i % len(names)]:
+            for v in names[i % len(names) :] + names[: i % len(names)]:
                 c0, t0 = time.process_time(), time.perf_counter()
                 fn(variants[v])
                 times[v].append(time.perf_counter() - t0)
@@ -150,9 +165,12 @@ def bench_workload(name: str, make_model, make_input, targets: list[str], K: int
             out[key.replace("_s", "_min_s")][v] = min(times[v])
             # process CPU time: less sensitive than wall time to other processes taking the cores
             out.setdefault(key.replace("_s", "_cpu_s"), {})[v] = statistics.median(cpu[v])
-            print(f"  {name:11s} {phase:16s} {v:14s} median {out[key][v]*1e3:9.1f} ms  "
-                  f"min {min(times[v])*1e3:9.1f} ms  cpu {statistics.median(cpu[v])*1e3:9.1f} ms",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {name:11s} {phase:16s} {v:14s} median {out[key][v] * 1e3:9.1f} ms  "
+                f"min {min(times[v]) * 1e3:9.1f} ms  cpu {statistics.median(cpu[v]) * 1e3:9.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     molre, lora_kr = f"molre_k{K}_r{r}", f"lora_r{K * r}"
     out["ratios"] = {
         phase: {
@@ -160,7 +178,8 @@ def bench_workload(name: str, make_model, make_input, targets: list[str], K: int
             "molre_over_base": out[key][molre] / out[key]["base"],
             "lora_kr_over_base": out[key][lora_kr] / out[key]["base"],
             "lora_r_over_base": out[key][f"lora_r{r}"] / out[key]["base"],
-            "gflops_molre_over_lora_kr": out["gflops"][phase][molre] / out["gflops"][phase][lora_kr],
+            "gflops_molre_over_lora_kr": out["gflops"][phase][molre]
+            / out["gflops"][phase][lora_kr],
             "cpu_time_molre_over_lora_kr": out[key.replace("_s", "_cpu_s")][molre]
             / out[key.replace("_s", "_cpu_s")][lora_kr],
             "cpu_time_molre_over_base": out[key.replace("_s", "_cpu_s")][molre]
@@ -173,14 +192,22 @@ def bench_workload(name: str, make_model, make_input, targets: list[str], K: int
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke test)")
+    ap.add_argument(
+        "--quick", action="store_true", help="small shapes and few repeats (smoke test)"
+    )
     ap.add_argument("--experts", type=int, default=6)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "adapters.json",
-                    help="where to write the JSON (full runs only unless --out is given)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results" / "adapters.json",
+        help="where to write the JSON (full runs only unless --out is given)",
+    )
     ap.add_argument("--only", choices=["vit", "conv3d"], default=None)
-    ap.add_argument("--conv-blocks", type=int, default=1, help="conv blocks in the Conv3d stage (full run)")
+    ap.add_argument(
+        "--conv-blocks", type=int, default=1, help="conv blocks in the Conv3d stage (full run)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,16 +222,32 @@ def main(argv: list[str] | None = None) -> int:
         conv = dict(n=args.conv_blocks, ch=256, shape=(24, 32, 32), warmup=1, repeats=3)
     results = []
     if args.only in (None, "vit"):
-        results.append(bench_workload(
-            "vit_b", lambda: vit_blocks(vit["depth"]),
-            lambda: torch.randn(vit["batch"], vit["tokens"], 768),
-            [r".*attn\.qkv", r".*attn\.proj"], K, r, vit["warmup"], vit["repeats"]))
+        results.append(
+            bench_workload(
+                "vit_b",
+                lambda: vit_blocks(vit["depth"]),
+                lambda: torch.randn(vit["batch"], vit["tokens"], 768),
+                [r".*attn\.qkv", r".*attn\.proj"],
+                K,
+                r,
+                vit["warmup"],
+                vit["repeats"],
+            )
+        )
         results[-1]["config"] = vit
     if args.only in (None, "conv3d"):
-        results.append(bench_workload(
-            "ctfm_conv3d", lambda: ConvStage(conv["ch"], conv["n"]),
-            lambda: torch.randn(1, conv["ch"], *conv["shape"]),
-            [r"blocks\.\d+\.0"], K, r, conv["warmup"], conv["repeats"]))
+        results.append(
+            bench_workload(
+                "ctfm_conv3d",
+                lambda: ConvStage(conv["ch"], conv["n"]),
+                lambda: torch.randn(1, conv["ch"], *conv["shape"]),
+                [r"blocks\.\d+\.0"],
+                K,
+                r,
+                conv["warmup"],
+                conv["repeats"],
+            )
+        )
         results[-1]["config"] = {**conv, "shape": list(conv["shape"])}
     report = {
         "benchmark": "molre.adapters",
@@ -224,15 +267,21 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     print(json.dumps(report, indent=2))
-    print("\nwall = median wall time, cpu = median process CPU time, flops = counted matmul/conv FLOPs")
-    print(f"{'workload':12s} {'phase':17s} {'MoLRE/LoRA(K·r)':>16s} {'MoLRE/base':>11s} "
-          f"{'LoRA(K·r)/base':>15s} {'LoRA(r)/base':>13s} {'cpu MoLRE/LoRA(K·r)':>20s} "
-          f"{'flops MoLRE/LoRA(K·r)':>22s}")
+    print(
+        "\nwall = median wall time, cpu = median process CPU time, flops = counted matmul/conv FLOPs"
+    )
+    print(
+        f"{'workload':12s} {'phase':17s} {'MoLRE/LoRA(K·r)':>16s} {'MoLRE/base':>11s} "
+        f"{'LoRA(K·r)/base':>15s} {'LoRA(r)/base':>13s} {'cpu MoLRE/LoRA(K·r)':>20s} "
+        f"{'flops MoLRE/LoRA(K·r)':>22s}"
+    )
     for res in results:
         for phase, rat in res["ratios"].items():
-            print(f"{res['workload']:12s} {phase:17s} {rat['molre_over_lora_kr']:16.3f} "
-                  f"{rat['molre_over_base']:11.3f} {rat['lora_kr_over_base']:15.3f} {rat['lora_r_over_base']:13.3f} "
-                  f"{rat['cpu_time_molre_over_lora_kr']:20.3f} {rat['gflops_molre_over_lora_kr']:22.4f}")
+            print(
+                f"{res['workload']:12s} {phase:17s} {rat['molre_over_lora_kr']:16.3f} "
+                f"{rat['molre_over_base']:11.3f} {rat['lora_kr_over_base']:15.3f} {rat['lora_r_over_base']:13.3f} "
+                f"{rat['cpu_time_molre_over_lora_kr']:20.3f} {rat['gflops_molre_over_lora_kr']:22.4f}"
+            )
     if not args.quick or "--out" in (argv if argv is not None else sys.argv[1:]):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -51,13 +51,16 @@ def build(variant: str, backbone: str, device: torch.device) -> tuple[nn.Module,
     base_params = sum(p.numel() for p in model.parameters())
     info: dict[str, Any] = {"base_params": base_params}
     if variant in ("lora", "molre"):
-        cfg = MoLREConfig(experts=1 if variant == "lora" else 6, rank=8, alpha=16.0,
-                          targets=list(model.spec.default_targets))
+        cfg = MoLREConfig(
+            experts=1 if variant == "lora" else 6,
+            rank=8,
+            alpha=16.0,
+            targets=list(model.spec.default_targets),
+        )
         adapted = inject_adapters(model, cfg)
         info["adapted_layers"] = len(adapted)
         rep = adapter_report(model)
-        info["adapter_report"] = {k: v for k, v in rep.items()
-                                  if isinstance(v, (int, float, str))}
+        info["adapter_report"] = {k: v for k, v in rep.items() if isinstance(v, (int, float, str))}
     elif variant == "none":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -69,10 +72,12 @@ def build(variant: str, backbone: str, device: torch.device) -> tuple[nn.Module,
     head = nn.Linear(model.spec.feature_dim, N_FINDINGS)
     model.to(device)
     head.to(device)
-    info["trainable_params"] = sum(p.numel() for p in list(model.parameters())
-                                   + list(head.parameters()) if p.requires_grad)
-    info["extra_params_pct"] = round(100.0 * (sum(p.numel() for p in model.parameters())
-                                              - base_params) / base_params, 4)
+    info["trainable_params"] = sum(
+        p.numel() for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad
+    )
+    info["extra_params_pct"] = round(
+        100.0 * (sum(p.numel() for p in model.parameters()) - base_params) / base_params, 4
+    )
     return model, head, info
 
 
@@ -94,8 +99,7 @@ def bench_variant(variant: str, args: argparse.Namespace, device: torch.device) 
     x = torch.randn(args.batch, 1, *roi, device=device)
     y = (torch.rand(args.batch, N_FINDINGS, device=device) > 0.9).float()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    autocast = torch.autocast(device_type=device.type, dtype=dtype,
-                              enabled=args.dtype == "bf16")
+    autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=args.dtype == "bf16")
     loss_fn = nn.BCEWithLogitsLoss()
 
     model.eval()
@@ -125,7 +129,10 @@ def bench_variant(variant: str, args: argparse.Namespace, device: torch.device) 
     t_bwd = time_loop(fwd_bwd, device, args.warmup, args.iters)
     mem_bwd = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     res = {
-        "variant": variant, "roi": list(roi), "batch": args.batch, "dtype": args.dtype,
+        "variant": variant,
+        "roi": list(roi),
+        "batch": args.batch,
+        "dtype": args.dtype,
         "forward_volumes_per_s": round(args.batch / t_fwd, 2),
         "forward_backward_volumes_per_s": round(args.batch / t_bwd, 2),
         "forward_ms_per_batch": round(1000 * t_fwd, 2),
@@ -151,9 +158,14 @@ def bench_series(args: argparse.Namespace, device: torch.device) -> dict:
         return {"skipped": f"import failed: {type(exc).__name__}: {exc}"}
     try:
         with tempfile.TemporaryDirectory(prefix="molre-gpu-series-") as tmp:
-            info = write_phantom_series(Path(tmp), np.random.default_rng(0),
-                                        ["subdural_hemorrhage"], size=args.series_size,
-                                        n_slices=args.series_slices, slice_thickness=5.0)
+            info = write_phantom_series(
+                Path(tmp),
+                np.random.default_rng(0),
+                ["subdural_hemorrhage"],
+                size=args.series_size,
+                n_slices=args.series_slices,
+                slice_thickness=5.0,
+            )
             t0 = time.perf_counter()
             pred = Predictor.from_checkpoint(args.checkpoint, device=str(device))
             load_s = time.perf_counter() - t0
@@ -164,15 +176,18 @@ def bench_series(args: argparse.Namespace, device: torch.device) -> dict:
                 pred.predict_series(info.paths)
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-            return {"checkpoint": args.checkpoint or "packaged demo",
-                    "model_name": pred.model_name, "slices": args.series_slices,
-                    "matrix": args.series_size, "checkpoint_load_s": round(load_s, 3),
-                    "first_series_s": round(times[0], 3),
-                    "series_s_median": round(statistics.median(times[1:]), 4),
-                    "runs": len(times) - 1}
+            return {
+                "checkpoint": args.checkpoint or "packaged demo",
+                "model_name": pred.model_name,
+                "slices": args.series_slices,
+                "matrix": args.series_size,
+                "checkpoint_load_s": round(load_s, 3),
+                "first_series_s": round(times[0], 3),
+                "series_s_median": round(statistics.median(times[1:]), 4),
+                "runs": len(times) - 1,
+            }
     except Exception as exc:  # noqa: BLE001 - report, do not lose the throughput numbers
-        return {"error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(limit=3)}
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--series-slices", type=int, default=40)
     ap.add_argument("--series-size", type=int, default=512)
     ap.add_argument("--series-runs", type=int, default=5)
-    ap.add_argument("--dry-run", action="store_true",
-                    help="tiny sizes (tiny-3d, batch 1, 16x32x32, 1 iteration): checks the script")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny sizes (tiny-3d, batch 1, 16x32x32, 1 iteration): checks the script",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.json")
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -203,18 +221,26 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     started = time.time()
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "device": str(device), "dry_run": args.dry_run,
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "cpu_threads": torch.get_num_threads(), "host": platform.node()}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "dry_run": args.dry_run,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "host": platform.node(),
+    }
     print(json.dumps(env), flush=True)
     results = []
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         try:
             r = bench_variant(variant, args, device)
         except Exception as exc:  # noqa: BLE001 - one variant failing keeps the others
-            r = {"variant": variant, "error": f"{type(exc).__name__}: {exc}",
-                 "traceback": traceback.format_exc(limit=4)}
+            r = {
+                "variant": variant,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=4),
+            }
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "traceback"}), flush=True)
     series = bench_series(args, device)
@@ -224,24 +250,42 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {}
     for v in ("lora", "molre", "full"):
         if v in by and "none" in by:
-            ratios[f"{v}_vs_none_forward"] = round(by[v]["forward_volumes_per_s"]
-                                                   / by["none"]["forward_volumes_per_s"], 3)
-            ratios[f"{v}_vs_none_train"] = round(by[v]["forward_backward_volumes_per_s"]
-                                                 / by["none"]["forward_backward_volumes_per_s"], 3)
+            ratios[f"{v}_vs_none_forward"] = round(
+                by[v]["forward_volumes_per_s"] / by["none"]["forward_volumes_per_s"], 3
+            )
+            ratios[f"{v}_vs_none_train"] = round(
+                by[v]["forward_backward_volumes_per_s"]
+                / by["none"]["forward_backward_volumes_per_s"],
+                3,
+            )
     if "molre" in by and "lora" in by:
-        ratios["molre_vs_lora_train"] = round(by["molre"]["forward_backward_volumes_per_s"]
-                                              / by["lora"]["forward_backward_volumes_per_s"], 3)
-    out = {"benchmark": "gpu", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "environment": env, "backbone": args.backbone, "results": results,
-           "ratios": ratios, "series": series, "wall_s": round(time.time() - started, 1)}
+        ratios["molre_vs_lora_train"] = round(
+            by["molre"]["forward_backward_volumes_per_s"]
+            / by["lora"]["forward_backward_volumes_per_s"],
+            3,
+        )
+    out = {
+        "benchmark": "gpu",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": env,
+        "backbone": args.backbone,
+        "results": results,
+        "ratios": ratios,
+        "series": series,
+        "wall_s": round(time.time() - started, 1),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\n{'variant':8s} {'fwd vol/s':>10s} {'fwd+bwd vol/s':>14s} {'trainable':>11s} "
-          f"{'extra %':>8s}")
+    print(
+        f"\n{'variant':8s} {'fwd vol/s':>10s} {'fwd+bwd vol/s':>14s} {'trainable':>11s} "
+        f"{'extra %':>8s}"
+    )
     for r in ok:
-        print(f"{r['variant']:8s} {r['forward_volumes_per_s']:10.1f} "
-              f"{r['forward_backward_volumes_per_s']:14.1f} {r['trainable_params']:11d} "
-              f"{r['extra_params_pct']:8.3f}")
+        print(
+            f"{r['variant']:8s} {r['forward_volumes_per_s']:10.1f} "
+            f"{r['forward_backward_volumes_per_s']:14.1f} {r['trainable_params']:11d} "
+            f"{r['extra_params_pct']:8.3f}"
+        )
     for k, v in ratios.items():
         print(f"{k}: {v}")
     print(f"series: {series}")

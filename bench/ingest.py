@@ -74,6 +74,7 @@ DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 # data
 # --------------------------------------------------------------------------------------------
 
+
 def make_series(out: Path, slices: int, size: int, seed: int = 0) -> list[Path]:
     """The benchmark series (written once, reused): a crude head, `slices` x `size`^2, 16-bit."""
     from molre.data import dicomio
@@ -90,14 +91,13 @@ def make_series(out: Path, slices: int, size: int, seed: int = 0) -> list[Path]:
     vol = np.empty((slices, size, size), np.float32)
     for k in range(slices):
         zf = abs((k - (slices - 1) / 2) / (0.55 * slices + 1))
-        r = np.sqrt(r2d ** 2 + zf ** 2)
+        r = np.sqrt(r2d**2 + zf**2)
         sl = np.full((size, size), -1000.0, np.float32)
         sl[r < 1.0] = 1200.0
         sl[r < 0.9] = 35.0
         vol[k] = sl + rng.normal(0, 6, (size, size)).astype(np.float32)
     px = 220.0 / size
-    paths = dicomio.write_ct_series(out, vol, spacing=(1.0, px, px),
-                                    origin=(-110.0, -110.0, 0.0))
+    paths = dicomio.write_ct_series(out, vol, spacing=(1.0, px, px), origin=(-110.0, -110.0, 0.0))
     done.write_text("ok")
     return paths
 
@@ -107,10 +107,19 @@ def make_series(out: Path, slices: int, size: int, seed: int = 0) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 #: (receiver, baseline) pairs reported as instances/s ratios ("node_vs_bare" is the goal's).
-RATIOS = (("node", "bare"), ("node", "storescp"), ("node_os", "bare"), ("node", "bare_fsync"),
-          ("node_1p", "bare_fsync"), ("node", "node_1p"), ("node_1p", "bare"),
-          ("bare_fsync", "bare"), ("storescp", "bare"), ("node", "node_base"),
-          ("node_base", "bare"))
+RATIOS = (
+    ("node", "bare"),
+    ("node", "storescp"),
+    ("node_os", "bare"),
+    ("node", "bare_fsync"),
+    ("node_1p", "bare_fsync"),
+    ("node", "node_1p"),
+    ("node_1p", "bare"),
+    ("bare_fsync", "bare"),
+    ("storescp", "bare"),
+    ("node", "node_base"),
+    ("node_base", "bare"),
+)
 
 
 def serve_bare(port: int, out_dir: Path, durable: bool = False) -> None:
@@ -135,9 +144,10 @@ def serve_bare(port: int, out_dir: Path, durable: bool = False) -> None:
         uid = str(req.AffectedSOPInstanceUID)
         # preamble + file meta + dataset as received; the meta is built the node's (cheaper)
         # way so the node gets no edge from it: `event.encoded_dataset()` costs ~0.5 ms more
-        data = (file_header(str(req.AffectedSOPClassUID), uid,
-                            str(event.context.transfer_syntax)),
-                event.encoded_dataset(include_meta=False))
+        data = (
+            file_header(str(req.AffectedSOPClassUID), uid, str(event.context.transfer_syntax)),
+            event.encoded_dataset(include_meta=False),
+        )
         if spool is not None:
             spool.write_atomic(f"{uid}.dcm", data)
         else:
@@ -148,9 +158,11 @@ def serve_bare(port: int, out_dir: Path, durable: bool = False) -> None:
 
     ae = make_ae("BARE")
     ae.supported_contexts = scp_contexts()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store),
-                                           (evt.EVT_C_ECHO, lambda e: 0x0000)])
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_C_ECHO, lambda e: 0x0000)],
+    )
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
     while not stop["flag"]:
@@ -159,8 +171,11 @@ def serve_bare(port: int, out_dir: Path, durable: bool = False) -> None:
 
 
 def _echo_ok(port: int, aet: str) -> bool:
-    res = subprocess.run([dcmtk_tool("echoscu"), "-aec", aet, "127.0.0.1", str(port)],
-                         capture_output=True, env=DCMTK_ENV)
+    res = subprocess.run(
+        [dcmtk_tool("echoscu"), "-aec", aet, "127.0.0.1", str(port)],
+        capture_output=True,
+        env=DCMTK_ENV,
+    )
     return res.returncode == 0
 
 
@@ -184,9 +199,17 @@ class BareReceiver(Receiver):
         self.dir = work / self.name
         self.port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(self.port),
-                                      str(self.dir), *(["--durable"] if self.durable else [])],
-                                     env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--serve-bare",
+                str(self.port),
+                str(self.dir),
+                *(["--durable"] if self.durable else []),
+            ],
+            env=env,
+        )
         wait_until(lambda: _echo_ok(self.port, self.aet), 30, what="bare receiver")
 
     def stop(self) -> None:
@@ -212,10 +235,21 @@ class StorescpReceiver(Receiver):
         self.dir = work / "storescp"
         self.dir.mkdir(parents=True)
         self.port = free_port()
-        self.proc = subprocess.Popen([dcmtk_tool("storescp"), "-aet", self.aet, "+xa", "+B",
-                                      "-od", str(self.dir), str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env=DCMTK_ENV)
+        self.proc = subprocess.Popen(
+            [
+                dcmtk_tool("storescp"),
+                "-aet",
+                self.aet,
+                "+xa",
+                "+B",
+                "-od",
+                str(self.dir),
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=DCMTK_ENV,
+        )
         wait_until(lambda: _echo_ok(self.port, self.aet), 30, what="storescp")
 
     def stop(self) -> None:
@@ -240,25 +274,36 @@ class NodeReceiver(Receiver):
     def start(self, work: Path) -> None:
         # Long quiet time + grace: nothing completes, no inference competes with the receiver.
         model = {"checkpoint": self.checkpoint} if self.checkpoint else {}
-        self.node = self.node_process.create(work / self.name, ae_title=self.aet, quiet_time_s=3600.0,
-                                       release_grace_s=3600.0, model=model,
-                                       storage={"durability": self.durability},
-                                       network={"receiver_processes": self.processes,
-                                                "max_associations": 32,
-                                                "max_associations_per_host": 32},
-                                       logging={"json": True, "level": "INFO"})
+        self.node = self.node_process.create(
+            work / self.name,
+            ae_title=self.aet,
+            quiet_time_s=3600.0,
+            release_grace_s=3600.0,
+            model=model,
+            storage={"durability": self.durability},
+            network={
+                "receiver_processes": self.processes,
+                "max_associations": 32,
+                "max_associations_per_host": 32,
+            },
+            logging={"json": True, "level": "INFO"},
+        )
         self.node.start(timeout=120)
         self.port = self.node.port
         # Steady state: the inference process (torch import, checkpoint load) must be up before
         # the clock starts, or its start-up CPU would be billed to the receiver.
-        wait_until(lambda: any(r.get("event") in ("inference process ready",
-                                                  "inference engine not available")
-                               for r in self.node.log_records()), 300,
-                   what="inference process start")
-        if any(r.get("event") == "inference engine not available"
-               for r in self.node.log_records()):
-            raise RuntimeError("node: inference engine not available (checkpoint?); "
-                               "pass --node-checkpoint DIR")
+        wait_until(
+            lambda: any(
+                r.get("event") in ("inference process ready", "inference engine not available")
+                for r in self.node.log_records()
+            ),
+            300,
+            what="inference process start",
+        )
+        if any(r.get("event") == "inference engine not available" for r in self.node.log_records()):
+            raise RuntimeError(
+                "node: inference engine not available (checkpoint?); pass --node-checkpoint DIR"
+            )
 
     def stop(self) -> None:
         self.node.stop(timeout=60)
@@ -269,8 +314,9 @@ class NodeReceiver(Receiver):
         db = self.node.data_dir / "molre.db"
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            return int(con.execute("select count(*) from instances where status='stored'")
-                       .fetchone()[0])
+            return int(
+                con.execute("select count(*) from instances where status='stored'").fetchone()[0]
+            )
         finally:
             con.close()
 
@@ -307,8 +353,9 @@ class NodeBaseReceiver(NodeReceiver):
 
         if self.base is None:
             raise RuntimeError("node_base needs --node-base DIR (a checkout to compare with)")
-        spec = importlib.util.spec_from_file_location("_base_nodeproc",
-                                                      self.base / "tests" / "nodeproc.py")
+        spec = importlib.util.spec_from_file_location(
+            "_base_nodeproc", self.base / "tests" / "nodeproc.py"
+        )
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
@@ -316,9 +363,15 @@ class NodeBaseReceiver(NodeReceiver):
         super().start(work)
 
 
-RECEIVERS = {"bare": BareReceiver, "bare_fsync": BareFsyncReceiver,
-             "storescp": StorescpReceiver, "node": NodeReceiver, "node_os": NodeOsReceiver,
-             "node_1p": NodeOneProcessReceiver, "node_base": NodeBaseReceiver}
+RECEIVERS = {
+    "bare": BareReceiver,
+    "bare_fsync": BareFsyncReceiver,
+    "storescp": StorescpReceiver,
+    "node": NodeReceiver,
+    "node_os": NodeOsReceiver,
+    "node_1p": NodeOneProcessReceiver,
+    "node_base": NodeBaseReceiver,
+}
 
 
 def _cpu_seconds(pid: int, children: bool = True) -> float:
@@ -326,7 +379,7 @@ def _cpu_seconds(pid: int, children: bool = True) -> float:
         p = psutil.Process(pid)
         t = p.cpu_times()
         total = t.user + t.system
-        for ch in (p.children(recursive=True) if children else []):
+        for ch in p.children(recursive=True) if children else []:
             try:
                 ct = ch.cpu_times()
                 total += ct.user + ct.system
@@ -381,12 +434,25 @@ def run_once(kind: str, batches: list[list[Path]], work: Path) -> dict[str, Any]
         main0 = _cpu_seconds(rec.pid(), children=False)
         with PeakRSS(rec.pid()) as mem:
             t0 = time.perf_counter()
-            procs = [subprocess.Popen([dcmtk_tool("storescu"), "-aec", rec.aet,
-                                       "-aet", f"BENCH{i}", "127.0.0.1", str(rec.port),
-                                       *map(str, files)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=DCMTK_ENV)
-                     for i, files in enumerate(batches)]
+            procs = [
+                subprocess.Popen(
+                    [
+                        dcmtk_tool("storescu"),
+                        "-aec",
+                        rec.aet,
+                        "-aet",
+                        f"BENCH{i}",
+                        "127.0.0.1",
+                        str(rec.port),
+                        *map(str, files),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=DCMTK_ENV,
+                )
+                for i, files in enumerate(batches)
+            ]
             outs = [p.communicate()[0] for p in procs]
             seconds = time.perf_counter() - t0
         cpu = _cpu_seconds(rec.pid()) - cpu0
@@ -396,11 +462,18 @@ def run_once(kind: str, batches: list[list[Path]], work: Path) -> dict[str, Any]
         rec.stop()
     bad = [i for i, p in enumerate(procs) if p.returncode != 0]
     if bad or received != n_files:
-        raise RuntimeError(f"{kind}: storescu rc={[procs[i].returncode for i in bad]}, "
-                           f"{received}/{n_files} received; output: "
-                           f"{(outs[bad[0]] if bad else '')[-800:]}")
-    return {"seconds": seconds, "cpu_s": cpu, "cpu_main_s": cpu_main, "received": received,
-            "peak_rss_mb": round(mem.peak / 2**20, 1)}
+        raise RuntimeError(
+            f"{kind}: storescu rc={[procs[i].returncode for i in bad]}, "
+            f"{received}/{n_files} received; output: "
+            f"{(outs[bad[0]] if bad else '')[-800:]}"
+        )
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "cpu_main_s": cpu_main,
+        "received": received,
+        "peak_rss_mb": round(mem.peak / 2**20, 1),
+    }
 
 
 def disk_flush_ms(directory: Path, size: int, n: int = 60) -> dict[str, float]:
@@ -431,8 +504,11 @@ def disk_flush_ms(directory: Path, size: int, n: int = 60) -> dict[str, float]:
         finally:
             os.close(dfd)
     shutil.rmtree(directory, ignore_errors=True)
-    return {"file_fsync_ms": round(statistics.median(file_ms), 3),
-            "dir_fsync_ms": round(statistics.median(dir_ms), 3), "samples": n}
+    return {
+        "file_fsync_ms": round(statistics.median(file_ms), 3),
+        "dir_fsync_ms": round(statistics.median(dir_ms), 3),
+        "samples": n,
+    }
 
 
 def machine_info() -> dict[str, Any]:
@@ -447,11 +523,18 @@ def machine_info() -> dict[str, Any]:
     import pydicom
     import pynetdicom
 
-    dcmtk = subprocess.run([dcmtk_tool("storescu"), "--version"], capture_output=True,
-                           text=True).stdout
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__,
-            "dcmtk": (dcmtk.splitlines() or [""])[0].strip(), "platform": platform.platform()}
+    dcmtk = subprocess.run(
+        [dcmtk_tool("storescu"), "--version"], capture_output=True, text=True
+    ).stdout
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "pynetdicom": pynetdicom.__version__,
+        "pydicom": pydicom.__version__,
+        "dcmtk": (dcmtk.splitlines() or [""])[0].strip(),
+        "platform": platform.platform(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,20 +542,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--receivers", default=None,
-                    help="comma-separated (default: bare,bare_fsync,storescp,node,node_1p,"
-                         "node_os; with --concurrent: bare,node_1p,node)")
-    ap.add_argument("--concurrent", type=int, default=1, metavar="N",
-                    help="N storescu processes at once, each sending its own series over its "
-                         "own association (issue 16: 8)")
-    ap.add_argument("--data", type=Path, default=None,
-                    help="where the series is generated/cached (default: system temp dir)")
+    ap.add_argument(
+        "--receivers",
+        default=None,
+        help="comma-separated (default: bare,bare_fsync,storescp,node,node_1p,"
+        "node_os; with --concurrent: bare,node_1p,node)",
+    )
+    ap.add_argument(
+        "--concurrent",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N storescu processes at once, each sending its own series over its "
+        "own association (issue 16: 8)",
+    )
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="where the series is generated/cached (default: system temp dir)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
-    ap.add_argument("--node-checkpoint", default="",
-                    help="checkpoint directory for the node (default: packaged demo)")
-    ap.add_argument("--node-base", type=Path, default=None,
-                    help="another checkout whose node runs as receiver 'node_base' "
-                         "(before/after comparison in one run)")
+    ap.add_argument(
+        "--node-checkpoint",
+        default="",
+        help="checkpoint directory for the node (default: packaged demo)",
+    )
+    ap.add_argument(
+        "--node-base",
+        type=Path,
+        default=None,
+        help="another checkout whose node runs as receiver 'node_base' "
+        "(before/after comparison in one run)",
+    )
     ap.add_argument("--serve-bare", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -485,31 +587,43 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    NodeReceiver.checkpoint = str(Path(args.node_checkpoint).resolve()) \
-        if args.node_checkpoint else ""
+    NodeReceiver.checkpoint = (
+        str(Path(args.node_checkpoint).resolve()) if args.node_checkpoint else ""
+    )
     NodeBaseReceiver.base = args.node_base.resolve() if args.node_base else None
     data = args.data or Path(tempfile.gettempdir()) / f"molre-bench-{args.slices}x{args.size}"
     conc = max(1, args.concurrent)
     # one series per association (own Study/Series UIDs): 8 senders = 8 studies at once
-    batches = [make_series(data if i == 0 else data.with_name(f"{data.name}-{i}"),
-                           args.slices, args.size, seed=i) for i in range(conc)]
+    batches = [
+        make_series(
+            data if i == 0 else data.with_name(f"{data.name}-{i}"), args.slices, args.size, seed=i
+        )
+        for i in range(conc)
+    ]
     files = [f for b in batches for f in b]
     total_bytes = sum(p.stat().st_size for p in files)
-    default_kinds = ("bare,node_1p,node" if conc > 1
-                     else "bare,bare_fsync,storescp,node,node_1p,node_os")
+    default_kinds = (
+        "bare,node_1p,node" if conc > 1 else "bare,bare_fsync,storescp,node,node_1p,node_os"
+    )
     kinds = [k.strip() for k in (args.receivers or default_kinds).split(",") if k.strip()]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="molre-ingest-") as tmp:
         flush = disk_flush_ms(Path(tmp) / "flush", total_bytes // max(1, len(files)))
-        print(f"  disk: file fsync {flush['file_fsync_ms']} ms, directory fsync "
-              f"{flush['dir_fsync_ms']} ms (median)", flush=True)
+        print(
+            f"  disk: file fsync {flush['file_fsync_ms']} ms, directory fsync "
+            f"{flush['dir_fsync_ms']} ms (median)",
+            flush=True,
+        )
         for rep in range(args.repeats):
             for kind in kinds:  # interleaved so drift hits every receiver alike
                 work = Path(tmp) / f"{kind}-{rep}"
                 r = run_once(kind, batches, work)
                 runs[kind].append(r)
-                print(f"  rep {rep + 1}/{args.repeats} {kind:9s} {r['seconds']:7.2f} s "
-                      f"{len(files) / r['seconds']:7.1f} inst/s", flush=True)
+                print(
+                    f"  rep {rep + 1}/{args.repeats} {kind:9s} {r['seconds']:7.2f} s "
+                    f"{len(files) / r['seconds']:7.1f} inst/s",
+                    flush=True,
+                )
                 shutil.rmtree(work, ignore_errors=True)
     summary: dict[str, Any] = {}
     for kind, rs in runs.items():
@@ -520,23 +634,28 @@ def main(argv: list[str] | None = None) -> int:
             "instances_per_s": round(len(files) / secs, 2),
             "mb_per_s": round(total_bytes / secs / 1e6, 2),
             "cpu_s_median": round(statistics.median(r["cpu_s"] for r in rs), 3),
-            "cpu_main_process_s_median": round(statistics.median(r["cpu_main_s"] for r in rs),
-                                               3),
+            "cpu_main_process_s_median": round(statistics.median(r["cpu_main_s"] for r in rs), 3),
             "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rs),
         }
-    ratios = {f"{a}_vs_{b}": round(summary[a]["instances_per_s"]
-                                   / summary[b]["instances_per_s"], 3)
-              for a, b in RATIOS if a in summary and b in summary}
+    ratios = {
+        f"{a}_vs_{b}": round(summary[a]["instances_per_s"] / summary[b]["instances_per_s"], 3)
+        for a, b in RATIOS
+        if a in summary and b in summary
+    }
     goals = CONCURRENT_GOALS if conc > 1 else SINGLE_GOALS
     verdict = {k: (ratios[k] >= v) if k in ratios else None for k, v in goals.items()}
     result = {
         "benchmark": "ingest",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),
-        "series": {"slices": args.slices, "size": args.size, "bytes": total_bytes,
-                   "associations": conc,
-                   "sender": f"dcmtk storescu x{conc} at once, one association and one "
-                             f"series each, TCP_NODELAY=1"},
+        "series": {
+            "slices": args.slices,
+            "size": args.size,
+            "bytes": total_bytes,
+            "associations": conc,
+            "sender": f"dcmtk storescu x{conc} at once, one association and one "
+            f"series each, TCP_NODELAY=1",
+        },
         "load_average_at_start": LOAD_AT_START,
         "load_average_at_end": list(os.getloadavg()),
         "repeats": args.repeats,
@@ -549,14 +668,24 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print()
-    print(f"{'receiver':10s} {'median s':>9s} {'inst/s':>8s} {'MB/s':>8s} {'CPU s':>7s} "
-          f"{'peak RSS MB':>11s}")
+    print(
+        f"{'receiver':10s} {'median s':>9s} {'inst/s':>8s} {'MB/s':>8s} {'CPU s':>7s} "
+        f"{'peak RSS MB':>11s}"
+    )
     for kind, s in summary.items():
-        print(f"{kind:10s} {s['median_s']:9.2f} {s['instances_per_s']:8.1f} "
-              f"{s['mb_per_s']:8.1f} {s['cpu_s_median']:7.2f} {s['peak_rss_mb_max']:11.0f}")
+        print(
+            f"{kind:10s} {s['median_s']:9.2f} {s['instances_per_s']:8.1f} "
+            f"{s['mb_per_s']:8.1f} {s['cpu_s_median']:7.2f} {s['peak_rss_mb_max']:11.0f}"
+        )
     for k, v in ratios.items():
-        print(f"{k}: {v}" + (f"  (goal >= {goals[k]}: {'met' if verdict[k] else 'NOT met'})"
-                             if k in goals else ""))
+        print(
+            f"{k}: {v}"
+            + (
+                f"  (goal >= {goals[k]}: {'met' if verdict[k] else 'NOT met'})"
+                if k in goals
+                else ""
+            )
+        )
     print(f"load average: start {LOAD_AT_START}, end {result['load_average_at_end']}")
     print(f"-> {args.out}")
     return 0

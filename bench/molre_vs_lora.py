@@ -52,10 +52,14 @@ from molre.training.metrics import auc_matrix, bootstrap_weights  # noqa: E402
 VARIANTS = ["linear_probe", "lora_r8", "lora_r48", "molre_k6_r8", "molre_uniform", "molre_oracle"]
 REFERENCE = "lora_r48"
 TARGETS = [r"^bottleneck\.conv\.unit[01]\.conv$", r"^dec2\.conv\.unit[01]\.conv$"]
-SIZES = {"full": dict(pre_train=600, pre_val=120, pre_epochs=4, train=400, val=120, test=400,
-                      seeds=5, epochs=8),
-         "quick": dict(pre_train=12, pre_val=8, pre_epochs=1, train=24, val=12, test=24,
-                       seeds=1, epochs=2)}
+SIZES = {
+    "full": dict(
+        pre_train=600, pre_val=120, pre_epochs=4, train=400, val=120, test=400, seeds=5, epochs=8
+    ),
+    "quick": dict(
+        pre_train=12, pre_val=8, pre_epochs=1, train=24, val=12, test=24, seeds=1, epochs=2
+    ),
+}
 
 
 def _catalog() -> Any:
@@ -69,9 +73,14 @@ def pretrained_backbone(size: dict, cache: Path, seed: int) -> tuple[PhantomUNet
     """phantom-3d pretrained on `metro` only (cached under `cache`, keyed by its config)."""
     from safetensors.torch import load_file
 
-    cfg = P.PretrainConfig(seed=seed, train_phantoms=size["pre_train"],
-                           val_phantoms=size["pre_val"], epochs=size["pre_epochs"],
-                           sites=("metro",), workers=2)
+    cfg = P.PretrainConfig(
+        seed=seed,
+        train_phantoms=size["pre_train"],
+        val_phantoms=size["pre_val"],
+        epochs=size["pre_epochs"],
+        sites=("metro",),
+        workers=2,
+    )
     tag = f"phantom-3d-metro-{cfg.train_phantoms}x{cfg.epochs}-s{seed}"
     out = cache / tag
     if not (out / P.WEIGHTS_FILE).is_file():
@@ -97,7 +106,7 @@ def encode(net: PhantomUNet, data: list[P.Sample]) -> dict[str, torch.Tensor]:
     """Frozen activations below the first adapter: enc3 output (1/8) and enc2 output (1/4)."""
     e3, s2 = [], []
     for i in range(0, len(data), 8):
-        x = torch.from_numpy(np.stack([s.x for s in data[i:i + 8]])).float()
+        x = torch.from_numpy(np.stack([s.x for s in data[i : i + 8]])).float()
         a2 = net.enc2(net.enc1(net.stem(x)))
         e3.append(net.enc3(a2).half())
         s2.append(a2.half())
@@ -118,10 +127,18 @@ class Upper(nn.Module):
 
     def forward(self, e3: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
         b = self.bottleneck(e3)
-        u2 = self.dec2(torch.cat([F.interpolate(b, size=s2.shape[2:], mode="trilinear",
-                                                align_corners=False), s2], dim=1))
-        return self.head(torch.cat([b.mean((2, 3, 4)), b.amax((2, 3, 4)), u2.mean((2, 3, 4)),
-                                    u2.amax((2, 3, 4))], dim=1))
+        u2 = self.dec2(
+            torch.cat(
+                [F.interpolate(b, size=s2.shape[2:], mode="trilinear", align_corners=False), s2],
+                dim=1,
+            )
+        )
+        return self.head(
+            torch.cat(
+                [b.mean((2, 3, 4)), b.amax((2, 3, 4)), u2.mean((2, 3, 4)), u2.amax((2, 3, 4))],
+                dim=1,
+            )
+        )
 
 
 class Gates:
@@ -132,6 +149,7 @@ class Gates:
         self.log: list[torch.Tensor] = []
         self.record = False
         for layer in adapted_layers(model).values():
+
             def fn(x, _orig=layer._probs_and_gates):
                 if mode == "uniform":
                     g = torch.full((x.shape[0], experts), 1.0 / experts)
@@ -174,8 +192,8 @@ def predict(m: Upper, gates: Gates | None, d: dict, record: bool = False) -> np.
     with torch.no_grad():
         for i in range(0, len(d["y"]), 32):
             if gates is not None:
-                gates.site = d["site"][i:i + 32]
-            out.append(torch.sigmoid(m(d["e3"][i:i + 32].float(), d["s2"][i:i + 32].float())))
+                gates.site = d["site"][i : i + 32]
+            out.append(torch.sigmoid(m(d["e3"][i : i + 32].float(), d["s2"][i : i + 32].float())))
     if gates is not None:
         gates.record = False
     return torch.cat(out).numpy()
@@ -186,8 +204,16 @@ def macro(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(a)) if a else float("nan")
 
 
-def train_one(variant: str, net: PhantomUNet, tr: dict, va: dict, seed: int, epochs: int,
-              lr: float = 2e-3, batch: int = 16) -> tuple[Upper, Gates | None, int]:
+def train_one(
+    variant: str,
+    net: PhantomUNet,
+    tr: dict,
+    va: dict,
+    seed: int,
+    epochs: int,
+    lr: float = 2e-3,
+    batch: int = 16,
+) -> tuple[Upper, Gates | None, int]:
     """Train one variant; keep the epoch with the best validation macro AUC."""
     m, gates = build(variant, net, seed)
     params = [p for p in m.parameters() if p.requires_grad]
@@ -201,8 +227,12 @@ def train_one(variant: str, net: PhantomUNet, tr: dict, va: dict, seed: int, epo
         for idx in torch.randperm(n, generator=gen).split(batch):
             if gates is not None:
                 gates.site = tr["site"][idx]
-            loss = focal_loss(m(tr["e3"][idx].float(), tr["s2"][idx].float()), tr["y"][idx],
-                              gamma=2.0, pos_weight=pw)
+            loss = focal_loss(
+                m(tr["e3"][idx].float(), tr["s2"][idx].float()),
+                tr["y"][idx],
+                gamma=2.0,
+                pos_weight=pw,
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -214,8 +244,14 @@ def train_one(variant: str, net: PhantomUNet, tr: dict, va: dict, seed: int, epo
     return m, gates, best_ep
 
 
-def paired_ci(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, n_boot: int, seed: int,
-              cols: list[int] | None = None) -> dict[str, float]:
+def paired_ci(
+    y: np.ndarray,
+    pa: np.ndarray,
+    pb: np.ndarray,
+    n_boot: int,
+    seed: int,
+    cols: list[int] | None = None,
+) -> dict[str, float]:
     """Delta macro AUC (a - b) on the same cases, with a case-bootstrap 95 % interval."""
     cols = cols if cols is not None else list(range(y.shape[1]))
     d0 = macro(y[:, cols], pa[:, cols]) - macro(y[:, cols], pb[:, cols])
@@ -239,8 +275,11 @@ def t_interval(values: list[float]) -> dict[str, float]:
     from scipy import stats
 
     h = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
-    return {"mean": round(float(v.mean()), 4), "lo": round(float(v.mean() - h), 4),
-            "hi": round(float(v.mean() + h), 4)}
+    return {
+        "mean": round(float(v.mean()), 4),
+        "lo": round(float(v.mean() - h), 4),
+        "hi": round(float(v.mean() + h), 4),
+    }
 
 
 def write_eval_dir(out: Path, y: np.ndarray, p: np.ndarray, cat: Any) -> None:
@@ -248,8 +287,9 @@ def write_eval_dir(out: Path, y: np.ndarray, p: np.ndarray, cat: Any) -> None:
     from molre.evaluate import METRICS_FILE, Predictions, evaluate_arrays, write_predictions
 
     ids = [f"test_{i:04d}" for i in range(len(y))]
-    write_predictions(out / "predictions.csv",
-                      Predictions(ids, ids, ["test"] * len(ids), list(cat.keys), p, y))
+    write_predictions(
+        out / "predictions.csv", Predictions(ids, ids, ["test"] * len(ids), list(cat.keys), p, y)
+    )
     (out / METRICS_FILE).write_text(json.dumps(evaluate_arrays(y, p, cat, n_boot=0), indent=1))
 
 
@@ -276,8 +316,9 @@ def site_usage(m: Upper, gates: Gates, site: torch.Tensor) -> dict[str, list[flo
     """Mean gate per expert for each site (gates are logged batch by batch, layer by layer)."""
     n_layers = len(adapted_layers(m))
     nb = len(gates.log) // n_layers
-    g = torch.cat([torch.stack(gates.log[b * n_layers:(b + 1) * n_layers]).mean(0)
-                   for b in range(nb)]).numpy()
+    g = torch.cat(
+        [torch.stack(gates.log[b * n_layers : (b + 1) * n_layers]).mean(0) for b in range(nb)]
+    ).numpy()
     out = {}
     for si, name in enumerate(SITES):
         sel = site.numpy() == si
@@ -286,13 +327,23 @@ def site_usage(m: Upper, gates: Gates, site: torch.Tensor) -> dict[str, list[flo
     return out
 
 
-def run_setting(setting: str, net: PhantomUNet, size: dict, seed0: int, boot: int, out: Path,
-                cat: Any, cats: dict[str, list[int]]) -> dict[str, Any]:
+def run_setting(
+    setting: str,
+    net: PhantomUNet,
+    size: dict,
+    seed0: int,
+    boot: int,
+    out: Path,
+    cat: Any,
+    cats: dict[str, list[int]],
+) -> dict[str, Any]:
     sites = tuple(SITES) if setting == "multi" else ("metro",)
     t1 = time.perf_counter()
     base = seed0 + 100 + 10 * (setting == "single")
-    data = {s: encode(net, samples(base, i, size[s], sites))
-            for i, s in enumerate(("train", "val", "test"))}
+    data = {
+        s: encode(net, samples(base, i, size[s], sites))
+        for i, s in enumerate(("train", "val", "test"))
+    }
     t_data = time.perf_counter() - t1
     y = data["test"]["y"].numpy()
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -308,42 +359,66 @@ def run_setting(setting: str, net: PhantomUNet, size: dict, seed0: int, boot: in
                     usage.setdefault(name, []).append(g)
             probs[v].append(p)
             per = dict(zip(PHANTOM_FINDINGS, auc_matrix(y, p)))
-            runs[v].append({"seed": seed, "macro_auc": round(macro(y, p), 4), "epoch": ep,
-                            "per_finding": {k: (round(x, 4) if x is not None else None)
-                                            for k, x in per.items()},
-                            "seconds": round(time.perf_counter() - t2, 1)})
+            runs[v].append(
+                {
+                    "seed": seed,
+                    "macro_auc": round(macro(y, p), 4),
+                    "epoch": ep,
+                    "per_finding": {
+                        k: (round(x, 4) if x is not None else None) for k, x in per.items()
+                    },
+                    "seconds": round(time.perf_counter() - t2, 1),
+                }
+            )
             write_eval_dir(out / setting / f"seed{seed}" / v, y, p, cat)
-            print(f"[{setting}] seed {seed} {v:<14} macro AUC {runs[v][-1]['macro_auc']:.3f} "
-                  f"({runs[v][-1]['seconds']} s)", flush=True)
+            print(
+                f"[{setting}] seed {seed} {v:<14} macro AUC {runs[v][-1]['macro_auc']:.3f} "
+                f"({runs[v][-1]['seconds']} s)",
+                flush=True,
+            )
     summary: dict[str, Any] = {}
     seeds = range(size["seeds"])
     for v in VARIANTS:
         deltas = [paired_ci(y, probs[v][s], probs[REFERENCE][s], boot, s) for s in seeds]
-        by_cat = {c: t_interval([paired_ci(y, probs[v][s], probs[REFERENCE][s], 0, s,
-                                           cols)["delta"] for s in seeds])
-                  for c, cols in cats.items()}
-        summary[v] = {"macro_auc": t_interval([r["macro_auc"] for r in runs[v]]),
-                      "delta_vs_lora_r48_per_seed": deltas,
-                      "delta_vs_lora_r48_over_seeds": t_interval([d["delta"] for d in deltas]),
-                      "delta_by_category": by_cat}
+        by_cat = {
+            c: t_interval(
+                [paired_ci(y, probs[v][s], probs[REFERENCE][s], 0, s, cols)["delta"] for s in seeds]
+            )
+            for c, cols in cats.items()
+        }
+        summary[v] = {
+            "macro_auc": t_interval([r["macro_auc"] for r in runs[v]]),
+            "delta_vs_lora_r48_per_seed": deltas,
+            "delta_vs_lora_r48_over_seeds": t_interval([d["delta"] for d in deltas]),
+            "delta_by_category": by_cat,
+        }
     if usage:
         usage_png(out / f"expert_usage_{setting}.png", usage)
-    return {"sites": list(sites), "n": {k: int(len(d["y"])) for k, d in data.items()},
-            "data_seconds": round(t_data, 1), "runs": runs, "summary": summary,
-            "expert_usage": {s: np.mean(u, axis=0).round(3).tolist() for s, u in usage.items()}}
+    return {
+        "sites": list(sites),
+        "n": {k: int(len(d["y"])) for k, d in data.items()},
+        "data_seconds": round(t_data, 1),
+        "runs": runs,
+        "summary": summary,
+        "expert_usage": {s: np.mean(u, axis=0).round(3).tolist() for s, u in usage.items()},
+    }
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| setting | variant | macro AUC, mean [95% t-CI] over seeds | Δ vs LoRA r=48, mean "
-             "[95% t-CI] over seeds | seed 0: paired bootstrap Δ [95% CI] |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| setting | variant | macro AUC, mean [95% t-CI] over seeds | Δ vs LoRA r=48, mean "
+        "[95% t-CI] over seeds | seed 0: paired bootstrap Δ [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
     for setting, r in result["settings"].items():
         for v, s in r["summary"].items():
             m, d = s["macro_auc"], s["delta_vs_lora_r48_over_seeds"]
             d0 = s["delta_vs_lora_r48_per_seed"][0]
-            lines.append(f"| {setting} | {v} | {m['mean']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}] | "
-                         f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | "
-                         f"{d0['delta']:+.3f} [{d0['lo']:+.3f}, {d0['hi']:+.3f}] |")
+            lines.append(
+                f"| {setting} | {v} | {m['mean']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}] | "
+                f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | "
+                f"{d0['delta']:+.3f} [{d0['lo']:+.3f}, {d0['hi']:+.3f}] |"
+            )
     return "\n".join(lines)
 
 
@@ -354,8 +429,12 @@ def main() -> None:
     ap.add_argument("--settings", default="multi,single")
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2,
-                    help="torch threads (1 when the settings run as two processes)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (1 when the settings run as two processes)",
+    )
     a = ap.parse_args()
     size = SIZES["quick" if a.quick else "full"]
     torch.set_num_threads(a.threads)
@@ -370,9 +449,16 @@ def main() -> None:
         cats.setdefault(cat.get(k).category, []).append(i)
     result: dict[str, Any] = {
         "command": "python bench/molre_vs_lora.py" + (" --quick" if a.quick else ""),
-        "sizes": size, "targets": TARGETS, "reference": REFERENCE, "settings": {},
-        "backbone": {"pretrained_on": "metro", "pretrain_minutes": pcard.get("minutes"),
-                     "presence_auc_val": pcard["validation_presence_auc"]["macro_auc"]}}
+        "sizes": size,
+        "targets": TARGETS,
+        "reference": REFERENCE,
+        "settings": {},
+        "backbone": {
+            "pretrained_on": "metro",
+            "pretrain_minutes": pcard.get("minutes"),
+            "presence_auc_val": pcard["validation_presence_auc"]["macro_auc"],
+        },
+    }
     path = a.out / f"{name}.json"
     for setting in a.settings.split(","):
         t_s = time.perf_counter()

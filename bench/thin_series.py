@@ -80,8 +80,13 @@ class RssSampler:
                 total += rss
                 if p.pid == self.pid or p.pid in self.inference_pids:
                     core += rss
-                name = ("node" if p.pid == self.pid else "inference"
-                        if p.pid in self.inference_pids else _role(p))
+                name = (
+                    "node"
+                    if p.pid == self.pid
+                    else "inference"
+                    if p.pid in self.inference_pids
+                    else _role(p)
+                )
                 others[name] = others.get(name, 0) + rss
             for name, rss in others.items():
                 self.peak_each[name] = max(self.peak_each.get(name, 0), rss)
@@ -117,19 +122,32 @@ def _series(cache: Path, n: int, size: int, seed: int) -> Any:
     info_path = d / "info.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
-        return argparse.Namespace(paths=[Path(p) for p in info["paths"]],
-                                  series_uid=info["series_uid"], thickness=thickness)
+        return argparse.Namespace(
+            paths=[Path(p) for p in info["paths"]],
+            series_uid=info["series_uid"],
+            thickness=thickness,
+        )
     if d.exists():
         shutil.rmtree(d)
     t0 = time.monotonic()
-    info = make_ct_series(d / "dcm", ["subdural_hemorrhage"] if seed % 2 else [], n_slices=n,
-                          size=size, seed=seed, slice_thickness=thickness)
-    info_path.write_text(json.dumps({"paths": [str(p) for p in info.paths],
-                                     "series_uid": info.series_uid}))
-    print(f"  wrote {n} x {size}^2 phantom ({thickness} mm) in {time.monotonic() - t0:.0f} s",
-          flush=True)
-    return argparse.Namespace(paths=list(info.paths), series_uid=info.series_uid,
-                              thickness=thickness)
+    info = make_ct_series(
+        d / "dcm",
+        ["subdural_hemorrhage"] if seed % 2 else [],
+        n_slices=n,
+        size=size,
+        seed=seed,
+        slice_thickness=thickness,
+    )
+    info_path.write_text(
+        json.dumps({"paths": [str(p) for p in info.paths], "series_uid": info.series_uid})
+    )
+    print(
+        f"  wrote {n} x {size}^2 phantom ({thickness} mm) in {time.monotonic() - t0:.0f} s",
+        flush=True,
+    )
+    return argparse.Namespace(
+        paths=list(info.paths), series_uid=info.series_uid, thickness=thickness
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2, help="timed series per slice count")
     ap.add_argument("--release-grace", type=float, default=0.5)
-    ap.add_argument("--quiet-time", type=float, default=60.0,
-                    help="long, so completion comes from the association release")
+    ap.add_argument(
+        "--quiet-time",
+        type=float,
+        default=60.0,
+        help="long, so completion comes from the association release",
+    )
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "molre-thin-cache")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "thin_series.json")
@@ -148,27 +170,39 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
 
     warm = _series(args.cache, 32, args.size, 999)
-    series = {n: [_series(args.cache, n, args.size, 100 * n + r) for r in range(args.repeats)]
-              for n in counts}
+    series = {
+        n: [_series(args.cache, n, args.size, 100 * n + r) for r in range(args.repeats)]
+        for n in counts
+    }
     results: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="molre-thin-") as tmp_s:
         tmp = Path(tmp_s)
         with StorageSCP("THINPACS") as scp:
-            node = NodeProcess.create(tmp / "node", destinations=[scp.destination()],
-                                      quiet_time_s=args.quiet_time,
-                                      release_grace_s=args.release_grace,
-                                      logging={"json": True, "level": "INFO"})
+            node = NodeProcess.create(
+                tmp / "node",
+                destinations=[scp.destination()],
+                quiet_time_s=args.quiet_time,
+                release_grace_s=args.release_grace,
+                logging={"json": True, "level": "INFO"},
+            )
             t_start = time.monotonic()
             with node:
-                wait_until(lambda: any(r.get("event") == "inference process ready"
-                                       for r in node.log_records()),
-                           timeout=args.timeout, what="inference process ready")
+                wait_until(
+                    lambda: any(
+                        r.get("event") == "inference process ready" for r in node.log_records()
+                    ),
+                    timeout=args.timeout,
+                    what="inference process ready",
+                )
                 ready_s = time.monotonic() - t_start
                 assert node.proc is not None
                 print(f"  warm-up: {run_series(node, scp, warm, args.timeout)}", flush=True)
-                inference = {int(r["pid"]) for r in node.log_records()
-                             if r.get("event") == "inference process ready" and r.get("pid")}
+                inference = {
+                    int(r["pid"])
+                    for r in node.log_records()
+                    if r.get("event") == "inference process ready" and r.get("pid")
+                }
                 for n in counts:
                     for info in series[n]:
                         with RssSampler(node.proc.pid, inference) as rss:
@@ -176,26 +210,32 @@ def main(argv: list[str] | None = None) -> int:
                         r["net_s"] = round(r["last_instance_to_sr_s"] - args.release_grace, 3)
                         r["peak_rss_mb"] = round(rss.peak_sum / 2**20)
                         r["peak_rss_node_inference_mb"] = round(rss.peak_node_inference / 2**20)
-                        r["peak_rss_each_mb"] = {k: round(v / 2**20)
-                                                 for k, v in sorted(rss.peak_each.items())}
+                        r["peak_rss_each_mb"] = {
+                            k: round(v / 2**20) for k, v in sorted(rss.peak_each.items())
+                        }
                         r["loadavg_1m"] = round(os.getloadavg()[0], 2)
                         results[n].append(r)
                         print(f"  {n} slices: {r}", flush=True)
-                stages = [rec for rec in node.log_records() if rec.get("event") == "series reported"]
+                stages = [
+                    rec for rec in node.log_records() if rec.get("event") == "series reported"
+                ]
     rows = []
     base = None
     for n in counts:
         runs = results[n]
         med = statistics.median(r["last_instance_to_sr_s"] for r in runs)
-        row = {"slices": n, "thickness_mm": round(COVERAGE_MM / n, 4),
-               "median_last_instance_to_sr_s": round(med, 3),
-               "median_net_s": round(statistics.median(r["net_s"] for r in runs), 3),
-               "median_inference_s": None, "median_worker_total_s": None,
-               "max_peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-               "max_peak_rss_node_inference_mb": max(r["peak_rss_node_inference_mb"]
-                                                     for r in runs),
-               "median_cpu_s": round(statistics.median(r["cpu_s"] for r in runs), 2),
-               "runs": runs}
+        row = {
+            "slices": n,
+            "thickness_mm": round(COVERAGE_MM / n, 4),
+            "median_last_instance_to_sr_s": round(med, 3),
+            "median_net_s": round(statistics.median(r["net_s"] for r in runs), 3),
+            "median_inference_s": None,
+            "median_worker_total_s": None,
+            "max_peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "max_peak_rss_node_inference_mb": max(r["peak_rss_node_inference_mb"] for r in runs),
+            "median_cpu_s": round(statistics.median(r["cpu_s"] for r in runs), 2),
+            "runs": runs,
+        }
         base = base or row["median_net_s"]
         row["net_vs_first"] = round(row["median_net_s"] / base, 2) if base else None
         rows.append(row)
@@ -203,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     done = [rec for rec in stages if rec.get("inference_s") is not None][1:]
     k = 0
     for row in rows:
-        mine = done[k:k + len(row["runs"])]
+        mine = done[k : k + len(row["runs"])]
         k += len(row["runs"])
         if mine:  # worker: inference (read + preprocess + model, in the inference process)
             # and total (+ claim, SR evidence, SR building and writing, outbox)
@@ -215,26 +255,40 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "loadavg_at_start": [round(v, 2) for v in load_start],
         "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
-        "node": {"checkpoint": "packaged demo (serve's default)", "isolation": "process",
-                 "release_grace_s": args.release_grace, "quiet_time_s": args.quiet_time,
-                 "start_to_inference_ready_s": round(ready_s, 2)},
-        "series": {"size": args.size, "coverage_mm": COVERAGE_MM, "repeats": args.repeats,
-                   "sender": "dcmtk storescu (one association)"},
+        "node": {
+            "checkpoint": "packaged demo (serve's default)",
+            "isolation": "process",
+            "release_grace_s": args.release_grace,
+            "quiet_time_s": args.quiet_time,
+            "start_to_inference_ready_s": round(ready_s, 2),
+        },
+        "series": {
+            "size": args.size,
+            "coverage_mm": COVERAGE_MM,
+            "repeats": args.repeats,
+            "sender": "dcmtk storescu (one association)",
+        },
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| slices | mm | last instance -> SR s | net of grace s | inference s | worker s | "
-          "x first | peak RSS MB node + inference | all processes | CPU s |")
+    print(
+        "\n| slices | mm | last instance -> SR s | net of grace s | inference s | worker s | "
+        "x first | peak RSS MB node + inference | all processes | CPU s |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['slices']} | {row['thickness_mm']} | {row['median_last_instance_to_sr_s']}"
-              f" | {row['median_net_s']} | {row['median_inference_s']} | "
-              f"{row['median_worker_total_s']} | {row['net_vs_first']} | "
-              f"{row['max_peak_rss_node_inference_mb']} | {row['max_peak_rss_mb']} | "
-              f"{row['median_cpu_s']} |")
-    print(f"load average at start {result['loadavg_at_start']}, at end "
-          f"{result['loadavg_at_end']}; inference ready {ready_s:.1f} s after start")
+        print(
+            f"| {row['slices']} | {row['thickness_mm']} | {row['median_last_instance_to_sr_s']}"
+            f" | {row['median_net_s']} | {row['median_inference_s']} | "
+            f"{row['median_worker_total_s']} | {row['net_vs_first']} | "
+            f"{row['max_peak_rss_node_inference_mb']} | {row['max_peak_rss_mb']} | "
+            f"{row['median_cpu_s']} |"
+        )
+    print(
+        f"load average at start {result['loadavg_at_start']}, at end "
+        f"{result['loadavg_at_end']}; inference ready {ready_s:.1f} s after start"
+    )
     print(f"-> {args.out}")
     return 0
 

@@ -24,7 +24,7 @@ from common.jsonsafe import jsonable
 audit_app = typer.Typer(
     name="audit",
     help="Query the audit database (studies, series, timelines, findings, exports, stats) and "
-         "prune old data.",
+    "prune old data.",
     no_args_is_help=True,
 )
 
@@ -36,10 +36,17 @@ class Format(str, enum.Enum):
 
 
 DbOpt = typer.Option(None, "--db", help="Database URL or SQLite file (overrides --config).")
-ConfigOpt = typer.Option(None, "--config", "-c", help="Node config TOML (its database is used).",
-                         exists=False, dir_okay=False)
-FormatOpt = typer.Option(Format.table, "--format", "-f", help="Output format.",
-                         case_sensitive=False)
+ConfigOpt = typer.Option(
+    None,
+    "--config",
+    "-c",
+    help="Node config TOML (its database is used).",
+    exists=False,
+    dir_okay=False,
+)
+FormatOpt = typer.Option(
+    Format.table, "--format", "-f", help="Output format.", case_sensitive=False
+)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -64,8 +71,10 @@ def parse_since(text: str | None) -> dt.datetime | None:
     try:
         value = dt.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise MolreError(f"--since {text!r}: use a date (2026-01-31), a date-time "
-                         "(2026-01-31T08:00) or a duration ago (7d)") from None
+        raise MolreError(
+            f"--since {text!r}: use a date (2026-01-31), a date-time "
+            "(2026-01-31T08:00) or a duration ago (7d)"
+        ) from None
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
@@ -94,10 +103,19 @@ def _open(db: str | None, config: Path | None):
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         if not Path(parsed.database).expanduser().is_file():
-            where = "--db" if db is not None else (f"{config} (storage.data_dir / database_url)"
-                                                   if config else "the default data dir")
-            raise MolreError(f"no audit database at {parsed.database} (from {where}); start the "
-                             "node first, or pass --db URL / --config FILE")
+            where = (
+                "--db"
+                if db is not None
+                else (
+                    f"{config} (storage.data_dir / database_url)"
+                    if config
+                    else "the default data dir"
+                )
+            )
+            raise MolreError(
+                f"no audit database at {parsed.database} (from {where}); start the "
+                "node first, or pass --db URL / --config FILE"
+            )
     database = Database(url)
     database.upgrade()
     store_phi = bool(cfg.audit.store_phi) if cfg is not None else False
@@ -116,11 +134,12 @@ def _cell(value: Any) -> str:
 
 
 def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def render(rows: list[dict[str, Any]], fmt: Format, *, payload: Any = None,
-           max_width: int = 64) -> str:
+def render(
+    rows: list[dict[str, Any]], fmt: Format, *, payload: Any = None, max_width: int = 64
+) -> str:
     """Rows as an aligned text table, a JSON array (or ``payload``), or CSV with a header."""
     if fmt is Format.json:
         return json.dumps(jsonable(payload if payload is not None else rows), indent=2)
@@ -137,8 +156,10 @@ def render(rows: list[dict[str, Any]], fmt: Format, *, payload: Any = None,
     cols = list(rows[0])
     cells = [[_clip(_cell(r.get(c)), max_width) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
 
@@ -153,40 +174,58 @@ def studies_cmd(
     since: str | None = typer.Option(None, "--since", help="First seen at/after: date or '7d'."),
     accession: str | None = typer.Option(None, "--accession", help="Only this accession number."),
     limit: int = typer.Option(100, "--limit", help="At most this many rows (0 = all)."),
-    phi: bool = typer.Option(False, "--phi", help="Show patient columns (only filled when the "
-                             "node runs with audit.store_phi = true)."),
-    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+    phi: bool = typer.Option(
+        False,
+        "--phi",
+        help="Show patient columns (only filled when the node runs with audit.store_phi = true).",
+    ),
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Studies seen by the node, newest first, with the states of their series."""
     store, _ = _open(db, config)
-    _echo(store.studies(since=parse_since(since), accession=accession, limit=limit or None,
-                        include_phi=phi), fmt)
+    _echo(
+        store.studies(
+            since=parse_since(since), accession=accession, limit=limit or None, include_phi=phi
+        ),
+        fmt,
+    )
 
 
 @audit_app.command("series")
 def series_cmd(
-    state: str | None = typer.Option(None, "--state", help="receiving, complete, selected, "
-                                     "skipped, queued, inferring, reported, delivered, failed."),
+    state: str | None = typer.Option(
+        None,
+        "--state",
+        help="receiving, complete, selected, "
+        "skipped, queued, inferring, reported, delivered, failed.",
+    ),
     study: str | None = typer.Option(None, "--study", help="Only series of this Study UID."),
     since: str | None = typer.Option(None, "--since", help="Last instance at/after: date or '7d'."),
     limit: int = typer.Option(100, "--limit", help="At most this many rows (0 = all)."),
-    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Series and where they are in the pipeline (state, version, reason)."""
     from storage import SeriesState
 
     if state is not None and state not in {s.value for s in SeriesState}:
-        raise MolreError(f"--state {state!r}: use one of "
-                         f"{', '.join(s.value for s in SeriesState)}")
+        raise MolreError(f"--state {state!r}: use one of {', '.join(s.value for s in SeriesState)}")
     store, _ = _open(db, config)
-    _echo(store.series(state=state, study_uid=study, since=parse_since(since),
-                       limit=limit or None), fmt)
+    _echo(
+        store.series(state=state, study_uid=study, since=parse_since(since), limit=limit or None),
+        fmt,
+    )
 
 
 @audit_app.command("show")
 def show_cmd(
     uid: str = typer.Argument(..., help="Study Instance UID, Series Instance UID or accession."),
-    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """The full timeline of a study or series: every event, oldest first."""
     from storage import NotFound
@@ -201,15 +240,22 @@ def show_cmd(
 
 @audit_app.command("findings")
 def findings_cmd(
-    finding: str | None = typer.Option(None, "--finding", help="Finding key, e.g. "
-                                       "subdural_hemorrhage (the packaged catalog's keys are in "
-                                       "docs/catalog.md; an unknown key lists the valid ones)."),
-    min_prob: float | None = typer.Option(None, "--min-prob", help="Only probabilities >= P "
-                                          "(0..1)."),
+    finding: str | None = typer.Option(
+        None,
+        "--finding",
+        help="Finding key, e.g. "
+        "subdural_hemorrhage (the packaged catalog's keys are in "
+        "docs/catalog.md; an unknown key lists the valid ones).",
+    ),
+    min_prob: float | None = typer.Option(
+        None, "--min-prob", help="Only probabilities >= P (0..1)."
+    ),
     since: str | None = typer.Option(None, "--since", help="Reported at/after: date or '7d'."),
     positive: bool = typer.Option(False, "--positive", help="Only positive decisions."),
     limit: int = typer.Option(0, "--limit", help="At most this many rows (0 = all)."),
-    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Per-finding results (probability and decision) of reported series, newest first."""
     if min_prob is not None and not 0.0 <= min_prob <= 1.0:
@@ -217,8 +263,13 @@ def findings_cmd(
     store, _ = _open(db, config)
     if finding is not None:
         _check_finding_key(store, finding)
-    rows = store.findings(key=finding, min_prob=min_prob, since=parse_since(since),
-                          positive_only=positive, limit=limit or None)
+    rows = store.findings(
+        key=finding,
+        min_prob=min_prob,
+        since=parse_since(since),
+        positive_only=positive,
+        limit=limit or None,
+    )
     if fmt is not Format.json:  # the table and CSV say what the SR says; JSON keeps the boolean
         rows = [r | {"decision": "Present" if r.get("decision") else "Absent"} for r in rows]
     _echo(rows, fmt)
@@ -241,20 +292,27 @@ def _check_finding_key(store: Any, key: str) -> None:
     if key in recorded:
         return
     valid = sorted(known | recorded)
-    close = ([k for k in valid if key.lower() in k][:5]
-             or difflib.get_close_matches(key.lower(), valid, n=3))
+    close = [k for k in valid if key.lower() in k][:5] or difflib.get_close_matches(
+        key.lower(), valid, n=3
+    )
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise MolreError(f"--finding {key!r} is not a finding key.{hint} Valid keys: "
-                     f"{', '.join(valid)}")
+    raise MolreError(
+        f"--finding {key!r} is not a finding key.{hint} Valid keys: {', '.join(valid)}"
+    )
 
 
 @audit_app.command("exports")
 def exports_cmd(
     pending: bool = typer.Option(False, "--pending", help="Only not yet delivered."),
-    failed: bool = typer.Option(False, "--failed", help="Only not delivered whose last attempt "
-                                "failed (still being retried)."),
+    failed: bool = typer.Option(
+        False,
+        "--failed",
+        help="Only not delivered whose last attempt failed (still being retried).",
+    ),
     limit: int = typer.Option(0, "--limit", help="At most this many rows (0 = all)."),
-    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """The outbox: reports and their delivery to each destination."""
     store, _ = _open(db, config)
@@ -265,7 +323,9 @@ def exports_cmd(
 def notifications_cmd(
     pending: bool = typer.Option(False, "--pending", help="Only not yet delivered."),
     limit: int = typer.Option(0, "--limit", help="At most this many rows (0 = all)."),
-    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Critical-finding notifications and their delivery state (pending, delivered,
     rejected), attempts and last error."""
@@ -275,14 +335,19 @@ def notifications_cmd(
 
 @audit_app.command("agreement")
 def agreement_cmd(
-    shadow: str | None = typer.Option(None, "--shadow", help="Only this shadow model "
-                                      "([[model.shadow]] name)."),
-    by: str = typer.Option("finding", "--by", help="finding (default), site (manufacturer + "
-                           "model) or manufacturer."),
-    show_disagreements: bool = typer.Option(False, "--disagreements", help="List the cases "
-                                            "where primary and shadow decisions differ."),
+    shadow: str | None = typer.Option(
+        None, "--shadow", help="Only this shadow model ([[model.shadow]] name)."
+    ),
+    by: str = typer.Option(
+        "finding", "--by", help="finding (default), site (manufacturer + model) or manufacturer."
+    ),
+    show_disagreements: bool = typer.Option(
+        False, "--disagreements", help="List the cases where primary and shadow decisions differ."
+    ),
     since: str | None = typer.Option(None, "--since", help="Results at/after: date or '7d'."),
-    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Shadow mode: primary vs shadow model per finding -- agreement, Cohen's kappa,
     positives of each side; --by site/manufacturer; --disagreements lists the cases."""
@@ -311,8 +376,9 @@ def _flatten(prefix: str, value: Any, out: list[dict[str, Any]]) -> None:
 
 
 @audit_app.command("stats")
-def stats_cmd(db: str | None = DbOpt, config: Path | None = ConfigOpt,
-              fmt: Format = FormatOpt) -> None:
+def stats_cmd(
+    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt
+) -> None:
     """Counts per state and latency percentiles (received -> reported -> delivered)."""
     store, _ = _open(db, config)
     data = store.stats()
@@ -323,12 +389,18 @@ def stats_cmd(db: str | None = DbOpt, config: Path | None = ConfigOpt,
 
 @audit_app.command("prune")
 def prune_cmd(
-    older_than: str | None = typer.Option(None, "--older-than", help="Retention, e.g. 30d "
-                                          "(default: audit.retention_days of the config)."),
+    older_than: str | None = typer.Option(
+        None,
+        "--older-than",
+        help="Retention, e.g. 30d (default: audit.retention_days of the config).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be removed."),
-    spool_dir: Path | None = typer.Option(None, "--spool", help="Spool folder (default: the "
-                                          "config's <data_dir>/spool)."),
-    db: str | None = DbOpt, config: Path | None = ConfigOpt, fmt: Format = FormatOpt,
+    spool_dir: Path | None = typer.Option(
+        None, "--spool", help="Spool folder (default: the config's <data_dir>/spool)."
+    ),
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Remove rows and spool/report files past the retention; pending work is never touched."""
     from storage import Spool
@@ -337,8 +409,9 @@ def prune_cmd(
     if older_than is None:
         days = cfg.audit.retention_days if cfg is not None else 0
         if not days:
-            raise MolreError("prune needs --older-than (e.g. 30d) or audit.retention_days > 0 "
-                             "in the config")
+            raise MolreError(
+                "prune needs --older-than (e.g. 30d) or audit.retention_days > 0 in the config"
+            )
         retention = dt.timedelta(days=days)
     else:
         retention = parse_duration(older_than)
@@ -348,11 +421,13 @@ def prune_cmd(
     data = report.to_dict()
     verb = "would remove" if dry_run else "removed"
     if fmt is Format.table:
-        typer.echo(f"{verb} (cutoff {report.cutoff.isoformat()}): {len(report.series)} series, "
-                   f"{len(report.studies)} studies, {report.instances} instances, "
-                   f"{report.jobs} jobs, {report.results} results, {report.exports} exports, "
-                   f"{report.events} events, {report.associations} associations, "
-                   f"{len(report.files)} files ({report.bytes} bytes of spool)")
+        typer.echo(
+            f"{verb} (cutoff {report.cutoff.isoformat()}): {len(report.series)} series, "
+            f"{len(report.studies)} studies, {report.instances} instances, "
+            f"{report.jobs} jobs, {report.results} results, {report.exports} exports, "
+            f"{report.events} events, {report.associations} associations, "
+            f"{len(report.files)} files ({report.bytes} bytes of spool)"
+        )
         for uid in report.series:
             typer.echo(f"  series {uid}")
         for path in report.files:
@@ -367,7 +442,8 @@ def prune_cmd(
 @audit_app.command("retry")
 def retry_cmd(
     series_uid: str = typer.Argument(..., help="Series Instance UID of a failed series."),
-    db: str | None = DbOpt, config: Path | None = ConfigOpt,
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Re-queue a failed series: a new inference job (attempts from 0), audited as an operator
     retry. The running nodes' workers pick it up; nothing else changes."""

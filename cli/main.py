@@ -35,8 +35,9 @@ def _version(value: bool) -> None:
 def _root(
     log_json: bool = typer.Option(False, "--log-json", help="Log one JSON object per line."),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     configure_logging(json_output=log_json, level=log_level)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 
-def _load(config: Path | None, port: int | None, data_dir: Path | None,
-          roles: str | None = None):
+def _load(config: Path | None, port: int | None, data_dir: Path | None, roles: str | None = None):
     from node.config import load_config, with_overrides
 
     cfg = load_config(config)
@@ -20,16 +19,23 @@ def register(app: typer.Typer) -> None:
 
     @app.command("serve")
     def serve(
-        config: Path = typer.Option(None, "--config", "-c",
-                                    help="Node configuration (TOML); see config.example.toml. "
-                                         "Without it: built-in defaults (AE MOLRE, port 11112 "
-                                         "on 127.0.0.1, ./molre-data, demo checkpoint)."),
+        config: Path = typer.Option(
+            None,
+            "--config",
+            "-c",
+            help="Node configuration (TOML); see config.example.toml. "
+            "Without it: built-in defaults (AE MOLRE, port 11112 "
+            "on 127.0.0.1, ./molre-data, demo checkpoint).",
+        ),
         port: int = typer.Option(None, "--port", help="Override network.port."),
         data_dir: Path = typer.Option(None, "--data-dir", help="Override storage.data_dir."),
-        roles: str = typer.Option(None, "--roles",
-                                  help="Override node.roles: a comma-separated subset of "
-                                       "receive,assemble,infer,dispatch (several nodes on one "
-                                       "PostgreSQL database; docs/operations.md)."),
+        roles: str = typer.Option(
+            None,
+            "--roles",
+            help="Override node.roles: a comma-separated subset of "
+            "receive,assemble,infer,dispatch (several nodes on one "
+            "PostgreSQL database; docs/operations.md).",
+        ),
     ) -> None:
         """Run the DICOM node: receive head CT, read it, send the SR back. Stops on SIGTERM."""
         from common.log import configure_logging
@@ -53,15 +59,20 @@ def register(app: typer.Typer) -> None:
         if show:
             shown = cfg.public_dict()  # never print a password, token or secret
             typer.echo(json.dumps(shown, indent=2))
-        typer.echo(f"ok: {config or '<defaults>'} (AE {cfg.network.ae_title} on "
-                   f"{cfg.network.host}:{cfg.network.port}, {len(cfg.destinations)} "
-                   f"destination(s), database {mask_url(cfg.database_url)})")
+        typer.echo(
+            f"ok: {config or '<defaults>'} (AE {cfg.network.ae_title} on "
+            f"{cfg.network.host}:{cfg.network.port}, {len(cfg.destinations)} "
+            f"destination(s), database {mask_url(cfg.database_url)})"
+        )
 
     @app.command("config-schema")
     def config_schema(
-        keys: bool = typer.Option(False, "--keys",
-                                  help="Print the markdown table of every key (the one in "
-                                       "docs/configuration.md) instead of the JSON schema."),
+        keys: bool = typer.Option(
+            False,
+            "--keys",
+            help="Print the markdown table of every key (the one in "
+            "docs/configuration.md) instead of the JSON schema.",
+        ),
     ) -> None:
         """Print the JSON schema of the configuration file (or the docs' key table)."""
         import json
@@ -84,7 +95,9 @@ def register(app: typer.Typer) -> None:
         if status == 0:
             typer.echo(f"C-ECHO {called_ae}@{host}:{port}: success")
             return
-        typer.echo(f"C-ECHO {called_ae}@{host}:{port}: "
-                   f"{'no association' if status is None else f'status 0x{status:04X}'}",
-                   err=True)
+        typer.echo(
+            f"C-ECHO {called_ae}@{host}:{port}: "
+            f"{'no association' if status is None else f'status 0x{status:04X}'}",
+            err=True,
+        )
         raise typer.Exit(1)

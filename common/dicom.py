@@ -13,8 +13,10 @@ from pydicom.uid import (
 )
 
 #: multi-frame CT: geometry and rescale live in the functional groups
-MULTIFRAME_CT_CLASSES: tuple[UID, ...] = (EnhancedCTImageStorage,
-                                          LegacyConvertedEnhancedCTImageStorage)
+MULTIFRAME_CT_CLASSES: tuple[UID, ...] = (
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
 #: the CT storage classes the node receives and the volume reader reads; any other is ignored
 CT_STORAGE_CLASSES: tuple[UID, ...] = (CTImageStorage, *MULTIFRAME_CT_CLASSES)
 
@@ -48,5 +50,11 @@ def functional_group_value(ds: Any, frame_item: Any, sequence: str, keyword: str
     return ds.get(keyword) if ds is not None else None
 
 
-__all__ = ["CT_STORAGE_CLASSES", "MAX_FIELD_OF_VIEW_MM", "MULTIFRAME_CT_CLASSES",
-           "PIXEL_SPACING_MM", "first_item", "functional_group_value"]
+__all__ = [
+    "CT_STORAGE_CLASSES",
+    "MAX_FIELD_OF_VIEW_MM",
+    "MULTIFRAME_CT_CLASSES",
+    "PIXEL_SPACING_MM",
+    "first_item",
+    "functional_group_value",
+]

@@ -11,8 +11,14 @@ from typing import IO, Any
 Writer = Callable[[IO[Any]], Any]
 
 
-def atomic_write(path: str | Path, data: bytes | str | Writer, *, binary: bool | None = None,
-                 mode: int = 0o644, encoding: str = "utf-8") -> Path:
+def atomic_write(
+    path: str | Path,
+    data: bytes | str | Writer,
+    *,
+    binary: bool | None = None,
+    mode: int = 0o644,
+    encoding: str = "utf-8",
+) -> Path:
     """Write `data` (bytes, text, or a function that writes to the open file: a text file
     unless ``binary=True``) to a temp file
     in `path`'s folder (same filesystem: the rename is atomic), fsync it, give it `mode`
@@ -24,8 +30,9 @@ def atomic_write(path: str | Path, data: bytes | str | Writer, *, binary: bool |
     try:
         if binary is None:
             binary = isinstance(data, (bytes, bytearray))
-        stream: IO[Any] = (os.fdopen(fd, "wb") if binary
-                           else os.fdopen(fd, "w", encoding=encoding, newline=""))
+        stream: IO[Any] = (
+            os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding, newline="")
+        )
         with stream as fh:
             if callable(data):
                 data(fh)

@@ -43,7 +43,7 @@ def clean_text(text: Any, limit: int = 500) -> str:
 
     For messages the node composes itself (they may embed UIDs and numbers, never PHI)."""
     out = _CONTROL.sub(" ", str(text)).strip()
-    return out if len(out) <= limit else out[:limit - 1] + "…"
+    return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
 def redact(text: Any, limit: int = 300) -> str:
@@ -107,19 +107,29 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def _showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
-                 file: Any = None, line: str | None = None) -> None:
+def _showwarning(
+    message: Any,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
     """``warnings.showwarning``: one structured record, the message redacted."""
     structlog.get_logger("py.warnings").warning(
-        "python warning", category=getattr(category, "__name__", str(category)),
-        source=f"{filename.rsplit('/', 1)[-1]}:{lineno}", message=redact(str(message)))
+        "python warning",
+        category=getattr(category, "__name__", str(category)),
+        source=f"{filename.rsplit('/', 1)[-1]}:{lineno}",
+        message=redact(str(message)),
+    )
 
 
 def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
     if issubclass(exc_type, KeyboardInterrupt):
         return
-    structlog.get_logger("uncaught").error("uncaught exception",
-                                           exception=_safe_exception(exc.with_traceback(tb)))
+    structlog.get_logger("uncaught").error(
+        "uncaught exception", exception=_safe_exception(exc.with_traceback(tb))
+    )
 
 
 def _thread_excepthook(args: Any) -> None:
@@ -128,15 +138,18 @@ def _thread_excepthook(args: Any) -> None:
     structlog.get_logger("uncaught").error(
         "uncaught exception in thread",
         thread=getattr(args.thread, "name", None),
-        exception=_safe_exception(args.exc_value.with_traceback(args.exc_traceback)))
+        exception=_safe_exception(args.exc_value.with_traceback(args.exc_traceback)),
+    )
 
 
 def _unraisablehook(args: Any) -> None:
-    """"Exception ignored in ..." (a failing __del__, a callback): a record, not raw text."""
+    """ "Exception ignored in ..." (a failing __del__, a callback): a record, not raw text."""
     exc = args.exc_value
     structlog.get_logger("uncaught").warning(
-        "exception ignored", where=redact(repr(getattr(args, "object", None)), 120),
-        exception=_safe_exception(exc) if exc is not None else None)
+        "exception ignored",
+        where=redact(repr(getattr(args, "object", None)), 120),
+        exception=_safe_exception(exc) if exc is not None else None,
+    )
 
 
 def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
@@ -155,8 +168,13 @@ def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(), _exc_processor,
-                    _clean_processor, renderer],
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            _exc_processor,
+            _clean_processor,
+            renderer,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
@@ -164,10 +182,17 @@ def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
     # stdlib loggers (pynetdicom, pydicom, alembic) go to stderr at WARNING unless we are
     # verbose, rendered like structlog's own records
     handler = logging.StreamHandler(_CurrentStderr())
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, _foreign_processor],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _exc_processor,
-                    _clean_processor, renderer]))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, _foreign_processor],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _exc_processor,
+                _clean_processor,
+                renderer,
+            ],
+        )
+    )
     logging.basicConfig(level=max(lvl, logging.WARNING), handlers=[handler], force=True)
     logging.getLogger("pynetdicom").setLevel(max(lvl, logging.WARNING))
     logging.captureWarnings(False)
@@ -201,5 +226,12 @@ def get_logger(name: str | None = None, **bound) -> structlog.typing.FilteringBo
     return log.bind(**bound) if bound else log
 
 
-__all__ = ["REDACTED", "banner", "clean_text", "configure_logging", "get_logger",
-           "json_logging", "redact"]
+__all__ = [
+    "REDACTED",
+    "banner",
+    "clean_text",
+    "configure_logging",
+    "get_logger",
+    "json_logging",
+    "redact",
+]

@@ -69,7 +69,9 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-def _preprocess_one(source: str, recipe_dict: dict, target: str) -> tuple[str, str | None, list[str]]:
+def _preprocess_one(
+    source: str, recipe_dict: dict, target: str
+) -> tuple[str, str | None, list[str]]:
     """Worker: read + preprocess + write. Returns (source, error or None, reader warnings)."""
     from molre.data.preprocess import Recipe
     from molre.data.volume import read_volume
@@ -98,9 +100,14 @@ class CacheReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"ok": len(self.paths), "failed": len(self.failures), "built": self.built,
-                "reused": self.reused, "seconds": round(self.seconds, 3),
-                "failures": dict(self.failures)}
+        return {
+            "ok": len(self.paths),
+            "failed": len(self.failures),
+            "built": self.built,
+            "reused": self.reused,
+            "seconds": round(self.seconds, 3),
+            "failures": dict(self.failures),
+        }
 
 
 class VolumeCache:
@@ -126,11 +133,18 @@ class VolumeCache:
         if not meta.exists():
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = meta.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.recipe.to_dict(), indent=2, default=str), encoding="utf-8")
+            tmp.write_text(
+                json.dumps(self.recipe.to_dict(), indent=2, default=str), encoding="utf-8"
+            )
             os.replace(tmp, meta)
 
-    def build(self, sources: Sequence[str | Path], workers: int = 0, progress: bool = True,
-              allow_all_failed: bool = False) -> CacheReport:
+    def build(
+        self,
+        sources: Sequence[str | Path],
+        workers: int = 0,
+        progress: bool = True,
+        allow_all_failed: bool = False,
+    ) -> CacheReport:
         """Make sure every source has a cached tensor; preprocess the missing ones.
 
         `workers` > 0 preprocesses in that many processes. Raises MolreError when every source
@@ -151,13 +165,20 @@ class VolumeCache:
         if todo:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc=f"cache {self.dir.name[:12]}", unit="series",
-                       disable=not progress, leave=False)
+            bar = tqdm(
+                total=len(todo),
+                desc=f"cache {self.dir.name[:12]}",
+                unit="series",
+                disable=not progress,
+                leave=False,
+            )
             recipe_dict = self.recipe.to_dict()
             results: list[tuple[str, str | None, list[str]]] = []
             if workers and workers > 0 and len(todo) > 1:
                 with ProcessPoolExecutor(max_workers=workers) as pool:
-                    futs = {pool.submit(_preprocess_one, s, recipe_dict, str(p)): s for s, p in todo}
+                    futs = {
+                        pool.submit(_preprocess_one, s, recipe_dict, str(p)): s for s, p in todo
+                    }
                     for fut in as_completed(futs):
                         results.append(fut.result())
                         bar.update(1)
@@ -179,9 +200,17 @@ class VolumeCache:
         report.seconds = time.perf_counter() - t0
         if sources and not report.paths and not allow_all_failed:
             first = "; ".join(f"{k}: {v}" for k, v in list(report.failures.items())[:3])
-            raise MolreError(f"none of the {len(sources)} series could be preprocessed "
-                             f"(first reasons: {first}); check the manifest paths and the data")
-        log.info("cache.ready", dir=str(self.dir), ok=len(report.paths), built=report.built,
-                 reused=report.reused, failed=len(report.failures),
-                 seconds=round(report.seconds, 2))
+            raise MolreError(
+                f"none of the {len(sources)} series could be preprocessed "
+                f"(first reasons: {first}); check the manifest paths and the data"
+            )
+        log.info(
+            "cache.ready",
+            dir=str(self.dir),
+            ok=len(report.paths),
+            built=report.built,
+            reused=report.reused,
+            failed=len(report.failures),
+            seconds=round(report.seconds, 2),
+        )
         return report

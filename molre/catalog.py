@@ -66,45 +66,65 @@ class Finding:
 def _validate_finding(raw: Mapping[str, Any], where: str) -> Finding:
     missing = [f for f in FIELDS if not str(raw.get(f) or "").strip()]
     if missing:
-        raise MolreError(f"{where}: missing field(s) {', '.join(missing)}; every finding needs "
-                         f"{', '.join(FIELDS)}")
+        raise MolreError(
+            f"{where}: missing field(s) {', '.join(missing)}; every finding needs "
+            f"{', '.join(FIELDS)}"
+        )
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
-        raise MolreError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
-                         f"{', '.join(FIELDS)}")
+        raise MolreError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}"
+        )
     vals = {f: str(raw[f]).strip() for f in FIELDS}
     if not _KEY_RE.match(vals["key"]):
-        raise MolreError(f"{where}: key {vals['key']!r} must be lower-case letters, digits and "
-                         "underscores, starting with a letter (at most 64 characters)")
+        raise MolreError(
+            f"{where}: key {vals['key']!r} must be lower-case letters, digits and "
+            "underscores, starting with a letter (at most 64 characters)"
+        )
     if vals["category"] not in CATEGORIES:
-        raise MolreError(f"{where} (key {vals['key']!r}): unknown category {vals['category']!r}; "
-                         f"use one of {', '.join(CATEGORIES)}")
+        raise MolreError(
+            f"{where} (key {vals['key']!r}): unknown category {vals['category']!r}; "
+            f"use one of {', '.join(CATEGORIES)}"
+        )
     # DICOM limits: CodingSchemeDesignator and CodeValue are SH (16), CodeMeaning is LO (64).
     if len(vals["scheme"]) > 16 or len(vals["value"]) > 16 or " " in vals["value"]:
-        raise MolreError(f"{where} (key {vals['key']!r}): scheme/value must be at most 16 "
-                         "characters without spaces (DICOM SH)")
+        raise MolreError(
+            f"{where} (key {vals['key']!r}): scheme/value must be at most 16 "
+            "characters without spaces (DICOM SH)"
+        )
     if len(vals["meaning"]) > 64:
-        raise MolreError(f"{where} (key {vals['key']!r}): meaning longer than 64 characters "
-                         "(DICOM LO); shorten it")
+        raise MolreError(
+            f"{where} (key {vals['key']!r}): meaning longer than 64 characters "
+            "(DICOM LO); shorten it"
+        )
     return Finding(**vals)
 
 
 class Catalog:
     """An ordered, validated set of findings; position = index of the model's output logit."""
 
-    def __init__(self, findings: Sequence[Finding], name: str = "custom", version: str = "0",
-                 source: str = "<memory>") -> None:
+    def __init__(
+        self,
+        findings: Sequence[Finding],
+        name: str = "custom",
+        version: str = "0",
+        source: str = "<memory>",
+    ) -> None:
         seen: dict[str, int] = {}
         codes: dict[tuple[str, str], str] = {}
         for i, f in enumerate(findings):
             if f.key in seen:
-                raise MolreError(f"{source}: duplicate finding key {f.key!r} (entries "
-                                 f"{seen[f.key] + 1} and {i + 1}); keys must be unique")
+                raise MolreError(
+                    f"{source}: duplicate finding key {f.key!r} (entries "
+                    f"{seen[f.key] + 1} and {i + 1}); keys must be unique"
+                )
             seen[f.key] = i
             code = (f.scheme, f.value)
             if code in codes:
-                raise MolreError(f"{source}: code {f.scheme} {f.value} used by both "
-                                 f"{codes[code]!r} and {f.key!r}; each finding needs its own code")
+                raise MolreError(
+                    f"{source}: code {f.scheme} {f.value} used by both "
+                    f"{codes[code]!r} and {f.key!r}; each finding needs its own code"
+                )
             codes[code] = f.key
         if not findings:
             raise MolreError(f"{source}: the catalog has no findings")
@@ -130,8 +150,10 @@ class Catalog:
         try:
             return self._index[key]
         except KeyError:
-            raise MolreError(f"unknown finding key {key!r} in catalog {self.name!r} "
-                             f"({len(self)} findings); the keys are listed in docs/catalog.md") from None
+            raise MolreError(
+                f"unknown finding key {key!r} in catalog {self.name!r} "
+                f"({len(self)} findings); the keys are listed in docs/catalog.md"
+            ) from None
 
     def get(self, key: str) -> Finding:
         return self.findings[self.index(key)]
@@ -173,21 +195,27 @@ class Catalog:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Catalog:
         if not isinstance(data, Mapping) or not isinstance(data.get("findings"), list):
-            raise MolreError(f"{source}: a catalog needs a 'findings' list "
-                             "(see docs/catalog.md for the format)")
+            raise MolreError(
+                f"{source}: a catalog needs a 'findings' list (see docs/catalog.md for the format)"
+            )
         fmt = data.get("format", _FORMAT)
         if fmt != _FORMAT:
             raise MolreError(f"{source}: format {fmt!r} is not {_FORMAT!r}")
         findings = []
         for i, raw in enumerate(data["findings"]):
             if not isinstance(raw, Mapping):
-                raise MolreError(f"{source}: findings[{i}] must be an object with "
-                                 f"{', '.join(FIELDS)}")
+                raise MolreError(
+                    f"{source}: findings[{i}] must be an object with {', '.join(FIELDS)}"
+                )
             key = raw.get("key")
             where = f"{source}: findings[{i}]" + (f" ({key!r})" if key else "")
             findings.append(_validate_finding(raw, where))
-        return cls(findings, name=str(data.get("name", "custom")),
-                   version=str(data.get("version", "0")), source=source)
+        return cls(
+            findings,
+            name=str(data.get("name", "custom")),
+            version=str(data.get("version", "0")),
+            source=source,
+        )
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the findings (order, keys, codes).
@@ -195,17 +223,25 @@ class Catalog:
         Only the findings are hashed — not name/version — because they are what a trained head
         depends on; a renamed but identical catalog stays compatible with its checkpoints.
         """
-        canon = json.dumps([f.to_dict() for f in self.findings], sort_keys=True,
-                           separators=(",", ":"), ensure_ascii=True)
+        canon = json.dumps(
+            [f.to_dict() for f in self.findings],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+        )
         return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
     def to_markdown(self) -> str:
         """A Markdown table of the catalog (used to generate docs/catalog.md)."""
-        lines = ["| # | key | finding | category | scheme | code | meaning |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = [
+            "| # | key | finding | category | scheme | code | meaning |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for i, f in enumerate(self.findings):
-            lines.append(f"| {i} | `{f.key}` | {f.name} | {CATEGORIES[f.category]} | {f.scheme} "
-                         f"| {f.value} | {f.meaning} |")
+            lines.append(
+                f"| {i} | `{f.key}` | {f.name} | {CATEGORIES[f.category]} | {f.scheme} "
+                f"| {f.value} | {f.meaning} |"
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -222,8 +258,10 @@ def _read_csv(path: Path) -> Catalog:
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in (reader.fieldnames or [])]
     if sorted(header) != sorted(FIELDS):
-        raise MolreError(f"{path}: line 1: header must be {','.join(FIELDS)} "
-                         f"(got {','.join(header) or 'nothing'})")
+        raise MolreError(
+            f"{path}: line 1: header must be {','.join(FIELDS)} "
+            f"(got {','.join(header) or 'nothing'})"
+        )
     findings = []
     for row in reader:
         line_no = reader.line_num
@@ -243,8 +281,10 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
     else:
         p = Path(path)
         if not p.is_file():
-            raise MolreError(f"catalog file {p} does not exist; give a .json or .csv catalog "
-                             "(format in docs/catalog.md) or omit it to use the packaged one")
+            raise MolreError(
+                f"catalog file {p} does not exist; give a .json or .csv catalog "
+                "(format in docs/catalog.md) or omit it to use the packaged one"
+            )
     if p.suffix.lower() == ".csv":
         return _read_csv(p)
     if p.suffix.lower() != ".json":
@@ -258,5 +298,12 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
     return Catalog.from_dict(data, source=str(p))
 
 
-__all__ = ["CATEGORIES", "Catalog", "FIELDS", "Finding", "LOCAL_SCHEME", "default_catalog_path",
-           "load_catalog"]
+__all__ = [
+    "CATEGORIES",
+    "Catalog",
+    "FIELDS",
+    "Finding",
+    "LOCAL_SCHEME",
+    "default_catalog_path",
+    "load_catalog",
+]

@@ -75,9 +75,11 @@ log = get_logger("molre.checkpoint")
 # hashing and file helpers
 # --------------------------------------------------------------------------------------------
 
+
 def _canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=True).encode("utf-8")
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True
+    ).encode("utf-8")
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -115,13 +117,16 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as exc:  # corrupt / truncated file
-        raise CheckpointError(f"{path}: cannot read tensors ({exc}); the file is damaged — "
-                              "copy the checkpoint again or retrain") from exc
+        raise CheckpointError(
+            f"{path}: cannot read tensors ({exc}); the file is damaged — "
+            "copy the checkpoint again or retrain"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------
 # which tensors belong in a checkpoint
 # --------------------------------------------------------------------------------------------
+
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter (+router) tensors, plus everything of the model that is not the backbone (pooling,
@@ -135,6 +140,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # save / load
 # --------------------------------------------------------------------------------------------
+
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
@@ -164,7 +170,9 @@ def save_checkpoint(
     if card["is_demo"]:
         card.setdefault("disclaimer", DEMO_DISCLAIMER)
     else:
-        card.setdefault("disclaimer", "Not a medical device. Validate on local data before any use.")
+        card.setdefault(
+            "disclaimer", "Not a medical device. Validate on local data before any use."
+        )
     for req in ("backbone", "catalog", "recipe", "adapter"):
         if req not in card:
             raise ValueError(f"model card lacks required field {req!r}")
@@ -174,10 +182,12 @@ def save_checkpoint(
         card["backbone"] = dict(card["backbone"], weights_file=BACKBONE_FILE)
     _save_tensors(directory / ADAPTER_FILE, tensors)
     digest = checkpoint_hash(tensors, card)
-    atomic_write(directory / CARD_FILE,
-                 (json.dumps(card, indent=2, sort_keys=False) + "\n").encode("utf-8"))
-    log.info("checkpoint.saved", path=str(directory), checkpoint_hash=digest[:16],
-             tensors=len(tensors))
+    atomic_write(
+        directory / CARD_FILE, (json.dumps(card, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    )
+    log.info(
+        "checkpoint.saved", path=str(directory), checkpoint_hash=digest[:16], tensors=len(tensors)
+    )
     return digest
 
 
@@ -201,7 +211,8 @@ def resolve_checkpoint_dir(path: str | Path | None) -> Path:
         if not (p / CARD_FILE).is_file():
             raise CheckpointError(
                 f"the packaged demo checkpoint is missing ({p / CARD_FILE}); regenerate it with "
-                "`python -m molre.demo_checkpoint --out molre/resources/demo` or pass a checkpoint")
+                "`python -m molre.demo_checkpoint --out molre/resources/demo` or pass a checkpoint"
+            )
         return p
     p = Path(path).expanduser()
     if p.is_file() and p.name == CARD_FILE:
@@ -214,9 +225,11 @@ def resolve_checkpoint_dir(path: str | Path | None) -> Path:
         if (p / sub / CARD_FILE).is_file():
             return p / sub
     raise CheckpointError(
-        "no checkpoint found: looked for " + ", ".join(str(x) for x in looked)
+        "no checkpoint found: looked for "
+        + ", ".join(str(x) for x in looked)
         + " — pass a checkpoint directory (with model.json and adapter.safetensors) or a training "
-        "run directory (with best/ or last/)")
+        "run directory (with best/ or last/)"
+    )
 
 
 def assessed_findings(card: Mapping[str, Any]) -> list[str]:
@@ -244,12 +257,15 @@ def load_card(path: str | Path | None) -> dict[str, Any]:
     try:
         card = json.loads((d / CARD_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{d / CARD_FILE}: not valid JSON ({exc}); the card is damaged") from exc
+        raise CheckpointError(
+            f"{d / CARD_FILE}: not valid JSON ({exc}); the card is damaged"
+        ) from exc
     fv = card.get("format_version")
     if fv != CARD_FORMAT_VERSION:
         raise CheckpointError(
             f"{d / CARD_FILE}: format_version {fv!r} is not supported (this molre reads "
-            f"{CARD_FORMAT_VERSION}); use the molre version that wrote it or retrain")
+            f"{CARD_FORMAT_VERSION}); use the molre version that wrote it or retrain"
+        )
     for req in ("backbone", "catalog", "recipe", "adapter"):
         if req not in card:
             raise CheckpointError(f"{d / CARD_FILE}: required field {req!r} is missing")
@@ -275,22 +291,29 @@ def _catalog_mismatch(expected: Any, actual: Any) -> str:
     extra = [k for k in ak if k not in ek]
     parts = []
     if missing:
-        parts.append(f"findings missing from the checkpoint: {', '.join(missing[:10])}"
-                     + (" …" if len(missing) > 10 else ""))
+        parts.append(
+            f"findings missing from the checkpoint: {', '.join(missing[:10])}"
+            + (" …" if len(missing) > 10 else "")
+        )
     if extra:
-        parts.append(f"findings only in the checkpoint: {', '.join(extra[:10])}"
-                     + (" …" if len(extra) > 10 else ""))
+        parts.append(
+            f"findings only in the checkpoint: {', '.join(extra[:10])}"
+            + (" …" if len(extra) > 10 else "")
+        )
     if not missing and not extra:
         if ek != ak:
             parts.append("the same findings in a different order")
         else:
             diff = [fe.key for fe, fa in zip(expected, actual) if fe != fa]
-            parts.append("finding definitions differ (codes/names/categories) for: "
-                         + ", ".join(diff[:10]))
+            parts.append(
+                "finding definitions differ (codes/names/categories) for: " + ", ".join(diff[:10])
+            )
     return "; ".join(parts)
 
 
-def _build_backbone(card: Mapping[str, Any], ckpt_dir: Path, weights: str | Path | None) -> nn.Module:
+def _build_backbone(
+    card: Mapping[str, Any], ckpt_dir: Path, weights: str | Path | None
+) -> nn.Module:
     from molre.backbones import create_backbone
 
     bb = card["backbone"]
@@ -300,8 +323,10 @@ def _build_backbone(card: Mapping[str, Any], ckpt_dir: Path, weights: str | Path
     if weights is None and wfile:
         path = ckpt_dir / wfile
         if not path.is_file():
-            raise CheckpointError(f"{path}: backbone base weights named by the card are missing; "
-                                  "copy the whole checkpoint directory")
+            raise CheckpointError(
+                f"{path}: backbone base weights named by the card are missing; "
+                "copy the whole checkpoint directory"
+            )
         with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
             if seed is not None:
                 torch.manual_seed(int(seed))
@@ -310,7 +335,9 @@ def _build_backbone(card: Mapping[str, Any], ckpt_dir: Path, weights: str | Path
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise CheckpointError(f"{path}: backbone weights do not fit backbone {name!r}: {exc}") from exc
+            raise CheckpointError(
+                f"{path}: backbone weights do not fit backbone {name!r}: {exc}"
+            ) from exc
         return module
     if weights is None and str(bb.get("weights_source") or "").startswith("packaged:"):
         return create_backbone(name)  # weights shipped with the package; the digest is checked
@@ -330,7 +357,8 @@ def _build_backbone(card: Mapping[str, Any], ckpt_dir: Path, weights: str | Path
         raise WeightsError(
             f"checkpoint {ckpt_dir} was trained on backbone {name!r} with weights from "
             f"{bb.get('weights_source')!r}, which is not available here; pass the local weights "
-            "(--weights PATH / [model] weights in the config)")
+            "(--weights PATH / [model] weights in the config)"
+        )
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -361,19 +389,23 @@ def load_checkpoint(
     d = resolve_checkpoint_dir(directory)
     card = load_card(d)
     if not (d / ADAPTER_FILE).is_file():
-        raise CheckpointError(f"{d / ADAPTER_FILE} is missing; a checkpoint needs both "
-                              f"{ADAPTER_FILE} and {CARD_FILE}")
+        raise CheckpointError(
+            f"{d / ADAPTER_FILE} is missing; a checkpoint needs both {ADAPTER_FILE} and {CARD_FILE}"
+        )
     ckpt_catalog = Catalog.from_dict(card["catalog"])
     want_cat = card.get("catalog_digest")
     if want_cat and ckpt_catalog.digest() != want_cat:
-        raise CheckpointError(f"{d / CARD_FILE}: catalog content does not match its recorded "
-                              "catalog_digest; the card was edited or damaged")
+        raise CheckpointError(
+            f"{d / CARD_FILE}: catalog content does not match its recorded "
+            "catalog_digest; the card was edited or damaged"
+        )
     if catalog is not None and catalog.digest() != ckpt_catalog.digest():
         raise CheckpointError(
             f"checkpoint {d} was trained for a different finding catalog than the one configured "
             f"(catalog digest {ckpt_catalog.digest()[:12]} in the checkpoint vs "
             f"{catalog.digest()[:12]} configured): {_catalog_mismatch(catalog, ckpt_catalog)}. "
-            "Use the checkpoint's catalog or retrain for this catalog.")
+            "Use the checkpoint's catalog or retrain for this catalog."
+        )
 
     backbone = _build_backbone(card, d, weights)
     want = card["backbone"].get("weights_digest")
@@ -383,10 +415,15 @@ def load_checkpoint(
             f"backbone weights digest mismatch for {card['backbone']['name']!r}: the checkpoint "
             f"{d} was trained on base weights {want[:16]}… but the weights loaded "
             f"({weights or card['backbone'].get('weights_file') or card['backbone'].get('weights_source')}) "
-            f"have digest {got[:16]}…; use the same backbone weights file that was used in training")
+            f"have digest {got[:16]}…; use the same backbone weights file that was used in training"
+        )
 
     ad = card["adapter"]
-    cfg = MoLREConfig.from_dict(ad["config"]) if ad.get("type", "none") != "none" and ad.get("config") else None
+    cfg = (
+        MoLREConfig.from_dict(ad["config"])
+        if ad.get("type", "none") != "none" and ad.get("config")
+        else None
+    )
     model = build_model(backbone, ckpt_catalog, cfg)
     stored = _load_tensors(d / ADAPTER_FILE)
     # checkpoints written before the PEFT names (base/lora_down/lora_up) load under the new ones;
@@ -399,25 +436,36 @@ def load_checkpoint(
         raise CheckpointError(
             f"{d / ADAPTER_FILE} does not fit the model described by {CARD_FILE}: "
             f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+            f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}"
+        )
     for k, v in tensors.items():
         if tuple(expected[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{d / ADAPTER_FILE}: tensor {k} has shape {tuple(v.shape)}, "
-                                  f"the model expects {tuple(expected[k].shape)}")
+            raise CheckpointError(
+                f"{d / ADAPTER_FILE}: tensor {k} has shape {tuple(v.shape)}, "
+                f"the model expects {tuple(expected[k].shape)}"
+            )
     model.load_state_dict(tensors, strict=False)
     model.to(device)
     model.eval()
     recipe = Recipe.from_dict(card["recipe"])
-    thresholds = {k: float(card.get("thresholds", {}).get(k, {}).get("value", 0.5))
-                  for k in ckpt_catalog.keys}
-    return LoadedCheckpoint(model=model, card=card, catalog=ckpt_catalog, recipe=recipe,
-                            checkpoint_hash=checkpoint_hash(stored, card), path=d,
-                            thresholds=thresholds)
+    thresholds = {
+        k: float(card.get("thresholds", {}).get(k, {}).get("value", 0.5)) for k in ckpt_catalog.keys
+    }
+    return LoadedCheckpoint(
+        model=model,
+        card=card,
+        catalog=ckpt_catalog,
+        recipe=recipe,
+        checkpoint_hash=checkpoint_hash(stored, card),
+        path=d,
+        thresholds=thresholds,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # inference for the node
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Prediction:
@@ -525,15 +573,23 @@ class Predictor:
             not_assessed=[k for k in self.catalog.keys if k not in assessed],
         )
 
-    def explain(self, volume: Any, keys: Sequence[str], *, key_images: int = 3,
-                method: str = "gradient") -> dict[str, Any]:
+    def explain(
+        self, volume: Any, keys: Sequence[str], *, key_images: int = 3, method: str = "gradient"
+    ) -> dict[str, Any]:
         """Saliency of findings `keys` on `volume`, mapped to its slices (`molre.saliency`):
         plain data for the node's evidence images."""
         from molre.saliency import explain
 
         index = {k: i for i, k in enumerate(self.catalog.keys)}
-        return explain(self.model, self.recipe, volume, {k: index[k] for k in keys},
-                       key_images=key_images, method=method, device=self.device)
+        return explain(
+            self.model,
+            self.recipe,
+            volume,
+            {k: index[k] for k in keys},
+            key_images=key_images,
+            method=method,
+            device=self.device,
+        )
 
     def predict_series(self, files: str | Path | Sequence[str | Path]) -> Prediction:
         """Read a series (directory or list of DICOM files / a NIfTI file) and predict.

@@ -27,13 +27,34 @@ from common.log import get_logger
 log = get_logger("molre.demo_checkpoint")
 
 DEMO_BACKBONE = "phantom-3d"
-DEMO_DEFAULTS = dict(count=700, epochs=12, seed=0, lr=2e-3, batch_size=8, experts=6, rank=8,
-                     alpha=16.0, preset="paper")
+DEMO_DEFAULTS = dict(
+    count=700,
+    epochs=12,
+    seed=0,
+    lr=2e-3,
+    batch_size=8,
+    experts=6,
+    rank=8,
+    alpha=16.0,
+    preset="paper",
+)
 
 
-def build_demo(out: Path, count: int, epochs: int, seed: int, lr: float, batch_size: int,
-               experts: int, rank: int, alpha: float, preset: str = "paper",
-               work: Path | None = None, workers: int = 1, progress: bool = True) -> Path:
+def build_demo(
+    out: Path,
+    count: int,
+    epochs: int,
+    seed: int,
+    lr: float,
+    batch_size: int,
+    experts: int,
+    rank: int,
+    alpha: float,
+    preset: str = "paper",
+    work: Path | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
     """Generate the adapter phantoms, train MoLRE adapters + head on the frozen phantom-3d,
     copy the best checkpoint (by validation macro AUC) to `out`."""
     from molre.checkpoint import ADAPTER_FILE, CARD_FILE, DEMO_DISCLAIMER, load_checkpoint
@@ -49,20 +70,47 @@ def build_demo(out: Path, count: int, epochs: int, seed: int, lr: float, batch_s
         t0 = time.perf_counter()
         data = work / "synth"
         if not (data / "manifest.csv").is_file():
-            generate_dataset(data, count=count, seed=seed, size=None, prevalence=0.3,
-                             normal_fraction=0.2, splits=(0.8, 0.2, 0.0), workers=workers,
-                             overwrite=True, progress=progress, masks=False)
+            generate_dataset(
+                data,
+                count=count,
+                seed=seed,
+                size=None,
+                prevalence=0.3,
+                normal_fraction=0.2,
+                splits=(0.8, 0.2, 0.0),
+                workers=workers,
+                overwrite=True,
+                progress=progress,
+                masks=False,
+            )
         run = work / "run"
         if run.exists():
             shutil.rmtree(run)
         cfg = TrainConfig(
-            backbone=DEMO_BACKBONE, data=data / "manifest.csv", out=run, adapter="molre",
-            experts=experts, rank=rank, alpha=alpha, epochs=epochs, batch_size=batch_size,
-            lr=lr, seed=seed, device="cpu", workers=0, progress=progress, preset=preset,
-            catalog_keys=list(PHANTOM_FINDINGS), model_name="molre-phantom-3d-demo",
-            is_demo=True, save_backbone=False, cache_dir=work / "cache",
-            intended_use=("Demonstration and integration testing of molre-node only "
-                          "(DICOM in, SR out). Not for any clinical or research decision."),
+            backbone=DEMO_BACKBONE,
+            data=data / "manifest.csv",
+            out=run,
+            adapter="molre",
+            experts=experts,
+            rank=rank,
+            alpha=alpha,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device="cpu",
+            workers=0,
+            progress=progress,
+            preset=preset,
+            catalog_keys=list(PHANTOM_FINDINGS),
+            model_name="molre-phantom-3d-demo",
+            is_demo=True,
+            save_backbone=False,
+            cache_dir=work / "cache",
+            intended_use=(
+                "Demonstration and integration testing of molre-node only "
+                "(DICOM in, SR out). Not for any clinical or research decision."
+            ),
             disclaimer=DEMO_DISCLAIMER,
         )
         res = train(cfg)
@@ -74,18 +122,28 @@ def build_demo(out: Path, count: int, epochs: int, seed: int, lr: float, batch_s
         for name in (ADAPTER_FILE, CARD_FILE):
             shutil.copy2(src / name, out / name)
         card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
-        card["demo_build"] = {"command": "python -m molre.demo_checkpoint --out molre/resources/demo",
-                              "count": count, "epochs": epochs, "seed": seed, "lr": lr,
-                              "batch_size": batch_size, "preset": preset,
-                              "sites": "all built-in sites",
-                              "minutes": round((time.perf_counter() - t0) / 60, 1)}
+        card["demo_build"] = {
+            "command": "python -m molre.demo_checkpoint --out molre/resources/demo",
+            "count": count,
+            "epochs": epochs,
+            "seed": seed,
+            "lr": lr,
+            "batch_size": batch_size,
+            "preset": preset,
+            "sites": "all built-in sites",
+            "minutes": round((time.perf_counter() - t0) / 60, 1),
+        }
         # the card changed -> re-save through save_checkpoint so the hash covers it
         loaded = load_checkpoint(out)
         from molre.checkpoint import save_checkpoint
 
         h = save_checkpoint(out, loaded.model, card)
-        log.info("demo.done", out=str(out), checkpoint_hash=h[:16],
-                 val_macro_auc=card.get("metrics", {}).get("macro_auc"))
+        log.info(
+            "demo.done",
+            out=str(out),
+            checkpoint_hash=h[:16],
+            val_macro_auc=card.get("metrics", {}).get("macro_auc"),
+        )
         return out
     finally:
         if tmp is not None:
@@ -93,7 +151,9 @@ def build_demo(out: Path, count: int, epochs: int, seed: int, lr: float, batch_s
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m molre.demo_checkpoint", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m molre.demo_checkpoint", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--out", type=Path, default=Path("molre/resources/demo"))
     p.add_argument("--work", type=Path, default=None, help="keep phantoms and the run here")
     p.add_argument("--workers", type=int, default=1, help="processes for phantom generation")
@@ -101,9 +161,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    build_demo(a.out, a.count, a.epochs, a.seed, a.lr, a.batch_size, a.experts, a.rank,
-               a.alpha, preset=a.preset, work=a.work, workers=a.workers,
-               progress=not a.no_progress)
+    build_demo(
+        a.out,
+        a.count,
+        a.epochs,
+        a.seed,
+        a.lr,
+        a.batch_size,
+        a.experts,
+        a.rank,
+        a.alpha,
+        preset=a.preset,
+        work=a.work,
+        workers=a.workers,
+        progress=not a.no_progress,
+    )
 
 
 if __name__ == "__main__":

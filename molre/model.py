@@ -47,6 +47,7 @@ _BACKBONE = "backbone."
 
 # -- what training changes (one definition) ------------------------------------------------------
 
+
 def _is_trainable(key: str, adapter_names: set[str]) -> bool:
     """Adapter/router tensors, and everything outside the backbone (pooling, head)."""
     return key in adapter_names or not key.startswith(_BACKBONE)
@@ -93,7 +94,9 @@ def pad_slices(volumes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor 
         return torch.stack(volumes), None
     rest = {tuple(v.shape[1:]) for v in volumes}
     if len(rest) != 1:
-        raise ValueError(f"pad_slices: volumes differ in more than their slice count: {sorted(shapes)}")
+        raise ValueError(
+            f"pad_slices: volumes differ in more than their slice count: {sorted(shapes)}"
+        )
     s_max = max(int(v.shape[0]) for v in volumes)
     x = volumes[0].new_zeros((len(volumes), s_max, *volumes[0].shape[1:]))
     mask = torch.zeros((len(volumes), s_max), dtype=torch.bool)
@@ -115,7 +118,9 @@ class AttentionPool(nn.Module):
         self.dim = int(dim)
         self.query = nn.Parameter(torch.zeros(self.dim))
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, F) [+ (B, S) bool mask of real slices] → pooled (B, F), weights (B, S)."""
         scores = (h.float() @ self.query.float()) / math.sqrt(self.dim)
         if mask is not None:
@@ -133,13 +138,20 @@ class HeadCTClassifier(nn.Module):
     through the backbone at once (memory); routing stays per slice either way.
     """
 
-    def __init__(self, backbone: nn.Module, num_findings: int, dropout: float = 0.1,
-                 slice_chunk: int | None = DEFAULT_SLICE_CHUNK) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_findings: int,
+        dropout: float = 0.1,
+        slice_chunk: int | None = DEFAULT_SLICE_CHUNK,
+    ) -> None:
         super().__init__()
         spec = getattr(backbone, "spec", None)
         if not isinstance(spec, BackboneSpec):
-            raise TypeError("HeadCTClassifier needs a backbone from molre.backbones.create_backbone "
-                            "(it carries .spec)")
+            raise TypeError(
+                "HeadCTClassifier needs a backbone from molre.backbones.create_backbone "
+                "(it carries .spec)"
+            )
         if int(num_findings) < 1:
             raise ValueError(f"num_findings must be >= 1, got {num_findings}")
         self.backbone = backbone
@@ -147,7 +159,9 @@ class HeadCTClassifier(nn.Module):
         self.num_findings = int(num_findings)
         self.feature_dim = int(spec.feature_dim)
         self.slice_chunk = slice_chunk
-        self.pool: AttentionPool | None = AttentionPool(self.feature_dim) if spec.dims == 2 else None
+        self.pool: AttentionPool | None = (
+            AttentionPool(self.feature_dim) if spec.dims == 2 else None
+        )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.feature_dim, self.num_findings)
         self.adapter_config: MoLREConfig | None = None
@@ -170,7 +184,9 @@ class HeadCTClassifier(nn.Module):
         """The volume vector (B, F) that the head reads."""
         if self.spec.dims == 3:
             if x.ndim != 5:
-                raise ValueError(f"{self.spec.name}: expected (B, 1, D, H, W), got {tuple(x.shape)}")
+                raise ValueError(
+                    f"{self.spec.name}: expected (B, 1, D, H, W), got {tuple(x.shape)}"
+                )
             return self.backbone(x)
         if x.ndim != 5:
             raise ValueError(f"{self.spec.name}: expected (B, S, 3, H, W), got {tuple(x.shape)}")
@@ -197,15 +213,21 @@ class HeadCTClassifier(nn.Module):
         backbone is never included."""
         return trainable_state_dict(self)
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    def load_trainable_state_dict(
+        self, state: dict[str, torch.Tensor], strict: bool = True
+    ) -> None:
         """Inverse of ``trainable_state_dict`` (strict: exactly the same keys and shapes)."""
         expected = self.trainable_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if strict and (missing or unexpected):
-            raise ConfigError(f"trainable state does not fit the model: missing {missing[:10]}, "
-                              f"unexpected {unexpected[:10]}")
-        bad = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+            raise ConfigError(
+                f"trainable state does not fit the model: missing {missing[:10]}, "
+                f"unexpected {unexpected[:10]}"
+            )
+        bad = [
+            k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
+        ]
         if bad:
             raise ConfigError(f"trainable state shape mismatch for {bad[:10]}")
         self.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
@@ -217,12 +239,15 @@ def _num_findings(catalog: Any) -> int:
     try:
         return len(catalog)
     except TypeError:
-        raise ConfigError(f"build_model: catalog must be a Catalog (or a number of findings), "
-                          f"got {type(catalog).__name__}") from None
+        raise ConfigError(
+            f"build_model: catalog must be a Catalog (or a number of findings), "
+            f"got {type(catalog).__name__}"
+        ) from None
 
 
-def resolve_adapter_config(adapter: MoLREConfig, spec: BackboneSpec,
-                           preset: str | None = None) -> MoLREConfig:
+def resolve_adapter_config(
+    adapter: MoLREConfig, spec: BackboneSpec, preset: str | None = None
+) -> MoLREConfig:
     """The config actually injected: the targets of the backbone's adapter ``preset`` (None =
     the default, ``"paper"``) unless the config names its own.
 
@@ -254,8 +279,10 @@ def build_model(
         module = create_backbone(backbone, weights=weights, **overrides)
     else:
         if weights is not None or overrides:
-            raise ConfigError("build_model: pass weights/overrides only with a backbone name; "
-                              "this backbone module is already built")
+            raise ConfigError(
+                "build_model: pass weights/overrides only with a backbone name; "
+                "this backbone module is already built"
+            )
         module = backbone
     spec: BackboneSpec = module.spec
     for p in module.parameters():
@@ -264,15 +291,23 @@ def build_model(
     names: list[str] = []
     if adapter is not None:
         if not isinstance(adapter, MoLREConfig):
-            raise ConfigError(f"build_model: adapter must be a MoLREConfig or None, got {type(adapter).__name__}")
+            raise ConfigError(
+                f"build_model: adapter must be a MoLREConfig or None, got {type(adapter).__name__}"
+            )
         config = resolve_adapter_config(adapter, spec, preset)
         names = inject_adapters(module, config)
-    model = HeadCTClassifier(module, _num_findings(catalog), dropout=dropout,
-                             slice_chunk=slice_chunk)
+    model = HeadCTClassifier(
+        module, _num_findings(catalog), dropout=dropout, slice_chunk=slice_chunk
+    )
     model.adapter_config = config
     model.adapted = names
     model.catalog = None if isinstance(catalog, int) else catalog
-    log.info("model_built", backbone=spec.name, findings=model.num_findings,
-             adapted_layers=len(names), experts=config.experts if config else 0,
-             trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    log.info(
+        "model_built",
+        backbone=spec.name,
+        findings=model.num_findings,
+        adapted_layers=len(names),
+        experts=config.experts if config else 0,
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
     return model

@@ -31,8 +31,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["METHODS", "SMOOTH_SIGMA_VOXELS", "MIN_RELATIVE_SCORE", "explain", "input_affine",
-           "input_saliency", "key_planes", "map_to_volume"]
+__all__ = [
+    "METHODS",
+    "SMOOTH_SIGMA_VOXELS",
+    "MIN_RELATIVE_SCORE",
+    "explain",
+    "input_affine",
+    "input_saliency",
+    "key_planes",
+    "map_to_volume",
+]
 
 METHODS = ("gradient", "grad_x_input")
 #: Gaussian smoothing of the input-grid map (voxels of that grid, every axis).
@@ -52,8 +60,9 @@ def input_affine(recipe: Any, volume: Any) -> tuple[torch.Tensor, np.ndarray]:
     to a square (air) and resized to ``size`` (``Recipe._slices_2d``)."""
     if recipe.name == "ctfm-3d":
         out = recipe.transform_meta(volume)
-        x = torch.as_tensor(out.as_tensor() if hasattr(out, "as_tensor") else out,
-                            dtype=torch.float32).contiguous()
+        x = torch.as_tensor(
+            out.as_tensor() if hasattr(out, "as_tensor") else out, dtype=torch.float32
+        ).contiguous()
         return x, np.asarray(out.affine, dtype=np.float64)
     if recipe.name != "slices-2d":
         raise ValueError(f"saliency: no geometry for recipe {recipe.name!r}")
@@ -85,9 +94,16 @@ def _smooth(sal: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(sal, sigma=sigma, mode="constant")
 
 
-def input_saliency(model: torch.nn.Module, x: torch.Tensor, indices: Mapping[str, int], *,
-                   slices_2d: bool = False, method: str = "gradient", device: Any = "cpu",
-                   sigma: float = SMOOTH_SIGMA_VOXELS) -> dict[str, np.ndarray]:
+def input_saliency(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    indices: Mapping[str, int],
+    *,
+    slices_2d: bool = False,
+    method: str = "gradient",
+    device: Any = "cpu",
+    sigma: float = SMOOTH_SIGMA_VOXELS,
+) -> dict[str, np.ndarray]:
     """Per finding, the smoothed gradient map on the input grid: (D, H, W) for a 3-D input
     (C, D, H, W), (S, H, W) for a 2-D one (S, 3, H, W). One forward, one backward per finding.
 
@@ -100,8 +116,7 @@ def input_saliency(model: torch.nn.Module, x: torch.Tensor, indices: Mapping[str
         logits = model(xb)
         keys = list(indices)
         for n, key in enumerate(keys):
-            (g,) = torch.autograd.grad(logits[0, indices[key]], xb,
-                                       retain_graph=n < len(keys) - 1)
+            (g,) = torch.autograd.grad(logits[0, indices[key]], xb, retain_graph=n < len(keys) - 1)
             g = g[0].float()
             if method == "grad_x_input":
                 g = g * xb[0].detach()
@@ -112,9 +127,14 @@ def input_saliency(model: torch.nn.Module, x: torch.Tensor, indices: Mapping[str
     return out
 
 
-def map_to_volume(sal: np.ndarray, in_affine: np.ndarray, vol_affine: np.ndarray,
-                  vol_shape: Sequence[int], stride: Sequence[int] = (1, 1),
-                  chunk: int = 16) -> np.ndarray:
+def map_to_volume(
+    sal: np.ndarray,
+    in_affine: np.ndarray,
+    vol_affine: np.ndarray,
+    vol_shape: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    chunk: int = 16,
+) -> np.ndarray:
     """Resample an input-grid map onto the series volume's grid.
 
     `in_affine`: input index (d, h, w) -> RAS mm; `vol_affine`: volume index (z, y, x) -> RAS
@@ -131,19 +151,21 @@ def map_to_volume(sal: np.ndarray, in_affine: np.ndarray, vol_affine: np.ndarray
     scale = np.array([2.0 / (d - 1), 2.0 / (h - 1), 2.0 / (w - 1)])
     out = np.empty((len(zs), len(ys), len(xs)), np.float32)
     for a in range(0, len(zs), chunk):
-        kk, jj, ii = np.meshgrid(zs[a:a + chunk], ys, xs, indexing="ij")
+        kk, jj, ii = np.meshgrid(zs[a : a + chunk], ys, xs, indexing="ij")
         idx = np.stack([kk, jj, ii], axis=-1)  # (n, h, w, 3) volume indices
         tgt = idx @ vol_to_in[:3, :3].T + vol_to_in[:3, 3]  # input indices (d, h, w)
         norm = tgt * scale - 1.0
         grid = torch.from_numpy(norm[..., ::-1].astype(np.float32).copy())[None]  # (x, y, z)
-        vals = torch.nn.functional.grid_sample(src, grid, mode="bilinear",
-                                               padding_mode="zeros", align_corners=True)
-        out[a:a + chunk] = vals[0, 0].numpy()
+        vals = torch.nn.functional.grid_sample(
+            src, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
+        out[a : a + chunk] = vals[0, 0].numpy()
     return out
 
 
-def key_planes(vol_map: np.ndarray, n: int, min_relative: float = MIN_RELATIVE_SCORE
-               ) -> tuple[list[float], list[int]]:
+def key_planes(
+    vol_map: np.ndarray, n: int, min_relative: float = MIN_RELATIVE_SCORE
+) -> tuple[list[float], list[int]]:
     """(per-plane scores relative to the peak, the chosen planes in slice order): the planes
     whose peak is within `min_relative` of the volume's peak, at most `n`, highest first; the
     peak plane is always chosen."""
@@ -153,14 +175,22 @@ def key_planes(vol_map: np.ndarray, n: int, min_relative: float = MIN_RELATIVE_S
         return [0.0] * int(vol_map.shape[0]), []
     scores = (peaks / top).astype(float)
     order = [int(k) for k in np.argsort(-scores, kind="stable")]
-    chosen = [k for k in order if scores[k] >= min_relative][:max(1, int(n))]
+    chosen = [k for k in order if scores[k] >= min_relative][: max(1, int(n))]
     return [round(float(s), 6) for s in scores], sorted(chosen)
 
 
-def explain(model: torch.nn.Module, recipe: Any, volume: Any, indices: Mapping[str, int], *,
-            key_images: int = 3, method: str = "gradient", device: Any = "cpu",
-            max_plane_px: int = MAX_PLANE_PX, min_relative: float = MIN_RELATIVE_SCORE
-            ) -> dict[str, Any]:
+def explain(
+    model: torch.nn.Module,
+    recipe: Any,
+    volume: Any,
+    indices: Mapping[str, int],
+    *,
+    key_images: int = 3,
+    method: str = "gradient",
+    device: Any = "cpu",
+    max_plane_px: int = MAX_PLANE_PX,
+    min_relative: float = MIN_RELATIVE_SCORE,
+) -> dict[str, Any]:
     """Saliency of each finding in `indices` (key -> logit index), mapped to the series volume.
 
     Returns ``{"method", "grid": {"shape", "spacing", "origin", "direction"} (the SeriesVolume
@@ -168,10 +198,14 @@ def explain(model: torch.nn.Module, recipe: Any, volume: Any, indices: Mapping[s
     "key_planes": [{"z", "score", "map": uint8 (h, w), 0..255 relative to the finding's
     peak}]}}}``."""
     x, in_aff = input_affine(recipe, volume)
-    maps = input_saliency(model, x, indices, slices_2d=recipe.name == "slices-2d",
-                          method=method, device=device)
+    maps = input_saliency(
+        model, x, indices, slices_2d=recipe.name == "slices-2d", method=method, device=device
+    )
     shape = tuple(int(v) for v in volume.shape)
-    stride = (max(1, math.ceil(shape[1] / max_plane_px)), max(1, math.ceil(shape[2] / max_plane_px)))
+    stride = (
+        max(1, math.ceil(shape[1] / max_plane_px)),
+        max(1, math.ceil(shape[2] / max_plane_px)),
+    )
     vol_aff = np.asarray(volume.affine("RAS"), dtype=np.float64)
     findings: dict[str, Any] = {}
     for key, sal in maps.items():
@@ -181,13 +215,21 @@ def explain(model: torch.nn.Module, recipe: Any, volume: Any, indices: Mapping[s
         planes = []
         for k in chosen:
             rel = vm[k] / peak if peak > 0 else np.zeros_like(vm[k])
-            planes.append({"z": int(k), "score": scores[k],
-                           "map": np.clip(np.rint(rel * 255.0), 0, 255).astype(np.uint8)})
+            planes.append(
+                {
+                    "z": int(k),
+                    "score": scores[k],
+                    "map": np.clip(np.rint(rel * 255.0), 0, 255).astype(np.uint8),
+                }
+            )
         findings[key] = {"plane_scores": scores, "stride": list(stride), "key_planes": planes}
     return {
         "method": method,
-        "grid": {"shape": list(shape), "spacing": [float(s) for s in volume.spacing],
-                 "origin": [float(v) for v in np.asarray(volume.origin)],
-                 "direction": np.asarray(volume.direction, dtype=float).tolist()},
+        "grid": {
+            "shape": list(shape),
+            "spacing": [float(s) for s in volume.spacing],
+            "origin": [float(v) for v in np.asarray(volume.origin)],
+            "direction": np.asarray(volume.direction, dtype=float).tolist(),
+        },
         "findings": findings,
     }

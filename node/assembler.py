@@ -33,10 +33,15 @@ _DECIDED_SELECTED = ("selected", "queued", "inferring", "reported", "delivered")
 class Assembler(BackgroundLoop):
     """Background thread: receiving -> complete -> selected/queued or skipped."""
 
-    def __init__(self, config: NodeConfig, store: AssemblerStore, *,
-                 metrics: AssemblerMetrics | None = None,
-                 on_enqueued: Callable[[], None] | None = None,
-                 spool: PruneSpool | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: AssemblerStore,
+        *,
+        metrics: AssemblerMetrics | None = None,
+        on_enqueued: Callable[[], None] | None = None,
+        spool: PruneSpool | None = None,
+    ) -> None:
         super().__init__("assembler")
         self.config = config
         self.store = store
@@ -74,15 +79,17 @@ class Assembler(BackgroundLoop):
     def _tick(self, now: dt.datetime | None = None) -> dict[str, int]:
         a = self.config.assembler
         counts = {"completed": 0, "selected": 0, "skipped": 0}
-        for uid in self.store.series_due_for_completion(a.quiet_time_s, a.release_grace_s,
-                                                        now=now):
+        for uid in self.store.series_due_for_completion(a.quiet_time_s, a.release_grace_s, now=now):
             try:
                 rec = self.store.get_series(uid)
-                self.store.transition(uid, "complete",
-                                      details={"instances": rec.instance_count})
+                self.store.transition(uid, "complete", details={"instances": rec.instance_count})
                 counts["completed"] += 1
-                log.info("series complete", series_uid=uid, instances=rec.instance_count,
-                         version=rec.version)
+                log.info(
+                    "series complete",
+                    series_uid=uid,
+                    instances=rec.instance_count,
+                    version=rec.version,
+                )
             except Exception as exc:  # noqa: BLE001 - raced with a late instance: next tick
                 log.info("series completion deferred", series_uid=uid, error=str(exc))
         complete = self.store.series_in_state("complete")
@@ -114,8 +121,9 @@ class Assembler(BackgroundLoop):
     def _decide_study(self, study_uid: str, uids: list[str]) -> tuple[int, int]:
         rules = self.config.selection
         siblings = self.store.series(study_uid=study_uid, limit=None)
-        if rules.prefer != "all" and any(s["state"] == "receiving" for s in siblings
-                                         if s["series_uid"] not in uids):
+        if rules.prefer != "all" and any(
+            s["state"] == "receiving" for s in siblings if s["series_uid"] not in uids
+        ):
             return 0, 0  # wait until the whole study is in (bounded by the quiet time)
         selected = skipped = 0
         candidates: list[SeriesSummary] = []
@@ -129,8 +137,11 @@ class Assembler(BackgroundLoop):
                 skipped += 1
         if not candidates:
             return selected, skipped
-        earlier = [self._summary(s["series_uid"], study_uid) for s in siblings
-                   if s["state"] in _DECIDED_SELECTED and s["series_uid"] not in uids]
+        earlier = [
+            self._summary(s["series_uid"], study_uid)
+            for s in siblings
+            if s["state"] in _DECIDED_SELECTED and s["series_uid"] not in uids
+        ]
         chosen, reasons = choose_preferred(candidates + earlier, rules)
         chosen_uids = {c.series_uid for c in chosen}
         for c in candidates:
@@ -150,10 +161,16 @@ class Assembler(BackgroundLoop):
 
     def _select(self, summary: SeriesSummary) -> None:
         uid = summary.series_uid
-        self.store.transition(uid, "selected", details={
-            "slices": summary.slices, "slice_thickness": summary.slice_thickness,
-            "slice_thickness_values": summary.slice_thickness_values,
-            "kernel": summary.kernel})
+        self.store.transition(
+            uid,
+            "selected",
+            details={
+                "slices": summary.slices,
+                "slice_thickness": summary.slice_thickness,
+                "slice_thickness_values": summary.slice_thickness_values,
+                "kernel": summary.kernel,
+            },
+        )
         job_id = self.store.enqueue_job(uid)
         log.info("series selected", series_uid=uid, job_id=job_id, slices=summary.slices)
         if self.metrics is not None:

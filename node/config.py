@@ -79,8 +79,10 @@ def _show(value: Any) -> str:
 
 def _ae_title(value: str) -> str:
     if not _AE_RE.match(value) or not value.strip():
-        raise ValueError(f"expected an AE title of 1..16 printable characters without "
-                         f"backslash, got {_show(value)}")
+        raise ValueError(
+            f"expected an AE title of 1..16 printable characters without "
+            f"backslash, got {_show(value)}"
+        )
     return value
 
 
@@ -101,8 +103,9 @@ def _network(value: str) -> str:
         try:
             ipaddress.ip_network(value, strict=False)
         except ValueError:
-            raise ValueError(f"expected an IP address or CIDR network (\"10.0.0.0/8\"), got "
-                             f"{_show(value)}") from None
+            raise ValueError(
+                f'expected an IP address or CIDR network ("10.0.0.0/8"), got {_show(value)}'
+            ) from None
     return value
 
 
@@ -113,13 +116,14 @@ def parse_size(text: str, total: int, key: str) -> int:
     if m:
         pct = float(m.group(1))
         if pct > 100:
-            raise ConfigError(f"{key}: percentage must be 0..100, got \"{text}\"")
+            raise ConfigError(f'{key}: percentage must be 0..100, got "{text}"')
         return int(total * pct / 100.0)
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", s, flags=re.IGNORECASE)
     if not m:
         raise ConfigError(
-            f"{key}: expected bytes (\"500MB\", \"2GiB\", \"1048576\") or a percentage "
-            f"(\"5%\"), got \"{text}\"")
+            f'{key}: expected bytes ("500MB", "2GiB", "1048576") or a percentage '
+            f'("5%"), got "{text}"'
+        )
     num = float(m.group(1))
     unit = (m.group(2) or "B").upper()
     mult = {"B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit[0]]
@@ -141,9 +145,11 @@ def _size_at_least(low: int) -> AfterValidator:
         except ConfigError:
             ok = False
         if not ok:
-            raise ValueError(f"expected a size of at least {low} bytes (\"256KiB\", \"1GiB\"), "
-                             f"got {_show(value)}")
+            raise ValueError(
+                f'expected a size of at least {low} bytes ("256KiB", "1GiB"), got {_show(value)}'
+            )
         return value
+
     return AfterValidator(check)
 
 
@@ -185,8 +191,9 @@ class _Table(BaseModel):
     """One TOML table: unknown keys refused, no silent conversions (except int -> float)."""
 
     # defaults are validated too: a relative default path is resolved like a written one
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True,
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_default=True, use_attribute_docstrings=True
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,9 +249,11 @@ class NetworkConfig(_Table):
     @model_validator(mode="after")
     def _per_host_within_total(self) -> NetworkConfig:
         if self.max_associations_per_host > self.max_associations:
-            raise _KeyError("max_associations_per_host",
-                            f"expected 0 (= half of max_associations) or "
-                            f"1..{self.max_associations}, got {self.max_associations_per_host}")
+            raise _KeyError(
+                "max_associations_per_host",
+                f"expected 0 (= half of max_associations) or "
+                f"1..{self.max_associations}, got {self.max_associations_per_host}",
+            )
         return self
 
     def per_host_limit(self) -> int:
@@ -307,11 +316,25 @@ class AssemblerConfig(_Table):
     """how often the assembler looks"""
 
 
-_DEFAULT_HEAD_PATTERNS = [r"head", r"brain", r"skull", r"cran", r"cerebr", r"neuro",
-                          r"\bsch[aä]del", r"\bkopf", r"\bt[eê]te", r"\bcabeza", r"\bcranio",
-                          r"\bhirn", r"\bstroke"]
-_DEFAULT_KERNEL = (r"^(H[0-4]\d[a-z]?|J[0-4]\d[a-z]?|Hr[0-4]\d|Qr[0-4]\d|Br[0-4]\d|B[0-4]\d[a-z]?|"
-                   r"FC[0-4]\d|UB|UA|EC|STANDARD|SOFT|BRAIN|HEAD|STND|SMOOTH|NORMAL|A|B|C)\b")
+_DEFAULT_HEAD_PATTERNS = [
+    r"head",
+    r"brain",
+    r"skull",
+    r"cran",
+    r"cerebr",
+    r"neuro",
+    r"\bsch[aä]del",
+    r"\bkopf",
+    r"\bt[eê]te",
+    r"\bcabeza",
+    r"\bcranio",
+    r"\bhirn",
+    r"\bstroke",
+]
+_DEFAULT_KERNEL = (
+    r"^(H[0-4]\d[a-z]?|J[0-4]\d[a-z]?|Hr[0-4]\d|Qr[0-4]\d|Br[0-4]\d|B[0-4]\d[a-z]?|"
+    r"FC[0-4]\d|UB|UA|EC|STANDARD|SOFT|BRAIN|HEAD|STND|SMOOTH|NORMAL|A|B|C)\b"
+)
 
 
 class SelectionConfig(_Table):
@@ -321,8 +344,17 @@ class SelectionConfig(_Table):
     """modalities read"""
     image_type_required: list[str] = Field(default_factory=lambda: ["ORIGINAL", "PRIMARY"])
     """Image Type values a series must have"""
-    image_type_excluded: list[str] = Field(default_factory=lambda: [
-        "LOCALIZER", "DERIVED", "SECONDARY", "REFORMATTED", "MPR", "PROJECTION IMAGE", "MIP"])
+    image_type_excluded: list[str] = Field(
+        default_factory=lambda: [
+            "LOCALIZER",
+            "DERIVED",
+            "SECONDARY",
+            "REFORMATTED",
+            "MPR",
+            "PROJECTION IMAGE",
+            "MIP",
+        ]
+    )
     """Image Type values that skip a series"""
     require_axial: bool = True
     """axial slices only"""
@@ -346,8 +378,7 @@ class SelectionConfig(_Table):
     @model_validator(mode="after")
     def _thickness_order(self) -> SelectionConfig:
         if self.slice_thickness_min_mm > self.slice_thickness_max_mm:
-            raise _KeyError("slice_thickness_min_mm",
-                            "must be <= selection.slice_thickness_max_mm")
+            raise _KeyError("slice_thickness_min_mm", "must be <= selection.slice_thickness_max_mm")
         return self
 
 
@@ -364,8 +395,9 @@ class ShadowModel(_Table):
     @model_validator(mode="after")
     def _named(self) -> ShadowModel:
         if not re.fullmatch(r"[A-Za-z0-9._:@+-]{1,64}", self.name):
-            raise _KeyError("name", f"expected 1..64 letters, digits or . _ : @ + -, got "
-                                    f"{_show(self.name)}")
+            raise _KeyError(
+                "name", f"expected 1..64 letters, digits or . _ : @ + -, got {_show(self.name)}"
+            )
         if not self.checkpoint:
             raise _KeyError("checkpoint", 'required (a checkpoint directory or "demo")')
         return self
@@ -397,9 +429,11 @@ class ModelConfig(_Table):
     @model_validator(mode="after")
     def _rules(self) -> ModelConfig:
         if self.job_timeout_s >= self.job_lease_s:
-            raise _KeyError("job_timeout_s",
-                            f"must be smaller than model.job_lease_s ({self.job_timeout_s:g} >= "
-                            f"{self.job_lease_s:g}), or a slow job could be claimed twice")
+            raise _KeyError(
+                "job_timeout_s",
+                f"must be smaller than model.job_lease_s ({self.job_timeout_s:g} >= "
+                f"{self.job_lease_s:g}), or a slow job could be claimed twice",
+            )
         seen: set[str] = set()
         for i, sm in enumerate(self.shadow):
             if sm.name in seen:
@@ -499,13 +533,21 @@ class DashboardConfig(_Table):
     @model_validator(mode="after")
     def _access(self) -> DashboardConfig:
         if bool(self.username) != bool(self.password):
-            raise _KeyError("username / dashboard.password",
-                            "set both (HTTP basic auth) or neither")
-        if (self.enabled and self.port and not _is_loopback(self.host)
-                and not (self.token or self.username)):
-            raise _KeyError("token", f"required (or dashboard.username + password) when "
-                                     f"dashboard.host = {_show(self.host)} is not a loopback "
-                                     f"address")
+            raise _KeyError(
+                "username / dashboard.password", "set both (HTTP basic auth) or neither"
+            )
+        if (
+            self.enabled
+            and self.port
+            and not _is_loopback(self.host)
+            and not (self.token or self.username)
+        ):
+            raise _KeyError(
+                "token",
+                f"required (or dashboard.username + password) when "
+                f"dashboard.host = {_show(self.host)} is not a loopback "
+                f"address",
+            )
         return self
 
 
@@ -539,14 +581,18 @@ class NotifyChannel(_Table):
     def _complete(self) -> NotifyChannel:
         if self.kind == "webhook":
             if not re.match(r"https?://", self.url):
-                raise _KeyError("url", f"expected an http:// or https:// URL, got "
-                                       f"{_show(self.url)}")
+                raise _KeyError(
+                    "url", f"expected an http:// or https:// URL, got {_show(self.url)}"
+                )
             if not self.secret:
-                raise _KeyError("secret", "required (the HMAC-SHA256 key the receiver verifies "
-                                          "the X-Molre-Signature header with)")
+                raise _KeyError(
+                    "secret",
+                    "required (the HMAC-SHA256 key the receiver verifies "
+                    "the X-Molre-Signature header with)",
+                )
         else:
             if not self.host:
-                raise _KeyError("host", "required for kind = \"hl7-mllp\"")
+                raise _KeyError("host", 'required for kind = "hl7-mllp"')
             if not 1 <= self.port <= 65535:
                 raise _KeyError("port", f"expected an integer 1..65535, got {self.port}")
         return self
@@ -589,12 +635,15 @@ class NotificationsConfig(_Table):
         for i, r in enumerate(self.rules):
             for ch in r.channels:
                 if ch not in names:
-                    raise _KeyError(f"rules[{i}].channels",
-                                    f"unknown channel {ch!r} (channels: "
-                                    f"{', '.join(sorted(names)) or 'none'})")
+                    raise _KeyError(
+                        f"rules[{i}].channels",
+                        f"unknown channel {ch!r} (channels: {', '.join(sorted(names)) or 'none'})",
+                    )
         if self.enabled and not self.rules:
-            raise _KeyError("rules", "notifications.enabled = true needs at least one "
-                                     "[[notifications.rules]] entry")
+            raise _KeyError(
+                "rules",
+                "notifications.enabled = true needs at least one [[notifications.rules]] entry",
+            )
         return self
 
 
@@ -662,8 +711,11 @@ class NodeConfig(_Table):
     def _every_table(cls, data: Any) -> Any:
         """A section left out is validated as an empty table (its paths resolved too)."""
         if isinstance(data, dict):
-            tables = {name for name, info in cls.model_fields.items()
-                      if typing.get_origin(info.annotation) is not list}
+            tables = {
+                name
+                for name, info in cls.model_fields.items()
+                if typing.get_origin(info.annotation) is not list
+            }
             data = {**{name: {} for name in tables}, **data}
         return data
 
@@ -672,8 +724,7 @@ class NodeConfig(_Table):
         names: set[str] = set()
         for i, d in enumerate(self.destinations):
             if d.name in names:
-                raise _KeyError(f"destinations[{i}].name",
-                                f"duplicate destination name {d.name!r}")
+                raise _KeyError(f"destinations[{i}].name", f"duplicate destination name {d.name!r}")
             names.add(d.name)
         return self
 
@@ -759,12 +810,12 @@ def _table_of(annotation: Any) -> type[BaseModel] | None:
     """The model of a field holding a table or a list of tables."""
     if typing.get_origin(annotation) is list:
         annotation = typing.get_args(annotation)[0]
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
-        else None
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
 
 
-def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None,
-                                                                      Any]:
+def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, Any]:
     """(the table holding the last key of `loc`, that key's FieldInfo or None)."""
     table: type[BaseModel] | None = model
     info = None
@@ -821,8 +872,11 @@ def _message(model: type[BaseModel], err: Any) -> str:
     got = f", got {_show(value)}"
     cause = ctx.get("error")
     if isinstance(cause, _KeyError):
-        return f"{_key(loc + (cause.key,))}: {cause.message}" if loc else \
-            f"{cause.key}: {cause.message}"
+        return (
+            f"{_key(loc + (cause.key,))}: {cause.message}"
+            if loc
+            else f"{cause.key}: {cause.message}"
+        )
     key = _key(loc)
     if etype == "extra_forbidden":
         known = ", ".join(sorted(table.model_fields)) if table is not None else ""
@@ -870,8 +924,9 @@ def config_error(exc: ValidationError, model: type[BaseModel], prefix: str = "")
 # ---------------------------------------------------------------------------------------------
 
 
-def config_from_dict(data: dict[str, Any], base_dir: Path | None = None,
-                     source: str = "") -> NodeConfig:
+def config_from_dict(
+    data: dict[str, Any], base_dir: Path | None = None, source: str = ""
+) -> NodeConfig:
     """Build and validate a NodeConfig from a TOML-shaped dict; relative paths resolve against
     `base_dir` (None: left as they are)."""
     if not isinstance(data, dict):
@@ -895,8 +950,9 @@ def load_config(path: Path | str | None = None) -> NodeConfig:
         return config_from_dict({}, base_dir=Path.cwd(), source="<defaults>")
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: configuration file not found (pass --config FILE; see "
-                          f"config.example.toml)")
+        raise ConfigError(
+            f"{p}: configuration file not found (pass --config FILE; see config.example.toml)"
+        )
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -906,8 +962,7 @@ def load_config(path: Path | str | None = None) -> NodeConfig:
     try:
         return config_from_dict(data, base_dir=p.resolve().parent, source=str(p))
     except ConfigError as exc:
-        raise ConfigError("\n".join(f"{p}: {line}" for line in str(exc).splitlines())) \
-            from None
+        raise ConfigError("\n".join(f"{p}: {line}" for line in str(exc).splitlines())) from None
 
 
 def check_exposure(cfg: NodeConfig) -> None:
@@ -917,15 +972,21 @@ def check_exposure(cfg: NodeConfig) -> None:
     n = cfg.network
     if n.allowed_callers or n.allow_any_caller or _is_loopback(n.host):
         return
-    raise ConfigError(f"network.allowed_callers: empty while network.host = {_show(n.host)} is "
-                      f"not a loopback address, so every host that can reach the port could "
-                      f"store data; add [[network.allowed_callers]] entries (AE title + IP/CIDR) "
-                      f"or set network.allow_any_caller = true to admit every caller on purpose")
+    raise ConfigError(
+        f"network.allowed_callers: empty while network.host = {_show(n.host)} is "
+        f"not a loopback address, so every host that can reach the port could "
+        f"store data; add [[network.allowed_callers]] entries (AE title + IP/CIDR) "
+        f"or set network.allow_any_caller = true to admit every caller on purpose"
+    )
 
 
-def with_overrides(cfg: NodeConfig, *, port: int | None = None,
-                   data_dir: str | Path | None = None,
-                   roles: str | None = None) -> NodeConfig:
+def with_overrides(
+    cfg: NodeConfig,
+    *,
+    port: int | None = None,
+    data_dir: str | Path | None = None,
+    roles: str | None = None,
+) -> NodeConfig:
     """Apply CLI overrides (`--port`, `--data-dir`, `--roles a,b`) and re-validate."""
     if roles is not None:
         # any text: validate() below names a role that is not one
@@ -965,8 +1026,9 @@ def _fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
         if table is None:
             out.append((key, info))
         else:
-            out += _fields(table, key + ("[]" if typing.get_origin(info.annotation) is list
-                                         else ""))
+            out += _fields(
+                table, key + ("[]" if typing.get_origin(info.annotation) is list else "")
+            )
     return out
 
 
@@ -1013,11 +1075,38 @@ def json_schema() -> dict[str, Any]:
 
 
 __all__ = [
-    "CHANNEL_KINDS", "DEMO_CHECKPOINT", "DURABILITY_MODES", "ROLES",
-    "AllowedCaller", "AssemblerConfig", "AuditConfig", "DashboardConfig", "Destination",
-    "LoggingConfig", "MetricsConfig", "ModelConfig", "NetworkConfig", "NodeConfig", "NodeSection",
-    "NotificationsConfig", "NotifyChannel", "NotifyRule", "ReportConfig", "RetryConfig",
-    "SelectionConfig", "ShadowModel", "StorageConfig", "TLSConfig",
-    "check_exposure", "config_error", "config_from_dict", "iter_keys", "json_schema", "key_table",
-    "load_config", "parse_size", "validate", "with_overrides",
+    "CHANNEL_KINDS",
+    "DEMO_CHECKPOINT",
+    "DURABILITY_MODES",
+    "ROLES",
+    "AllowedCaller",
+    "AssemblerConfig",
+    "AuditConfig",
+    "DashboardConfig",
+    "Destination",
+    "LoggingConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "NetworkConfig",
+    "NodeConfig",
+    "NodeSection",
+    "NotificationsConfig",
+    "NotifyChannel",
+    "NotifyRule",
+    "ReportConfig",
+    "RetryConfig",
+    "SelectionConfig",
+    "ShadowModel",
+    "StorageConfig",
+    "TLSConfig",
+    "check_exposure",
+    "config_error",
+    "config_from_dict",
+    "iter_keys",
+    "json_schema",
+    "key_table",
+    "load_config",
+    "parse_size",
+    "validate",
+    "with_overrides",
 ]

@@ -52,8 +52,9 @@ def _site(meta: dict[str, Any] | None) -> str:
     return " ".join(p for p in parts if p) or "unknown"
 
 
-def collect(store: DashboardStore, config: NodeConfig, service: Any = None,
-            now: dt.datetime | None = None) -> dict[str, Any]:
+def collect(
+    store: DashboardStore, config: NodeConfig, service: Any = None, now: dt.datetime | None = None
+) -> dict[str, Any]:
     """Everything the dashboard shows, as one JSON-able dict (read-only queries)."""
     from sqlalchemy import func, select
 
@@ -62,123 +63,206 @@ def collect(store: DashboardStore, config: NodeConfig, service: Any = None,
     now = now or store.now()
     stats = store.stats()
     phi = bool(config.audit.store_phi)
-    out: dict[str, Any] = {"generated_at": _iso(now), "node": {
-        "name": config.node_name, "roles": list(config.node.roles),
-        "ae_title": config.network.ae_title, "host": config.network.host,
-        "port": getattr(service, "port", None) or config.network.port,
-        "checkpoint": config.model.checkpoint or "packaged demo checkpoint",
-        "shadow_models": [s.name for s in config.model.shadow],
-        "store_phi": phi}}
+    out: dict[str, Any] = {
+        "generated_at": _iso(now),
+        "node": {
+            "name": config.node_name,
+            "roles": list(config.node.roles),
+            "ae_title": config.network.ae_title,
+            "host": config.network.host,
+            "port": getattr(service, "port", None) or config.network.port,
+            "checkpoint": config.model.checkpoint or "packaged demo checkpoint",
+            "shadow_models": [s.name for s in config.model.shadow],
+            "store_phi": phi,
+        },
+    }
     workers = []
     pool = getattr(service, "workers", None)
     for w in getattr(pool, "workers", []) or []:
         info = getattr(w.engine, "info", None) or {}
-        workers.append({"id": w.worker_id, "busy": bool(w.busy),
-                        "alive": bool(w._thread is not None and w._thread.is_alive()),
-                        "inference": getattr(w, "engine_state", None),
-                        "engine_pid": getattr(w.engine, "pid", None),
-                        "model": info.get("model_name"),
-                        "checkpoint_hash": (info.get("checkpoint_hash") or "")[:16] or None,
-                        "shadows": [s.name for s, _ in getattr(w, "shadows", [])]})
+        workers.append(
+            {
+                "id": w.worker_id,
+                "busy": bool(w.busy),
+                "alive": bool(w._thread is not None and w._thread.is_alive()),
+                "inference": getattr(w, "engine_state", None),
+                "engine_pid": getattr(w.engine, "pid", None),
+                "model": info.get("model_name"),
+                "checkpoint_hash": (info.get("checkpoint_hash") or "")[:16] or None,
+                "shadows": [s.name for s, _ in getattr(w, "shadows", [])],
+            }
+        )
     out["queue"] = {"series": stats["series"], "jobs": stats["jobs"], "workers": workers}
     out["node"]["inference"] = inference_status(service)
     out["latency"] = stats["latency"]
     with store.db.session(write=False) as s:
         # recent series with their state, skip/failure reason and last job error
-        rows = s.execute(select(Series, Study.accession_number)
-                         .join(Study, Study.study_uid == Series.study_uid)
-                         .order_by(Series.updated_at.desc(), Series.id.desc())
-                         .limit(RECENT_SERIES)).all()
+        rows = s.execute(
+            select(Series, Study.accession_number)
+            .join(Study, Study.study_uid == Series.study_uid)
+            .order_by(Series.updated_at.desc(), Series.id.desc())
+            .limit(RECENT_SERIES)
+        ).all()
         uids = [r.series_uid for r, _ in rows]
         errors: dict[str, str] = {}
         if uids:
-            for uid, err in s.execute(select(Job.series_uid, Job.error)
-                                      .where(Job.series_uid.in_(uids), Job.error.is_not(None))
-                                      .order_by(Job.id)):
+            for uid, err in s.execute(
+                select(Job.series_uid, Job.error)
+                .where(Job.series_uid.in_(uids), Job.error.is_not(None))
+                .order_by(Job.id)
+            ):
                 if err is not None:  # excluded by the query; narrows the type
                     errors[uid] = err
-        out["series"] = [{
-            "series_uid": r.series_uid, "study_uid": r.study_uid, "state": r.state,
-            "version": r.version, "instances": r.instance_count, "modality": r.modality,
-            "reason": r.reason or (errors.get(r.series_uid) if r.state == "failed" else None),
-            "last_job_error": errors.get(r.series_uid), "site": _site(r.meta),
-            "updated_at": _iso(r.updated_at),
-            **({"accession_number": acc} if phi else {})} for r, acc in rows]
+        out["series"] = [
+            {
+                "series_uid": r.series_uid,
+                "study_uid": r.study_uid,
+                "state": r.state,
+                "version": r.version,
+                "instances": r.instance_count,
+                "modality": r.modality,
+                "reason": r.reason or (errors.get(r.series_uid) if r.state == "failed" else None),
+                "last_job_error": errors.get(r.series_uid),
+                "site": _site(r.meta),
+                "updated_at": _iso(r.updated_at),
+                **({"accession_number": acc} if phi else {}),
+            }
+            for r, acc in rows
+        ]
         # deliveries per destination (aggregated in SQL: the outbox keeps its whole history)
         dests: dict[str, dict[str, Any]] = {}
         for name, state, count, attempts, oldest in s.execute(
-                select(Export.destination, Export.state, func.count(),
-                       func.sum(Export.attempts), func.min(Export.created_at))
-                .group_by(Export.destination, Export.state)):
-            d = dests.setdefault(name, {"destination": name, "pending": 0, "delivered": 0,
-                                        "attempts": 0, "retries": 0, "last_error": None,
-                                        "oldest_pending": None})
+            select(
+                Export.destination,
+                Export.state,
+                func.count(),
+                func.sum(Export.attempts),
+                func.min(Export.created_at),
+            ).group_by(Export.destination, Export.state)
+        ):
+            d = dests.setdefault(
+                name,
+                {
+                    "destination": name,
+                    "pending": 0,
+                    "delivered": 0,
+                    "attempts": 0,
+                    "retries": 0,
+                    "last_error": None,
+                    "oldest_pending": None,
+                },
+            )
             d[state] = count
             d["attempts"] += int(attempts or 0)
             d["retries"] += max(0, int(attempts or 0) - count)
             if state == "pending":
                 d["oldest_pending"] = _iso(oldest)
                 d["last_error"] = s.execute(
-                    select(Export.last_error).where(Export.destination == name,
-                                                    Export.state == "pending",
-                                                    Export.last_error.is_not(None))
-                    .order_by(Export.id.desc()).limit(1)).scalar()
+                    select(Export.last_error)
+                    .where(
+                        Export.destination == name,
+                        Export.state == "pending",
+                        Export.last_error.is_not(None),
+                    )
+                    .order_by(Export.id.desc())
+                    .limit(1)
+                ).scalar()
         out["deliveries"] = sorted(dests.values(), key=lambda x: x["destination"])
         chans: dict[str, dict[str, Any]] = {}
         for name, kind, state, count, attempts in s.execute(
-                select(Notification.channel, Notification.kind, Notification.state,
-                       func.count(), func.sum(Notification.attempts))
-                .group_by(Notification.channel, Notification.kind, Notification.state)):
-            c = chans.setdefault(name, {"channel": name, "kind": kind, "pending": 0,
-                                        "delivered": 0, "rejected": 0, "attempts": 0,
-                                        "last_error": None})
+            select(
+                Notification.channel,
+                Notification.kind,
+                Notification.state,
+                func.count(),
+                func.sum(Notification.attempts),
+            ).group_by(Notification.channel, Notification.kind, Notification.state)
+        ):
+            c = chans.setdefault(
+                name,
+                {
+                    "channel": name,
+                    "kind": kind,
+                    "pending": 0,
+                    "delivered": 0,
+                    "rejected": 0,
+                    "attempts": 0,
+                    "last_error": None,
+                },
+            )
             c[state] = count
             c["attempts"] += int(attempts or 0)
             if state != "delivered" and c["last_error"] is None:
                 c["last_error"] = s.execute(
-                    select(Notification.last_error).where(
-                        Notification.channel == name, Notification.state != "delivered",
-                        Notification.last_error.is_not(None))
-                    .order_by(Notification.id.desc()).limit(1)).scalar()
+                    select(Notification.last_error)
+                    .where(
+                        Notification.channel == name,
+                        Notification.state != "delivered",
+                        Notification.last_error.is_not(None),
+                    )
+                    .order_by(Notification.id.desc())
+                    .limit(1)
+                ).scalar()
         out["notifications"] = sorted(chans.values(), key=lambda x: x["channel"])
         # positive rate per finding per day and per site/scanner (drift at a glance)
         since = now - dt.timedelta(days=RATE_DAYS)
         by_day: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         by_site: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         for key, decision, at, meta in s.execute(
-                select(Result.finding_key, Result.decision, Result.created_at, Series.meta)
-                .join(Series, Series.series_uid == Result.series_uid)
-                .where(Result.created_at >= since)):
+            select(Result.finding_key, Result.decision, Result.created_at, Series.meta)
+            .join(Series, Series.series_uid == Result.series_uid)
+            .where(Result.created_at >= since)
+        ):
             day = at.date().isoformat()
             for bucket in (by_day[(key, day)], by_site[(_site(meta), key)]):
                 bucket[0] += 1
                 bucket[1] += int(bool(decision))
         out["positive_rate"] = {
             "days": RATE_DAYS,
-            "by_day": [{"finding": k, "day": d, "n": n, "positives": p,
-                        "rate": round(p / n, 4)} for (k, d), (n, p) in sorted(by_day.items())],
-            "by_site": [{"site": site, "finding": k, "n": n, "positives": p,
-                         "rate": round(p / n, 4)} for (site, k), (n, p)
-                        in sorted(by_site.items())]}
+            "by_day": [
+                {"finding": k, "day": d, "n": n, "positives": p, "rate": round(p / n, 4)}
+                for (k, d), (n, p) in sorted(by_day.items())
+            ],
+            "by_site": [
+                {"site": site, "finding": k, "n": n, "positives": p, "rate": round(p / n, 4)}
+                for (site, k), (n, p) in sorted(by_site.items())
+            ],
+        }
         from storage.agreement import agreement
 
         out["shadow"] = {
-            "recorded": [{"model": m, "findings": n} for m, n in s.execute(
-                select(ShadowResult.model_name, func.count())
-                .group_by(ShadowResult.model_name))],
-            "agreement": agreement(s, since=since)}
+            "recorded": [
+                {"model": m, "findings": n}
+                for m, n in s.execute(
+                    select(ShadowResult.model_name, func.count()).group_by(ShadowResult.model_name)
+                )
+            ],
+            "agreement": agreement(s, since=since),
+        }
     out["config"] = _config_summary(config)
     return out
 
 
 def _config_summary(config: NodeConfig) -> dict[str, Any]:
     d = config.public_dict()
-    keep = ("node", "network", "model", "destinations", "retry", "audit", "dashboard",
-            "notifications", "selection", "assembler", "storage", "report")
+    keep = (
+        "node",
+        "network",
+        "model",
+        "destinations",
+        "retry",
+        "audit",
+        "dashboard",
+        "notifications",
+        "selection",
+        "assembler",
+        "storage",
+        "report",
+    )
     summary = {k: d[k] for k in keep if k in d}
-    summary["network"] = {k: v for k, v in summary["network"].items()
-                          if k != "allowed_callers"} | {
-        "allowed_callers": len(config.network.allowed_callers)}
+    summary["network"] = {k: v for k, v in summary["network"].items() if k != "allowed_callers"} | {
+        "allowed_callers": len(config.network.allowed_callers)
+    }
     return summary
 
 
@@ -204,10 +288,14 @@ def _inference_text(st: dict[str, Any]) -> str:
 
 def _table(title: str, rows: list[dict[str, Any]], cols: list[str], ident: str) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_e(r.get(c))}</td>" for c in cols) + "</tr>"
-                   for r in rows) or f"<tr><td colspan='{len(cols)}'>none</td></tr>"
-    return (f"<section id='{ident}'><h2>{_e(title)}</h2><table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table></section>")
+    body = (
+        "".join("<tr>" + "".join(f"<td>{_e(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+        or f"<tr><td colspan='{len(cols)}'>none</td></tr>"
+    )
+    return (
+        f"<section id='{ident}'><h2>{_e(title)}</h2><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table></section>"
+    )
 
 
 def inference_status(service: Any) -> dict[str, Any]:
@@ -245,30 +333,79 @@ def render_html(data: dict[str, Any]) -> str:
         f"<p id='inference'>inference: <b>{_e(_inference_text(node.get('inference') or {}))}"
         "</b></p>",
         _table("Queue", counts, count_cols, "queue"),
-        _table("Workers", q["workers"], ["id", "busy", "alive", "inference", "engine_pid",
-                                         "model",
-                                         "checkpoint_hash", "shadows"], "workers"),
-        _table("Recent series", data["series"],
-               ["series_uid", "state", "version", "instances", "site", "reason", "updated_at"]
-               + (["accession_number"] if node["store_phi"] else []), "series"),
-        _table("Deliveries per destination", data["deliveries"],
-               ["destination", "pending", "delivered", "attempts", "retries", "oldest_pending",
-                "last_error"], "deliveries"),
-        _table("Notifications per channel", data["notifications"],
-               ["channel", "kind", "pending", "delivered", "rejected", "attempts", "last_error"],
-               "notifications"),
-        _table("Latency (seconds)", lat, ["interval", "n", "p50_s", "p90_s", "p99_s"],
-               "latency"),
-        _table(f"Positive rate per finding per day (last {data['positive_rate']['days']} days)",
-               data["positive_rate"]["by_day"], ["day", "finding", "n", "positives", "rate"],
-               "rate-day"),
-        _table("Positive rate per site / scanner", data["positive_rate"]["by_site"],
-               ["site", "finding", "n", "positives", "rate"], "rate-site"),
-        _table("Shadow models: primary vs shadow per finding (last "
-               f"{data['positive_rate']['days']} days)", data["shadow"]["agreement"],
-               ["model", "finding", "n", "agreement", "kappa", "primary_positive",
-                "shadow_positive", "primary_only", "shadow_only", "mean_abs_prob_diff"],
-               "shadow"),
+        _table(
+            "Workers",
+            q["workers"],
+            [
+                "id",
+                "busy",
+                "alive",
+                "inference",
+                "engine_pid",
+                "model",
+                "checkpoint_hash",
+                "shadows",
+            ],
+            "workers",
+        ),
+        _table(
+            "Recent series",
+            data["series"],
+            ["series_uid", "state", "version", "instances", "site", "reason", "updated_at"]
+            + (["accession_number"] if node["store_phi"] else []),
+            "series",
+        ),
+        _table(
+            "Deliveries per destination",
+            data["deliveries"],
+            [
+                "destination",
+                "pending",
+                "delivered",
+                "attempts",
+                "retries",
+                "oldest_pending",
+                "last_error",
+            ],
+            "deliveries",
+        ),
+        _table(
+            "Notifications per channel",
+            data["notifications"],
+            ["channel", "kind", "pending", "delivered", "rejected", "attempts", "last_error"],
+            "notifications",
+        ),
+        _table("Latency (seconds)", lat, ["interval", "n", "p50_s", "p90_s", "p99_s"], "latency"),
+        _table(
+            f"Positive rate per finding per day (last {data['positive_rate']['days']} days)",
+            data["positive_rate"]["by_day"],
+            ["day", "finding", "n", "positives", "rate"],
+            "rate-day",
+        ),
+        _table(
+            "Positive rate per site / scanner",
+            data["positive_rate"]["by_site"],
+            ["site", "finding", "n", "positives", "rate"],
+            "rate-site",
+        ),
+        _table(
+            "Shadow models: primary vs shadow per finding (last "
+            f"{data['positive_rate']['days']} days)",
+            data["shadow"]["agreement"],
+            [
+                "model",
+                "finding",
+                "n",
+                "agreement",
+                "kappa",
+                "primary_positive",
+                "shadow_positive",
+                "primary_only",
+                "shadow_only",
+                "mean_abs_prob_diff",
+            ],
+            "shadow",
+        ),
         f"<section id='config'><h2>Configuration</h2><pre>{_e(cfg)}</pre></section>",
         "</body></html>",
     ]
@@ -297,8 +434,11 @@ class Dashboard:
             return True
         auth = headers.get("Authorization") or ""
         if d.token:
-            given = (auth[7:].strip() if auth[:7].lower() == "bearer " else
-                     (query.get("token") or [""])[0])
+            given = (
+                auth[7:].strip()
+                if auth[:7].lower() == "bearer "
+                else (query.get("token") or [""])[0]
+            )
             if given and hmac.compare_digest(given.encode(), d.token.encode()):
                 return True
         if d.username and auth[:6].lower() == "basic ":
@@ -306,8 +446,9 @@ class Dashboard:
                 user, _, pw = base64.b64decode(auth[6:].strip()).decode("utf-8").partition(":")
             except (ValueError, UnicodeDecodeError):
                 return False
-            return (hmac.compare_digest(user.encode(), d.username.encode())
-                    and hmac.compare_digest(pw.encode(), d.password.encode()))
+            return hmac.compare_digest(user.encode(), d.username.encode()) and hmac.compare_digest(
+                pw.encode(), d.password.encode()
+            )
         return False
 
     def start(self) -> int:
@@ -320,15 +461,17 @@ class Dashboard:
             def log_message(self, fmt: str, *args: Any) -> None:  # no query strings (tokens)
                 pass
 
-            def _send(self, code: int, body: bytes, ctype: str,
-                      extra: dict[str, str] | None = None) -> None:
+            def _send(
+                self, code: int, body: bytes, ctype: str, extra: dict[str, str] | None = None
+            ) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
                 self.send_header("X-Content-Type-Options", "nosniff")
-                self.send_header("Content-Security-Policy", "default-src 'none'; "
-                                 "style-src 'unsafe-inline'")
+                self.send_header(
+                    "Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"
+                )
                 for k, v in (extra or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
@@ -342,26 +485,33 @@ class Dashboard:
                 if url.path == "/readyz":  # 503 until the inference process has loaded
                     st = inference_status(dash.service)
                     text = "ready" if st["ready"] else f"not ready: inference {st['state']}"
-                    return self._send(200 if st["ready"] else 503, (text + "\n").encode(),
-                                      "text/plain; charset=utf-8")
+                    return self._send(
+                        200 if st["ready"] else 503,
+                        (text + "\n").encode(),
+                        "text/plain; charset=utf-8",
+                    )
                 if not dash.authorized(self.headers, parse_qs(url.query)):
-                    extra = ({"WWW-Authenticate": 'Basic realm="molre-node"'}
-                             if dash.config.dashboard.username else {})
-                    return self._send(401, b"unauthorized\n", "text/plain; charset=utf-8",
-                                      extra)
+                    extra = (
+                        {"WWW-Authenticate": 'Basic realm="molre-node"'}
+                        if dash.config.dashboard.username
+                        else {}
+                    )
+                    return self._send(401, b"unauthorized\n", "text/plain; charset=utf-8", extra)
                 if url.path not in ("/", "/index.html", "/api/status"):
                     return self._send(404, b"not found\n", "text/plain; charset=utf-8")
                 try:
                     data = collect(dash.store, dash.config, dash.service)
                 except Exception as exc:  # noqa: BLE001 - a page error never hurts the node
                     log.exception("dashboard query failed")
-                    return self._send(500, f"error: {type(exc).__name__}\n".encode(),
-                                      "text/plain; charset=utf-8")
+                    return self._send(
+                        500, f"error: {type(exc).__name__}\n".encode(), "text/plain; charset=utf-8"
+                    )
                 if url.path == "/api/status":
                     body = json.dumps(data, default=str, indent=1).encode("utf-8")
                     return self._send(200, body, "application/json")
-                return self._send(200, render_html(data).encode("utf-8"),
-                                  "text/html; charset=utf-8")
+                return self._send(
+                    200, render_html(data).encode("utf-8"), "text/html; charset=utf-8"
+                )
 
             do_HEAD = do_GET
 
@@ -369,11 +519,16 @@ class Dashboard:
         self._server = ThreadingHTTPServer((d.host, d.port), Handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="dashboard",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="dashboard", daemon=True
+        )
         self._thread.start()
-        log.info("dashboard listening", host=d.host, port=self.port,
-                 auth="token" if d.token else ("basic" if d.username else "none"))
+        log.info(
+            "dashboard listening",
+            host=d.host,
+            port=self.port,
+            auth="token" if d.token else ("basic" if d.username else "none"),
+        )
         return self.port
 
     def stop(self) -> None:

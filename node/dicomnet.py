@@ -78,8 +78,14 @@ def scp_contexts() -> list[PresentationContext]:
     return contexts
 
 
-def make_ae(ae_title: str, *, acse_timeout: float = 30.0, dimse_timeout: float = 60.0,
-            network_timeout: float = 60.0, max_associations: int = 10) -> AE:
+def make_ae(
+    ae_title: str,
+    *,
+    acse_timeout: float = 30.0,
+    dimse_timeout: float = 60.0,
+    network_timeout: float = 60.0,
+    max_associations: int = 10,
+) -> AE:
     """An AE with the project's defaults (unlimited PDU size: fewer, larger P-DATA PDUs)."""
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = 0
@@ -102,9 +108,9 @@ def _even(value: str, pad: bytes) -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
-_IMPLEMENTATION = (_meta_element(0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\0"))
-                   + _meta_element(0x0013, b"SH",
-                                   _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")))
+_IMPLEMENTATION = _meta_element(
+    0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\0")
+) + _meta_element(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" "))
 
 
 def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
@@ -114,13 +120,15 @@ def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str)
 
     Why: building and encoding a pydicom FileMetaDataset per instance costs more than hashing
     the whole slice (BENCHMARKS.md, ingest)."""
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\0")),
-        _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\0")),
-        _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\0")),
-        _IMPLEMENTATION,
-    ))
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\0")),
+            _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\0")),
+            _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\0")),
+            _IMPLEMENTATION,
+        )
+    )
     group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
     return b"\x00" * 128 + b"DICM" + group_length + body
 
@@ -130,8 +138,12 @@ def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str)
 # ---------------------------------------------------------------------------------------------
 
 
-def server_ssl_context(certificate: str | Path, key: str | Path, ca: str | Path | None = None,
-                       require_client_certificate: bool = False) -> ssl.SSLContext:
+def server_ssl_context(
+    certificate: str | Path,
+    key: str | Path,
+    ca: str | Path | None = None,
+    require_client_certificate: bool = False,
+) -> ssl.SSLContext:
     """TLS context for the listener (DICOM TLS, PS3.15 B.1: TLS 1.2+)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -144,16 +156,18 @@ def server_ssl_context(certificate: str | Path, key: str | Path, ca: str | Path 
     return ctx
 
 
-def client_ssl_context(ca: str | Path | None = None, certificate: str | Path | None = None,
-                       key: str | Path | None = None,
-                       check_hostname: bool = False) -> ssl.SSLContext:
+def client_ssl_context(
+    ca: str | Path | None = None,
+    certificate: str | Path | None = None,
+    key: str | Path | None = None,
+    check_hostname: bool = False,
+) -> ssl.SSLContext:
     """TLS context for sending: verify the peer against `ca`; present our certificate if given.
 
     Hostname checking is off by default because DICOM peers are usually addressed by IP; the CA
     still has to vouch for the peer certificate.
     """
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                     cafile=str(ca) if ca else None)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = check_hostname
     if certificate and key:
@@ -181,7 +195,8 @@ class SendResult:
     @property
     def ok(self) -> bool:
         return bool(self.statuses) and all(
-            s is not None and (s == 0 or 0xB000 <= s <= 0xBFFF) for s in self.statuses)
+            s is not None and (s == 0 or 0xB000 <= s <= 0xBFFF) for s in self.statuses
+        )
 
 
 def _file_contexts(paths: Sequence[Path]) -> tuple[list[PresentationContext], list[tuple]]:
@@ -202,14 +217,24 @@ def _file_contexts(paths: Sequence[Path]) -> tuple[list[PresentationContext], li
             # VR for an Implicit VR file, which then had no usable context.
             contexts.append(build_context(sop, [ts]))
     if len(contexts) > 128:
-        raise ValueError(f"{len(contexts)} presentation contexts needed (max 128); send the "
-                         f"files in smaller batches")
+        raise ValueError(
+            f"{len(contexts)} presentation contexts needed (max 128); send the "
+            f"files in smaller batches"
+        )
     return contexts, metas
 
 
-def send_files(paths: Iterable[str | Path], host: str, port: int, called_ae: str, *,
-               calling_ae: str = "MOLRE", ssl_context: ssl.SSLContext | None = None,
-               server_hostname: str | None = None, timeout: float = 60.0) -> SendResult:
+def send_files(
+    paths: Iterable[str | Path],
+    host: str,
+    port: int,
+    called_ae: str,
+    *,
+    calling_ae: str = "MOLRE",
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    timeout: float = 60.0,
+) -> SendResult:
     """C-STORE every file over one association; returns per-file statuses.
 
     Raises AssociationError when no association could be established (peer down, rejected).
@@ -220,21 +245,20 @@ def send_files(paths: Iterable[str | Path], host: str, port: int, called_ae: str
         return SendResult()
     contexts, metas = _file_contexts(files)
     _config.STORE_SEND_CHUNKED_DATASET = True
-    ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout,
-                 network_timeout=timeout)
+    ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout, network_timeout=timeout)
     ae.requested_contexts = contexts
     t0 = time.perf_counter()
     tls_args = (ssl_context, server_hostname) if ssl_context is not None else None
     # pynetdicom hints tls_args as (SSLContext, str); a None host name (no SNI/check) works
-    assoc = ae.associate(host, port, ae_title=called_ae,
-                         tls_args=tls_args)  # type: ignore[arg-type]
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)  # type: ignore[arg-type]
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         detail = ""
         if assoc.is_rejected and assoc.acceptor.primitive is not None:
             prim = assoc.acceptor.primitive
-            detail = (f" (result {prim.result}, source {prim.result_source}, "
-                      f"reason {prim.diagnostic})")
+            detail = (
+                f" (result {prim.result}, source {prim.result_source}, reason {prim.diagnostic})"
+            )
         ae.shutdown()
         raise AssociationError(f"association to {called_ae}@{host}:{port} {why}{detail}")
     result = SendResult()
@@ -261,17 +285,22 @@ def send_files(paths: Iterable[str | Path], host: str, port: int, called_ae: str
     return result
 
 
-def echo(host: str, port: int, called_ae: str, *, calling_ae: str = "MOLRE",
-         ssl_context: ssl.SSLContext | None = None, timeout: float = 10.0) -> int | None:
+def echo(
+    host: str,
+    port: int,
+    called_ae: str,
+    *,
+    calling_ae: str = "MOLRE",
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = 10.0,
+) -> int | None:
     """C-ECHO; returns the status (0 = success) or None when no association was possible."""
-    ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout,
-                 network_timeout=timeout)
+    ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout, network_timeout=timeout)
     ae.add_requested_context(Verification)
     tls_args = (ssl_context, None) if ssl_context is not None else None
     try:
         # pynetdicom hints tls_args as (SSLContext, str); None (no host name check) works
-        assoc = ae.associate(host, port, ae_title=called_ae,
-                             tls_args=tls_args)  # type: ignore[arg-type]
+        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)  # type: ignore[arg-type]
         if not assoc.is_established:
             return None
         try:
@@ -284,7 +313,15 @@ def echo(host: str, port: int, called_ae: str, *, calling_ae: str = "MOLRE",
 
 
 __all__ = [
-    "AssociationError", "CT_STORAGE_CLASSES", "SendResult", "TRANSFER_SYNTAXES",
-    "client_ssl_context", "echo", "file_header", "make_ae", "scp_contexts", "send_files",
+    "AssociationError",
+    "CT_STORAGE_CLASSES",
+    "SendResult",
+    "TRANSFER_SYNTAXES",
+    "client_ssl_context",
+    "echo",
+    "file_header",
+    "make_ae",
+    "scp_contexts",
+    "send_files",
     "server_ssl_context",
 ]

@@ -40,8 +40,14 @@ def backoff_s(attempts: int, base: float, ceiling: float) -> float:
 class Dispatcher(DrainLoop):
     """Background thread draining the outbox."""
 
-    def __init__(self, config: NodeConfig, store: DispatcherStore, *,
-                 metrics: DispatcherMetrics | None = None, poll_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: DispatcherStore,
+        *,
+        metrics: DispatcherMetrics | None = None,
+        poll_s: float = 0.5,
+    ) -> None:
         super().__init__("dispatcher", poll_s)
         self.config = config
         self.store = store
@@ -78,11 +84,18 @@ class Dispatcher(DrainLoop):
         error = redact(error, 1000)  # library texts may quote header values (the SR's too)
         delay = backoff_s(e.attempts + 1, r.export_backoff_base_s, r.export_backoff_max_s)
         nxt = self.store.now() + dt.timedelta(seconds=delay)
-        self.store.record_export_attempt(e.id, ok=False, status=status, error=error[:1000],
-                                         next_attempt_at=nxt)
-        log.warning("export failed", export_id=e.id, series_uid=e.series_uid,
-                    destination=e.destination, attempt=e.attempts + 1, error=error[:200],
-                    retry_in_s=delay)
+        self.store.record_export_attempt(
+            e.id, ok=False, status=status, error=error[:1000], next_attempt_at=nxt
+        )
+        log.warning(
+            "export failed",
+            export_id=e.id,
+            series_uid=e.series_uid,
+            destination=e.destination,
+            attempt=e.attempts + 1,
+            error=error[:200],
+            retry_in_s=delay,
+        )
         if self.metrics is not None:
             self.metrics.exports.labels(outcome="failed").inc()
 
@@ -90,8 +103,12 @@ class Dispatcher(DrainLoop):
         dest = self.config.destination(name)
         if dest is None:
             for e in exports:
-                self._fail(e, None, f"destination {name!r} is not in the configuration "
-                                    f"([[destinations]] name = {name!r})")
+                self._fail(
+                    e,
+                    None,
+                    f"destination {name!r} is not in the configuration "
+                    f"([[destinations]] name = {name!r})",
+                )
             return
         batch: list[tuple[ExportClaim, list[Path]]] = []
         for e in exports:
@@ -105,30 +122,44 @@ class Dispatcher(DrainLoop):
         all_files = [f for _, files in batch for f in files]
         calling = dest.calling_ae_title or self.config.network.ae_title
         try:
-            result = send_files(all_files, dest.host, dest.port, dest.ae_title,
-                                calling_ae=calling, ssl_context=self._ssl(dest),
-                                timeout=self.config.network.dimse_timeout_s)
+            result = send_files(
+                all_files,
+                dest.host,
+                dest.port,
+                dest.ae_title,
+                calling_ae=calling,
+                ssl_context=self._ssl(dest),
+                timeout=self.config.network.dimse_timeout_s,
+            )
         except (AssociationError, OSError, ValueError, RuntimeError) as exc:
             for e, _ in batch:
                 self._fail(e, None, str(exc))
             return
         i = 0
         for e, files in batch:
-            statuses = result.statuses[i:i + len(files)]
-            errors = result.errors[i:i + len(files)]
+            statuses = result.statuses[i : i + len(files)]
+            errors = result.errors[i : i + len(files)]
             i += len(files)
             ok = all(s is not None and (s == 0 or 0xB000 <= s <= 0xBFFF) for s in statuses)
-            status = next((s for s in statuses if s not in (0, None)), statuses[0] if statuses
-                          else None)
+            status = next(
+                (s for s in statuses if s not in (0, None)), statuses[0] if statuses else None
+            )
             if ok:
                 self.store.record_export_attempt(e.id, ok=True, status=status)
-                log.info("export delivered", export_id=e.id, series_uid=e.series_uid,
-                         destination=name, attempt=e.attempts + 1, objects=len(files))
+                log.info(
+                    "export delivered",
+                    export_id=e.id,
+                    series_uid=e.series_uid,
+                    destination=name,
+                    attempt=e.attempts + 1,
+                    objects=len(files),
+                )
                 if self.metrics is not None:
                     self.metrics.exports.labels(outcome="delivered").inc()
             else:
                 err = "; ".join(x for x in errors if x) or (
-                    f"C-STORE status 0x{status:04X}" if isinstance(status, int) else "failed")
+                    f"C-STORE status 0x{status:04X}" if isinstance(status, int) else "failed"
+                )
                 self._fail(e, status, err)
 
 

@@ -69,15 +69,18 @@ def _position_t(ds: Dataset, normal: np.ndarray, origin: np.ndarray) -> float:
     return float((ipp - origin) @ normal)
 
 
-def key_slices(sources: Sequence[Dataset], saliency: Mapping[str, Any]
-               ) -> dict[str, list[tuple[Dataset, Mapping[str, Any]]]]:
+def key_slices(
+    sources: Sequence[Dataset], saliency: Mapping[str, Any]
+) -> dict[str, list[tuple[Dataset, Mapping[str, Any]]]]:
     """Finding key -> [(source header, key plane)] in slice order: each key plane of the
     saliency is the source instance at the same position along the slice normal (nearest;
     within one plane spacing), each source slice at most once per finding."""
     grid = saliency["grid"]
     if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for ds in sources):
-        raise EvidenceError("multi-frame (Enhanced CT) sources: evidence images are made for "
-                            "single-frame CT series only")
+        raise EvidenceError(
+            "multi-frame (Enhanced CT) sources: evidence images are made for "
+            "single-frame CT series only"
+        )
     direction = np.asarray(grid["direction"], dtype=np.float64)
     normal = direction[2] / np.linalg.norm(direction[2])
     origin = np.asarray(grid["origin"], dtype=np.float64)
@@ -87,8 +90,9 @@ def key_slices(sources: Sequence[Dataset], saliency: Mapping[str, Any]
     try:
         planes = np.array([_position_t(ds, normal, origin) / step for ds in sources])
     except (AttributeError, TypeError, ValueError):
-        raise EvidenceError("a source instance lacks a numeric ImagePositionPatient "
-                            "(0020,0032)") from None
+        raise EvidenceError(
+            "a source instance lacks a numeric ImagePositionPatient (0020,0032)"
+        ) from None
     out: dict[str, list[tuple[Dataset, Mapping[str, Any]]]] = {}
     for key, f in saliency["findings"].items():
         chosen: list[tuple[Dataset, Mapping[str, Any]]] = []
@@ -108,10 +112,13 @@ def _grey(ds: Dataset) -> np.ndarray:
     """The slice in the brain window as uint8 (rows, cols)."""
     px = ds.pixel_array.astype(np.float32)
     if px.ndim != 2:
-        raise EvidenceError(f"source instance {ds.SOPInstanceUID}: pixel data of shape "
-                            f"{px.shape}, expected one 2-D frame")
-    hu = px * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0)
-                                                                  or 0)
+        raise EvidenceError(
+            f"source instance {ds.SOPInstanceUID}: pixel data of shape "
+            f"{px.shape}, expected one 2-D frame"
+        )
+    hu = px * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
+        getattr(ds, "RescaleIntercept", 0) or 0
+    )
     c, w = WINDOW
     return np.clip((hu - (c - w / 2.0)) / w * 255.0, 0, 255).astype(np.uint8)
 
@@ -121,15 +128,18 @@ def _upsampled_map(m: np.ndarray, stride: Sequence[int], shape: tuple[int, int])
     from PIL import Image
 
     h, w = m.shape
-    full = Image.fromarray(m).resize((w * int(stride[1]), h * int(stride[0])),
-                                     Image.Resampling.BILINEAR)
-    arr = np.asarray(full, dtype=np.float32)[:shape[0], :shape[1]] / 255.0
+    full = Image.fromarray(m).resize(
+        (w * int(stride[1]), h * int(stride[0])), Image.Resampling.BILINEAR
+    )
+    arr = np.asarray(full, dtype=np.float32)[: shape[0], : shape[1]] / 255.0
     if arr.shape != shape:  # stride grid shorter than the slice (rounding): pad with 0
         arr = np.pad(arr, ((0, shape[0] - arr.shape[0]), (0, shape[1] - arr.shape[1])))
     return arr
 
 
-def render_key_image(grey: np.ndarray, sal: np.ndarray, lines: Sequence[str]) -> tuple[np.ndarray, int]:
+def render_key_image(
+    grey: np.ndarray, sal: np.ndarray, lines: Sequence[str]
+) -> tuple[np.ndarray, int]:
     """RGB uint8 (banner + scaled slice with the overlay) and the scale factor used."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -141,8 +151,9 @@ def render_key_image(grey: np.ndarray, sal: np.ndarray, lines: Sequence[str]) ->
     factor = max(1, math.ceil(MIN_SIZE_PX / max(grey.shape)))
     img = Image.fromarray(blended, "RGB")
     if factor > 1:
-        img = img.resize((grey.shape[1] * factor, grey.shape[0] * factor),
-                         Image.Resampling.BILINEAR)
+        img = img.resize(
+            (grey.shape[1] * factor, grey.shape[0] * factor), Image.Resampling.BILINEAR
+        )
     canvas = Image.new("RGB", (img.width, img.height + BANNER_PX), (0, 0, 0))
     canvas.paste(img, (0, BANNER_PX))
     draw = ImageDraw.Draw(canvas)
@@ -162,9 +173,15 @@ def _source_ref(ds: Dataset) -> Dataset:
     return item
 
 
-def build_evidence(sources: Sequence[Dataset], paths: Mapping[str, str | Path],
-                   prediction: Mapping[str, Any], catalog: Any, *, version: int = 1,
-                   identity: Any = None) -> list[EvidenceImage]:
+def build_evidence(
+    sources: Sequence[Dataset],
+    paths: Mapping[str, str | Path],
+    prediction: Mapping[str, Any],
+    catalog: Any,
+    *,
+    version: int = 1,
+    identity: Any = None,
+) -> list[EvidenceImage]:
     """The key images of every finding in ``prediction["saliency"]`` (only Present findings
     are explained by the inference process).
 
@@ -186,10 +203,12 @@ def build_evidence(sources: Sequence[Dataset], paths: Mapping[str, str | Path],
     names = {f.key: f.name for f in catalog}
     probs = prediction.get("probabilities") or {}
     method = {"gradient": "input gradient", "grad_x_input": "gradient x input"}.get(
-        str(saliency.get("method")), str(saliency.get("method")))
+        str(saliency.get("method")), str(saliency.get("method"))
+    )
     series_uid = result_series_uid(str(sources[0].SeriesInstanceUID), "evidence")
-    description = (_series_description(bool(prediction.get("is_demo")))
-                   .replace("AI RESULTS", "AI EVIDENCE"))
+    description = _series_description(bool(prediction.get("is_demo"))).replace(
+        "AI RESULTS", "AI EVIDENCE"
+    )
     images: list[EvidenceImage] = []
     number = (int(version) - 1) * 1000
     for key, chosen in key_slices(sources, saliency).items():
@@ -202,40 +221,54 @@ def build_evidence(sources: Sequence[Dataset], paths: Mapping[str, str | Path],
             ds = pydicom.dcmread(str(paths[uid]))
             grey = _grey(ds)
             sal = _upsampled_map(np.asarray(kp["map"], dtype=np.uint8), stride, grey.shape)
-            lines = [f"{name[:48]}  p={float(probs.get(key, float('nan'))):.2f}",
-                     f"AI EVIDENCE - NOT FOR DIAGNOSTIC USE - saliency ({method})"]
+            lines = [
+                f"{name[:48]}  p={float(probs.get(key, float('nan'))):.2f}",
+                f"AI EVIDENCE - NOT FOR DIAGNOSTIC USE - saliency ({method})",
+            ]
             pixels, factor = render_key_image(grey, sal, lines)
             spacing = None
             if "PixelSpacing" in ds:
                 spacing = tuple(float(v) / factor for v in ds.PixelSpacing)
             number += 1
             sc = hd.sc.SCImage.from_ref_dataset(
-                ref_dataset=_filled(header), pixel_array=pixels,
-                photometric_interpretation="RGB", bits_allocated=8,
-                coordinate_system="PATIENT", series_instance_uid=series_uid,
-                series_number=EVIDENCE_SERIES_NUMBER, sop_instance_uid=generate_uid(),
-                instance_number=number, manufacturer=identity.manufacturer,
+                ref_dataset=_filled(header),
+                pixel_array=pixels,
+                photometric_interpretation="RGB",
+                bits_allocated=8,
+                coordinate_system="PATIENT",
+                series_instance_uid=series_uid,
+                series_number=EVIDENCE_SERIES_NUMBER,
+                sop_instance_uid=generate_uid(),
+                instance_number=number,
+                manufacturer=identity.manufacturer,
                 # highdicom annotates pixel_spacing as tuple[int, int]; it is mm (DS), floats
                 pixel_spacing=spacing,  # type: ignore[arg-type]
                 patient_orientation=_orientation(header),
                 transfer_syntax_uid=ExplicitVRLittleEndian,
-                contributing_equipment=[_contributing_equipment(identity, prediction)])
+                contributing_equipment=[_contributing_equipment(identity, prediction)],
+            )
             sc.SpecificCharacterSet = "ISO_IR 192"
             sc.SeriesDescription = description
             sc.BurnedInAnnotation = "YES"
             sc.ImageType = ["DERIVED", "SECONDARY"]
-            sc.DerivationDescription = (f"Saliency of the AI finding '{name}' ({method}, "
-                                        f"relative score {float(kp['score']):.2f}) blended over "
-                                        "the source slice; AI output, not for diagnostic use"
-                                        )[:1024]
+            sc.DerivationDescription = (
+                f"Saliency of the AI finding '{name}' ({method}, "
+                f"relative score {float(kp['score']):.2f}) blended over "
+                "the source slice; AI output, not for diagnostic use"
+            )[:1024]
             sc.SourceImageSequence = [_source_ref(header)]
             sc.ImageComments = f"{key} evidence; source slice {uid}"[:10240]
             if "Laterality" not in sc:
                 sc.Laterality = ""  # Type 2C in General Series; dciodvfy cannot evaluate it
-            images.append(EvidenceImage(finding=key, dataset=sc,
-                                        source_sop_class_uid=str(header.SOPClassUID),
-                                        source_sop_instance_uid=uid,
-                                        score=float(kp["score"])))
+            images.append(
+                EvidenceImage(
+                    finding=key,
+                    dataset=sc,
+                    source_sop_class_uid=str(header.SOPClassUID),
+                    source_sop_instance_uid=uid,
+                    score=float(kp["score"]),
+                )
+            )
     return images
 
 
@@ -255,5 +288,12 @@ def _orientation(ds: Dataset) -> tuple[str, str]:
     return axis(iop[:3]), axis(iop[3:])
 
 
-__all__ = ["EVIDENCE_DESCRIPTION", "EVIDENCE_SERIES_NUMBER", "EvidenceError", "EvidenceImage",
-           "build_evidence", "key_slices", "render_key_image"]
+__all__ = [
+    "EVIDENCE_DESCRIPTION",
+    "EVIDENCE_SERIES_NUMBER",
+    "EvidenceError",
+    "EvidenceImage",
+    "build_evidence",
+    "key_slices",
+    "render_key_image",
+]

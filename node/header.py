@@ -30,11 +30,29 @@ from common.jsonsafe import jsonable
 from storage import InstanceHeader
 
 META_KEYWORDS = (
-    "Modality", "SOPClassUID", "StudyInstanceUID", "ImageType", "BodyPartExamined",
-    "StudyDescription", "SeriesDescription", "ProtocolName", "SliceThickness",
-    "ContrastBolusAgent", "ConvolutionKernel", "Rows", "Columns", "NumberOfFrames",
-    "ImageOrientationPatient", "SeriesNumber", "StudyDate", "Manufacturer",
-    "ManufacturerModelName", "PixelSpacing", "KVP", "RescaleSlope", "RescaleIntercept",
+    "Modality",
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "ImageType",
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "SliceThickness",
+    "ContrastBolusAgent",
+    "ConvolutionKernel",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "ImageOrientationPatient",
+    "SeriesNumber",
+    "StudyDate",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "PixelSpacing",
+    "KVP",
+    "RescaleSlope",
+    "RescaleIntercept",
 )
 PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
 
@@ -53,9 +71,17 @@ _FALLBACKS = {
     "RescaleIntercept": "PixelValueTransformationSequence",
 }
 _SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _ACCESSION, _INSTANCE_NUMBER = (
-    int(Tag(kw)) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                            "SeriesInstanceUID", "Modality", "AccessionNumber",
-                            "InstanceNumber"))
+    int(Tag(kw))
+    for kw in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "AccessionNumber",
+        "InstanceNumber",
+    )
+)
 
 _MISSING = object()
 
@@ -97,22 +123,31 @@ def _first(ds: Any, path: tuple[str, ...]) -> Any:
     return cur
 
 
-def _build(value: Callable[[int], Any], transfer_syntax: str | None, with_phi: bool,
-           ds: Any = None) -> Any:
+def _build(
+    value: Callable[[int], Any], transfer_syntax: str | None, with_phi: bool, ds: Any = None
+) -> Any:
     """The header from `value(tag)` (an element's value, or _MISSING). `ds` (a Dataset) adds
     the Enhanced CT functional-group fallbacks."""
+
     def text(tag: int) -> str | None:
         v = value(tag)
         return str(v) if v not in (None, "", _MISSING) else None
 
     return InstanceHeader(
-        sop_class_uid=text(_SOP_CLASS), sop_instance_uid=text(_SOP_INSTANCE),
-        study_uid=text(_STUDY), series_uid=text(_SERIES), modality=text(_MODALITY),
-        transfer_syntax=transfer_syntax, accession_number=text(_ACCESSION),
+        sop_class_uid=text(_SOP_CLASS),
+        sop_instance_uid=text(_SOP_INSTANCE),
+        study_uid=text(_STUDY),
+        series_uid=text(_SERIES),
+        modality=text(_MODALITY),
+        transfer_syntax=transfer_syntax,
+        accession_number=text(_ACCESSION),
         instance_number=_int_or_none(value(_INSTANCE_NUMBER)),
         meta=_meta(value, ds),
-        phi=({kw: "" if (v := value(tag)) is _MISSING else str(v) for kw, tag in _PHI_TAGS}
-             if with_phi else {}),
+        phi=(
+            {kw: "" if (v := value(tag)) is _MISSING else str(v) for kw, tag in _PHI_TAGS}
+            if with_phi
+            else {}
+        ),
     )
 
 
@@ -143,11 +178,11 @@ def _dataset_value(ds: pydicom.Dataset) -> Callable[[int], Any]:
     def value(tag: int) -> Any:
         elem = ds.get(tag)
         return elem.value if elem is not None else _MISSING
+
     return value
 
 
-def read_header(ds: pydicom.Dataset, transfer_syntax: str | None, *,
-                with_phi: bool = True) -> Any:
+def read_header(ds: pydicom.Dataset, transfer_syntax: str | None, *, with_phi: bool = True) -> Any:
     """`storage.InstanceHeader` of a parsed header (start-up reconciliation, and the receiver
     when :func:`scan_header` declines). Raises on malformed values (-> Cannot Understand).
 
@@ -168,14 +203,42 @@ _CHARSET = 0x00080005
 _PLAIN_CHARSETS = frozenset({b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 192"})
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # pydicom's stop_before_pixels
 #: Enhanced CT functional groups / coded contrast agent: values may come from inside them
-_SEQUENCES_READ = frozenset(int(Tag(kw)) for kw in (
-    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
-    "ContrastBolusAgentSequence"))
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
-                       b"UT", b"SV", b"UV"})
-_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS",
-                        b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
-                        b"US"})
+_SEQUENCES_READ = frozenset(
+    int(Tag(kw))
+    for kw in (
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "ContrastBolusAgentSequence",
+    )
+)
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+)
+_SHORT_VRS = frozenset(
+    {
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FD",
+        b"FL",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SS",
+        b"ST",
+        b"TM",
+        b"UI",
+        b"UL",
+        b"US",
+    }
+)
 
 
 def _cs(raw: bytes) -> Any:  # CS, DA (pydicom.values.convert_string)
@@ -207,12 +270,23 @@ def _pn(raw: bytes) -> Any:  # pydicom.values.convert_PN, one ASCII name
     return PersonName(raw.rstrip(b"\x00 ").decode("ascii"))
 
 
-_CONVERT = {"CS": _cs, "DA": _cs, "SH": _text, "LO": _text, "DS": _ds, "IS": _is, "UI": _ui,
-            "US": _us, "PN": _pn}
+_CONVERT = {
+    "CS": _cs,
+    "DA": _cs,
+    "SH": _text,
+    "LO": _text,
+    "DS": _ds,
+    "IS": _is,
+    "UI": _ui,
+    "US": _us,
+    "PN": _pn,
+}
 #: values that must be single (a backslash would make pydicom build a MultiValue whose str() or
 #: int() the pydicom path turns into something the scan does not imitate)
-_SINGLE = frozenset({_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _ACCESSION,
-                     _INSTANCE_NUMBER} | {tag for _, tag in _PHI_TAGS})
+_SINGLE = frozenset(
+    {_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _ACCESSION, _INSTANCE_NUMBER}
+    | {tag for _, tag in _PHI_TAGS}
+)
 
 
 def _wanted() -> dict[int, tuple[bytes, Callable[[bytes], Any]]]:
@@ -304,8 +378,9 @@ def _skip_sequence(buf: bytes, pos: int, end: int, implicit: bool, depth: int = 
     return None
 
 
-def _skip_item(buf: bytes, pos: int, end: int, implicit: bool, depth: int, *,
-               delimited: bool) -> int | None:
+def _skip_item(
+    buf: bytes, pos: int, end: int, implicit: bool, depth: int, *, delimited: bool
+) -> int | None:
     """Walk an item's elements from `pos`: up to its item delimiter (`delimited`, returns the
     position after it) or up to `end` (returns `end`); None if anything looks wrong."""
     while True:
@@ -371,8 +446,10 @@ def scan_header(stream: bytes, transfer_syntax: str, *, with_phi: bool = True) -
             pos = start + length
             if pos > end:
                 return None
-            if tag == _CHARSET and (not (implicit or vr == b"CS")
-                                    or stream[start:pos].rstrip(b" ") not in _PLAIN_CHARSETS):
+            if tag == _CHARSET and (
+                not (implicit or vr == b"CS")
+                or stream[start:pos].rstrip(b" ") not in _PLAIN_CHARSETS
+            ):
                 return None
             spec = _WANTED.get(tag)
             if spec is not None:

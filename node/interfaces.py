@@ -96,9 +96,17 @@ class RefusalLog(Protocol):
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
-    def record(self, host: str | None, port: int | None, reason: str, *,
-               calling_ae: str | None = None, called_ae: str | None = None,
-               kind: str = "refused", sync: bool = True) -> None: ...
+    def record(
+        self,
+        host: str | None,
+        port: int | None,
+        reason: str,
+        *,
+        calling_ae: str | None = None,
+        called_ae: str | None = None,
+        kind: str = "refused",
+        sync: bool = True,
+    ) -> None: ...
 
 
 # -- spool ----------------------------------------------------------------------------------------
@@ -115,8 +123,9 @@ class PruneSpool(Protocol):
 class ReportSpool(Protocol):
     """Where the worker writes reports and evidence images."""
 
-    def write_atomic(self, relpath: str | Path, data: Chunks, *,
-                     durable: bool | None = None) -> Path: ...
+    def write_atomic(
+        self, relpath: str | Path, data: Chunks, *, durable: bool | None = None
+    ) -> Path: ...
 
 
 # -- store ----------------------------------------------------------------------------------------
@@ -126,49 +135,87 @@ class EventLog(Protocol):
     """The audit log's clock and free-form events."""
 
     def now(self) -> dt.datetime: ...
-    def log_event(self, entity: str, entity_id: Any, kind: str, details: dict | None = None, *,
-                  study_uid: str | None = None, series_uid: str | None = None) -> None: ...
+    def log_event(
+        self,
+        entity: str,
+        entity_id: Any,
+        kind: str,
+        details: dict | None = None,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+    ) -> None: ...
 
 
 class ListenerStore(EventLog, Protocol):
-    def record_rejected_association(self, calling_ae: str | None, called_ae: str | None,
-                                    peer_host: str | None, peer_port: int | None,
-                                    reason: str) -> int: ...
+    def record_rejected_association(
+        self,
+        calling_ae: str | None,
+        called_ae: str | None,
+        peer_host: str | None,
+        peer_port: int | None,
+        reason: str,
+    ) -> int: ...
 
 
 class AssemblerStore(Protocol):
-    def series_due_for_completion(self, quiet_s: float, release_grace_s: float,
-                                  now: dt.datetime | None = None) -> list[str]: ...
+    def series_due_for_completion(
+        self, quiet_s: float, release_grace_s: float, now: dt.datetime | None = None
+    ) -> list[str]: ...
     def series_in_state(self, state: SeriesState | str) -> list[str]: ...
     def series_instances(self, series_uid: str) -> list[InstanceRecord]: ...
     def get_series(self, series_uid: str) -> SeriesRecord: ...
     def series(self, **kw: Any) -> list[dict[str, Any]]: ...
-    def transition(self, series_uid: str, to_state: SeriesState | str, reason: str | None = None,
-                   details: dict | None = None) -> None: ...
+    def transition(
+        self,
+        series_uid: str,
+        to_state: SeriesState | str,
+        reason: str | None = None,
+        details: dict | None = None,
+    ) -> None: ...
     def enqueue_job(self, series_uid: str) -> int: ...
     def exclusive(self, name: str) -> AbstractContextManager[bool]: ...
-    def prune(self, older_than: dt.timedelta, *, dry_run: bool = False,
-              spool: PruneSpool | None = None,
-              now: dt.datetime | None = None) -> PruneReport: ...
+    def prune(
+        self,
+        older_than: dt.timedelta,
+        *,
+        dry_run: bool = False,
+        spool: PruneSpool | None = None,
+        now: dt.datetime | None = None,
+    ) -> PruneReport: ...
 
 
 class DispatcherStore(Protocol):
     def now(self) -> dt.datetime: ...
-    def claim_exports(self, lease_s: float = 300.0, limit: int = 10,
-                      now: dt.datetime | None = None) -> list[ExportClaim]: ...
-    def record_export_attempt(self, export_id: int, *, ok: bool, status: int | str | None,
-                              error: str | None = None,
-                              next_attempt_at: dt.datetime | None = None) -> None: ...
+    def claim_exports(
+        self, lease_s: float = 300.0, limit: int = 10, now: dt.datetime | None = None
+    ) -> list[ExportClaim]: ...
+    def record_export_attempt(
+        self,
+        export_id: int,
+        *,
+        ok: bool,
+        status: int | str | None,
+        error: str | None = None,
+        next_attempt_at: dt.datetime | None = None,
+    ) -> None: ...
 
 
 class NotifierStore(Protocol):
     def now(self) -> dt.datetime: ...
-    def claim_notifications(self, lease_s: float = 120.0, limit: int = 10,
-                            now: dt.datetime | None = None) -> list[NotificationClaim]: ...
-    def record_notification_attempt(self, notification_id: int, *, ok: bool,
-                                    status: str | None, error: str | None = None,
-                                    next_attempt_at: dt.datetime | None = None,
-                                    final: bool = False) -> None: ...
+    def claim_notifications(
+        self, lease_s: float = 120.0, limit: int = 10, now: dt.datetime | None = None
+    ) -> list[NotificationClaim]: ...
+    def record_notification_attempt(
+        self,
+        notification_id: int,
+        *,
+        ok: bool,
+        status: str | None,
+        error: str | None = None,
+        next_attempt_at: dt.datetime | None = None,
+        final: bool = False,
+    ) -> None: ...
 
 
 class DashboardStore(Protocol):
@@ -183,22 +230,40 @@ class DashboardStore(Protocol):
 class WorkerStore(EventLog, Protocol):
     @property
     def node(self) -> str: ...
-    def claim_job(self, worker_id: str, lease_s: float = 600, *,
-                  max_attempts: int | None = None) -> JobClaim | None: ...
-    def release_job(self, job_id: int, worker_id: str, reason: str, *,
-                    delay_s: float = 0.0) -> bool: ...
+    def claim_job(
+        self, worker_id: str, lease_s: float = 600, *, max_attempts: int | None = None
+    ) -> JobClaim | None: ...
+    def release_job(
+        self, job_id: int, worker_id: str, reason: str, *, delay_s: float = 0.0
+    ) -> bool: ...
     def series_instances(self, series_uid: str) -> list[InstanceRecord]: ...
     def get_series(self, series_uid: str) -> SeriesRecord: ...
-    def finish_job(self, job_id: int, *, results: Sequence[FindingResult],
-                   checkpoint_hash: str | None, model_name: str | None,
-                   report_path: str | Path | None, report_sop_uid: str | None,
-                   destinations: Iterable[str], notifications: Sequence[Any] = ()) -> bool: ...
-    def fail_job(self, job_id: int, error: str, *, max_attempts: int,
-                 retry_delay_s: float) -> bool: ...
-    def record_shadow_results(self, *, job_id: int | None, series_uid: str, version: int,
-                              model_name: str, model_version: str | None,
-                              checkpoint_hash: str | None,
-                              results: Sequence[FindingResult]) -> None: ...
+    def finish_job(
+        self,
+        job_id: int,
+        *,
+        results: Sequence[FindingResult],
+        checkpoint_hash: str | None,
+        model_name: str | None,
+        report_path: str | Path | None,
+        report_sop_uid: str | None,
+        destinations: Iterable[str],
+        notifications: Sequence[Any] = (),
+    ) -> bool: ...
+    def fail_job(
+        self, job_id: int, error: str, *, max_attempts: int, retry_delay_s: float
+    ) -> bool: ...
+    def record_shadow_results(
+        self,
+        *,
+        job_id: int | None,
+        series_uid: str,
+        version: int,
+        model_name: str,
+        model_version: str | None,
+        checkpoint_hash: str | None,
+        results: Sequence[FindingResult],
+    ) -> None: ...
 
 
 if TYPE_CHECKING:
@@ -208,8 +273,13 @@ if TYPE_CHECKING:
     from storage.spool import Spool
     from storage.store import Store
 
-    def _conformance(store: Store, spool: Spool, metrics: Metrics, audit: RefusalAudit,
-                     forwarded: ForwardedRefusals) -> None:
+    def _conformance(
+        store: Store,
+        spool: Spool,
+        metrics: Metrics,
+        audit: RefusalAudit,
+        forwarded: ForwardedRefusals,
+    ) -> None:
         """Never called: mypy checks here that the real classes satisfy the protocols."""
         a: AssemblerStore = store
         d: DispatcherStore = store

@@ -64,8 +64,15 @@ from node.interfaces import ListenerMetrics, ListenerStore, RefusalLog
 
 log = get_logger("node.listener")
 
-_PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA-TF",
-              5: "A-RELEASE-RQ", 6: "A-RELEASE-RP", 7: "A-ABORT"}
+_PDU_NAMES = {
+    1: "A-ASSOCIATE-RQ",
+    2: "A-ASSOCIATE-AC",
+    3: "A-ASSOCIATE-RJ",
+    4: "P-DATA-TF",
+    5: "A-RELEASE-RQ",
+    6: "A-RELEASE-RP",
+    7: "A-ABORT",
+}
 #: A command set is a few hundred bytes; more than this is not a DIMSE command.
 MAX_COMMAND_BYTES = 64 * 1024
 #: Maximum PDU length the listener announces (A-ASSOCIATE-AC). pynetdicom's 0 ("unlimited")
@@ -119,8 +126,9 @@ class RefusalAudit:
     ``node/listener refusals-not-recorded`` event (counts by reason) when the minute is over.
     """
 
-    def __init__(self, store: ListenerStore, per_minute: int, *,
-                 metrics: ListenerMetrics | None = None) -> None:
+    def __init__(
+        self, store: ListenerStore, per_minute: int, *, metrics: ListenerMetrics | None = None
+    ) -> None:
         self.store = store
         self.per_minute = max(0, int(per_minute))
         self.metrics = metrics
@@ -137,9 +145,17 @@ class RefusalAudit:
         self._thread = threading.Thread(target=self._run, name="refusal-audit", daemon=True)
         self._thread.start()
 
-    def record(self, host: str | None, port: int | None, reason: str, *,
-               calling_ae: str | None = None, called_ae: str | None = None,
-               kind: str = "refused", sync: bool = True) -> None:
+    def record(
+        self,
+        host: str | None,
+        port: int | None,
+        reason: str,
+        *,
+        calling_ae: str | None = None,
+        called_ae: str | None = None,
+        kind: str = "refused",
+        sync: bool = True,
+    ) -> None:
         with self._lock:
             self.total += 1
             self._roll_window()
@@ -150,8 +166,14 @@ class RefusalAudit:
                 self._suppressed[kind] += 1
         if self.metrics is not None:
             self.metrics.associations_rejected.inc()
-        log.warning("connection refused", peer=host, port=port, reason=reason, kind=kind,
-                    calling_ae=calling_ae)
+        log.warning(
+            "connection refused",
+            peer=host,
+            port=port,
+            reason=reason,
+            kind=kind,
+            calling_ae=calling_ae,
+        )
         if not allowed:
             return
         row = (calling_ae, called_ae, host, port, reason[:500])
@@ -202,8 +224,12 @@ class RefusalAudit:
             if kind == "row":
                 self.store.record_rejected_association(*item)
             else:
-                self.store.log_event("node", "listener", "refusals-not-recorded",
-                                     details={"counts": item, "per_minute": self.per_minute})
+                self.store.log_event(
+                    "node",
+                    "listener",
+                    "refusals-not-recorded",
+                    details={"counts": item, "per_minute": self.per_minute},
+                )
         except Exception:  # noqa: BLE001 - never let bookkeeping break the listener
             log.exception("could not record a refused connection")
 
@@ -277,23 +303,31 @@ class ConnectionGuard:
                 return
             rq = assoc.requestor.primitive
             if rq is None:
-                why = self.reason or ("connection closed before an A-ASSOCIATE-RQ"
-                                      if self.bytes_received else
-                                      "connection closed without sending anything")
+                why = self.reason or (
+                    "connection closed before an A-ASSOCIATE-RQ"
+                    if self.bytes_received
+                    else "connection closed without sending anything"
+                )
                 self.audit(f"before acceptance: {why}")
             elif assoc.is_rejected and not self.established:
                 prim = assoc.acceptor.primitive
                 detail = ""
                 if prim is not None and prim.result is not None:
-                    detail = (f" (result {prim.result}, source {prim.result_source}, "
-                              f"reason {prim.diagnostic})")
-                self.audit(f"rejected by the DICOM layer{detail}: "
-                           f"{self.reason or 'see pynetdicom reason'}",
-                           calling_ae=str(rq.calling_ae_title or "").strip() or None,
-                           called_ae=str(rq.called_ae_title or "").strip() or None)
+                    detail = (
+                        f" (result {prim.result}, source {prim.result_source}, "
+                        f"reason {prim.diagnostic})"
+                    )
+                self.audit(
+                    f"rejected by the DICOM layer{detail}: "
+                    f"{self.reason or 'see pynetdicom reason'}",
+                    calling_ae=str(rq.calling_ae_title or "").strip() or None,
+                    called_ae=str(rq.called_ae_title or "").strip() or None,
+                )
             elif not self.established:
-                self.audit(f"during negotiation: {self.reason or 'aborted'}",
-                           calling_ae=str(rq.calling_ae_title or "").strip() or None)
+                self.audit(
+                    f"during negotiation: {self.reason or 'aborted'}",
+                    calling_ae=str(rq.calling_ae_title or "").strip() or None,
+                )
         except Exception:  # noqa: BLE001
             log.exception("could not audit a finished connection")
         finally:
@@ -309,8 +343,9 @@ class GuardedSocket(AssociationSocket):
     (established) or dropped (not yet), and its thread ends.
     """
 
-    def __init__(self, assoc: "GuardedAssociation", client_socket: socket.socket,
-                 idle: float | None) -> None:
+    def __init__(
+        self, assoc: "GuardedAssociation", client_socket: socket.socket, idle: float | None
+    ) -> None:
         super().__init__(assoc, client_socket=client_socket)
         self.idle = idle
         self.deadline: float | None = None
@@ -411,8 +446,7 @@ class GuardedDUL(DULServiceProvider):
         else:
             cap, key = limits.max_associate_rq_bytes, "network.max_associate_rq_size"
         if pdu_length > cap:
-            self._drop(f"{name} PDU of {pdu_length} bytes exceeds {key} ({cap} bytes)",
-                       abort=True)
+            self._drop(f"{name} PDU of {pdu_length} bytes exceeds {key} ({cap} bytes)", abort=True)
             return
         pdu_bytes = bytearray(6 + pdu_length)
         pdu_bytes[:6] = header
@@ -420,12 +454,12 @@ class GuardedDUL(DULServiceProvider):
             with memoryview(pdu_bytes) as view:
                 got = sock.recv_exact(view[6:])
         except (OSError, TimeoutError) as exc:
-            self._drop(self._timeout_reason(exc, f"a {name} PDU of {pdu_length} bytes"),
-                       abort=False)
+            self._drop(
+                self._timeout_reason(exc, f"a {name} PDU of {pdu_length} bytes"), abort=False
+            )
             return
         if got != pdu_length:
-            guard.fail(f"connection closed inside a {name} PDU ({got} of {pdu_length} "
-                       f"bytes)")
+            guard.fail(f"connection closed inside a {name} PDU ({got} of {pdu_length} bytes)")
             self.event_queue.put("Evt17")
             return
         try:
@@ -442,16 +476,21 @@ class GuardedDUL(DULServiceProvider):
     def _timeout_reason(self, exc: BaseException, what: str) -> str:
         if isinstance(exc, (TimeoutError, socket.timeout)):
             if not self._rq_seen:
-                return (f"no complete A-ASSOCIATE-RQ within network.acse_timeout_s "
-                        f"({self.guard.limits.acse_timeout_s:g} s) while reading {what}")
-            return (f"no data for network.network_timeout_s "
-                    f"({self.guard.limits.network_timeout_s:g} s) while reading {what}")
+                return (
+                    f"no complete A-ASSOCIATE-RQ within network.acse_timeout_s "
+                    f"({self.guard.limits.acse_timeout_s:g} s) while reading {what}"
+                )
+            return (
+                f"no data for network.network_timeout_s "
+                f"({self.guard.limits.network_timeout_s:g} s) while reading {what}"
+            )
         return f"connection error while reading {what}: {type(exc).__name__}"
 
     def _connection_gone(self) -> bool:
         sock = self.socket
-        return (self._kill_thread or not self.is_alive()
-                or (sock is not None and sock.socket is None))
+        return (
+            self._kill_thread or not self.is_alive() or (sock is not None and sock.socket is None)
+        )
 
     def receive_pdu(self, wait: bool = False, timeout: float | None = None):  # noqa: D102
         # pynetdicom waits the full acse_timeout for an A-ASSOCIATE-RQ even when the connection
@@ -564,21 +603,26 @@ class GuardedRequestHandler(RequestHandler):
 
     def handle(self) -> None:  # noqa: D102
         server = self.server
-        guard = ConnectionGuard(server, peer_host(str(self.client_address[0])),
-                                int(self.client_address[1]))
+        guard = ConnectionGuard(
+            server, peer_host(str(self.client_address[0])), int(self.client_address[1])
+        )
         guard.conn_id, guard.over_limit = server.take_flags(self.request)
         assoc = None
         try:
             if server.ssl_context is not None:
                 raw = self.request
                 try:
-                    tls = server.ssl_context.wrap_socket(raw, server_side=True,
-                                                         do_handshake_on_connect=False)
+                    tls = server.ssl_context.wrap_socket(
+                        raw, server_side=True, do_handshake_on_connect=False
+                    )
                     tls.settimeout(max(0.01, guard.preaccept_deadline - time.monotonic()))
                     tls.do_handshake()
                 except (OSError, ssl.SSLError, ValueError) as exc:
-                    why = ("timed out" if isinstance(exc, (TimeoutError, socket.timeout))
-                           else f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}")
+                    why = (
+                        "timed out"
+                        if isinstance(exc, (TimeoutError, socket.timeout))
+                        else f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
+                    )
                     guard.audit(f"before acceptance: TLS handshake failed ({why})"[:300])
                     try:
                         raw.close()
@@ -631,15 +675,31 @@ class GuardedServer(ThreadedAssociationServer):
     block_on_close = False
     request_queue_size = 64
 
-    def __init__(self, ae: Any, address: Any, ae_title: str, contexts: Any,
-                 ssl_context: Any = None, evt_handlers: Any = None, *,
-                 limits: ListenerLimits, audit: RefusalLog) -> None:
+    def __init__(
+        self,
+        ae: Any,
+        address: Any,
+        ae_title: str,
+        contexts: Any,
+        ssl_context: Any = None,
+        evt_handlers: Any = None,
+        *,
+        limits: ListenerLimits,
+        audit: RefusalLog,
+    ) -> None:
         self.limits = limits
         self.audit = audit
         self._hosts: dict[str, int] = {}
         self._hosts_lock = threading.Lock()
-        super().__init__(ae, address, ae_title, contexts, ssl_context,
-                         evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
+        super().__init__(
+            ae,
+            address,
+            ae_title,
+            contexts,
+            ssl_context,
+            evt_handlers=evt_handlers,
+            request_handler=GuardedRequestHandler,
+        )
 
     def get_request(self) -> tuple[socket.socket, Any]:  # noqa: D102 - handshake moved out
         sock = self.socket
@@ -657,11 +717,15 @@ class GuardedServer(ThreadedAssociationServer):
                 self._hosts[host] = n + 1
                 refused = False
         if refused:
-            self.audit.record(host, int(client_address[1]),
-                              f"before acceptance: {n} connections from {host} already open "
-                              f"(network.max_associations_per_host = "
-                              f"{self.limits.max_per_host})", kind="per-host limit",
-                              sync=False)
+            self.audit.record(
+                host,
+                int(client_address[1]),
+                f"before acceptance: {n} connections from {host} already open "
+                f"(network.max_associations_per_host = "
+                f"{self.limits.max_per_host})",
+                kind="per-host limit",
+                sync=False,
+            )
             return False
         return True
 
@@ -708,8 +772,9 @@ class FedServer(GuardedServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:  # noqa: D102
         return True  # the acceptor applied the per-host limit
 
-    def serve_connection(self, sock: socket.socket, client_address: Any, conn_id: int,
-                         over_limit: int | None) -> None:
+    def serve_connection(
+        self, sock: socket.socket, client_address: Any, conn_id: int, over_limit: int | None
+    ) -> None:
         """Handle an accepted connection in its own thread, like an accepted one."""
         with self._flags_lock:
             self._flags[sock.fileno()] = (conn_id, over_limit)
@@ -728,15 +793,29 @@ class FedServer(GuardedServer):
         self.server_close()
 
 
-def start_server(ae: Any, address: tuple[str, int], *, evt_handlers: list, ssl_context: Any,
-                 limits: ListenerLimits, audit: RefusalLog) -> GuardedServer:
+def start_server(
+    ae: Any,
+    address: tuple[str, int],
+    *,
+    evt_handlers: list,
+    ssl_context: Any,
+    limits: ListenerLimits,
+    audit: RefusalLog,
+) -> GuardedServer:
     """Start a :class:`GuardedServer` for ``ae`` in a background thread (like
     ``AE.start_server(block=False)``) and return it; ``server.shutdown()`` stops it."""
     check_pynetdicom()
-    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedServer, limits=limits, audit=audit)
-    thread = threading.Thread(target=server.serve_forever, name="AcceptorServer@guarded",
-                              daemon=True)
+    server = ae.make_server(
+        address,
+        ssl_context=ssl_context,
+        evt_handlers=evt_handlers,
+        server_class=GuardedServer,
+        limits=limits,
+        audit=audit,
+    )
+    thread = threading.Thread(
+        target=server.serve_forever, name="AcceptorServer@guarded", daemon=True
+    )
     thread.start()
     ae._servers.append(server)
     return server
@@ -744,16 +823,38 @@ def start_server(ae: Any, address: tuple[str, int], *, evt_handlers: list, ssl_c
 
 def check_pynetdicom() -> None:
     """Fail at start (not under attack) if pynetdicom moved what this module overrides."""
-    missing = [f"{cls.__name__}.{name}" for cls, name in (
-        (DULServiceProvider, "_read_pdu_data"), (DULServiceProvider, "_decode_pdu"),
-        (DULServiceProvider, "receive_pdu"), (DIMSEServiceProvider, "receive_primitive"),
-        (AssociationSocket, "recv"), (AssociationSocket, "_shutdown_socket"),
-        (RequestHandler, "_create_association"), (ThreadedAssociationServer, "get_request"))
-        if not callable(getattr(cls, name, None))]
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls, name in (
+            (DULServiceProvider, "_read_pdu_data"),
+            (DULServiceProvider, "_decode_pdu"),
+            (DULServiceProvider, "receive_pdu"),
+            (DIMSEServiceProvider, "receive_primitive"),
+            (AssociationSocket, "recv"),
+            (AssociationSocket, "_shutdown_socket"),
+            (RequestHandler, "_create_association"),
+            (ThreadedAssociationServer, "get_request"),
+        )
+        if not callable(getattr(cls, name, None))
+    ]
     if missing:
-        raise RuntimeError(f"pynetdicom changed: {', '.join(missing)} not found; node/listener.py "
-                           f"overrides them (written for pynetdicom 3.0)")
+        raise RuntimeError(
+            f"pynetdicom changed: {', '.join(missing)} not found; node/listener.py "
+            f"overrides them (written for pynetdicom 3.0)"
+        )
 
 
-__all__ = ["RECEIVE_PDU_BYTES", "FedServer", "GuardedServer", "ListenerLimits", "RefusalAudit", "check_pynetdicom",
-           "mark_audited", "mark_established", "over_limit_of", "oversize_of", "peer_host", "start_server"]
+__all__ = [
+    "RECEIVE_PDU_BYTES",
+    "FedServer",
+    "GuardedServer",
+    "ListenerLimits",
+    "RefusalAudit",
+    "check_pynetdicom",
+    "mark_audited",
+    "mark_established",
+    "over_limit_of",
+    "oversize_of",
+    "peer_host",
+    "start_server",
+]

@@ -64,8 +64,9 @@ def backoff_s(attempts: int, base: float, ceiling: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def match_rules(config: NodeConfig, probabilities: dict[str, float],
-                decisions: dict[str, bool]) -> list[NotificationSpec]:
+def match_rules(
+    config: NodeConfig, probabilities: dict[str, float], decisions: dict[str, bool]
+) -> list[NotificationSpec]:
     """The notifications the rules ask for, one per (finding, channel) (a finding matched by
     several rules goes once to each channel). Empty when notifications are off."""
     from storage.notices import NotificationSpec
@@ -85,20 +86,32 @@ def match_rules(config: NodeConfig, probabilities: dict[str, float],
             hit = p >= rule.threshold if rule.threshold > 0 else decision
             if not hit:
                 continue
-            text = (f"{rule.finding} probability >= {rule.threshold:g}" if rule.threshold > 0
-                    else f"{rule.finding} Present")
+            text = (
+                f"{rule.finding} probability >= {rule.threshold:g}"
+                if rule.threshold > 0
+                else f"{rule.finding} Present"
+            )
             for ch in rule.channels:
-                out.setdefault((key, ch), NotificationSpec(
-                    channel=ch, kind=kinds[ch], finding_key=key, probability=p,
-                    decision=decision, rule=text))
+                out.setdefault(
+                    (key, ch),
+                    NotificationSpec(
+                        channel=ch,
+                        kind=kinds[ch],
+                        finding_key=key,
+                        probability=p,
+                        decision=decision,
+                        rule=text,
+                    ),
+                )
     return list(out.values())
 
 
 def unknown_rule_findings(config: NodeConfig, keys: Sequence[str]) -> list[str]:
     """Rule findings the model does not report (a typo, or another checkpoint's catalog)."""
     known = set(keys)
-    return [r.finding for r in config.notifications.rules
-            if r.finding != "*" and r.finding not in known]
+    return [
+        r.finding for r in config.notifications.rules if r.finding != "*" and r.finding not in known
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,13 +135,22 @@ def webhook_payload(n: NotificationClaim) -> dict[str, Any]:
     """The JSON document a webhook receives (docs/operations.md, "Notifications")."""
     value, meaning, scheme = _finding_code(n.finding_key)
     doc: dict[str, Any] = {
-        "type": "molre.finding", "notification_id": n.id,
-        "finding": {"key": n.finding_key, "code": value, "scheme": scheme, "meaning": meaning,
-                    "probability": round(float(n.probability), 6),
-                    "decision": "Present" if n.decision else "Absent"},
-        "rule": n.rule, "model": n.model_name,
-        "study_instance_uid": n.study_uid, "series_instance_uid": n.series_uid,
-        "series_version": n.version, "report_sop_instance_uid": n.report_sop_uid,
+        "type": "molre.finding",
+        "notification_id": n.id,
+        "finding": {
+            "key": n.finding_key,
+            "code": value,
+            "scheme": scheme,
+            "meaning": meaning,
+            "probability": round(float(n.probability), 6),
+            "decision": "Present" if n.decision else "Absent",
+        },
+        "rule": n.rule,
+        "model": n.model_name,
+        "study_instance_uid": n.study_uid,
+        "series_instance_uid": n.series_uid,
+        "series_version": n.version,
+        "report_sop_instance_uid": n.report_sop_uid,
         "accession_number": n.accession_number,
         "created_at": n.created_at.isoformat() if n.created_at else None,
     }
@@ -177,8 +199,9 @@ def build_oru(n: NotificationClaim, channel: NotifyChannel, now: dt.datetime | N
         pat = pr.add_group("ORU_R01_PATIENT")
         pat.pid.pid_3 = _hl7_text(n.patient_id or "", 64)
         if n.patient_name:  # DICOM PN Family^Given^... maps onto XPN's components
-            pat.pid.pid_5 = "^".join(_hl7_text(p, 64) for p in
-                                     str(n.patient_name).split("=")[0].split("^")[:5])
+            pat.pid.pid_5 = "^".join(
+                _hl7_text(p, 64) for p in str(n.patient_name).split("=")[0].split("^")[:5]
+            )
     oo = pr.add_group("ORU_R01_ORDER_OBSERVATION")
     oo.obr.obr_1 = "1"
     if n.accession_number:
@@ -186,13 +209,18 @@ def build_oru(n: NotificationClaim, channel: NotifyChannel, now: dt.datetime | N
     oo.obr.obr_4 = "MOLRE-CTHEAD^Head CT AI finding^L"
     oo.obr.obr_7 = n.created_at.strftime("%Y%m%d%H%M%S") if n.created_at else m.msh.msh_7.value
     oo.obr.obr_25 = "P"  # preliminary: an AI finding awaiting a radiologist
-    obs = [("CE", f"{_hl7_text(value)}^{_hl7_text(meaning)}^{_hl7_text(scheme)}",
-            "Present" if n.decision else "Absent"),
-           ("NM", "probability^Model probability^L", f"{float(n.probability):.4f}"),
-           ("ST", "model^Model^L", _hl7_text(n.model_name or "")),
-           ("ST", "rule^Notification rule^L", _hl7_text(n.rule or "")),
-           ("ST", "110180^Study Instance UID^DCM", _hl7_text(n.study_uid, 64)),
-           ("ST", "112002^Series Instance UID^DCM", _hl7_text(n.series_uid, 64))]
+    obs = [
+        (
+            "CE",
+            f"{_hl7_text(value)}^{_hl7_text(meaning)}^{_hl7_text(scheme)}",
+            "Present" if n.decision else "Absent",
+        ),
+        ("NM", "probability^Model probability^L", f"{float(n.probability):.4f}"),
+        ("ST", "model^Model^L", _hl7_text(n.model_name or "")),
+        ("ST", "rule^Notification rule^L", _hl7_text(n.rule or "")),
+        ("ST", "110180^Study Instance UID^DCM", _hl7_text(n.study_uid, 64)),
+        ("ST", "112002^Series Instance UID^DCM", _hl7_text(n.series_uid, 64)),
+    ]
     if n.report_sop_uid:
         obs.append(("ST", "121126^Retrieve Location UID^DCM", _hl7_text(n.report_sop_uid, 64)))
     for i, (vt, ident, val) in enumerate(obs, start=1):
@@ -230,17 +258,26 @@ def parse_ack(text: str) -> tuple[str, str, str]:
 class SendOutcome:
     """What one attempt came to: delivered, retry later, or final rejection."""
 
-    def __init__(self, ok: bool, status: str | None, error: str | None = None,
-                 final: bool = False) -> None:
+    def __init__(
+        self, ok: bool, status: str | None, error: str | None = None, final: bool = False
+    ) -> None:
         self.ok, self.status, self.error, self.final = ok, status, error, final
 
 
 def send_webhook(n: NotificationClaim, channel: NotifyChannel) -> SendOutcome:
     body = json.dumps(webhook_payload(n), sort_keys=True, default=str).encode("utf-8")
-    req = urllib.request.Request(channel.url, data=body, method="POST", headers={
-        "Content-Type": "application/json", "User-Agent": "molre-node",
-        SIGNATURE_HEADER: sign(channel.secret, body), "X-Molre-Delivery": str(n.id),
-        "X-Molre-Timestamp": dt.datetime.now(dt.timezone.utc).isoformat()})
+    req = urllib.request.Request(
+        channel.url,
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "User-Agent": "molre-node",
+            SIGNATURE_HEADER: sign(channel.secret, body),
+            "X-Molre-Delivery": str(n.id),
+            "X-Molre-Timestamp": dt.datetime.now(dt.timezone.utc).isoformat(),
+        },
+    )
     # no proxies from the environment: a notification goes where the config says
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -270,7 +307,7 @@ def mllp_exchange(host: str, port: int, message: str, timeout: float) -> str:
             if len(buf) > 1 << 20:
                 raise ValueError("MLLP answer larger than 1 MiB")
     start = buf.find(MLLP_START)
-    return buf[start + 1 if start >= 0 else 0:buf.find(MLLP_END)].decode("utf-8", "replace")
+    return buf[start + 1 if start >= 0 else 0 : buf.find(MLLP_END)].decode("utf-8", "replace")
 
 
 def send_hl7(n: NotificationClaim, channel: NotifyChannel) -> SendOutcome:
@@ -284,8 +321,7 @@ def send_hl7(n: NotificationClaim, channel: NotifyChannel) -> SendOutcome:
     except Exception as exc:  # noqa: BLE001 - a garbled answer is a failed attempt
         return SendOutcome(False, "no ACK", f"answer is not an HL7 ACK: {exc}")
     if ctrl and ctrl != control_id(n.id):
-        return SendOutcome(False, code, f"ACK for message {ctrl!r}, expected "
-                                        f"{control_id(n.id)!r}")
+        return SendOutcome(False, code, f"ACK for message {ctrl!r}, expected {control_id(n.id)!r}")
     if code in ("AA", "CA"):
         return SendOutcome(True, code)
     if code in ("AR", "CR"):
@@ -320,8 +356,12 @@ class Notifier(DrainLoop):
             if self._stop.is_set():
                 # give the rest back at once (their claim would otherwise wait for the lease)
                 self.store.record_notification_attempt(
-                    n.id, ok=False, status=None, error="node stopping; not attempted",
-                    next_attempt_at=self.store.now())
+                    n.id,
+                    ok=False,
+                    status=None,
+                    error="node stopping; not attempted",
+                    next_attempt_at=self.store.now(),
+                )
                 continue
             self._attempt(n)
         return len(due)
@@ -330,8 +370,12 @@ class Notifier(DrainLoop):
         nt = self.config.notifications
         channel = next((c for c in nt.channels if c.name == n.channel), None)
         if channel is None:
-            out = SendOutcome(False, None, f"channel {n.channel!r} is not in the configuration "
-                                           f"([[notifications.channels]] name = {n.channel!r})")
+            out = SendOutcome(
+                False,
+                None,
+                f"channel {n.channel!r} is not in the configuration "
+                f"([[notifications.channels]] name = {n.channel!r})",
+            )
         else:
             try:
                 out = send(n, channel)
@@ -340,20 +384,44 @@ class Notifier(DrainLoop):
         error = redact(out.error, 1000) if out.error else None
         if out.ok:
             self.store.record_notification_attempt(n.id, ok=True, status=out.status)
-            log.info("notification delivered", notification_id=n.id, channel=n.channel,
-                     series_uid=n.series_uid, finding=n.finding_key, attempt=n.attempts + 1,
-                     status=out.status)
+            log.info(
+                "notification delivered",
+                notification_id=n.id,
+                channel=n.channel,
+                series_uid=n.series_uid,
+                finding=n.finding_key,
+                attempt=n.attempts + 1,
+                status=out.status,
+            )
             return
         delay = backoff_s(n.attempts + 1, nt.backoff_base_s, nt.backoff_max_s)
         nxt = self.store.now() + dt.timedelta(seconds=delay)
-        self.store.record_notification_attempt(n.id, ok=False, status=out.status, error=error,
-                                               next_attempt_at=nxt, final=out.final)
-        log.warning("notification rejected" if out.final else "notification failed",
-                    notification_id=n.id, channel=n.channel, series_uid=n.series_uid,
-                    attempt=n.attempts + 1, status=out.status, error=(error or "")[:200],
-                    **({} if out.final else {"retry_in_s": delay}))
+        self.store.record_notification_attempt(
+            n.id, ok=False, status=out.status, error=error, next_attempt_at=nxt, final=out.final
+        )
+        log.warning(
+            "notification rejected" if out.final else "notification failed",
+            notification_id=n.id,
+            channel=n.channel,
+            series_uid=n.series_uid,
+            attempt=n.attempts + 1,
+            status=out.status,
+            error=(error or "")[:200],
+            **({} if out.final else {"retry_in_s": delay}),
+        )
 
 
-__all__ = ["Notifier", "SIGNATURE_HEADER", "backoff_s", "build_oru", "control_id",
-           "match_rules", "mllp_exchange", "parse_ack", "send", "sign", "unknown_rule_findings",
-           "webhook_payload"]
+__all__ = [
+    "Notifier",
+    "SIGNATURE_HEADER",
+    "backoff_s",
+    "build_oru",
+    "control_id",
+    "match_rules",
+    "mllp_exchange",
+    "parse_ack",
+    "send",
+    "sign",
+    "unknown_rule_findings",
+    "webhook_payload",
+]

@@ -69,8 +69,9 @@ class Pacs:
     def parse(cls, text: str) -> Pacs:
         m = _PACS_RE.match(text.strip())
         if not m or not 0 < int(m["port"]) < 65536:
-            raise MolreError(f"--pacs {text!r}: write it as AET@host:port (e.g. "
-                             "ORTHANC@10.0.0.5:4242)")
+            raise MolreError(
+                f"--pacs {text!r}: write it as AET@host:port (e.g. ORTHANC@10.0.0.5:4242)"
+            )
         return cls(m["aet"], m["host"], int(m["port"]))
 
 
@@ -127,6 +128,7 @@ def parse_split(text: str) -> tuple[float, float, float]:
 # identifiers
 # ---------------------------------------------------------------------------------------------
 
+
 def _load_key(out: Path) -> bytes:
     """The secret of the keyed hashes (accession keys, pseudonyms), created once per data set."""
     path = out / ".pseudonym-key"
@@ -146,7 +148,7 @@ def _keyed(key: bytes, kind: str, value: str, n: int = 16) -> str:
 
 def split_of(patient: str, key: bytes, fractions: Sequence[float]) -> str:
     """Split of a patient: a keyed hash, so it never changes when other patients are added."""
-    u = int(_keyed(key, "split", patient, 12), 16) / float(16 ** 12)
+    u = int(_keyed(key, "split", patient, 12), 16) / float(16**12)
     acc = 0.0
     for name, frac in zip(SPLIT_NAMES, fractions, strict=True):
         acc += frac
@@ -158,6 +160,7 @@ def split_of(patient: str, key: bytes, fractions: Sequence[float]) -> str:
 # ---------------------------------------------------------------------------------------------
 # DICOM query / retrieve (Study Root)
 # ---------------------------------------------------------------------------------------------
+
 
 class _Skip(Exception):
     """This accession is skipped; the message is the reason (no PHI)."""
@@ -171,8 +174,7 @@ def _ae(calling_ae: str, timeout: float) -> Any:
         StudyRootQueryRetrieveInformationModelGet,
     )
 
-    ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout,
-                 network_timeout=timeout)
+    ae = make_ae(calling_ae, acse_timeout=timeout, dimse_timeout=timeout, network_timeout=timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for uid in CT_STORAGE_CLASSES:  # C-GET: the PACS sends the instances back on this association
@@ -233,8 +235,9 @@ def _get_series(assoc: Any, study_uid: str, series_uid: str, dest: Path) -> int:
         if not re.fullmatch(r"[0-9.]{1,64}", sop_uid):
             return 0xA900  # not a UID: refuse instead of writing a strange file name
         raw = req.DataSet.getvalue()
-        header = file_header(str(req.AffectedSOPClassUID), sop_uid,
-                             str(event.context.transfer_syntax))
+        header = file_header(
+            str(req.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax)
+        )
         with (dest / f"{sop_uid}.dcm").open("wb") as fh:
             fh.write(header)
             fh.write(raw)
@@ -252,8 +255,7 @@ def _get_series(assoc: Any, study_uid: str, series_uid: str, dest: Path) -> int:
                 raise _Skip("pacs: C-GET got no answer (association lost or timed out)")
             final = code
         if final not in (0x0000, None):
-            raise _Skip(f"pacs: C-GET ended with status 0x{final:04X} "
-                        "(some instances not sent)")
+            raise _Skip(f"pacs: C-GET ended with status 0x{final:04X} (some instances not sent)")
     finally:
         assoc.unbind(*handler)
     return written
@@ -263,17 +265,22 @@ def _get_series(assoc: Any, study_uid: str, series_uid: str, dest: Path) -> int:
 # one accession
 # ---------------------------------------------------------------------------------------------
 
-def _fetch_one(acc: str, acc_key: str, pacs: Pacs, opts: PullOptions, rules: SelectionConfig,
-               key: bytes) -> tuple[SeriesRecord, list[str]]:
+
+def _fetch_one(
+    acc: str, acc_key: str, pacs: Pacs, opts: PullOptions, rules: SelectionConfig, key: bytes
+) -> tuple[SeriesRecord, list[str]]:
     """Query, select, retrieve one accession. Returns the record and the series skip reasons."""
     ae = _ae(opts.calling_ae, opts.timeout_s)
     assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title, ext_neg=_roles())
     if not assoc.is_established:
-        raise _Skip(f"pacs: association with {pacs.ae_title}@{pacs.host}:{pacs.port} "
-                    "refused or not reachable")
+        raise _Skip(
+            f"pacs: association with {pacs.ae_title}@{pacs.host}:{pacs.port} "
+            "refused or not reachable"
+        )
     try:
-        studies = _find(assoc, "STUDY", {"AccessionNumber": acc, "StudyInstanceUID": "",
-                                         "PatientID": ""})
+        studies = _find(
+            assoc, "STUDY", {"AccessionNumber": acc, "StudyInstanceUID": "", "PatientID": ""}
+        )
         if not studies:
             raise _Skip("not found: no study with this accession number")
         wanted = {m.upper() for m in rules.modalities}
@@ -284,15 +291,23 @@ def _fetch_one(acc: str, acc_key: str, pacs: Pacs, opts: PullOptions, rules: Sel
             study_uid = str(st.get("StudyInstanceUID", ""))
             if not study_uid:
                 continue
-            for se in _find(assoc, "SERIES", {"StudyInstanceUID": study_uid,
-                                              "SeriesInstanceUID": "", "Modality": "",
-                                              "NumberOfSeriesRelatedInstances": ""}):
+            for se in _find(
+                assoc,
+                "SERIES",
+                {
+                    "StudyInstanceUID": study_uid,
+                    "SeriesInstanceUID": "",
+                    "Modality": "",
+                    "NumberOfSeriesRelatedInstances": "",
+                },
+            ):
                 uid = str(se.get("SeriesInstanceUID", ""))
                 if not uid or str(se.get("Modality", "")).upper() not in wanted:
                     continue
                 query = {kw: "" for kw in META_KEYWORDS if kw != "StudyInstanceUID"}
-                query.update({"StudyInstanceUID": study_uid, "SeriesInstanceUID": uid,
-                              "SOPInstanceUID": ""})
+                query.update(
+                    {"StudyInstanceUID": study_uid, "SeriesInstanceUID": uid, "SOPInstanceUID": ""}
+                )
                 metas = [_meta_of(i) for i in _find(assoc, "IMAGE", query)]
                 if not metas:
                     continue
@@ -321,8 +336,16 @@ def _fetch_one(acc: str, acc_key: str, pacs: Pacs, opts: PullOptions, rules: Sel
     # the rules again, on the received headers (a PACS may answer C-FIND incompletely)
     files = sorted(partial.glob("*.dcm"))
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    check, why = select_study([summarize(best.series_uid, [_meta_of(h) for h in headers],
-                                         study_uid=series_study[best.series_uid])], rules)
+    check, why = select_study(
+        [
+            summarize(
+                best.series_uid,
+                [_meta_of(h) for h in headers],
+                study_uid=series_study[best.series_uid],
+            )
+        ],
+        rules,
+    )
     if not check:
         shutil.rmtree(partial, ignore_errors=True)
         raise _Skip(f"selection on the received headers: {next(iter(why.values()), 'rules')}")
@@ -335,10 +358,15 @@ def _fetch_one(acc: str, acc_key: str, pacs: Pacs, opts: PullOptions, rules: Sel
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
-    rec = SeriesRecord(acc_key=acc_key, series_uid=best.series_uid, path=rel.as_posix(),
-                       patient_id=pid, instances=len(files),
-                       manufacturer=str(h0.get("Manufacturer", "") or "").strip(),
-                       model=str(h0.get("ManufacturerModelName", "") or "").strip())
+    rec = SeriesRecord(
+        acc_key=acc_key,
+        series_uid=best.series_uid,
+        path=rel.as_posix(),
+        patient_id=pid,
+        instances=len(files),
+        manufacturer=str(h0.get("Manufacturer", "") or "").strip(),
+        model=str(h0.get("ManufacturerModelName", "") or "").strip(),
+    )
     (opts.out / "series" / acc_key / "done.json").write_text(json.dumps(asdict(rec), indent=1))
     return rec, skipped
 
@@ -356,15 +384,21 @@ def _load_done(out: Path, acc_key: str) -> SeriesRecord | None:
 # the whole data set
 # ---------------------------------------------------------------------------------------------
 
+
 def _site_of(rec: SeriesRecord, opts: PullOptions) -> str:
     if opts.site:
         return opts.site
     return " ".join(x for x in (rec.manufacturer, rec.model) if x) or "unknown"
 
 
-def pull_dataset(labels_csv: Path | str, pacs: Pacs, opts: PullOptions, catalog: Any,
-                 rules: SelectionConfig,
-                 progress: Callable[[int, int], Any] | None = None) -> PullSummary:
+def pull_dataset(
+    labels_csv: Path | str,
+    pacs: Pacs,
+    opts: PullOptions,
+    catalog: Any,
+    rules: SelectionConfig,
+    progress: Callable[[int, int], Any] | None = None,
+) -> PullSummary:
     """Fetch and select every accession of ``labels_csv``; write the manifest (module docstring)."""
     import csv
 
@@ -392,14 +426,21 @@ def pull_dataset(labels_csv: Path | str, pacs: Pacs, opts: PullOptions, catalog:
             summary.reused += 1
         else:
             todo.append(acc)
-    log.info("pull start", accessions=len(accessions), cached=summary.reused, to_fetch=len(todo),
-             pacs=f"{pacs.ae_title}@{pacs.host}:{pacs.port}", workers=opts.workers)
+    log.info(
+        "pull start",
+        accessions=len(accessions),
+        cached=summary.reused,
+        to_fetch=len(todo),
+        pacs=f"{pacs.ae_title}@{pacs.host}:{pacs.port}",
+        workers=opts.workers,
+    )
     done = summary.reused
     if progress is not None:
         progress(done, len(accessions))
     with ThreadPoolExecutor(max_workers=opts.workers) as pool:
-        futures = {pool.submit(_fetch_one, acc, keys[acc], pacs, opts, rules, key): acc
-                   for acc in todo}
+        futures = {
+            pool.submit(_fetch_one, acc, keys[acc], pacs, opts, rules, key): acc for acc in todo
+        }
         for fut in as_completed(futures):
             acc = futures[fut]
             try:
@@ -408,8 +449,12 @@ def pull_dataset(labels_csv: Path | str, pacs: Pacs, opts: PullOptions, catalog:
                 summary.fetched += 1
                 for r in series_reasons:
                     series_skips[r.split(":", 1)[0]] += 1
-                log.info("accession fetched", acc_key=keys[acc], series_uid=rec.series_uid,
-                         instances=rec.instances)
+                log.info(
+                    "accession fetched",
+                    acc_key=keys[acc],
+                    series_uid=rec.series_uid,
+                    instances=rec.instances,
+                )
             except _Skip as exc:
                 skipped[acc] = str(exc)
                 log.info("accession skipped", acc_key=keys[acc], reason=str(exc))
@@ -428,17 +473,44 @@ def pull_dataset(labels_csv: Path | str, pacs: Pacs, opts: PullOptions, catalog:
             continue
         split = split_of(rec.patient_id, key, opts.split)
         lab = {k: apply_policy(labels[acc].get(k), opts.uncertain) for k in labels[acc]}
-        rows.append({"path": rec.path, "patient_id": rec.patient_id, "split": split,
-                     "site": _site_of(rec, opts), "labels": lab})
-        series_rows.append([rec.acc_key, rec.series_uid, rec.path, rec.patient_id, split,
-                            rec.manufacturer, rec.model, rec.instances])
+        rows.append(
+            {
+                "path": rec.path,
+                "patient_id": rec.patient_id,
+                "split": split,
+                "site": _site_of(rec, opts),
+                "labels": lab,
+            }
+        )
+        series_rows.append(
+            [
+                rec.acc_key,
+                rec.series_uid,
+                rec.path,
+                rec.patient_id,
+                split,
+                rec.manufacturer,
+                rec.model,
+                rec.instances,
+            ]
+        )
     manifest = out / "manifest.csv"
     if rows:
         write_manifest(manifest, rows, catalog)
     with (out / "series.csv").open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["acc_key", "series_uid", "path", "patient_id", "split", "manufacturer",
-                    "model", "instances"])
+        w.writerow(
+            [
+                "acc_key",
+                "series_uid",
+                "path",
+                "patient_id",
+                "split",
+                "manufacturer",
+                "model",
+                "instances",
+            ]
+        )
         w.writerows(series_rows)
     with (out / "skipped.csv").open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -451,21 +523,43 @@ def pull_dataset(labels_csv: Path | str, pacs: Pacs, opts: PullOptions, catalog:
     summary.rows = len(rows)
     summary.splits = dict(Counter(r["split"] for r in rows))
     summary.manifest = str(manifest) if rows else ""
-    info = {"format": "molre-pulled-dataset", "format_version": 1,
-            "pacs": f"{pacs.ae_title}@{pacs.host}:{pacs.port}", "calling_ae": opts.calling_ae,
-            "uncertain_policy": opts.uncertain, "split": list(opts.split),
-            "pseudonymised": opts.pseudonymise, "site": opts.site or "from headers",
-            "labels_file": str(Path(labels_csv).resolve()),
-            "summary": asdict(summary), "series_not_chosen": dict(series_skips),
-            "selection": rules.model_dump()}
+    info = {
+        "format": "molre-pulled-dataset",
+        "format_version": 1,
+        "pacs": f"{pacs.ae_title}@{pacs.host}:{pacs.port}",
+        "calling_ae": opts.calling_ae,
+        "uncertain_policy": opts.uncertain,
+        "split": list(opts.split),
+        "pseudonymised": opts.pseudonymise,
+        "site": opts.site or "from headers",
+        "labels_file": str(Path(labels_csv).resolve()),
+        "summary": asdict(summary),
+        "series_not_chosen": dict(series_skips),
+        "selection": rules.model_dump(),
+    }
     (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
-    log.info("pull done", rows=summary.rows, fetched=summary.fetched, reused=summary.reused,
-             skipped=sum(reasons.values()), **{f"skipped_{k}": v for k, v in reasons.items()})
+    log.info(
+        "pull done",
+        rows=summary.rows,
+        fetched=summary.fetched,
+        reused=summary.reused,
+        skipped=sum(reasons.values()),
+        **{f"skipped_{k}": v for k, v in reasons.items()},
+    )
     if not rows:
-        raise MolreError(f"no accession could be fetched ({len(skipped)} skipped; reasons in "
-                         f"{out / 'skipped.csv'}); no manifest written")
+        raise MolreError(
+            f"no accession could be fetched ({len(skipped)} skipped; reasons in "
+            f"{out / 'skipped.csv'}); no manifest written"
+        )
     return summary
 
 
-__all__ = ["Pacs", "PullOptions", "PullSummary", "SeriesRecord", "parse_split", "pull_dataset",
-           "split_of"]
+__all__ = [
+    "Pacs",
+    "PullOptions",
+    "PullSummary",
+    "SeriesRecord",
+    "parse_split",
+    "pull_dataset",
+    "split_of",
+]

@@ -125,8 +125,15 @@ class AccessDecision:
     reason: str = ""
 
 
-def check_access(calling_ae: str, called_ae: str, peer_host: str, *, own_ae: str,
-                 require_called_ae: bool, allowed: list[AllowedCaller]) -> AccessDecision:
+def check_access(
+    calling_ae: str,
+    called_ae: str,
+    peer_host: str,
+    *,
+    own_ae: str,
+    require_called_ae: bool,
+    allowed: list[AllowedCaller],
+) -> AccessDecision:
     """Allow-list check for an association request (pure; unit-testable).
 
     An empty allow-list allows every caller. An entry matches when its `ae_title` equals the
@@ -135,8 +142,9 @@ def check_access(calling_ae: str, called_ae: str, peer_host: str, *, own_ae: str
     calling = (calling_ae or "").strip()
     called = (called_ae or "").strip()
     if require_called_ae and called != own_ae.strip():
-        return AccessDecision(False, REJECT_CALLED_AE,
-                              f"called AE title {called!r} is not {own_ae!r}")
+        return AccessDecision(
+            False, REJECT_CALLED_AE, f"called AE title {called!r} is not {own_ae!r}"
+        )
     if not allowed:
         return AccessDecision(True)
     try:
@@ -153,10 +161,14 @@ def check_access(calling_ae: str, called_ae: str, peer_host: str, *, own_ae: str
         if addr is not None and addr in ipaddress.ip_network(entry.host, strict=False):
             return AccessDecision(True)
     if ae_known:
-        return AccessDecision(False, REJECT_CALLING_AE,
-                              f"calling AE title {calling!r} not allowed from host {peer_host}")
-    return AccessDecision(False, REJECT_CALLING_AE,
-                          f"calling AE title {calling!r} is not on the allow-list")
+        return AccessDecision(
+            False,
+            REJECT_CALLING_AE,
+            f"calling AE title {calling!r} not allowed from host {peer_host}",
+        )
+    return AccessDecision(
+        False, REJECT_CALLING_AE, f"calling AE title {calling!r} is not on the allow-list"
+    )
 
 
 _peer_host = peer_host  # check_access's parameter shadows the helper's name
@@ -272,8 +284,15 @@ class Receiver:
     drained with the receiver; :meth:`flush` waits for it).
     """
 
-    def __init__(self, config: NodeConfig, store: Any, spool: Any, *, metrics: Any = None,
-                 on_release: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: Any,
+        spool: Any,
+        *,
+        metrics: Any = None,
+        on_release: Callable[[int], None] | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.spool = spool
@@ -300,11 +319,13 @@ class Receiver:
         self.max_instance_bytes = config.size_limit("storage.max_instance_size")
         self.max_inflated_bytes = config.size_limit("storage.max_inflated_size")
         self.limits = ListenerLimits(
-            acse_timeout_s=n.acse_timeout_s, network_timeout_s=n.network_timeout_s,
+            acse_timeout_s=n.acse_timeout_s,
+            network_timeout_s=n.network_timeout_s,
             max_associate_rq_bytes=config.size_limit("network.max_associate_rq_size"),
-            max_instance_bytes=self.max_instance_bytes, max_per_host=n.per_host_limit())
-        self.refusals: RefusalLog = RefusalAudit(store, n.refusal_audit_per_minute,
-                                                 metrics=metrics)
+            max_instance_bytes=self.max_instance_bytes,
+            max_per_host=n.per_host_limit(),
+        )
+        self.refusals: RefusalLog = RefusalAudit(store, n.refusal_audit_per_minute, metrics=metrics)
         # low disk: refusals counted per episode (see _disk_refusal)
         self._disk_lock = threading.Lock()
         self.disk_low_since: float | None = None
@@ -314,14 +335,20 @@ class Receiver:
     def _make_ae(self) -> tuple[Any, Any, list]:
         """The AE, TLS context and event handlers of this receiver (listening or fed)."""
         n = self.config.network
-        ae = make_ae(n.ae_title, acse_timeout=n.acse_timeout_s, dimse_timeout=n.dimse_timeout_s,
-                     network_timeout=n.network_timeout_s, max_associations=n.max_associations)
+        ae = make_ae(
+            n.ae_title,
+            acse_timeout=n.acse_timeout_s,
+            dimse_timeout=n.dimse_timeout_s,
+            network_timeout=n.network_timeout_s,
+            max_associations=n.max_associations,
+        )
         ae.supported_contexts = scp_contexts()
         ssl_ctx = None
         t = self.config.tls
         if t.enabled:
-            ssl_ctx = server_ssl_context(t.certificate, t.key, t.ca or None,
-                                         t.require_client_certificate)
+            ssl_ctx = server_ssl_context(
+                t.certificate, t.key, t.ca or None, t.require_client_certificate
+            )
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -334,8 +361,13 @@ class Receiver:
         ]
         return ae, ssl_ctx, handlers
 
-    def start_fed(self, address: tuple[str, int], on_connection_end: Callable[[str], None],
-                  *, write_behind: bool = False) -> Any:
+    def start_fed(
+        self,
+        address: tuple[str, int],
+        on_connection_end: Callable[[str], None],
+        *,
+        write_behind: bool = False,
+    ) -> Any:
         """Serve connections accepted by another process (:mod:`node.receiver_pool`): no
         listening socket; the returned server's ``serve_connection(sock, addr, over_limit)``
         starts one. ``address`` is the pool's listening address (what pynetdicom reports as the
@@ -352,9 +384,15 @@ class Receiver:
         if write_behind:
             self.recorder.start()
         self.refusals.start()
-        server = ae.make_server(address, ssl_context=ssl_ctx, evt_handlers=handlers,
-                                server_class=FedServer, limits=self.limits, audit=self.refusals,
-                                on_connection_end=on_connection_end)
+        server = ae.make_server(
+            address,
+            ssl_context=ssl_ctx,
+            evt_handlers=handlers,
+            server_class=FedServer,
+            limits=self.limits,
+            audit=self.refusals,
+            on_connection_end=on_connection_end,
+        )
         ae._servers.append(server)
         self._server = server
         self.port = int(address[1])
@@ -371,20 +409,34 @@ class Receiver:
         try:
             # node.listener: deadlines on every read, size caps, TLS handshake off the accept
             # thread, per-host connection limit, audited refusals
-            server = start_server(ae, (n.host, n.port), evt_handlers=handlers,
-                                  ssl_context=ssl_ctx, limits=self.limits, audit=self.refusals)
+            server = start_server(
+                ae,
+                (n.host, n.port),
+                evt_handlers=handlers,
+                ssl_context=ssl_ctx,
+                limits=self.limits,
+                audit=self.refusals,
+            )
         except OSError as exc:
             self.recorder.stop()
             self.refusals.stop()
             why = exc.strerror or str(exc)
-            raise MolreError(f"network.port: cannot listen on {n.host}:{n.port} ({why}); is "
-                             f"another service using it? Choose another network.port or "
-                             f"network.host") from None
+            raise MolreError(
+                f"network.port: cannot listen on {n.host}:{n.port} ({why}); is "
+                f"another service using it? Choose another network.port or "
+                f"network.host"
+            ) from None
         self._server = server
         self.port = int(server.server_address[1])
-        log.info("receiver listening", ae_title=n.ae_title, host=n.host, port=self.port,
-                 tls=t.enabled, allowed_callers=len(n.allowed_callers),
-                 max_per_host=self.limits.max_per_host)
+        log.info(
+            "receiver listening",
+            ae_title=n.ae_title,
+            host=n.host,
+            port=self.port,
+            tls=t.enabled,
+            allowed_callers=len(n.allowed_callers),
+            max_per_host=self.limits.max_per_host,
+        )
         return self.port
 
     def stop_accepting(self) -> None:
@@ -443,26 +495,42 @@ class Receiver:
         called = str(rq.called_ae_title or "").strip()
         host, port = peer_host(assoc.requestor.address), assoc.requestor.port
         n = self.config.network
-        decision = check_access(calling, called, host, own_ae=n.ae_title,
-                                require_called_ae=n.require_called_ae, allowed=n.allowed_callers)
+        decision = check_access(
+            calling,
+            called,
+            host,
+            own_ae=n.ae_title,
+            require_called_ae=n.require_called_ae,
+            allowed=n.allowed_callers,
+        )
         if decision.allowed:
             limit = over_limit_of(assoc)
             if limit is not None:
                 # several receiver processes: the pool counted this connection past
                 # network.max_associations -- the rejection pynetdicom gives in one process
                 # (rejected-transient, service provider (presentation), local limit exceeded)
-                log.warning("association rejected: network.max_associations reached",
-                            calling_ae=calling, peer=host, max_associations=limit)
+                log.warning(
+                    "association rejected: network.max_associations reached",
+                    calling_ae=calling,
+                    peer=host,
+                    max_associations=limit,
+                )
                 assoc.guard.fail(f"network.max_associations ({limit}) reached")
                 assoc.acse.send_reject(0x02, 0x03, 0x02)
                 assoc.kill()
             return
-        log.warning("association rejected", calling_ae=calling, called_ae=called, peer=host,
-                    reason=decision.reason)
+        log.warning(
+            "association rejected",
+            calling_ae=calling,
+            called_ae=called,
+            peer=host,
+            reason=decision.reason,
+        )
         # rate-limited like every refusal before acceptance (a flood must not fill the disk)
         mark_audited(assoc)
-        self.refusals.record(host, port, decision.reason, calling_ae=calling, called_ae=called,
-                             kind="not allowed")
+        self.refusals.record(
+            host, port, decision.reason, calling_ae=calling, called_ae=called, kind="not allowed"
+        )
         assoc.acse.send_reject(0x01, 0x01, decision.diagnostic)
         assoc.kill()
 
@@ -471,8 +539,11 @@ class Receiver:
         mark_established(assoc)
         try:
             aid = self.store.begin_association(
-                assoc.requestor.ae_title.strip(), assoc.acceptor.ae_title.strip(),
-                assoc.requestor.address, assoc.requestor.port)
+                assoc.requestor.ae_title.strip(),
+                assoc.acceptor.ae_title.strip(),
+                assoc.requestor.address,
+                assoc.requestor.port,
+            )
         except Exception:  # noqa: BLE001
             log.exception("could not record association")
             return
@@ -480,8 +551,12 @@ class Receiver:
             self._assoc_ids[id(assoc)] = aid
         if self.metrics:
             self.metrics.associations.inc()
-        log.info("association established", association_id=aid,
-                 calling_ae=assoc.requestor.ae_title.strip(), peer=assoc.requestor.address)
+        log.info(
+            "association established",
+            association_id=aid,
+            calling_ae=assoc.requestor.ae_title.strip(),
+            peer=assoc.requestor.address,
+        )
 
     def _on_acse_recv(self, event: Any) -> None:
         # an A-RELEASE request: commit this sender's rows and close its association row before
@@ -513,14 +588,23 @@ class Receiver:
         is told something went wrong -- A-ABORT instead of the A-RELEASE response -- and the
         audit trail says so."""
         queued = self.recorder.queued()
-        reason = (f"instance rows not committed within {self.flush_timeout_s:g} s "
-                  f"({queued} queued); the association is aborted instead of released")
-        log.error("instance rows not committed before the association ended",
-                  association_id=aid, queued=queued, outcome=outcome)
+        reason = (
+            f"instance rows not committed within {self.flush_timeout_s:g} s "
+            f"({queued} queued); the association is aborted instead of released"
+        )
+        log.error(
+            "instance rows not committed before the association ended",
+            association_id=aid,
+            queued=queued,
+            outcome=outcome,
+        )
         try:
-            self.store.log_event("association", aid, "flush_failed",
-                                 details={"queued": queued, "reason": reason,
-                                          "requested": outcome})
+            self.store.log_event(
+                "association",
+                aid,
+                "flush_failed",
+                details={"queued": queued, "reason": reason, "requested": outcome},
+            )
         except Exception:  # noqa: BLE001
             log.exception("could not record the failed flush", association_id=aid)
         if outcome == "released":
@@ -567,9 +651,9 @@ class Receiver:
                     raise
                 # the disk filled up during the write (the staged temp file is already
                 # removed): transient, the sender must retry -- not a permanent 0xC001
-                status, outcome = self._disk_refusal(aid, event, f"no space left on the "
-                                                     f"spool's disk while writing "
-                                                     f"({exc.strerror})")
+                status, outcome = self._disk_refusal(
+                    aid, event, f"no space left on the spool's disk while writing ({exc.strerror})"
+                )
         except Exception as exc:  # noqa: BLE001 - the service never crashes on input
             log.exception("C-STORE handling failed", association_id=aid)
             status, outcome = STATUS_PROCESSING_FAILURE, "error"
@@ -577,13 +661,19 @@ class Receiver:
                 from storage import InstanceHeader
 
                 req = event.request
-                hdr = InstanceHeader(sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
-                                     sop_instance_uid=str(req.AffectedSOPInstanceUID or "")
-                                     or None)
-                self._record_now(aid, hdr, spool_path=None, size=None, sha256=None,
-                                 status="rejected",
-                                 reason=f"internal error: {type(exc).__name__}: "
-                                        f"{redact(str(exc))}")
+                hdr = InstanceHeader(
+                    sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
+                    sop_instance_uid=str(req.AffectedSOPInstanceUID or "") or None,
+                )
+                self._record_now(
+                    aid,
+                    hdr,
+                    spool_path=None,
+                    size=None,
+                    sha256=None,
+                    status="rejected",
+                    reason=f"internal error: {type(exc).__name__}: {redact(str(exc))}",
+                )
             except Exception:  # noqa: BLE001
                 log.exception("could not record failed instance")
         if self.metrics:
@@ -597,12 +687,14 @@ class Receiver:
         of an association keep the order in which its instances arrived (a resend's
         'duplicate' row comes after the 'stored' row it repeats)."""
         if not self.recorder.flush(self.flush_timeout_s):
-            log.warning("earlier rows still queued; this row may come before them",
-                        association_id=aid, queued=self.recorder.queued())
+            log.warning(
+                "earlier rows still queued; this row may come before them",
+                association_id=aid,
+                queued=self.recorder.queued(),
+            )
         return self.store.record_instance(aid, header, **row)
 
-    def _disk_refusal(self, aid: int | None, event_or_header: Any,
-                      reason: str) -> tuple[int, str]:
+    def _disk_refusal(self, aid: int | None, event_or_header: Any, reason: str) -> tuple[int, str]:
         """0xA700 for a full (or nearly full) disk. The first :data:`LOW_DISK_ROWS` refusals of
         an episode get an audit row; the rest are only counted (every row is a write to the
         disk that is full), and :meth:`_disk_recovered` writes the count when space is back."""
@@ -619,17 +711,24 @@ class Receiver:
             from storage import InstanceHeader
 
             req = event_or_header.request
-            header = InstanceHeader(sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
-                                    sop_instance_uid=str(req.AffectedSOPInstanceUID or "")
-                                    or None)
+            header = InstanceHeader(
+                sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
+                sop_instance_uid=str(req.AffectedSOPInstanceUID or "") or None,
+            )
         if write_row:
             try:
-                return self._reject(aid, header, STATUS_OUT_OF_RESOURCES, reason,
-                                    "out_of_resources")
+                return self._reject(
+                    aid, header, STATUS_OUT_OF_RESOURCES, reason, "out_of_resources"
+                )
             except Exception:  # noqa: BLE001 - the database shares the full disk
                 log.exception("could not record a low-disk refusal")
-        log.warning("instance refused: low disk", association_id=aid, reason=reason,
-                    refusals=self.disk_refusals, sop_instance_uid=header.sop_instance_uid)
+        log.warning(
+            "instance refused: low disk",
+            association_id=aid,
+            reason=reason,
+            refusals=self.disk_refusals,
+            sop_instance_uid=header.sop_instance_uid,
+        )
         return STATUS_OUT_OF_RESOURCES, "out_of_resources"
 
     def _disk_recovered(self) -> None:
@@ -639,20 +738,30 @@ class Receiver:
             self.disk_refusals = 0
         if since is None:
             return
-        details = {"refused": count, "rows_written": min(count, LOW_DISK_ROWS),
-                   "seconds": round(time.time() - since, 1)}
+        details = {
+            "refused": count,
+            "rows_written": min(count, LOW_DISK_ROWS),
+            "seconds": round(time.time() - since, 1),
+        }
         log.info("disk space recovered", **details)
         try:
             self.store.log_event("node", "disk", "space-recovered", details=details)
         except Exception:  # noqa: BLE001
             log.exception("could not record the disk recovery")
 
-    def _reject(self, aid: int | None, header: Any, status: int, reason: str,
-                outcome: str = "rejected") -> tuple[int, str]:
-        self._record_now(aid, header, spool_path=None, size=None, sha256=None,
-                         status="rejected", reason=reason)
-        log.warning("instance rejected", association_id=aid, status=f"0x{status:04X}",
-                    reason=reason, sop_instance_uid=header.sop_instance_uid)
+    def _reject(
+        self, aid: int | None, header: Any, status: int, reason: str, outcome: str = "rejected"
+    ) -> tuple[int, str]:
+        self._record_now(
+            aid, header, spool_path=None, size=None, sha256=None, status="rejected", reason=reason
+        )
+        log.warning(
+            "instance rejected",
+            association_id=aid,
+            status=f"0x{status:04X}",
+            reason=reason,
+            sop_instance_uid=header.sop_instance_uid,
+        )
         return status, outcome
 
     def _store(self, event: Any, aid: int | None) -> tuple[int, str]:
@@ -662,33 +771,47 @@ class Receiver:
         rq_class = str(req.AffectedSOPClassUID or "")
         rq_instance = str(req.AffectedSOPInstanceUID or "")
         ts = str(event.context.transfer_syntax)
-        base = InstanceHeader(sop_class_uid=rq_class or None,
-                              sop_instance_uid=rq_instance or None, transfer_syntax=ts)
+        base = InstanceHeader(
+            sop_class_uid=rq_class or None, sop_instance_uid=rq_instance or None, transfer_syntax=ts
+        )
         cut = oversize_of(event)  # node.listener stopped buffering it at the cap
         if cut is not None:
-            return self._reject(aid, base, STATUS_OUT_OF_RESOURCES,
-                                f"data set larger than storage.max_instance_size "
-                                f"({self.max_instance_bytes} bytes; more than {cut} received)")
+            return self._reject(
+                aid,
+                base,
+                STATUS_OUT_OF_RESOURCES,
+                f"data set larger than storage.max_instance_size "
+                f"({self.max_instance_bytes} bytes; more than {cut} received)",
+            )
         context_class = str(event.context.abstract_syntax)
         if rq_class != context_class:
             # e.g. a CT object sent on an MR or Verification context (pynetdicom passes it on):
             # the negotiated SOP class is what the node accepted, CT only on CT contexts
-            return self._reject(aid, base, STATUS_SOP_CLASS_NOT_SUPPORTED,
-                                f"C-STORE of {UID(rq_class).name} on a presentation context "
-                                f"negotiated for {UID(context_class).name}")
+            return self._reject(
+                aid,
+                base,
+                STATUS_SOP_CLASS_NOT_SUPPORTED,
+                f"C-STORE of {UID(rq_class).name} on a presentation context "
+                f"negotiated for {UID(context_class).name}",
+            )
         if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
-            return self._disk_refusal(aid, base, f"free disk below storage.min_free_disk "
-                                                 f"({self.min_free_bytes} bytes)")
+            return self._disk_refusal(
+                aid, base, f"free disk below storage.min_free_disk ({self.min_free_bytes} bytes)"
+            )
         if self.disk_low_since is not None:
             self._disk_recovered()
         stream = event.encoded_dataset(include_meta=False)
         if UID(ts).is_deflated:
             inflated = inflated_size_over(stream, self.max_inflated_bytes)
             if inflated is not None:
-                return self._reject(aid, base, STATUS_OUT_OF_RESOURCES,
-                                    f"deflated data set inflates past "
-                                    f"storage.max_inflated_size ({self.max_inflated_bytes} "
-                                    f"bytes; {len(stream)} bytes on the wire)")
+                return self._reject(
+                    aid,
+                    base,
+                    STATUS_OUT_OF_RESOURCES,
+                    f"deflated data set inflates past "
+                    f"storage.max_inflated_size ({self.max_inflated_bytes} "
+                    f"bytes; {len(stream)} bytes on the wire)",
+                )
         head = file_header(rq_class, rq_instance, ts)
         size = len(head) + len(stream)
         # the write (and fsync) runs in a spool I/O thread while this one reads the header;
@@ -704,15 +827,21 @@ class Receiver:
                 try:
                     ds = pydicom.dcmread(BytesIO(head + stream), stop_before_pixels=True)
                 except Exception as exc:  # noqa: BLE001 - any parse failure: "cannot understand"
-                    return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
-                                        f"cannot decode header: {type(exc).__name__}: "
-                                        f"{redact(str(exc))}")
+                    return self._reject(
+                        aid,
+                        base,
+                        STATUS_CANNOT_UNDERSTAND,
+                        f"cannot decode header: {type(exc).__name__}: {redact(str(exc))}",
+                    )
                 try:
                     header = read_header(ds, ts, with_phi=with_phi)
                 except Exception as exc:  # noqa: BLE001 - malformed values in a readable header
-                    return self._reject(aid, base, STATUS_CANNOT_UNDERSTAND,
-                                        f"cannot read header values: {type(exc).__name__}: "
-                                        f"{redact(str(exc))}")
+                    return self._reject(
+                        aid,
+                        base,
+                        STATUS_CANNOT_UNDERSTAND,
+                        f"cannot read header values: {type(exc).__name__}: {redact(str(exc))}",
+                    )
             header.patient_key = self.keyer.key(header.phi.get("PatientID"))
             if not self.with_phi:
                 header.phi = {}
@@ -721,45 +850,74 @@ class Receiver:
                 return self._reject(aid, header, STATUS_DATASET_MISMATCH, refusal)
             if header.sop_class_uid not in CT_STORAGE_CLASSES:
                 name = UID(header.sop_class_uid).name
-                self._record_now(aid, header, spool_path=None, size=size, sha256=None,
-                                 status="ignored", reason=f"sop_class: {name} is not CT")
-                log.info("instance ignored", association_id=aid, sop_class=name,
-                         series_uid=header.series_uid)
+                self._record_now(
+                    aid,
+                    header,
+                    spool_path=None,
+                    size=size,
+                    sha256=None,
+                    status="ignored",
+                    reason=f"sop_class: {name} is not CT",
+                )
+                log.info(
+                    "instance ignored",
+                    association_id=aid,
+                    sop_class=name,
+                    series_uid=header.series_uid,
+                )
                 return STATUS_SUCCESS, "ignored"
-            with self.uid_locks.hold("study:" + header.study_uid,
-                                     "series:" + header.series_uid,
-                                     "sop:" + header.sop_instance_uid):
+            with self.uid_locks.hold(
+                "study:" + header.study_uid,
+                "series:" + header.series_uid,
+                "sop:" + header.sop_instance_uid,
+            ):
                 return self._keep(aid, header, staged, stream, size)
 
-    def _identity_conflict(self, header: Any,
-                           known: Any = None) -> tuple[int, str, str, dict] | None:
+    def _identity_conflict(
+        self, header: Any, known: Any = None
+    ) -> tuple[int, str, str, dict] | None:
         """(status, what, reason, details) when the instance's study or patient disagrees with
         what is recorded for its series, its study or its SOP Instance UID; else None.
         ``known``: the stored instance with this SOP UID (``recorder.known_instance``)."""
         if known is not None and known.study_uid and known.study_uid != header.study_uid:
-            return (STATUS_SOP_ELSEWHERE, "sop_instance_uid",
-                    f"identity conflict: SOP Instance UID {header.sop_instance_uid} is already "
-                    f"stored in study {known.study_uid}, not {header.study_uid}",
-                    {"known_study_uid": known.study_uid})
+            return (
+                STATUS_SOP_ELSEWHERE,
+                "sop_instance_uid",
+                f"identity conflict: SOP Instance UID {header.sop_instance_uid} is already "
+                f"stored in study {known.study_uid}, not {header.study_uid}",
+                {"known_study_uid": known.study_uid},
+            )
         ident = self.recorder.series_identity(header.series_uid, header.study_uid)
         if ident.series_study_uid and ident.series_study_uid != header.study_uid:
-            return (STATUS_STUDY_CONFLICT, "study_instance_uid",
-                    f"identity conflict: StudyInstanceUID {header.study_uid} differs from "
-                    f"study {ident.series_study_uid} of series {header.series_uid}",
-                    {"known_study_uid": ident.series_study_uid})
+            return (
+                STATUS_STUDY_CONFLICT,
+                "study_instance_uid",
+                f"identity conflict: StudyInstanceUID {header.study_uid} differs from "
+                f"study {ident.series_study_uid} of series {header.series_uid}",
+                {"known_study_uid": ident.series_study_uid},
+            )
         key = header.patient_key
         if ident.series_patient_key and key and ident.series_patient_key != key:
-            return (STATUS_PATIENT_CONFLICT, "patient_id",
-                    f"identity conflict: PatientID differs from that of series "
-                    f"{header.series_uid} (compared as keyed hashes)", {"scope": "series"})
+            return (
+                STATUS_PATIENT_CONFLICT,
+                "patient_id",
+                f"identity conflict: PatientID differs from that of series "
+                f"{header.series_uid} (compared as keyed hashes)",
+                {"scope": "series"},
+            )
         if ident.study_patient_key and key and ident.study_patient_key != key:
-            return (STATUS_PATIENT_CONFLICT, "patient_id",
-                    f"identity conflict: PatientID differs from that of study "
-                    f"{header.study_uid} (compared as keyed hashes)", {"scope": "study"})
+            return (
+                STATUS_PATIENT_CONFLICT,
+                "patient_id",
+                f"identity conflict: PatientID differs from that of study "
+                f"{header.study_uid} (compared as keyed hashes)",
+                {"scope": "study"},
+            )
         return None
 
-    def _keep(self, aid: int | None, header: Any, staged: Any, stream: bytes,
-              size: int) -> tuple[Any, str]:
+    def _keep(
+        self, aid: int | None, header: Any, staged: Any, stream: bytes, size: int
+    ) -> tuple[Any, str]:
         """The decision for a parsed CT instance, under its UID locks: identity conflict,
         duplicate, conflict or stored."""
         # one lookup of the SOP UID serves the identity check and the duplicate check
@@ -767,69 +925,108 @@ class Receiver:
         conflict = self._identity_conflict(header, known_row)
         if conflict is not None:
             status, what, reason, details = conflict
-            self._record_now(aid, header, spool_path=None, size=size, sha256=None,
-                             status="rejected", reason=reason, event_kind="identity_conflict",
-                             details={"conflict": what, **details})
-            log.warning("instance refused: identity conflict", association_id=aid,
-                        conflict=what, status=f"0x{status:04X}",
-                        sop_instance_uid=header.sop_instance_uid,
-                        series_uid=header.series_uid, study_uid=header.study_uid)
-            comment = {"sop_instance_uid": "SOP Instance UID stored in another study",
-                       "study_instance_uid": "series UID known in another study",
-                       "patient_id": "PatientID differs from the series/study"}[what]
+            self._record_now(
+                aid,
+                header,
+                spool_path=None,
+                size=size,
+                sha256=None,
+                status="rejected",
+                reason=reason,
+                event_kind="identity_conflict",
+                details={"conflict": what, **details},
+            )
+            log.warning(
+                "instance refused: identity conflict",
+                association_id=aid,
+                conflict=what,
+                status=f"0x{status:04X}",
+                sop_instance_uid=header.sop_instance_uid,
+                series_uid=header.series_uid,
+                study_uid=header.study_uid,
+            )
+            comment = {
+                "sop_instance_uid": "SOP Instance UID stored in another study",
+                "study_instance_uid": "series UID known in another study",
+                "patient_id": "PatientID differs from the series/study",
+            }[what]
             return _failure(status, "identity conflict: " + comment), "identity_conflict"
         # a new SOP UID (the common case) needs no second lookup; a known one is looked up
         # again as (sha256, path) -- the seam tests use to race prune against a resend
-        known = (self.recorder.stored_digest(header.sop_instance_uid)
-                 if known_row is not None else None)
+        known = (
+            self.recorder.stored_digest(header.sop_instance_uid) if known_row is not None else None
+        )
         if known is not None:
             digest = hashlib.sha256(stream).hexdigest()
             known_sha256 = known[0]
             if known_sha256 == digest:
                 if not self.recorder.flush(self.flush_timeout_s):
-                    log.warning("earlier rows still queued; this row may come before them",
-                                association_id=aid, queued=self.recorder.queued())
+                    log.warning(
+                        "earlier rows still queued; this row may come before them",
+                        association_id=aid,
+                        queued=self.recorder.queued(),
+                    )
                 # recorded only while the stored row is still there (prune may be removing
                 # it this very moment); otherwise the resend is stored as new, below
-                if self.store.record_duplicate(aid, header, sha256=digest, size=size,
-                                               reason="byte-identical resend") is not None:
+                if (
+                    self.store.record_duplicate(
+                        aid, header, sha256=digest, size=size, reason="byte-identical resend"
+                    )
+                    is not None
+                ):
                     return STATUS_SUCCESS, "duplicate"
-                log.info("resend of a pruned instance stored again", association_id=aid,
-                         sop_instance_uid=header.sop_instance_uid)
+                log.info(
+                    "resend of a pruned instance stored again",
+                    association_id=aid,
+                    sop_instance_uid=header.sop_instance_uid,
+                )
             else:
                 path = staged.commit(conflict_relpath(header, digest))
                 self._record_now(
-                    aid, header, spool_path=str(path), size=size, sha256=digest,
-                    status="conflict", reason="different object with a known SOP Instance UID "
-                    f"(first stored as sha256 {str(known_sha256)[:16]})")
-                log.warning("instance conflict", association_id=aid,
-                            sop_instance_uid=header.sop_instance_uid,
-                            series_uid=header.series_uid)
+                    aid,
+                    header,
+                    spool_path=str(path),
+                    size=size,
+                    sha256=digest,
+                    status="conflict",
+                    reason="different object with a known SOP Instance UID "
+                    f"(first stored as sha256 {str(known_sha256)[:16]})",
+                )
+                log.warning(
+                    "instance conflict",
+                    association_id=aid,
+                    sop_instance_uid=header.sop_instance_uid,
+                    series_uid=header.series_uid,
+                )
                 return STATUS_CONFLICT_WARNING, "conflict"
         path = staged.commit(instance_relpath(header))
         # durable now: the row (and its sha256: the bytes go along) follows through the
         # write-behind, off the sender's path; reconcile_spool re-indexes it after a crash.
         # Queued before the UID locks are released, so the next holder sees it.
-        self.recorder.submit(StoredInstance(aid, header, str(path), size, None,
-                                            self.store.now(), data=stream))
+        self.recorder.submit(
+            StoredInstance(aid, header, str(path), size, None, self.store.now(), data=stream)
+        )
         return STATUS_SUCCESS, "stored"
 
 
 def _refusal(header: Any, rq_class: str, rq_instance: str) -> str | None:
     """Why a parsed instance is refused with 0xA900 (missing/invalid UIDs, or UIDs that do not
     match the C-STORE request), or None."""
-    for kw, value in (("SOPInstanceUID", header.sop_instance_uid),
-                      ("SeriesInstanceUID", header.series_uid),
-                      ("StudyInstanceUID", header.study_uid),
-                      ("SOPClassUID", header.sop_class_uid)):
+    for kw, value in (
+        ("SOPInstanceUID", header.sop_instance_uid),
+        ("SeriesInstanceUID", header.series_uid),
+        ("StudyInstanceUID", header.study_uid),
+        ("SOPClassUID", header.sop_class_uid),
+    ):
         if not _uid_ok(value):
             return f"{kw} missing or not a valid UID: {value!r}"
     if header.sop_class_uid != rq_class:
-        return (f"SOPClassUID {header.sop_class_uid} does not match the C-STORE request "
-                f"({rq_class})")
+        return f"SOPClassUID {header.sop_class_uid} does not match the C-STORE request ({rq_class})"
     if header.sop_instance_uid != rq_instance:
-        return (f"SOPInstanceUID {header.sop_instance_uid} does not match the C-STORE request "
-                f"({rq_instance})")
+        return (
+            f"SOPInstanceUID {header.sop_instance_uid} does not match the C-STORE request "
+            f"({rq_instance})"
+        )
     return None
 
 
@@ -863,10 +1060,21 @@ def reconcile_spool(store: Any, spool: Any, keyer: Any = None) -> dict[str, int]
     data), unreadable files, and files whose content is already indexed under another path.
     Returns the counts.
     """
-    counts = {"files": 0, "reindexed": 0, "conflicts": 0, "prune_leftovers": 0,
-              "unreadable": 0, "indexed_elsewhere": 0}
-    files = [f for sub in ("instances", "conflicts") if (spool.root / sub).is_dir()
-             for f in (spool.root / sub).rglob("*.dcm") if f.is_file()]
+    counts = {
+        "files": 0,
+        "reindexed": 0,
+        "conflicts": 0,
+        "prune_leftovers": 0,
+        "unreadable": 0,
+        "indexed_elsewhere": 0,
+    }
+    files = [
+        f
+        for sub in ("instances", "conflicts")
+        if (spool.root / sub).is_dir()
+        for f in (spool.root / sub).rglob("*.dcm")
+        if f.is_file()
+    ]
     counts["files"] = len(files)
     if not files:
         return counts
@@ -880,8 +1088,7 @@ def reconcile_spool(store: Any, spool: Any, keyer: Any = None) -> dict[str, int]
         rel = f.relative_to(spool.root).as_posix()
         if cutoff is not None and f.stat().st_mtime < cutoff.timestamp():
             counts["prune_leftovers"] += 1
-            log.warning("spool file older than the last prune has no row; not re-indexed",
-                        path=rel)
+            log.warning("spool file older than the last prune has no row; not re-indexed", path=rel)
             continue
         try:
             data = f.read_bytes()
@@ -893,12 +1100,15 @@ def reconcile_spool(store: Any, spool: Any, keyer: Any = None) -> dict[str, int]
                 header.phi = {}
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the node
             counts["unreadable"] += 1
-            log.warning("spool file without a row cannot be read; not re-indexed", path=rel,
-                        error=f"{type(exc).__name__}: {redact(str(exc))}")
+            log.warning(
+                "spool file without a row cannot be read; not re-indexed",
+                path=rel,
+                error=f"{type(exc).__name__}: {redact(str(exc))}",
+            )
             continue
         digest = _dataset_digest(data)
         conflict = rel.startswith("conflicts/")
-        expected = (conflict_relpath(header, digest) if conflict else instance_relpath(header))
+        expected = conflict_relpath(header, digest) if conflict else instance_relpath(header)
         if expected != rel:
             counts["unreadable"] += 1
             log.warning("spool file's UIDs do not match its path; not re-indexed", path=rel)
@@ -907,13 +1117,22 @@ def reconcile_spool(store: Any, spool: Any, keyer: Any = None) -> dict[str, int]
         if not conflict and known is not None:
             # the same SOP UID is stored elsewhere (data dir moved?) -- same bytes: nothing to do
             if known.sha256 != digest:
-                log.warning("spool file differs from the stored instance with its SOP UID; "
-                            "not re-indexed", path=rel, sop_instance_uid=header.sop_instance_uid)
+                log.warning(
+                    "spool file differs from the stored instance with its SOP UID; not re-indexed",
+                    path=rel,
+                    sop_instance_uid=header.sop_instance_uid,
+                )
             counts["indexed_elsewhere"] += 1
             continue
-        store.record_instance(None, header, spool_path=str(f), size=len(data), sha256=digest,
-                              status="conflict" if conflict else "stored",
-                              reason=RECONCILE_REASON)
+        store.record_instance(
+            None,
+            header,
+            spool_path=str(f),
+            size=len(data),
+            sha256=digest,
+            status="conflict" if conflict else "stored",
+            reason=RECONCILE_REASON,
+        )
         counts["conflicts" if conflict else "reindexed"] += 1
     if any(counts[k] for k in counts if k != "files"):
         store.log_event("node", "spool", "reindexed", details=counts)
@@ -921,6 +1140,12 @@ def reconcile_spool(store: Any, spool: Any, keyer: Any = None) -> dict[str, int]
     return counts
 
 
-__all__ = ["AccessDecision", "Receiver", "UIDLocks", "check_access",
-           "conflict_relpath", "instance_relpath",
-           "reconcile_spool"]
+__all__ = [
+    "AccessDecision",
+    "Receiver",
+    "UIDLocks",
+    "check_access",
+    "conflict_relpath",
+    "instance_relpath",
+    "reconcile_spool",
+]

@@ -249,18 +249,32 @@ class ForwardedRefusals:
     def stop(self) -> None:
         pass
 
-    def record(self, host: str | None, port: int | None, reason: str, *,
-               calling_ae: str | None = None, called_ae: str | None = None,
-               kind: str = "refused", sync: bool = True) -> None:
+    def record(
+        self,
+        host: str | None,
+        port: int | None,
+        reason: str,
+        *,
+        calling_ae: str | None = None,
+        called_ae: str | None = None,
+        kind: str = "refused",
+        sync: bool = True,
+    ) -> None:
         done = threading.Event()
         with self._lock:
             self._seq += 1
             seq = self._seq
             if sync:
                 self._waiting[seq] = done
-        self._send({"op": "refusal", "seq": seq, "sync": sync,
-                    "args": [host, port, reason],
-                    "kw": {"calling_ae": calling_ae, "called_ae": called_ae, "kind": kind}})
+        self._send(
+            {
+                "op": "refusal",
+                "seq": seq,
+                "sync": sync,
+                "args": [host, port, reason],
+                "kw": {"calling_ae": calling_ae, "called_ae": called_ae, "kind": kind},
+            }
+        )
         if sync:
             done.wait(5.0)
             with self._lock:
@@ -273,8 +287,7 @@ class ForwardedRefusals:
             done.set()
 
 
-def _child_main(config: Any, ctrl: socket.socket, index: int,
-                address: tuple[str, int]) -> None:
+def _child_main(config: Any, ctrl: socket.socket, index: int, address: tuple[str, int]) -> None:
     """Entry point of a receiver process (spawned): serve what the acceptor hands over until
     told to stop (or the node process is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node process decides when to stop
@@ -299,6 +312,7 @@ def _child_main(config: Any, ctrl: socket.socket, index: int,
     store = Store(db, store_phi=config.audit.store_phi, node=config.node_name)
     spool = Spool(config.spool_dir)
     metrics = RemoteMetrics(send)
+
     def released(aid: Any) -> None:
         metrics.flush()  # the association's counts reach the node before its release does
         send({"op": "released", "aid": aid})
@@ -327,8 +341,7 @@ def _child_main(config: Any, ctrl: socket.socket, index: int,
             for fd in fds[1:]:
                 os.close(fd)
             try:
-                server.serve_connection(sock, tuple(msg["addr"]), int(msg["id"]),
-                                        msg.get("over"))
+                server.serve_connection(sock, tuple(msg["addr"]), int(msg["id"]), msg.get("over"))
             except Exception:  # noqa: BLE001 - one connection must not end the process
                 log.exception("could not serve a handed-over connection")
                 sock.close()
@@ -364,8 +377,16 @@ class ReceiverPool:
     """The node's receiver when ``network.receiver_processes`` > 1 (see the module docstring);
     the same lifecycle as :class:`node.receiver.Receiver` (``start()`` -> port, ``stop()``)."""
 
-    def __init__(self, config: Any, store: Any, spool: Any, *, metrics: Any = None,
-                 on_release: Any = None, processes: int | None = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        store: Any,
+        spool: Any,
+        *,
+        metrics: Any = None,
+        on_release: Any = None,
+        processes: int | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.spool = spool
@@ -398,9 +419,11 @@ class ReceiverPool:
         except OSError as exc:
             sock.close()
             why = exc.strerror or str(exc)
-            raise MolreError(f"network.port: cannot listen on {n.host}:{n.port} ({why}); is "
-                             f"another service using it? Choose another network.port or "
-                             f"network.host") from None
+            raise MolreError(
+                f"network.port: cannot listen on {n.host}:{n.port} ({why}); is "
+                f"another service using it? Choose another network.port or "
+                f"network.host"
+            ) from None
         self._sock = sock
         self.port = int(sock.getsockname()[1])
         self._address = (n.host, self.port)
@@ -413,13 +436,21 @@ class ReceiverPool:
         for child in self._children:
             if not child.ready.wait(max(0.0, deadline - time.monotonic())):
                 self.stop(timeout=1.0)
-                raise MolreError(f"receiver process {child.index} did not start within "
-                                 f"{START_TIMEOUT_S:g} s (see the log)")
-        threading.Thread(target=self._accept_loop, name="receiver-acceptor",
-                         daemon=True).start()
-        log.info("receiver listening", ae_title=n.ae_title, host=n.host, port=self.port,
-                 tls=self.config.tls.enabled, allowed_callers=len(n.allowed_callers),
-                 max_per_host=self.max_per_host, receiver_processes=self.processes)
+                raise MolreError(
+                    f"receiver process {child.index} did not start within "
+                    f"{START_TIMEOUT_S:g} s (see the log)"
+                )
+        threading.Thread(target=self._accept_loop, name="receiver-acceptor", daemon=True).start()
+        log.info(
+            "receiver listening",
+            ae_title=n.ae_title,
+            host=n.host,
+            port=self.port,
+            tls=self.config.tls.enabled,
+            allowed_callers=len(n.allowed_callers),
+            max_per_host=self.max_per_host,
+            receiver_processes=self.processes,
+        )
         return self.port
 
     def _spawn(self, child: _Child) -> None:
@@ -428,14 +459,21 @@ class ReceiverPool:
         child.ready.clear()
         child.ctrl = ours
         child.active = 0
-        child.proc = ctx.Process(target=_child_main, name=f"molre-receiver-{child.index}",
-                                 args=(self.config, theirs, child.index, self._address),
-                                 daemon=True)
+        child.proc = ctx.Process(
+            target=_child_main,
+            name=f"molre-receiver-{child.index}",
+            args=(self.config, theirs, child.index, self._address),
+            daemon=True,
+        )
         child.proc.start()
         theirs.close()
         child.alive = True
-        threading.Thread(target=self._read_loop, args=(child, ours),
-                         name=f"receiver-ctrl-{child.index}", daemon=True).start()
+        threading.Thread(
+            target=self._read_loop,
+            args=(child, ours),
+            name=f"receiver-ctrl-{child.index}",
+            daemon=True,
+        ).start()
 
     def stop_accepting(self) -> None:
         sock, self._sock = self._sock, None
@@ -457,8 +495,11 @@ class ReceiverPool:
                 continue
             child.proc.join(max(0.1, deadline - time.monotonic()))
             if child.proc.is_alive():
-                log.error("receiver process did not stop in time; terminated",
-                          index=child.index, pid=child.proc.pid)
+                log.error(
+                    "receiver process did not stop in time; terminated",
+                    index=child.index,
+                    pid=child.proc.pid,
+                )
                 child.proc.terminate()
                 child.proc.join(5.0)
             if child.ctrl is not None:
@@ -508,17 +549,28 @@ class ReceiverPool:
                     self._hosts[host] = n + 1
                     self._conns[cid] = (host, child)
                     child.active += 1
-                    over = (self.max_associations if len(self._conns) > self.max_associations
-                            else None)
+                    over = (
+                        self.max_associations if len(self._conns) > self.max_associations else None
+                    )
         if refused:
-            self.refusals.record(host, int(addr[1]),
-                                 f"before acceptance: {n} connections from {host} already "
-                                 f"open (network.max_associations_per_host = "
-                                 f"{self.max_per_host})", kind="per-host limit", sync=False)
+            self.refusals.record(
+                host,
+                int(addr[1]),
+                f"before acceptance: {n} connections from {host} already "
+                f"open (network.max_associations_per_host = "
+                f"{self.max_per_host})",
+                kind="per-host limit",
+                sync=False,
+            )
             return
         if child is None:
-            self.refusals.record(host, int(addr[1]), "before acceptance: no receiver process "
-                                 "is running", kind="no receiver", sync=False)
+            self.refusals.record(
+                host,
+                int(addr[1]),
+                "before acceptance: no receiver process is running",
+                kind="no receiver",
+                sync=False,
+            )
             return
         msg = {"op": "conn", "id": cid, "addr": [str(addr[0]), int(addr[1])], "over": over}
         if not self._send(child, msg, conn.fileno()):
@@ -585,12 +637,19 @@ class ReceiverPool:
         if self._stopping or child.ctrl is not ctrl:
             return
         code = child.proc.exitcode if child.proc is not None else None
-        log.error("receiver process ended unexpectedly; starting a new one",
-                  index=child.index, exitcode=code, connections_lost=len(lost))
+        log.error(
+            "receiver process ended unexpectedly; starting a new one",
+            index=child.index,
+            exitcode=code,
+            connections_lost=len(lost),
+        )
         with contextlib.suppress(Exception):
-            self.store.log_event("node", "receiver", "process_died",
-                                 details={"index": child.index, "exitcode": code,
-                                          "connections_lost": len(lost)})
+            self.store.log_event(
+                "node",
+                "receiver",
+                "process_died",
+                details={"index": child.index, "exitcode": code, "connections_lost": len(lost)},
+            )
         if child.proc is not None:
             child.proc.join(5.0)
         ctrl.close()

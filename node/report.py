@@ -62,14 +62,27 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 ILLUSTRATION_OF_ROI = Code("121200", "DCM", "Illustration of ROI")
 USAGE = Code("usage", LOCAL_SCHEME, "Usage restriction")
 PROCESSING = Code("processing", LOCAL_SCHEME, "Processing of the source images")
-USAGE_TEXT = ("AI RESULTS – NOT FOR DIAGNOSTIC USE. Output of research software; it must not be "
-              "used for diagnosis or treatment decisions.")
-DEMO_TEXT = (" DEMO MODEL: trained on synthetic phantoms only; it detects what phantoms show and "
-             "says nothing about patients. Not for clinical use.")
+USAGE_TEXT = (
+    "AI RESULTS – NOT FOR DIAGNOSTIC USE. Output of research software; it must not be "
+    "used for diagnosis or treatment decisions."
+)
+DEMO_TEXT = (
+    " DEMO MODEL: trained on synthetic phantoms only; it detects what phantoms show and "
+    "says nothing about patients. Not for clinical use."
+)
 
 # Type 2 attributes highdicom copies from the evidence and refuses when absent.
-_TYPE2_FILL = ("StudyID", "ReferringPhysicianName", "AccessionNumber", "StudyDate",
-               "StudyTime", "PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+_TYPE2_FILL = (
+    "StudyID",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+)
 
 
 @dataclass
@@ -108,8 +121,12 @@ def recorded_sources(paths: Sequence[str | Path], records: Mapping[str, Any]) ->
     out: list[Dataset] = []
     for n, p in enumerate(paths):
         r = records.get(str(p))
-        uids = (getattr(r, "sop_class_uid", None), getattr(r, "sop_instance_uid", None),
-                getattr(r, "study_uid", None), getattr(r, "series_uid", None))
+        uids = (
+            getattr(r, "sop_class_uid", None),
+            getattr(r, "sop_instance_uid", None),
+            getattr(r, "study_uid", None),
+            getattr(r, "series_uid", None),
+        )
         if n == 0 or not all(uids):
             out.append(pydicom.dcmread(str(p), stop_before_pixels=True))
             continue
@@ -133,8 +150,9 @@ def _series_description(is_demo: bool) -> str:
 
 
 def _finding_code(f: Any) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value=str(f.value), scheme_designator=str(f.scheme),
-                              meaning=str(f.meaning))
+    return hd.sr.CodedConcept(
+        value=str(f.value), scheme_designator=str(f.scheme), meaning=str(f.meaning)
+    )
 
 
 def _coding_scheme_item() -> Dataset:
@@ -149,10 +167,16 @@ def _coding_scheme_item() -> Dataset:
 def processing_description(prediction: Mapping[str, Any]) -> str:
     """What was done to the source geometry before the model read it (from the reader's
     corrections), in words; ST allows 1024 characters."""
-    done = [str(c.get("description") or c.get("kind"))
-            for c in (prediction.get("corrections") or []) if isinstance(c, Mapping)]
-    text = ("Source geometry corrected before reading: " + "; ".join(done) if done
-            else "Source geometry used as acquired (no correction).")
+    done = [
+        str(c.get("description") or c.get("kind"))
+        for c in (prediction.get("corrections") or [])
+        if isinstance(c, Mapping)
+    ]
+    text = (
+        "Source geometry corrected before reading: " + "; ".join(done)
+        if done
+        else "Source geometry used as acquired (no correction)."
+    )
     return text[:1024]
 
 
@@ -162,20 +186,32 @@ def _notes_container(prediction: Mapping[str, Any]) -> hd.sr.ContainerContentIte
     usage = USAGE_TEXT + (DEMO_TEXT if prediction.get("is_demo") else "")
     skipped = list(prediction.get("not_assessed") or [])
     if skipped:  # findings the model has no validation evidence for are not reported at all
-        usage += (f" Findings assessed: {len(prediction.get('probabilities') or {})}; "
-                  f"{len(skipped)} other catalog finding(s) were not assessed by this model "
-                  "and are not reported (neither present nor absent).")
-    box.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.TextContentItem(name=USAGE, value=usage, relationship_type="CONTAINS"),
-        hd.sr.TextContentItem(name=PROCESSING, value=processing_description(prediction),
-                              relationship_type="CONTAINS")])
+        usage += (
+            f" Findings assessed: {len(prediction.get('probabilities') or {})}; "
+            f"{len(skipped)} other catalog finding(s) were not assessed by this model "
+            "and are not reported (neither present nor absent)."
+        )
+    box.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(name=USAGE, value=usage, relationship_type="CONTAINS"),
+            hd.sr.TextContentItem(
+                name=PROCESSING,
+                value=processing_description(prediction),
+                relationship_type="CONTAINS",
+            ),
+        ]
+    )
     return box
 
 
-def _contributing_equipment(identity: NodeIdentity, prediction: Mapping[str, Any]
-                            ) -> hd.ContributingEquipment:
-    versions = [f"molre-node {__version__}", str(prediction.get("model_version") or ""),
-                f"checkpoint {str(prediction.get('checkpoint_hash') or '')[:16]}"]
+def _contributing_equipment(
+    identity: NodeIdentity, prediction: Mapping[str, Any]
+) -> hd.ContributingEquipment:
+    versions = [
+        f"molre-node {__version__}",
+        str(prediction.get("model_version") or ""),
+        f"checkpoint {str(prediction.get('checkpoint_hash') or '')[:16]}",
+    ]
     return hd.ContributingEquipment(
         manufacturer=identity.manufacturer,
         purpose_of_reference=PROCESSING_EQUIPMENT,
@@ -183,27 +219,38 @@ def _contributing_equipment(identity: NodeIdentity, prediction: Mapping[str, Any
         software_versions=[v[:64] for v in versions if v],
         institution_name=identity.institution_name or None,
         station_name=identity.ae_title,
-        contribution_description=("AI inference of head-CT findings (molre-node). "
-                                  + processing_description(prediction))[:1024],
+        contribution_description=(
+            "AI inference of head-CT findings (molre-node). " + processing_description(prediction)
+        )[:1024],
     )
 
 
-def _source_images(evidence_images: Sequence[Any], key: str
-                   ) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
+def _source_images(
+    evidence_images: Sequence[Any], key: str
+) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
     """The CT slices that drove finding `key` (its key images' sources), once each."""
     refs: dict[str, str] = {}
     for e in evidence_images:
         if e.finding == key:
             refs.setdefault(e.source_sop_instance_uid, e.source_sop_class_uid)
-    return [hd.sr.SourceImageForMeasurementGroup(referenced_sop_class_uid=cls,
-                                                 referenced_sop_instance_uid=uid)
-            for uid, cls in refs.items()] or None
+    return [
+        hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=cls, referenced_sop_instance_uid=uid
+        )
+        for uid, cls in refs.items()
+    ] or None
 
 
-def build_sr(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog: Any, *,
-             version: int = 1, identity: NodeIdentity | None = None,
-             sop_instance_uid: str | None = None,
-             evidence_images: Sequence[Any] = ()) -> Dataset:
+def build_sr(
+    sources: Sequence[Dataset],
+    prediction: Mapping[str, Any],
+    catalog: Any,
+    *,
+    version: int = 1,
+    identity: NodeIdentity | None = None,
+    sop_instance_uid: str | None = None,
+    evidence_images: Sequence[Any] = (),
+) -> Dataset:
     """Build the TID 1500 Comprehensive 3D SR for one prediction.
 
     `sources`: headers of the CT instances read (evidence; the first gives patient/study).
@@ -216,8 +263,7 @@ def build_sr(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog:
         raise ValueError("build_sr needs at least one source instance")
     identity = identity or NodeIdentity()
     # patient/study come from the first source only (highdicom); the others are UID references
-    evidence = ([_filled(sources[0]), *sources[1:]]
-                + [_filled(e.dataset) for e in evidence_images])
+    evidence = [_filled(sources[0]), *sources[1:]] + [_filled(e.dataset) for e in evidence_images]
     probs: Mapping[str, float] = prediction["probabilities"]
     decisions: Mapping[str, bool] = prediction["decisions"]
     model_name = str(prediction.get("model_name") or "molre")[:64]
@@ -226,8 +272,12 @@ def build_sr(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog:
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=identity.device_uid, name=identity.device_name,
-            manufacturer_name=identity.manufacturer, model_name=model_name))
+            uid=identity.device_uid,
+            name=identity.device_name,
+            manufacturer_name=identity.manufacturer,
+            model_name=model_name,
+        ),
+    )
     context = hd.sr.ObservationContext(observer_device_context=observer)
     source_series = str(evidence[0].SeriesInstanceUID)
     groups = []
@@ -235,28 +285,39 @@ def build_sr(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog:
         if f.key not in probs:
             continue
         p = float(np.clip(probs[f.key], 0.0, 1.0))
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=generate_uid(entropy_srcs=[source_series, str(version), f.key]),
-                identifier=f"{f.key}"[:64]),
-            finding_type=_finding_code(f),
-            algorithm_id=algorithm,
-            finding_sites=[hd.sr.FindingSite(anatomic_location=HEAD)],
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                name=PRESENCE, value=PRESENT if decisions.get(f.key) else ABSENT)],
-            measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(p, 6),
-                                            unit=NO_UNITS)],
-            source_images=_source_images(evidence_images, f.key),
-        ))
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=generate_uid(entropy_srcs=[source_series, str(version), f.key]),
+                    identifier=f"{f.key}"[:64],
+                ),
+                finding_type=_finding_code(f),
+                algorithm_id=algorithm,
+                finding_sites=[hd.sr.FindingSite(anatomic_location=HEAD)],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(
+                        name=PRESENCE, value=PRESENT if decisions.get(f.key) else ABSENT
+                    )
+                ],
+                measurements=[
+                    hd.sr.Measurement(name=PROBABILITY, value=round(p, 6), unit=NO_UNITS)
+                ],
+                source_images=_source_images(evidence_images, f.key),
+            )
+        )
         for e in evidence_images:  # the key images of this finding (node.evidence)
             if e.finding == f.key:
-                groups[-1][0].ContentSequence.append(hd.sr.ImageContentItem(
-                    name=ILLUSTRATION_OF_ROI, referenced_sop_class_uid=e.dataset.SOPClassUID,
-                    referenced_sop_instance_uid=e.dataset.SOPInstanceUID,
-                    relationship_type="CONTAINS"))
-    report = hd.sr.MeasurementReport(observation_context=context,
-                                     procedure_reported=CT_OF_HEAD,
-                                     imaging_measurements=groups)
+                groups[-1][0].ContentSequence.append(
+                    hd.sr.ImageContentItem(
+                        name=ILLUSTRATION_OF_ROI,
+                        referenced_sop_class_uid=e.dataset.SOPClassUID,
+                        referenced_sop_instance_uid=e.dataset.SOPInstanceUID,
+                        relationship_type="CONTAINS",
+                    )
+                )
+    report = hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=CT_OF_HEAD, imaging_measurements=groups
+    )
     report[0].ContentSequence.append(_notes_container(prediction))
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -293,8 +354,10 @@ def _render_summary(lines: Sequence[str], size: int = 512) -> np.ndarray:
     except TypeError:  # older Pillow
         font = ImageFont.load_default()
     if len(lines) > summary_capacity(size):
-        raise ValueError(f"{len(lines)} summary lines do not fit {size} px (at most "
-                         f"{summary_capacity(size)}); summary_lines must shorten them")
+        raise ValueError(
+            f"{len(lines)} summary lines do not fit {size} px (at most "
+            f"{summary_capacity(size)}); summary_lines must shorten them"
+        )
     y = 10
     for line in lines:
         draw.text((10, y), line, fill=255, font=font)
@@ -307,8 +370,9 @@ def summary_capacity(size: int = 512) -> int:
     return (size - 20) // 20
 
 
-def summary_lines(prediction: Mapping[str, Any], catalog: Any,
-                  max_lines: int | None = None) -> list[str]:
+def summary_lines(
+    prediction: Mapping[str, Any], catalog: Any, max_lines: int | None = None
+) -> list[str]:
     """Text of the summary image: the positive findings with their probabilities, most probable
     first. When they do not all fit, the last line says how many were left out (never a silent
     cut): the SR holds every finding."""
@@ -329,25 +393,39 @@ def summary_lines(prediction: Mapping[str, Any], catalog: Any,
     room = max_lines - len(head)
     if len(shown) > room:
         left = len(shown) - (room - 1)
-        shown = shown[:room - 1] + [f"  ... {left} more positive finding(s) not shown "
-                                    "(see the SR)"]
+        shown = shown[: room - 1] + [
+            f"  ... {left} more positive finding(s) not shown (see the SR)"
+        ]
     return head + shown
 
 
-def build_summary_sc(sources: Sequence[Dataset], prediction: Mapping[str, Any], catalog: Any,
-                     *, version: int = 1, identity: NodeIdentity | None = None) -> Dataset:
+def build_summary_sc(
+    sources: Sequence[Dataset],
+    prediction: Mapping[str, Any],
+    catalog: Any,
+    *,
+    version: int = 1,
+    identity: NodeIdentity | None = None,
+) -> Dataset:
     """A Secondary Capture image listing the positive findings (rendered text)."""
     identity = identity or NodeIdentity()
     ref = _filled(sources[0])
     pixels = _render_summary(summary_lines(prediction, catalog))
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=ref, pixel_array=pixels, photometric_interpretation="MONOCHROME2",
-        bits_allocated=8, coordinate_system="PATIENT",
+        ref_dataset=ref,
+        pixel_array=pixels,
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
         series_instance_uid=result_series_uid(str(ref.SeriesInstanceUID), "sc"),
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(),
-        instance_number=int(version), manufacturer=identity.manufacturer,
-        patient_orientation=("L", "P"), transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[_contributing_equipment(identity, prediction)])
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=generate_uid(),
+        instance_number=int(version),
+        manufacturer=identity.manufacturer,
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[_contributing_equipment(identity, prediction)],
+    )
     sc.SpecificCharacterSet = "ISO_IR 192"
     sc.SeriesDescription = _series_description(bool(prediction.get("is_demo"))) + " (summary)"
     sc.BurnedInAnnotation = "YES"
@@ -363,5 +441,15 @@ def to_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["NodeIdentity", "build_sr", "build_summary_sc", "processing_description",
-           "read_sources", "recorded_sources", "result_series_uid", "summary_capacity", "summary_lines", "to_bytes"]
+__all__ = [
+    "NodeIdentity",
+    "build_sr",
+    "build_summary_sc",
+    "processing_description",
+    "read_sources",
+    "recorded_sources",
+    "result_series_uid",
+    "summary_capacity",
+    "summary_lines",
+    "to_bytes",
+]

@@ -106,8 +106,9 @@ def _is_axial(iop: Any) -> bool | None:
     return abs(n[2] / norm) >= 0.8  # within ~37 degrees of axial (gantry tilt allowed)
 
 
-def summarize(series_uid: str, metas: Sequence[Mapping[str, Any]],
-              study_uid: str | None = None) -> SeriesSummary:
+def summarize(
+    series_uid: str, metas: Sequence[Mapping[str, Any]], study_uid: str | None = None
+) -> SeriesSummary:
     """Summarise the stored instances' meta of one series."""
     s = SeriesSummary(series_uid=series_uid, study_uid=study_uid, instances=len(metas))
     thick: list[float] = []
@@ -171,17 +172,22 @@ def summarize(series_uid: str, metas: Sequence[Mapping[str, Any]],
     lo, hi = PIXEL_SPACING_MM
     for spacing in sorted(spacings):
         vals = [_number(x) for x in spacing]
-        if len(vals) != 2 or any(v is None or not math.isfinite(v) or not lo <= v <= hi
-                                 for v in vals):
+        if len(vals) != 2 or any(
+            v is None or not math.isfinite(v) or not lo <= v <= hi for v in vals
+        ):
             shown = "\\".join(spacing)
-            s.insane.append(f"pixel_spacing: PixelSpacing (0028,0030) {shown} mm is "
-                            f"outside {lo:g}..{hi:g} mm (not a CT pixel size)")
+            s.insane.append(
+                f"pixel_spacing: PixelSpacing (0028,0030) {shown} mm is "
+                f"outside {lo:g}..{hi:g} mm (not a CT pixel size)"
+            )
             break
     else:
         if fovs and max(fovs) > MAX_FIELD_OF_VIEW_MM:
-            s.insane.append(f"pixel_spacing: Rows/Columns x PixelSpacing (0028,0030) give a "
-                            f"{max(fovs):.0f} mm field of view, more than "
-                            f"{MAX_FIELD_OF_VIEW_MM:g} mm")
+            s.insane.append(
+                f"pixel_spacing: Rows/Columns x PixelSpacing (0028,0030) give a "
+                f"{max(fovs):.0f} mm field of view, more than "
+                f"{MAX_FIELD_OF_VIEW_MM:g} mm"
+            )
     if axial_votes:
         s.axial = sum(axial_votes) * 2 >= len(axial_votes)
     return s
@@ -194,12 +200,12 @@ def evaluate(s: SeriesSummary, rules: SelectionConfig) -> Decision:
         return Decision(False, "modality: missing")
     if not s.modalities & wanted:
         return Decision(False, f"modality: {','.join(sorted(s.modalities))}")
-    excluded = [v for v in (x.upper() for x in rules.image_type_excluded)
-                if v in s.image_type_values]
+    excluded = [
+        v for v in (x.upper() for x in rules.image_type_excluded) if v in s.image_type_values
+    ]
     if excluded:
         return Decision(False, f"image_type: {excluded[0]}")
-    missing = [v for v in (x.upper() for x in rules.image_type_required)
-               if v not in s.image_type]
+    missing = [v for v in (x.upper() for x in rules.image_type_required) if v not in s.image_type]
     if missing:
         shown = "\\".join(s.image_type) or "missing"
         return Decision(False, f"image_type: {shown} lacks {missing[0]}")
@@ -215,13 +221,19 @@ def evaluate(s: SeriesSummary, rules: SelectionConfig) -> Decision:
     if s.slice_thickness is None:
         return Decision(False, "slice_thickness: missing")
     if s.slice_thickness > rules.slice_thickness_max_mm:
-        return Decision(False, f"slice_thickness: {s.slice_thickness:g} mm slices, thicker than "
-                               f"the {rules.slice_thickness_max_mm:g} mm limit "
-                               "(selection.slice_thickness_max_mm)")
+        return Decision(
+            False,
+            f"slice_thickness: {s.slice_thickness:g} mm slices, thicker than "
+            f"the {rules.slice_thickness_max_mm:g} mm limit "
+            "(selection.slice_thickness_max_mm)",
+        )
     if s.slice_thickness < rules.slice_thickness_min_mm:
-        return Decision(False, f"slice_thickness: {s.slice_thickness:g} mm slices, thinner than "
-                               f"the {rules.slice_thickness_min_mm:g} mm minimum "
-                               "(selection.slice_thickness_min_mm)")
+        return Decision(
+            False,
+            f"slice_thickness: {s.slice_thickness:g} mm slices, thinner than "
+            f"the {rules.slice_thickness_min_mm:g} mm minimum "
+            "(selection.slice_thickness_min_mm)",
+        )
     if rules.require_head and not is_head(s, rules.head_patterns):
         return Decision(False, "body_part: no head pattern in " + "/".join(HEAD_FIELDS))
     if rules.exclude_contrast and s.contrast:
@@ -240,8 +252,9 @@ def _rank(s: SeriesSummary) -> tuple:
     return (thick, -s.slices, s.series_uid)
 
 
-def choose_preferred(candidates: Sequence[SeriesSummary],
-                     rules: SelectionConfig) -> tuple[list[SeriesSummary], dict[str, str]]:
+def choose_preferred(
+    candidates: Sequence[SeriesSummary], rules: SelectionConfig
+) -> tuple[list[SeriesSummary], dict[str, str]]:
     """Among qualifying series of one study, pick the ones to read (see module docstring).
 
     Returns (chosen, {series_uid: skip reason}).
@@ -257,8 +270,10 @@ def choose_preferred(candidates: Sequence[SeriesSummary],
         if s is best:
             continue
         if soft and s not in soft:
-            why = (f"kernel {s.kernel or 'missing'} is not soft tissue "
-                   "(selection.soft_tissue_kernel) and a soft-tissue series exists")
+            why = (
+                f"kernel {s.kernel or 'missing'} is not soft tissue "
+                "(selection.soft_tissue_kernel) and a soft-tissue series exists"
+            )
         else:
             why = _why_ranked_lower(s, best)
         skipped[s.series_uid] = f"preference: series {best.series_uid} preferred ({why})"
@@ -274,12 +289,15 @@ def _why_ranked_lower(s: SeriesSummary, best: SeriesSummary) -> str:
         return f"{mine:g} mm slices, thicker than its {theirs:g} mm"
     if s.slices != best.slices:
         return f"same {mine:g} mm slices, fewer slices ({s.slices} < {best.slices})"
-    return (f"same {mine:g} mm slices and {s.slices} slices; tie broken by the lower Series "
-            "Instance UID")
+    return (
+        f"same {mine:g} mm slices and {s.slices} slices; tie broken by the lower Series "
+        "Instance UID"
+    )
 
 
-def select_study(summaries: Sequence[SeriesSummary],
-                 rules: SelectionConfig) -> tuple[list[SeriesSummary], dict[str, str]]:
+def select_study(
+    summaries: Sequence[SeriesSummary], rules: SelectionConfig
+) -> tuple[list[SeriesSummary], dict[str, str]]:
     """The rules for a whole study at once: each series through `evaluate`, the qualifying ones
     through `choose_preferred`. Returns (chosen, {series_uid: skip reason}) -- what the node
     decides for a complete study, for callers outside the node (`molre-node dataset pull`)."""
@@ -296,5 +314,13 @@ def select_study(summaries: Sequence[SeriesSummary],
     return chosen, reasons
 
 
-__all__ = ["Decision", "HEAD_FIELDS", "SeriesSummary", "choose_preferred", "evaluate",
-           "is_head", "select_study", "summarize"]
+__all__ = [
+    "Decision",
+    "HEAD_FIELDS",
+    "SeriesSummary",
+    "choose_preferred",
+    "evaluate",
+    "is_head",
+    "select_study",
+    "summarize",
+]

@@ -44,15 +44,16 @@ SHARED_TEMP_AGE_S = 3600.0
 def stop_grace_s(config: NodeConfig) -> float:
     """How long a SIGTERM may take at most: associations (`dimse_timeout_s`), the job in
     flight (`model.job_timeout_s`), the dispatcher's send (`dimse_timeout_s`), plus a margin."""
-    return (2 * config.network.dimse_timeout_s + config.model.job_timeout_s + STOP_MARGIN_S)
+    return 2 * config.network.dimse_timeout_s + config.model.job_timeout_s + STOP_MARGIN_S
 
 
 def _private(path: Path, mode: int) -> None:
     try:
         os.chmod(path, mode)
     except OSError as exc:  # not ours (a shared mount): say so, keep going
-        log.warning("cannot restrict permissions", path=str(path), mode=oct(mode),
-                    error=exc.strerror)
+        log.warning(
+            "cannot restrict permissions", path=str(path), mode=oct(mode), error=exc.strerror
+        )
 
 
 def secure_data_dir(config: NodeConfig) -> None:
@@ -134,9 +135,11 @@ class NodeService:
         from pathlib import Path
 
         if not Path(path).exists():
-            raise ConfigError(f"model.checkpoint: {path} does not exist; pass a checkpoint "
-                              f"directory (model.json + adapter.safetensors) or leave it empty "
-                              f"for the demo checkpoint")
+            raise ConfigError(
+                f"model.checkpoint: {path} does not exist; pass a checkpoint "
+                f"directory (model.json + adapter.safetensors) or leave it empty "
+                f"for the demo checkpoint"
+            )
         return path
 
     def start(self) -> None:
@@ -157,8 +160,7 @@ class NodeService:
 
         reconciled = {"reindexed": 0, "conflicts": 0}
         if cfg.has_role("receive"):  # the spool files this node received
-            reconciled = reconcile_spool(self.store, self.spool,
-                                         load_patient_keyer(cfg.data_dir))
+            reconciled = reconcile_spool(self.store, self.spool, load_patient_keyer(cfg.data_dir))
         recovered = self.store.recover_on_start()
         self.metrics = Metrics()
         if cfg.metrics.port:
@@ -175,49 +177,83 @@ class NodeService:
             if not cfg.destinations and not cfg.has_role("dispatch"):
                 # the worker creates one export per configured destination name: an infer-only
                 # node without [[destinations]] reports what no dispatcher will ever send
-                log.warning("infer role without [[destinations]]: this node's reports get no "
-                            "exports; list the dispatchers' destinations here too "
-                            "(docs/operations.md, 'Several nodes')")
-            self.workers = WorkerPool(cfg, self.store, self.spool, metrics=self.metrics,
-                                      on_reported=self.dispatcher.wake if self.dispatcher
-                                      else None)
+                log.warning(
+                    "infer role without [[destinations]]: this node's reports get no "
+                    "exports; list the dispatchers' destinations here too "
+                    "(docs/operations.md, 'Several nodes')"
+                )
+            self.workers = WorkerPool(
+                cfg,
+                self.store,
+                self.spool,
+                metrics=self.metrics,
+                on_reported=self.dispatcher.wake if self.dispatcher else None,
+            )
         if cfg.has_role("assemble"):
-            self.assembler = Assembler(cfg, self.store, metrics=self.metrics,
-                                       on_enqueued=self.workers.wake if self.workers else None,
-                                       spool=self.spool)
+            self.assembler = Assembler(
+                cfg,
+                self.store,
+                metrics=self.metrics,
+                on_enqueued=self.workers.wake if self.workers else None,
+                spool=self.spool,
+            )
         if cfg.has_role("receive"):
             from node.receiver_pool import ReceiverPool, receiver_processes
 
             # network.receiver_processes > 1: associations served by receiver processes fed
             # by an acceptor here (node/receiver_pool.py), so they do not share one GIL
             rx_class = ReceiverPool if receiver_processes(cfg) > 1 else Receiver
-            self.receiver = rx_class(cfg, self.store, self.spool, metrics=self.metrics,
-                                     on_release=self.assembler.wake if self.assembler
-                                     else None)
+            self.receiver = rx_class(
+                cfg,
+                self.store,
+                self.spool,
+                metrics=self.metrics,
+                on_release=self.assembler.wake if self.assembler else None,
+            )
             self.port = self.receiver.start()
         for part in (self.assembler, self.workers, self.dispatcher, self.notifier):
             if part is not None:
                 part.start()
         self._start_dashboard()
-        self.store.log_event("node", cfg.node_name, "started", details={
-            "roles": list(cfg.node.roles), "node": cfg.node_name,
-            "ae_title": cfg.network.ae_title, "port": self.port, "checkpoint": checkpoint,
-            "recovered": recovered,
-            "reindexed": reconciled["reindexed"] + reconciled["conflicts"],
-            "durability": cfg.storage.durability,
-            "destinations": [d.name for d in cfg.destinations]})
-        listening = (f"serving AE {cfg.network.ae_title} on {cfg.network.host}:{self.port}"
-                     if self.receiver is not None else "not receiving")
-        line = (f"molre-node {cfg.node_name} [{','.join(cfg.node.roles)}] {listening}"
-                f"{' (TLS)' if cfg.tls.enabled else ''} | checkpoint {checkpoint} | device "
-                f"{cfg.model.device} x{cfg.model.workers} ({cfg.model.isolation}) | data "
-                f"{cfg.data_dir} | destinations "
-                f"{', '.join(f'{d.name}={d.ae_title}@{d.host}:{d.port}' for d in cfg.destinations) or 'none'}"
-                f"{f' | metrics :{cfg.metrics.port}' if cfg.metrics.port else ''}"
-                f"{f' | dashboard http://{cfg.dashboard.host}:{self.dashboard.port}/' if self.dashboard else ''}")
+        self.store.log_event(
+            "node",
+            cfg.node_name,
+            "started",
+            details={
+                "roles": list(cfg.node.roles),
+                "node": cfg.node_name,
+                "ae_title": cfg.network.ae_title,
+                "port": self.port,
+                "checkpoint": checkpoint,
+                "recovered": recovered,
+                "reindexed": reconciled["reindexed"] + reconciled["conflicts"],
+                "durability": cfg.storage.durability,
+                "destinations": [d.name for d in cfg.destinations],
+            },
+        )
+        listening = (
+            f"serving AE {cfg.network.ae_title} on {cfg.network.host}:{self.port}"
+            if self.receiver is not None
+            else "not receiving"
+        )
+        line = (
+            f"molre-node {cfg.node_name} [{','.join(cfg.node.roles)}] {listening}"
+            f"{' (TLS)' if cfg.tls.enabled else ''} | checkpoint {checkpoint} | device "
+            f"{cfg.model.device} x{cfg.model.workers} ({cfg.model.isolation}) | data "
+            f"{cfg.data_dir} | destinations "
+            f"{', '.join(f'{d.name}={d.ae_title}@{d.host}:{d.port}' for d in cfg.destinations) or 'none'}"
+            f"{f' | metrics :{cfg.metrics.port}' if cfg.metrics.port else ''}"
+            f"{f' | dashboard http://{cfg.dashboard.host}:{self.dashboard.port}/' if self.dashboard else ''}"
+        )
         banner(line)  # a JSON record when logging is JSON: every stderr line parses
-        log.info("node started", ae_title=cfg.network.ae_title, port=self.port,
-                 checkpoint=checkpoint, data_dir=str(cfg.data_dir), recovered=recovered)
+        log.info(
+            "node started",
+            ae_title=cfg.network.ae_title,
+            port=self.port,
+            checkpoint=checkpoint,
+            data_dir=str(cfg.data_dir),
+            recovered=recovered,
+        )
 
     def _start_dashboard(self) -> None:
         """The read-only dashboard (node/dashboard.py); a port it cannot bind is an error in
@@ -233,9 +269,12 @@ class NodeService:
             self.dashboard = dash
         except OSError as exc:
             log.error("dashboard not started", host=d.host, port=d.port, error=exc.strerror)
-            self.store.log_event("node", self.config.node_name, "dashboard_failed",
-                                 details={"host": d.host, "port": d.port,
-                                          "error": exc.strerror or str(exc)})
+            self.store.log_event(
+                "node",
+                self.config.node_name,
+                "dashboard_failed",
+                details={"host": d.host, "port": d.port, "error": exc.strerror or str(exc)},
+            )
 
     def request_stop(self, *_: Any) -> None:
         if not self._stop_event.is_set():
@@ -270,24 +309,28 @@ class NodeService:
         if self.dispatcher is not None:
             self.dispatcher.stop(timeout=cfg.network.dimse_timeout_s)
         if self.notifier is not None:
-            self.notifier.stop(timeout=max([c.timeout_s for c in cfg.notifications.channels]
-                                           or [10.0]) + 1.0)
+            self.notifier.stop(
+                timeout=max([c.timeout_s for c in cfg.notifications.channels] or [10.0]) + 1.0
+            )
         if self.dashboard is not None:
             self.dashboard.stop()
         if self.metrics is not None:
             self.metrics.stop()
         if self.store is not None:
             try:
-                self.store.log_event("node", cfg.node_name, "stopped",
-                                     details={"seconds": round(time.monotonic() - t0, 3)})
+                self.store.log_event(
+                    "node",
+                    cfg.node_name,
+                    "stopped",
+                    details={"seconds": round(time.monotonic() - t0, 3)},
+                )
             except Exception:  # noqa: BLE001
                 pass
         log.info("node stopped", seconds=round(time.monotonic() - t0, 3))
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean stop)."""
-        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM,
-                                                                      signal.SIGINT)}
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
             while not self._stop_event.wait(1.0):

@@ -73,8 +73,9 @@ def _resampled_voxels(recipe: Any, volume: Any) -> int:
     return int(np.prod(volume.shape))
 
 
-def predict_files(predictor: Any, paths: list[str], limits: dict[str, Any] | None = None
-                  ) -> dict[str, Any]:
+def predict_files(
+    predictor: Any, paths: list[str], limits: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Read the series under the node's limits, refuse what would resample into a runaway
     volume, predict; the result carries the reader's geometry corrections for the audit trail.
 
@@ -91,16 +92,20 @@ def predict_files(predictor: Any, paths: list[str], limits: dict[str, Any] | Non
     if max_voxels:
         est = _resampled_voxels(getattr(predictor, "recipe", None), volume)
         if est > max_voxels:
-            raise SeriesError(f"series {volume.series_uid}: preprocessing would resample "
-                              f"{volume.shape} voxels of {tuple(round(s, 3) for s in volume.spacing)}"
-                              f" mm into about {est:,} voxels, more than model.max_resampled_voxels "
-                              f"({max_voxels:,}); refused (check PixelSpacing (0028,0030) and "
-                              "slice positions)")
+            raise SeriesError(
+                f"series {volume.series_uid}: preprocessing would resample "
+                f"{volume.shape} voxels of {tuple(round(s, 3) for s in volume.spacing)}"
+                f" mm into about {est:,} voxels, more than model.max_resampled_voxels "
+                f"({max_voxels:,}); refused (check PixelSpacing (0028,0030) and "
+                "slice positions)"
+            )
     pred = predictor.predict_volume(volume).to_dict()
     bad = [k for k, p in pred.get("probabilities", {}).items() if not math.isfinite(float(p))]
     if bad:
-        raise SeriesError(f"series {volume.series_uid}: the model produced non-finite "
-                          f"probabilities for {len(bad)} finding(s) (e.g. {bad[0]}); no report")
+        raise SeriesError(
+            f"series {volume.series_uid}: the model produced non-finite "
+            f"probabilities for {len(bad)} finding(s) (e.g. {bad[0]}); no report"
+        )
     pred["corrections"] = list(volume.meta.get("corrections") or [])
     pred["slice_thickness"] = volume.meta.get("slice_thickness")
     pred["slice_thickness_values"] = list(volume.meta.get("slice_thickness_values") or [])
@@ -116,8 +121,14 @@ def predict_files(predictor: Any, paths: list[str], limits: dict[str, Any] | Non
     return pred
 
 
-def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
-                threads: int, weights: str | None = None) -> None:
+def _child_main(
+    conn: Any,
+    checkpoint: str | None,
+    device: str,
+    log_json: bool,
+    threads: int,
+    weights: str | None = None,
+) -> None:
     """Entry point of the inference process: load once, then serve predict requests."""
     import signal
 
@@ -138,12 +149,20 @@ def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
         torch.set_num_threads(max(1, threads))
         from molre.checkpoint import Predictor
 
-        predictor = Predictor.from_checkpoint(checkpoint or None, device=device,
-                                              weights=weights or None)
-        conn.send(("ready", {"catalog": predictor.catalog.to_dict(),
-                             "model_name": predictor.model_name,
-                             "checkpoint_hash": predictor.checkpoint_hash,
-                             "is_demo": predictor.is_demo}))
+        predictor = Predictor.from_checkpoint(
+            checkpoint or None, device=device, weights=weights or None
+        )
+        conn.send(
+            (
+                "ready",
+                {
+                    "catalog": predictor.catalog.to_dict(),
+                    "model_name": predictor.model_name,
+                    "checkpoint_hash": predictor.checkpoint_hash,
+                    "is_demo": predictor.is_demo,
+                },
+            )
+        )
     except Exception as exc:  # noqa: BLE001 - report and exit; the supervisor decides
         conn.send(("load_error", f"{type(exc).__name__}: {exc}"))
         return
@@ -158,8 +177,9 @@ def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
             os._exit(139)
         if msg[0] == "predict":
             try:
-                conn.send(("ok", predict_files(predictor, msg[1],
-                                               msg[2] if len(msg) > 2 else None)))
+                conn.send(
+                    ("ok", predict_files(predictor, msg[1], msg[2] if len(msg) > 2 else None))
+                )
             except MolreError as exc:
                 conn.send(("user_error", clean_text(exc, 1000)))
             except Exception as exc:  # noqa: BLE001
@@ -173,9 +193,17 @@ def _child_main(conn: Any, checkpoint: str | None, device: str, log_json: bool,
 class ProcessEngine:
     """A supervised inference child process (see module docstring)."""
 
-    def __init__(self, checkpoint: str | None, device: str, *, load_timeout: float = 600.0,
-                 log_json: bool = True, threads: int | None = None,
-                 target: Any = None, weights: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str | None,
+        device: str,
+        *,
+        load_timeout: float = 600.0,
+        log_json: bool = True,
+        threads: int | None = None,
+        target: Any = None,
+        weights: str | None = None,
+    ) -> None:
         self.target = target or _child_main  # tests substitute a fake child
         self.checkpoint = checkpoint
         self.weights = weights  # [model] weights: backbone base weights for the checkpoint
@@ -206,10 +234,13 @@ class ProcessEngine:
         t0 = time.monotonic()
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=self.target, name="molre-inference",
-                           args=(child, self.checkpoint, self.device, self.log_json,
-                                 self.threads),
-                           kwargs={"weights": self.weights} if self.weights else {}, daemon=True)
+        proc = ctx.Process(
+            target=self.target,
+            name="molre-inference",
+            args=(child, self.checkpoint, self.device, self.log_json, self.threads),
+            kwargs={"weights": self.weights} if self.weights else {},
+            daemon=True,
+        )
         proc.start()
         child.close()
         return proc, parent, t0
@@ -237,25 +268,33 @@ class ProcessEngine:
                     if self._cancel.is_set():
                         raise InferenceCrash("inference process start cancelled (shutdown)")
                     if not proc.is_alive() and time.monotonic() <= deadline:
-                        raise InferenceCrash(f"inference process died while loading (exit "
-                                             f"code {proc.exitcode})")
-                    raise InferenceCrash(f"inference process did not load the checkpoint "
-                                         f"within {self.load_timeout:.0f} s")
+                        raise InferenceCrash(
+                            f"inference process died while loading (exit code {proc.exitcode})"
+                        )
+                    raise InferenceCrash(
+                        f"inference process did not load the checkpoint "
+                        f"within {self.load_timeout:.0f} s"
+                    )
         finally:
             self._loading = None
         try:
             kind, payload = parent.recv()
         except EOFError:
             proc.join(5)
-            raise InferenceCrash(f"inference process died while loading (exit code "
-                                 f"{proc.exitcode})") from None
+            raise InferenceCrash(
+                f"inference process died while loading (exit code {proc.exitcode})"
+            ) from None
         if kind != "ready":
             proc.join(5)
             raise MolreError(f"checkpoint could not be loaded: {payload}")
         self._proc, self._conn, self.info = proc, parent, payload
-        log.info("inference process ready", pid=proc.pid, model=payload.get("model_name"),
-                 checkpoint_hash=str(payload.get("checkpoint_hash"))[:16],
-                 load_s=round(time.monotonic() - t0, 2))
+        log.info(
+            "inference process ready",
+            pid=proc.pid,
+            model=payload.get("model_name"),
+            checkpoint_hash=str(payload.get("checkpoint_hash"))[:16],
+            load_s=round(time.monotonic() - t0, 2),
+        )
 
     def ensure_started(self) -> dict[str, Any]:
         with self._lock:
@@ -283,8 +322,9 @@ class ProcessEngine:
                 ready = conn.poll(timeout)
                 if not ready:
                     self._discard()
-                    raise InferenceCrash(f"inference exceeded model.job_timeout_s "
-                                         f"({timeout:.0f} s); process killed")
+                    raise InferenceCrash(
+                        f"inference exceeded model.job_timeout_s ({timeout:.0f} s); process killed"
+                    )
                 kind, payload = conn.recv()
             except (EOFError, OSError, BrokenPipeError):
                 proc.join(5)
@@ -340,11 +380,16 @@ class ThreadEngine:
             if self._predictor is None:
                 from molre.checkpoint import Predictor
 
-                p = Predictor.from_checkpoint(self.checkpoint or None, device=self.device,
-                                              weights=self.weights)
+                p = Predictor.from_checkpoint(
+                    self.checkpoint or None, device=self.device, weights=self.weights
+                )
                 self._predictor = p
-                self.info = {"catalog": p.catalog.to_dict(), "model_name": p.model_name,
-                             "checkpoint_hash": p.checkpoint_hash, "is_demo": p.is_demo}
+                self.info = {
+                    "catalog": p.catalog.to_dict(),
+                    "model_name": p.model_name,
+                    "checkpoint_hash": p.checkpoint_hash,
+                    "is_demo": p.is_demo,
+                }
             return self.info  # type: ignore[return-value]
 
     def predict(self, paths: list[str], timeout: float) -> dict[str, Any]:
@@ -374,8 +419,9 @@ def make_engine(config: NodeConfig, shadow: Any = None) -> ProcessEngine | Threa
         engine = ThreadEngine(ckpt, m.device, weights=weights)
     else:
         threads = max(1, (os.cpu_count() or 2) // max(1, m.workers))
-        engine = ProcessEngine(ckpt, m.device, log_json=config.logging.json, threads=threads,
-                               weights=weights)
+        engine = ProcessEngine(
+            ckpt, m.device, log_json=config.logging.json, threads=threads, weights=weights
+        )
     engine.limits = {"max_resampled_voxels": m.max_resampled_voxels}
     if shadow is None and config.report.evidence:  # shadows never report, so never explain
         engine.limits["evidence_key_images"] = config.report.evidence_key_images
@@ -390,9 +436,17 @@ def make_engine(config: NodeConfig, shadow: Any = None) -> ProcessEngine | Threa
 class Worker(BackgroundLoop):
     """One worker thread with its own engine; `WorkerPool` runs `model.workers` of them."""
 
-    def __init__(self, config: NodeConfig, store: WorkerStore, spool: ReportSpool, *,
-                 index: int = 0, metrics: WorkerMetrics | None = None,
-                 wake: threading.Event | None = None, on_reported: Any = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: WorkerStore,
+        spool: ReportSpool,
+        *,
+        index: int = 0,
+        metrics: WorkerMetrics | None = None,
+        wake: threading.Event | None = None,
+        on_reported: Any = None,
+    ) -> None:
         self.on_reported = on_reported
         self.config = config
         self.store = store
@@ -459,8 +513,9 @@ class Worker(BackgroundLoop):
                 self._set_engine_state("ready")
                 backoff = 1.0
             except Exception as exc:  # noqa: BLE001 - keep receiving; retry loading later
-                log.error("inference engine not available", error=redact(str(exc)),
-                          retry_in_s=backoff)
+                log.error(
+                    "inference engine not available", error=redact(str(exc)), retry_in_s=backoff
+                )
                 self._set_engine_state("unavailable", redact(str(exc), 300))
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 300.0)
@@ -484,15 +539,17 @@ class Worker(BackgroundLoop):
 
             unknown = unknown_rule_findings(self.config, self._catalog.keys)
             if unknown:
-                log.warning("notification rules name findings this model does not report",
-                            findings=unknown)
+                log.warning(
+                    "notification rules name findings this model does not report", findings=unknown
+                )
         return self._catalog
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue was empty."""
         m = self.config.model
-        job = self.store.claim_job(self.worker_id, lease_s=m.job_lease_s,
-                                   max_attempts=self.config.retry.max_attempts)
+        job = self.store.claim_job(
+            self.worker_id, lease_s=m.job_lease_s, max_attempts=self.config.retry.max_attempts
+        )
         if job is None:
             return False
         self.busy = True
@@ -513,22 +570,28 @@ class Worker(BackgroundLoop):
         )
         from storage import FindingResult
 
-        jlog = log.bind(job_id=job.id, series_uid=job.series_uid, version=job.version,
-                        attempt=job.attempts)
+        jlog = log.bind(
+            job_id=job.id, series_uid=job.series_uid, version=job.version, attempt=job.attempts
+        )
         t0 = time.perf_counter()
         try:
             instances = self.store.series_instances(job.series_uid)
-            paths = [i.spool_path for i in instances if i.spool_path and Path(i.spool_path).exists()]
+            paths = [
+                i.spool_path for i in instances if i.spool_path and Path(i.spool_path).exists()
+            ]
             if instances and not paths:
                 # none of the files is visible from here: they are on another node's disk (no
                 # shared spool), not lost. Give the job back for a node that sees them, without
                 # burning an attempt (docs/operations.md, "Several nodes").
-                reason = (f"instance files not visible from node {self.store.node} (e.g. "
-                          f"{instances[0].spool_path})")
-                self.store.release_job(job.id, self.worker_id, reason,
-                                       delay_s=RELEASE_DELAY_S)
-                jlog.warning("job released: instance files not visible from this node",
-                             instances=len(instances))
+                reason = (
+                    f"instance files not visible from node {self.store.node} (e.g. "
+                    f"{instances[0].spool_path})"
+                )
+                self.store.release_job(job.id, self.worker_id, reason, delay_s=RELEASE_DELAY_S)
+                jlog.warning(
+                    "job released: instance files not visible from this node",
+                    instances=len(instances),
+                )
                 return
             if len(paths) < len(instances):
                 # never read a part of a series as if it were all of it
@@ -536,10 +599,12 @@ class Worker(BackgroundLoop):
                 raise UserSeriesError(
                     f"series {job.series_uid}: {len(gone)} of {len(instances)} stored instance "
                     f"file(s) missing from the spool (e.g. SOP Instance UID "
-                    f"{gone[0].sop_instance_uid}); resend the complete series")
+                    f"{gone[0].sop_instance_uid}); resend the complete series"
+                )
             if not paths:
-                raise UserSeriesError(f"series {job.series_uid}: no stored instance files in "
-                                      f"the spool")
+                raise UserSeriesError(
+                    f"series {job.series_uid}: no stored instance files in the spool"
+                )
             jlog.info("inference started", instances=len(paths))
             t_inf = time.perf_counter()
             pred = self.engine.predict(paths, timeout=self.config.model.job_timeout_s)
@@ -549,32 +614,52 @@ class Worker(BackgroundLoop):
             catalog = self.catalog()
             if pred.get("corrections"):
                 # the reader changed the geometry (tilt, spacing, gaps): say so in the audit trail
-                self.store.log_event("series", job.series_uid, "geometry_corrected",
-                                     {"version": job.version, "job_id": job.id,
-                                      "corrections": pred["corrections"]},
-                                     study_uid=job.study_uid, series_uid=job.series_uid)
+                self.store.log_event(
+                    "series",
+                    job.series_uid,
+                    "geometry_corrected",
+                    {"version": job.version, "job_id": job.id, "corrections": pred["corrections"]},
+                    study_uid=job.study_uid,
+                    series_uid=job.series_uid,
+                )
             used = set(pred.get("used_sop_instance_uids") or [])
-            evidence_paths = [i.spool_path for i in instances
-                              if i.spool_path in paths and (not used or i.sop_instance_uid in used)]
+            evidence_paths = [
+                i.spool_path
+                for i in instances
+                if i.spool_path in paths and (not used or i.sop_instance_uid in used)
+            ]
             if self.config.report.evidence:  # key images need every header (positions)
                 sources = read_sources(evidence_paths or paths)
             else:  # the SR needs UIDs only beyond the first header: the rows have them
-                sources = recorded_sources(evidence_paths or paths,
-                                           {i.spool_path: i for i in instances
-                                            if i.spool_path is not None})
+                sources = recorded_sources(
+                    evidence_paths or paths,
+                    {i.spool_path: i for i in instances if i.spool_path is not None},
+                )
             r = self.config.report
-            identity = NodeIdentity(ae_title=self.config.network.ae_title,
-                                    manufacturer=r.manufacturer, device_name=r.device_name,
-                                    institution_name=r.institution_name)
+            identity = NodeIdentity(
+                ae_title=self.config.network.ae_title,
+                manufacturer=r.manufacturer,
+                device_name=r.device_name,
+                institution_name=r.institution_name,
+            )
             images = self._evidence(job, sources, instances, pred, catalog, identity, jlog)
             try:
-                sr = build_sr(sources, pred, catalog, version=job.version, identity=identity,
-                              evidence_images=images)
+                sr = build_sr(
+                    sources,
+                    pred,
+                    catalog,
+                    version=job.version,
+                    identity=identity,
+                    evidence_images=images,
+                )
             except Exception as exc:  # noqa: BLE001 - evidence never costs the report
                 if not images:
                     raise
-                self._evidence_failed(job, f"SR with evidence references: {type(exc).__name__}"
-                                           f": {redact(str(exc), 500)}", jlog)
+                self._evidence_failed(
+                    job,
+                    f"SR with evidence references: {type(exc).__name__}: {redact(str(exc), 500)}",
+                    jlog,
+                )
                 images = []
                 sr = build_sr(sources, pred, catalog, version=job.version, identity=identity)
             base = f"reports/{job.study_uid}/{job.series_uid}/v{job.version}-{sr.SOPInstanceUID}"
@@ -582,36 +667,55 @@ class Worker(BackgroundLoop):
                 self.spool.write_atomic(f"{base}.ev{n:03d}.dcm", to_bytes(image.dataset))
             if images:
                 self.store.log_event(
-                    "series", job.series_uid, "evidence_written",
-                    {"version": job.version, "job_id": job.id, "images": len(images),
-                     "findings": sorted({i.finding for i in images}),
-                     "sop_instance_uids": [str(i.dataset.SOPInstanceUID) for i in images],
-                     "source_sop_instance_uids": [i.source_sop_instance_uid for i in images]},
-                    study_uid=job.study_uid, series_uid=job.series_uid)
+                    "series",
+                    job.series_uid,
+                    "evidence_written",
+                    {
+                        "version": job.version,
+                        "job_id": job.id,
+                        "images": len(images),
+                        "findings": sorted({i.finding for i in images}),
+                        "sop_instance_uids": [str(i.dataset.SOPInstanceUID) for i in images],
+                        "source_sop_instance_uids": [i.source_sop_instance_uid for i in images],
+                    },
+                    study_uid=job.study_uid,
+                    series_uid=job.series_uid,
+                )
             report_path = self.spool.write_atomic(base + ".dcm", to_bytes(sr))
             if r.secondary_capture:
-                sc = build_summary_sc(sources, pred, catalog, version=job.version,
-                                      identity=identity)
+                sc = build_summary_sc(
+                    sources, pred, catalog, version=job.version, identity=identity
+                )
                 self.spool.write_atomic(base + ".sc.dcm", to_bytes(sc))
-            results = [FindingResult(key=k, probability=float(p),
-                                     decision=bool(pred["decisions"].get(k, False)))
-                       for k, p in pred["probabilities"].items()]
+            results = [
+                FindingResult(
+                    key=k, probability=float(p), decision=bool(pred["decisions"].get(k, False))
+                )
+                for k, p in pred["probabilities"].items()
+            ]
             from node.notify import match_rules
 
             # critical-finding notifications: written with the results, in one transaction
             notices = match_rules(self.config, pred["probabilities"], pred["decisions"])
             current = self.store.finish_job(
-                job.id, results=results, checkpoint_hash=pred.get("checkpoint_hash"),
-                model_name=pred.get("model_name"), report_path=str(report_path),
+                job.id,
+                results=results,
+                checkpoint_hash=pred.get("checkpoint_hash"),
+                model_name=pred.get("model_name"),
+                report_path=str(report_path),
                 report_sop_uid=str(sr.SOPInstanceUID),
                 destinations=[d.name for d in self.config.destinations],
-                notifications=notices)
+                notifications=notices,
+            )
             positives = sum(1 for x in results if x.decision)
-            jlog.info("series reported" if current else "report superseded by newer version",
-                      findings=len(results), positives=positives,
-                      report_sop_uid=str(sr.SOPInstanceUID),
-                      inference_s=round(inference_s, 3),
-                      total_s=round(time.perf_counter() - t0, 3))
+            jlog.info(
+                "series reported" if current else "report superseded by newer version",
+                findings=len(results),
+                positives=positives,
+                report_sop_uid=str(sr.SOPInstanceUID),
+                inference_s=round(inference_s, 3),
+                total_s=round(time.perf_counter() - t0, 3),
+            )
             if self.metrics is not None and current:
                 self.metrics.jobs.labels(outcome="reported").inc()
                 self._observe_end_to_end(job.series_uid)
@@ -620,15 +724,23 @@ class Worker(BackgroundLoop):
             if current and self.shadows:
                 self._run_shadows(job, paths, jlog)
         except UserSeriesError as exc:
-            self._fail(job, f"series not readable: {clean_text(exc, 1000)}", final=True,
-                       jlog=jlog)
+            self._fail(job, f"series not readable: {clean_text(exc, 1000)}", final=True, jlog=jlog)
         except Exception as exc:  # noqa: BLE001 - one bad series never blocks the queue
             # exception texts of libraries may quote header values: redacted, one line
-            self._fail(job, f"{type(exc).__name__}: {redact(str(exc), 1000)}", final=False,
-                       jlog=jlog)
+            self._fail(
+                job, f"{type(exc).__name__}: {redact(str(exc), 1000)}", final=False, jlog=jlog
+            )
 
-    def _evidence(self, job: Any, sources: list[Any], instances: list[Any], pred: dict,
-                  catalog: Any, identity: Any, jlog: Any) -> list[Any]:
+    def _evidence(
+        self,
+        job: Any,
+        sources: list[Any],
+        instances: list[Any],
+        pred: dict,
+        catalog: Any,
+        identity: Any,
+        jlog: Any,
+    ) -> list[Any]:
         """Key images of the Present findings (`[report] evidence`); [] and an audit event
         "evidence_failed" when they cannot be made -- the SR goes out regardless."""
         if not self.config.report.evidence:
@@ -642,8 +754,9 @@ class Worker(BackgroundLoop):
             from node.evidence import build_evidence
 
             files = {i.sop_instance_uid: i.spool_path for i in instances if i.spool_path}
-            return build_evidence(sources, files, pred, catalog, version=job.version,
-                                  identity=identity)
+            return build_evidence(
+                sources, files, pred, catalog, version=job.version, identity=identity
+            )
         except Exception as exc:  # noqa: BLE001
             self._evidence_failed(job, f"{type(exc).__name__}: {redact(str(exc), 500)}", jlog)
             return []
@@ -651,9 +764,14 @@ class Worker(BackgroundLoop):
     def _evidence_failed(self, job: Any, error: str, jlog: Any) -> None:
         jlog.warning("evidence images not made; report sent without them", error=error[:200])
         try:
-            self.store.log_event("series", job.series_uid, "evidence_failed",
-                                 {"version": job.version, "job_id": job.id, "error": error},
-                                 study_uid=job.study_uid, series_uid=job.series_uid)
+            self.store.log_event(
+                "series",
+                job.series_uid,
+                "evidence_failed",
+                {"version": job.version, "job_id": job.id, "error": error},
+                study_uid=job.study_uid,
+                series_uid=job.series_uid,
+            )
         except Exception:  # noqa: BLE001
             jlog.exception("could not record evidence failure")
 
@@ -668,23 +786,44 @@ class Worker(BackgroundLoop):
                 return
             try:
                 pred = engine.predict(paths, timeout=self.config.model.job_timeout_s)
-                results = [FindingResult(key=k, probability=float(p),
-                                         decision=bool(pred["decisions"].get(k, False)))
-                           for k, p in pred["probabilities"].items()]
+                results = [
+                    FindingResult(
+                        key=k, probability=float(p), decision=bool(pred["decisions"].get(k, False))
+                    )
+                    for k, p in pred["probabilities"].items()
+                ]
                 self.store.record_shadow_results(
-                    job_id=job.id, series_uid=job.series_uid, version=job.version,
-                    model_name=sm.name, model_version=str(pred.get("model_version") or ""),
-                    checkpoint_hash=pred.get("checkpoint_hash"), results=results)
-                jlog.info("shadow model recorded", shadow=sm.name, findings=len(results),
-                          positives=sum(1 for r in results if r.decision))
+                    job_id=job.id,
+                    series_uid=job.series_uid,
+                    version=job.version,
+                    model_name=sm.name,
+                    model_version=str(pred.get("model_version") or ""),
+                    checkpoint_hash=pred.get("checkpoint_hash"),
+                    results=results,
+                )
+                jlog.info(
+                    "shadow model recorded",
+                    shadow=sm.name,
+                    findings=len(results),
+                    positives=sum(1 for r in results if r.decision),
+                )
             except Exception as exc:  # noqa: BLE001 - a shadow never affects the primary
                 error = f"{type(exc).__name__}: {redact(str(exc), 500)}"
                 jlog.warning("shadow model failed", shadow=sm.name, error=error[:200])
                 try:
-                    self.store.log_event("series", job.series_uid, "shadow_failed",
-                                         {"model": sm.name, "job_id": job.id,
-                                          "version": job.version, "error": error},
-                                         study_uid=job.study_uid, series_uid=job.series_uid)
+                    self.store.log_event(
+                        "series",
+                        job.series_uid,
+                        "shadow_failed",
+                        {
+                            "model": sm.name,
+                            "job_id": job.id,
+                            "version": job.version,
+                            "error": error,
+                        },
+                        study_uid=job.study_uid,
+                        series_uid=job.series_uid,
+                    )
                 except Exception:  # noqa: BLE001
                     jlog.exception("could not record shadow failure")
 
@@ -696,8 +835,9 @@ class Worker(BackgroundLoop):
             return
         max_attempts = job.attempts if final else r.max_attempts
         try:
-            requeued = self.store.fail_job(job.id, error, max_attempts=max_attempts,
-                                           retry_delay_s=r.job_retry_delay_s)
+            requeued = self.store.fail_job(
+                job.id, error, max_attempts=max_attempts, retry_delay_s=r.job_retry_delay_s
+            )
         except Exception:  # noqa: BLE001
             jlog.exception("could not record job failure")
             return
@@ -710,7 +850,8 @@ class Worker(BackgroundLoop):
             rec = self.store.get_series(series_uid)
             if self.metrics is not None and rec.first_instance_at and rec.reported_at:
                 self.metrics.end_to_end_seconds.observe(
-                    (rec.reported_at - rec.first_instance_at).total_seconds())
+                    (rec.reported_at - rec.first_instance_at).total_seconds()
+                )
         except Exception:  # noqa: BLE001
             pass
 
@@ -718,12 +859,28 @@ class Worker(BackgroundLoop):
 class WorkerPool:
     """`model.workers` workers sharing one wake-up event (set when a job is enqueued)."""
 
-    def __init__(self, config: NodeConfig, store: WorkerStore, spool: ReportSpool, *,
-                 metrics: WorkerMetrics | None = None, on_reported: Any = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: WorkerStore,
+        spool: ReportSpool,
+        *,
+        metrics: WorkerMetrics | None = None,
+        on_reported: Any = None,
+    ) -> None:
         self.wake_event = threading.Event()
-        self.workers = [Worker(config, store, spool, index=i, metrics=metrics,
-                               wake=self.wake_event, on_reported=on_reported)
-                        for i in range(config.model.workers)]
+        self.workers = [
+            Worker(
+                config,
+                store,
+                spool,
+                index=i,
+                metrics=metrics,
+                wake=self.wake_event,
+                on_reported=on_reported,
+            )
+            for i in range(config.model.workers)
+        ]
         self.metrics = metrics
         for w in self.workers:
             w.on_engine_state = self._engine_state_changed
@@ -737,16 +894,24 @@ class WorkerPool:
         return all(w.engine_state == "ready" for w in self.workers)
 
     def inference_status(self) -> dict[str, Any]:
-        """"ready", "loading" (some engine still loading the checkpoint) or "unavailable"
+        """ "ready", "loading" (some engine still loading the checkpoint) or "unavailable"
         (a load failed; retried with backoff), with the age of that state."""
         states = [w.engine_state for w in self.workers]
-        state = ("ready" if all(s == "ready" for s in states)
-                 else "unavailable" if "unavailable" in states else "loading")
+        state = (
+            "ready"
+            if all(s == "ready" for s in states)
+            else "unavailable"
+            if "unavailable" in states
+            else "loading"
+        )
         since = max((w.engine_since for w in self.workers), default=time.time())
-        return {"ready": state == "ready", "state": state,
-                "for_s": round(time.time() - since, 1),
-                "load_s": [w.engine_load_s for w in self.workers],
-                "error": next((w.engine_error for w in self.workers if w.engine_error), None)}
+        return {
+            "ready": state == "ready",
+            "state": state,
+            "for_s": round(time.time() - since, 1),
+            "load_s": [w.engine_load_s for w in self.workers],
+            "error": next((w.engine_error for w in self.workers if w.engine_error), None),
+        }
 
     def _engine_state_changed(self) -> None:
         if self.metrics is None or not hasattr(self.metrics, "inference_ready"):
@@ -771,5 +936,12 @@ class WorkerPool:
             w.stop(timeout)
 
 
-__all__ = ["InferenceCrash", "ProcessEngine", "ThreadEngine", "UserSeriesError", "Worker",
-           "WorkerPool", "make_engine"]
+__all__ = [
+    "InferenceCrash",
+    "ProcessEngine",
+    "ThreadEngine",
+    "UserSeriesError",
+    "Worker",
+    "WorkerPool",
+    "make_engine",
+]

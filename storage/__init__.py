@@ -34,8 +34,21 @@ from storage.store import (
 )
 
 __all__ = [
-    "ALLOWED_TRANSITIONS", "FINAL_STATES", "Database", "ExportClaim",
-    "FindingResult", "InstanceHeader", "InstanceRecord", "InvalidTransition", "JobClaim",
-    "InstanceRecorder", "NotFound", "SeriesRecord", "SeriesState", "Spool", "Store",
-    "StoredInstance", "utcnow",
+    "ALLOWED_TRANSITIONS",
+    "FINAL_STATES",
+    "Database",
+    "ExportClaim",
+    "FindingResult",
+    "InstanceHeader",
+    "InstanceRecord",
+    "InvalidTransition",
+    "JobClaim",
+    "InstanceRecorder",
+    "NotFound",
+    "SeriesRecord",
+    "SeriesState",
+    "Spool",
+    "Store",
+    "StoredInstance",
+    "utcnow",
 ]

@@ -21,8 +21,7 @@ from storage.models import Result, Series, ShadowResult
 GROUPINGS = ("finding", "site", "manufacturer")
 
 
-def cohen_kappa(both_pos: int, primary_only: int, shadow_only: int, both_neg: int
-                ) -> float | None:
+def cohen_kappa(both_pos: int, primary_only: int, shadow_only: int, both_neg: int) -> float | None:
     """Cohen's kappa of two binary raters from their 2x2 table; None when undefined (both
     raters constant and identical -- chance agreement is 1)."""
     n = both_pos + primary_only + shadow_only + both_neg
@@ -46,8 +45,9 @@ def _group(meta: dict[str, Any] | None, by: str) -> str:
     return " ".join(p for p in (man, model) if p) or "unknown"
 
 
-def pairs(s: Session, *, shadow: str | None = None, since: dt.datetime | None = None
-          ) -> list[dict[str, Any]]:
+def pairs(
+    s: Session, *, shadow: str | None = None, since: dt.datetime | None = None
+) -> list[dict[str, Any]]:
     """One row per (shadow model, series version, finding) with both models' answers."""
     primary: dict[tuple[str, int, str], Result] = {}
     q = select(Result).order_by(Result.id)
@@ -55,8 +55,11 @@ def pairs(s: Session, *, shadow: str | None = None, since: dt.datetime | None = 
         q = q.where(Result.created_at >= since)
     for r in s.execute(q).scalars():
         primary[(r.series_uid, r.series_version, r.finding_key)] = r  # latest job wins
-    sq = select(ShadowResult, Series.meta, Series.study_uid).join(
-        Series, Series.series_uid == ShadowResult.series_uid).order_by(ShadowResult.id)
+    sq = (
+        select(ShadowResult, Series.meta, Series.study_uid)
+        .join(Series, Series.series_uid == ShadowResult.series_uid)
+        .order_by(ShadowResult.id)
+    )
     if shadow is not None:
         sq = sq.where(ShadowResult.model_name == shadow)
     if since is not None:
@@ -67,17 +70,26 @@ def pairs(s: Session, *, shadow: str | None = None, since: dt.datetime | None = 
         if p is None:
             continue
         latest[(sh.model_name, sh.series_uid, sh.series_version, sh.finding_key)] = {
-            "model": sh.model_name, "model_version": sh.model_version,
-            "series_uid": sh.series_uid, "study_uid": study_uid, "version": sh.series_version,
-            "finding": sh.finding_key, "primary_model": p.model_name,
-            "primary_probability": round(p.probability, 6), "primary_decision": p.decision,
-            "shadow_probability": round(sh.probability, 6), "shadow_decision": sh.decision,
-            "site": _group(meta, "site"), "manufacturer": _group(meta, "manufacturer")}
+            "model": sh.model_name,
+            "model_version": sh.model_version,
+            "series_uid": sh.series_uid,
+            "study_uid": study_uid,
+            "version": sh.series_version,
+            "finding": sh.finding_key,
+            "primary_model": p.model_name,
+            "primary_probability": round(p.probability, 6),
+            "primary_decision": p.decision,
+            "shadow_probability": round(sh.probability, 6),
+            "shadow_decision": sh.decision,
+            "site": _group(meta, "site"),
+            "manufacturer": _group(meta, "manufacturer"),
+        }
     return list(latest.values())
 
 
-def agreement(s: Session, *, shadow: str | None = None, by: str = "finding",
-              since: dt.datetime | None = None) -> list[dict[str, Any]]:
+def agreement(
+    s: Session, *, shadow: str | None = None, by: str = "finding", since: dt.datetime | None = None
+) -> list[dict[str, Any]]:
     """Per shadow model and finding (and site / manufacturer with ``by``): n, agreement,
     kappa, positives of each side, the 2x2 table and the mean |probability difference|."""
     if by not in GROUPINGS:
@@ -96,20 +108,34 @@ def agreement(s: Session, *, shadow: str | None = None, by: str = "finding",
         row: dict[str, Any] = {"model": key[0]}
         if by != "finding":
             row[by] = key[1]
-        row.update({"finding": key[-1], "n": n, "agreement": round((a + d) / n, 4),
-                    "kappa": None if kappa is None else round(kappa, 4),
-                    "primary_positive": int(a + b), "shadow_positive": int(a + c_),
-                    "both_positive": int(a), "primary_only": int(b), "shadow_only": int(c_),
-                    "both_negative": int(d), "mean_abs_prob_diff": round(diff / n, 4)})
+        row.update(
+            {
+                "finding": key[-1],
+                "n": n,
+                "agreement": round((a + d) / n, 4),
+                "kappa": None if kappa is None else round(kappa, 4),
+                "primary_positive": int(a + b),
+                "shadow_positive": int(a + c_),
+                "both_positive": int(a),
+                "primary_only": int(b),
+                "shadow_only": int(c_),
+                "both_negative": int(d),
+                "mean_abs_prob_diff": round(diff / n, 4),
+            }
+        )
         out.append(row)
     return out
 
 
-def disagreements(s: Session, *, shadow: str | None = None,
-                  since: dt.datetime | None = None) -> list[dict[str, Any]]:
+def disagreements(
+    s: Session, *, shadow: str | None = None, since: dt.datetime | None = None
+) -> list[dict[str, Any]]:
     """The cases where the decisions differ (newest series last)."""
-    return [r for r in pairs(s, shadow=shadow, since=since)
-            if r["primary_decision"] != r["shadow_decision"]]
+    return [
+        r
+        for r in pairs(s, shadow=shadow, since=since)
+        if r["primary_decision"] != r["shadow_decision"]
+    ]
 
 
 __all__ = ["GROUPINGS", "agreement", "cohen_kappa", "disagreements", "pairs"]

@@ -42,33 +42,60 @@ class StoreCore:
         return self._clock()
 
     @staticmethod
-    def _event(s: Session, entity: str, entity_id: Any, kind: str, *, at: dt.datetime,
-               from_state: str | None = None, to_state: str | None = None,
-               study_uid: str | None = None, series_uid: str | None = None,
-               details: dict | None = None) -> None:
-        s.add(Event(at=at, entity=entity, entity_id=str(entity_id), kind=kind,
-                    from_state=str(from_state) if from_state is not None else None,
-                    to_state=str(to_state) if to_state is not None else None,
-                    study_uid=study_uid, series_uid=series_uid,
-                    details=jsonable(details) if details else None))
+    def _event(
+        s: Session,
+        entity: str,
+        entity_id: Any,
+        kind: str,
+        *,
+        at: dt.datetime,
+        from_state: str | None = None,
+        to_state: str | None = None,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        details: dict | None = None,
+    ) -> None:
+        s.add(
+            Event(
+                at=at,
+                entity=entity,
+                entity_id=str(entity_id),
+                kind=kind,
+                from_state=str(from_state) if from_state is not None else None,
+                to_state=str(to_state) if to_state is not None else None,
+                study_uid=study_uid,
+                series_uid=series_uid,
+                details=jsonable(details) if details else None,
+            )
+        )
 
     def _lock_series(self, s: Session, series_uid: str) -> Series:
-        row = s.execute(select(Series).where(Series.series_uid == series_uid)
-                        .with_for_update()).scalar_one_or_none()
+        row = s.execute(
+            select(Series).where(Series.series_uid == series_uid).with_for_update()
+        ).scalar_one_or_none()
         if row is None:
             raise NotFound(f"series {series_uid} is not in the audit database")
         return row
 
-    def _move(self, s: Session, series: Series, to_state: SeriesState, *, at: dt.datetime,
-              reason: str | None = None, details: dict | None = None,
-              kind: str = "transition") -> None:
+    def _move(
+        self,
+        s: Session,
+        series: Series,
+        to_state: SeriesState,
+        *,
+        at: dt.datetime,
+        reason: str | None = None,
+        details: dict | None = None,
+        kind: str = "transition",
+    ) -> None:
         """Apply one checked state change to a locked series row and write its event."""
         to_state = SeriesState(to_state)
         current = SeriesState(series.state)
         if to_state not in ALLOWED_TRANSITIONS[current]:
             raise InvalidTransition(
                 f"series {series.series_uid}: {current.value} -> {to_state.value} is not allowed "
-                f"(allowed: {sorted(x.value for x in ALLOWED_TRANSITIONS[current]) or 'none'})")
+                f"(allowed: {sorted(x.value for x in ALLOWED_TRANSITIONS[current]) or 'none'})"
+            )
         series.state = to_state.value
         series.updated_at = at
         if to_state in (S.SKIPPED, S.FAILED):
@@ -85,6 +112,15 @@ class StoreCore:
         if reason is not None:
             ev_details["reason"] = reason
         ev_details["version"] = series.version
-        self._event(s, "series", series.series_uid, kind, at=at, from_state=current.value,
-                    to_state=to_state.value, study_uid=series.study_uid,
-                    series_uid=series.series_uid, details=ev_details)
+        self._event(
+            s,
+            "series",
+            series.series_uid,
+            kind,
+            at=at,
+            from_state=current.value,
+            to_state=to_state.value,
+            study_uid=series.study_uid,
+            series_uid=series.series_uid,
+            details=ev_details,
+        )

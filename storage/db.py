@@ -92,8 +92,10 @@ def normalise_url(url: str | Path) -> str:
     try:
         parsed = make_url(text)
     except Exception as exc:  # sqlalchemy.exc.ArgumentError
-        raise ConfigError(f"database URL {mask_url(text)!r} is not valid; use "
-                          "sqlite:///path/to/molre.db or postgresql://user@host/dbname") from exc
+        raise ConfigError(
+            f"database URL {mask_url(text)!r} is not valid; use "
+            "sqlite:///path/to/molre.db or postgresql://user@host/dbname"
+        ) from exc
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
@@ -119,8 +121,14 @@ class Database:
     transaction (plain deferred ``BEGIN``) that does not block writers.
     """
 
-    def __init__(self, url: str | Path, *, busy_timeout_s: float = 60.0, echo: bool = False,
-                 synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        url: str | Path,
+        *,
+        busy_timeout_s: float = 60.0,
+        echo: bool = False,
+        synchronous: str = "FULL",
+    ) -> None:
         self.url = normalise_url(url)
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError(f"SQLite synchronous={synchronous!r}: use FULL, NORMAL or EXTRA")
@@ -138,10 +146,13 @@ class Database:
             except ModuleNotFoundError as exc:
                 raise ConfigError(
                     f"database URL uses PostgreSQL but its driver is missing ({exc.name}); "
-                    "install it with: pip install 'molre-node[postgres]'") from exc
+                    "install it with: pip install 'molre-node[postgres]'"
+                ) from exc
         else:
-            raise ConfigError(f"database URL {mask_url(self.url)!r}: unsupported backend "
-                              f"{self.dialect!r}; use sqlite:/// or postgresql://")
+            raise ConfigError(
+                f"database URL {mask_url(self.url)!r}: unsupported backend "
+                f"{self.dialect!r}; use sqlite:/// or postgresql://"
+            )
         self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False, future=True)
         self._read_engine = self.engine.execution_options(**{_READ_ONLY_OPT: True})
         self._read_sessions = sessionmaker(bind=self._read_engine, expire_on_commit=False)
@@ -152,9 +163,11 @@ class Database:
     def _sqlite_engine(self, parsed, echo: bool) -> Engine:
         database = parsed.database
         in_memory = database in (None, "", ":memory:")
-        kwargs: dict = {"echo": echo, "future": True,
-                        "connect_args": {"timeout": self.busy_timeout_s,
-                                         "check_same_thread": False}}
+        kwargs: dict = {
+            "echo": echo,
+            "future": True,
+            "connect_args": {"timeout": self.busy_timeout_s, "check_same_thread": False},
+        }
         if in_memory:
             kwargs["poolclass"] = StaticPool
         else:

@@ -38,8 +38,9 @@ class PatientKeyer:
     def key(self, patient_id: str | None) -> str:
         """The keyed hash of a PatientID (surrounding blanks ignored; absent = empty)."""
         text = (patient_id or "").strip()
-        return hmac.new(self._secret, text.encode("utf-8", "surrogateescape"),
-                        hashlib.sha256).hexdigest()
+        return hmac.new(
+            self._secret, text.encode("utf-8", "surrogateescape"), hashlib.sha256
+        ).hexdigest()
 
     def __repr__(self) -> str:  # never print the secret
         return "PatientKeyer(<secret>)"
@@ -74,16 +75,19 @@ def load_patient_keyer(data_dir: str | Path) -> PatientKeyer:
 
             time.sleep(0.01)
     except OSError as exc:
-        raise MolreError(f"{path}: cannot read or create the patient key secret "
-                         f"({exc.strerror or exc}); the node's data dir must be writable") from None
+        raise MolreError(
+            f"{path}: cannot read or create the patient key secret "
+            f"({exc.strerror or exc}); the node's data dir must be writable"
+        ) from None
     try:
         secret = bytes.fromhex(text)
         return PatientKeyer(secret)
     except ValueError:
-        raise MolreError(f"{path}: not a patient key secret (expected 64 hex digits); restore "
-                         f"it from the backup of this data dir, or delete it to start a new "
-                         f"one (series received before will then look like other patients')"
-                         ) from None
+        raise MolreError(
+            f"{path}: not a patient key secret (expected 64 hex digits); restore "
+            f"it from the backup of this data dir, or delete it to start a new "
+            f"one (series received before will then look like other patients')"
+        ) from None
 
 
 __all__ = ["SECRET_FILE", "PatientKeyer", "load_patient_keyer"]

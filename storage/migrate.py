@@ -67,7 +67,8 @@ def upgrade(db: Database, revision: str = "head") -> None:
         raise MolreError(
             f"the database {db!r} is at schema revision {before!r}, which this molre-node "
             f"version does not know (newest it knows: {head_revision()!r}); upgrade molre-node "
-            "or point database_url at another database")
+            "or point database_url at another database"
+        )
     cfg = alembic_config(db)
     with db.engine.connect() as conn:
         locked = db.dialect == "postgresql"
@@ -87,5 +88,6 @@ def upgrade(db: Database, revision: str = "head") -> None:
                 conn.commit()
     after = current_revision(db)
     if after != before:
-        log.info("database schema migrated", database=repr(db), from_revision=before,
-                 to_revision=after)
+        log.info(
+            "database schema migrated", database=repr(db), from_revision=before, to_revision=after
+        )

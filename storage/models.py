@@ -99,10 +99,11 @@ class Instance(Base):
     """Every instance offered to the node, whatever happened to it (status + reason)."""
 
     __tablename__ = "instances"
-    __table_args__ = (Index("ix_instances_series_status", "series_uid", "status"),
-                      # the receiver's "already stored in this series?" check (revision 0003)
-                      Index("ix_instances_sop_series_status", "sop_instance_uid", "series_uid",
-                            "status"))
+    __table_args__ = (
+        Index("ix_instances_series_status", "series_uid", "status"),
+        # the receiver's "already stored in this series?" check (revision 0003)
+        Index("ix_instances_sop_series_status", "sop_instance_uid", "series_uid", "status"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
@@ -221,8 +222,10 @@ class ShadowResult(Base):
     0006). Recorded for validation only: never reported, never exported."""
 
     __tablename__ = "shadow_results"
-    __table_args__ = (Index("ix_shadow_results_series", "series_uid", "series_version"),
-                      Index("ix_shadow_results_model", "model_name", "finding_key"))
+    __table_args__ = (
+        Index("ix_shadow_results_series", "series_uid", "series_version"),
+        Index("ix_shadow_results_model", "model_name", "finding_key"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))

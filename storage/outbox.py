@@ -51,14 +51,26 @@ class OutboxMixin(StoreCore):
                 select(Export, Series.study_uid)
                 .join(Series, Series.series_uid == Export.series_uid)
                 .where(_due(now))
-                .order_by(Export.next_attempt_at, Export.id).limit(limit)).all()
-            return [ExportClaim(id=e.id, series_uid=e.series_uid, destination=e.destination,
-                                report_path=e.report_path, attempts=e.attempts,
-                                study_uid=study_uid, version=e.series_version,
-                                report_sop_uid=e.report_sop_uid) for e, study_uid in rows]
+                .order_by(Export.next_attempt_at, Export.id)
+                .limit(limit)
+            ).all()
+            return [
+                ExportClaim(
+                    id=e.id,
+                    series_uid=e.series_uid,
+                    destination=e.destination,
+                    report_path=e.report_path,
+                    attempts=e.attempts,
+                    study_uid=study_uid,
+                    version=e.series_version,
+                    report_sop_uid=e.report_sop_uid,
+                )
+                for e, study_uid in rows
+            ]
 
-    def claim_exports(self, lease_s: float = 300.0, limit: int = 10,
-                      now: dt.datetime | None = None) -> list[ExportClaim]:
+    def claim_exports(
+        self, lease_s: float = 300.0, limit: int = 10, now: dt.datetime | None = None
+    ) -> list[ExportClaim]:
         """Take up to ``limit`` due exports for one delivery attempt each, under a lease.
 
         An export is claimable when pending, due, and not held (no claim, or the claim's lease
@@ -68,33 +80,65 @@ class OutboxMixin(StoreCore):
         row; SQLite: the write transaction serialises them."""
         now = now or self.now()
         with self.db.session() as s:
-            rows = s.execute(
-                select(Export).where(_due(now))
-                .order_by(Export.next_attempt_at, Export.id).limit(limit)
-                .with_for_update(skip_locked=True, of=Export)).scalars().all()
+            rows = (
+                s.execute(
+                    select(Export)
+                    .where(_due(now))
+                    .order_by(Export.next_attempt_at, Export.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True, of=Export)
+                )
+                .scalars()
+                .all()
+            )
             claims: list[ExportClaim] = []
             for e in rows:
-                series = s.execute(select(Series).where(
-                    Series.series_uid == e.series_uid)).scalar_one()
+                series = s.execute(
+                    select(Series).where(Series.series_uid == e.series_uid)
+                ).scalar_one()
                 if e.claimed_by is not None:
-                    self._event(s, "export", e.id, "reclaimed", at=now, from_state=e.state,
-                                to_state=e.state, study_uid=series.study_uid,
-                                series_uid=series.series_uid,
-                                details={"destination": e.destination, "node": self.node,
-                                         "previous_node": e.claimed_by,
-                                         "lease_expired_at": e.lease_expires_at})
+                    self._event(
+                        s,
+                        "export",
+                        e.id,
+                        "reclaimed",
+                        at=now,
+                        from_state=e.state,
+                        to_state=e.state,
+                        study_uid=series.study_uid,
+                        series_uid=series.series_uid,
+                        details={
+                            "destination": e.destination,
+                            "node": self.node,
+                            "previous_node": e.claimed_by,
+                            "lease_expired_at": e.lease_expires_at,
+                        },
+                    )
                 e.claimed_by = self.node
                 e.lease_expires_at = now + dt.timedelta(seconds=lease_s)
-                claims.append(ExportClaim(id=e.id, series_uid=e.series_uid,
-                                          destination=e.destination, report_path=e.report_path,
-                                          attempts=e.attempts, study_uid=series.study_uid,
-                                          version=e.series_version,
-                                          report_sop_uid=e.report_sop_uid))
+                claims.append(
+                    ExportClaim(
+                        id=e.id,
+                        series_uid=e.series_uid,
+                        destination=e.destination,
+                        report_path=e.report_path,
+                        attempts=e.attempts,
+                        study_uid=series.study_uid,
+                        version=e.series_version,
+                        report_sop_uid=e.report_sop_uid,
+                    )
+                )
             return claims
 
-    def record_export_attempt(self, export_id: int, *, ok: bool, status: int | str | None,
-                              error: str | None = None,
-                              next_attempt_at: dt.datetime | None = None) -> None:
+    def record_export_attempt(
+        self,
+        export_id: int,
+        *,
+        ok: bool,
+        status: int | str | None,
+        error: str | None = None,
+        next_attempt_at: dt.datetime | None = None,
+    ) -> None:
         """Record one C-STORE attempt of an export (and end this node's claim on it).
 
         ok -> delivered (+ ``delivered_at``); when every export of the series' current version is
@@ -105,54 +149,108 @@ class OutboxMixin(StoreCore):
         """
         now = self.now()
         with self.db.session() as s:
-            exp = s.execute(select(Export).where(Export.id == export_id)
-                            .with_for_update()).scalar_one_or_none()
+            exp = s.execute(
+                select(Export).where(Export.id == export_id).with_for_update()
+            ).scalar_one_or_none()
             if exp is None:
                 raise NotFound(f"export {export_id} is not in the audit database")
             series = self._lock_series(s, exp.series_uid)
             if exp.claimed_by == self.node:
                 exp.claimed_by, exp.lease_expires_at = None, None
             if exp.state == "delivered":
-                self._event(s, "export", exp.id, "late_attempt", at=now, from_state=exp.state,
-                            to_state=exp.state, study_uid=series.study_uid,
-                            series_uid=series.series_uid,
-                            details={"destination": exp.destination, "node": self.node,
-                                     "ok": bool(ok), "status": status, "error": error})
+                self._event(
+                    s,
+                    "export",
+                    exp.id,
+                    "late_attempt",
+                    at=now,
+                    from_state=exp.state,
+                    to_state=exp.state,
+                    study_uid=series.study_uid,
+                    series_uid=series.series_uid,
+                    details={
+                        "destination": exp.destination,
+                        "node": self.node,
+                        "ok": bool(ok),
+                        "status": status,
+                        "error": error,
+                    },
+                )
                 return
             exp.attempts += 1
-            exp.last_status = None if status is None else (
-                f"0x{status:04X}" if isinstance(status, int) else str(status))
+            exp.last_status = (
+                None
+                if status is None
+                else (f"0x{status:04X}" if isinstance(status, int) else str(status))
+            )
             if ok:
                 exp.state, exp.delivered_at, exp.last_error = "delivered", now, None
                 exp.next_attempt_at = None
-                self._event(s, "export", exp.id, "delivered", at=now, from_state="pending",
-                            to_state="delivered", study_uid=series.study_uid,
-                            series_uid=series.series_uid,
-                            details={"destination": exp.destination, "attempts": exp.attempts,
-                                     "status": exp.last_status, "node": self.node})
+                self._event(
+                    s,
+                    "export",
+                    exp.id,
+                    "delivered",
+                    at=now,
+                    from_state="pending",
+                    to_state="delivered",
+                    study_uid=series.study_uid,
+                    series_uid=series.series_uid,
+                    details={
+                        "destination": exp.destination,
+                        "attempts": exp.attempts,
+                        "status": exp.last_status,
+                        "node": self.node,
+                    },
+                )
                 s.flush()
-                undelivered = s.execute(select(func.count()).select_from(Export).where(
-                    Export.series_uid == series.series_uid,
-                    Export.series_version == series.version,
-                    Export.state != "delivered")).scalar_one()
-                if (undelivered == 0 and series.state == S.REPORTED.value
-                        and exp.series_version == series.version):
+                undelivered = s.execute(
+                    select(func.count())
+                    .select_from(Export)
+                    .where(
+                        Export.series_uid == series.series_uid,
+                        Export.series_version == series.version,
+                        Export.state != "delivered",
+                    )
+                ).scalar_one()
+                if (
+                    undelivered == 0
+                    and series.state == S.REPORTED.value
+                    and exp.series_version == series.version
+                ):
                     self._move(s, series, S.DELIVERED, at=now)
             else:
                 exp.last_error = error
                 exp.next_attempt_at = next_attempt_at or now + dt.timedelta(seconds=60)
-                self._event(s, "export", exp.id, "attempt_failed", at=now, from_state=exp.state,
-                            to_state=exp.state, study_uid=series.study_uid,
-                            series_uid=series.series_uid,
-                            details={"destination": exp.destination, "attempt": exp.attempts,
-                                     "status": exp.last_status, "error": error,
-                                     "node": self.node,
-                                     "next_attempt_at": exp.next_attempt_at})
+                self._event(
+                    s,
+                    "export",
+                    exp.id,
+                    "attempt_failed",
+                    at=now,
+                    from_state=exp.state,
+                    to_state=exp.state,
+                    study_uid=series.study_uid,
+                    series_uid=series.series_uid,
+                    details={
+                        "destination": exp.destination,
+                        "attempt": exp.attempts,
+                        "status": exp.last_status,
+                        "error": error,
+                        "node": self.node,
+                        "next_attempt_at": exp.next_attempt_at,
+                    },
+                )
 
 
 def _due(now: dt.datetime):
     """Pending, due, and not held by a live claim."""
-    return and_(Export.state == "pending",
-                or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now),
-                or_(Export.claimed_by.is_(None), Export.lease_expires_at.is_(None),
-                    Export.lease_expires_at < now))
+    return and_(
+        Export.state == "pending",
+        or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now),
+        or_(
+            Export.claimed_by.is_(None),
+            Export.lease_expires_at.is_(None),
+            Export.lease_expires_at < now,
+        ),
+    )

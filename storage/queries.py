@@ -43,16 +43,25 @@ _CHUNK = 500
 
 def _chunks(items: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 # -- listings ---------------------------------------------------------------------------------
-def studies(s: Session, *, since: dt.datetime | None = None, accession: str | None = None,
-            limit: int | None = 100, include_phi: bool = False) -> list[dict[str, Any]]:
+def studies(
+    s: Session,
+    *,
+    since: dt.datetime | None = None,
+    accession: str | None = None,
+    limit: int | None = 100,
+    include_phi: bool = False,
+) -> list[dict[str, Any]]:
     """Studies, newest first, with their series count and the states of those series."""
-    q = (select(Study, func.count(Series.id), func.max(Series.updated_at))
-         .outerjoin(Series, Series.study_uid == Study.study_uid)
-         .group_by(Study.id).order_by(Study.created_at.desc(), Study.id.desc()))
+    q = (
+        select(Study, func.count(Series.id), func.max(Series.updated_at))
+        .outerjoin(Series, Series.study_uid == Study.study_uid)
+        .group_by(Study.id)
+        .order_by(Study.created_at.desc(), Study.id.desc())
+    )
     if since is not None:
         q = q.where(Study.created_at >= since)
     if accession is not None:
@@ -64,30 +73,49 @@ def studies(s: Session, *, since: dt.datetime | None = None, accession: str | No
     uids = [r[0].study_uid for r in rows]
     for chunk in _chunks(uids):
         for study_uid, state, n in s.execute(
-                select(Series.study_uid, Series.state, func.count())
-                .where(Series.study_uid.in_(chunk)).group_by(Series.study_uid, Series.state)):
+            select(Series.study_uid, Series.state, func.count())
+            .where(Series.study_uid.in_(chunk))
+            .group_by(Series.study_uid, Series.state)
+        ):
             states.setdefault(study_uid, {})[state] = n
     out = []
     for study, n_series, last_activity in rows:
-        row = {"study_uid": study.study_uid, "accession_number": study.accession_number,
-               "study_date": study.study_date, "description": study.study_description,
-               "series": n_series,
-               "states": " ".join(f"{k}:{v}" for k, v in
-                                  sorted(states.get(study.study_uid, {}).items())),
-               "first_seen": study.created_at, "last_activity": last_activity}
+        row = {
+            "study_uid": study.study_uid,
+            "accession_number": study.accession_number,
+            "study_date": study.study_date,
+            "description": study.study_description,
+            "series": n_series,
+            "states": " ".join(
+                f"{k}:{v}" for k, v in sorted(states.get(study.study_uid, {}).items())
+            ),
+            "first_seen": study.created_at,
+            "last_activity": last_activity,
+        }
         if include_phi:
-            row.update(patient_name=study.patient_name, patient_id=study.patient_id,
-                       patient_birth_date=study.patient_birth_date)
+            row.update(
+                patient_name=study.patient_name,
+                patient_id=study.patient_id,
+                patient_birth_date=study.patient_birth_date,
+            )
         out.append(row)
     return out
 
 
-def series(s: Session, *, state: str | None = None, study_uid: str | None = None,
-           since: dt.datetime | None = None, limit: int | None = 100) -> list[dict[str, Any]]:
+def series(
+    s: Session,
+    *,
+    state: str | None = None,
+    study_uid: str | None = None,
+    since: dt.datetime | None = None,
+    limit: int | None = 100,
+) -> list[dict[str, Any]]:
     """Series, most recently active first, optionally one state or one study."""
-    q = (select(Series, Study.accession_number)
-         .join(Study, Study.study_uid == Series.study_uid)
-         .order_by(Series.updated_at.desc(), Series.id.desc()))
+    q = (
+        select(Series, Study.accession_number)
+        .join(Study, Study.study_uid == Series.study_uid)
+        .order_by(Series.updated_at.desc(), Series.id.desc())
+    )
     if state is not None:
         q = q.where(Series.state == SeriesState(state).value)
     if study_uid is not None:
@@ -96,13 +124,26 @@ def series(s: Session, *, state: str | None = None, study_uid: str | None = None
         q = q.where(Series.last_instance_at >= since)
     if limit:
         q = q.limit(limit)
-    return [{"series_uid": r.series_uid, "study_uid": r.study_uid, "accession_number": acc,
-             "modality": r.modality, "description": r.description, "state": r.state,
-             "version": r.version, "reason": r.reason, "instances": r.instance_count,
-             "priority": r.priority, "first_instance_at": r.first_instance_at,
-             "last_instance_at": r.last_instance_at, "reported_at": r.reported_at,
-             "delivered_at": r.delivered_at, "updated_at": r.updated_at}
-            for r, acc in s.execute(q).all()]
+    return [
+        {
+            "series_uid": r.series_uid,
+            "study_uid": r.study_uid,
+            "accession_number": acc,
+            "modality": r.modality,
+            "description": r.description,
+            "state": r.state,
+            "version": r.version,
+            "reason": r.reason,
+            "instances": r.instance_count,
+            "priority": r.priority,
+            "first_instance_at": r.first_instance_at,
+            "last_instance_at": r.last_instance_at,
+            "reported_at": r.reported_at,
+            "delivered_at": r.delivered_at,
+            "updated_at": r.updated_at,
+        }
+        for r, acc in s.execute(q).all()
+    ]
 
 
 def timeline(s: Session, uid: str) -> list[dict[str, Any]]:
@@ -117,30 +158,56 @@ def timeline(s: Session, uid: str) -> list[dict[str, Any]]:
         acc = s.execute(select(Study.study_uid).where(Study.accession_number == uid)).first()
         if acc is not None:
             uid = acc[0]
-    carried = select(Instance.association_id).where(
-        or_(Instance.study_uid == uid, Instance.series_uid == uid),
-        Instance.association_id.is_not(None)).distinct()
+    carried = (
+        select(Instance.association_id)
+        .where(
+            or_(Instance.study_uid == uid, Instance.series_uid == uid),
+            Instance.association_id.is_not(None),
+        )
+        .distinct()
+    )
     assoc_ids = [str(a) for a in s.execute(carried).scalars()]
-    cond = or_(Event.study_uid == uid, Event.series_uid == uid,
-               and_(Event.entity.in_(("series", "study", "instance")), Event.entity_id == uid))
+    cond = or_(
+        Event.study_uid == uid,
+        Event.series_uid == uid,
+        and_(Event.entity.in_(("series", "study", "instance")), Event.entity_id == uid),
+    )
     if assoc_ids:
         cond = or_(cond, and_(Event.entity == "association", Event.entity_id.in_(assoc_ids)))
     rows = s.execute(select(Event).where(cond).order_by(Event.at, Event.id)).scalars().all()
     if not rows:
         raise NotFound(f"no study, series or accession number {uid!r} in the audit database")
-    return [{"at": e.at, "entity": e.entity, "entity_id": e.entity_id, "kind": e.kind,
-             "from_state": e.from_state, "to_state": e.to_state, "series_uid": e.series_uid,
-             "details": e.details or {}} for e in rows]
+    return [
+        {
+            "at": e.at,
+            "entity": e.entity,
+            "entity_id": e.entity_id,
+            "kind": e.kind,
+            "from_state": e.from_state,
+            "to_state": e.to_state,
+            "series_uid": e.series_uid,
+            "details": e.details or {},
+        }
+        for e in rows
+    ]
 
 
-def findings(s: Session, *, key: str | None = None, min_prob: float | None = None,
-             since: dt.datetime | None = None, positive_only: bool = False,
-             limit: int | None = None) -> list[dict[str, Any]]:
+def findings(
+    s: Session,
+    *,
+    key: str | None = None,
+    min_prob: float | None = None,
+    since: dt.datetime | None = None,
+    positive_only: bool = False,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
     """Per-finding results, newest first: which series had finding ``key`` at >= ``min_prob``."""
-    q = (select(Result, Series.study_uid, Study.accession_number)
-         .join(Series, Series.series_uid == Result.series_uid)
-         .join(Study, Study.study_uid == Series.study_uid)
-         .order_by(Result.created_at.desc(), Result.id.desc()))
+    q = (
+        select(Result, Series.study_uid, Study.accession_number)
+        .join(Series, Series.series_uid == Result.series_uid)
+        .join(Study, Study.study_uid == Series.study_uid)
+        .order_by(Result.created_at.desc(), Result.id.desc())
+    )
     if key is not None:
         q = q.where(Result.finding_key == key)
     if min_prob is not None:
@@ -151,32 +218,58 @@ def findings(s: Session, *, key: str | None = None, min_prob: float | None = Non
         q = q.where(Result.decision.is_(True))
     if limit:
         q = q.limit(limit)
-    return [{"at": r.created_at, "study_uid": study_uid, "accession_number": acc,
-             "series_uid": r.series_uid, "version": r.series_version, "finding": r.finding_key,
-             "probability": round(r.probability, 6), "decision": bool(r.decision),
-             "model": r.model_name, "checkpoint_hash": r.checkpoint_hash}
-            for r, study_uid, acc in s.execute(q).all()]
+    return [
+        {
+            "at": r.created_at,
+            "study_uid": study_uid,
+            "accession_number": acc,
+            "series_uid": r.series_uid,
+            "version": r.series_version,
+            "finding": r.finding_key,
+            "probability": round(r.probability, 6),
+            "decision": bool(r.decision),
+            "model": r.model_name,
+            "checkpoint_hash": r.checkpoint_hash,
+        }
+        for r, study_uid, acc in s.execute(q).all()
+    ]
 
 
-def exports(s: Session, *, pending: bool = False, failed: bool = False,
-            limit: int | None = None) -> list[dict[str, Any]]:
+def exports(
+    s: Session, *, pending: bool = False, failed: bool = False, limit: int | None = None
+) -> list[dict[str, Any]]:
     """The outbox. ``pending``: not delivered yet; ``failed``: not delivered and the last
     attempt failed (exports are never dropped, so "failed" means "still retrying")."""
-    q = (select(Export, Series.study_uid)
-         .join(Series, Series.series_uid == Export.series_uid)
-         .order_by(Export.created_at.desc(), Export.id.desc()))
+    q = (
+        select(Export, Series.study_uid)
+        .join(Series, Series.series_uid == Export.series_uid)
+        .order_by(Export.created_at.desc(), Export.id.desc())
+    )
     if pending or failed:
         q = q.where(Export.state == "pending")
     if failed:
         q = q.where(Export.attempts > 0, Export.last_error.is_not(None))
     if limit:
         q = q.limit(limit)
-    return [{"id": e.id, "series_uid": e.series_uid, "study_uid": study_uid,
-             "version": e.series_version, "destination": e.destination, "state": e.state,
-             "attempts": e.attempts, "last_status": e.last_status, "last_error": e.last_error,
-             "next_attempt_at": e.next_attempt_at, "delivered_at": e.delivered_at,
-             "report_sop_uid": e.report_sop_uid, "report_path": e.report_path,
-             "created_at": e.created_at} for e, study_uid in s.execute(q).all()]
+    return [
+        {
+            "id": e.id,
+            "series_uid": e.series_uid,
+            "study_uid": study_uid,
+            "version": e.series_version,
+            "destination": e.destination,
+            "state": e.state,
+            "attempts": e.attempts,
+            "last_status": e.last_status,
+            "last_error": e.last_error,
+            "next_attempt_at": e.next_attempt_at,
+            "delivered_at": e.delivered_at,
+            "report_sop_uid": e.report_sop_uid,
+            "report_path": e.report_path,
+            "created_at": e.created_at,
+        }
+        for e, study_uid in s.execute(q).all()
+    ]
 
 
 # -- stats ------------------------------------------------------------------------------------
@@ -191,8 +284,13 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def _latency(values: list[float]) -> dict[str, Any]:
-    return {"n": len(values), **{f"p{q}_s": (None if (v := percentile(values, q)) is None
-                                             else round(v, 3)) for q in (50, 90, 99)}}
+    return {
+        "n": len(values),
+        **{
+            f"p{q}_s": (None if (v := percentile(values, q)) is None else round(v, 3))
+            for q in (50, 90, 99)
+        },
+    }
 
 
 def stats(s: Session) -> dict[str, Any]:
@@ -201,19 +299,24 @@ def stats(s: Session) -> dict[str, Any]:
     received = the series' last instance (of its current version); reported = SR written;
     delivered = every export of that version acknowledged by its destination.
     """
+
     def counts(col) -> dict[str, int]:
         return {k: n for k, n in s.execute(select(col, func.count()).group_by(col)).all()}
 
     out: dict[str, Any] = {
-        "series": counts(Series.state), "jobs": counts(Job.state),
-        "exports": counts(Export.state), "instances": counts(Instance.status),
+        "series": counts(Series.state),
+        "jobs": counts(Job.state),
+        "exports": counts(Export.state),
+        "instances": counts(Instance.status),
         "associations": counts(Association.outcome),
         "studies": s.execute(select(func.count()).select_from(Study)).scalar_one(),
     }
     rr, rd, rdl = [], [], []
     for last, reported, delivered in s.execute(
-            select(Series.last_instance_at, Series.reported_at, Series.delivered_at)
-            .where(Series.reported_at.is_not(None))):
+        select(Series.last_instance_at, Series.reported_at, Series.delivered_at).where(
+            Series.reported_at.is_not(None)
+        )
+    ):
         if reported is None:  # excluded by the query; narrows the type
             continue
         if last is not None:
@@ -222,9 +325,11 @@ def stats(s: Session) -> dict[str, Any]:
             rd.append((delivered - reported).total_seconds())
             if last is not None:
                 rdl.append((delivered - last).total_seconds())
-    out["latency"] = {"received_to_reported": _latency(rr),
-                      "reported_to_delivered": _latency(rd),
-                      "received_to_delivered": _latency(rdl)}
+    out["latency"] = {
+        "received_to_reported": _latency(rr),
+        "reported_to_delivered": _latency(rd),
+        "received_to_delivered": _latency(rdl),
+    }
     return out
 
 
@@ -261,18 +366,39 @@ def _eligible(cutoff: dt.datetime):
     and no instance row (of any status) received since ``cutoff``: a resend acknowledged a
     moment ago -- even a duplicate -- keeps its series."""
     final = [st.value for st in FINAL_STATES]
-    pending_export = select(Export.id).where(Export.series_uid == Series.series_uid,
-                                             Export.state != "delivered").exists()
-    live_job = select(Job.id).where(Job.series_uid == Series.series_uid,
-                                    Job.state.in_(("queued", "running"))).exists()
-    pending_notice = select(Notification.id).where(Notification.series_uid == Series.series_uid,
-                                                   Notification.state == "pending").exists()
-    recent = select(Instance.id).where(Instance.series_uid == Series.series_uid,
-                                       Instance.received_at >= cutoff).exists()
-    return select(Series.series_uid).where(
-        Series.state.in_(final), Series.updated_at < cutoff,
-        or_(Series.last_instance_at.is_(None), Series.last_instance_at < cutoff),
-        ~pending_export, ~live_job, ~pending_notice, ~recent).order_by(Series.id)
+    pending_export = (
+        select(Export.id)
+        .where(Export.series_uid == Series.series_uid, Export.state != "delivered")
+        .exists()
+    )
+    live_job = (
+        select(Job.id)
+        .where(Job.series_uid == Series.series_uid, Job.state.in_(("queued", "running")))
+        .exists()
+    )
+    pending_notice = (
+        select(Notification.id)
+        .where(Notification.series_uid == Series.series_uid, Notification.state == "pending")
+        .exists()
+    )
+    recent = (
+        select(Instance.id)
+        .where(Instance.series_uid == Series.series_uid, Instance.received_at >= cutoff)
+        .exists()
+    )
+    return (
+        select(Series.series_uid)
+        .where(
+            Series.state.in_(final),
+            Series.updated_at < cutoff,
+            or_(Series.last_instance_at.is_(None), Series.last_instance_at < cutoff),
+            ~pending_export,
+            ~live_job,
+            ~pending_notice,
+            ~recent,
+        )
+        .order_by(Series.id)
+    )
 
 
 def _eligible_series(s: Session, cutoff: dt.datetime) -> list[str]:
@@ -291,9 +417,15 @@ class _Removal:
     files: dict[str, tuple[int, int] | None] = field(default_factory=dict)
 
 
-def prune(store: Store, older_than: dt.timedelta, *, dry_run: bool = False,
-          spool: Spool | None = None, now: dt.datetime | None = None,
-          batch_series: int = 20) -> PruneReport:
+def prune(
+    store: Store,
+    older_than: dt.timedelta,
+    *,
+    dry_run: bool = False,
+    spool: Spool | None = None,
+    now: dt.datetime | None = None,
+    batch_series: int = 20,
+) -> PruneReport:
     """Remove audit rows and files older than the retention; never pending work, never a file
     a newer row refers to.
 
@@ -343,9 +475,15 @@ def prune(store: Store, older_than: dt.timedelta, *, dry_run: bool = False,
     report.batches += 1
     _remove_files(removal, spool, report)
     _finish(report)
-    log.info("pruned audit data", cutoff=cutoff.isoformat(), series=len(report.series),
-             instances=report.instances, files=len(report.files), batches=report.batches,
-             rewritten_files=report.rewritten_files)
+    log.info(
+        "pruned audit data",
+        cutoff=cutoff.isoformat(),
+        series=len(report.series),
+        instances=report.instances,
+        files=len(report.files),
+        batches=report.batches,
+        rewritten_files=report.rewritten_files,
+    )
     return report
 
 
@@ -355,8 +493,9 @@ def _finish(report: PruneReport) -> None:
     report.files.sort()
 
 
-def _kept_paths(s: Session, column: Any, id_column: Any, paths: Iterable[str],
-                removed: set[int]) -> set[str]:
+def _kept_paths(
+    s: Session, column: Any, id_column: Any, paths: Iterable[str], removed: set[int]
+) -> set[str]:
     """Which of ``paths`` a row outside ``removed`` points at."""
     kept: set[str] = set()
     for chunk in _chunks(sorted(set(paths))):
@@ -366,8 +505,13 @@ def _kept_paths(s: Session, column: Any, id_column: Any, paths: Iterable[str],
     return kept
 
 
-def _note_files(s: Session, inst_ids: list[int], report_paths: set[str], export_ids: list[int],
-                report: PruneReport) -> _Removal:
+def _note_files(
+    s: Session,
+    inst_ids: list[int],
+    report_paths: set[str],
+    export_ids: list[int],
+    report: PruneReport,
+) -> _Removal:
     """The files of the rows about to go (minus those a kept row points at), with identities."""
     from storage.outbox import report_files
     from storage.spool import file_identity
@@ -375,18 +519,24 @@ def _note_files(s: Session, inst_ids: list[int], report_paths: set[str], export_
     removal = _Removal()
     paths: dict[str, int] = {}
     for chunk in _chunks(inst_ids):
-        for path, size in s.execute(select(Instance.spool_path, Instance.size)
-                                    .where(Instance.id.in_(chunk),
-                                           Instance.spool_path.is_not(None))):
+        for path, size in s.execute(
+            select(Instance.spool_path, Instance.size).where(
+                Instance.id.in_(chunk), Instance.spool_path.is_not(None)
+            )
+        ):
             if path is not None:  # excluded by the query; narrows the type
                 paths[path] = size or 0
     for path in _kept_paths(s, Instance.spool_path, Instance.id, paths, set(inst_ids)):
         paths.pop(path, None)
-    report_paths = report_paths - _kept_paths(s, Export.report_path, Export.id, report_paths,
-                                              set(export_ids))
+    report_paths = report_paths - _kept_paths(
+        s, Export.report_path, Export.id, report_paths, set(export_ids)
+    )
     # the summary and evidence images written beside each report go with it
-    report_paths = {str(f) for rp in report_paths
-                    for f in (report_files(rp) if Path(rp).is_absolute() else [Path(rp)])}
+    report_paths = {
+        str(f)
+        for rp in report_paths
+        for f in (report_files(rp) if Path(rp).is_absolute() else [Path(rp)])
+    }
     for path in [*paths, *sorted(report_paths)]:
         removal.files[path] = file_identity(path) if Path(path).is_absolute() else None
     report.files += list(paths) + sorted(report_paths)
@@ -394,34 +544,41 @@ def _note_files(s: Session, inst_ids: list[int], report_paths: set[str], export_
     return removal
 
 
-def _prune_batch(s: Session, chunk: Sequence[str], cutoff: dt.datetime,
-                 report: PruneReport) -> _Removal:
+def _prune_batch(
+    s: Session, chunk: Sequence[str], cutoff: dt.datetime, report: PruneReport
+) -> _Removal:
     """One write transaction: re-check ``chunk`` under the lock, delete the rows of those still
     eligible (and of studies they leave empty); returns the files to delete after commit."""
     p_series = list(s.execute(_eligible(cutoff).where(Series.series_uid.in_(chunk))).scalars())
     if not p_series:
         return _Removal()
     report.series += p_series
-    inst_ids = list(s.execute(select(Instance.id).where(
-        Instance.series_uid.in_(p_series))).scalars())
+    inst_ids = list(
+        s.execute(select(Instance.id).where(Instance.series_uid.in_(p_series))).scalars()
+    )
     job_ids = list(s.execute(select(Job.id).where(Job.series_uid.in_(p_series))).scalars())
-    result_ids = list(s.execute(select(Result.id).where(
-        Result.series_uid.in_(p_series))).scalars())
+    result_ids = list(s.execute(select(Result.id).where(Result.series_uid.in_(p_series))).scalars())
     export_ids: list[int] = []
     report_paths: set[str] = set()
-    for eid, rpath in s.execute(select(Export.id, Export.report_path)
-                                .where(Export.series_uid.in_(p_series))):
+    for eid, rpath in s.execute(
+        select(Export.id, Export.report_path).where(Export.series_uid.in_(p_series))
+    ):
         export_ids.append(eid)
         if rpath:
             report_paths.add(rpath)
     removal = _note_files(s, inst_ids, report_paths, export_ids, report)
-    study_uids = set(s.execute(select(Series.study_uid).where(
-        Series.series_uid.in_(p_series))).scalars())
+    study_uids = set(
+        s.execute(select(Series.study_uid).where(Series.series_uid.in_(p_series))).scalars()
+    )
     event_ids = set(s.execute(select(Event.id).where(Event.series_uid.in_(p_series))).scalars())
     for notice in (ShadowResult, Notification):  # tables that reference jobs and series
         s.execute(delete(notice).where(notice.series_uid.in_(p_series)))
-    for ids, model in ((result_ids, Result), (export_ids, Export), (job_ids, Job),
-                       (inst_ids, Instance)):
+    for ids, model in (
+        (result_ids, Result),
+        (export_ids, Export),
+        (job_ids, Job),
+        (inst_ids, Instance),
+    ):
         for part in _chunks(ids):
             s.execute(delete(model).where(model.id.in_(part)))
     s.execute(delete(Series).where(Series.series_uid.in_(p_series)))
@@ -430,8 +587,10 @@ def _prune_batch(s: Session, chunk: Sequence[str], cutoff: dt.datetime,
     report.results += len(result_ids)
     report.exports += len(export_ids)
     # studies left without any series
-    left = sorted(study_uids - set(s.execute(select(Series.study_uid).where(
-        Series.study_uid.in_(study_uids))).scalars()))
+    left = sorted(
+        study_uids
+        - set(s.execute(select(Series.study_uid).where(Series.study_uid.in_(study_uids))).scalars())
+    )
     if left:
         event_ids.update(s.execute(select(Event.id).where(Event.study_uid.in_(left))).scalars())
         s.execute(delete(Study).where(Study.study_uid.in_(left)))
@@ -442,30 +601,50 @@ def _prune_batch(s: Session, chunk: Sequence[str], cutoff: dt.datetime,
     return removal
 
 
-def _prune_rest(store: Store, s: Session, cutoff: dt.datetime, now: dt.datetime,
-                report: PruneReport) -> _Removal:
+def _prune_rest(
+    store: Store, s: Session, cutoff: dt.datetime, now: dt.datetime, report: PruneReport
+) -> _Removal:
     """The last transaction: instances that never made a series, studies without series,
     associations nothing refers to, old node events; and the 'pruned' event."""
     has_series = select(Series.id).where(Series.series_uid == Instance.series_uid).exists()
-    orphan_ids = list(s.execute(select(Instance.id).where(
-        ~has_series, Instance.received_at < cutoff)).scalars())
+    orphan_ids = list(
+        s.execute(select(Instance.id).where(~has_series, Instance.received_at < cutoff)).scalars()
+    )
     removal = _note_files(s, orphan_ids, set(), [], report)
     for part in _chunks(orphan_ids):
         s.execute(delete(Instance).where(Instance.id.in_(part)))
     report.instances += len(orphan_ids)
-    studies = list(s.execute(select(Study.study_uid).where(
-        Study.created_at < cutoff,
-        ~select(Series.id).where(Series.study_uid == Study.study_uid).exists())).scalars())
+    studies = list(
+        s.execute(
+            select(Study.study_uid).where(
+                Study.created_at < cutoff,
+                ~select(Series.id).where(Series.study_uid == Study.study_uid).exists(),
+            )
+        ).scalars()
+    )
     referenced = select(Instance.id).where(Instance.association_id == Association.id).exists()
-    assoc_ids = list(s.execute(select(Association.id).where(
-        Association.outcome != "open",
-        func.coalesce(Association.ended_at, Association.started_at) < cutoff,
-        ~referenced)).scalars())
+    assoc_ids = list(
+        s.execute(
+            select(Association.id).where(
+                Association.outcome != "open",
+                func.coalesce(Association.ended_at, Association.started_at) < cutoff,
+                ~referenced,
+            )
+        ).scalars()
+    )
     ev_conds: list[ColumnElement[bool]] = [Event.study_uid.in_(c) for c in _chunks(studies)]
-    ev_conds += [and_(Event.entity == "association", Event.entity_id.in_(c))
-                 for c in _chunks([str(a) for a in assoc_ids])]
-    ev_conds.append(and_(Event.series_uid.is_(None), Event.study_uid.is_(None),
-                         Event.entity.in_(("node", "instance")), Event.at < cutoff))
+    ev_conds += [
+        and_(Event.entity == "association", Event.entity_id.in_(c))
+        for c in _chunks([str(a) for a in assoc_ids])
+    ]
+    ev_conds.append(
+        and_(
+            Event.series_uid.is_(None),
+            Event.study_uid.is_(None),
+            Event.entity.in_(("node", "instance")),
+            Event.at < cutoff,
+        )
+    )
     event_ids: set[int] = set()
     for cond in ev_conds:
         event_ids.update(s.execute(select(Event.id).where(cond)).scalars())
@@ -478,10 +657,21 @@ def _prune_rest(store: Store, s: Session, cutoff: dt.datetime, now: dt.datetime,
     report.studies += studies
     report.associations += len(assoc_ids)
     report.events += len(event_ids)
-    store._event(s, "node", "prune", "pruned", at=now,
-                 details={"cutoff": cutoff, "series": len(report.series),
-                          "studies": len(report.studies), "instances": report.instances,
-                          "files": len(report.files), "batches": report.batches + 1})
+    store._event(
+        s,
+        "node",
+        "prune",
+        "pruned",
+        at=now,
+        details={
+            "cutoff": cutoff,
+            "series": len(report.series),
+            "studies": len(report.studies),
+            "instances": report.instances,
+            "files": len(report.files),
+            "batches": report.batches + 1,
+        },
+    )
     return removal
 
 
@@ -492,8 +682,9 @@ def _remove_files(removal: _Removal, spool: Spool | None, report: PruneReport) -
             report.missing_files += 1
         elif outcome == "changed":
             report.rewritten_files += 1
-            log.warning("file rewritten after prune decided to remove it (a resend); kept",
-                        path=path)
+            log.warning(
+                "file rewritten after prune decided to remove it (a resend); kept", path=path
+            )
 
 
 def _remove_file(path: str, identity: tuple[int, int] | None, spool: Spool | None) -> str:

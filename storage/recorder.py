@@ -43,9 +43,16 @@ class InstanceRecorder:
     Without :meth:`start` (or after :meth:`stop`), :meth:`submit` commits synchronously.
     """
 
-    def __init__(self, store: Store, *, max_batch: int = 256, max_queued: int = 4096,
-                 linger_s: float = 0.05, max_unhashed: int = 64,
-                 retry_delays_s: tuple[float, ...] = (0.05, 0.2, 1.0, 3.0)) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_batch: int = 256,
+        max_queued: int = 4096,
+        linger_s: float = 0.05,
+        max_unhashed: int = 64,
+        retry_delays_s: tuple[float, ...] = (0.05, 0.2, 1.0, 3.0),
+    ) -> None:
         self.store = store
         self.max_batch = max_batch
         self.max_unhashed = max_unhashed
@@ -75,8 +82,7 @@ class InstanceRecorder:
             if self._thread is not None:
                 return
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="instance-recorder",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._run, name="instance-recorder", daemon=True)
             self._thread.start()
         self.store.set_completion_barrier(self.flush)
 
@@ -89,8 +95,11 @@ class InstanceRecorder:
         if thread is not None:
             thread.join(timeout)
             if thread.is_alive():
-                log.error("instance recorder did not drain in time; the spool files of rows "
-                          "still queued are re-indexed at the next start", queued=len(self._queue))
+                log.error(
+                    "instance recorder did not drain in time; the spool files of rows "
+                    "still queued are re-indexed at the next start",
+                    queued=len(self._queue),
+                )
         with self._cond:
             self._thread = None
         self.store.set_completion_barrier(None)
@@ -116,11 +125,11 @@ class InstanceRecorder:
                         self._pending[h.sop_instance_uid] = row
                     if h.series_uid:
                         entry = self._pending_series.setdefault(
-                            h.series_uid, [h.study_uid, h.patient_key, 0])
+                            h.series_uid, [h.study_uid, h.patient_key, 0]
+                        )
                         entry[2] += 1
                     if h.study_uid:
-                        entry = self._pending_studies.setdefault(h.study_uid,
-                                                                 [h.patient_key, 0])
+                        entry = self._pending_studies.setdefault(h.study_uid, [h.patient_key, 0])
                         entry[1] += 1
                     if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
                         self._cond.notify_all()  # the writer is idle, or its batch is full
@@ -141,8 +150,7 @@ class InstanceRecorder:
             return KnownInstance(row.digest(), row.spool_path, row.header.study_uid)
         return self.store.known_instance(sop_instance_uid)
 
-    def series_identity(self, series_uid: str | None,
-                        study_uid: str | None) -> SeriesIdentity:
+    def series_identity(self, series_uid: str | None, study_uid: str | None) -> SeriesIdentity:
         """:meth:`storage.Store.series_identity`, queued rows included (they win: a queued
         row of a series is newer than its committed ones). Callers that act on the answer
         serialise per series and study themselves (the receiver's UID locks)."""
@@ -154,7 +162,8 @@ class InstanceRecorder:
         return SeriesIdentity(
             series[0] if series is not None else known.series_study_uid,
             series[1] if series is not None and series[1] else known.series_patient_key,
-            study[0] if study is not None and study[0] else known.study_patient_key)
+            study[0] if study is not None and study[0] else known.study_patient_key,
+        )
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until every row submitted before this call is committed (or given up on);
@@ -180,16 +189,18 @@ class InstanceRecorder:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
                 deadline = time.monotonic() + self.linger_s
-                while (len(self._queue) < self.max_batch and not self._stopping
-                       and not self._flushing):
+                while (
+                    len(self._queue) < self.max_batch and not self._stopping and not self._flushing
+                ):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
                 if not self._queue:
                     return
-                batch = [self._queue.popleft()
-                         for _ in range(min(len(self._queue), self.max_batch))]
+                batch = [
+                    self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))
+                ]
                 self._cond.notify_all()  # room for blocked submitters
             self._commit(batch)
             with self._cond:
@@ -198,8 +209,10 @@ class InstanceRecorder:
                     uid = h.sop_instance_uid
                     if uid and self._pending.get(uid) is row:
                         del self._pending[uid]
-                    for table, uid, slot in ((self._pending_series, h.series_uid, 2),
-                                             (self._pending_studies, h.study_uid, 1)):
+                    for table, uid, slot in (
+                        (self._pending_series, h.series_uid, 2),
+                        (self._pending_studies, h.study_uid, 1),
+                    ):
                         key = uid or ""
                         entry = table.get(key)
                         if entry is not None:
@@ -218,8 +231,11 @@ class InstanceRecorder:
                 return
             except Exception as exc:  # noqa: BLE001 - the thread must outlive database errors
                 if delay is None:
-                    log.warning("group commit failed; writing rows one by one", rows=len(batch),
-                                error=f"{type(exc).__name__}: {redact(str(exc))}")
+                    log.warning(
+                        "group commit failed; writing rows one by one",
+                        rows=len(batch),
+                        error=f"{type(exc).__name__}: {redact(str(exc))}",
+                    )
                     break
                 time.sleep(delay)
         for row in batch:
@@ -227,10 +243,12 @@ class InstanceRecorder:
                 self.store.record_stored_batch([row])
             except Exception:  # noqa: BLE001
                 self.dropped += 1
-                log.exception("audit row of a stored instance could not be written; its spool "
-                              "file is re-indexed at the next start",
-                              sop_instance_uid=row.header.sop_instance_uid,
-                              spool_path=row.spool_path)
+                log.exception(
+                    "audit row of a stored instance could not be written; its spool "
+                    "file is re-indexed at the next start",
+                    sop_instance_uid=row.header.sop_instance_uid,
+                    spool_path=row.spool_path,
+                )
 
 
 __all__ = ["InstanceRecorder"]

@@ -56,8 +56,13 @@ FINAL_STATES: frozenset[SeriesState] = frozenset({S.DELIVERED, S.SKIPPED, S.FAIL
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 INSTANCE_STATUSES = ("stored", "duplicate", "conflict", "ignored", "rejected")
-_COUNT_COLUMN = {"stored": "n_stored", "duplicate": "n_duplicate", "ignored": "n_ignored",
-                 "conflict": "n_failed", "rejected": "n_failed"}
+_COUNT_COLUMN = {
+    "stored": "n_stored",
+    "duplicate": "n_duplicate",
+    "ignored": "n_ignored",
+    "conflict": "n_failed",
+    "rejected": "n_failed",
+}
 
 
 class InvalidTransition(RuntimeError):
@@ -220,11 +225,21 @@ class ExportClaim:
 
 def _instance_record(row: Instance) -> InstanceRecord:
     return InstanceRecord(
-        id=row.id, sop_instance_uid=row.sop_instance_uid, series_uid=row.series_uid,
-        sha256=row.sha256, spool_path=row.spool_path, status=row.status, meta=dict(row.meta or {}),
-        study_uid=row.study_uid, sop_class_uid=row.sop_class_uid,
-        instance_number=row.instance_number, transfer_syntax=row.transfer_syntax, size=row.size,
-        series_version=row.series_version, received_at=row.received_at)
+        id=row.id,
+        sop_instance_uid=row.sop_instance_uid,
+        series_uid=row.series_uid,
+        sha256=row.sha256,
+        spool_path=row.spool_path,
+        status=row.status,
+        meta=dict(row.meta or {}),
+        study_uid=row.study_uid,
+        sop_class_uid=row.sop_class_uid,
+        instance_number=row.instance_number,
+        transfer_syntax=row.transfer_syntax,
+        size=row.size,
+        series_version=row.series_version,
+        received_at=row.received_at,
+    )
 
 
 def _short(value: Any, n: int) -> str | None:
@@ -236,9 +251,20 @@ def _short(value: Any, n: int) -> str | None:
 
 def _series_record(row: Series, accession: str | None = None) -> SeriesRecord:
     return SeriesRecord(
-        uid=row.series_uid, study_uid=row.study_uid, state=SeriesState(row.state),
-        version=row.version, reason=row.reason, instance_count=row.instance_count,
-        first_instance_at=row.first_instance_at, last_instance_at=row.last_instance_at,
-        modality=row.modality, description=row.description, priority=row.priority or 0,
-        accession_number=accession, completed_at=row.completed_at, reported_at=row.reported_at,
-        delivered_at=row.delivered_at, meta=dict(row.meta or {}))
+        uid=row.series_uid,
+        study_uid=row.study_uid,
+        state=SeriesState(row.state),
+        version=row.version,
+        reason=row.reason,
+        instance_count=row.instance_count,
+        first_instance_at=row.first_instance_at,
+        last_instance_at=row.last_instance_at,
+        modality=row.modality,
+        description=row.description,
+        priority=row.priority or 0,
+        accession_number=accession,
+        completed_at=row.completed_at,
+        reported_at=row.reported_at,
+        delivered_at=row.delivered_at,
+        meta=dict(row.meta or {}),
+    )

@@ -99,8 +99,10 @@ class Spool:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise MolreError(f"spool directory {self.root} cannot be created ({exc.strerror}); "
-                             "set the node's data dir to a writable location") from exc
+            raise MolreError(
+                f"spool directory {self.root} cannot be created ({exc.strerror}); "
+                "set the node's data dir to a writable location"
+            ) from exc
 
     def path(self, relpath: str | Path) -> Path:
         """Absolute path of ``relpath``; refuses paths that would escape the spool root.
@@ -110,8 +112,9 @@ class Spool:
         """
         rel = Path(relpath)
         if rel.is_absolute() or any(part in ("..", "") for part in rel.parts) or not rel.parts:
-            raise ValueError(f"spool path {str(relpath)!r} must be relative and stay inside "
-                             "the spool")
+            raise ValueError(
+                f"spool path {str(relpath)!r} must be relative and stay inside the spool"
+            )
         return self.root / rel
 
     def _ensure_dir(self, directory: Path) -> None:
@@ -144,8 +147,9 @@ class Spool:
         with self._dir_lock:
             self._new_dirs.difference_update(pending)
 
-    def write_atomic(self, relpath: str | Path, data: Chunks, *,
-                     durable: bool | None = None) -> Path:
+    def write_atomic(
+        self, relpath: str | Path, data: Chunks, *, durable: bool | None = None
+    ) -> Path:
         """Write ``data`` (bytes, or a sequence of chunks written in order) under ``relpath``
         and return the final absolute path. Durable (fsync) unless the spool or this call says
         otherwise; see the module docstring.
@@ -177,8 +181,9 @@ class Spool:
                 self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="spool-io")
             io = self._io
         if durable:
-            return StagedFile(self, io.submit(self._write_temp, self.root / INCOMING, data, True),
-                              durable)
+            return StagedFile(
+                self, io.submit(self._write_temp, self.root / INCOMING, data, True), durable
+            )
         # no fsync to overlap: a page-cache write is shorter than the thread handoff, whose
         # Python parts would compete for the GIL with the header parse anyway
         done: Future[Path] = Future()
@@ -377,6 +382,10 @@ class StagedFile:
     def __enter__(self) -> "StagedFile":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.discard()

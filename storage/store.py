@@ -102,23 +102,53 @@ def default_node_name() -> str:
 #: Columns the receiver's group commit writes (explicit, so a column added later keeps its
 #: default).
 _HOT_INSTANCE_COLUMNS = (
-    "sop_instance_uid", "sop_class_uid", "study_uid", "series_uid", "series_version",
-    "instance_number", "transfer_syntax", "spool_path", "size", "sha256", "status", "reason",
-    "received_at", "association_id", "meta")
+    "sop_instance_uid",
+    "sop_class_uid",
+    "study_uid",
+    "series_uid",
+    "series_version",
+    "instance_number",
+    "transfer_syntax",
+    "spool_path",
+    "size",
+    "sha256",
+    "status",
+    "reason",
+    "received_at",
+    "association_id",
+    "meta",
+)
 
 
-def _stored_values(h: InstanceHeader, series_version: int, assoc_id: int | None,
-                   received_at: dt.datetime, *, spool_path: str | Path | None, size: int | None,
-                   sha256: str | None) -> dict[str, Any]:
+def _stored_values(
+    h: InstanceHeader,
+    series_version: int,
+    assoc_id: int | None,
+    received_at: dt.datetime,
+    *,
+    spool_path: str | Path | None,
+    size: int | None,
+    sha256: str | None,
+) -> dict[str, Any]:
     """Bind values of one 'stored' instance row (`_HOT_INSTANCE_COLUMNS`) for the prepared
     insert of :meth:`Store.record_stored_batch`."""
     return dict(
-        sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
-        study_uid=h.study_uid, series_uid=h.series_uid, series_version=series_version,
-        instance_number=h.instance_number, transfer_syntax=h.transfer_syntax,
-        spool_path=str(spool_path) if spool_path is not None else None, size=size,
-        sha256=sha256, status="stored", reason=None, received_at=received_at,
-        association_id=assoc_id, meta=jsonable(h.meta or {}))
+        sop_instance_uid=h.sop_instance_uid,
+        sop_class_uid=h.sop_class_uid,
+        study_uid=h.study_uid,
+        series_uid=h.series_uid,
+        series_version=series_version,
+        instance_number=h.instance_number,
+        transfer_syntax=h.transfer_syntax,
+        spool_path=str(spool_path) if spool_path is not None else None,
+        size=size,
+        sha256=sha256,
+        status="stored",
+        reason=None,
+        received_at=received_at,
+        association_id=assoc_id,
+        meta=jsonable(h.meta or {}),
+    )
 
 
 def _table(model: type[Base]) -> Table:
@@ -193,9 +223,14 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
     move time (lease expiry, quiet time) without sleeping.
     """
 
-    def __init__(self, db: Database, store_phi: bool = False,
-                 clock: Callable[[], dt.datetime] | None = None, *,
-                 node: str | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        store_phi: bool = False,
+        clock: Callable[[], dt.datetime] | None = None,
+        *,
+        node: str | None = None,
+    ) -> None:
         self.db = db
         self.store_phi = bool(store_phi)
         #: ``node.name``: recorded on the associations, jobs and export claims this process
@@ -220,39 +255,66 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         """The receiver's per-instance statements, compiled once (see :class:`_Prepared`)."""
         if self._prepared_hot is None:
             series_t, inst_t, assoc_t = (_table(Series), _table(Instance), _table(Association))
-            already = select(inst_t.c.id).where(
-                inst_t.c.series_uid == bindparam("b_series"),
-                inst_t.c.sop_instance_uid == bindparam("b_sop"),
-                inst_t.c.status == "stored").exists()
-            bump = update(series_t).where(
-                series_t.c.series_uid == bindparam("b_series"),
-                series_t.c.state == S.RECEIVING.value).values(
-                instance_count=series_t.c.instance_count + case((already, 0), else_=1),
-                last_instance_at=bindparam("b_now", type_=series_t.c.last_instance_at.type),
-                first_instance_at=func.coalesce(
-                    series_t.c.first_instance_at,
-                    bindparam("b_now", type_=series_t.c.first_instance_at.type)),
-                patient_key=func.coalesce(series_t.c.patient_key,
-                                          bindparam("b_key", type_=series_t.c.patient_key.type))
-            ).returning(series_t.c.version)
+            already = (
+                select(inst_t.c.id)
+                .where(
+                    inst_t.c.series_uid == bindparam("b_series"),
+                    inst_t.c.sop_instance_uid == bindparam("b_sop"),
+                    inst_t.c.status == "stored",
+                )
+                .exists()
+            )
+            bump = (
+                update(series_t)
+                .where(
+                    series_t.c.series_uid == bindparam("b_series"),
+                    series_t.c.state == S.RECEIVING.value,
+                )
+                .values(
+                    instance_count=series_t.c.instance_count + case((already, 0), else_=1),
+                    last_instance_at=bindparam("b_now", type_=series_t.c.last_instance_at.type),
+                    first_instance_at=func.coalesce(
+                        series_t.c.first_instance_at,
+                        bindparam("b_now", type_=series_t.c.first_instance_at.type),
+                    ),
+                    patient_key=func.coalesce(
+                        series_t.c.patient_key,
+                        bindparam("b_key", type_=series_t.c.patient_key.type),
+                    ),
+                )
+                .returning(series_t.c.version)
+            )
             cols = [inst_t.c[name] for name in _HOT_INSTANCE_COLUMNS]
             add_many = insert(inst_t).values({c: bindparam(c.name, type_=c.type) for c in cols})
-            count = update(assoc_t).where(assoc_t.c.id == bindparam("b_assoc")).values(
-                n_stored=assoc_t.c.n_stored + bindparam("b_n", 1))
-            find = select(inst_t.c.sha256, inst_t.c.spool_path, inst_t.c.study_uid).where(
-                inst_t.c.sop_instance_uid == bindparam("b_sop"),
-                inst_t.c.status == "stored").order_by(inst_t.c.id.desc()).limit(1)
+            count = (
+                update(assoc_t)
+                .where(assoc_t.c.id == bindparam("b_assoc"))
+                .values(n_stored=assoc_t.c.n_stored + bindparam("b_n", 1))
+            )
+            find = (
+                select(inst_t.c.sha256, inst_t.c.spool_path, inst_t.c.study_uid)
+                .where(inst_t.c.sop_instance_uid == bindparam("b_sop"), inst_t.c.status == "stored")
+                .order_by(inst_t.c.id.desc())
+                .limit(1)
+            )
             study_t = _table(Study)
             # who the series and the study belong to, in one round trip
             identity = union_all(
-                select(literal(1).label("k"), series_t.c.study_uid, series_t.c.patient_key)
-                .where(series_t.c.series_uid == bindparam("b_series")),
-                select(literal(2).label("k"), study_t.c.study_uid, study_t.c.patient_key)
-                .where(study_t.c.study_uid == bindparam("b_study")))
+                select(literal(1).label("k"), series_t.c.study_uid, series_t.c.patient_key).where(
+                    series_t.c.series_uid == bindparam("b_series")
+                ),
+                select(literal(2).label("k"), study_t.c.study_uid, study_t.c.patient_key).where(
+                    study_t.c.study_uid == bindparam("b_study")
+                ),
+            )
             d = self.db.engine.dialect
-            self._prepared_hot = {"bump": _Prepared(bump, d), "add_many": _Prepared(add_many, d),
-                                  "count": _Prepared(count, d), "find": _Prepared(find, d),
-                                  "identity": _Prepared(identity, d)}
+            self._prepared_hot = {
+                "bump": _Prepared(bump, d),
+                "add_many": _Prepared(add_many, d),
+                "count": _Prepared(count, d),
+                "find": _Prepared(find, d),
+                "identity": _Prepared(identity, d),
+            }
         return self._prepared_hot
 
     def _insert_ignore(self, s: Session, model, **values) -> bool:
@@ -262,31 +324,57 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         comes back only for an insert that happened), not by ``rowcount``, which psycopg
         reports as -1 for this statement through the ORM session."""
         dialect = pg_dialect if self.db.dialect == "postgresql" else sqlite_dialect
-        stmt = (dialect.insert(model).values(**values).on_conflict_do_nothing()
-                .returning(model.__table__.c.id))
+        stmt = (
+            dialect.insert(model)
+            .values(**values)
+            .on_conflict_do_nothing()
+            .returning(model.__table__.c.id)
+        )
         return s.execute(stmt).first() is not None
 
     # -- associations --------------------------------------------------------------------------
-    def begin_association(self, calling_ae: str | None, called_ae: str | None,
-                          peer_host: str | None, peer_port: int | None) -> int:
+    def begin_association(
+        self,
+        calling_ae: str | None,
+        called_ae: str | None,
+        peer_host: str | None,
+        peer_port: int | None,
+    ) -> int:
         """Record an accepted association; returns its id for record_instance/end_association."""
         now = self.now()
         with self.db.session() as s:
-            row = Association(calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host,
-                              peer_port=peer_port, started_at=now, outcome="open",
-                              node=self.node)
+            row = Association(
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+                peer_host=peer_host,
+                peer_port=peer_port,
+                started_at=now,
+                outcome="open",
+                node=self.node,
+            )
             s.add(row)
             s.flush()
-            self._event(s, "association", row.id, "opened", at=now, to_state="open",
-                        details={"calling_ae": calling_ae, "called_ae": called_ae,
-                                 "peer": f"{peer_host}:{peer_port}"})
+            self._event(
+                s,
+                "association",
+                row.id,
+                "opened",
+                at=now,
+                to_state="open",
+                details={
+                    "calling_ae": calling_ae,
+                    "called_ae": called_ae,
+                    "peer": f"{peer_host}:{peer_port}",
+                },
+            )
             return row.id
 
     def end_association(self, assoc_id: int, outcome: str) -> None:
         """Close an association ('released' | 'aborted'); a release lets series complete early."""
         if outcome not in ("released", "aborted"):
-            raise ValueError("association outcome must be 'released' or 'aborted', "
-                             f"not {outcome!r}")
+            raise ValueError(
+                f"association outcome must be 'released' or 'aborted', not {outcome!r}"
+            )
         now = self.now()
         with self.db.session() as s:
             row = s.get(Association, assoc_id)
@@ -295,26 +383,60 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
             previous = row.outcome
             row.outcome = outcome
             row.ended_at = now
-            self._event(s, "association", row.id, outcome, at=now, from_state=previous,
-                        to_state=outcome, details={"stored": row.n_stored,
-                                                   "duplicate": row.n_duplicate,
-                                                   "ignored": row.n_ignored,
-                                                   "failed": row.n_failed})
+            self._event(
+                s,
+                "association",
+                row.id,
+                outcome,
+                at=now,
+                from_state=previous,
+                to_state=outcome,
+                details={
+                    "stored": row.n_stored,
+                    "duplicate": row.n_duplicate,
+                    "ignored": row.n_ignored,
+                    "failed": row.n_failed,
+                },
+            )
 
-    def record_rejected_association(self, calling_ae: str | None, called_ae: str | None,
-                                    peer_host: str | None, peer_port: int | None,
-                                    reason: str) -> int:
+    def record_rejected_association(
+        self,
+        calling_ae: str | None,
+        called_ae: str | None,
+        peer_host: str | None,
+        peer_port: int | None,
+        reason: str,
+    ) -> int:
         """Record an association the node refused (AE not allowed, disk full, ...)."""
         now = self.now()
         with self.db.session() as s:
-            row = Association(calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host,
-                              peer_port=peer_port, started_at=now, ended_at=now,
-                              outcome="rejected", reject_reason=reason, node=self.node)
+            row = Association(
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+                peer_host=peer_host,
+                peer_port=peer_port,
+                started_at=now,
+                ended_at=now,
+                outcome="rejected",
+                reject_reason=reason,
+                node=self.node,
+            )
             s.add(row)
             s.flush()
-            self._event(s, "association", row.id, "rejected", at=now, to_state="rejected",
-                        details={"calling_ae": calling_ae, "called_ae": called_ae,
-                                 "peer": f"{peer_host}:{peer_port}", "reason": reason})
+            self._event(
+                s,
+                "association",
+                row.id,
+                "rejected",
+                at=now,
+                to_state="rejected",
+                details={
+                    "calling_ae": calling_ae,
+                    "called_ae": called_ae,
+                    "peer": f"{peer_host}:{peer_port}",
+                    "reason": reason,
+                },
+            )
             return row.id
 
     # -- instances -----------------------------------------------------------------------------
@@ -325,19 +447,30 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         t = Instance.__table__
         with self.db.connection(write=False) as c:
             row = c.execute(
-                select(t).where(t.c.sop_instance_uid == sop_instance_uid,
-                                t.c.status == "stored")
-                .order_by(t.c.id.desc()).limit(1)).first()
+                select(t)
+                .where(t.c.sop_instance_uid == sop_instance_uid, t.c.status == "stored")
+                .order_by(t.c.id.desc())
+                .limit(1)
+            ).first()
         if row is None:
             return None
         m = row._mapping
         return InstanceRecord(
-            id=m["id"], sop_instance_uid=m["sop_instance_uid"], series_uid=m["series_uid"],
-            sha256=m["sha256"], spool_path=m["spool_path"], status=m["status"],
-            meta=dict(m["meta"] or {}), study_uid=m["study_uid"],
-            sop_class_uid=m["sop_class_uid"], instance_number=m["instance_number"],
-            transfer_syntax=m["transfer_syntax"], size=m["size"],
-            series_version=m["series_version"], received_at=m["received_at"])
+            id=m["id"],
+            sop_instance_uid=m["sop_instance_uid"],
+            series_uid=m["series_uid"],
+            sha256=m["sha256"],
+            spool_path=m["spool_path"],
+            status=m["status"],
+            meta=dict(m["meta"] or {}),
+            study_uid=m["study_uid"],
+            sop_class_uid=m["sop_class_uid"],
+            instance_number=m["instance_number"],
+            transfer_syntax=m["transfer_syntax"],
+            size=m["size"],
+            series_version=m["series_version"],
+            received_at=m["received_at"],
+        )
 
     def _lookup_rows(self, name: str, **binds: Any) -> list[tuple[Any, ...]]:
         """Rows of one of the receiver's prepared lookups (it runs them for every instance)."""
@@ -347,8 +480,9 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
             with self._lookup_lock:
                 if self._lookup is None:
                     self._lookup = self.db.engine.raw_connection()
-                return list(self._lookup.driver_connection.execute(
-                    stmt.sql, stmt.bind(binds)).fetchall())
+                return list(
+                    self._lookup.driver_connection.execute(stmt.sql, stmt.bind(binds)).fetchall()
+                )
         with self.db.connection(write=False) as c:
             return [tuple(r) for r in stmt.run(c, **binds).fetchall()]
 
@@ -366,8 +500,9 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
     def series_identity(self, series_uid: str | None, study_uid: str | None) -> SeriesIdentity:
         """The study and patient key recorded for a series, and the study's patient key."""
         series_study = series_key = study_key = None
-        for k, study, key in self._lookup_rows("identity", b_series=series_uid or "",
-                                               b_study=study_uid or ""):
+        for k, study, key in self._lookup_rows(
+            "identity", b_series=series_uid or "", b_study=study_uid or ""
+        ):
             if k == 1:
                 series_study, series_key = study, key
             else:
@@ -381,8 +516,15 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         wanted = list(dict.fromkeys(str(p) for p in paths))
         with self.db.session(write=False) as s:
             for i in range(0, len(wanted), 500):
-                found.update(p for p in s.execute(select(Instance.spool_path).where(
-                    Instance.spool_path.in_(wanted[i:i + 500]))).scalars() if p is not None)
+                found.update(
+                    p
+                    for p in s.execute(
+                        select(Instance.spool_path).where(
+                            Instance.spool_path.in_(wanted[i : i + 500])
+                        )
+                    ).scalars()
+                    if p is not None
+                )
         return found
 
     def last_prune_cutoff(self) -> dt.datetime | None:
@@ -392,19 +534,31 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         before the file was), not rows lost to a power cut; reconciliation must not revive them.
         """
         with self.db.session(write=False) as s:
-            details = s.execute(select(Event.details).where(
-                Event.entity == "node", Event.kind == "pruned")
-                .order_by(Event.id.desc()).limit(1)).scalar_one_or_none()
+            details = s.execute(
+                select(Event.details)
+                .where(Event.entity == "node", Event.kind == "pruned")
+                .order_by(Event.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
         cutoff = (details or {}).get("cutoff")
         if not cutoff:
             return None
         value = dt.datetime.fromisoformat(str(cutoff))
         return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
-    def record_instance(self, assoc_id: int | None, header: InstanceHeader, *,
-                        spool_path: str | Path | None, size: int | None, sha256: str | None,
-                        status: str, reason: str | None = None, event_kind: str | None = None,
-                        details: dict | None = None) -> InstanceRecord:
+    def record_instance(
+        self,
+        assoc_id: int | None,
+        header: InstanceHeader,
+        *,
+        spool_path: str | Path | None,
+        size: int | None,
+        sha256: str | None,
+        status: str,
+        reason: str | None = None,
+        event_kind: str | None = None,
+        details: dict | None = None,
+    ) -> InstanceRecord:
         """Record one received instance, whatever its fate, in one transaction.
 
         For ``status='stored'`` the study and series rows are created or updated (series in
@@ -418,14 +572,31 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
             raise ValueError(f"instance status must be one of {INSTANCE_STATUSES}, not {status!r}")
         now = self.now()
         with self.db.session() as s:
-            return _instance_record(self._record_orm(s, assoc_id, header, now,
-                                                     spool_path=spool_path, size=size,
-                                                     sha256=sha256, status=status,
-                                                     reason=reason, event_kind=event_kind,
-                                                     details=details))
+            return _instance_record(
+                self._record_orm(
+                    s,
+                    assoc_id,
+                    header,
+                    now,
+                    spool_path=spool_path,
+                    size=size,
+                    sha256=sha256,
+                    status=status,
+                    reason=reason,
+                    event_kind=event_kind,
+                    details=details,
+                )
+            )
 
-    def record_duplicate(self, assoc_id: int | None, header: InstanceHeader, *, sha256: str,
-                         size: int | None, reason: str) -> InstanceRecord | None:
+    def record_duplicate(
+        self,
+        assoc_id: int | None,
+        header: InstanceHeader,
+        *,
+        sha256: str,
+        size: int | None,
+        reason: str,
+    ) -> InstanceRecord | None:
         """Record a byte-identical resend -- if a stored row with this SOP UID and ``sha256``
         still exists; None (nothing written) when it is gone.
 
@@ -437,43 +608,92 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         now = self.now()
         t = Instance.__table__
         with self.db.session() as s:
-            path = s.execute(select(t.c.spool_path).where(
-                t.c.sop_instance_uid == header.sop_instance_uid, t.c.status == "stored",
-                t.c.sha256 == sha256).order_by(t.c.id.desc()).limit(1)).scalar_one_or_none()
+            path = s.execute(
+                select(t.c.spool_path)
+                .where(
+                    t.c.sop_instance_uid == header.sop_instance_uid,
+                    t.c.status == "stored",
+                    t.c.sha256 == sha256,
+                )
+                .order_by(t.c.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
             if path is None or not Path(path).exists():
                 return None
-            return _instance_record(self._record_orm(s, assoc_id, header, now, spool_path=path,
-                                                     size=size, sha256=sha256,
-                                                     status="duplicate", reason=reason))
+            return _instance_record(
+                self._record_orm(
+                    s,
+                    assoc_id,
+                    header,
+                    now,
+                    spool_path=path,
+                    size=size,
+                    sha256=sha256,
+                    status="duplicate",
+                    reason=reason,
+                )
+            )
 
-    def _record_orm(self, s: Session, assoc_id: int | None, header: InstanceHeader,
-                    now: dt.datetime, *, spool_path: str | Path | None, size: int | None,
-                    sha256: str | None, status: str, reason: str | None,
-                    event_kind: str | None = None, details: dict | None = None) -> Instance:
+    def _record_orm(
+        self,
+        s: Session,
+        assoc_id: int | None,
+        header: InstanceHeader,
+        now: dt.datetime,
+        *,
+        spool_path: str | Path | None,
+        size: int | None,
+        sha256: str | None,
+        status: str,
+        reason: str | None,
+        event_kind: str | None = None,
+        details: dict | None = None,
+    ) -> Instance:
         """:meth:`record_instance`'s general path inside the caller's session (flushed)."""
         series_version = None
         if status == "stored" and header.series_uid and header.study_uid:
             series_version = self._touch_series(s, header, now)
         row = Instance(
-            sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
-            study_uid=header.study_uid, series_uid=header.series_uid,
-            series_version=series_version, instance_number=header.instance_number,
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            series_version=series_version,
+            instance_number=header.instance_number,
             transfer_syntax=header.transfer_syntax,
-            spool_path=str(spool_path) if spool_path is not None else None, size=size,
-            sha256=sha256, status=status, reason=_short(reason, 2000), received_at=now,
-            association_id=assoc_id, meta=jsonable(header.meta or {}))
+            spool_path=str(spool_path) if spool_path is not None else None,
+            size=size,
+            sha256=sha256,
+            status=status,
+            reason=_short(reason, 2000),
+            received_at=now,
+            association_id=assoc_id,
+            meta=jsonable(header.meta or {}),
+        )
         s.add(row)
         if assoc_id is not None:
             column = getattr(Association, _COUNT_COLUMN[status])
-            s.execute(update(Association).where(Association.id == assoc_id)
-                      .values({column: column + 1}))
+            s.execute(
+                update(Association).where(Association.id == assoc_id).values({column: column + 1})
+            )
         s.flush()
         if status != "stored":
-            self._event(s, "instance", header.sop_instance_uid or f"#{row.id}",
-                        event_kind or status, at=now, to_state=status,
-                        study_uid=header.study_uid, series_uid=header.series_uid,
-                        details={"reason": reason, "association_id": assoc_id,
-                                 "instance_id": row.id, **(details or {})})
+            self._event(
+                s,
+                "instance",
+                header.sop_instance_uid or f"#{row.id}",
+                event_kind or status,
+                at=now,
+                to_state=status,
+                study_uid=header.study_uid,
+                series_uid=header.series_uid,
+                details={
+                    "reason": reason,
+                    "association_id": assoc_id,
+                    "instance_id": row.id,
+                    **(details or {}),
+                },
+            )
             s.flush()
         return row
 
@@ -508,20 +728,44 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
                     insert_queued()
                 version = None
                 if h.series_uid and h.study_uid:
-                    got = hot["bump"].run(c, b_series=h.series_uid, b_sop=h.sop_instance_uid,
-                                          b_now=r.received_at,
-                                          b_key=h.patient_key).fetchone()
+                    got = (
+                        hot["bump"]
+                        .run(
+                            c,
+                            b_series=h.series_uid,
+                            b_sop=h.sop_instance_uid,
+                            b_now=r.received_at,
+                            b_key=h.patient_key,
+                        )
+                        .fetchone()
+                    )
                     version = got[0] if got is not None else None
                 if version is None:  # new or reopened series: the general path, same transaction
                     insert_queued()
                     with Session(bind=c, join_transaction_mode="rollback_only") as s:
-                        self._record_orm(s, r.assoc_id, h, r.received_at,
-                                         spool_path=r.spool_path, size=r.size, sha256=r.digest(),
-                                         status="stored", reason=None)
+                        self._record_orm(
+                            s,
+                            r.assoc_id,
+                            h,
+                            r.received_at,
+                            spool_path=r.spool_path,
+                            size=r.size,
+                            sha256=r.digest(),
+                            status="stored",
+                            reason=None,
+                        )
                     continue
-                inserts.append(_stored_values(h, version, r.assoc_id, r.received_at,
-                                              spool_path=r.spool_path, size=r.size,
-                                              sha256=r.digest()))
+                inserts.append(
+                    _stored_values(
+                        h,
+                        version,
+                        r.assoc_id,
+                        r.received_at,
+                        spool_path=r.spool_path,
+                        size=r.size,
+                        sha256=r.digest(),
+                    )
+                )
                 queued.add(key)
                 if r.assoc_id is not None:
                     counts[r.assoc_id] = counts.get(r.assoc_id, 0) + 1
@@ -535,41 +779,69 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         if not series_uid:  # the callers record such an instance without a series
             raise ValueError("an instance without a Series Instance UID has no series row")
         meta = h.meta or {}
-        series = s.execute(select(Series).where(Series.series_uid == series_uid)
-                           .with_for_update()).scalar_one_or_none()
+        series = s.execute(
+            select(Series).where(Series.series_uid == series_uid).with_for_update()
+        ).scalar_one_or_none()
         if series is None:  # first instance of this series: create study + series rows
             study_values: dict[str, Any] = {
-                "study_uid": h.study_uid, "accession_number": h.accession_number,
+                "study_uid": h.study_uid,
+                "accession_number": h.accession_number,
                 "study_date": _short(meta.get("StudyDate"), 8),
                 "study_description": _short(meta.get("StudyDescription"), 255),
-                "created_at": now}
+                "created_at": now,
+            }
             if h.patient_key:
                 study_values["patient_key"] = h.patient_key
             if self.store_phi and h.phi:
                 study_values.update(
                     patient_name=_short(h.phi.get("PatientName"), 255),
                     patient_id=_short(h.phi.get("PatientID"), 64),
-                    patient_birth_date=_short(h.phi.get("PatientBirthDate"), 8))
+                    patient_birth_date=_short(h.phi.get("PatientBirthDate"), 8),
+                )
             self._insert_ignore(s, Study, **study_values)
             if h.accession_number:
-                s.execute(update(Study).where(Study.study_uid == h.study_uid,
-                                              Study.accession_number.is_(None))
-                          .values(accession_number=h.accession_number))
+                s.execute(
+                    update(Study)
+                    .where(Study.study_uid == h.study_uid, Study.accession_number.is_(None))
+                    .values(accession_number=h.accession_number)
+                )
             if h.patient_key:  # a study row from before revision 0004 gets its key now
-                s.execute(update(Study).where(Study.study_uid == h.study_uid,
-                                              Study.patient_key.is_(None))
-                          .values(patient_key=h.patient_key))
+                s.execute(
+                    update(Study)
+                    .where(Study.study_uid == h.study_uid, Study.patient_key.is_(None))
+                    .values(patient_key=h.patient_key)
+                )
             created = self._insert_ignore(
-                s, Series, series_uid=h.series_uid, study_uid=h.study_uid, modality=h.modality,
+                s,
+                Series,
+                series_uid=h.series_uid,
+                study_uid=h.study_uid,
+                modality=h.modality,
                 description=_short(meta.get("SeriesDescription"), 255),
-                state=S.RECEIVING.value, version=1, instance_count=0, first_instance_at=now,
-                last_instance_at=now, created_at=now, updated_at=now,
-                meta=jsonable(meta), priority=0, patient_key=h.patient_key)
+                state=S.RECEIVING.value,
+                version=1,
+                instance_count=0,
+                first_instance_at=now,
+                last_instance_at=now,
+                created_at=now,
+                updated_at=now,
+                meta=jsonable(meta),
+                priority=0,
+                patient_key=h.patient_key,
+            )
             series = self._lock_series(s, series_uid)
             if created:
-                self._event(s, "series", series.series_uid, "created", at=now,
-                            to_state=S.RECEIVING.value, study_uid=series.study_uid,
-                            series_uid=series.series_uid, details={"version": 1})
+                self._event(
+                    s,
+                    "series",
+                    series.series_uid,
+                    "created",
+                    at=now,
+                    to_state=S.RECEIVING.value,
+                    study_uid=series.study_uid,
+                    series_uid=series.series_uid,
+                    details={"version": 1},
+                )
         if series.state != S.RECEIVING.value:
             previous = series.state
             series.version += 1
@@ -577,25 +849,51 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
             series.reason = None
             series.completed_at = series.reported_at = series.delivered_at = None
             series.updated_at = now
-            superseded = rowcount(s.execute(
-                update(Job).where(Job.series_uid == series.series_uid,
-                                  Job.state.in_(("queued", "running")))
-                .values(state="superseded", finished_at=now,
-                        error=f"series reopened as version {series.version}")))
-            self._event(s, "series", series.series_uid, "reopened", at=now,
-                        from_state=previous, to_state=S.RECEIVING.value,
-                        study_uid=series.study_uid, series_uid=series.series_uid,
-                        details={"version": series.version, "sop_instance_uid": h.sop_instance_uid,
-                                 "jobs_superseded": superseded})
+            superseded = rowcount(
+                s.execute(
+                    update(Job)
+                    .where(
+                        Job.series_uid == series.series_uid, Job.state.in_(("queued", "running"))
+                    )
+                    .values(
+                        state="superseded",
+                        finished_at=now,
+                        error=f"series reopened as version {series.version}",
+                    )
+                )
+            )
+            self._event(
+                s,
+                "series",
+                series.series_uid,
+                "reopened",
+                at=now,
+                from_state=previous,
+                to_state=S.RECEIVING.value,
+                study_uid=series.study_uid,
+                series_uid=series.series_uid,
+                details={
+                    "version": series.version,
+                    "sop_instance_uid": h.sop_instance_uid,
+                    "jobs_superseded": superseded,
+                },
+            )
         if series.patient_key is None and h.patient_key:
             series.patient_key = h.patient_key  # a series from before revision 0004
         new_sop = True
         if h.sop_instance_uid:
-            new_sop = s.execute(
-                select(Instance.id).where(Instance.series_uid == series.series_uid,
-                                          Instance.sop_instance_uid == h.sop_instance_uid,
-                                          Instance.status == "stored").limit(1)
-            ).first() is None
+            new_sop = (
+                s.execute(
+                    select(Instance.id)
+                    .where(
+                        Instance.series_uid == series.series_uid,
+                        Instance.sop_instance_uid == h.sop_instance_uid,
+                        Instance.status == "stored",
+                    )
+                    .limit(1)
+                ).first()
+                is None
+            )
         if new_sop:
             series.instance_count += 1
         series.last_instance_at = now
@@ -606,21 +904,31 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
     def series_instances(self, series_uid: str) -> list[InstanceRecord]:
         """Stored instances of a series (latest row per SOP UID), by instance number then id."""
         with self.db.session(write=False) as s:
-            latest = (select(func.max(Instance.id))
-                      .where(Instance.series_uid == series_uid, Instance.status == "stored")
-                      .group_by(func.coalesce(Instance.sop_instance_uid,
-                                            cast(Instance.id, String))))
-            rows = s.execute(select(Instance).where(Instance.id.in_(latest))
-                             .order_by(Instance.instance_number, Instance.id)).scalars().all()
+            latest = (
+                select(func.max(Instance.id))
+                .where(Instance.series_uid == series_uid, Instance.status == "stored")
+                .group_by(func.coalesce(Instance.sop_instance_uid, cast(Instance.id, String)))
+            )
+            rows = (
+                s.execute(
+                    select(Instance)
+                    .where(Instance.id.in_(latest))
+                    .order_by(Instance.instance_number, Instance.id)
+                )
+                .scalars()
+                .all()
+            )
             return [_instance_record(r) for r in rows]
 
     # -- series --------------------------------------------------------------------------------
     def get_series(self, series_uid: str) -> SeriesRecord:
         """The series row; raises NotFound when the UID is unknown."""
         with self.db.session(write=False) as s:
-            row = s.execute(select(Series, Study.accession_number)
-                            .join(Study, Study.study_uid == Series.study_uid)
-                            .where(Series.series_uid == series_uid)).first()
+            row = s.execute(
+                select(Series, Study.accession_number)
+                .join(Study, Study.study_uid == Series.study_uid)
+                .where(Series.series_uid == series_uid)
+            ).first()
             if row is None:
                 raise NotFound(f"series {series_uid} is not in the audit database")
             return _series_record(row[0], row[1])
@@ -628,20 +936,30 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
     def series_in_state(self, state: SeriesState | str) -> list[str]:
         """UIDs of series in one state (e.g. 'complete' ones to re-decide after a restart)."""
         with self.db.session(write=False) as s:
-            return list(s.execute(select(Series.series_uid)
-                                  .where(Series.state == SeriesState(state).value)
-                                  .order_by(Series.id)).scalars())
+            return list(
+                s.execute(
+                    select(Series.series_uid)
+                    .where(Series.state == SeriesState(state).value)
+                    .order_by(Series.id)
+                ).scalars()
+            )
 
-    def transition(self, series_uid: str, to_state: SeriesState | str, reason: str | None = None,
-                   details: dict | None = None) -> None:
+    def transition(
+        self,
+        series_uid: str,
+        to_state: SeriesState | str,
+        reason: str | None = None,
+        details: dict | None = None,
+    ) -> None:
         """Move a series to ``to_state`` (checked against ALLOWED_TRANSITIONS; writes an event)."""
         now = self.now()
         with self.db.session() as s:
             series = self._lock_series(s, series_uid)
             self._move(s, series, SeriesState(to_state), at=now, reason=reason, details=details)
 
-    def series_due_for_completion(self, quiet_s: float, release_grace_s: float,
-                                  now: dt.datetime | None = None) -> list[str]:
+    def series_due_for_completion(
+        self, quiet_s: float, release_grace_s: float, now: dt.datetime | None = None
+    ) -> list[str]:
         """Series in 'receiving' that can be considered complete.
 
         Either no instance arrived for ``quiet_s`` seconds, or every association that carried an
@@ -656,36 +974,75 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         quiet_cutoff = now - dt.timedelta(seconds=quiet_s)
         grace_cutoff = now - dt.timedelta(seconds=release_grace_s)
         with self.db.session(write=False) as s:
-            quiet = set(s.execute(select(Series.series_uid).where(
-                Series.state == S.RECEIVING.value,
-                Series.last_instance_at <= quiet_cutoff)).scalars())
-            released_ok = func.sum(case(
-                (and_(Association.outcome == "released", Association.ended_at <= grace_cutoff), 1),
-                else_=0))
-            released = set(s.execute(
-                select(Series.series_uid)
-                .join(Instance, and_(Instance.series_uid == Series.series_uid,
-                                     Instance.series_version == Series.version,
-                                     Instance.status == "stored"))
-                .join(Association, Association.id == Instance.association_id)
-                .where(Series.state == S.RECEIVING.value)
-                .group_by(Series.series_uid)
-                .having(released_ok == func.count(Instance.id))).scalars())
+            quiet = set(
+                s.execute(
+                    select(Series.series_uid).where(
+                        Series.state == S.RECEIVING.value, Series.last_instance_at <= quiet_cutoff
+                    )
+                ).scalars()
+            )
+            released_ok = func.sum(
+                case(
+                    (
+                        and_(
+                            Association.outcome == "released", Association.ended_at <= grace_cutoff
+                        ),
+                        1,
+                    ),
+                    else_=0,
+                )
+            )
+            released = set(
+                s.execute(
+                    select(Series.series_uid)
+                    .join(
+                        Instance,
+                        and_(
+                            Instance.series_uid == Series.series_uid,
+                            Instance.series_version == Series.version,
+                            Instance.status == "stored",
+                        ),
+                    )
+                    .join(Association, Association.id == Instance.association_id)
+                    .where(Series.state == S.RECEIVING.value)
+                    .group_by(Series.series_uid)
+                    .having(released_ok == func.count(Instance.id))
+                ).scalars()
+            )
             due = quiet | released
-            order = s.execute(select(Series.series_uid).where(Series.series_uid.in_(due))
-                              .order_by(Series.last_instance_at)).scalars()
+            order = s.execute(
+                select(Series.series_uid)
+                .where(Series.series_uid.in_(due))
+                .order_by(Series.last_instance_at)
+            ).scalars()
             return list(order)
 
     # -- events --------------------------------------------------------------------------------
-    def log_event(self, entity: str, entity_id: Any, kind: str, details: dict | None = None, *,
-                  study_uid: str | None = None, series_uid: str | None = None) -> None:
+    def log_event(
+        self,
+        entity: str,
+        entity_id: Any,
+        kind: str,
+        details: dict | None = None,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+    ) -> None:
         """Append a free-form event (node start/stop, config reload, operator action...)."""
         now = self.now()
         with self.db.session() as s:
             if entity == "series" and series_uid is None:
                 series_uid = str(entity_id)
-            self._event(s, entity, entity_id, kind, at=now, study_uid=study_uid,
-                        series_uid=series_uid, details=details)
+            self._event(
+                s,
+                entity,
+                entity_id,
+                kind,
+                at=now,
+                study_uid=study_uid,
+                series_uid=series_uid,
+                details=details,
+            )
 
     # -- several nodes ---------------------------------------------------------------------------
     @contextmanager
@@ -752,10 +1109,15 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         with self.db.session(write=False) as s:
             return queries.stats(s)
 
-    def prune(self, older_than: dt.timedelta, *, dry_run: bool = False, spool: Any = None,
-              now: dt.datetime | None = None) -> PruneReport:
+    def prune(
+        self,
+        older_than: dt.timedelta,
+        *,
+        dry_run: bool = False,
+        spool: Any = None,
+        now: dt.datetime | None = None,
+    ) -> PruneReport:
         """See :func:`storage.queries.prune`."""
         from storage import queries
 
-        return queries.prune(self, older_than, dry_run=dry_run, spool=spool,
-                             now=now or self.now())
+        return queries.prune(self, older_than, dry_run=dry_run, spool=spool, now=now or self.now())

@@ -148,13 +148,17 @@ NOT_READ = ("skipped",)
 UNUSABLE = ("skipped", "failed")
 
 
-def head_volume(rng: np.random.Generator, n: int = BASE_SLICES,
-                size: int = BASE_SIZE) -> np.ndarray:
+def head_volume(
+    rng: np.random.Generator, n: int = BASE_SLICES, size: int = BASE_SIZE
+) -> np.ndarray:
     """A crude head: air, a bone ring, brain with noise. Enough for the model to run on."""
     z, y, x = np.mgrid[0:n, 0:size, 0:size].astype(np.float32)
     cz, c = (n - 1) / 2, (size - 1) / 2
-    r = np.sqrt(((x - c) / (0.42 * size)) ** 2 + ((y - c) / (0.48 * size)) ** 2
-                + ((z - cz) / (0.55 * n + 1)) ** 2)
+    r = np.sqrt(
+        ((x - c) / (0.42 * size)) ** 2
+        + ((y - c) / (0.48 * size)) ** 2
+        + ((z - cz) / (0.55 * n + 1)) ** 2
+    )
     vol = np.full((n, size, size), -1000.0, np.float32)
     vol[r < 1.0] = 1200.0
     vol[r < 0.9] = 35.0
@@ -162,13 +166,25 @@ def head_volume(rng: np.random.Generator, n: int = BASE_SLICES,
     return vol
 
 
-def write_base_series(out: Path, rng: np.random.Generator, *, n: int = BASE_SLICES,
-                      size: int = BASE_SIZE, study_uid: str | None = None,
-                      spacing: Sequence[float] = BASE_SPACING, **tags) -> list[Path]:
+def write_base_series(
+    out: Path,
+    rng: np.random.Generator,
+    *,
+    n: int = BASE_SLICES,
+    size: int = BASE_SIZE,
+    study_uid: str | None = None,
+    spacing: Sequence[float] = BASE_SPACING,
+    **tags,
+) -> list[Path]:
     """A valid axial head-CT series (one file per slice) via `dicomio.write_ct_series`."""
-    return dicomio.write_ct_series(out, head_volume(rng, n, size), spacing=spacing,
-                                   origin=(-size * spacing[2] / 2, -size * spacing[1] / 2, 0.0),
-                                   study_uid=study_uid, **tags)
+    return dicomio.write_ct_series(
+        out,
+        head_volume(rng, n, size),
+        spacing=spacing,
+        origin=(-size * spacing[2] / 2, -size * spacing[1] / 2, 0.0),
+        study_uid=study_uid,
+        **tags,
+    )
 
 
 def load(path: Path) -> Dataset:
@@ -191,8 +207,9 @@ def save(ds: Dataset, path: Path, *, preamble: bool = True) -> Path:
     return path
 
 
-def raw_file(path: Path, *, sop_class: str, sop_instance: str, transfer_syntax: str,
-             body: bytes) -> Path:
+def raw_file(
+    path: Path, *, sop_class: str, sop_instance: str, transfer_syntax: str, body: bytes
+) -> Path:
     """Part-10 file with a correct file meta and an arbitrary (possibly broken) dataset body."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class)
@@ -227,8 +244,9 @@ def items_of(paths: Sequence[Path], role: str = "main") -> list[Item]:
     return out
 
 
-def _built(name: str, desc: str, items: list[Item], exp: Expected, study: str,
-           series: dict[str, str]) -> BuiltCase:
+def _built(
+    name: str, desc: str, items: list[Item], exp: Expected, study: str, series: dict[str, str]
+) -> BuiltCase:
     return BuiltCase(name, desc, items, exp, study, series)
 
 
@@ -251,9 +269,16 @@ def _mutate_all(paths: Sequence[Path], out: Path, fn: Callable[[int, Dataset], N
 # The cases. Each maker returns a BuiltCase; expectations are attached in CASES below.
 # --------------------------------------------------------------------------------------------
 
-def _series_case(name: str, desc: str, exp: Expected,
-                 fn: Callable[[int, Dataset], None] | None = None, n: int = BASE_SLICES,
-                 via: str = "pynetdicom", **tags) -> Case:
+
+def _series_case(
+    name: str,
+    desc: str,
+    exp: Expected,
+    fn: Callable[[int, Dataset], None] | None = None,
+    n: int = BASE_SLICES,
+    via: str = "pynetdicom",
+    **tags,
+) -> Case:
     """Case = one base series with `fn` applied to every slice."""
 
     def make(out: Path, rng: np.random.Generator) -> BuiltCase:
@@ -264,29 +289,46 @@ def _series_case(name: str, desc: str, exp: Expected,
         items = items_of(paths)
         for it in items:
             it.via = via
-        return _built(name, desc, items, exp, str(first.StudyInstanceUID),
-                      {"main": str(ds0.SeriesInstanceUID)})
+        return _built(
+            name,
+            desc,
+            items,
+            exp,
+            str(first.StudyInstanceUID),
+            {"main": str(ds0.SeriesInstanceUID)},
+        )
 
     return Case(name, desc, make, exp)
 
 
-def _single_object_case(name: str, desc: str, exp: Expected,
-                        corrupt: Callable[[Path, Path, np.random.Generator], Path]) -> Case:
+def _single_object_case(
+    name: str, desc: str, exp: Expected, corrupt: Callable[[Path, Path, np.random.Generator], Path]
+) -> Case:
     """Case = one object made by `corrupt(valid_file, out_dir, rng)`; no valid siblings."""
 
     def make(out: Path, rng: np.random.Generator) -> BuiltCase:
         paths, first = _base(out, rng, n=3)
         bad = corrupt(paths[1], out / "case", rng)
         meta = pydicom.filereader.read_file_meta_info(bad)
-        return _built(name, desc, [Item(bad, str(meta.MediaStorageSOPInstanceUID))], exp,
-                      str(first.StudyInstanceUID), {"main": str(first.SeriesInstanceUID)})
+        return _built(
+            name,
+            desc,
+            [Item(bad, str(meta.MediaStorageSOPInstanceUID))],
+            exp,
+            str(first.StudyInstanceUID),
+            {"main": str(first.SeriesInstanceUID)},
+        )
 
     return Case(name, desc, make, exp)
 
 
-def _corrupt_slices_case(name: str, desc: str, exp: Expected,
-                         corrupt: Callable[[Path, Path, np.random.Generator], Path],
-                         which: str = "all") -> Case:
+def _corrupt_slices_case(
+    name: str,
+    desc: str,
+    exp: Expected,
+    corrupt: Callable[[Path, Path, np.random.Generator], Path],
+    which: str = "all",
+) -> Case:
     """Case = a base series whose slices (all, or only the last one) go through `corrupt`."""
 
     def make(out: Path, rng: np.random.Generator) -> BuiltCase:
@@ -295,20 +337,31 @@ def _corrupt_slices_case(name: str, desc: str, exp: Expected,
         res = list(paths)
         for i in chosen:
             res[i] = corrupt(paths[i], out / "case" / f"{i:03d}", rng)
-        return _built(name, desc, items_of(res), exp, str(first.StudyInstanceUID),
-                      {"main": str(first.SeriesInstanceUID)})
+        return _built(
+            name,
+            desc,
+            items_of(res),
+            exp,
+            str(first.StudyInstanceUID),
+            {"main": str(first.SeriesInstanceUID)},
+        )
 
     return Case(name, desc, make, exp)
 
 
 # ---- single broken objects --------------------------------------------------------------------
 
+
 def _truncate_in_pixels(src: Path, out: Path, rng: np.random.Generator) -> Path:
     meta, body = body_bytes(src)
     cut = len(body) - (BASE_SIZE * BASE_SIZE)  # lose half of the 16-bit pixel data
-    return raw_file(out / "truncated_pixels.dcm", sop_class=meta.MediaStorageSOPClassUID,
-                    sop_instance=meta.MediaStorageSOPInstanceUID,
-                    transfer_syntax=meta.TransferSyntaxUID, body=body[:cut])
+    return raw_file(
+        out / "truncated_pixels.dcm",
+        sop_class=meta.MediaStorageSOPClassUID,
+        sop_instance=meta.MediaStorageSOPInstanceUID,
+        transfer_syntax=meta.TransferSyntaxUID,
+        body=body[:cut],
+    )
 
 
 def _truncate_in_header(src: Path, out: Path, rng: np.random.Generator) -> Path:
@@ -316,9 +369,13 @@ def _truncate_in_header(src: Path, out: Path, rng: np.random.Generator) -> Path:
     ds = load(src)
     # cut in the middle of the element holding PatientPosition-ish data: ~40 % into the header
     header_len = len(body) - len(ds.PixelData) - 12
-    return raw_file(out / "truncated_header.dcm", sop_class=meta.MediaStorageSOPClassUID,
-                    sop_instance=meta.MediaStorageSOPInstanceUID,
-                    transfer_syntax=meta.TransferSyntaxUID, body=body[: int(header_len * 0.4) + 3])
+    return raw_file(
+        out / "truncated_header.dcm",
+        sop_class=meta.MediaStorageSOPClassUID,
+        sop_instance=meta.MediaStorageSOPInstanceUID,
+        transfer_syntax=meta.TransferSyntaxUID,
+        body=body[: int(header_len * 0.4) + 3],
+    )
 
 
 def _without(keyword: str, fname: str) -> Callable[[Path, Path, np.random.Generator], Path]:
@@ -326,6 +383,7 @@ def _without(keyword: str, fname: str) -> Callable[[Path, Path, np.random.Genera
         ds = load(src)
         del ds[keyword]
         return save(ds, out / fname)
+
     return corrupt
 
 
@@ -371,9 +429,13 @@ def _wrong_sop_class(src: Path, out: Path, rng: np.random.Generator) -> Path:
     tmp = save(ds, out / "wrong_sop_class.tmp")
     _, new_body = body_bytes(tmp)
     tmp.unlink()
-    return raw_file(out / "wrong_sop_class.dcm", sop_class=CT_IMAGE_STORAGE,
-                    sop_instance=meta.MediaStorageSOPInstanceUID,
-                    transfer_syntax=meta.TransferSyntaxUID, body=new_body)
+    return raw_file(
+        out / "wrong_sop_class.dcm",
+        sop_class=CT_IMAGE_STORAGE,
+        sop_instance=meta.MediaStorageSOPInstanceUID,
+        transfer_syntax=meta.TransferSyntaxUID,
+        body=new_body,
+    )
 
 
 def _private_only(src: Path, out: Path, rng: np.random.Generator) -> Path:
@@ -392,12 +454,17 @@ def _private_only(src: Path, out: Path, rng: np.random.Generator) -> Path:
 
 def _unknown_ts(src: Path, out: Path, rng: np.random.Generator) -> Path:
     meta, body = body_bytes(src)
-    return raw_file(out / "unknown_ts.dcm", sop_class=meta.MediaStorageSOPClassUID,
-                    sop_instance=meta.MediaStorageSOPInstanceUID,
-                    transfer_syntax=UNKNOWN_TRANSFER_SYNTAX, body=body)
+    return raw_file(
+        out / "unknown_ts.dcm",
+        sop_class=meta.MediaStorageSOPClassUID,
+        sop_instance=meta.MediaStorageSOPInstanceUID,
+        transfer_syntax=UNKNOWN_TRANSFER_SYNTAX,
+        body=body,
+    )
 
 
 # ---- series-level problems ------------------------------------------------------------------
+
 
 def _missing_preamble(out: Path, rng: np.random.Generator) -> BuiltCase:
     paths, first = _base(out, rng)
@@ -405,10 +472,15 @@ def _missing_preamble(out: Path, rng: np.random.Generator) -> BuiltCase:
     for p in paths:
         res.append(save(load(p), out / "case" / p.name, preamble=False))
     assert res[0].read_bytes()[128:132] != b"DICM"
-    items = [Item(p, str(load(paths[i]).SOPInstanceUID), via="storescu")
-             for i, p in enumerate(res)]
-    return _built("missing_preamble", "", items, CASE_EXPECT["missing_preamble"],
-                  str(first.StudyInstanceUID), {"main": str(first.SeriesInstanceUID)})
+    items = [Item(p, str(load(paths[i]).SOPInstanceUID), via="storescu") for i, p in enumerate(res)]
+    return _built(
+        "missing_preamble",
+        "",
+        items,
+        CASE_EXPECT["missing_preamble"],
+        str(first.StudyInstanceUID),
+        {"main": str(first.SeriesInstanceUID)},
+    )
 
 
 def _non_ct(out: Path, rng: np.random.Generator) -> BuiltCase:
@@ -418,31 +490,55 @@ def _non_ct(out: Path, rng: np.random.Generator) -> BuiltCase:
         ds.SOPClassUID = MR_IMAGE_STORAGE
         ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
         ds.Modality = "MR"
-        for kw in ("KVP", "XRayTubeCurrent", "ExposureTime", "ConvolutionKernel",
-                   "RescaleType", "GantryDetectorTilt"):
+        for kw in (
+            "KVP",
+            "XRayTubeCurrent",
+            "ExposureTime",
+            "ConvolutionKernel",
+            "RescaleType",
+            "GantryDetectorTilt",
+        ):
             if kw in ds:
                 del ds[kw]
         ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "SE", "NONE", ""
         ds.MRAcquisitionType = "2D"
+
     mr = _mutate_all(paths, out / "case", fn)
-    return _built("non_ct_modality", "", items_of(mr), CASE_EXPECT["non_ct_modality"],
-                  str(first.StudyInstanceUID), {"main": str(first.SeriesInstanceUID)})
+    return _built(
+        "non_ct_modality",
+        "",
+        items_of(mr),
+        CASE_EXPECT["non_ct_modality"],
+        str(first.StudyInstanceUID),
+        {"main": str(first.SeriesInstanceUID)},
+    )
 
 
 def _mr_in_ct_study(out: Path, rng: np.random.Generator) -> BuiltCase:
     ct, first = _base(out, rng)
-    mr_src = write_base_series(out / "mrsrc", rng, n=6, study_uid=str(first.StudyInstanceUID),
-                               SeriesNumber=7, SeriesDescription="T2 AX")
+    mr_src = write_base_series(
+        out / "mrsrc",
+        rng,
+        n=6,
+        study_uid=str(first.StudyInstanceUID),
+        SeriesNumber=7,
+        SeriesDescription="T2 AX",
+    )
 
     def fn(i: int, ds: Dataset) -> None:
         ds.SOPClassUID = MR_IMAGE_STORAGE
         ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
         ds.Modality = "MR"
+
     mr = _mutate_all(mr_src, out / "mr", fn)
-    return _built("mr_inside_ct_study", "", items_of(ct) + items_of(mr, "other"),
-                  CASE_EXPECT["mr_inside_ct_study"], str(first.StudyInstanceUID),
-                  {"main": str(first.SeriesInstanceUID),
-                   "other": str(load(mr[0]).SeriesInstanceUID)})
+    return _built(
+        "mr_inside_ct_study",
+        "",
+        items_of(ct) + items_of(mr, "other"),
+        CASE_EXPECT["mr_inside_ct_study"],
+        str(first.StudyInstanceUID),
+        {"main": str(first.SeriesInstanceUID), "other": str(load(mr[0]).SeriesInstanceUID)},
+    )
 
 
 def _dup_different(out: Path, rng: np.random.Generator) -> BuiltCase:
@@ -451,24 +547,39 @@ def _dup_different(out: Path, rng: np.random.Generator) -> BuiltCase:
     arr = np.frombuffer(ds.PixelData, dtype=np.uint16).copy()
     ds.PixelData = (arr[::-1]).tobytes()  # same SOP Instance UID, different pixels
     dup = save(ds, out / "case" / "dup_diff.dcm")
-    return _built("duplicate_sop_different_content", "", items_of(paths) + items_of([dup]),
-                  CASE_EXPECT["duplicate_sop_different_content"], str(first.StudyInstanceUID),
-                  {"main": str(first.SeriesInstanceUID)})
+    return _built(
+        "duplicate_sop_different_content",
+        "",
+        items_of(paths) + items_of([dup]),
+        CASE_EXPECT["duplicate_sop_different_content"],
+        str(first.StudyInstanceUID),
+        {"main": str(first.SeriesInstanceUID)},
+    )
 
 
 def _dup_identical(out: Path, rng: np.random.Generator) -> BuiltCase:
     paths, first = _base(out, rng)
-    return _built("duplicate_byte_identical", "", items_of(paths) + items_of([paths[5]]),
-                  CASE_EXPECT["duplicate_byte_identical"], str(first.StudyInstanceUID),
-                  {"main": str(first.SeriesInstanceUID)})
+    return _built(
+        "duplicate_byte_identical",
+        "",
+        items_of(paths) + items_of([paths[5]]),
+        CASE_EXPECT["duplicate_byte_identical"],
+        str(first.StudyInstanceUID),
+        {"main": str(first.SeriesInstanceUID)},
+    )
 
 
 def _enhanced(out: Path, rng: np.random.Generator) -> BuiltCase:
     path = dicomio.write_enhanced_ct(out / "enhanced.dcm", head_volume(rng), spacing=BASE_SPACING)
     ds = load(path)
-    return _built("enhanced_ct_multiframe", "", items_of([path]),
-                  CASE_EXPECT["enhanced_ct_multiframe"], str(ds.StudyInstanceUID),
-                  {"main": str(ds.SeriesInstanceUID)})
+    return _built(
+        "enhanced_ct_multiframe",
+        "",
+        items_of([path]),
+        CASE_EXPECT["enhanced_ct_multiframe"],
+        str(ds.StudyInstanceUID),
+        {"main": str(ds.SeriesInstanceUID)},
+    )
 
 
 def _mixed_orientation(i: int, ds: Dataset) -> None:
@@ -497,8 +608,14 @@ def _gantry_tilt(i: int, ds: Dataset) -> None:
     t = np.deg2rad(20.0)
     ds.GantryDetectorTilt = "20"
     # rows still along x; columns tilted in the y-z plane; positions still step along z only
-    ds.ImageOrientationPatient = [1, 0, 0, 0, round(float(np.cos(t)), 6),
-                                  round(float(-np.sin(t)), 6)]
+    ds.ImageOrientationPatient = [
+        1,
+        0,
+        0,
+        0,
+        round(float(np.cos(t)), 6),
+        round(float(-np.sin(t)), 6),
+    ]
 
 
 def _huge_gap(i: int, ds: Dataset) -> None:
@@ -528,20 +645,39 @@ def _with_tags(**tags) -> Callable[[int, Dataset], None]:
     def fn(i: int, ds: Dataset) -> None:
         for k, v in tags.items():
             setattr(ds, k, v)
+
     return fn
 
 
 def _localizer(out: Path, rng: np.random.Generator) -> BuiltCase:
-    paths, first = _base(out, rng, n=3, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-                         SeriesDescription="Topogram 0.6 T20s", SeriesNumber=1)
-    return _built("localizer", "", items_of(paths), CASE_EXPECT["localizer"],
-                  str(first.StudyInstanceUID), {"main": str(first.SeriesInstanceUID)})
+    paths, first = _base(
+        out,
+        rng,
+        n=3,
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        SeriesDescription="Topogram 0.6 T20s",
+        SeriesNumber=1,
+    )
+    return _built(
+        "localizer",
+        "",
+        items_of(paths),
+        CASE_EXPECT["localizer"],
+        str(first.StudyInstanceUID),
+        {"main": str(first.SeriesInstanceUID)},
+    )
 
 
 def _single_slice(out: Path, rng: np.random.Generator) -> BuiltCase:
     paths, first = _base(out, rng, n=1)
-    return _built("single_slice_series", "", items_of(paths), CASE_EXPECT["single_slice_series"],
-                  str(first.StudyInstanceUID), {"main": str(first.SeriesInstanceUID)})
+    return _built(
+        "single_slice_series",
+        "",
+        items_of(paths),
+        CASE_EXPECT["single_slice_series"],
+        str(first.StudyInstanceUID),
+        {"main": str(first.SeriesInstanceUID)},
+    )
 
 
 def _implicit_le(i: int, ds: Dataset) -> None:
@@ -552,19 +688,38 @@ def _implicit_le(i: int, ds: Dataset) -> None:
 # Expectations. Kept next to the case list so reviewing one shows the other.
 # --------------------------------------------------------------------------------------------
 
+
 def _reject(reason: str, status_range: tuple[int, int] | None = None) -> Expected:
     """Refused at C-STORE time: failure status, a 'rejected' row, no series."""
-    return expect(Outcome(dimse=(FAILURE,), instances=("rejected",), series={}, reason=reason,
-                          status_range=status_range, label="rejected at C-STORE"))
+    return expect(
+        Outcome(
+            dimse=(FAILURE,),
+            instances=("rejected",),
+            series={},
+            reason=reason,
+            status_range=status_range,
+            label="rejected at C-STORE",
+        )
+    )
 
 
 def _broken_pixels(reason: str) -> Expected:
     """Every slice has the defect: refused at C-STORE, or stored and the series fails reading."""
     return expect(
-        Outcome(dimse=(FAILURE,), instances=("rejected",), series={}, reason=reason,
-                label="rejected at C-STORE"),
-        Outcome(dimse=(SUCCESS,), instances=("stored",), series={"main": ("failed",)},
-                reason=reason, label="stored, series failed when read"),
+        Outcome(
+            dimse=(FAILURE,),
+            instances=("rejected",),
+            series={},
+            reason=reason,
+            label="rejected at C-STORE",
+        ),
+        Outcome(
+            dimse=(SUCCESS,),
+            instances=("stored",),
+            series={"main": ("failed",)},
+            reason=reason,
+            label="stored, series failed when read",
+        ),
     )
 
 
@@ -588,34 +743,65 @@ CASE_EXPECT: dict[str, Expected] = {
     "wrong_sop_class_vs_context": _reject(r"SOPClassUID", (0xA900, 0xA9FF)),
     "private_tags_only": _reject(r"UID", (0xA900, 0xA9FF)),
     # an unknown transfer syntax is refused during association negotiation: nothing stored
-    "unsupported_transfer_syntax": expect(Outcome(dimse=(REFUSED,), instances=None, series={},
-                                                  label="presentation context rejected")),
+    "unsupported_transfer_syntax": expect(
+        Outcome(dimse=(REFUSED,), instances=None, series={}, label="presentation context rejected")
+    ),
     # -- pixel data problems -------------------------------------------------------------------
     # last slice cut during transfer: refused (rest read) or stored (series fails reading)
     "truncated_in_pixel_data": expect(
-        Outcome(dimse=(SUCCESS,), dimse_last=(FAILURE,), instances=("stored",),
-                instances_last=("rejected",), series={"main": PROCESSED}, reason=PIXEL,
-                label="last slice rejected, rest read"),
-        Outcome(dimse=(SUCCESS,), instances=("stored",), series={"main": ("failed",)},
-                reason=PIXEL, label="stored, series failed when read")),
+        Outcome(
+            dimse=(SUCCESS,),
+            dimse_last=(FAILURE,),
+            instances=("stored",),
+            instances_last=("rejected",),
+            series={"main": PROCESSED},
+            reason=PIXEL,
+            label="last slice rejected, rest read",
+        ),
+        Outcome(
+            dimse=(SUCCESS,),
+            instances=("stored",),
+            series={"main": ("failed",)},
+            reason=PIXEL,
+            label="stored, series failed when read",
+        ),
+    ),
     "pixel_length_mismatch": _broken_pixels(PIXEL),
     # 65535 x 65535 pixels of 4.5 mm: the header sanity rule (field of view) skips it before
     # any read, or it is refused / fails like the other broken pixel data
     "absurd_rows_columns": expect(
         *_broken_pixels(PIXEL).alternatives,
-        Outcome(dimse=(SUCCESS,), instances=("stored",), series={"main": NOT_READ},
-                reason=r"Rows/Columns x PixelSpacing", label="skipped: field of view")),
+        Outcome(
+            dimse=(SUCCESS,),
+            instances=("stored",),
+            series={"main": NOT_READ},
+            reason=r"Rows/Columns x PixelSpacing",
+            label="skipped: field of view",
+        ),
+    ),
     "empty_pixel_data": _broken_pixels(PIXEL),
     "missing_pixel_data": _broken_pixels(PIXEL + r"|PixelData"),
     # -- objects that are not for this node ----------------------------------------------------
     # non-CT storage classes are accepted (a PACS forwarding a study must not see failures)
     # and recorded as ignored; no series is created for them
-    "non_ct_modality": expect(Outcome(dimse=(SUCCESS,), instances=("ignored",), series={},
-                                      reason=r"not CT|MR", label="ignored")),
-    "mr_inside_ct_study": expect(Outcome(dimse=(SUCCESS,), instances=("stored", "ignored"),
-                                         instances_last=("ignored",),
-                                         series={"main": PROCESSED},
-                                         label="CT read, MR ignored")),
+    "non_ct_modality": expect(
+        Outcome(
+            dimse=(SUCCESS,),
+            instances=("ignored",),
+            series={},
+            reason=r"not CT|MR",
+            label="ignored",
+        )
+    ),
+    "mr_inside_ct_study": expect(
+        Outcome(
+            dimse=(SUCCESS,),
+            instances=("stored", "ignored"),
+            instances_last=("ignored",),
+            series={"main": PROCESSED},
+            label="CT read, MR ignored",
+        )
+    ),
     # -- selection rules: stored, then skipped with a named reason -------------------------------
     "localizer": _not_read(r"LOCALIZER"),
     "contrast_series": _not_read(r"contrast"),
@@ -625,40 +811,64 @@ CASE_EXPECT: dict[str, Expected] = {
     # Enhanced CT is a CT class: read, or skipped by a rule that names why
     "enhanced_ct_multiframe": expect(
         Outcome(series={"main": PROCESSED}, label="read"),
-        Outcome(series={"main": NOT_READ}, reason=r"image_type|frame|enhanced",
-                label="skipped with reason")),
+        Outcome(
+            series={"main": NOT_READ},
+            reason=r"image_type|frame|enhanced",
+            label="skipped with reason",
+        ),
+    ),
     # -- geometry the volume reader must refuse with a named reason ------------------------------
-    "mixed_orientation": expect(Outcome(series={"main": UNUSABLE},
-                                        reason=r"orient|axial|ImageOrientationPatient",
-                                        label="refused with reason")),
-    "mixed_matrix_sizes": expect(Outcome(series={"main": UNUSABLE},
-                                         reason=r"Rows|Columns|matrix|size|shape",
-                                         label="refused with reason")),
-    "zero_pixel_spacing": expect(Outcome(series={"main": UNUSABLE}, reason=r"spacing",
-                                         label="refused with reason")),
-    "negative_pixel_spacing": expect(Outcome(series={"main": UNUSABLE}, reason=r"spacing",
-                                             label="refused with reason")),
+    "mixed_orientation": expect(
+        Outcome(
+            series={"main": UNUSABLE},
+            reason=r"orient|axial|ImageOrientationPatient",
+            label="refused with reason",
+        )
+    ),
+    "mixed_matrix_sizes": expect(
+        Outcome(
+            series={"main": UNUSABLE},
+            reason=r"Rows|Columns|matrix|size|shape",
+            label="refused with reason",
+        )
+    ),
+    "zero_pixel_spacing": expect(
+        Outcome(series={"main": UNUSABLE}, reason=r"spacing", label="refused with reason")
+    ),
+    "negative_pixel_spacing": expect(
+        Outcome(series={"main": UNUSABLE}, reason=r"spacing", label="refused with reason")
+    ),
     # a hole in the stack: refused with a reason, or read (the reader may resample)
     "huge_slice_gap": expect(
-        Outcome(series={"main": UNUSABLE}, reason=r"gap|spacing|slice|missing",
-                label="refused"),
-        Outcome(series={"main": PROCESSED}, label="read")),
+        Outcome(series={"main": UNUSABLE}, reason=r"gap|spacing|slice|missing", label="refused"),
+        Outcome(series={"main": PROCESSED}, label="read"),
+    ),
     # a tilted gantry is a known CT reality: read (the reader resamples/corrects) or refused
     "gantry_tilt": expect(
         Outcome(series={"main": PROCESSED}, label="read"),
-        Outcome(series={"main": UNUSABLE}, reason=r"tilt|orient|shear|axial",
-                label="refused")),
+        Outcome(series={"main": UNUSABLE}, reason=r"tilt|orient|shear|axial", label="refused"),
+    ),
     # -- duplicates ------------------------------------------------------------------------------
-    "duplicate_byte_identical": expect(Outcome(dimse=(SUCCESS,), instances=("stored",),
-                                               instances_last=("duplicate",),
-                                               series={"main": PROCESSED},
-                                               label="duplicate recorded, series read once")),
-    "duplicate_sop_different_content": expect(Outcome(dimse=(SUCCESS,), dimse_last=(WARNING,),
-                                                      instances=("stored",),
-                                                      instances_last=("conflict",),
-                                                      series={"main": PROCESSED},
-                                                      reason=r"different|conflict|known",
-                                                      label="warning, conflict kept aside")),
+    "duplicate_byte_identical": expect(
+        Outcome(
+            dimse=(SUCCESS,),
+            instances=("stored",),
+            instances_last=("duplicate",),
+            series={"main": PROCESSED},
+            label="duplicate recorded, series read once",
+        )
+    ),
+    "duplicate_sop_different_content": expect(
+        Outcome(
+            dimse=(SUCCESS,),
+            dimse_last=(WARNING,),
+            instances=("stored",),
+            instances_last=("conflict",),
+            series={"main": PROCESSED},
+            reason=r"different|conflict|known",
+            label="warning, conflict kept aside",
+        )
+    ),
     # -- awkward but valid: must simply work ------------------------------------------------------
     "missing_preamble": _works(),
     "non_ascii_patient_name": _works(),
@@ -668,84 +878,210 @@ CASE_EXPECT: dict[str, Expected] = {
 
 
 CASES: list[Case] = [
-    _corrupt_slices_case("truncated_in_pixel_data", "file cut in the middle of Pixel Data",
-                         CASE_EXPECT["truncated_in_pixel_data"], _truncate_in_pixels, "last"),
-    _single_object_case("truncated_in_header", "file cut inside the header (before Pixel Data)",
-                        CASE_EXPECT["truncated_in_header"], _truncate_in_header),
-    Case("missing_preamble", "Part-10 file without the 128-byte preamble + DICM (storescu)",
-         _missing_preamble, CASE_EXPECT["missing_preamble"]),
-    _single_object_case("missing_sop_instance_uid", "dataset lacks (0008,0018)",
-                        CASE_EXPECT["missing_sop_instance_uid"],
-                        _without("SOPInstanceUID", "no_sop_uid.dcm")),
-    _single_object_case("missing_series_uid", "dataset lacks (0020,000E)",
-                        CASE_EXPECT["missing_series_uid"],
-                        _without("SeriesInstanceUID", "no_series_uid.dcm")),
-    _single_object_case("missing_study_uid", "dataset lacks (0020,000D)",
-                        CASE_EXPECT["missing_study_uid"],
-                        _without("StudyInstanceUID", "no_study_uid.dcm")),
-    _single_object_case("invalid_uid_syntax", "SeriesInstanceUID with letters / empty component",
-                        CASE_EXPECT["invalid_uid_syntax"], _invalid_uid),
-    _corrupt_slices_case("pixel_length_mismatch", "Pixel Data shorter than Rows*Columns*2",
-                         CASE_EXPECT["pixel_length_mismatch"], _pixel_length_mismatch, "all"),
-    _corrupt_slices_case("absurd_rows_columns", "Rows = Columns = 65535 (claims 8 GiB)",
-                         CASE_EXPECT["absurd_rows_columns"], _absurd_matrix, "all"),
-    _corrupt_slices_case("empty_pixel_data", "Pixel Data present with length 0",
-                         CASE_EXPECT["empty_pixel_data"], _empty_pixels, "all"),
-    _corrupt_slices_case("missing_pixel_data", "CT image without Pixel Data",
-                         CASE_EXPECT["missing_pixel_data"], _no_pixels, "all"),
-    _single_object_case("unsupported_transfer_syntax", "unknown transfer syntax UID offered",
-                        CASE_EXPECT["unsupported_transfer_syntax"], _unknown_ts),
-    _single_object_case("wrong_sop_class_vs_context",
-                        "sent in a CT Image Storage context; dataset says MR Image Storage",
-                        CASE_EXPECT["wrong_sop_class_vs_context"], _wrong_sop_class),
-    _single_object_case("private_tags_only", "only SOP UIDs and private tags",
-                        CASE_EXPECT["private_tags_only"], _private_only),
-    Case("non_ct_modality", "an MR series (MR Image Storage, Modality MR)", _non_ct,
-         CASE_EXPECT["non_ct_modality"]),
-    Case("mr_inside_ct_study", "a valid head CT series and an MR series in the same study",
-         _mr_in_ct_study, CASE_EXPECT["mr_inside_ct_study"]),
-    Case("localizer", "3 scout images (ImageType LOCALIZER)", _localizer,
-         CASE_EXPECT["localizer"]),
-    _series_case("contrast_series", "contrast-enhanced head CT (ContrastBolusAgent set)",
-                 CASE_EXPECT["contrast_series"], _with_tags(ContrastBolusAgent="IOHEXOL 350",
-                                                            SeriesDescription="CTA HEAD")),
-    _series_case("derived_secondary", "ImageType DERIVED\\SECONDARY\\MPR",
-                 CASE_EXPECT["derived_secondary"],
-                 _with_tags(ImageType=["DERIVED", "SECONDARY", "MPR"])),
-    Case("single_slice_series", "a series of one slice", _single_slice,
-         CASE_EXPECT["single_slice_series"]),
-    _series_case("non_head_body_part", "chest CT (BodyPartExamined CHEST, no head words)",
-                 CASE_EXPECT["non_head_body_part"],
-                 _with_tags(BodyPartExamined="CHEST", StudyDescription="CT THORAX",
-                            SeriesDescription="Thorax 5mm", ProtocolName="CHEST ROUTINE")),
-    Case("enhanced_ct_multiframe", "one Enhanced CT Image Storage multi-frame object", _enhanced,
-         CASE_EXPECT["enhanced_ct_multiframe"]),
-    _series_case("mixed_orientation", "every other slice sagittal",
-                 CASE_EXPECT["mixed_orientation"], _mixed_orientation),
-    _series_case("mixed_matrix_sizes", "half the slices 48x48, half 64x64",
-                 CASE_EXPECT["mixed_matrix_sizes"], _mixed_matrix),
-    _series_case("zero_pixel_spacing", "PixelSpacing 0\\0", CASE_EXPECT["zero_pixel_spacing"],
-                 _zero_spacing),
-    _series_case("negative_pixel_spacing", "PixelSpacing -4.5\\-4.5",
-                 CASE_EXPECT["negative_pixel_spacing"], _negative_spacing),
-    _series_case("huge_slice_gap", "150 mm hole in the middle of a 5 mm series",
-                 CASE_EXPECT["huge_slice_gap"], _huge_gap),
-    _series_case("gantry_tilt", "20 degree gantry tilt (sheared slice stack)",
-                 CASE_EXPECT["gantry_tilt"], _gantry_tilt),
-    Case("duplicate_byte_identical", "valid series plus one slice sent again unchanged",
-         _dup_identical, CASE_EXPECT["duplicate_byte_identical"]),
-    Case("duplicate_sop_different_content",
-         "valid series plus a different object reusing one SOP Instance UID", _dup_different,
-         CASE_EXPECT["duplicate_sop_different_content"]),
-    _series_case("non_ascii_patient_name", "UTF-8 (ISO_IR 192) names with umlauts and kanji",
-                 CASE_EXPECT["non_ascii_patient_name"], _non_ascii),
-    _series_case("private_tags_added", "valid series with vendor private blocks",
-                 CASE_EXPECT["private_tags_added"], _private_added),
+    _corrupt_slices_case(
+        "truncated_in_pixel_data",
+        "file cut in the middle of Pixel Data",
+        CASE_EXPECT["truncated_in_pixel_data"],
+        _truncate_in_pixels,
+        "last",
+    ),
+    _single_object_case(
+        "truncated_in_header",
+        "file cut inside the header (before Pixel Data)",
+        CASE_EXPECT["truncated_in_header"],
+        _truncate_in_header,
+    ),
+    Case(
+        "missing_preamble",
+        "Part-10 file without the 128-byte preamble + DICM (storescu)",
+        _missing_preamble,
+        CASE_EXPECT["missing_preamble"],
+    ),
+    _single_object_case(
+        "missing_sop_instance_uid",
+        "dataset lacks (0008,0018)",
+        CASE_EXPECT["missing_sop_instance_uid"],
+        _without("SOPInstanceUID", "no_sop_uid.dcm"),
+    ),
+    _single_object_case(
+        "missing_series_uid",
+        "dataset lacks (0020,000E)",
+        CASE_EXPECT["missing_series_uid"],
+        _without("SeriesInstanceUID", "no_series_uid.dcm"),
+    ),
+    _single_object_case(
+        "missing_study_uid",
+        "dataset lacks (0020,000D)",
+        CASE_EXPECT["missing_study_uid"],
+        _without("StudyInstanceUID", "no_study_uid.dcm"),
+    ),
+    _single_object_case(
+        "invalid_uid_syntax",
+        "SeriesInstanceUID with letters / empty component",
+        CASE_EXPECT["invalid_uid_syntax"],
+        _invalid_uid,
+    ),
+    _corrupt_slices_case(
+        "pixel_length_mismatch",
+        "Pixel Data shorter than Rows*Columns*2",
+        CASE_EXPECT["pixel_length_mismatch"],
+        _pixel_length_mismatch,
+        "all",
+    ),
+    _corrupt_slices_case(
+        "absurd_rows_columns",
+        "Rows = Columns = 65535 (claims 8 GiB)",
+        CASE_EXPECT["absurd_rows_columns"],
+        _absurd_matrix,
+        "all",
+    ),
+    _corrupt_slices_case(
+        "empty_pixel_data",
+        "Pixel Data present with length 0",
+        CASE_EXPECT["empty_pixel_data"],
+        _empty_pixels,
+        "all",
+    ),
+    _corrupt_slices_case(
+        "missing_pixel_data",
+        "CT image without Pixel Data",
+        CASE_EXPECT["missing_pixel_data"],
+        _no_pixels,
+        "all",
+    ),
+    _single_object_case(
+        "unsupported_transfer_syntax",
+        "unknown transfer syntax UID offered",
+        CASE_EXPECT["unsupported_transfer_syntax"],
+        _unknown_ts,
+    ),
+    _single_object_case(
+        "wrong_sop_class_vs_context",
+        "sent in a CT Image Storage context; dataset says MR Image Storage",
+        CASE_EXPECT["wrong_sop_class_vs_context"],
+        _wrong_sop_class,
+    ),
+    _single_object_case(
+        "private_tags_only",
+        "only SOP UIDs and private tags",
+        CASE_EXPECT["private_tags_only"],
+        _private_only,
+    ),
+    Case(
+        "non_ct_modality",
+        "an MR series (MR Image Storage, Modality MR)",
+        _non_ct,
+        CASE_EXPECT["non_ct_modality"],
+    ),
+    Case(
+        "mr_inside_ct_study",
+        "a valid head CT series and an MR series in the same study",
+        _mr_in_ct_study,
+        CASE_EXPECT["mr_inside_ct_study"],
+    ),
+    Case("localizer", "3 scout images (ImageType LOCALIZER)", _localizer, CASE_EXPECT["localizer"]),
+    _series_case(
+        "contrast_series",
+        "contrast-enhanced head CT (ContrastBolusAgent set)",
+        CASE_EXPECT["contrast_series"],
+        _with_tags(ContrastBolusAgent="IOHEXOL 350", SeriesDescription="CTA HEAD"),
+    ),
+    _series_case(
+        "derived_secondary",
+        "ImageType DERIVED\\SECONDARY\\MPR",
+        CASE_EXPECT["derived_secondary"],
+        _with_tags(ImageType=["DERIVED", "SECONDARY", "MPR"]),
+    ),
+    Case(
+        "single_slice_series",
+        "a series of one slice",
+        _single_slice,
+        CASE_EXPECT["single_slice_series"],
+    ),
+    _series_case(
+        "non_head_body_part",
+        "chest CT (BodyPartExamined CHEST, no head words)",
+        CASE_EXPECT["non_head_body_part"],
+        _with_tags(
+            BodyPartExamined="CHEST",
+            StudyDescription="CT THORAX",
+            SeriesDescription="Thorax 5mm",
+            ProtocolName="CHEST ROUTINE",
+        ),
+    ),
+    Case(
+        "enhanced_ct_multiframe",
+        "one Enhanced CT Image Storage multi-frame object",
+        _enhanced,
+        CASE_EXPECT["enhanced_ct_multiframe"],
+    ),
+    _series_case(
+        "mixed_orientation",
+        "every other slice sagittal",
+        CASE_EXPECT["mixed_orientation"],
+        _mixed_orientation,
+    ),
+    _series_case(
+        "mixed_matrix_sizes",
+        "half the slices 48x48, half 64x64",
+        CASE_EXPECT["mixed_matrix_sizes"],
+        _mixed_matrix,
+    ),
+    _series_case(
+        "zero_pixel_spacing", "PixelSpacing 0\\0", CASE_EXPECT["zero_pixel_spacing"], _zero_spacing
+    ),
+    _series_case(
+        "negative_pixel_spacing",
+        "PixelSpacing -4.5\\-4.5",
+        CASE_EXPECT["negative_pixel_spacing"],
+        _negative_spacing,
+    ),
+    _series_case(
+        "huge_slice_gap",
+        "150 mm hole in the middle of a 5 mm series",
+        CASE_EXPECT["huge_slice_gap"],
+        _huge_gap,
+    ),
+    _series_case(
+        "gantry_tilt",
+        "20 degree gantry tilt (sheared slice stack)",
+        CASE_EXPECT["gantry_tilt"],
+        _gantry_tilt,
+    ),
+    Case(
+        "duplicate_byte_identical",
+        "valid series plus one slice sent again unchanged",
+        _dup_identical,
+        CASE_EXPECT["duplicate_byte_identical"],
+    ),
+    Case(
+        "duplicate_sop_different_content",
+        "valid series plus a different object reusing one SOP Instance UID",
+        _dup_different,
+        CASE_EXPECT["duplicate_sop_different_content"],
+    ),
+    _series_case(
+        "non_ascii_patient_name",
+        "UTF-8 (ISO_IR 192) names with umlauts and kanji",
+        CASE_EXPECT["non_ascii_patient_name"],
+        _non_ascii,
+    ),
+    _series_case(
+        "private_tags_added",
+        "valid series with vendor private blocks",
+        CASE_EXPECT["private_tags_added"],
+        _private_added,
+    ),
     # sent with dcmtk: node.dicomnet.send_files cannot send Implicit VR files (it offers both
     # uncompressed syntaxes in one context, the SCP picks Explicit, the chunked send needs the
     # file's own syntax); the case is about the node *receiving* Implicit VR
-    _series_case("implicit_vr_little_endian", "valid series in Implicit VR Little Endian",
-                 CASE_EXPECT["implicit_vr_little_endian"], _implicit_le, via="storescu"),
+    _series_case(
+        "implicit_vr_little_endian",
+        "valid series in Implicit VR Little Endian",
+        CASE_EXPECT["implicit_vr_little_endian"],
+        _implicit_le,
+        via="storescu",
+    ),
 ]
 
 assert set(CASE_EXPECT) == {c.name for c in CASES}, "every case needs exactly one expectation"

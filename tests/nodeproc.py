@@ -74,8 +74,12 @@ def receiver_parts(tmp_path: Path, *, start: bool = True):
     from node.receiver import Receiver
     from storage import Database, Spool, Store
 
-    cfg = config_from_dict({"network": {"port": 0},
-                            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"}})
+    cfg = config_from_dict(
+        {
+            "network": {"port": 0},
+            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"},
+        }
+    )
     db = Database(cfg.database_url)
     db.upgrade()
     store = Store(db)
@@ -89,8 +93,9 @@ def receiver_parts(tmp_path: Path, *, start: bool = True):
         db.dispose()
 
 
-def wait_until(pred: Callable[[], T], timeout: float, interval: float = 0.2,
-               what: str = "condition") -> T:
+def wait_until(
+    pred: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "condition"
+) -> T:
     """Poll `pred` until it returns something truthy; raise TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -124,8 +129,12 @@ def to_toml(data: Mapping[str, Any]) -> str:
     lines: list[str] = []
 
     def table(prefix: str, d: Mapping[str, Any]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, Mapping)
-                   and not (isinstance(v, list) and v and isinstance(v[0], Mapping))}
+        scalars = {
+            k: v
+            for k, v in d.items()
+            if not isinstance(v, Mapping)
+            and not (isinstance(v, list) and v and isinstance(v[0], Mapping))
+        }
         if prefix and scalars:
             lines.append(f"[{prefix}]")
         for k, v in scalars.items():
@@ -156,9 +165,16 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return base
 
 
-def node_config(data_dir: Path, port: int, *, ae_title: str = "MOLRE",
-                destinations: Sequence[Mapping[str, Any]] = (), quiet_time_s: float = 1.0,
-                release_grace_s: float = 0.3, **sections: Mapping[str, Any]) -> dict[str, Any]:
+def node_config(
+    data_dir: Path,
+    port: int,
+    *,
+    ae_title: str = "MOLRE",
+    destinations: Sequence[Mapping[str, Any]] = (),
+    quiet_time_s: float = 1.0,
+    release_grace_s: float = 0.3,
+    **sections: Mapping[str, Any],
+) -> dict[str, Any]:
     """A test config dict: short quiet times, fast retries, min_slices low enough for phantoms.
 
     `sections` are merged in, e.g. `selection={"min_slices": 4}`, `model={"isolation": "thread"}`.
@@ -166,11 +182,18 @@ def node_config(data_dir: Path, port: int, *, ae_title: str = "MOLRE",
     cfg: dict[str, Any] = {
         "network": {"ae_title": ae_title, "host": "127.0.0.1", "port": port},
         "storage": {"data_dir": str(data_dir), "min_free_disk": "0"},
-        "assembler": {"quiet_time_s": quiet_time_s, "release_grace_s": release_grace_s,
-                      "poll_interval_s": 0.2},
+        "assembler": {
+            "quiet_time_s": quiet_time_s,
+            "release_grace_s": release_grace_s,
+            "poll_interval_s": 0.2,
+        },
         "selection": {"min_slices": 8},
-        "retry": {"max_attempts": 2, "job_retry_delay_s": 0.5,
-                  "export_backoff_base_s": 0.5, "export_backoff_max_s": 2.0},
+        "retry": {
+            "max_attempts": 2,
+            "job_retry_delay_s": 0.5,
+            "export_backoff_base_s": 0.5,
+            "export_backoff_max_s": 2.0,
+        },
         "logging": {"json": True, "level": "INFO"},
         # the dashboard is on by default (port 8470): off in tests unless a test asks for it
         "dashboard": {"port": 0},
@@ -192,13 +215,20 @@ def write_config(path: Path, data: Mapping[str, Any]) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def echo(port: int, called_ae: str = "MOLRE", calling_ae: str = "TESTSCU",
-         host: str = "127.0.0.1", ssl_context: Any = None, timeout: float = 5.0) -> int | None:
+def echo(
+    port: int,
+    called_ae: str = "MOLRE",
+    calling_ae: str = "TESTSCU",
+    host: str = "127.0.0.1",
+    ssl_context: Any = None,
+    timeout: float = 5.0,
+) -> int | None:
     """C-ECHO status (0 = success) or None if no association could be made."""
     from node.dicomnet import echo as _echo
 
-    return _echo(host, port, called_ae, calling_ae=calling_ae, ssl_context=ssl_context,
-                 timeout=timeout)
+    return _echo(
+        host, port, called_ae, calling_ae=calling_ae, ssl_context=ssl_context, timeout=timeout
+    )
 
 
 def dicom_files(folder_or_paths: Path | str | Iterable[Path | str]) -> list[Path]:
@@ -211,17 +241,31 @@ def dicom_files(folder_or_paths: Path | str | Iterable[Path | str]) -> list[Path
     return [Path(f) for f in folder_or_paths]
 
 
-def send_folder(folder_or_paths: Path | str | Iterable[Path | str], port: int, *,
-                called_ae: str = "MOLRE", calling_ae: str = "TESTSCU", host: str = "127.0.0.1",
-                ssl_context: Any = None, timeout: float = 60.0):
+def send_folder(
+    folder_or_paths: Path | str | Iterable[Path | str],
+    port: int,
+    *,
+    called_ae: str = "MOLRE",
+    calling_ae: str = "TESTSCU",
+    host: str = "127.0.0.1",
+    ssl_context: Any = None,
+    timeout: float = 60.0,
+):
     """Send files with pynetdicom over one association; returns node.dicomnet.SendResult.
 
     Raises node.dicomnet.AssociationError when the association is rejected/unreachable.
     """
     from node.dicomnet import send_files
 
-    return send_files(dicom_files(folder_or_paths), host, port, called_ae,
-                      calling_ae=calling_ae, ssl_context=ssl_context, timeout=timeout)
+    return send_files(
+        dicom_files(folder_or_paths),
+        host,
+        port,
+        called_ae,
+        calling_ae=calling_ae,
+        ssl_context=ssl_context,
+        timeout=timeout,
+    )
 
 
 #: Debian's dcmtk leaves Nagle's algorithm on unless TCP_NODELAY=1: ~40 ms stall per instance.
@@ -253,24 +297,48 @@ def dcmtk_tool(name: str) -> str:
         text = (out.stdout + out.stderr).lower()
         if "dcmtk" in text or "offis" in text:
             return cand
-    raise FileNotFoundError(f"dcmtk tool {name} not found (apt-get install dcmtk); note that "
-                            "pynetdicom's same-named scripts in the virtualenv do not count")
+    raise FileNotFoundError(
+        f"dcmtk tool {name} not found (apt-get install dcmtk); note that "
+        "pynetdicom's same-named scripts in the virtualenv do not count"
+    )
 
 
-def storescu(folder_or_paths: Path | str | Iterable[Path | str], port: int, *,
-             called_ae: str = "MOLRE", calling_ae: str = "DCMTKSCU", host: str = "127.0.0.1",
-             extra_args: Sequence[str] = (), timeout: float = 120.0
-             ) -> subprocess.CompletedProcess:
+def storescu(
+    folder_or_paths: Path | str | Iterable[Path | str],
+    port: int,
+    *,
+    called_ae: str = "MOLRE",
+    calling_ae: str = "DCMTKSCU",
+    host: str = "127.0.0.1",
+    extra_args: Sequence[str] = (),
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess:
     """dcmtk storescu; `-R` proposes only the contexts the files need (their own transfer
     syntaxes), so compressed files go out compressed."""
     files = dicom_files(folder_or_paths)
-    cmd = [dcmtk_tool("storescu"), "-aet", calling_ae, "-aec", called_ae, "-R", *extra_args,
-           host, str(port), *map(str, files)]
+    cmd = [
+        dcmtk_tool("storescu"),
+        "-aet",
+        calling_ae,
+        "-aec",
+        called_ae,
+        "-R",
+        *extra_args,
+        host,
+        str(port),
+        *map(str, files),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
 
 
-def echoscu(port: int, *, called_ae: str = "MOLRE", calling_ae: str = "DCMTKSCU",
-            host: str = "127.0.0.1", timeout: float = 30.0) -> subprocess.CompletedProcess:
+def echoscu(
+    port: int,
+    *,
+    called_ae: str = "MOLRE",
+    calling_ae: str = "DCMTKSCU",
+    host: str = "127.0.0.1",
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess:
     """dcmtk echoscu; returncode 0 = C-ECHO succeeded."""
     cmd = [dcmtk_tool("echoscu"), "-aet", calling_ae, "-aec", called_ae, host, str(port)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
@@ -289,9 +357,14 @@ class StorageSCP:
     `store_dir` (optional) also writes each object as `<SOPInstanceUID>.dcm`.
     """
 
-    def __init__(self, ae_title: str = "TESTSCP", port: int | None = None,
-                 host: str = "127.0.0.1", store_dir: Path | None = None,
-                 ssl_context: Any = None) -> None:
+    def __init__(
+        self,
+        ae_title: str = "TESTSCP",
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        store_dir: Path | None = None,
+        ssl_context: Any = None,
+    ) -> None:
         self.ae_title = ae_title
         self.host = host
         self.port = port or free_port()
@@ -328,8 +401,9 @@ class StorageSCP:
         ae.supported_contexts = scp_contexts()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda e: 0x0000)]
         self._ae = ae
-        self._server = ae.start_server((self.host, self.port), block=False,
-                                       evt_handlers=handlers, ssl_context=self.ssl_context)
+        self._server = ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
         return self
 
     def stop(self) -> None:
@@ -339,8 +413,11 @@ class StorageSCP:
 
     def wait_for(self, count: int = 1, timeout: float = 60.0) -> list[Dataset]:
         """Block until at least `count` objects arrived; returns a copy of the list."""
-        wait_until(lambda: len(self.received) >= count, timeout,
-                   what=f"{count} object(s) at {self.ae_title}")
+        wait_until(
+            lambda: len(self.received) >= count,
+            timeout,
+            what=f"{count} object(s) at {self.ae_title}",
+        )
         with self._lock:
             return list(self.received)
 
@@ -380,10 +457,19 @@ class NodeProcess:
     restarts) so a failing test can show it.
     """
 
-    def __init__(self, config_path: Path, *, port: int, data_dir: Path,
-                 ae_title: str = "MOLRE", env: Mapping[str, str] | None = None,
-                 log_path: Path | None = None, extra_args: Sequence[str] = (),
-                 calling_ae: str = "TESTSCU", database_url: str | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        port: int,
+        data_dir: Path,
+        ae_title: str = "MOLRE",
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
+        extra_args: Sequence[str] = (),
+        calling_ae: str = "TESTSCU",
+        database_url: str | None = None,
+    ) -> None:
         self.calling_ae = calling_ae  # used by wait_ready's C-ECHO and send()
         self._database_url = database_url  # None = the SQLite file in data_dir
         self.config_path = Path(config_path)
@@ -397,10 +483,19 @@ class NodeProcess:
         self.starts = 0
 
     @classmethod
-    def create(cls, tmp_dir: Path, *, port: int | None = None, ae_title: str = "MOLRE",
-               env: Mapping[str, str] | None = None, calling_ae: str = "TESTSCU",
-               database_url: str | None = None, data_dir: Path | None = None,
-               config_name: str = "node.toml", **config: Any) -> "NodeProcess":
+    def create(
+        cls,
+        tmp_dir: Path,
+        *,
+        port: int | None = None,
+        ae_title: str = "MOLRE",
+        env: Mapping[str, str] | None = None,
+        calling_ae: str = "TESTSCU",
+        database_url: str | None = None,
+        data_dir: Path | None = None,
+        config_name: str = "node.toml",
+        **config: Any,
+    ) -> "NodeProcess":
         """Write `<tmp_dir>/<config_name>` from `node_config(**config)` and return a (not
         started) NodeProcess for it. `database_url` (e.g. a PostgreSQL one) goes to
         `storage.database_url`; several nodes may share one `data_dir` (several-nodes
@@ -412,8 +507,15 @@ class NodeProcess:
             config["storage"] = {**config.get("storage", {}), "database_url": database_url}
         data = node_config(data_dir, port, ae_title=ae_title, **config)
         path = write_config(tmp_dir / config_name, data)
-        return cls(path, port=port, data_dir=data_dir, ae_title=ae_title, env=env,
-                   calling_ae=calling_ae, database_url=database_url)
+        return cls(
+            path,
+            port=port,
+            data_dir=data_dir,
+            ae_title=ae_title,
+            env=env,
+            calling_ae=calling_ae,
+            database_url=database_url,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 90.0) -> "NodeProcess":
@@ -424,10 +526,23 @@ class NodeProcess:
         env.update(self.env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "cli.main", "serve", "--config", str(self.config_path),
-               *self.extra_args]
-        self.proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "serve",
+            "--config",
+            str(self.config_path),
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=str(REPO_ROOT),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         _STARTED.append(self)
         self.starts += 1
@@ -443,8 +558,7 @@ class NodeProcess:
         if "--roles" in self.extra_args:
             return self.extra_args[self.extra_args.index("--roles") + 1].split(",")
         cfg = tomllib.loads(self.config_path.read_text(encoding="utf-8"))
-        return list(cfg.get("node", {}).get("roles", ["receive", "assemble", "infer",
-                                                      "dispatch"]))
+        return list(cfg.get("node", {}).get("roles", ["receive", "assemble", "infer", "dispatch"]))
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Wait until the node answers C-ECHO (a node without the receive role: until it logged
@@ -465,8 +579,9 @@ class NodeProcess:
         starts = self.starts
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"node exited with {self.proc.returncode} during start:\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"node exited with {self.proc.returncode} during start:\n{self.log_tail()}"
+                )
             if not listens:
                 started = sum(1 for r in self.log_records() if r.get("event") == "node started")
                 if started >= starts:
@@ -474,14 +589,15 @@ class NodeProcess:
                 time.sleep(0.2)
                 continue
             try:
-                if echo(self.port, self.ae_title, calling_ae=self.calling_ae,
-                        timeout=2.0) == 0:
+                if echo(self.port, self.ae_title, calling_ae=self.calling_ae, timeout=2.0) == 0:
                     return
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"node did not answer C-ECHO on port {self.port} within "
-                           f"{timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"node did not answer C-ECHO on port {self.port} within "
+            f"{timeout:.0f} s:\n{self.log_tail()}"
+        )
 
     @property
     def alive(self) -> bool:
@@ -575,8 +691,13 @@ class NodeProcess:
 
     def send(self, folder_or_paths: Any, calling_ae: str | None = None, **kw: Any):
         """send_folder to this node (calling AE defaults to `self.calling_ae`)."""
-        return send_folder(folder_or_paths, self.port, called_ae=self.ae_title,
-                           calling_ae=calling_ae or self.calling_ae, **kw)
+        return send_folder(
+            folder_or_paths,
+            self.port,
+            called_ae=self.ae_title,
+            calling_ae=calling_ae or self.calling_ae,
+            **kw,
+        )
 
     def wait_series_state(self, series_uid: str, states: Iterable[str], timeout: float = 120.0):
         """Wait until the series reaches one of `states`; returns the SeriesRecord."""
@@ -594,8 +715,9 @@ class NodeProcess:
             return rec if str(state) in wanted else None
 
         try:
-            return wait_until(check, timeout, interval=0.3,
-                              what=f"series {series_uid} in {sorted(wanted)}")
+            return wait_until(
+                check, timeout, interval=0.3, what=f"series {series_uid} in {sorted(wanted)}"
+            )
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
 
@@ -605,9 +727,16 @@ class NodeProcess:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_ct_series(out_dir: Path, findings: Sequence[str] = (), *, n_slices: int = 12,
-                   size: int = 64, seed: int = 0, slice_thickness: float = 5.0,
-                   **tags: Any):
+def make_ct_series(
+    out_dir: Path,
+    findings: Sequence[str] = (),
+    *,
+    n_slices: int = 12,
+    size: int = 64,
+    seed: int = 0,
+    slice_thickness: float = 5.0,
+    **tags: Any,
+):
     """A synthetic head-CT phantom series (real CT DICOM files, one per slice).
 
     Returns molre.data.synth.PhantomInfo (uids, paths, planted findings).
@@ -616,9 +745,15 @@ def make_ct_series(out_dir: Path, findings: Sequence[str] = (), *, n_slices: int
 
     from molre.data.synth import write_phantom_series
 
-    return write_phantom_series(Path(out_dir), np.random.default_rng(seed), list(findings),
-                                size=size, n_slices=n_slices, slice_thickness=slice_thickness,
-                                **tags)
+    return write_phantom_series(
+        Path(out_dir),
+        np.random.default_rng(seed),
+        list(findings),
+        size=size,
+        n_slices=n_slices,
+        slice_thickness=slice_thickness,
+        **tags,
+    )
 
 
 def sql(node: "NodeProcess", query: str, *args) -> list[tuple]:
@@ -630,8 +765,10 @@ def sql(node: "NodeProcess", query: str, *args) -> list[tuple]:
         engine = create_engine(node.database_url, poolclass=NullPool)
         try:
             with engine.connect() as c:
-                return [tuple(r) for r in c.exec_driver_sql(query.replace("?", "%s"),
-                                                            tuple(args)).fetchall()]
+                return [
+                    tuple(r)
+                    for r in c.exec_driver_sql(query.replace("?", "%s"), tuple(args)).fetchall()
+                ]
         finally:
             engine.dispose()
     con = sqlite3.connect(f"file:{node.data_dir / 'molre.db'}?mode=ro", uri=True, timeout=30)
@@ -676,9 +813,13 @@ def sr_presence(ds: Any, tmp: Path) -> dict[str, tuple[float, bool]]:
     path = Path(tmp) / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
     groups = hd.sr.srread(path).content.get_image_measurement_groups()
-    return {g.tracking_identifier: (float(g.get_measurements()[0].value),
-                                    g.get_qualitative_evaluations()[0].value.value == "52101004")
-            for g in groups}
+    return {
+        g.tracking_identifier: (
+            float(g.get_measurements()[0].value),
+            g.get_qualitative_evaluations()[0].value.value == "52101004",
+        )
+        for g in groups
+    }
 
 
 def dciodvfy_errors(path: Path | str) -> list[str]:
@@ -692,8 +833,21 @@ def dciodvfy_errors(path: Path | str) -> list[str]:
 
 
 __all__ = [
-    "NodeProcess", "StorageSCP", "dciodvfy_errors", "dicom_files", "echo", "echoscu",
-    "free_port", "make_ct_series", "node_config", "send_folder", "sql", "sr_for", "sr_presence",
-    "storescu", "to_toml",
-    "wait_until", "write_config",
+    "NodeProcess",
+    "StorageSCP",
+    "dciodvfy_errors",
+    "dicom_files",
+    "echo",
+    "echoscu",
+    "free_port",
+    "make_ct_series",
+    "node_config",
+    "send_folder",
+    "sql",
+    "sr_for",
+    "sr_presence",
+    "storescu",
+    "to_toml",
+    "wait_until",
+    "write_config",
 ]

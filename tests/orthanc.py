@@ -31,7 +31,6 @@ from tests.nodeproc import dcmtk_tool, free_port  # noqa: F401 (dcmtk_tool re-ex
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
 
 
-
 def orthanc_binary() -> str | None:
     """Path of the Orthanc executable, or None (tests then skip with a reason)."""
     env = shutil.which("Orthanc")
@@ -89,8 +88,14 @@ class OrthancServer:
             return "(no orthanc log)"
 
     # ---- raw REST ---------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: bytes | dict | list | None = None,
-                content_type: str | None = None, timeout: float = 120.0) -> bytes:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict | list | None = None,
+        content_type: str | None = None,
+        timeout: float = 120.0,
+    ) -> bytes:
         data: bytes | None
         if isinstance(body, (dict, list)):
             data = json.dumps(body).encode()
@@ -104,15 +109,21 @@ class OrthancServer:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.read()
         except urllib.error.HTTPError as exc:
-            raise OrthancError(method, path, exc.code,
-                               exc.read().decode(errors="replace")) from None
+            raise OrthancError(
+                method, path, exc.code, exc.read().decode(errors="replace")
+            ) from None
 
     def get_json(self, path: str) -> Any:
         return json.loads(self.request("GET", path) or b"null")
 
     def post_json(self, path: str, body: Any, timeout: float = 120.0) -> Any:
-        raw = self.request("POST", path, json.dumps(body).encode(),
-                           content_type="application/json", timeout=timeout)
+        raw = self.request(
+            "POST",
+            path,
+            json.dumps(body).encode(),
+            content_type="application/json",
+            timeout=timeout,
+        )
         return json.loads(raw) if raw.strip() else None
 
     def get_bytes(self, path: str) -> bytes:
@@ -141,8 +152,7 @@ class OrthancServer:
 
     def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
         """Declare (or update) a DICOM modality at run time — Orthanc accepts PUT /modalities."""
-        self.request("PUT", f"/modalities/{name}",
-                     {"AET": aet, "Host": host, "Port": int(port)})
+        self.request("PUT", f"/modalities/{name}", {"AET": aet, "Host": host, "Port": int(port)})
 
     def echo(self, modality: str, timeout: int = 10) -> bool:
         try:
@@ -153,9 +163,11 @@ class OrthancServer:
 
     def store_to(self, modality: str, resources: Sequence[str], timeout: int = 120) -> Any:
         """Ask Orthanc to C-STORE resources (study/series/instance IDs) to a modality; blocks."""
-        return self.post_json(f"/modalities/{modality}/store",
-                              {"Resources": list(resources), "Synchronous": True,
-                               "Timeout": timeout}, timeout=timeout + 30)
+        return self.post_json(
+            f"/modalities/{modality}/store",
+            {"Resources": list(resources), "Synchronous": True, "Timeout": timeout},
+            timeout=timeout + 30,
+        )
 
     def study_id(self, study_uid: str) -> str | None:
         for hit in self.lookup(study_uid):
@@ -188,9 +200,15 @@ class OrthancServer:
             self.process.wait(timeout=10)
 
 
-def orthanc_config(workdir: Path, http_port: int, dicom_port: int, aet: str,
-                   modalities: dict[str, tuple[str, str, int]] | None = None,
-                   stable_age: int = 1, extra: dict | None = None) -> dict:
+def orthanc_config(
+    workdir: Path,
+    http_port: int,
+    dicom_port: int,
+    aet: str,
+    modalities: dict[str, tuple[str, str, int]] | None = None,
+    stable_age: int = 1,
+    extra: dict | None = None,
+) -> dict:
     """The JSON configuration a test Orthanc runs with (all state under `workdir`)."""
     storage = workdir / "storage"
     cfg: dict[str, Any] = {
@@ -228,10 +246,15 @@ def orthanc_config(workdir: Path, http_port: int, dicom_port: int, aet: str,
     return cfg
 
 
-def start_orthanc(workdir: Path, *, aet: str = "ORTHANC",
-                  modalities: dict[str, tuple[str, str, int]] | None = None,
-                  stable_age: int = 1, extra: dict | None = None,
-                  startup_timeout: float = 60.0) -> OrthancServer:
+def start_orthanc(
+    workdir: Path,
+    *,
+    aet: str = "ORTHANC",
+    modalities: dict[str, tuple[str, str, int]] | None = None,
+    stable_age: int = 1,
+    extra: dict | None = None,
+    startup_timeout: float = 60.0,
+) -> OrthancServer:
     """Start Orthanc with its own config in `workdir`; wait until /system answers."""
     binary = orthanc_binary()
     if binary is None:
@@ -247,8 +270,13 @@ def start_orthanc(workdir: Path, *, aet: str = "ORTHANC",
         cfg_path = workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(cfg, indent=2))
         log = open(workdir / "orthanc.log", "ab")  # noqa: SIM115 - owned by the process
-        proc = subprocess.Popen([binary, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=workdir, start_new_session=True)
+        proc = subprocess.Popen(
+            [binary, str(cfg_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            start_new_session=True,
+        )
         log.close()
         server = OrthancServer(http_port, dicom_port, aet, workdir, proc, cfg)
         deadline = time.monotonic() + startup_timeout
@@ -277,6 +305,7 @@ def orthanc_server(workdir: Path, **kwargs: Any) -> Iterator[OrthancServer]:
 # reading results back (shared by the real-client, fault and load tests)
 # ---------------------------------------------------------------------------------------------
 
+
 def sr_findings(sr_file: bytes | Path) -> dict[str, tuple[float, bool]]:
     """Findings of a molre-node SR read back with `highdicom.sr.srread`.
 
@@ -300,8 +329,9 @@ def sr_findings(sr_file: bytes | Path) -> dict[str, tuple[float, bool]]:
         meas = group.get_measurements(name=probability)
         evals = group.get_qualitative_evaluations(name=presence)
         if len(meas) != 1 or len(evals) != 1:
-            raise AssertionError(f"group {key}: {len(meas)} probabilities, "
-                                 f"{len(evals)} presence evaluations")
+            raise AssertionError(
+                f"group {key}: {len(meas)} probabilities, {len(evals)} presence evaluations"
+            )
         out[key] = (float(meas[0].value), evals[0].value == present)
     return out
 
@@ -321,11 +351,14 @@ def audit_results(db: Path, series_uid: str) -> dict[str, tuple[float, bool]]:
 
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        version = con.execute("select max(series_version) from results where series_uid = ?",
-                              (series_uid,)).fetchone()[0]
-        rows = con.execute("select finding_key, probability, decision from results "
-                           "where series_uid = ? and series_version = ?",
-                           (series_uid, version)).fetchall()
+        version = con.execute(
+            "select max(series_version) from results where series_uid = ?", (series_uid,)
+        ).fetchone()[0]
+        rows = con.execute(
+            "select finding_key, probability, decision from results "
+            "where series_uid = ? and series_version = ?",
+            (series_uid, version),
+        ).fetchall()
     finally:
         con.close()
     return {k: (float(p), bool(d)) for k, p, d in rows}

@@ -40,16 +40,19 @@ _counter = itertools.count(1)
 
 
 def _bindir() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     if found:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
     if initdb:
         return Path(initdb).parent
     try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+        out = subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return Path(out) if (Path(out) / "initdb").exists() else None
@@ -71,8 +74,7 @@ class PgServer:
     _run_as: list[str] = field(default_factory=list)
 
     def url(self, database: str) -> str:
-        return make_url(self.admin_url).set(database=database).render_as_string(
-            hide_password=False)
+        return make_url(self.admin_url).set(database=database).render_as_string(hide_password=False)
 
     def _admin(self):
         return create_engine(self.admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
@@ -83,8 +85,12 @@ class PgServer:
         engine = self._admin()
         try:
             with engine.connect() as c:
-                c.execute(text(f'CREATE DATABASE "{name}"'
-                               + (f' TEMPLATE "{template}"' if template else "")))
+                c.execute(
+                    text(
+                        f'CREATE DATABASE "{name}"'
+                        + (f' TEMPLATE "{template}"' if template else "")
+                    )
+                )
         finally:
             engine.dispose()
         return self.url(name)
@@ -127,8 +133,9 @@ def start_server() -> PgServer:
         try:
             owner = pwd.getpwnam("postgres")
         except KeyError as exc:
-            raise RuntimeError("running as root and there is no 'postgres' user to start "
-                               "PostgreSQL as") from exc
+            raise RuntimeError(
+                "running as root and there is no 'postgres' user to start PostgreSQL as"
+            ) from exc
         run_as = ["runuser", "-u", "postgres", "--"]
     root = Path(tempfile.mkdtemp(prefix="molre-pg-"))
     if owner is not None:
@@ -138,25 +145,55 @@ def start_server() -> PgServer:
     env = dict(os.environ, LC_ALL="C", LANG="C")
 
     def run(*cmd: str, timeout: float = 120) -> None:
-        r = subprocess.run(run_as + list(cmd), capture_output=True, text=True, env=env,
-                           timeout=timeout, cwd=root)
+        r = subprocess.run(
+            run_as + list(cmd), capture_output=True, text=True, env=env, timeout=timeout, cwd=root
+        )
         if r.returncode != 0:
             log = logf.read_text(errors="replace")[-2000:] if logf.exists() else ""
             shutil.rmtree(root, ignore_errors=True)
-            raise RuntimeError(f"{Path(cmd[0]).name} failed ({r.returncode}): "
-                               f"{(r.stderr or r.stdout)[-2000:]} {log}")
+            raise RuntimeError(
+                f"{Path(cmd[0]).name} failed ({r.returncode}): "
+                f"{(r.stderr or r.stdout)[-2000:]} {log}"
+            )
 
     run("mkdir", "-p", str(sock))
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "molre", "-A", "trust", "-E", "UTF8",
-        "--no-sync", "--no-instructions")
+    run(
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        "molre",
+        "-A",
+        "trust",
+        "-E",
+        "UTF8",
+        "--no-sync",
+        "--no-instructions",
+    )
     # fsync off: a test cluster needs no durability; many connections: several nodes at once
-    opts = (f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off -c synchronous_commit=off "
-            "-c full_page_writes=off -c max_connections=300")
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(logf), "-o", opts, "-w", "-t", "60",
-        "start")
-    server = PgServer(f"postgresql+psycopg://molre@127.0.0.1:{port}/postgres", owned_dir=root,
-                      _stop=[str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
-                             "stop"], _run_as=run_as)
+    opts = (
+        f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off -c synchronous_commit=off "
+        "-c full_page_writes=off -c max_connections=300"
+    )
+    run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(logf),
+        "-o",
+        opts,
+        "-w",
+        "-t",
+        "60",
+        "start",
+    )
+    server = PgServer(
+        f"postgresql+psycopg://molre@127.0.0.1:{port}/postgres",
+        owned_dir=root,
+        _stop=[str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+        _run_as=run_as,
+    )
     return server
 
 

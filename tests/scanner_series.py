@@ -32,26 +32,32 @@ class SteppedSeries:
     tilt_deg: float = TILT_DEG
 
 
-def _head(points: np.ndarray, centre: np.ndarray, fov_mask: np.ndarray,
-          rng: np.random.Generator) -> np.ndarray:
+def _head(
+    points: np.ndarray, centre: np.ndarray, fov_mask: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """HU of a crude head (air, bone shell, brain, a dense 'bleed') at LPS points (..., 3)."""
     rel = (points - centre) / np.array([75.0, 95.0, 80.0])
-    r = np.sqrt((rel ** 2).sum(axis=-1))
+    r = np.sqrt((rel**2).sum(axis=-1))
     hu = np.full(r.shape, -1000.0, np.float32)
     hu[r < 1.0] = 1100.0
     hu[r < 0.9] = 32.0
-    bleed = np.sqrt((((points - centre - np.array([30.0, -10.0, 20.0])) / 12.0) ** 2)
-                    .sum(axis=-1))
+    bleed = np.sqrt((((points - centre - np.array([30.0, -10.0, 20.0])) / 12.0) ** 2).sum(axis=-1))
     hu[bleed < 1.0] = 70.0
     hu += rng.normal(0, 3, hu.shape).astype(np.float32)
     hu[~fov_mask] = PADDING_HU
     return hu
 
 
-def write_ge_stepped_head(out: Path, *, size: int = 64, pixel_mm: float = 3.6,
-                          blocks: tuple[tuple[int, float], ...] = ((14, 4.0), (14, 7.0)),
-                          tilt_deg: float = TILT_DEG, seed: int = 0,
-                          **tags: object) -> SteppedSeries:
+def write_ge_stepped_head(
+    out: Path,
+    *,
+    size: int = 64,
+    pixel_mm: float = 3.6,
+    blocks: tuple[tuple[int, float], ...] = ((14, 4.0), (14, 7.0)),
+    tilt_deg: float = TILT_DEG,
+    seed: int = 0,
+    **tags: object,
+) -> SteppedSeries:
     """Write the stepped, tilted series into `out` (flat folder, IM00001.dcm ...)."""
     rng = np.random.default_rng(seed)
     out = Path(out)
@@ -66,10 +72,14 @@ def write_ge_stepped_head(out: Path, *, size: int = 64, pixel_mm: float = 3.6,
     centre = np.array([0.0, 0.0, extent * 0.55])
     study_uid, series_uid = str(dicomio.new_uid()), str(dicomio.new_uid())
     all_tags: dict[str, object] = {
-        "Manufacturer": "GE MEDICAL SYSTEMS", "ManufacturerModelName": "Revolution",
-        "GantryDetectorTilt": f"{tilt_deg:g}", "ConvolutionKernel": "STANDARD",
-        "SeriesDescription": "HEAD 4/7mm", "ProtocolName": "ROUTINE HEAD",
-        "ScanOptions": "AXIAL MODE"}
+        "Manufacturer": "GE MEDICAL SYSTEMS",
+        "ManufacturerModelName": "Revolution",
+        "GantryDetectorTilt": f"{tilt_deg:g}",
+        "ConvolutionKernel": "STANDARD",
+        "SeriesDescription": "HEAD 4/7mm",
+        "ProtocolName": "ROUTINE HEAD",
+        "ScanOptions": "AXIAL MODE",
+    }
     all_tags.update(tags)
     paths: list[Path] = []
     z0, number = 0.0, 1
@@ -80,14 +90,24 @@ def write_ge_stepped_head(out: Path, *, size: int = 64, pixel_mm: float = 3.6,
         vol = np.empty((n, size, size), np.float32)
         for k in range(n):
             pos = origin + k * step * direction[2]
-            pts = (pos + ii[..., None] * pixel_mm * direction[0]
-                   + jj[..., None] * pixel_mm * direction[1])
+            pts = (
+                pos
+                + ii[..., None] * pixel_mm * direction[0]
+                + jj[..., None] * pixel_mm * direction[1]
+            )
             vol[k] = _head(pts, centre, fov_mask, rng)
         tmp = out / f".block{b}"
         written = dicomio.write_ct_series(
-            tmp, vol, spacing=(step, pixel_mm, pixel_mm), origin=origin, direction=direction,
-            study_uid=study_uid, series_uid=series_uid,
-            instance_numbers=list(range(number, number + n)), **all_tags)
+            tmp,
+            vol,
+            spacing=(step, pixel_mm, pixel_mm),
+            origin=origin,
+            direction=direction,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            instance_numbers=list(range(number, number + n)),
+            **all_tags,
+        )
         for p in written:
             dest = out / f"IM{number:05d}.dcm"
             shutil.move(str(p), dest)

@@ -30,7 +30,7 @@ def _rename(state: dict, layers: list[str], table: dict[str, str]) -> dict:
         for layer in layers:
             for a, b in table.items():
                 if k.startswith(f"{layer}.{a}."):
-                    k = f"{layer}.{b}." + k[len(f"{layer}.{a}."):]
+                    k = f"{layer}.{b}." + k[len(f"{layer}.{a}.") :]
         out[k] = v
     return out
 
@@ -55,36 +55,48 @@ def test_parts_have_peft_names_and_legacy_state_loads() -> None:
         for p in layer.lora_B.parameters():
             p.normal_()
     state = adapter_state_dict(model)
-    assert set(state) == {"proj.lora_A.weight", "proj.lora_B.weight", "proj.router.fc1.weight",
-                          "proj.router.fc1.bias", "proj.router.fc2.weight", "proj.router.fc2.bias"}
+    assert set(state) == {
+        "proj.lora_A.weight",
+        "proj.lora_B.weight",
+        "proj.router.fc1.weight",
+        "proj.router.fc1.bias",
+        "proj.router.fc2.weight",
+        "proj.router.fc2.bias",
+    }
     legacy = _rename(state, ["proj"], _TO_LEGACY)
     assert "proj.lora_down.weight" in legacy and "proj.lora_up.weight" in legacy
 
     torch.manual_seed(1)
     fresh = _Net()
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items()
-                           if k.startswith("base.")}, strict=False)
+    fresh.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k.startswith("base.")}, strict=False
+    )
     inject_adapters(fresh, MoLREConfig(experts=2, rank=2, targets=[r"proj"]))
     fresh.proj.base_layer.load_state_dict(model.proj.base_layer.state_dict())
     load_adapter_state_dict(fresh, legacy)  # strict: every key found under its new name
     x = torch.randn(5, 4)
     assert torch.equal(fresh(x), model(x))
     # the backbone's own module "base" is not an adapter part: left alone
-    assert remap_legacy_keys({"base.weight": 1, "proj.base.weight": 2},
-                             adapted_layers(model)) == {"base.weight": 1,
-                                                        "proj.base_layer.weight": 2}
+    assert remap_legacy_keys({"base.weight": 1, "proj.base.weight": 2}, adapted_layers(model)) == {
+        "base.weight": 1,
+        "proj.base_layer.weight": 2,
+    }
 
 
 def _copy_with_keys(src: Path, dest: Path, table: dict[str, str], layers: list[str]) -> Path:
     shutil.copytree(src, dest)
     tensors = load_file(str(src / "adapter.safetensors"))
-    save_file(_rename(tensors, layers, table), str(dest / "adapter.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        _rename(tensors, layers, table),
+        str(dest / "adapter.safetensors"),
+        metadata={"format": "pt"},
+    )
     return dest
 
 
 def test_demo_checkpoint_loads_under_old_and_new_names_with_the_same_predictions(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     demo = default_checkpoint_path()
     p = Predictor.from_checkpoint(None)
     layers = list(adapted_layers(p.model))

@@ -107,8 +107,13 @@ def test_experts1_equals_peft_lora(kind: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     # PEFT builds its A conv without the base's dilation (ours keeps it), so compare undilated.
-    base, config, x = _make(kind, experts=1, rank=3, alpha=7.0,
-                            model_kwargs={"dilation": 1} if kind == "conv2d" else None)
+    base, config, x = _make(
+        kind,
+        experts=1,
+        rank=3,
+        alpha=7.0,
+        model_kwargs={"dilation": 1} if kind == "conv2d" else None,
+    )
     ours = copy.deepcopy(base)
     names = inject_adapters(ours, config)
     _randomize_adapters(ours)
@@ -157,7 +162,9 @@ def test_stacked_down_projection_shapes_follow_base_conv() -> None:
 def _capture_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model).items():
-        layer.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].detach()))
+        layer.register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, args[0].detach())
+        )
     return seen
 
 
@@ -183,7 +190,9 @@ def test_gates_are_per_sample_and_sum_to_one(kind: str) -> None:
             assert gates.shape == (x.shape[0], 5)
             assert torch.allclose(gates.sum(-1), torch.ones(x.shape[0]), atol=1e-6)
             assert (gates > 0).all()
-            assert not torch.allclose(gates[0], gates[1], atol=1e-6)  # different inputs, different gates
+            assert not torch.allclose(
+                gates[0], gates[1], atol=1e-6
+            )  # different inputs, different gates
             # per-sample: routing sample 1 alone gives the same gates as inside the batch
             alone = layer.route(seen[name][1:2])
             assert torch.allclose(alone[0], gates[1], atol=1e-6)
@@ -237,7 +246,9 @@ def test_top_k_keeps_k_largest_gates_renormalised() -> None:
     assert torch.allclose(gates.sum(-1), torch.ones(len(gates)), atol=1e-6)
     top = probs.topk(2, dim=-1)
     assert torch.equal(gates.topk(2, dim=-1).indices.sort(-1).values, top.indices.sort(-1).values)
-    assert torch.allclose(gates.gather(-1, top.indices), top.values / top.values.sum(-1, keepdim=True), atol=1e-6)
+    assert torch.allclose(
+        gates.gather(-1, top.indices), top.values / top.values.sum(-1, keepdim=True), atol=1e-6
+    )
 
 
 def test_temperature_divides_router_logits() -> None:
@@ -364,7 +375,10 @@ def test_save_load_reproduces_outputs_bit_for_bit(tmp_path, as_file: bool) -> No
     if as_file:
         assert written == target and (tmp_path / "ckpt" / "my_config.json").is_file()
     else:
-        assert written == tmp_path / "ckpt" / ADAPTER_FILE and (tmp_path / "ckpt" / CONFIG_FILE).is_file()
+        assert (
+            written == tmp_path / "ckpt" / ADAPTER_FILE
+            and (tmp_path / "ckpt" / CONFIG_FILE).is_file()
+        )
     assert read_adapter_config(target) == config
 
     fresh, config2, _ = _make("conv3d", experts=3, balance_weight=0.1)  # same seed -> same backbone
@@ -414,7 +428,9 @@ def test_load_rejects_config_mismatch(tmp_path) -> None:
     with pytest.raises(MolreError, match="no adapter file"):
         load_adapters(other, tmp_path / "missing")
     partial, _, _ = _make("linear", experts=2, rank=2)
-    inject_adapters(partial, MoLREConfig(experts=2, rank=2, router_hidden=8, targets=["qkv", "proj"]))
+    inject_adapters(
+        partial, MoLREConfig(experts=2, rank=2, router_hidden=8, targets=["qkv", "proj"])
+    )
     (tmp_path / CONFIG_FILE).write_text(
         json.dumps({"config": config.to_dict(), "adapted": ["qkv", "head"]}), encoding="utf-8"
     )
@@ -459,8 +475,15 @@ def test_adapter_report_counts() -> None:
     qkv = 16 * 8 + 8 * 48 + (16 * 8 + 8) + (8 * 4 + 4)  # down, up, router fc1, fc2
     proj = 48 * 8 + 8 * 16 + (48 * 8 + 8) + (8 * 4 + 4)
     rows = {r["name"]: r for r in rep["layers"]}
-    assert rows["qkv"] == {"name": "qkv", "type": "Linear", "in": 16, "out": 48, "experts": 4,
-                           "rank": 2, "adapter_params": qkv}
+    assert rows["qkv"] == {
+        "name": "qkv",
+        "type": "Linear",
+        "in": 16,
+        "out": 48,
+        "experts": 4,
+        "rank": 2,
+        "adapter_params": qkv,
+    }
     assert rows["proj"]["adapter_params"] == proj
     assert rep["adapter_params"] == qkv + proj == rep["trainable_params"]
     assert rep["overhead_percent"] == pytest.approx(100 * (qkv + proj) / n_base)
@@ -566,7 +589,9 @@ def test_inject_on_meta_device_counts_parameters_without_memory() -> None:
     """Backbone listings inject on the meta device to count adapter overhead for huge models."""
     with torch.device("meta"):
         model = TokenNet()
-        inject_adapters(model, MoLREConfig(experts=4, rank=2, router_hidden=8, targets=["qkv", "proj"]))
+        inject_adapters(
+            model, MoLREConfig(experts=4, rank=2, router_hidden=8, targets=["qkv", "proj"])
+        )
     assert model.qkv.lora_A.weight.device.type == "meta"
     assert model.qkv.usage_gate_sum.device.type == "meta"
     cpu_model, config, _ = _make("linear", experts=4, rank=2, router_hidden=8)

@@ -43,9 +43,15 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
 #: Allowed growth of the node's peak resident memory over the whole corpus.
 MEMORY_BOUND = 150 * 1024 * 1024
-LIMITS = {"acse_timeout_s": 2.0, "network_timeout_s": 2.0, "dimse_timeout_s": 3.0,
-          "max_associations": 4, "max_associations_per_host": 2,
-          "max_associate_rq_size": "64KiB", "refusal_audit_per_minute": 25}
+LIMITS = {
+    "acse_timeout_s": 2.0,
+    "network_timeout_s": 2.0,
+    "dimse_timeout_s": 3.0,
+    "max_associations": 4,
+    "max_associations_per_host": 2,
+    "max_associate_rq_size": "64KiB",
+    "refusal_audit_per_minute": 25,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,15 +63,25 @@ def _item(kind: int, body: bytes) -> bytes:
     return struct.pack(">BBH", kind, 0, len(body)) + body
 
 
-def associate_rq(calling: bytes | str = "ATTACKER", called: str = "MOLRE",
-                 abstract: str = VERIFICATION) -> bytes:
+def associate_rq(
+    calling: bytes | str = "ATTACKER", called: str = "MOLRE", abstract: str = VERIFICATION
+) -> bytes:
     """An A-ASSOCIATE-RQ PDU (PS3.8 9.3.2), one presentation context, Implicit VR LE."""
     calling_b = calling if isinstance(calling, bytes) else calling.encode().ljust(16)
-    ctx = (struct.pack(">BBBB", 1, 0, 0, 0) + _item(0x30, abstract.encode())
-           + _item(0x40, b"1.2.840.10008.1.2"))
-    body = (struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling_b.ljust(16)[:16]
-            + b"\0" * 32 + _item(0x10, b"1.2.840.10008.3.1.1.1") + _item(0x20, ctx)
-            + _item(0x50, _item(0x51, struct.pack(">I", 16384))))
+    ctx = (
+        struct.pack(">BBBB", 1, 0, 0, 0)
+        + _item(0x30, abstract.encode())
+        + _item(0x40, b"1.2.840.10008.1.2")
+    )
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.encode().ljust(16)
+        + calling_b.ljust(16)[:16]
+        + b"\0" * 32
+        + _item(0x10, b"1.2.840.10008.3.1.1.1")
+        + _item(0x20, ctx)
+        + _item(0x50, _item(0x51, struct.pack(">I", 16384)))
+    )
     return struct.pack(">BBI", 1, 0, len(body)) + body
 
 
@@ -105,8 +121,15 @@ def sql(node: NodeProcess, query: str, *args) -> list[tuple]:
 
 
 def refusals(node: NodeProcess, host: str) -> list[str]:
-    return [r for (r,) in sql(node, "SELECT reject_reason FROM associations WHERE peer_host = ? "
-                                    "AND outcome = 'rejected' ORDER BY id", host)]
+    return [
+        r
+        for (r,) in sql(
+            node,
+            "SELECT reject_reason FROM associations WHERE peer_host = ? "
+            "AND outcome = 'rejected' ORDER BY id",
+            host,
+        )
+    ]
 
 
 def vm_hwm(pid: int) -> int:
@@ -167,14 +190,16 @@ class Caller:
         status = None
         for _ in range(3):  # a refusal by the global limit is transient: no more than 3 tries
             from tests.nodeproc import echo
+
             status = echo(self.node.port, self.node.ae_title, calling_ae="TESTSCU", timeout=5)
             if status == 0:
                 break
             time.sleep(0.3)
         assert status == 0, f"C-ECHO of the allowed caller failed {what}\n{self.node.log_tail()}"
         f = self.files.pop()
-        res = send_folder([f], self.node.port, called_ae=self.node.ae_title, calling_ae="TESTSCU",
-                          timeout=10)
+        res = send_folder(
+            [f], self.node.port, called_ae=self.node.ae_title, calling_ae="TESTSCU", timeout=10
+        )
         assert res.statuses == [0], f"C-STORE of the allowed caller failed {what}: {res}"
         self.acked.append(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
 
@@ -183,14 +208,22 @@ class Caller:
 def corpus_node(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("attacks")
     info = make_ct_series(tmp / "ct", [], n_slices=40, size=32, seed=131)
-    network = dict(LIMITS, allowed_callers=[
-        {"ae_title": "TESTSCU", "host": "127.0.0.1"},
-        {"ae_title": "STALLER", "host": "127.0.0.4"},
-        {"ae_title": "BIGSCU", "host": "127.0.0.5"}])
-    node = NodeProcess.create(tmp, quiet_time_s=3600.0, release_grace_s=3600.0,
-                              network=network,
-                              storage={"max_instance_size": "2MiB", "max_inflated_size": "4MiB"},
-                              model={"job_timeout_s": 20.0, "job_lease_s": 30.0})
+    network = dict(
+        LIMITS,
+        allowed_callers=[
+            {"ae_title": "TESTSCU", "host": "127.0.0.1"},
+            {"ae_title": "STALLER", "host": "127.0.0.4"},
+            {"ae_title": "BIGSCU", "host": "127.0.0.5"},
+        ],
+    )
+    node = NodeProcess.create(
+        tmp,
+        quiet_time_s=3600.0,
+        release_grace_s=3600.0,
+        network=network,
+        storage={"max_instance_size": "2MiB", "max_inflated_size": "4MiB"},
+        model={"job_timeout_s": 20.0, "job_lease_s": 30.0},
+    )
     node.start()
     try:
         caller = Caller(node, info.paths)
@@ -260,8 +293,11 @@ def test_attack_corpus(corpus_node) -> None:
         big.close()
     assert sent < 256 * (1 << 20), "the node kept reading a 511 MB association request"
     caller.probe("after an oversized A-ASSOCIATE-RQ")
-    wait_until(lambda: any("max_associate_rq_size" in r for r in refusals(node, "127.0.0.6")),
-               10, what="oversized RQ audit row")
+    wait_until(
+        lambda: any("max_associate_rq_size" in r for r in refusals(node, "127.0.0.6")),
+        10,
+        what="oversized RQ audit row",
+    )
 
     # 4. malformed requests (bad AE title characters) from four hosts at once: each aborted
     #    and its slot released at once (pynetdicom held it for acse_timeout_s)
@@ -285,8 +321,14 @@ def test_attack_corpus(corpus_node) -> None:
     caller.probe("during a stalled P-DATA")
     assert closed_by_node(st, LIMITS["network_timeout_s"] + 3), "stalled P-DATA must time out"
     caller.probe("after a stalled P-DATA")
-    wait_until(lambda: sql(node, "SELECT outcome FROM associations WHERE calling_ae = 'STALLER'")
-               == [("aborted",)], 10, what="STALLER association recorded as aborted")
+    wait_until(
+        lambda: (
+            sql(node, "SELECT outcome FROM associations WHERE calling_ae = 'STALLER'")
+            == [("aborted",)]
+        ),
+        10,
+        what="STALLER association recorded as aborted",
+    )
 
     # 6. deflate bomb: 256 MiB of zeros, ~250 KB on the wire; and 7. an instance over the cap
     bomb = raw_ct_file(tmp / "bomb.dcm", info.paths[0], pixel_bytes=256 << 20, deflate=True)
@@ -297,16 +339,22 @@ def test_attack_corpus(corpus_node) -> None:
     assert res == [0xA700, 0xA700, 0], [hex(s) if s is not None else s for s in res]
     caller.acked.append(str(pydicom.dcmread(ok, stop_before_pixels=True).SOPInstanceUID))
     caller.probe("after a deflate bomb and an oversized instance")
-    rows = sql(node, "SELECT i.status, i.reason FROM instances i JOIN associations a ON "
-                     "a.id = i.association_id WHERE a.calling_ae = 'BIGSCU' ORDER BY i.id")
+    rows = sql(
+        node,
+        "SELECT i.status, i.reason FROM instances i JOIN associations a ON "
+        "a.id = i.association_id WHERE a.calling_ae = 'BIGSCU' ORDER BY i.id",
+    )
     assert [s for s, _ in rows] == ["rejected", "rejected", "stored"], rows
     assert "max_inflated_size" in rows[0][1] and "max_instance_size" in rows[1][1], rows
 
     # 8. a CT object on an MR context and on the Verification context
     statuses = _store_on_wrong_context(port, node.ae_title, info.paths[-1])
     assert statuses == [0x0122, 0x0122], statuses
-    wrong = sql(node, "SELECT status, reason FROM instances WHERE reason LIKE "
-                      "'%on a presentation context negotiated for%' ORDER BY id")
+    wrong = sql(
+        node,
+        "SELECT status, reason FROM instances WHERE reason LIKE "
+        "'%on a presentation context negotiated for%' ORDER BY id",
+    )
     assert [s for s, _ in wrong] == ["rejected", "rejected"], wrong
     assert "MR Image" in wrong[0][1] and "Verification" in wrong[1][1], wrong
     caller.probe("after C-STOREs on wrong contexts")
@@ -326,8 +374,10 @@ def test_attack_corpus(corpus_node) -> None:
 
     # memory: nothing above was buffered whole
     grown = vm_hwm(node.proc.pid) - baseline
-    print(f"node peak memory: {baseline >> 20} MiB after start, +{grown >> 20} MiB after the "
-          f"attacks (bound {MEMORY_BOUND >> 20} MiB)")
+    print(
+        f"node peak memory: {baseline >> 20} MiB after start, +{grown >> 20} MiB after the "
+        f"attacks (bound {MEMORY_BOUND >> 20} MiB)"
+    )
     assert grown < MEMORY_BOUND, f"node peak memory grew by {grown >> 20} MiB"
 
     # 10. SIGTERM while a pre-acceptance and an established connection are stuck
@@ -360,8 +410,11 @@ def test_attack_corpus(corpus_node) -> None:
     assert counted, "refusals beyond the per-minute rows must be counted in an event"
     # nothing acknowledged is lost: every Success is a stored row and a spool file
     for uid in caller.acked:
-        got = sql(node, "SELECT spool_path FROM instances WHERE sop_instance_uid = ? AND "
-                        "status = 'stored'", uid)
+        got = sql(
+            node,
+            "SELECT spool_path FROM instances WHERE sop_instance_uid = ? AND status = 'stored'",
+            uid,
+        )
         assert got and Path(got[0][0]).is_file(), uid
     assert not list((node.data_dir / "spool" / "incoming").glob("*")), "temp files left"
 
@@ -401,7 +454,7 @@ def _store_on_wrong_context(port: int, called: str, path: Path) -> list:
     raw = io.BytesIO()
     pydicom.dcmwrite(raw, ds, write_like_original=False)
     stream = raw.getvalue()
-    body = stream[132 + 12 + struct.unpack("<I", stream[140:144])[0]:]
+    body = stream[132 + 12 + struct.unpack("<I", stream[140:144])[0] :]
     ae = make_ae("TESTSCU", acse_timeout=10, dimse_timeout=10, network_timeout=10)
     ae.add_requested_context(MR, ExplicitVRLittleEndian)
     ae.add_requested_context(Verification, ExplicitVRLittleEndian)
@@ -442,8 +495,7 @@ def _rows(cfg, query: str) -> list[tuple]:
         con.close()
 
 
-def test_enospc_during_write_is_out_of_resources_and_cleans_up(tmp_path: Path,
-                                                               monkeypatch) -> None:
+def test_enospc_during_write_is_out_of_resources_and_cleans_up(tmp_path: Path, monkeypatch) -> None:
     from storage import spool as spool_mod
 
     info = make_ct_series(tmp_path / "ct", [], n_slices=2, size=32, seed=132)
@@ -458,7 +510,7 @@ def test_enospc_during_write_is_out_of_resources_and_cleans_up(tmp_path: Path,
         assert send_folder(info.paths[:1], receiver.port).statuses == [0xA700]
         monkeypatch.setattr(spool_mod, "_write_all", real)
         assert not [p for p in cfg.spool_dir.rglob("*") if p.is_file()], "temp file left"
-        (reason,), = _rows(cfg, "SELECT reason FROM instances WHERE status = 'rejected'")
+        ((reason,),) = _rows(cfg, "SELECT reason FROM instances WHERE status = 'rejected'")
         assert "no space left" in reason.lower()
         # space is back: the same receiver stores again
         assert send_folder(info.paths[1:], receiver.port).statuses == [0]
@@ -472,11 +524,11 @@ def test_low_disk_refusals_are_counted_not_written_and_resume(tmp_path: Path) ->
         receiver.min_free_bytes = 1 << 62  # below the watermark
         res = send_folder(info.paths[:-1], receiver.port)
         assert res.statuses == [0xA700] * (LOW_DISK_ROWS + 4)
-        (count,), = _rows(cfg, "SELECT COUNT(*) FROM instances")
+        ((count,),) = _rows(cfg, "SELECT COUNT(*) FROM instances")
         assert count == LOW_DISK_ROWS, "refusals past the first ones must not write rows"
         receiver.min_free_bytes = 0  # space is back
         assert send_folder(info.paths[-1:], receiver.port).statuses == [0]
-        (details,), = _rows(cfg, "SELECT details FROM events WHERE kind = 'space-recovered'")
+        ((details,),) = _rows(cfg, "SELECT details FROM events WHERE kind = 'space-recovered'")
         assert details and f'"refused": {LOW_DISK_ROWS + 4}' in details, details
 
 
@@ -509,8 +561,16 @@ def test_open_allow_list_needs_loopback_or_explicit_opt_in() -> None:
         with pytest.raises(ConfigError, match="allow_any_caller"):
             check_exposure(config_from_dict({"network": {"host": host}}))
         check_exposure(config_from_dict({"network": {"host": host, "allow_any_caller": True}}))
-        check_exposure(config_from_dict({"network": {"host": host, "allowed_callers": [
-            {"ae_title": "PACS", "host": "10.0.0.0/8"}]}}))
+        check_exposure(
+            config_from_dict(
+                {
+                    "network": {
+                        "host": host,
+                        "allowed_callers": [{"ae_title": "PACS", "host": "10.0.0.0/8"}],
+                    }
+                }
+            )
+        )
 
 
 def test_ipv4_mapped_peers_match_ipv4_rules() -> None:
@@ -520,8 +580,12 @@ def test_ipv4_mapped_peers_match_ipv4_rules() -> None:
 
     rules = [AllowedCaller("PACS", "10.1.0.0/16")]
     for peer, ok in (("::ffff:10.1.2.3", True), ("10.1.2.3", True), ("::ffff:10.2.0.1", False)):
-        assert check_access("PACS", "MOLRE", peer, own_ae="MOLRE", require_called_ae=True,
-                            allowed=rules).allowed is ok, peer
+        assert (
+            check_access(
+                "PACS", "MOLRE", peer, own_ae="MOLRE", require_called_ae=True, allowed=rules
+            ).allowed
+            is ok
+        ), peer
     assert peer_host("::ffff:127.0.0.1") == "127.0.0.1" and peer_host("::1") == "::1"
 
 
@@ -535,22 +599,40 @@ def test_idle_connections_do_not_stall_the_tls_listener(tmp_path: Path) -> None:
     from tests.test_node_receiver import _self_signed
 
     cert, key = _self_signed(tmp_path, "node")
-    cfg = config_from_dict({
-        "network": {"port": 0, "acse_timeout_s": 1.5, "network_timeout_s": 1.5},
-        "tls": {"enabled": True, "certificate": str(cert), "key": str(key)},
-        "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"}})
+    cfg = config_from_dict(
+        {
+            "network": {"port": 0, "acse_timeout_s": 1.5, "network_timeout_s": 1.5},
+            "tls": {"enabled": True, "certificate": str(cert), "key": str(key)},
+            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"},
+        }
+    )
     db = Database(cfg.database_url)
     db.upgrade()
     receiver = Receiver(cfg, Store(db), Spool(cfg.spool_dir))
     receiver.start()
     try:
         idle = [connect(receiver.port, "127.0.0.2") for _ in range(3)]
-        assert echo("127.0.0.1", receiver.port, "MOLRE", ssl_context=client_ssl_context(cert),
-                    timeout=5) == 0, "an idle TCP connection stalled the TLS listener"
+        assert (
+            echo(
+                "127.0.0.1", receiver.port, "MOLRE", ssl_context=client_ssl_context(cert), timeout=5
+            )
+            == 0
+        ), "an idle TCP connection stalled the TLS listener"
         assert all(closed_by_node(s, 5) for s in idle), "idle TLS connections must time out"
-        wait_until(lambda: len(_rows(cfg, "SELECT 1 FROM associations WHERE peer_host = "
-                                          "'127.0.0.2' AND reject_reason LIKE '%TLS handshake%'"))
-                   == 3, 10, what="TLS handshake failures audited")
+        wait_until(
+            lambda: (
+                len(
+                    _rows(
+                        cfg,
+                        "SELECT 1 FROM associations WHERE peer_host = "
+                        "'127.0.0.2' AND reject_reason LIKE '%TLS handshake%'",
+                    )
+                )
+                == 3
+            ),
+            10,
+            what="TLS handshake failures audited",
+        )
     finally:
         receiver.stop(timeout=5)
         db.dispose()

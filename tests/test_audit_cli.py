@@ -73,25 +73,39 @@ def test_show_timeline_in_time_order(seeded) -> None:
     times = [dt.datetime.fromisoformat(r["at"]) for r in rows]
     assert times == sorted(times)
     assert [r["to_state"] for r in rows if r["entity"] == "series"][-1] == "delivered"
-    csv_rows = list(csv.DictReader(io.StringIO(
-        run("show", u.studies["a"], *db_args(data), "-f", "csv"))))
+    csv_rows = list(
+        csv.DictReader(io.StringIO(run("show", u.studies["a"], *db_args(data), "-f", "csv")))
+    )
     assert {"at", "entity", "kind", "details"} <= set(csv_rows[0])
-    assert any(json.loads(r["details"] or "{}").get("reason") == "ImageType LOCALIZER"
-               for r in csv_rows)
+    assert any(
+        json.loads(r["details"] or "{}").get("reason") == "ImageType LOCALIZER" for r in csv_rows
+    )
     with pytest.raises(MolreError, match="9.9.9"):
         run("show", "9.9.9", *db_args(data))
 
 
 def test_findings_filters(seeded) -> None:
     data, u = seeded
-    rows = json.loads(run("findings", *db_args(data), "--finding", "subdural_hemorrhage",
-                          "--min-prob", "0.5", "-f", "json"))
-    assert [(r["series_uid"], r["probability"], r["decision"]) for r in rows] == \
-        [(u.series["delivered"], 0.91, True)]
+    rows = json.loads(
+        run(
+            "findings",
+            *db_args(data),
+            "--finding",
+            "subdural_hemorrhage",
+            "--min-prob",
+            "0.5",
+            "-f",
+            "json",
+        )
+    )
+    assert [(r["series_uid"], r["probability"], r["decision"]) for r in rows] == [
+        (u.series["delivered"], 0.91, True)
+    ]
     assert json.loads(run("findings", *db_args(data), "--since", "1d", "-f", "json")) == []
     since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=11)).date().isoformat()
-    rows = list(csv.DictReader(io.StringIO(run("findings", *db_args(data), "--since", since,
-                                               "-f", "csv"))))
+    rows = list(
+        csv.DictReader(io.StringIO(run("findings", *db_args(data), "--since", since, "-f", "csv")))
+    )
     assert len(rows) == 5 and {r["decision"] for r in rows} == {"Present", "Absent"}
     table = run("findings", *db_args(data), "--finding", "subdural_hemorrhage")
     assert "Present" in table and "True" not in table
@@ -101,8 +115,11 @@ def test_findings_filters(seeded) -> None:
 
 def test_findings_unknown_key_lists_the_valid_ones(seeded) -> None:
     data, _ = seeded
-    with pytest.raises(MolreError, match="'subdural' is not a finding key.*Did you mean "
-                                         ".*subdural_hemorrhage.*Valid keys: .*hydrocephalus"):
+    with pytest.raises(
+        MolreError,
+        match="'subdural' is not a finding key.*Did you mean "
+        ".*subdural_hemorrhage.*Valid keys: .*hydrocephalus",
+    ):
         run("findings", *db_args(data), "--finding", "subdural")
     result = runner.invoke(app, ["audit", "findings", "--help"])
     assert result.exit_code == 0 and "molre-node models" not in result.stdout
@@ -113,10 +130,12 @@ def test_exports_pending_failed(seeded) -> None:
     all_rows = json.loads(run("exports", *db_args(data), "-f", "json"))
     assert {r["state"] for r in all_rows} == {"delivered", "pending"}
     failed = json.loads(run("exports", *db_args(data), "--failed", "-f", "json"))
-    assert [(r["series_uid"], r["last_status"], r["last_error"]) for r in failed] == \
-        [(u.series["retrying"], "0xA700", "Out of Resources")]
-    pending = list(csv.DictReader(io.StringIO(run("exports", *db_args(data), "--pending",
-                                                  "-f", "csv"))))
+    assert [(r["series_uid"], r["last_status"], r["last_error"]) for r in failed] == [
+        (u.series["retrying"], "0xA700", "Out of Resources")
+    ]
+    pending = list(
+        csv.DictReader(io.StringIO(run("exports", *db_args(data), "--pending", "-f", "csv")))
+    )
     assert [r["destination"] for r in pending] == ["PACS"]
 
 
@@ -154,16 +173,21 @@ def test_prune_dry_run_then_real(seeded, tmp_path: Path) -> None:
 
         from storage.models import Instance
 
-        s.execute(Instance.__table__.update().values(spool_path=func.replace(
-            Instance.spool_path, str(data), str(copy))))
+        s.execute(
+            Instance.__table__.update().values(
+                spool_path=func.replace(Instance.spool_path, str(data), str(copy))
+            )
+        )
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{copy}"\n')
     files_before = sorted(p for p in (copy / "spool").rglob("*.dcm"))
-    dry = json.loads(run("prune", "--older-than", "5d", "--dry-run", "--config", str(cfg),
-                         "-f", "json"))
+    dry = json.loads(
+        run("prune", "--older-than", "5d", "--dry-run", "--config", str(cfg), "-f", "json")
+    )
     assert dry["dry_run"] is True
-    assert sorted(dry["series"]) == sorted([u.series["delivered"], u.series["skipped"],
-                                            u.series["failed"]])
+    assert sorted(dry["series"]) == sorted(
+        [u.series["delivered"], u.series["skipped"], u.series["failed"]]
+    )
     assert sorted(p for p in (copy / "spool").rglob("*.dcm")) == files_before
     out = run("prune", "--older-than", "5d", "--config", str(cfg))
     assert out.startswith("removed") and "3 series" in out

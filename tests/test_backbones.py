@@ -59,13 +59,21 @@ def test_ctfm_matches_published_encoder(ctfm):
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in ctfm.state_dict().items()} == ref_shapes
     assert ctfm.spec.feature_dim == 512 and ctfm.spec.dims == 3
-    assert ctfm.spec.recipe == {"name": "ctfm-3d", "spacing": [5.0, 2.0, 2.0], "roi": [48, 128, 128]}
+    assert ctfm.spec.recipe == {
+        "name": "ctfm-3d",
+        "spacing": [5.0, 2.0, 2.0],
+        "roi": [48, 128, 128],
+    }
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         maps = ctfm.feature_maps(x)
         feat = ctfm(x)
     assert [tuple(m.shape) for m in maps] == [
-        (1, 32, 32, 32, 32), (1, 64, 16, 16, 16), (1, 128, 8, 8, 8), (1, 256, 4, 4, 4), (1, 512, 2, 2, 2)
+        (1, 32, 32, 32, 32),
+        (1, 64, 16, 16, 16),
+        (1, 128, 8, 8, 8),
+        (1, 256, 4, 4, 4),
+        (1, 512, 2, 2, 2),
     ]
     assert feat.shape == (1, 512)
     torch.testing.assert_close(feat, maps[-1].mean(dim=(2, 3, 4)))
@@ -80,12 +88,15 @@ def test_ctfm_presets_adapt_the_documented_convs(ctfm):
     for preset in ("paper", "light"):
         with torch.device("meta"):
             m = create_backbone("ct-fm")
-            names = inject_adapters(m, MoLREConfig(experts=6, rank=8,
-                                                   targets=preset_targets(m.spec, preset)))
+            names = inject_adapters(
+                m, MoLREConfig(experts=6, rank=8, targets=preset_targets(m.spec, preset))
+            )
         reports[preset] = (names, adapter_report(m))
     paper, light = reports["paper"][0], reports["light"][0]
     assert paper[0] == "conv_init"
-    assert sorted(n for n in paper if "downsample" in n) == [f"layers.{i}.downsample" for i in (1, 2, 3)]
+    assert sorted(n for n in paper if "downsample" in n) == [
+        f"layers.{i}.downsample" for i in (1, 2, 3)
+    ]
     blocks = [n for n in paper if ".blocks." in n]
     assert {n.split(".")[1] for n in blocks} == {"2", "3", "4"}
     assert len(blocks) == 2 * (2 + 4 + 4) and len(paper) == 1 + 3 + len(blocks)
@@ -103,16 +114,23 @@ def test_vit_paper_preset_is_patch_embedding_and_every_attention(name):
     m = create_backbone(name, img_size=32, depth=3) if name != "tiny-2d" else create_backbone(name)
     depth = len(m.blocks)
     names = inject_adapters(m, MoLREConfig(experts=2, rank=2, targets=m.spec.default_targets))
-    assert names == ["patch_embed.proj"] + [f"blocks.{i}.attn.{k}" for i in range(depth)
-                                            for k in ("qkv", "proj")]
+    assert names == ["patch_embed.proj"] + [
+        f"blocks.{i}.attn.{k}" for i in range(depth) for k in ("qkv", "proj")
+    ]
     light = preset_targets(m.spec, "light")
     assert light != m.spec.default_targets
 
 
 def test_medsiglip_paper_preset_wraps_patch_embedding_and_still_runs():
     pytest.importorskip("transformers")
-    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              image_size=28, patch_size=14)
+    kw = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
     torch.manual_seed(0)
     m = create_backbone("medsiglip", **kw)
     x = torch.randn(2, 3, 28, 28)
@@ -237,14 +255,30 @@ def test_dinov3_meta_checkpoint_is_converted(tmp_path):
 
 
 def test_medsiglip_loads_vision_tower_of_full_siglip_checkpoint(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="medsiglip needs the optional transformers")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=32, patch_size=8)
+    transformers = pytest.importorskip(
+        "transformers", reason="medsiglip needs the optional transformers"
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
     cfg = transformers.SiglipConfig(
         vision_config=vision,
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=99, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0))
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=99,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+    )
     torch.manual_seed(8)
     full = transformers.SiglipModel(cfg)
     d = tmp_path / "medsiglip-448"
@@ -301,7 +335,7 @@ def _run_cli(args: list[str]):
 def test_cli_backbones_json_lists_every_entry():
     res = _run_cli(["backbones", "--json"])
     assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout[res.stdout.index("{"):])
+    doc = json.loads(res.stdout[res.stdout.index("{") :])
     rows = {r["name"]: r for r in doc["backbones"]}
     assert set(rows) == set(list_backbones())
     assert (doc["experts"], doc["rank"]) == (6, 8)
@@ -326,7 +360,7 @@ def test_cli_backbones_json_lists_every_entry():
 def test_cli_backbones_counts_match_a_real_cpu_build():
     res = _run_cli(["backbones", "--json", "--only", "tiny-3d,tiny-2d"])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.stdout[res.stdout.index("{"):])["backbones"]
+    rows = json.loads(res.stdout[res.stdout.index("{") :])["backbones"]
     assert [r["name"] for r in rows] == ["tiny-3d", "tiny-2d"]
     for r in rows:
         m = create_backbone(r["name"])
@@ -358,7 +392,10 @@ def test_every_recipe_is_valid_and_fits_its_backbone():
             with torch.device("meta"):
                 net = create_backbone(name)
             channels = getattr(net, "in_channels", 1)  # one per CT window (phantom-3d: 3)
-            assert shape[0] == channels and all(s % net.stride == 0 for s in shape[1:]), (name, shape)
+            assert shape[0] == channels and all(s % net.stride == 0 for s in shape[1:]), (
+                name,
+                shape,
+            )
         else:
             assert shape[1] == 3 and shape[2] == shape[3] == spec.recipe["size"]
             assert recipe.params["normalize"] == ("siglip" if name == "medsiglip" else "imagenet")

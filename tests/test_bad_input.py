@@ -59,16 +59,30 @@ def _send_case(node: NodeProcess, case: BuiltCase, calling_ae: str) -> list[int 
             # Explicit first and convert on the fly)
             ts = pydicom.dcmread(paths[0], force=True).file_meta.get("TransferSyntaxUID")
             opts = ["-xi"] if ts == "1.2.840.10008.1.2" else []
-            res = subprocess.run([dcmtk_tool("storescu"), *opts, "-aet", calling_ae, "-aec",
-                                  node.ae_title, "127.0.0.1", str(node.port),
-                                  *map(str, paths)], capture_output=True, text=True,
-                                 timeout=120, env=env)
+            res = subprocess.run(
+                [
+                    dcmtk_tool("storescu"),
+                    *opts,
+                    "-aet",
+                    calling_ae,
+                    "-aec",
+                    node.ae_title,
+                    "127.0.0.1",
+                    str(node.port),
+                    *map(str, paths),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
             # storescu exits non-zero when any store failed; per-object detail is in its log
             statuses += [0x0000 if res.returncode == 0 else 0xC000] * len(paths)
             continue
         try:
-            result = send_folder(paths, node.port, called_ae=node.ae_title,
-                                 calling_ae=calling_ae, timeout=60)
+            result = send_folder(
+                paths, node.port, called_ae=node.ae_title, calling_ae=calling_ae, timeout=60
+            )
             statuses += list(result.statuses)
         except AssociationError:
             statuses += [None] * len(paths)
@@ -83,7 +97,9 @@ def _rows(db: Path, calling_ae: str) -> list[dict[str, Any]]:
             "select i.sop_instance_uid, i.series_uid, i.status, i.reason, i.spool_path, "
             "i.transfer_syntax "
             "from instances i join associations a on a.id = i.association_id "
-            "where a.calling_ae = ? order by i.id", (calling_ae,))
+            "where a.calling_ae = ? order by i.id",
+            (calling_ae,),
+        )
         return [dict(r) for r in cur.fetchall()]
     finally:
         con.close()
@@ -93,9 +109,13 @@ def _associations(db: Path, calling_ae: str) -> list[dict[str, Any]]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     con.row_factory = sqlite3.Row
     try:
-        return [dict(r) for r in con.execute(
-            "select id, outcome, reject_reason from associations where calling_ae = ?",
-            (calling_ae,)).fetchall()]
+        return [
+            dict(r)
+            for r in con.execute(
+                "select id, outcome, reject_reason from associations where calling_ae = ?",
+                (calling_ae,),
+            ).fetchall()
+        ]
     finally:
         con.close()
 
@@ -104,15 +124,20 @@ def _series(db: Path, uid: str) -> dict[str, Any] | None:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     con.row_factory = sqlite3.Row
     try:
-        row = con.execute("select series_uid, state, reason from series where series_uid = ?",
-                          (uid,)).fetchone()
+        row = con.execute(
+            "select series_uid, state, reason from series where series_uid = ?", (uid,)
+        ).fetchone()
         return dict(row) if row else None
     finally:
         con.close()
 
 
-def _mismatch(o: Outcome, statuses: list[int | None], rows: list[dict[str, Any]],
-              series: dict[str, dict[str, Any] | None]) -> str | None:
+def _mismatch(
+    o: Outcome,
+    statuses: list[int | None],
+    rows: list[dict[str, Any]],
+    series: dict[str, dict[str, Any] | None],
+) -> str | None:
     """None when the facts match outcome `o`, else why not."""
     classes = [status_class(s) for s in statuses]
     for k, c in enumerate(classes):
@@ -132,8 +157,7 @@ def _mismatch(o: Outcome, statuses: list[int | None], rows: list[dict[str, Any]]
         if len(rows) != sent:
             return f"{len(rows)} instance rows for {sent} objects sent"
         for k, r in enumerate(rows):
-            allowed = o.instances_last if (o.instances_last and k == len(rows) - 1) \
-                else o.instances
+            allowed = o.instances_last if (o.instances_last and k == len(rows) - 1) else o.instances
             if r["status"] not in allowed:
                 return f"instance row {k}: status {r['status']!r} not in {allowed}"
     for role, rec in series.items():
@@ -176,22 +200,23 @@ def test_corpus_has_enough_distinct_cases(corpus: list[BuiltCase]) -> None:
     ds = pydicom.dcmread(by_name["wrong_sop_class_vs_context"].items[0].path)
     assert ds.SOPClassUID != ds.file_meta.MediaStorageSOPClassUID
     assert "SOPInstanceUID" not in pydicom.dcmread(
-        by_name["missing_sop_instance_uid"].items[0].path)
+        by_name["missing_sop_instance_uid"].items[0].path
+    )
 
 
 @needs_dcmtk
 def test_bad_input_corpus_against_node(corpus: list[BuiltCase], tmp_path: Path) -> None:
     with StorageSCP("BADPACS") as scp:
-        node = NodeProcess.create(tmp_path, destinations=[scp.destination()],
-                                  model=model_section())
+        node = NodeProcess.create(tmp_path, destinations=[scp.destination()], model=model_section())
         with node:
             db = node.data_dir / "molre.db"
             sent: dict[str, list[int | None]] = {}
             for i, case in enumerate(corpus):
                 sent[case.name] = _send_case(node, case, _case_ae(i))
                 assert node.alive, f"node died after case {case.name}:\n{node.log_tail()}"
-                assert echo(node.port, node.ae_title, timeout=10) == 0, \
+                assert echo(node.port, node.ae_title, timeout=10) == 0, (
                     f"no C-ECHO after case {case.name}:\n{node.log_tail()}"
+                )
 
             # every series that exists must settle in a terminal state
             def settled() -> bool:
@@ -216,17 +241,23 @@ def test_bad_input_corpus_against_node(corpus: list[BuiltCase], tmp_path: Path) 
                     continue
                 rows = _rows(db, ae)
                 series = {role: _series(db, uid) for role, uid in case.series_uids.items()}
-                why = [(o, _mismatch(o, sent[case.name], rows, series))
-                       for o in case.expected.alternatives]
+                why = [
+                    (o, _mismatch(o, sent[case.name], rows, series))
+                    for o in case.expected.alternatives
+                ]
                 ok = [o for o, w in why if w is None]
                 if ok:
                     matched.append(f"{case.name}: {ok[0].label or 'ok'}")
                 else:
-                    problems.append(f"{case.name}: " + " | ".join(f"[{o.label}] {w}"
-                                                                  for o, w in why))
+                    problems.append(
+                        f"{case.name}: " + " | ".join(f"[{o.label}] {w}" for o, w in why)
+                    )
             print("\n".join(["bad-input outcomes:"] + matched))
-            assert not problems, "cases not matching any expected outcome:\n" + \
-                "\n".join(problems) + f"\n--- node log ---\n{node.log_tail(40)}"
+            assert not problems, (
+                "cases not matching any expected outcome:\n"
+                + "\n".join(problems)
+                + f"\n--- node log ---\n{node.log_tail(40)}"
+            )
 
             # the file without preamble was stored as a proper Part-10 file
             pre = next(c for c in corpus if c.name == "missing_preamble")
@@ -250,8 +281,12 @@ def test_bad_input_corpus_against_node(corpus: list[BuiltCase], tmp_path: Path) 
         for ds in srs:
             for uid in sr_source_series(ds):
                 per_series[uid] = per_series.get(uid, 0) + 1
-        delivered = {uid for case in corpus for uid in case.series_uids.values()
-                     if (_series(db, uid) or {}).get("state") == "delivered"}
+        delivered = {
+            uid
+            for case in corpus
+            for uid in case.series_uids.values()
+            if (_series(db, uid) or {}).get("state") == "delivered"
+        }
         assert delivered, "no case was read at all"
         assert per_series == {uid: 1 for uid in delivered}
 

@@ -14,29 +14,60 @@ from molre.catalog import CATEGORIES, Catalog, Finding, load_catalog
 # Copied from /work/shared/REFERENCE.md ("Codes checked against public sources"): the only SCT
 # codes the catalog may use, with their meanings exactly as listed there.
 VERIFIED_SCT = {
-    "52101004": "Present", "272519000": "Absent", "373068000": "Undetermined",
-    "303653007": "CT of head", "69536005": "Head", "12738006": "Brain", "89546000": "Skull",
-    "41695006": "Scalp", "2095001": "Paranasal sinus",
-    "1386000": "intracranial hemorrhage", "35486000": "subdural hemorrhage",
-    "95453001": "subdural hematoma", "21454007": "subarachnoid hemorrhage",
-    "23276006": "ventricular hemorrhage", "274100004": "cerebral hemorrhage",
+    "52101004": "Present",
+    "272519000": "Absent",
+    "373068000": "Undetermined",
+    "303653007": "CT of head",
+    "69536005": "Head",
+    "12738006": "Brain",
+    "89546000": "Skull",
+    "41695006": "Scalp",
+    "2095001": "Paranasal sinus",
+    "1386000": "intracranial hemorrhage",
+    "35486000": "subdural hemorrhage",
+    "95453001": "subdural hematoma",
+    "21454007": "subarachnoid hemorrhage",
+    "23276006": "ventricular hemorrhage",
+    "274100004": "cerebral hemorrhage",
     "449020009": "intraparenchymal hemorrhage of brain",
-    "315048006": "traumatic extradural hematoma", "432504007": "cerebral infarction",
-    "422504002": "ischemic stroke", "230698000": "lacunar infarction", "2032001": "cerebral edema",
-    "49453006": "cerebral herniation", "230745008": "hydrocephalus",
-    "71642004": "fracture of skull", "126952004": "neoplasm of brain",
-    "85974009": "mass of intracranial structure", "302820008": "intracranial meningioma",
-    "33595009": "arachnoid cyst", "253184003": "Chiari malformation",
-    "192759008": "cerebral venous sinus thrombosis", "128609009": "intracranial aneurysm",
-    "36971009": "sinusitis", "19227008": "foreign body", "50960005": "hemorrhage",
-    "35566002": "hematoma", "79654002": "edema", "13331008": "atrophy", "4147007": "mass",
-    "18115005": "pathologic calcification", "396339007": "thrombus",
+    "315048006": "traumatic extradural hematoma",
+    "432504007": "cerebral infarction",
+    "422504002": "ischemic stroke",
+    "230698000": "lacunar infarction",
+    "2032001": "cerebral edema",
+    "49453006": "cerebral herniation",
+    "230745008": "hydrocephalus",
+    "71642004": "fracture of skull",
+    "126952004": "neoplasm of brain",
+    "85974009": "mass of intracranial structure",
+    "302820008": "intracranial meningioma",
+    "33595009": "arachnoid cyst",
+    "253184003": "Chiari malformation",
+    "192759008": "cerebral venous sinus thrombosis",
+    "128609009": "intracranial aneurysm",
+    "36971009": "sinusitis",
+    "19227008": "foreign body",
+    "50960005": "hemorrhage",
+    "35566002": "hematoma",
+    "79654002": "edema",
+    "13331008": "atrophy",
+    "4147007": "mass",
+    "18115005": "pathologic calcification",
+    "396339007": "thrombus",
 }
 
 PHANTOM_KEYS = [
-    "intraparenchymal_hemorrhage", "subdural_hemorrhage", "epidural_hematoma",
-    "intraventricular_hemorrhage", "subarachnoid_hemorrhage", "acute_infarct", "skull_fracture",
-    "hydrocephalus", "midline_shift", "intracranial_calcification", "intracranial_mass",
+    "intraparenchymal_hemorrhage",
+    "subdural_hemorrhage",
+    "epidural_hematoma",
+    "intraventricular_hemorrhage",
+    "subarachnoid_hemorrhage",
+    "acute_infarct",
+    "skull_fracture",
+    "hydrocephalus",
+    "midline_shift",
+    "intracranial_calcification",
+    "intracranial_mass",
     "vasogenic_edema",
 ]
 
@@ -90,10 +121,12 @@ def test_round_trip_digest_and_docs_in_sync() -> None:
 
 def test_site_csv_and_json_replace_packaged(tmp_path: Path) -> None:
     csv_path = tmp_path / "site.csv"
-    csv_path.write_text(f"{FIELDS}\n"
-                        "ich,Any bleed,hemorrhage,SCT,1386000,intracranial hemorrhage\n"
-                        "\n"
-                        "fx,Fracture,trauma,99MOLRE,FX,Fracture\n")
+    csv_path.write_text(
+        f"{FIELDS}\n"
+        "ich,Any bleed,hemorrhage,SCT,1386000,intracranial hemorrhage\n"
+        "\n"
+        "fx,Fracture,trauma,99MOLRE,FX,Fracture\n"
+    )
     cat = load_catalog(csv_path)
     assert cat.keys == ["ich", "fx"] and cat.categories == ["hemorrhage", "trauma"]
     assert cat.get("fx") == Finding("fx", "Fracture", "trauma", "99MOLRE", "FX", "Fracture")
@@ -113,8 +146,9 @@ def test_site_csv_and_json_replace_packaged(tmp_path: Path) -> None:
         ("a,A,trauma,99MOLRE,A,x\nb,B,trauma,99MOLRE,A,y\n", "code 99MOLRE A used by both"),
     ],
 )
-def test_site_csv_validation_errors_name_line_and_key(tmp_path: Path, body: str,
-                                                      needle: str) -> None:
+def test_site_csv_validation_errors_name_line_and_key(
+    tmp_path: Path, body: str, needle: str
+) -> None:
     p = tmp_path / "bad.csv"
     p.write_text(f"{FIELDS}\n{body}")
     with pytest.raises(MolreError) as err:
@@ -132,9 +166,23 @@ def test_site_file_format_errors(tmp_path: Path) -> None:
     with pytest.raises(MolreError, match="line 2: invalid JSON"):
         load_catalog(bad_json)
     extra = tmp_path / "e.json"
-    extra.write_text(json.dumps({"findings": [{"key": "a", "name": "A", "category": "trauma",
-                                               "scheme": "99MOLRE", "value": "A", "meaning": "A",
-                                               "colour": "red"}]}))
+    extra.write_text(
+        json.dumps(
+            {
+                "findings": [
+                    {
+                        "key": "a",
+                        "name": "A",
+                        "category": "trauma",
+                        "scheme": "99MOLRE",
+                        "value": "A",
+                        "meaning": "A",
+                        "colour": "red",
+                    }
+                ]
+            }
+        )
+    )
     with pytest.raises(MolreError, match=r"findings\[0\] \('a'\): unknown field\(s\) colour"):
         load_catalog(extra)
     with pytest.raises(MolreError, match="does not exist"):

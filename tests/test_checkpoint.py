@@ -115,8 +115,11 @@ def test_missing_checkpoint_says_where_it_looked(tmp_path):
         Predictor.from_checkpoint(tmp_path / "nothing")
     assert str(tmp_path / "nothing" / "model.json") in str(e.value)
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "model.json").write_text(json.dumps(
-        {"format_version": 1, "backbone": {}, "catalog": {}, "recipe": {}, "adapter": {}}))
+    (tmp_path / "half" / "model.json").write_text(
+        json.dumps(
+            {"format_version": 1, "backbone": {}, "catalog": {}, "recipe": {}, "adapter": {}}
+        )
+    )
     with pytest.raises(CheckpointError, match="adapter.safetensors"):
         load_checkpoint(tmp_path / "half")
 
@@ -143,8 +146,10 @@ def test_packaged_demo_checkpoint_loads_and_is_labelled():
 def test_assessed_findings_are_those_with_validation_evidence():
     from molre.checkpoint import assessed_findings
 
-    card = {"catalog": {"findings": [{"key": "a"}, {"key": "b"}, {"key": "c"}]},
-            "metrics": {"auc": {"a": 0.9, "b": None, "c": 0.55}}}
+    card = {
+        "catalog": {"findings": [{"key": "a"}, {"key": "b"}, {"key": "c"}]},
+        "metrics": {"auc": {"a": 0.9, "b": None, "c": 0.55}},
+    }
     assert assessed_findings(card) == ["a", "c"]  # b had no positives/negatives in validation
     assert assessed_findings({**card, "assessed_findings": ["c"]}) == ["c"]
     assert assessed_findings({"catalog": card["catalog"]}) == ["a", "b", "c"]  # no metrics

@@ -51,24 +51,36 @@ def _enhanced(shared: dict, per_frame: list[dict]) -> Dataset:
 
 def test_ct_storage_classes_come_from_pydicom() -> None:
     assert [str(u) for u in CT_STORAGE_CLASSES] == [
-        "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"]
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.2.2",
+    ]
 
 
 def test_per_frame_functional_group_overrides_shared() -> None:
-    ds = _enhanced({"PixelMeasuresSequence": {"PixelSpacing": [0.5, 0.5], "SliceThickness": 5},
-                    "CTReconstructionSequence": {"ConvolutionKernel": "STANDARD"}},
-                   [{"PixelMeasuresSequence": {"PixelSpacing": [0.7, 0.7]}}] * 2)
+    ds = _enhanced(
+        {
+            "PixelMeasuresSequence": {"PixelSpacing": [0.5, 0.5], "SliceThickness": 5},
+            "CTReconstructionSequence": {"ConvolutionKernel": "STANDARD"},
+        },
+        [{"PixelMeasuresSequence": {"PixelSpacing": [0.7, 0.7]}}] * 2,
+    )
     frame = ds.PerFrameFunctionalGroupsSequence[0]
-    assert [float(v) for v in functional_group_value(
-        ds, frame, "PixelMeasuresSequence", "PixelSpacing")] == [0.7, 0.7]
+    assert [
+        float(v) for v in functional_group_value(ds, frame, "PixelMeasuresSequence", "PixelSpacing")
+    ] == [0.7, 0.7]
     # the frame's macro lacks the attribute: the shared one answers
     assert functional_group_value(ds, frame, "PixelMeasuresSequence", "SliceThickness") == 5
-    assert functional_group_value(ds, frame, "CTReconstructionSequence",
-                                  "ConvolutionKernel") == "STANDARD"
+    assert (
+        functional_group_value(ds, frame, "CTReconstructionSequence", "ConvolutionKernel")
+        == "STANDARD"
+    )
     # neither: the top-level attribute, else None
     assert functional_group_value(ds, frame, "CTReconstructionSequence", "Modality") == "CT"
-    assert functional_group_value(ds, frame, "PixelValueTransformationSequence",
-                                  "RescaleSlope") is None
+    assert (
+        functional_group_value(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+        is None
+    )
     # the header the node stores follows the same precedence (was shared-first)
     meta = read_header(ds, ExplicitVRLittleEndian).meta
     assert meta["PixelSpacing"] == [0.7, 0.7]
@@ -92,19 +104,46 @@ class _Card:
 
 def test_jsonable_converts_what_the_callers_store() -> None:
     value = {
-        1: _Colour.RED, "when": dt.datetime(2024, 5, 1, 12, tzinfo=dt.timezone.utc),
-        "path": Path("/a/b"), "raw": b"\x01\xff", "nan": float("nan"), "inf": np.float32("inf"),
-        "np": np.arange(3, dtype=np.int16), "scalar": np.float64(0.123456), "flag": np.bool_(True),
-        "ds": DSfloat("1.5"), "is": IS("7"), "pn": PersonName("Doe^John"),
-        "multi": MultiValue(float, ["1", "2"]), "text": "a\x1b[31mb\x00c", "set": {2},
-        "card": _Card(), "none": None, "nested": ({"x": (1, 2)},),
+        1: _Colour.RED,
+        "when": dt.datetime(2024, 5, 1, 12, tzinfo=dt.timezone.utc),
+        "path": Path("/a/b"),
+        "raw": b"\x01\xff",
+        "nan": float("nan"),
+        "inf": np.float32("inf"),
+        "np": np.arange(3, dtype=np.int16),
+        "scalar": np.float64(0.123456),
+        "flag": np.bool_(True),
+        "ds": DSfloat("1.5"),
+        "is": IS("7"),
+        "pn": PersonName("Doe^John"),
+        "multi": MultiValue(float, ["1", "2"]),
+        "text": "a\x1b[31mb\x00c",
+        "set": {2},
+        "card": _Card(),
+        "none": None,
+        "nested": ({"x": (1, 2)},),
     }
     out = jsonable(value)
     assert out == {
-        "1": "red", "when": "2024-05-01T12:00:00+00:00", "path": "/a/b", "raw": "01ff",
-        "nan": None, "inf": None, "np": [0, 1, 2], "scalar": 0.123456, "flag": True, "ds": 1.5,
-        "is": 7, "pn": "Doe^John", "multi": [1.0, 2.0], "text": "a [31mb c", "set": [2],
-        "card": {"n": 3}, "none": None, "nested": [{"x": [1, 2]}]}
+        "1": "red",
+        "when": "2024-05-01T12:00:00+00:00",
+        "path": "/a/b",
+        "raw": "01ff",
+        "nan": None,
+        "inf": None,
+        "np": [0, 1, 2],
+        "scalar": 0.123456,
+        "flag": True,
+        "ds": 1.5,
+        "is": 7,
+        "pn": "Doe^John",
+        "multi": [1.0, 2.0],
+        "text": "a [31mb c",
+        "set": [2],
+        "card": {"n": 3},
+        "none": None,
+        "nested": [{"x": [1, 2]}],
+    }
     json.dumps(out, allow_nan=False)  # plain JSON
     assert type(out["is"]) is int and type(out["ds"]) is float
     assert jsonable({"f": np.float64(0.123456)}, float_digits=4) == {"f": 0.1235}
@@ -112,8 +151,9 @@ def test_jsonable_converts_what_the_callers_store() -> None:
 
 def test_json_default_keeps_nan_and_refuses_unknown_types() -> None:
     """The json.dumps fallback (model cards, metrics lines) leaves native values alone."""
-    text = json.dumps({"auc": float("nan"), "v": np.float32(0.5), "p": Path("x")},
-                      default=json_default)
+    text = json.dumps(
+        {"auc": float("nan"), "v": np.float32(0.5), "p": Path("x")}, default=json_default
+    )
     back = json.loads(text)
     assert math.isnan(back["auc"]) and back["v"] == 0.5 and back["p"] == "x"
     with pytest.raises(TypeError, match="object"):
@@ -142,8 +182,10 @@ def test_atomic_write_replaces_whole_files_and_cleans_up(tmp_path: Path) -> None
 
 def test_header_reader_still_reads_a_written_enhanced_ct(tmp_path: Path) -> None:
     """End to end through pydicom: the per-frame value wins after a write/read round trip."""
-    ds = _enhanced({"PixelMeasuresSequence": {"PixelSpacing": [0.5, 0.5]}},
-                   [{"PixelMeasuresSequence": {"PixelSpacing": [0.6, 0.6]}}])
+    ds = _enhanced(
+        {"PixelMeasuresSequence": {"PixelSpacing": [0.5, 0.5]}},
+        [{"PixelMeasuresSequence": {"PixelSpacing": [0.6, 0.6]}}],
+    )
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID

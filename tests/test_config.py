@@ -87,9 +87,11 @@ def test_example_names_exactly_the_schemas_keys() -> None:
 def test_docs_key_table_is_generated_from_the_schema() -> None:
     text = DOCS.read_text(encoding="utf-8")
     table = text.split("<!-- config-keys:begin -->\n")[1].split("<!-- config-keys:end -->")[0]
-    assert table == key_table(), ("docs/configuration.md: the key table differs from the "
-                                  "schema; paste `molre-node config-schema --keys` between the "
-                                  "config-keys markers")
+    assert table == key_table(), (
+        "docs/configuration.md: the key table differs from the "
+        "schema; paste `molre-node config-schema --keys` between the "
+        "config-keys markers"
+    )
     rows = [ln.split("|")[1].strip().strip("`") for ln in table.splitlines()[2:]]
     assert rows == iter_keys()
 
@@ -118,62 +120,108 @@ def test_json_schema_matches_the_models() -> None:
         assert sub["additionalProperties"] is False, name
     example = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
     jsonschema.validate(example, schema)
-    for bad in ({"network": {"prot": 1}}, {"network": {"port": 70000}},
-                {"storage": {"durability": "sometimes"}}, {"node": {"roles": ["gpu"]}}):
+    for bad in (
+        {"network": {"prot": 1}},
+        {"network": {"port": 70000}},
+        {"storage": {"durability": "sometimes"}},
+        {"node": {"roles": ["gpu"]}},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"network": {"port": "abc"}}, 'network.port: expected an integer 0..65535, got "abc"'),
-    ({"network": {"port": 70000}}, "network.port: expected an integer 0..65535, got 70000"),
-    ({"network": {"port": 2.5}}, "network.port: expected an integer 0..65535, got 2.5"),
-    ({"network": {"port": True}}, "network.port: expected an integer 0..65535, got True"),
-    ({"network": 5}, "network: expected a table, got 5"),
-    ({"network": {"allowed_callers": "PACS"}}, 'network.allowed_callers: expected a list'),
-    ({"network": {"max_associations_per_host": 11}},
-     "network.max_associations_per_host: expected 0 (= half of max_associations) or 1..10"),
-    ({"network": {"max_associate_rq_size": "1KiB"}},
-     "network.max_associate_rq_size: expected a size of at least 4096 bytes"),
-    ({"network": {"receiver_processes": 65}},
-     "network.receiver_processes: expected an integer 0..64, got 65"),
-    ({"network": {"prot": 1}}, "network.prot: unknown key"),
-    ({"nework": {}}, "nework: unknown key"),
-    ({"network": {"ae_title": "WAY-TOO-LONG-AE-TITLE"}}, "network.ae_title"),
-    ({"network": {"allowed_callers": [{"ae_title": "PACS", "host": "10.0.0.300"}]}},
-     "network.allowed_callers[0].host"),
-    ({"network": {"allowed_callers": [{"ae": "PACS"}]}}, "network.allowed_callers[0].ae: unknown"),
-    ({"assembler": {"quiet_time_s": -1}}, "assembler.quiet_time_s: expected a positive number"),
-    ({"assembler": {"quiet_time_s": "10"}},
-     'assembler.quiet_time_s: expected a positive number, got "10"'),
-    ({"selection": {"modalities": ["CT", 3]}}, "selection.modalities[1]: expected a string"),
-    ({"selection": {"slice_thickness_min_mm": 12}}, "selection.slice_thickness_min_mm: must be"),
-    ({"selection": {"prefer": "newest"}}, "selection.prefer"),
-    ({"selection": {"head_patterns": ["(unclosed"]}}, "selection.head_patterns[0]"),
-    ({"selection": {"min_slices": 0}}, "selection.min_slices"),
-    ({"model": {"device": "gpu"}}, 'model.device: expected "cpu", "cuda", "cuda:N" or "mps"'),
-    ({"model": {"isolation": "fork"}}, 'model.isolation: expected one of process, thread, got'),
-    ({"model": {"job_timeout_s": 700}}, "model.job_timeout_s: must be smaller than"),
-    ({"storage": {"durability": "sometimes"}},
-     'storage.durability: expected one of fsync, os, got "sometimes" ("fsync" = safe'),
-    ({"storage": {"data_dir": ""}}, "storage.data_dir: required"),
-    ({"storage": {"min_free_disk": "lots"}}, "storage.min_free_disk"),
-    ({"storage": {"min_free_disk": "150%"}}, "storage.min_free_disk"),
-    ({"tls": {"enabled": True}}, "tls.certificate: required"),
-    ({"destinations": [{"name": "a", "ae_title": "A", "port": 104},
-                       {"name": "a", "ae_title": "B", "port": 105}]}, "destinations[1].name"),
-    ({"destinations": [{"name": "a", "ae_title": "A", "port": 0}]},
-     "destinations[0].port: expected an integer 1..65535, got 0"),
-    ({"destinations": [{"ae_title": "A"}]}, "destinations[0].name: required"),
-    ({"destinations": [{"name": "a", "ae_title": "A", "calling_ae_title": "A\\B"}]},
-     "destinations[0].calling_ae_title: expected an AE title"),
-    ({"audit": {"store_phi": "yes"}}, 'audit.store_phi: expected a boolean (true or false), got "yes"'),
-    ({"logging": {"level": "verbose"}}, "logging.level: expected DEBUG, INFO, WARNING or ERROR"),
-    ({"report": {"evidence_key_images": 21}},
-     "report.evidence_key_images: expected an integer 1..20, got 21"),
-    ({"retry": {"export_backoff_base_s": 100, "export_backoff_max_s": 10}},
-     "retry.export_backoff_base_s"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"network": {"port": "abc"}}, 'network.port: expected an integer 0..65535, got "abc"'),
+        ({"network": {"port": 70000}}, "network.port: expected an integer 0..65535, got 70000"),
+        ({"network": {"port": 2.5}}, "network.port: expected an integer 0..65535, got 2.5"),
+        ({"network": {"port": True}}, "network.port: expected an integer 0..65535, got True"),
+        ({"network": 5}, "network: expected a table, got 5"),
+        ({"network": {"allowed_callers": "PACS"}}, "network.allowed_callers: expected a list"),
+        (
+            {"network": {"max_associations_per_host": 11}},
+            "network.max_associations_per_host: expected 0 (= half of max_associations) or 1..10",
+        ),
+        (
+            {"network": {"max_associate_rq_size": "1KiB"}},
+            "network.max_associate_rq_size: expected a size of at least 4096 bytes",
+        ),
+        (
+            {"network": {"receiver_processes": 65}},
+            "network.receiver_processes: expected an integer 0..64, got 65",
+        ),
+        ({"network": {"prot": 1}}, "network.prot: unknown key"),
+        ({"nework": {}}, "nework: unknown key"),
+        ({"network": {"ae_title": "WAY-TOO-LONG-AE-TITLE"}}, "network.ae_title"),
+        (
+            {"network": {"allowed_callers": [{"ae_title": "PACS", "host": "10.0.0.300"}]}},
+            "network.allowed_callers[0].host",
+        ),
+        (
+            {"network": {"allowed_callers": [{"ae": "PACS"}]}},
+            "network.allowed_callers[0].ae: unknown",
+        ),
+        ({"assembler": {"quiet_time_s": -1}}, "assembler.quiet_time_s: expected a positive number"),
+        (
+            {"assembler": {"quiet_time_s": "10"}},
+            'assembler.quiet_time_s: expected a positive number, got "10"',
+        ),
+        ({"selection": {"modalities": ["CT", 3]}}, "selection.modalities[1]: expected a string"),
+        (
+            {"selection": {"slice_thickness_min_mm": 12}},
+            "selection.slice_thickness_min_mm: must be",
+        ),
+        ({"selection": {"prefer": "newest"}}, "selection.prefer"),
+        ({"selection": {"head_patterns": ["(unclosed"]}}, "selection.head_patterns[0]"),
+        ({"selection": {"min_slices": 0}}, "selection.min_slices"),
+        ({"model": {"device": "gpu"}}, 'model.device: expected "cpu", "cuda", "cuda:N" or "mps"'),
+        ({"model": {"isolation": "fork"}}, "model.isolation: expected one of process, thread, got"),
+        ({"model": {"job_timeout_s": 700}}, "model.job_timeout_s: must be smaller than"),
+        (
+            {"storage": {"durability": "sometimes"}},
+            'storage.durability: expected one of fsync, os, got "sometimes" ("fsync" = safe',
+        ),
+        ({"storage": {"data_dir": ""}}, "storage.data_dir: required"),
+        ({"storage": {"min_free_disk": "lots"}}, "storage.min_free_disk"),
+        ({"storage": {"min_free_disk": "150%"}}, "storage.min_free_disk"),
+        ({"tls": {"enabled": True}}, "tls.certificate: required"),
+        (
+            {
+                "destinations": [
+                    {"name": "a", "ae_title": "A", "port": 104},
+                    {"name": "a", "ae_title": "B", "port": 105},
+                ]
+            },
+            "destinations[1].name",
+        ),
+        (
+            {"destinations": [{"name": "a", "ae_title": "A", "port": 0}]},
+            "destinations[0].port: expected an integer 1..65535, got 0",
+        ),
+        ({"destinations": [{"ae_title": "A"}]}, "destinations[0].name: required"),
+        (
+            {"destinations": [{"name": "a", "ae_title": "A", "calling_ae_title": "A\\B"}]},
+            "destinations[0].calling_ae_title: expected an AE title",
+        ),
+        (
+            {"audit": {"store_phi": "yes"}},
+            'audit.store_phi: expected a boolean (true or false), got "yes"',
+        ),
+        (
+            {"logging": {"level": "verbose"}},
+            "logging.level: expected DEBUG, INFO, WARNING or ERROR",
+        ),
+        (
+            {"report": {"evidence_key_images": 21}},
+            "report.evidence_key_images: expected an integer 1..20, got 21",
+        ),
+        (
+            {"retry": {"export_backoff_base_s": 100, "export_backoff_max_s": 10}},
+            "retry.export_backoff_base_s",
+        ),
+    ],
+)
 def test_bad_values_name_the_key(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         config_from_dict(data)
@@ -182,7 +230,7 @@ def test_bad_values_name_the_key(data: dict, message: str) -> None:
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("[network]\nport = \"abc\"\n")
+    bad.write_text('[network]\nport = "abc"\n')
     with pytest.raises(ConfigError, match=r"bad\.toml: network\.port"):
         load_config(bad)
     broken = tmp_path / "broken.toml"
@@ -207,8 +255,10 @@ def test_sizes_and_overrides(tmp_path: Path) -> None:
 def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     p = tmp_path / "sub" / "node.toml"
-    p.write_text('[storage]\ndata_dir = "data"\ndatabase_url = ""\n'
-                 '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nport = 104\n')
+    p.write_text(
+        '[storage]\ndata_dir = "data"\ndatabase_url = ""\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nport = 104\n'
+    )
     cfg = load_config(p)
     assert cfg.data_dir == (tmp_path / "sub" / "data").resolve()
     assert cfg.destination("pacs").ae_title == "PACS" and cfg.destination("x") is None
@@ -216,13 +266,19 @@ def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
 
 def test_every_bad_key_is_named_at_once(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('[network]\nport = 70000\nae_title = ""\n[model]\nworkers = 0\n'
-                   '[selection]\nprefer = "newest"\n')
+    bad.write_text(
+        '[network]\nport = 70000\nae_title = ""\n[model]\nworkers = 0\n'
+        '[selection]\nprefer = "newest"\n'
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(bad)
     lines = str(exc.value).splitlines()
     assert sorted(ln.split(": ")[1] for ln in lines) == [
-        "model.workers", "network.ae_title", "network.port", "selection.prefer"]
+        "model.workers",
+        "network.ae_title",
+        "network.port",
+        "selection.prefer",
+    ]
     assert all(ln.startswith(f"{bad}: ") for ln in lines)
 
 
@@ -235,8 +291,9 @@ def test_demo_checkpoint_name_in_a_config_file(tmp_path: Path, monkeypatch) -> N
     assert DEMO_CHECKPOINT == DEMO_NAME
     (tmp_path / "etc").mkdir()
     p = tmp_path / "etc" / "node.toml"
-    p.write_text('[model]\ncheckpoint = "demo"\n'
-                 '[[model.shadow]]\nname = "again"\ncheckpoint = "demo"\n')
+    p.write_text(
+        '[model]\ncheckpoint = "demo"\n[[model.shadow]]\nname = "again"\ncheckpoint = "demo"\n'
+    )
     monkeypatch.chdir(tmp_path)
     cfg = load_config(p)
     assert cfg.model.checkpoint == "demo" and cfg.model.shadow[0].checkpoint == "demo"

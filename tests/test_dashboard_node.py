@@ -22,9 +22,16 @@ from tests.test_notify import SECRET, MLLPListener, WebhookServer
 
 TOKEN = "dash-token-123"
 FINDING = "intraparenchymal_hemorrhage"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _chromium() -> str | None:
@@ -59,45 +66,74 @@ def test_dashboard_shadow_and_notifications_on_the_real_node(tmp_path: Path) -> 
     chromium = _chromium()
     if chromium is None:
         pytest.skip("chromium not installed (apt-get install chromium)")
-    info = make_ct_series(tmp_path / "ich", [FINDING], n_slices=12, size=64, seed=3,
-                          Manufacturer="ACME", ManufacturerModelName="Brainscan 64")
+    info = make_ct_series(
+        tmp_path / "ich",
+        [FINDING],
+        n_slices=12,
+        size=64,
+        seed=3,
+        Manufacturer="ACME",
+        ManufacturerModelName="Brainscan 64",
+    )
     hook = WebhookServer()  # down until the node has tried it
     ris = MLLPListener(["AE", "AA"]).start()
     dash_port = free_port()
     with StorageSCP("RESULTS") as scp:
         node = NodeProcess.create(
-            tmp_path / "node", destinations=[scp.destination()],
-            model={"shadow": [{"name": "cand",
-                               "checkpoint": str(_shadow_checkpoint(tmp_path / "shadow"))}]},
-            notifications={"enabled": True, "backoff_base_s": 0.5, "backoff_max_s": 1.0,
-                           "channels": [{"name": "hook", "kind": "webhook", "url": hook.url(),
-                                         "secret": SECRET, "timeout_s": 5.0},
-                                        {"name": "ris", "kind": "hl7-mllp",
-                                         "host": "127.0.0.1", "port": ris.port}],
-                           # threshold just above 0: the rule fires whatever the demo's score,
-                           # so the test is about delivery, not about the model
-                           "rules": [{"finding": FINDING, "threshold": 1e-6,
-                                      "channels": ["hook", "ris"]}]},
-            dashboard={"port": dash_port, "token": TOKEN})
+            tmp_path / "node",
+            destinations=[scp.destination()],
+            model={
+                "shadow": [
+                    {"name": "cand", "checkpoint": str(_shadow_checkpoint(tmp_path / "shadow"))}
+                ]
+            },
+            notifications={
+                "enabled": True,
+                "backoff_base_s": 0.5,
+                "backoff_max_s": 1.0,
+                "channels": [
+                    {
+                        "name": "hook",
+                        "kind": "webhook",
+                        "url": hook.url(),
+                        "secret": SECRET,
+                        "timeout_s": 5.0,
+                    },
+                    {"name": "ris", "kind": "hl7-mllp", "host": "127.0.0.1", "port": ris.port},
+                ],
+                # threshold just above 0: the rule fires whatever the demo's score,
+                # so the test is about delivery, not about the model
+                "rules": [{"finding": FINDING, "threshold": 1e-6, "channels": ["hook", "ris"]}],
+            },
+            dashboard={"port": dash_port, "token": TOKEN},
+        )
         try:
             with node:
                 node.send(info.paths)
                 scp.wait_for(1, timeout=240)
                 store = node.store()
                 # the webhook receiver was down: the node keeps the notification and retries
-                wait_until(lambda: any(r["channel"] == "hook" and r["attempts"] >= 1
-                                       for r in store.notifications()), 60,
-                           what="a failed webhook attempt")
+                wait_until(
+                    lambda: any(
+                        r["channel"] == "hook" and r["attempts"] >= 1 for r in store.notifications()
+                    ),
+                    60,
+                    what="a failed webhook attempt",
+                )
                 hook.start()
-                wait_until(lambda: {r["channel"]: r["state"] for r in store.notifications()}
-                           == {"hook": "delivered", "ris": "delivered"}, 60,
-                           what="both notifications delivered")
+                wait_until(
+                    lambda: (
+                        {r["channel"]: r["state"] for r in store.notifications()}
+                        == {"hook": "delivered", "ris": "delivered"}
+                    ),
+                    60,
+                    what="both notifications delivered",
+                )
                 wait_until(lambda: _shadow_rows(node), 240, what="shadow results")
                 base = f"http://127.0.0.1:{dash_port}"
                 status, _ = _get(base + "/api/status")
                 assert status == 401
-                status, body = _get(base + "/api/status",
-                                     {"Authorization": f"Bearer {TOKEN}"})
+                status, body = _get(base + "/api/status", {"Authorization": f"Bearer {TOKEN}"})
                 assert status == 200
                 api = json.loads(body)
                 dom, shot = _chromium_load(chromium, f"{base}/?token={TOKEN}", tmp_path)
@@ -126,8 +162,18 @@ def test_dashboard_shadow_and_notifications_on_the_real_node(tmp_path: Path) -> 
     assert sum(r["shadow_only"] for r in agreement) == absent
     # --- dashboard, as the browser rendered it -------------------------------------------
     assert info.series_uid in dom
-    for ident in ("queue", "workers", "series", "deliveries", "notifications", "latency",
-                  "rate-day", "rate-site", "shadow", "config"):
+    for ident in (
+        "queue",
+        "workers",
+        "series",
+        "deliveries",
+        "notifications",
+        "latency",
+        "rate-day",
+        "rate-site",
+        "shadow",
+        "config",
+    ):
         assert f'id="{ident}"' in dom, ident
     series_section = dom.split('id="series"')[1].split("</section>")[0]
     assert info.series_uid in series_section and "delivered" in series_section
@@ -163,10 +209,24 @@ def _shadow_rows(node: NodeProcess) -> bool:
 
 
 def _agreement(node: NodeProcess) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "cli.main", "audit", "agreement", "--config",
-                          str(node.config_path), "--format", "json"], capture_output=True,
-                         text=True, timeout=120, cwd=REPO_ROOT,
-                         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "audit",
+            "agreement",
+            "--config",
+            str(node.config_path),
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
@@ -174,12 +234,26 @@ def _agreement(node: NodeProcess) -> list[dict]:
 def _chromium_load(chromium: str, url: str, tmp: Path) -> tuple[str, Path]:
     """Headless Chromium: the DOM after load, and a screenshot of the page."""
     base = [chromium, *CHROMIUM_FLAGS]
-    dom = subprocess.run([*base, f"--user-data-dir={tmp / 'chrome-a'}", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [*base, f"--user-data-dir={tmp / 'chrome-a'}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     shot = tmp / "dashboard.png"
-    png = subprocess.run([*base, f"--user-data-dir={tmp / 'chrome-b'}", "--hide-scrollbars",
-                          "--window-size=1400,2200", f"--screenshot={shot}", url],
-                         capture_output=True, text=True, timeout=120)
+    png = subprocess.run(
+        [
+            *base,
+            f"--user-data-dir={tmp / 'chrome-b'}",
+            "--hide-scrollbars",
+            "--window-size=1400,2200",
+            f"--screenshot={shot}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert png.returncode == 0 and shot.exists(), png.stderr[-2000:]
     return dom.stdout, shot

@@ -29,8 +29,10 @@ from tests.orthanc import (
 JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 
 
-pytestmark = pytest.mark.skipif(not have_dcmtk("echoscu", "storescu", "dcmcjpeg"),
-                                reason="dcmtk not installed (apt-get install dcmtk)")
+pytestmark = pytest.mark.skipif(
+    not have_dcmtk("echoscu", "storescu", "dcmcjpeg"),
+    reason="dcmtk not installed (apt-get install dcmtk)",
+)
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 
@@ -73,33 +75,55 @@ def _check_sr(node: NodeProcess, scp: StorageSCP, series_uid: str) -> None:
 
 def test_echoscu(node_and_scp) -> None:
     node, _ = node_and_scp
-    res = _run([dcmtk_tool("echoscu"), "-aet", "DCMTKSCU", "-aec", node.ae_title,
-                "127.0.0.1", str(node.port)])
+    res = _run(
+        [
+            dcmtk_tool("echoscu"),
+            "-aet",
+            "DCMTKSCU",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+        ]
+    )
     assert res.returncode == 0, res.stderr
     # a wrong called AE title is rejected (require_called_ae defaults to true)
-    res = _run([dcmtk_tool("echoscu"), "-aet", "DCMTKSCU", "-aec", "NOTMOLRE",
-                "127.0.0.1", str(node.port)])
+    res = _run(
+        [dcmtk_tool("echoscu"), "-aet", "DCMTKSCU", "-aec", "NOTMOLRE", "127.0.0.1", str(node.port)]
+    )
     assert res.returncode != 0
     assert "Called AE Title Not Recognized" in (res.stderr + res.stdout)
-    rows = sql(node.data_dir / "molre.db",
-               "select outcome, reject_reason from associations where called_ae = 'NOTMOLRE'")
+    rows = sql(
+        node.data_dir / "molre.db",
+        "select outcome, reject_reason from associations where called_ae = 'NOTMOLRE'",
+    )
     assert len(rows) == 1 and rows[0][1], rows
 
 
 def test_storescu_uncompressed(node_and_scp, tmp_path: Path) -> None:
     node, scp = node_and_scp
-    info = make_ct_series(tmp_path / "ct", ["intraparenchymal_hemorrhage"], n_slices=16,
-                          size=64, seed=11)
-    res = _run([dcmtk_tool("storescu"), "-aet", "DCMTKSCU", "-aec", node.ae_title,
-                "127.0.0.1", str(node.port), *map(str, info.paths)])
+    info = make_ct_series(
+        tmp_path / "ct", ["intraparenchymal_hemorrhage"], n_slices=16, size=64, seed=11
+    )
+    res = _run(
+        [
+            dcmtk_tool("storescu"),
+            "-aet",
+            "DCMTKSCU",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            *map(str, info.paths),
+        ]
+    )
     assert res.returncode == 0, res.stderr
     _check_sr(node, scp, info.series_uid)
 
 
 def test_storescu_jpeg_lossless(node_and_scp, tmp_path: Path) -> None:
     node, scp = node_and_scp
-    info = make_ct_series(tmp_path / "ct", ["subdural_hemorrhage"], n_slices=16, size=64,
-                          seed=12)
+    info = make_ct_series(tmp_path / "ct", ["subdural_hemorrhage"], n_slices=16, size=64, seed=12)
     jpeg_dir = tmp_path / "jpeg"
     jpeg_dir.mkdir()
     jpegs = []
@@ -111,12 +135,27 @@ def test_storescu_jpeg_lossless(node_and_scp, tmp_path: Path) -> None:
     assert pydicom.dcmread(jpegs[0]).file_meta.TransferSyntaxUID == JPEG_LOSSLESS_SV1
     # -xs: propose JPEG Lossless SV1 first (then uncompressed), as a PACS holding compressed
     # objects does; the node must pick JPEG and keep the objects as they are
-    res = _run([dcmtk_tool("storescu"), "-xs", "-R", "-aet", "DCMTKSCU", "-aec", node.ae_title,
-                "127.0.0.1", str(node.port), *map(str, jpegs)])
+    res = _run(
+        [
+            dcmtk_tool("storescu"),
+            "-xs",
+            "-R",
+            "-aet",
+            "DCMTKSCU",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            *map(str, jpegs),
+        ]
+    )
     assert res.returncode == 0, res.stderr + res.stdout
-    rows = sql(node.data_dir / "molre.db",
-               "select transfer_syntax, spool_path from instances where series_uid = ? "
-               "and status = 'stored'", info.series_uid)
+    rows = sql(
+        node.data_dir / "molre.db",
+        "select transfer_syntax, spool_path from instances where series_uid = ? "
+        "and status = 'stored'",
+        info.series_uid,
+    )
     assert len(rows) == len(jpegs)
     assert {ts for ts, _ in rows} == {JPEG_LOSSLESS_SV1}
     # stored as received: the spooled object is still JPEG-compressed

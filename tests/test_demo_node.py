@@ -17,13 +17,22 @@ ICH_SEED, NORMAL_SEED = 2, 12
 
 
 def test_planted_hemorrhage_is_reported_present_and_normal_reports_nothing(tmp_path: Path):
-    ich = write_phantom_series(tmp_path / "ich", np.random.default_rng(ICH_SEED),
-                               ["intraparenchymal_hemorrhage"], size=None, site="metro")
-    normal = write_phantom_series(tmp_path / "normal", np.random.default_rng(NORMAL_SEED), [],
-                                  size=None, site="valley")
+    ich = write_phantom_series(
+        tmp_path / "ich",
+        np.random.default_rng(ICH_SEED),
+        ["intraparenchymal_hemorrhage"],
+        size=None,
+        site="metro",
+    )
+    normal = write_phantom_series(
+        tmp_path / "normal", np.random.default_rng(NORMAL_SEED), [], size=None, site="valley"
+    )
     with StorageSCP("RESULTS") as scp:
-        node = NodeProcess.create(tmp_path / "node", destinations=[scp.destination()],
-                                  network={"allowed_callers": CALLERS})
+        node = NodeProcess.create(
+            tmp_path / "node",
+            destinations=[scp.destination()],
+            network={"allowed_callers": CALLERS},
+        )
         with node:
             for info in (ich, normal):
                 proc = storescu(info.paths, node.port, calling_ae="DCMTKSCU")

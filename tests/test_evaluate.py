@@ -111,6 +111,7 @@ def test_evaluate_arrays_reports_na_for_findings_without_positives():
 
 # ------------------------------------------------------------------ evaluate / compare / infer
 
+
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
     from molre.training.toydata import ensure_toy_run
@@ -133,9 +134,24 @@ def test_evaluate_writes_metrics_report_predictions_and_plots(toy_run, tmp_path)
 
     manifest, run = toy_run
     out = tmp_path / "eval"
-    res = CliRunner().invoke(_app(), ["evaluate", "--checkpoint", str(run), "--data", str(manifest),
-                                      "--out", str(out), "--split", "val", "--bootstrap", "200",
-                                      "--cache-dir", str(run.parent / "cache")])
+    res = CliRunner().invoke(
+        _app(),
+        [
+            "evaluate",
+            "--checkpoint",
+            str(run),
+            "--data",
+            str(manifest),
+            "--out",
+            str(out),
+            "--split",
+            "val",
+            "--bootstrap",
+            "200",
+            "--cache-dir",
+            str(run.parent / "cache"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_cases"] == 21 and m["split"] == "val"
@@ -158,8 +174,20 @@ def test_evaluate_writes_metrics_report_predictions_and_plots(toy_run, tmp_path)
     pngs = m["roc_plots"]
     assert pngs and all((out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in pngs)
     # a split that does not exist: clear error naming the splits present
-    res = CliRunner().invoke(_app(), ["evaluate", "--checkpoint", str(run), "--data", str(manifest),
-                                      "--out", str(tmp_path / "x"), "--split", "nosuch"])
+    res = CliRunner().invoke(
+        _app(),
+        [
+            "evaluate",
+            "--checkpoint",
+            str(run),
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path / "x"),
+            "--split",
+            "nosuch",
+        ],
+    )
     assert res.exit_code != 0 and "splits present: test, train, val" in str(res.exception)
 
 
@@ -169,8 +197,16 @@ def test_compare_paired_bootstrap_and_infer(toy_run, tmp_path):
     from molre.evaluate import compare_runs
 
     manifest, run = toy_run
-    r = compare_runs([run / "best", run / "last"], tmp_path / "cmp", data=manifest, split="val",
-                     n_boot=200, seed=0, progress=False, cache_dir=run.parent / "cache")
+    r = compare_runs(
+        [run / "best", run / "last"],
+        tmp_path / "cmp",
+        data=manifest,
+        split="val",
+        n_boot=200,
+        seed=0,
+        progress=False,
+        cache_dir=run.parent / "cache",
+    )
     assert r["cases"] == 21 and len(r["runs"]) == 2
     first, second = r["runs"]
     assert "vs_first" not in first and first["adapter"] == "molre"
@@ -182,16 +218,23 @@ def test_compare_paired_bootstrap_and_infer(toy_run, tmp_path):
     assert "macro AUC [95 % CI]" in md and "Δ vs first" in md
     json.loads((tmp_path / "cmp" / "compare.json").read_text())
     # compare also accepts evaluate output dirs (no re-evaluation)
-    r2 = compare_runs([tmp_path / "cmp" / "run0", tmp_path / "cmp" / "run1"], tmp_path / "cmp2",
-                      n_boot=200, seed=0)
+    r2 = compare_runs(
+        [tmp_path / "cmp" / "run0", tmp_path / "cmp" / "run1"],
+        tmp_path / "cmp2",
+        n_boot=200,
+        seed=0,
+    )
     assert r2["runs"][1]["vs_first"]["delta"] == pytest.approx(vs["delta"])
 
     series = [d for d in sorted((manifest.parent).iterdir()) if d.is_dir()][0]
     res = CliRunner().invoke(_app(), ["infer", str(series), "--checkpoint", str(run), "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output[res.output.index("{"):])
-    assert set(out["probabilities"]) == {"intraparenchymal_hemorrhage", "hydrocephalus",
-                                         "intracranial_calcification"}
+    out = json.loads(res.output[res.output.index("{") :])
+    assert set(out["probabilities"]) == {
+        "intraparenchymal_hemorrhage",
+        "hydrocephalus",
+        "intracranial_calcification",
+    }
     assert len(out["used_sop_instance_uids"]) == 24
     res = CliRunner().invoke(_app(), ["infer", str(series), "--checkpoint", str(run)])
     assert res.exit_code == 0 and "hydrocephalus" in res.output
@@ -213,13 +256,51 @@ def test_synth_phantoms_through_train_evaluate_infer_cli(tmp_path):
     train_cmd.register(app)
     cli = CliRunner()
     data, run = tmp_path / "phantoms", tmp_path / "run"
-    res = cli.invoke(app, ["synth", "--out", str(data), "--count", "14", "--seed", "5",
-                           "--size", "40", "--thickness", "5", "--prevalence", "0.5",
-                           "--normal-fraction", "0.1", "--no-progress"])
+    res = cli.invoke(
+        app,
+        [
+            "synth",
+            "--out",
+            str(data),
+            "--count",
+            "14",
+            "--seed",
+            "5",
+            "--size",
+            "40",
+            "--thickness",
+            "5",
+            "--prevalence",
+            "0.5",
+            "--normal-fraction",
+            "0.1",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    res = cli.invoke(app, ["train", "--backbone", "tiny-3d", "--data", str(data / "manifest.csv"),
-                           "--out", str(run), "--adapter", "lora", "--rank", "4", "--epochs", "1",
-                           "--batch-size", "4", "--seed", "0", "--no-progress"])
+    res = cli.invoke(
+        app,
+        [
+            "train",
+            "--backbone",
+            "tiny-3d",
+            "--data",
+            str(data / "manifest.csv"),
+            "--out",
+            str(run),
+            "--adapter",
+            "lora",
+            "--rank",
+            "4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--seed",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     card = json.loads((run / "best" / "model.json").read_text())
     cat = load_catalog()
@@ -233,9 +314,24 @@ def test_synth_phantoms_through_train_evaluate_infer_cli(tmp_path):
     assert card["thresholds"]["chronic_subdural_hematoma"]["method"] == "default"
 
     out = tmp_path / "eval"
-    res = cli.invoke(app, ["evaluate", "--checkpoint", str(run), "--data",
-                           str(data / "manifest.csv"), "--out", str(out), "--split", "test",
-                           "--bootstrap", "50", "--cache-dir", str(run / "cache")])
+    res = cli.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(run),
+            "--data",
+            str(data / "manifest.csv"),
+            "--out",
+            str(out),
+            "--split",
+            "test",
+            "--bootstrap",
+            "50",
+            "--cache-dir",
+            str(run / "cache"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["split"] == "test" and m["n_cases"] >= 1
@@ -244,7 +340,7 @@ def test_synth_phantoms_through_train_evaluate_infer_cli(tmp_path):
     series = sorted(p for p in data.iterdir() if p.is_dir() and p.name.startswith("series_"))[0]
     res = cli.invoke(app, ["infer", str(series), "--checkpoint", str(run), "--json"])
     assert res.exit_code == 0, res.output
-    pred = json.loads(res.output[res.output.index("{"):])
+    pred = json.loads(res.output[res.output.index("{") :])
     # only what the checkpoint has validation evidence for is reported; the other 63 catalog
     # findings are "not assessed", never Present
     evidence = {k for k, v in card["metrics"]["auc"].items() if v is not None}

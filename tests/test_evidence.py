@@ -27,8 +27,9 @@ from storage.outbox import report_files
 from tests.nodeproc import dciodvfy_errors, make_ct_series
 from tests.test_node_worker import FakeEngine, _ingest
 
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None,
-                                    reason="dciodvfy (dicom3tools) not installed")
+needs_dciodvfy = pytest.mark.skipif(
+    shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed"
+)
 
 
 class RegionEnergy(nn.Module):
@@ -41,10 +42,11 @@ class RegionEnergy(nn.Module):
         self.slices_2d = slices_2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = (x ** 2).sum(dim=2 if self.slices_2d else 1)  # (1, D, H, W)
+        e = (x**2).sum(dim=2 if self.slices_2d else 1)  # (1, D, H, W)
         d = e.shape[1]
-        return torch.stack([e[:, :d // 2].sum(dim=(1, 2, 3)), e[:, d // 2:].sum(dim=(1, 2, 3))],
-                           dim=1)
+        return torch.stack(
+            [e[:, : d // 2].sum(dim=(1, 2, 3)), e[:, d // 2 :].sum(dim=(1, 2, 3))], dim=1
+        )
 
 
 #: A coronal acquisition (rows run to the patient's feet, slices step posterior), anisotropic
@@ -57,10 +59,16 @@ CUBE_SUPERIOR = (14, 8, 28)  # S = -12 mm
 def _coronal_volume() -> SeriesVolume:
     hu = np.full((20, 48, 40), -1000.0, np.float32)
     for k, j, i in (CUBE_INFERIOR, CUBE_SUPERIOR):
-        hu[k - 1:k + 2, j - 2:j + 3, i - 2:i + 3] = 60.0
-    return SeriesVolume(hu=hu, spacing=(5.0, 1.5, 1.5), origin=np.array([10.0, -20.0, 0.0]),
-                        direction=CORONAL, sop_instance_uids=[], series_uid="1.2.3",
-                        study_uid="1.2")
+        hu[k - 1 : k + 2, j - 2 : j + 3, i - 2 : i + 3] = 60.0
+    return SeriesVolume(
+        hu=hu,
+        spacing=(5.0, 1.5, 1.5),
+        origin=np.array([10.0, -20.0, 0.0]),
+        direction=CORONAL,
+        sop_instance_uids=[],
+        series_uid="1.2.3",
+        study_uid="1.2",
+    )
 
 
 def _peak(plane: dict, stride: list[int]) -> tuple[int, int]:
@@ -68,12 +76,17 @@ def _peak(plane: dict, stride: list[int]) -> tuple[int, int]:
     return int(j) * stride[0], int(i) * stride[1]
 
 
-@pytest.mark.parametrize("recipe", [
-    Recipe("ctfm-3d", {"spacing": [3.0, 2.0, 2.5], "roi": [32, 48, 40],
-                       "windows": [[40.0, 80.0]]}),
-    Recipe("slices-2d", {"n_slices": 0, "size": 48, "normalize": None}),
-    Recipe("slices-2d", {"n_slices": 24, "size": 40, "normalize": None}),
-], ids=["3d", "2d-every-slice", "2d-sampled"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe(
+            "ctfm-3d", {"spacing": [3.0, 2.0, 2.5], "roi": [32, 48, 40], "windows": [[40.0, 80.0]]}
+        ),
+        Recipe("slices-2d", {"n_slices": 0, "size": 48, "normalize": None}),
+        Recipe("slices-2d", {"n_slices": 24, "size": 40, "normalize": None}),
+    ],
+    ids=["3d", "2d-every-slice", "2d-sampled"],
+)
 def test_saliency_maps_back_to_the_voxels_that_drove_each_finding(recipe: Recipe) -> None:
     vol = _coronal_volume()
     model = RegionEnergy(slices_2d=recipe.name == "slices-2d").eval()
@@ -107,21 +120,31 @@ def test_key_planes_keeps_only_planes_near_the_peak() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_saliency(volume: SeriesVolume, key: str, planes: list[int],
-                   blob: tuple[int, int]) -> dict:
+def _fake_saliency(
+    volume: SeriesVolume, key: str, planes: list[int], blob: tuple[int, int]
+) -> dict:
     """What `molre.saliency.explain` returns, with a known blob in each key plane."""
     z, y, x = volume.shape
     yy, xx = np.mgrid[0:y, 0:x]
     m = np.exp(-((yy - blob[0]) ** 2 + (xx - blob[1]) ** 2) / 20.0)
-    return {"method": "gradient",
-            "grid": {"shape": list(volume.shape), "spacing": list(volume.spacing),
-                     "origin": list(map(float, volume.origin)),
-                     "direction": volume.direction.tolist()},
-            "findings": {key: {"plane_scores": [1.0 if k in planes else 0.0 for k in range(z)],
-                               "stride": [1, 1],
-                               "key_planes": [{"z": k, "score": 1.0,
-                                               "map": (m * 255).astype(np.uint8)}
-                                              for k in planes]}}}
+    return {
+        "method": "gradient",
+        "grid": {
+            "shape": list(volume.shape),
+            "spacing": list(volume.spacing),
+            "origin": list(map(float, volume.origin)),
+            "direction": volume.direction.tolist(),
+        },
+        "findings": {
+            key: {
+                "plane_scores": [1.0 if k in planes else 0.0 for k in range(z)],
+                "stride": [1, 1],
+                "key_planes": [
+                    {"z": k, "score": 1.0, "map": (m * 255).astype(np.uint8)} for k in planes
+                ],
+            }
+        },
+    }
 
 
 def test_key_slices_follow_image_position_not_file_order(tmp_path: Path) -> None:
@@ -134,8 +157,10 @@ def test_key_slices_follow_image_position_not_file_order(tmp_path: Path) -> None
     sal = _fake_saliency(vol, "ich", [2, 5], (30, 30))
     sal["findings"]["ich"]["key_planes"].append({"z": 11, "score": 0.9, "map": None})  # beyond
     got = key_slices(shuffled, sal)["ich"]
-    assert [str(d.SOPInstanceUID) for d, _ in got] == [str(by_pos[2].SOPInstanceUID),
-                                                      str(by_pos[5].SOPInstanceUID)]
+    assert [str(d.SOPInstanceUID) for d, _ in got] == [
+        str(by_pos[2].SOPInstanceUID),
+        str(by_pos[5].SOPInstanceUID),
+    ]
     multi = pydicom.Dataset()
     multi.NumberOfFrames = 20
     with pytest.raises(EvidenceError, match="multi-frame"):
@@ -148,9 +173,15 @@ def catalog():
 
 
 def _prediction(key: str, saliency: dict) -> dict:
-    return {"probabilities": {key: 0.93}, "decisions": {key: True}, "model_name": "toy",
-            "model_version": "1", "checkpoint_hash": "b" * 64, "is_demo": True,
-            "saliency": saliency}
+    return {
+        "probabilities": {key: 0.93},
+        "decisions": {key: True},
+        "model_name": "toy",
+        "model_version": "1",
+        "checkpoint_hash": "b" * 64,
+        "is_demo": True,
+        "saliency": saliency,
+    }
 
 
 @needs_dciodvfy
@@ -163,8 +194,9 @@ def test_key_images_are_valid_sc_with_overlay_and_linked_from_the_sr(tmp_path: P
     by_pos = sorted(headers, key=lambda d: float(d.ImagePositionPatient[2]))
     pred = _prediction(key, _fake_saliency(vol, key, [3, 4], blob=(20, 40)))
     images = build_evidence(headers, files, pred, catalog, version=2)
-    assert [i.source_sop_instance_uid for i in images] == [str(by_pos[k].SOPInstanceUID)
-                                                          for k in (3, 4)]
+    assert [i.source_sop_instance_uid for i in images] == [
+        str(by_pos[k].SOPInstanceUID) for k in (3, 4)
+    ]
     sr = build_sr(headers, pred, catalog, version=2, evidence_images=images)
     paths = []
     for n, obj in enumerate([sr] + [i.dataset for i in images]):
@@ -185,18 +217,26 @@ def test_key_images_are_valid_sc_with_overlay_and_linked_from_the_sr(tmp_path: P
     assert at[0] - at[2] > 60, at
     assert far[0] == far[1] == far[2], far
     # SR: the finding's group names the CT slices as sources and the SCs as illustrations
-    group = [g for g in hd.sr.srread(paths[0]).content.get_image_measurement_groups()
-             if g.tracking_identifier == key][0]
+    group = [
+        g
+        for g in hd.sr.srread(paths[0]).content.get_image_measurement_groups()
+        if g.tracking_identifier == key
+    ][0]
     assert {s.referenced_sop_instance_uid for s in group.source_images} == {
-        i.source_sop_instance_uid for i in images}
-    illustrated = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                   for item in group[0].ContentSequence
-                   if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue
-                   == "121200"]
+        i.source_sop_instance_uid for i in images
+    }
+    illustrated = [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in group[0].ContentSequence
+        if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121200"
+    ]
     assert illustrated == [str(i.dataset.SOPInstanceUID) for i in images]
-    evidence_uids = {str(ref.ReferencedSOPInstanceUID)
-                     for st in sr.CurrentRequestedProcedureEvidenceSequence
-                     for se in st.ReferencedSeriesSequence for ref in se.ReferencedSOPSequence}
+    evidence_uids = {
+        str(ref.ReferencedSOPInstanceUID)
+        for st in sr.CurrentRequestedProcedureEvidenceSequence
+        for se in st.ReferencedSeriesSequence
+        for ref in se.ReferencedSOPSequence
+    }
     assert set(illustrated) <= evidence_uids
 
 
@@ -225,11 +265,14 @@ def _worker(tmp_path: Path, info, engine_for):
     from node.worker import Worker
     from storage import Database, Spool, Store
 
-    cfg = config_from_dict({
-        "storage": {"data_dir": str(tmp_path / "data")},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "port": 104}],
-        "report": {"evidence": True, "evidence_key_images": 2},
-        "model": {"isolation": "thread"}})
+    cfg = config_from_dict(
+        {
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "port": 104}],
+            "report": {"evidence": True, "evidence_key_images": 2},
+            "model": {"isolation": "thread"},
+        }
+    )
     db = Database(cfg.database_url)
     db.upgrade()
     store, spool = Store(db), Spool(cfg.spool_dir)
@@ -243,26 +286,30 @@ def _worker(tmp_path: Path, info, engine_for):
 def test_worker_writes_evidence_beside_the_sr_and_audits_it(tmp_path: Path, catalog) -> None:
     key = catalog.keys[0]  # FakeEngine: the first finding is Present
     info = make_ct_series(tmp_path / "ct", [], n_slices=6, seed=7)
-    store, uid = _worker(tmp_path, info,
-                         lambda vol: SaliencyEngine(_fake_saliency(vol, key, [1, 2], (10, 10))))
+    store, uid = _worker(
+        tmp_path, info, lambda vol: SaliencyEngine(_fake_saliency(vol, key, [1, 2], (10, 10)))
+    )
     assert str(store.get_series(uid).state) == "reported"
     export = store.due_exports()[0]
     files = report_files(export.report_path)
-    assert len(files) == 3 and all(f.name.endswith((".ev001.dcm", ".ev002.dcm"))
-                                   for f in files[1:])
+    assert len(files) == 3 and all(f.name.endswith((".ev001.dcm", ".ev002.dcm")) for f in files[1:])
     scs = [pydicom.dcmread(f) for f in files[1:]]
     sr = pydicom.dcmread(files[0])
     assert {str(s.SOPInstanceUID) for s in scs} <= {
-        str(r.ReferencedSOPInstanceUID) for st in sr.CurrentRequestedProcedureEvidenceSequence
-        for se in st.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+        str(r.ReferencedSOPInstanceUID)
+        for st in sr.CurrentRequestedProcedureEvidenceSequence
+        for se in st.ReferencedSeriesSequence
+        for r in se.ReferencedSOPSequence
+    }
     events = [e for e in store.timeline(uid) if e["kind"] == "evidence_written"]
     assert events and events[0]["details"]["images"] == 2
     assert events[0]["details"]["sop_instance_uids"] == [str(s.SOPInstanceUID) for s in scs]
 
 
 @pytest.mark.parametrize("case", ["saliency_error", "bad_geometry"])
-def test_evidence_failure_still_sends_the_report_and_says_why(tmp_path: Path, case: str,
-                                                              catalog) -> None:
+def test_evidence_failure_still_sends_the_report_and_says_why(
+    tmp_path: Path, case: str, catalog
+) -> None:
     key = catalog.keys[0]
     info = make_ct_series(tmp_path / "ct", [], n_slices=6, seed=8)
 

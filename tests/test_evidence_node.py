@@ -26,16 +26,23 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed")
 def test_key_images_of_a_planted_bleed_show_the_lesion(tmp_path: Path) -> None:
-    ich = write_phantom_series(tmp_path / "ich", np.random.default_rng(ICH_SEED), [KEY],
-                               size=None, site="metro")
-    normal = write_phantom_series(tmp_path / "normal", np.random.default_rng(NORMAL_SEED), [],
-                                  size=None, site="valley")
+    ich = write_phantom_series(
+        tmp_path / "ich", np.random.default_rng(ICH_SEED), [KEY], size=None, site="metro"
+    )
+    normal = write_phantom_series(
+        tmp_path / "normal", np.random.default_rng(NORMAL_SEED), [], size=None, site="valley"
+    )
     mask = ich.masks[KEY]  # (z, y, x): slice z is file ich.paths[z]
-    slice_of = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): z
-                for z, p in enumerate(ich.paths)}
+    slice_of = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): z
+        for z, p in enumerate(ich.paths)
+    }
     with StorageSCP("RESULTS") as scp:
-        node = NodeProcess.create(tmp_path / "node", destinations=[scp.destination()],
-                                  report={"evidence": True, "evidence_key_images": 3})
+        node = NodeProcess.create(
+            tmp_path / "node",
+            destinations=[scp.destination()],
+            report={"evidence": True, "evidence_key_images": 3},
+        )
         with node:
             for info in (ich, normal):
                 assert node.send(info.paths).ok
@@ -43,15 +50,26 @@ def test_key_images_of_a_planted_bleed_show_the_lesion(tmp_path: Path) -> None:
             clean = sr_for(scp, normal.series_uid, node)
             found = sr_presence(sr, tmp_path)
             assert found[KEY][1], found
-            group = [g for g in hd.sr.srread(tmp_path / f"{sr.SOPInstanceUID}.dcm")
-                     .content.get_image_measurement_groups() if g.tracking_identifier == KEY][0]
-            shown = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                     for i in group[0].ContentSequence if i.ValueType == "IMAGE"
-                     and i.ConceptNameCodeSequence[0].CodeValue == "121200"]
+            group = [
+                g
+                for g in hd.sr.srread(
+                    tmp_path / f"{sr.SOPInstanceUID}.dcm"
+                ).content.get_image_measurement_groups()
+                if g.tracking_identifier == KEY
+            ][0]
+            shown = [
+                i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                for i in group[0].ContentSequence
+                if i.ValueType == "IMAGE" and i.ConceptNameCodeSequence[0].CodeValue == "121200"
+            ]
             assert 1 <= len(shown) <= 3
-            by_uid = wait_until(lambda: (lambda d: d if set(shown) <= set(d) else None)(
-                {str(d.SOPInstanceUID): d for d in list(scp.received)}), 60,
-                what="evidence images at the destination")
+            by_uid = wait_until(
+                lambda: (lambda d: d if set(shown) <= set(d) else None)(
+                    {str(d.SOPInstanceUID): d for d in list(scp.received)}
+                ),
+                60,
+                what="evidence images at the destination",
+            )
             timeline = node.store().timeline(ich.series_uid)
     scs = [by_uid[u] for u in shown]
     sources = {s.referenced_sop_instance_uid for s in group.source_images}
@@ -64,7 +82,7 @@ def test_key_images_of_a_planted_bleed_show_the_lesion(tmp_path: Path) -> None:
         # ... and the overlay is strongest on it (within 2 px of a lesion voxel)
         px = sc.pixel_array.astype(int)
         factor = sc.Columns // mask.shape[2]
-        body = px[sc.Rows - mask.shape[1] * factor:]
+        body = px[sc.Rows - mask.shape[1] * factor :]
         redness = body[..., 0] - body[..., 2]
         r, c = np.unravel_index(int(np.argmax(redness)), redness.shape)
         lesion = np.argwhere(mask[z])
@@ -76,8 +94,10 @@ def test_key_images_of_a_planted_bleed_show_the_lesion(tmp_path: Path) -> None:
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], path
     # nothing Present on the normal phantom: no key images for its study
-    assert not any(d.SOPClassUID == SC_CLASS and d.StudyInstanceUID == clean.StudyInstanceUID
-                   for d in scp.received)
+    assert not any(
+        d.SOPClassUID == SC_CLASS and d.StudyInstanceUID == clean.StudyInstanceUID
+        for d in scp.received
+    )
     written = [e for e in timeline if e["kind"] == "evidence_written"]
     assert len(written) == 1 and written[0]["details"]["sop_instance_uids"] == shown
     assert written[0]["details"]["findings"] == [KEY]

@@ -66,6 +66,7 @@ def _quiet_pydicom():
     yield
     logger.disabled = before
 
+
 # ---------------------------------------------------------------------------------------------
 # transfer syntaxes, SOP classes
 # ---------------------------------------------------------------------------------------------
@@ -91,8 +92,21 @@ UID_ROOT = "1.2.826.0.1.3680043.8.498."
 # raw encoder (explicit / implicit VR little endian)
 # ---------------------------------------------------------------------------------------------
 
-LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
-            b"SV", b"UV"}
+LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"SV",
+    b"UV",
+}
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
@@ -105,7 +119,9 @@ def tag_bytes(tag: int) -> bytes:
     return struct.pack("<HH", tag >> 16, tag & 0xFFFF)
 
 
-def element(tag: int, vr: bytes, value: bytes, explicit: bool, *, length: int | None = None) -> bytes:
+def element(
+    tag: int, vr: bytes, value: bytes, explicit: bool, *, length: int | None = None
+) -> bytes:
     """One element; `length` overrides the value length written (undefined, lies)."""
     n = len(value) if length is None else length
     if not explicit:
@@ -125,8 +141,15 @@ def item(body: bytes, undefined: bool = False) -> bytes:
     return tag_bytes(ITEM) + struct.pack("<I", len(body)) + body
 
 
-def sequence(tag: int, bodies: list[bytes], explicit: bool, *, undefined: bool = False,
-             item_undefined: list[bool] | bool = False, vr: bytes = b"SQ") -> bytes:
+def sequence(
+    tag: int,
+    bodies: list[bytes],
+    explicit: bool,
+    *,
+    undefined: bool = False,
+    item_undefined: list[bool] | bool = False,
+    vr: bytes = b"SQ",
+) -> bytes:
     """A sequence of items whose bodies are already encoded."""
     if isinstance(item_undefined, bool):
         item_undefined = [item_undefined] * len(bodies)
@@ -158,32 +181,128 @@ def text(value: str | bytes, vr: bytes, *, odd: bool = False) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 # the DICOM standard's example (PS3.5 H.3.1): Japanese PN with ISO 2022 escape sequences
-JIS_NAME = (b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B="
-            b"\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B")
+JIS_NAME = b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B"
 TEXT_TRICKY: list[str | bytes] = [
-    "", " ", "A ", " A", "A\\B", "ORIGINAL\\PRIMARY\\AXIAL", "ODD", "X\x00", "\x00", "A\\",
-    "\\", "  HEAD  ", "tab\there", "M\xfcller", "M\xfcller".encode(),
-    "Ren\xe9e\\Jos\xe9", "\u5c71\u7530".encode("utf-8"), JIS_NAME, b"\x1b$B;3ED\x1b(B",
-    b"\xff\xfe\xfd", "x" * 70, "h\xe9\\\xe9t\xe9", "=B", "^^^^", "A==B", "A^B=",
+    "",
+    " ",
+    "A ",
+    " A",
+    "A\\B",
+    "ORIGINAL\\PRIMARY\\AXIAL",
+    "ODD",
+    "X\x00",
+    "\x00",
+    "A\\",
+    "\\",
+    "  HEAD  ",
+    "tab\there",
+    "M\xfcller",
+    "M\xfcller".encode(),
+    "Ren\xe9e\\Jos\xe9",
+    "\u5c71\u7530".encode("utf-8"),
+    JIS_NAME,
+    b"\x1b$B;3ED\x1b(B",
+    b"\xff\xfe\xfd",
+    "x" * 70,
+    "h\xe9\\\xe9t\xe9",
+    "=B",
+    "^^^^",
+    "A==B",
+    "A^B=",
 ]
-DS_TRICKY = ["1.5", " 2.50 ", "1e3", "-0", ".5", "5.", "nan", "inf", "-inf", "1e400", "abc",
-             "1,5", "1_0", "", " ", "0.625", "5", "1.5\\2.5", "-1.0E-2", "+1", "1.5\x00",
-             "0.5\\", "\\0.5", "0.5\\abc", "12345678901234567", "0x10", "NaN\\1"]
-IS_TRICKY = ["12", " 7 ", "+3", "-0", "1.0", "x", "", "1\\2", "007", "2147483648", "1.5", " ",
-             "-2147483649", "1e2", "1_0", "3\x00"]
-UI_TRICKY = ["", " ", "\x00", "1.2.840.10008.5.1.4.1.1.2\x00", "1.2.3 ", " 1.2.3", "1.2\\3.4",
-             "1.2.abc..07", "1.2.3\x00\x00", "1.2.840.10008.5.1.4.1.1.2.1", "9" * 70]
+DS_TRICKY = [
+    "1.5",
+    " 2.50 ",
+    "1e3",
+    "-0",
+    ".5",
+    "5.",
+    "nan",
+    "inf",
+    "-inf",
+    "1e400",
+    "abc",
+    "1,5",
+    "1_0",
+    "",
+    " ",
+    "0.625",
+    "5",
+    "1.5\\2.5",
+    "-1.0E-2",
+    "+1",
+    "1.5\x00",
+    "0.5\\",
+    "\\0.5",
+    "0.5\\abc",
+    "12345678901234567",
+    "0x10",
+    "NaN\\1",
+]
+IS_TRICKY = [
+    "12",
+    " 7 ",
+    "+3",
+    "-0",
+    "1.0",
+    "x",
+    "",
+    "1\\2",
+    "007",
+    "2147483648",
+    "1.5",
+    " ",
+    "-2147483649",
+    "1e2",
+    "1_0",
+    "3\x00",
+]
+UI_TRICKY = [
+    "",
+    " ",
+    "\x00",
+    "1.2.840.10008.5.1.4.1.1.2\x00",
+    "1.2.3 ",
+    " 1.2.3",
+    "1.2\\3.4",
+    "1.2.abc..07",
+    "1.2.3\x00\x00",
+    "1.2.840.10008.5.1.4.1.1.2.1",
+    "9" * 70,
+]
 DA_TRICKY = ["19800101", "", "1980", "garbage", "19800101\\19810101", "1980-01-01", " "]
 CHARSETS: list[str | bytes] = [
-    "ISO_IR 100", "ISO_IR 192", "ISO 2022 IR 87", "\\ISO 2022 IR 87", "ISO_IR 6", "", "GB18030",
-    "bogus", "ISO_IR 100\\ISO_IR 192", "ISO_IR 13", "\\", "ISO_IR 192\x00",
-    b"ISO_IR 100\x00x", b"\x00ISO_IR 100", b"ISO_IR\xe9100", b"\x1b$B"]
+    "ISO_IR 100",
+    "ISO_IR 192",
+    "ISO 2022 IR 87",
+    "\\ISO 2022 IR 87",
+    "ISO_IR 6",
+    "",
+    "GB18030",
+    "bogus",
+    "ISO_IR 100\\ISO_IR 192",
+    "ISO_IR 13",
+    "\\",
+    "ISO_IR 192\x00",
+    b"ISO_IR 100\x00x",
+    b"\x00ISO_IR 100",
+    b"ISO_IR\xe9100",
+    b"\x1b$B",
+]
 
 #: (group, element), dictionary VR and realistic values, for the attributes read_header uses
 ATTRS: dict[str, tuple[int, bytes, list[Any]]] = {
     "SpecificCharacterSet": (T(0x0008, 0x0005), b"CS", ["ISO_IR 100", "ISO_IR 192"]),
-    "ImageType": (T(0x0008, 0x0008), b"CS", ["ORIGINAL\\PRIMARY\\AXIAL", "DERIVED\\SECONDARY",
-                                               "ORIGINAL\\PRIMARY\\LOCALIZER", "ORIGINAL"]),
+    "ImageType": (
+        T(0x0008, 0x0008),
+        b"CS",
+        [
+            "ORIGINAL\\PRIMARY\\AXIAL",
+            "DERIVED\\SECONDARY",
+            "ORIGINAL\\PRIMARY\\LOCALIZER",
+            "ORIGINAL",
+        ],
+    ),
     "SOPClassUID": (T(0x0008, 0x0016), b"UI", [CT]),
     "SOPInstanceUID": (T(0x0008, 0x0018), b"UI", [None]),
     "StudyDate": (T(0x0008, 0x0020), b"DA", ["20240131", "19991231"]),
@@ -206,8 +325,11 @@ ATTRS: dict[str, tuple[int, bytes, list[Any]]] = {
     "SeriesInstanceUID": (T(0x0020, 0x000E), b"UI", [None]),
     "SeriesNumber": (T(0x0020, 0x0011), b"IS", ["3", "201", "1"]),
     "InstanceNumber": (T(0x0020, 0x0013), b"IS", ["1", "17", "240"]),
-    "ImageOrientationPatient": (T(0x0020, 0x0037), b"DS", ["1\\0\\0\\0\\1\\0",
-                                                             "1.0\\0.0\\0.0\\0.0\\0.996\\-0.087"]),
+    "ImageOrientationPatient": (
+        T(0x0020, 0x0037),
+        b"DS",
+        ["1\\0\\0\\0\\1\\0", "1.0\\0.0\\0.0\\0.0\\0.996\\-0.087"],
+    ),
     "NumberOfFrames": (T(0x0028, 0x0008), b"IS", ["1", "40"]),
     "Rows": (T(0x0028, 0x0010), b"US", [512, 256, 48]),
     "Columns": (T(0x0028, 0x0011), b"US", [512, 256, 48]),
@@ -223,8 +345,26 @@ REF_IMAGE_SEQ, ICON_SEQ = T(0x0008, 0x1140), T(0x0088, 0x0200)
 PIXEL_DATA = T(0x7FE0, 0x0010)
 
 #: explicit VRs a generated element may carry instead of its dictionary VR
-VR_SWAPS = [b"UN", b"OB", b"LO", b"SH", b"DS", b"IS", b"US", b"SS", b"UL", b"FD", b"FL", b"CS",
-            b"UT", b"PN", b"xx", b"\0\0", b"ox", b"SQ"]
+VR_SWAPS = [
+    b"UN",
+    b"OB",
+    b"LO",
+    b"SH",
+    b"DS",
+    b"IS",
+    b"US",
+    b"SS",
+    b"UL",
+    b"FD",
+    b"FL",
+    b"CS",
+    b"UT",
+    b"PN",
+    b"xx",
+    b"\0\0",
+    b"ox",
+    b"SQ",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,8 +475,9 @@ class Gen:
         elif new == b"UL":
             value = struct.pack("<I", r.randrange(2**32))
         elif new == b"FD":
-            value = struct.pack("<d", r.choice([1.5, 0.0, float("nan"), float("inf"), 1e300, -2.0,
-                                                512.0]))
+            value = struct.pack(
+                "<d", r.choice([1.5, 0.0, float("nan"), float("inf"), 1e300, -2.0, 512.0])
+            )
         elif new == b"FL":
             value = struct.pack("<f", r.choice([1.5, float("nan"), 5.0, -0.0]))
         elif new == b"SQ":
@@ -390,8 +531,12 @@ class Gen:
         """A sequence whose item bodies `make_bodies()` encodes; in explicit structural / broken
         cases sometimes as UN, whose content is then implicit VR LE (PS3.5 6.2.2)."""
         r = self.r
-        un = (self.explicit and allow_un and self.kind in ("structural", "broken")
-              and self.chance(0.1))
+        un = (
+            self.explicit
+            and allow_un
+            and self.kind in ("structural", "broken")
+            and self.chance(0.1)
+        )
         if un:
             self.explicit = False
             try:
@@ -404,8 +549,9 @@ class Gen:
         item_undef = [r.random() < 0.4 for _ in bodies]
         if un:
             self.note(f"sequence {tag:08X} as UN (undefined={undefined})")
-            return sequence(tag, bodies, True, undefined=undefined, item_undefined=item_undef,
-                            vr=b"UN")
+            return sequence(
+                tag, bodies, True, undefined=undefined, item_undefined=item_undef, vr=b"UN"
+            )
         return sequence(tag, bodies, self.explicit, undefined=undefined, item_undefined=item_undef)
 
     def item_with(self, *elements: tuple[int, bytes]) -> bytes:
@@ -420,40 +566,67 @@ class Gen:
 
     def one_item(self, tag: int, vr: bytes, value: Any) -> Any:
         """Bodies maker: one item holding one element (encoded when the sequence is)."""
-        return lambda: [self.item_with((tag, self.el(tag, vr, value() if callable(value)
-                                                     else value)))]
+        return lambda: [
+            self.item_with((tag, self.el(tag, vr, value() if callable(value) else value)))
+        ]
 
     def functional_group_item(self, tricky: bool, per_frame: bool) -> bytes:
         r = self.r
         parts: list[tuple[int, bytes]] = []
         if self.chance(0.7):
+
             def measures() -> list[bytes]:
                 inner = []
                 if self.chance(0.8):
-                    inner.append((T(0x0018, 0x0050), self.el(
-                        T(0x0018, 0x0050), b"DS", self.value("SliceThickness", b"DS", self.t()))))
+                    inner.append(
+                        (
+                            T(0x0018, 0x0050),
+                            self.el(
+                                T(0x0018, 0x0050),
+                                b"DS",
+                                self.value("SliceThickness", b"DS", self.t()),
+                            ),
+                        )
+                    )
                 if self.chance(0.8):
-                    inner.append((T(0x0028, 0x0030), self.el(
-                        T(0x0028, 0x0030), b"DS", self.value("PixelSpacing", b"DS", self.t()))))
+                    inner.append(
+                        (
+                            T(0x0028, 0x0030),
+                            self.el(
+                                T(0x0028, 0x0030),
+                                b"DS",
+                                self.value("PixelSpacing", b"DS", self.t()),
+                            ),
+                        )
+                    )
                 return [self.dataset(list(inner))] * r.choice([1, 1, 1, 0, 2])
+
             parts.append((PIXEL_MEASURES, self.seq(PIXEL_MEASURES, measures)))
         if self.chance(0.7):
             iop = self.value("ImageOrientationPatient", b"DS", self.t())
             make = self.one_item(T(0x0020, 0x0037), b"DS", iop)
-            parts.append((PLANE_ORIENTATION, self.seq(
-                PLANE_ORIENTATION, make if self.chance(0.8) else list)))
+            parts.append(
+                (PLANE_ORIENTATION, self.seq(PLANE_ORIENTATION, make if self.chance(0.8) else list))
+            )
         if self.chance(0.6):
             k = self.value("ConvolutionKernel", b"SH", self.t())
-            parts.append((CT_RECON, self.seq(CT_RECON, self.one_item(T(0x0018, 0x1210), b"SH",
-                                                                     k))))
+            parts.append((CT_RECON, self.seq(CT_RECON, self.one_item(T(0x0018, 0x1210), b"SH", k))))
         if per_frame and self.chance(0.7):
             ipp = text(f"-120\\-120\\{r.randint(0, 200)}", b"DS")
-            parts.append((PLANE_POSITION, self.seq(PLANE_POSITION,
-                                                   self.one_item(T(0x0020, 0x0032), b"DS", ipp))))
+            parts.append(
+                (
+                    PLANE_POSITION,
+                    self.seq(PLANE_POSITION, self.one_item(T(0x0020, 0x0032), b"DS", ipp)),
+                )
+            )
         if self.chance(0.4):  # unrelated: frame type
             ft = text("ORIGINAL\\PRIMARY\\AXIAL\\NONE", b"CS")
-            parts.append((T(0x0018, 0x9329), self.seq(
-                T(0x0018, 0x9329), self.one_item(T(0x0008, 0x9007), b"CS", ft))))
+            parts.append(
+                (
+                    T(0x0018, 0x9329),
+                    self.seq(T(0x0018, 0x9329), self.one_item(T(0x0008, 0x9007), b"CS", ft)),
+                )
+            )
         return self.dataset(parts)
 
     def enhanced(self, tricky: bool) -> list[tuple[int, bytes]]:
@@ -461,20 +634,36 @@ class Gen:
         out = []
         if self.chance(0.85):
             n = r.choice([1, 1, 1, 0, 2])
-            out.append((SHARED_FG, self.seq(SHARED_FG, lambda: [
-                self.functional_group_item(tricky, False) for _ in range(n)])))
+            out.append(
+                (
+                    SHARED_FG,
+                    self.seq(
+                        SHARED_FG,
+                        lambda: [self.functional_group_item(tricky, False) for _ in range(n)],
+                    ),
+                )
+            )
             self.note(f"SharedFunctionalGroupsSequence with {n} items")
         if self.chance(0.85):
             n = r.choice([1, 2, 3, 0])
-            out.append((PER_FRAME_FG, self.seq(PER_FRAME_FG, lambda: [
-                self.functional_group_item(tricky, True) for _ in range(n)])))
+            out.append(
+                (
+                    PER_FRAME_FG,
+                    self.seq(
+                        PER_FRAME_FG,
+                        lambda: [self.functional_group_item(tricky, True) for _ in range(n)],
+                    ),
+                )
+            )
             self.note(f"PerFrameFunctionalGroupsSequence with {n} items")
         return out
 
     def contrast_sequence(self, tricky: bool) -> tuple[int, bytes]:
         r = self.r
-        meanings = [r.choice(["Iohexol", "IOPAMIDOL 370", ""] + (TEXT_TRICKY if tricky else []))
-                    for _ in range(r.choice([1, 1, 2, 0]))]
+        meanings = [
+            r.choice(["Iohexol", "IOPAMIDOL 370", ""] + (TEXT_TRICKY if tricky else []))
+            for _ in range(r.choice([1, 1, 2, 0]))
+        ]
         empty_first = bool(meanings) and tricky and self.chance(0.2)
 
         def bodies() -> list[bytes]:
@@ -482,8 +671,11 @@ class Gen:
             if empty_first:
                 out[0] = b""
             return out
-        self.note(f"ContrastBolusAgentSequence {meanings!r}"
-                  + (" (empty first item)" if empty_first else ""))
+
+        self.note(
+            f"ContrastBolusAgentSequence {meanings!r}"
+            + (" (empty first item)" if empty_first else "")
+        )
         return CONTRAST_SEQ, self.seq(CONTRAST_SEQ, bodies)
 
     def referenced_images(self) -> tuple[int, bytes]:
@@ -494,39 +686,60 @@ class Gen:
         def bodies() -> list[bytes]:
             out = []
             for _ in range(n):
-                parts = [(T(0x0008, 0x1150), self.el(T(0x0008, 0x1150), b"UI", text(CT, b"UI"))),
-                         (T(0x0008, 0x1155), self.el(T(0x0008, 0x1155), b"UI",
-                                                     text(self.uid(), b"UI")))]
+                parts = [
+                    (T(0x0008, 0x1150), self.el(T(0x0008, 0x1150), b"UI", text(CT, b"UI"))),
+                    (T(0x0008, 0x1155), self.el(T(0x0008, 0x1155), b"UI", text(self.uid(), b"UI"))),
+                ]
                 if self.chance(0.5):
                     purpose = T(0x0040, 0xA170)
-                    parts.append((purpose, self.seq(purpose,
-                                                    lambda: [self.code_item("Localizer")])))
+                    parts.append(
+                        (purpose, self.seq(purpose, lambda: [self.code_item("Localizer")]))
+                    )
                 if self.kind != "clean" and self.chance(0.15):  # an item's own charset
                     cs, vr = r.choice(CHARSETS), b"CS"
                     if self.explicit and self.chance(0.3):
                         vr = r.choice([b"US", b"OB", b"LO", b"UN"])
                     raw = cs if isinstance(cs, bytes) else cs.encode()
-                    parts.append((T(0x0008, 0x0005), self.el(T(0x0008, 0x0005), vr,
-                                                             pad(raw, b"CS"))))
+                    parts.append(
+                        (T(0x0008, 0x0005), self.el(T(0x0008, 0x0005), vr, pad(raw, b"CS")))
+                    )
                     self.note(f"charset {raw!r} as {vr!r} in a ReferencedImageSequence item")
                 if self.chance(0.3):  # attributes read_header uses, nested: must not leak out
-                    parts.append((T(0x0028, 0x0010), self.el(T(0x0028, 0x0010), b"US",
-                                                             struct.pack("<H", 7))))
-                    parts.append((T(0x0020, 0x000D), self.el(T(0x0020, 0x000D), b"UI",
-                                                             text("1.2.3.4", b"UI"))))
+                    parts.append(
+                        (T(0x0028, 0x0010), self.el(T(0x0028, 0x0010), b"US", struct.pack("<H", 7)))
+                    )
+                    parts.append(
+                        (
+                            T(0x0020, 0x000D),
+                            self.el(T(0x0020, 0x000D), b"UI", text("1.2.3.4", b"UI")),
+                        )
+                    )
                 out.append(self.dataset(parts))
             return out
+
         self.note(f"ReferencedImageSequence with {n} items")
         return REF_IMAGE_SEQ, self.seq(REF_IMAGE_SEQ, bodies)
 
     def icon(self) -> tuple[int, bytes]:
         """IconImageSequence: an item with its own Rows/Columns and Pixel Data."""
+
         def bodies() -> list[bytes]:
-            return [self.dataset([
-                (T(0x0028, 0x0010), self.el(T(0x0028, 0x0010), b"US", struct.pack("<H", 4))),
-                (T(0x0028, 0x0011), self.el(T(0x0028, 0x0011), b"US", struct.pack("<H", 4))),
-                (PIXEL_DATA, self.el(PIXEL_DATA, b"OB", bytes(16))),
-            ])]
+            return [
+                self.dataset(
+                    [
+                        (
+                            T(0x0028, 0x0010),
+                            self.el(T(0x0028, 0x0010), b"US", struct.pack("<H", 4)),
+                        ),
+                        (
+                            T(0x0028, 0x0011),
+                            self.el(T(0x0028, 0x0011), b"US", struct.pack("<H", 4)),
+                        ),
+                        (PIXEL_DATA, self.el(PIXEL_DATA, b"OB", bytes(16))),
+                    ]
+                )
+            ]
+
         self.note("IconImageSequence (nested Pixel Data)")
         return ICON_SEQ, self.seq(ICON_SEQ, bodies, allow_un=False)
 
@@ -535,28 +748,43 @@ class Gen:
         sometimes an undefined-length private sequence."""
         r = self.r
         g = r.choice([0x0009, 0x0029, 0x0043])
-        out = [(T(g, 0x0010), self.el(T(g, 0x0010), b"LO", text("ACME 1.0", b"LO"))),
-               (T(g, 0x1001), self.el(T(g, 0x1001), b"LO", text("vendor", b"LO")))]
+        out = [
+            (T(g, 0x0010), self.el(T(g, 0x0010), b"LO", text("ACME 1.0", b"LO"))),
+            (T(g, 0x1001), self.el(T(g, 0x1001), b"LO", text("vendor", b"LO"))),
+        ]
         # a trap for scanners that search instead of walk: a Rows / SOPInstanceUID lookalike
-        fake = element(T(0x0028, 0x0010), b"US", struct.pack("<H", 999), self.explicit) + \
-            element(T(0x0008, 0x0018), b"UI", text("1.2.3.999", b"UI"), self.explicit)
+        fake = element(T(0x0028, 0x0010), b"US", struct.pack("<H", 999), self.explicit) + element(
+            T(0x0008, 0x0018), b"UI", text("1.2.3.999", b"UI"), self.explicit
+        )
         out.append((T(g, 0x1002), self.el(T(g, 0x1002), b"OB", fake)))
         if self.chance(0.2 if self.kind == "clean" else 0.5):
-            inner = self.item_with((T(g, 0x0010), element(T(g, 0x0010), b"LO",
-                                                          text("ACME 1.0", b"LO"), False)),
-                                   (T(g, 0x1001), element(T(g, 0x1001), b"LO",
-                                                          text("nested", b"LO"), False)))
+            inner = self.item_with(
+                (T(g, 0x0010), element(T(g, 0x0010), b"LO", text("ACME 1.0", b"LO"), False)),
+                (T(g, 0x1001), element(T(g, 0x1001), b"LO", text("nested", b"LO"), False)),
+            )
             if self.explicit:
                 vr = r.choice([b"SQ", b"UN"])
                 # UN + undefined length: content is implicit VR (PS3.5 6.2.2)
-                body = inner if vr == b"UN" else self.item_with(
-                    (T(g, 0x0010), self.el(T(g, 0x0010), b"LO", text("ACME 1.0", b"LO"))))
-                chunk = sequence(T(g, 0x1010), [body], True, undefined=True,
-                                 item_undefined=r.random() < 0.5, vr=vr)
+                body = (
+                    inner
+                    if vr == b"UN"
+                    else self.item_with(
+                        (T(g, 0x0010), self.el(T(g, 0x0010), b"LO", text("ACME 1.0", b"LO")))
+                    )
+                )
+                chunk = sequence(
+                    T(g, 0x1010),
+                    [body],
+                    True,
+                    undefined=True,
+                    item_undefined=r.random() < 0.5,
+                    vr=vr,
+                )
                 self.note(f"private undefined-length sequence as {vr.decode()}")
             else:
-                chunk = sequence(T(g, 0x1010), [inner], False, undefined=True,
-                                 item_undefined=r.random() < 0.5)
+                chunk = sequence(
+                    T(g, 0x1010), [inner], False, undefined=True, item_undefined=r.random() < 0.5
+                )
                 self.note("private undefined-length sequence (implicit)")
             out.append((T(g, 0x1010), chunk))
         return out
@@ -568,12 +796,15 @@ class Gen:
             self.note("no Pixel Data")
             return None
         if self.ts in (JPEG_BASELINE, RLE) and choice < 0.85:
-            frags = [bytes(r.randrange(256) for _ in range(r.choice([2, 10, 64])))
-                     for _ in range(r.choice([1, 2]))]
+            frags = [
+                bytes(r.randrange(256) for _ in range(r.choice([2, 10, 64])))
+                for _ in range(r.choice([1, 2]))
+            ]
             return PIXEL_DATA, encapsulated_pixels(frags, self.explicit)
         if choice < 0.95:
-            return PIXEL_DATA, self.el(PIXEL_DATA, b"OW", bytes(r.randrange(256)
-                                                                for _ in range(32)))
+            return PIXEL_DATA, self.el(
+                PIXEL_DATA, b"OW", bytes(r.randrange(256) for _ in range(32))
+            )
         tag = r.choice([T(0x7FE0, 0x0008), T(0x7FE0, 0x0009)])
         self.note(f"float pixel data {tag:08X}")
         return tag, self.el(tag, b"OF" if tag == T(0x7FE0, 0x0008) else b"OD", bytes(32))
@@ -582,33 +813,56 @@ class Gen:
     def make(self) -> Case:
         r = self.r
         u = r.random()
-        self.kind = ("clean" if u < 0.62 else "tricky" if u < 0.84 else
-                     "structural" if u < 0.94 else "broken")
+        self.kind = (
+            "clean"
+            if u < 0.62
+            else "tricky"
+            if u < 0.84
+            else "structural"
+            if u < 0.94
+            else "broken"
+        )
         tricky = self.kind != "clean"
-        self.p_tricky = {"clean": 0.0, "tricky": 0.05, "structural": 0.02, "broken": 0.02}[self.kind]
-        self.ts = r.choices([IMPLICIT, EXPLICIT, JPEG_BASELINE, RLE, BIG_ENDIAN, DEFLATED],
-                            [30, 42, 14, 8, 3, 3])[0]
+        self.p_tricky = {"clean": 0.0, "tricky": 0.05, "structural": 0.02, "broken": 0.02}[
+            self.kind
+        ]
+        self.ts = r.choices(
+            [IMPLICIT, EXPLICIT, JPEG_BASELINE, RLE, BIG_ENDIAN, DEFLATED], [30, 42, 14, 8, 3, 3]
+        )[0]
         self.explicit = self.ts != IMPLICIT
         mismatch = False
         if self.kind == "broken" and self.chance(0.35):
             self.explicit = not self.explicit
             mismatch = True
-            self.note(f"encoded {'explicit' if self.explicit else 'implicit'} VR, sent as {self.ts}")
-        self.sop_class = r.choices([CT, MR, ENHANCED_CT], [79, 15, 6] if not tricky else
-                                   [65, 15, 20])[0]
+            self.note(
+                f"encoded {'explicit' if self.explicit else 'implicit'} VR, sent as {self.ts}"
+            )
+        self.sop_class = r.choices(
+            [CT, MR, ENHANCED_CT], [79, 15, 6] if not tricky else [65, 15, 20]
+        )[0]
         enhanced = self.sop_class == ENHANCED_CT
         self.charset = "ISO_IR 100"
         if tricky and self.chance(0.35):
             self.charset = r.choice(CHARSETS)
-        self.note(f"kind={self.kind} ts={self.ts} sop_class={self.sop_class} "
-                  f"charset={self.charset!r}")
+        self.note(
+            f"kind={self.kind} ts={self.ts} sop_class={self.sop_class} charset={self.charset!r}"
+        )
 
         chunks: list[tuple[int, bytes]] = []
         for kw, (tag, _, _) in ATTRS.items():
             if kw == "SpecificCharacterSet" and not tricky and self.chance(0.5):
                 continue
-            if enhanced and kw in ("SliceThickness", "PixelSpacing", "ImageOrientationPatient",
-                                   "ConvolutionKernel") and self.chance(0.7):
+            if (
+                enhanced
+                and kw
+                in (
+                    "SliceThickness",
+                    "PixelSpacing",
+                    "ImageOrientationPatient",
+                    "ConvolutionKernel",
+                )
+                and self.chance(0.7)
+            ):
                 continue  # Enhanced CT: normally only in the functional groups
             chunk = self.attr(kw)
             if chunk is not None:
@@ -624,10 +878,18 @@ class Gen:
         if self.chance(0.35):
             chunks += self.private()
         if self.chance(0.3):  # an OB / UN blob and a UT text
-            chunks.append((T(0x0042, 0x0011), self.el(T(0x0042, 0x0011), b"OB",
-                                                      bytes(r.randrange(256) for _ in range(20)))))
-            chunks.append((T(0x0020, 0x4000), self.el(T(0x0020, 0x4000), b"UT",
-                                                      text("comment \\ with backslash", b"UT"))))
+            chunks.append(
+                (
+                    T(0x0042, 0x0011),
+                    self.el(T(0x0042, 0x0011), b"OB", bytes(r.randrange(256) for _ in range(20))),
+                )
+            )
+            chunks.append(
+                (
+                    T(0x0020, 0x4000),
+                    self.el(T(0x0020, 0x4000), b"UT", text("comment \\ with backslash", b"UT")),
+                )
+            )
         pix = self.pixels()
         chunks.sort(key=lambda kv: kv[0])
         if pix is not None:
@@ -646,9 +908,24 @@ class Gen:
         r = self.r
         ch = case.chunks
         for _ in range(r.choice([1, 1, 2, 3])):
-            what = r.choice(["swap", "dup", "dup_other", "after_pixels", "group2", "grouplen",
-                             "odd", "zero_len_sq", "stray_delim", "before_charset", "command",
-                             "charset_sq", "item_overrun", "hidden"])
+            what = r.choice(
+                [
+                    "swap",
+                    "dup",
+                    "dup_other",
+                    "after_pixels",
+                    "group2",
+                    "grouplen",
+                    "odd",
+                    "zero_len_sq",
+                    "stray_delim",
+                    "before_charset",
+                    "command",
+                    "charset_sq",
+                    "item_overrun",
+                    "hidden",
+                ]
+            )
             n = len(ch)
             if what == "swap" and n > 2:
                 i = r.randrange(n - 1)
@@ -672,13 +949,27 @@ class Gen:
                 self.note(f"{kw} after the end (after Pixel Data if any)")
             elif what == "group2":
                 tsv = r.choice([IMPLICIT, EXPLICIT, "1.2.3"])
-                ch.insert(0, (T(0x0002, 0x0010), element(T(0x0002, 0x0010), b"UI",
-                                                         text(tsv, b"UI"), self.explicit)))
+                ch.insert(
+                    0,
+                    (
+                        T(0x0002, 0x0010),
+                        element(T(0x0002, 0x0010), b"UI", text(tsv, b"UI"), self.explicit),
+                    ),
+                )
                 self.note(f"(0002,0010) {tsv} at the start of the data set")
             elif what == "grouplen":
-                ch.insert(0, (T(0x0008, 0x0000), element(T(0x0008, 0x0000), b"UL",
-                                                         struct.pack("<I", r.randrange(999)),
-                                                         self.explicit)))
+                ch.insert(
+                    0,
+                    (
+                        T(0x0008, 0x0000),
+                        element(
+                            T(0x0008, 0x0000),
+                            b"UL",
+                            struct.pack("<I", r.randrange(999)),
+                            self.explicit,
+                        ),
+                    ),
+                )
                 self.note("(0008,0000) group length")
             elif what == "odd":
                 kw = r.choice(["PatientName", "Modality", "StudyDescription", "SOPInstanceUID"])
@@ -707,21 +998,32 @@ class Gen:
             elif what == "charset_sq":
                 tag = ATTRS["SpecificCharacterSet"][0]
                 ch[:] = [c for c in ch if c[0] != tag]
-                body = self.item_with((T(0x0008, 0x0100), self.el(T(0x0008, 0x0100), b"SH",
-                                                                  text("X", b"SH"))))
-                sq = sequence(tag, [body], self.explicit, undefined=self.chance(0.7),
-                              vr=b"SQ" if self.chance(0.5) else b"UN")
+                body = self.item_with(
+                    (T(0x0008, 0x0100), self.el(T(0x0008, 0x0100), b"SH", text("X", b"SH")))
+                )
+                sq = sequence(
+                    tag,
+                    [body],
+                    self.explicit,
+                    undefined=self.chance(0.7),
+                    vr=b"SQ" if self.chance(0.5) else b"UN",
+                )
                 ch.insert(0, (tag, sq))
                 self.note("SpecificCharacterSet as a sequence")
             elif what == "item_overrun":
                 # an undefined-length sequence whose defined-length item claims more (or less)
                 # than it holds: pydicom reads the item's elements from the stream as it goes
-                body = self.item_with((T(0x0008, 0x1150), self.el(T(0x0008, 0x1150), b"UI",
-                                                                  text(CT, b"UI"))))
+                body = self.item_with(
+                    (T(0x0008, 0x1150), self.el(T(0x0008, 0x1150), b"UI", text(CT, b"UI")))
+                )
                 claim = max(0, len(body) + r.choice([-6, -2, 2, 8, 40]))
                 content = tag_bytes(ITEM) + struct.pack("<I", claim) + body + delimiter(SEQ_END)
-                ch.append((REF_IMAGE_SEQ, element(REF_IMAGE_SEQ, b"SQ", content, self.explicit,
-                                                  length=UNDEFINED)))
+                ch.append(
+                    (
+                        REF_IMAGE_SEQ,
+                        element(REF_IMAGE_SEQ, b"SQ", content, self.explicit, length=UNDEFINED),
+                    )
+                )
                 ch.sort(key=lambda kv: kv[0])
                 self.note(f"item claims {claim} of {len(body)} bytes in an undefined-length SQ")
             elif what == "hidden":
@@ -731,16 +1033,25 @@ class Gen:
                 w_vr = {T(0x0010, 0x0010): b"PN", T(0x0010, 0x0020): b"LO"}.get(w, b"DA")
                 f = w + 1
                 hidden = self.el(w, w_vr, text(r.choice(["EVIL", "19990101", "X^Y"]), w_vr))
-                tail = tag_bytes(f) + (b"LO" + struct.pack("<H", 10) if self.explicit
-                                       else struct.pack("<I", 10)) + b"xx"
+                tail = (
+                    tag_bytes(f)
+                    + (b"LO" + struct.pack("<H", 10) if self.explicit else struct.pack("<I", 10))
+                    + b"xx"
+                )
                 inner = self.el(T(0x0008, 0x1150), b"UI", delimiter(SEQ_END) + hidden + tail)
                 content = tag_bytes(ITEM) + struct.pack("<I", 8) + inner + delimiter(SEQ_END)
                 ch[:] = [c for c in ch if not (REF_IMAGE_SEQ <= c[0] <= f)]
-                ch.append((REF_IMAGE_SEQ, element(REF_IMAGE_SEQ, b"SQ", content, self.explicit,
-                                                  length=UNDEFINED)))
+                ch.append(
+                    (
+                        REF_IMAGE_SEQ,
+                        element(REF_IMAGE_SEQ, b"SQ", content, self.explicit, length=UNDEFINED),
+                    )
+                )
                 ch.sort(key=lambda kv: kv[0])
-                self.note(f"({w >> 16:04X},{w & 0xFFFF:04X}) hidden in an element value behind "
-                          f"an item that claims 8 bytes")
+                self.note(
+                    f"({w >> 16:04X},{w & 0xFFFF:04X}) hidden in an element value behind "
+                    f"an item that claims 8 bytes"
+                )
             elif what == "before_charset":
                 # a non-ASCII name before the character set that says how to decode it
                 pn = self.el(T(0x0010, 0x0010), b"PN", text("M\xfcller".encode(), b"PN"))
@@ -770,7 +1081,7 @@ class Gen:
                 bad = chunk[:6] + struct.pack("<H", 0xFFF0) + chunk[8:]
             else:
                 off = 8 if self.explicit else 4
-                bad = chunk[:off] + struct.pack("<I", 0x7FFFFFF0) + chunk[off + 4:]
+                bad = chunk[:off] + struct.pack("<I", 0x7FFFFFF0) + chunk[off + 4 :]
             case.chunks[i] = (tag, bad)
             self.note(f"element {tag:08X} claims a huge length")
         elif what == "undefined_text":
@@ -819,13 +1130,21 @@ def fast(stream: bytes, ts: str, with_phi: bool) -> Any:
             return (RAISES, f"scan_header raised {type(exc).__name__}: {exc}")
 
 
-def strict_diff(a: Any, b: Any, path: str = "", names: tuple[str, str] = ("reference", "fast"),
-                ) -> list[str]:
+def strict_diff(
+    a: Any,
+    b: Any,
+    path: str = "",
+    names: tuple[str, str] = ("reference", "fast"),
+) -> list[str]:
     """Differences between two plain values, types included (1 != 1.0 != True, [x] != x)."""
     na, nb = names
     if type(a) is not type(b):
-        return [(f"{path or 'value'}: {na} {a!r} ({type(a).__name__}) != "
-                 f"{nb} {b!r} ({type(b).__name__})")]
+        return [
+            (
+                f"{path or 'value'}: {na} {a!r} ({type(a).__name__}) != "
+                f"{nb} {b!r} ({type(b).__name__})"
+            )
+        ]
     if isinstance(a, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
@@ -839,8 +1158,11 @@ def strict_diff(a: Any, b: Any, path: str = "", names: tuple[str, str] = ("refer
     if isinstance(a, (list, tuple)):
         if len(a) != len(b):
             return [f"{path}: {na} {a!r} != {nb} {b!r} (length)"]
-        return [d for i, (x, y) in enumerate(zip(a, b))
-                for d in strict_diff(x, y, f"{path}[{i}]", names)]
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b))
+            for d in strict_diff(x, y, f"{path}[{i}]", names)
+        ]
     both_nan = isinstance(a, float) and math.isnan(a) and math.isnan(b)
     if a != b and not both_nan:
         return [f"{path or 'value'}: {na} {a!r} != {nb} {b!r}"]
@@ -851,8 +1173,12 @@ def header_diff(ref: Any, got: Any, names: tuple[str, str] = ("reference", "fast
     if isinstance(ref, tuple) or isinstance(got, tuple):
         if isinstance(ref, tuple) and isinstance(got, tuple):
             return []
-        return [(f"only {names[0] if isinstance(ref, tuple) else names[1]} raises: "
-                 f"{(ref if isinstance(ref, tuple) else got)[1]}")]
+        return [
+            (
+                f"only {names[0] if isinstance(ref, tuple) else names[1]} raises: "
+                f"{(ref if isinstance(ref, tuple) else got)[1]}"
+            )
+        ]
     diffs = []
     for f in fields(ref):
         diffs += strict_diff(getattr(ref, f.name), getattr(got, f.name), f.name, names)
@@ -889,7 +1215,7 @@ def listing(stream: bytes, explicit: bool, limit: int = 60) -> str:
     out, pos = [], 0
     while pos + 8 <= len(stream) and len(out) < limit:
         g, e = struct.unpack_from("<HH", stream, pos)
-        vr = stream[pos + 4:pos + 6]
+        vr = stream[pos + 4 : pos + 6]
         if g == 0xFFFE or not explicit or not (vr.isalpha() and vr.isupper()):
             vr, n, hdr = b"--", struct.unpack_from("<I", stream, pos + 4)[0], 8
         elif vr in LONG_VRS:
@@ -900,19 +1226,23 @@ def listing(stream: bytes, explicit: bool, limit: int = 60) -> str:
             n, hdr = struct.unpack_from("<H", stream, pos + 6)[0], 8
         if n == UNDEFINED:
             end = _skip_undefined(stream, pos + hdr)
-            shown = stream[pos + hdr:(end or len(stream))]
-            out.append(f"  ({g:04X},{e:04X}) {vr.decode('latin-1')} undefined length: "
-                       f"{shown[:160]!r}{'...' if len(shown) > 160 else ''}")
+            shown = stream[pos + hdr : (end or len(stream))]
+            out.append(
+                f"  ({g:04X},{e:04X}) {vr.decode('latin-1')} undefined length: "
+                f"{shown[:160]!r}{'...' if len(shown) > 160 else ''}"
+            )
             if end is None:
                 break
             pos = end
             continue
-        value = stream[pos + hdr:pos + hdr + n]
-        out.append(f"  ({g:04X},{e:04X}) {vr.decode('latin-1')} {n:5d} {value[:64]!r}"
-                   f"{'...' if len(value) > 64 else ''}")
+        value = stream[pos + hdr : pos + hdr + n]
+        out.append(
+            f"  ({g:04X},{e:04X}) {vr.decode('latin-1')} {n:5d} {value[:64]!r}"
+            f"{'...' if len(value) > 64 else ''}"
+        )
         pos += hdr + n
     if pos < len(stream):
-        out.append(f"  ... {len(stream) - pos} more bytes from {pos}: {stream[pos:pos + 32]!r}")
+        out.append(f"  ... {len(stream) - pos} more bytes from {pos}: {stream[pos : pos + 32]!r}")
     return "\n".join(out)
 
 
@@ -932,7 +1262,7 @@ def minimise(case: Case, with_phi: bool, key: str) -> Case:
     while changed:
         changed = False
         for i in range(len(cur)):
-            trial = cur[:i] + cur[i + 1:]
+            trial = cur[:i] + cur[i + 1 :]
             status, diffs, _, _ = compare(case.stream(trial), case.ts, with_phi)
             if status == "mismatch" and any(diff_key(d) == key for d in diffs):
                 cur, changed = trial, True
@@ -940,8 +1270,15 @@ def minimise(case: Case, with_phi: bool, key: str) -> Case:
     return Case(case.seed, case.ts, case.explicit, cur, case.notes, case.kind)
 
 
-def report(label: str, stream: bytes, ts: str, explicit: bool, with_phi: bool,
-           diffs: list[str], notes: list[str] = ()) -> str:
+def report(
+    label: str,
+    stream: bytes,
+    ts: str,
+    explicit: bool,
+    with_phi: bool,
+    diffs: list[str],
+    notes: list[str] = (),
+) -> str:
     lines = [f"--- {label} ts={ts} with_phi={with_phi} ({len(stream)} bytes)"]
     lines += [f"  note: {n}" for n in notes]
     lines += [f"  DIFF {d}" for d in diffs]
@@ -959,38 +1296,64 @@ def report(label: str, stream: bytes, ts: str, explicit: bool, with_phi: bool,
 Chunks = list[tuple[int, bytes]]
 
 
-def plain_chunks(explicit: bool, *, undefined_sequence: bool = False,
-                 pixels: str = "native") -> Chunks:
+def plain_chunks(
+    explicit: bool, *, undefined_sequence: bool = False, pixels: str = "native"
+) -> Chunks:
     """An ordinary CT slice header, as a modality sends it: (tag, encoded element) in order."""
+
     def el(kw: str, v: Any) -> tuple[int, bytes]:
         tag, vr, _ = ATTRS[kw]
         raw = struct.pack("<H", v) if vr == b"US" else text(v, vr)
         return tag, element(tag, vr, raw, explicit)
 
     uid = UID_ROOT + "77."
-    chunks = [el("SpecificCharacterSet", "ISO_IR 100"), el("ImageType", "ORIGINAL\\PRIMARY\\AXIAL"),
-              el("SOPClassUID", CT), el("SOPInstanceUID", uid + "3"), el("StudyDate", "20240131"),
-              el("AccessionNumber", "ACC42"), el("Modality", "CT"), el("Manufacturer", "ACME"),
-              el("StudyDescription", "CT HEAD"), el("SeriesDescription", "Axial 5mm"),
-              el("PatientName", "DOE^JOHN"), el("PatientID", "PID1"),
-              el("PatientBirthDate", "19700101"), el("BodyPartExamined", "HEAD"),
-              el("SliceThickness", "5"), el("KVP", "120"), el("ProtocolName", "ROUTINE HEAD"),
-              el("ConvolutionKernel", "H30s"), el("StudyInstanceUID", uid + "1"),
-              el("SeriesInstanceUID", uid + "2"), el("SeriesNumber", "3"),
-              el("InstanceNumber", "17"), el("ImageOrientationPatient", "1\\0\\0\\0\\1\\0"),
-              el("Rows", 64), el("Columns", 64), el("PixelSpacing", "0.5\\0.5")]
+    chunks = [
+        el("SpecificCharacterSet", "ISO_IR 100"),
+        el("ImageType", "ORIGINAL\\PRIMARY\\AXIAL"),
+        el("SOPClassUID", CT),
+        el("SOPInstanceUID", uid + "3"),
+        el("StudyDate", "20240131"),
+        el("AccessionNumber", "ACC42"),
+        el("Modality", "CT"),
+        el("Manufacturer", "ACME"),
+        el("StudyDescription", "CT HEAD"),
+        el("SeriesDescription", "Axial 5mm"),
+        el("PatientName", "DOE^JOHN"),
+        el("PatientID", "PID1"),
+        el("PatientBirthDate", "19700101"),
+        el("BodyPartExamined", "HEAD"),
+        el("SliceThickness", "5"),
+        el("KVP", "120"),
+        el("ProtocolName", "ROUTINE HEAD"),
+        el("ConvolutionKernel", "H30s"),
+        el("StudyInstanceUID", uid + "1"),
+        el("SeriesInstanceUID", uid + "2"),
+        el("SeriesNumber", "3"),
+        el("InstanceNumber", "17"),
+        el("ImageOrientationPatient", "1\\0\\0\\0\\1\\0"),
+        el("Rows", 64),
+        el("Columns", 64),
+        el("PixelSpacing", "0.5\\0.5"),
+    ]
     if undefined_sequence:
-        ref = item(element(T(0x0008, 0x1150), b"UI", text(CT, b"UI"), explicit)
-                   + element(T(0x0008, 0x1155), b"UI", text(uid + "9", b"UI"), explicit),
-                   undefined=True)
-        chunks.append((REF_IMAGE_SEQ, element(REF_IMAGE_SEQ, b"SQ", ref + delimiter(SEQ_END),
-                                              explicit, length=UNDEFINED)))
+        ref = item(
+            element(T(0x0008, 0x1150), b"UI", text(CT, b"UI"), explicit)
+            + element(T(0x0008, 0x1155), b"UI", text(uid + "9", b"UI"), explicit),
+            undefined=True,
+        )
+        chunks.append(
+            (
+                REF_IMAGE_SEQ,
+                element(REF_IMAGE_SEQ, b"SQ", ref + delimiter(SEQ_END), explicit, length=UNDEFINED),
+            )
+        )
     chunks.sort(key=lambda kv: kv[0])
     if pixels == "native":
         chunks.append((PIXEL_DATA, element(PIXEL_DATA, b"OW", bytes(64 * 64 * 2), explicit)))
     elif pixels == "encapsulated":
-        chunks.append((PIXEL_DATA, encapsulated_pixels([b"\xff\xd8" + bytes(30) + b"\xff\xd9"],
-                                                       explicit)))
+        chunks.append(
+            (PIXEL_DATA, encapsulated_pixels([b"\xff\xd8" + bytes(30) + b"\xff\xd9"], explicit))
+        )
     return chunks
 
 
@@ -1019,8 +1382,9 @@ def fail_grouped(failures: list[tuple[str, str]], per_key: int = 3) -> None:
     pytest.fail("\n".join(lines), pytrace=False)
 
 
-def assert_equivalent(label: str, stream: bytes, ts: str, explicit: bool,
-                      phis: tuple[bool, ...] = (True, False)) -> list[str]:
+def assert_equivalent(
+    label: str, stream: bytes, ts: str, explicit: bool, phis: tuple[bool, ...] = (True, False)
+) -> list[str]:
     """The equivalence assertion for one stream; returns the statuses."""
     statuses = []
     for with_phi in phis:
@@ -1042,17 +1406,25 @@ PLAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,ts,explicit,undef,pixels", PLAIN_CASES,
-                         ids=[c[0] for c in PLAIN_CASES])
+@pytest.mark.parametrize(
+    "name,ts,explicit,undef,pixels", PLAIN_CASES, ids=[c[0] for c in PLAIN_CASES]
+)
 @pytest.mark.parametrize("with_phi", [True, False])
-def test_plain_ct_uses_the_fast_path(name: str, ts: str, explicit: bool, undef: bool,
-                                     pixels: str, with_phi: bool) -> None:
+def test_plain_ct_uses_the_fast_path(
+    name: str, ts: str, explicit: bool, undef: bool, pixels: str, with_phi: bool
+) -> None:
     stream = plain_ct(explicit, undefined_sequence=undef, pixels=pixels)
     status, diffs, ref, _ = compare(stream, ts, with_phi)
     assert not isinstance(ref, tuple), f"the reference path cannot read the plain case: {ref}"
     assert ref.meta["Rows"] == 64 and ref.sop_instance_uid.endswith(".3")  # the case is sane
-    assert status == "equal", report(name, stream, ts, explicit, with_phi, diffs or
-                                     ["scan_header gave None for an ordinary CT instance"])
+    assert status == "equal", report(
+        name,
+        stream,
+        ts,
+        explicit,
+        with_phi,
+        diffs or ["scan_header gave None for an ordinary CT instance"],
+    )
 
 
 @pytest.mark.parametrize("ts", [BIG_ENDIAN, DEFLATED])
@@ -1071,8 +1443,16 @@ def test_big_endian_and_deflated_are_never_scanned(ts: str) -> None:
 
 US_VARIANTS = [b"", b"\x00\x02", b"\x00\x02\x00\x01", b"\x01\x02\x03", b"\xff\xff", b"\x00"]
 POOLS: dict[bytes, list[str | bytes]] = {
-    b"DS": DS_TRICKY, b"IS": IS_TRICKY, b"UI": UI_TRICKY, b"DA": DA_TRICKY, b"US": US_VARIANTS,
-    b"CS": TEXT_TRICKY, b"LO": TEXT_TRICKY, b"SH": TEXT_TRICKY, b"PN": TEXT_TRICKY}
+    b"DS": DS_TRICKY,
+    b"IS": IS_TRICKY,
+    b"UI": UI_TRICKY,
+    b"DA": DA_TRICKY,
+    b"US": US_VARIANTS,
+    b"CS": TEXT_TRICKY,
+    b"LO": TEXT_TRICKY,
+    b"SH": TEXT_TRICKY,
+    b"PN": TEXT_TRICKY,
+}
 
 
 def single_value_cases() -> list[tuple[str, int, bytes, bytes]]:
@@ -1095,12 +1475,20 @@ def single_value_cases() -> list[tuple[str, int, bytes, bytes]]:
 def vr_swap_cases() -> list[tuple[str, int, bytes, bytes]]:
     out = []
     for kw, (tag, vr, clean) in ATTRS.items():
-        plain = (struct.pack("<H", clean[0]) if vr == b"US"
-                 else text(clean[0] if clean[0] is not None else UID_ROOT + "5", vr))
+        plain = (
+            struct.pack("<H", clean[0])
+            if vr == b"US"
+            else text(clean[0] if clean[0] is not None else UID_ROOT + "5", vr)
+        )
         for new in VR_SWAPS:
-            value = {b"US": struct.pack("<H", 7), b"SS": struct.pack("<h", -7),
-                     b"UL": struct.pack("<I", 7), b"FD": struct.pack("<d", 2.5),
-                     b"FL": struct.pack("<f", 2.5), b"SQ": b""}.get(new, plain)
+            value = {
+                b"US": struct.pack("<H", 7),
+                b"SS": struct.pack("<h", -7),
+                b"UL": struct.pack("<I", 7),
+                b"FD": struct.pack("<d", 2.5),
+                b"FL": struct.pack("<f", 2.5),
+                b"SQ": b"",
+            }.get(new, plain)
             out.append((f"{kw} as {new!r}", tag, new, value))
     return out
 
@@ -1110,21 +1498,29 @@ def test_single_odd_value_in_a_plain_instance() -> None:
     implicit and explicit; with and without PHI for the PHI attributes and the character set."""
     counts: Counter[str] = Counter()
     failures = []
-    phi_tags = {ATTRS[k][0] for k in ("PatientName", "PatientID", "PatientBirthDate",
-                                       "SpecificCharacterSet")}
+    phi_tags = {
+        ATTRS[k][0]
+        for k in ("PatientName", "PatientID", "PatientBirthDate", "SpecificCharacterSet")
+    }
     for explicit, ts in ((False, IMPLICIT), (True, EXPLICIT)):
         base = plain_chunks(explicit)
         cases = single_value_cases() + (vr_swap_cases() if explicit else [])
         for label, tag, vr, value in cases:
             stream = edit(base, drop=(tag,), add=[(tag, element(tag, vr, value, explicit))])
-            for with_phi in ((True, False) if tag in phi_tags else (True,)):
+            for with_phi in (True, False) if tag in phi_tags else (True,):
                 status, diffs, _, _ = compare(stream, ts, with_phi)
                 counts[status] += 1
                 if status == "mismatch":  # the base is plain_chunks(): the label says the rest
                     where = "explicit" if explicit else "implicit"
-                    failures.append((diff_key(diffs[0]),
-                                     (f"{label} in a plain {where} CT (with_phi={with_phi}): "
-                                      f"{'; '.join(diffs)}")))
+                    failures.append(
+                        (
+                            diff_key(diffs[0]),
+                            (
+                                f"{label} in a plain {where} CT (with_phi={with_phi}): "
+                                f"{'; '.join(diffs)}"
+                            ),
+                        )
+                    )
     print(dict(counts))
     fail_grouped(failures)
     assert counts["equal"] > 0.4 * sum(counts.values()), dict(counts)  # the scan still answers
@@ -1140,25 +1536,48 @@ def test_character_sets_with_ascii_names() -> None:
         for cs in CHARSETS:
             raw_cs = cs if isinstance(cs, bytes) else cs.encode("latin-1")
             for name in names:
-                stream = edit(base, drop=(T(0x0008, 0x0005), T(0x0010, 0x0010)), add=[
-                    (T(0x0008, 0x0005), element(T(0x0008, 0x0005), b"CS", pad(raw_cs, b"CS"),
-                                                explicit)),
-                    (T(0x0010, 0x0010), element(T(0x0010, 0x0010), b"PN", pad(name, b"PN"),
-                                                explicit))])
+                stream = edit(
+                    base,
+                    drop=(T(0x0008, 0x0005), T(0x0010, 0x0010)),
+                    add=[
+                        (
+                            T(0x0008, 0x0005),
+                            element(T(0x0008, 0x0005), b"CS", pad(raw_cs, b"CS"), explicit),
+                        ),
+                        (
+                            T(0x0010, 0x0010),
+                            element(T(0x0010, 0x0010), b"PN", pad(name, b"PN"), explicit),
+                        ),
+                    ],
+                )
                 for with_phi in (True, False):
                     status, diffs, _, _ = compare(stream, ts, with_phi)
                     if status == "mismatch":
                         where = "explicit" if explicit else "implicit"
-                        failures.append((diff_key(diffs[0]),
-                                         (f"charset {raw_cs!r}, PatientName {name!r} in a plain "
-                                          f"{where} CT (with_phi={with_phi}): "
-                                          f"{'; '.join(diffs)}")))
+                        failures.append(
+                            (
+                                diff_key(diffs[0]),
+                                (
+                                    f"charset {raw_cs!r}, PatientName {name!r} in a plain "
+                                    f"{where} CT (with_phi={with_phi}): "
+                                    f"{'; '.join(diffs)}"
+                                ),
+                            )
+                        )
     fail_grouped(failures)
 
 
-OTHER_SYNTAXES = ["1.2.840.10008.1.20", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.90",
-                  "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.1.98", "1.2.840.10008.1.2.8.1",
-                  "1.2.840.10008.1.2.4.70", "1.2.3.4", "1.2.826.0.1.3680043.10.9999.1.2.99"]
+OTHER_SYNTAXES = [
+    "1.2.840.10008.1.20",
+    "1.2.840.10008.1.2.4.95",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.100",
+    "1.2.840.10008.1.2.1.98",
+    "1.2.840.10008.1.2.8.1",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.3.4",
+    "1.2.826.0.1.3680043.10.9999.1.2.99",
+]
 
 
 @pytest.mark.parametrize("ts", OTHER_SYNTAXES)
@@ -1166,8 +1585,12 @@ def test_other_transfer_syntaxes(ts: str) -> None:
     """Syntaxes the receiver might be offered: whatever pydicom makes of the stream (explicit VR
     for all of these), the scan gives the same or None."""
     for explicit in (True, False):
-        assert_equivalent(f"plain {'explicit' if explicit else 'implicit'} CT as {ts}",
-                          plain_ct(explicit), ts, explicit)
+        assert_equivalent(
+            f"plain {'explicit' if explicit else 'implicit'} CT as {ts}",
+            plain_ct(explicit),
+            ts,
+            explicit,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1178,8 +1601,9 @@ def test_other_transfer_syntaxes(ts: str) -> None:
 def _nested_charset(explicit: bool, value: bytes, vr: bytes) -> bytes:
     """A bad Specific Character Set inside an item of an undefined-length sequence: pydicom
     parses such sequences while reading and converts the item's character set there."""
-    body = (element(T(0x0008, 0x0005), vr, value, explicit)
-            + element(T(0x0008, 0x1150), b"UI", text(CT, b"UI"), explicit))
+    body = element(T(0x0008, 0x0005), vr, value, explicit) + element(
+        T(0x0008, 0x1150), b"UI", text(CT, b"UI"), explicit
+    )
     sq = sequence(REF_IMAGE_SEQ, [body], explicit, undefined=True)
     return edit(plain_chunks(explicit), add=[(REF_IMAGE_SEQ, sq)])
 
@@ -1191,18 +1615,25 @@ def _item_shorter_than_content(explicit: bool) -> bytes:
     trusts the item length ends the sequence inside that value and reads the PatientID."""
     hidden = element(T(0x0010, 0x0020), b"LO", b"EVIL", explicit)
     # an unwanted element whose value swallows the real sequence delimiter (for the scan)
-    tail = tag_bytes(T(0x0010, 0x0021)) + (b"LO" + struct.pack("<H", 10) if explicit
-                                           else struct.pack("<I", 10)) + b"xx"
+    tail = (
+        tag_bytes(T(0x0010, 0x0021))
+        + (b"LO" + struct.pack("<H", 10) if explicit else struct.pack("<I", 10))
+        + b"xx"
+    )
     inner = element(T(0x0008, 0x1150), b"UI", delimiter(SEQ_END) + hidden + tail, explicit)
     content = tag_bytes(ITEM) + struct.pack("<I", 8) + inner + delimiter(SEQ_END)
     sq = element(REF_IMAGE_SEQ, b"SQ", content, explicit, length=UNDEFINED)
-    return edit(plain_chunks(explicit), drop=(T(0x0010, 0x0010), T(0x0010, 0x0020)),
-                add=[(REF_IMAGE_SEQ, sq)])
+    return edit(
+        plain_chunks(explicit),
+        drop=(T(0x0010, 0x0010), T(0x0010, 0x0020)),
+        add=[(REF_IMAGE_SEQ, sq)],
+    )
 
 
 def _command_group(explicit: bool, encode_explicit: bool) -> bytes:
-    cmd = (element(T(0x0000, 0x0000), b"UL", struct.pack("<I", 30), encode_explicit)
-           + element(T(0x0000, 0x0002), b"UI", text(CT, b"UI"), encode_explicit))
+    cmd = element(T(0x0000, 0x0000), b"UL", struct.pack("<I", 30), encode_explicit) + element(
+        T(0x0000, 0x0002), b"UI", text(CT, b"UI"), encode_explicit
+    )
     return cmd + plain_ct(explicit)
 
 
@@ -1222,15 +1653,16 @@ def _top_level_delimiter(explicit: bool, tag: int) -> bytes:
     an item delimiter)."""
     chunks = plain_chunks(explicit)
     i = next(k for k, (t, _) in enumerate(chunks) if t == T(0x0010, 0x0010))
-    return b"".join(c for _, c in chunks[:i]) + delimiter(tag) + \
-        b"".join(c for _, c in chunks[i:])
+    return b"".join(c for _, c in chunks[:i]) + delimiter(tag) + b"".join(c for _, c in chunks[i:])
 
 
 def _icon_with_rows(explicit: bool) -> bytes:
     """Rows/Columns/Pixel Data inside IconImageSequence (undefined lengths): must not leak."""
-    body = (element(T(0x0028, 0x0010), b"US", struct.pack("<H", 4), explicit)
-            + element(T(0x0028, 0x0011), b"US", struct.pack("<H", 4), explicit)
-            + element(PIXEL_DATA, b"OB", bytes(16), explicit))
+    body = (
+        element(T(0x0028, 0x0010), b"US", struct.pack("<H", 4), explicit)
+        + element(T(0x0028, 0x0011), b"US", struct.pack("<H", 4), explicit)
+        + element(PIXEL_DATA, b"OB", bytes(16), explicit)
+    )
     sq = sequence(ICON_SEQ, [body], explicit, undefined=True, item_undefined=True)
     return edit(plain_chunks(explicit), add=[(ICON_SEQ, sq)])
 
@@ -1239,14 +1671,22 @@ def _element_lookalike_in_ob(explicit: bool) -> bytes:
     fake = element(T(0x0028, 0x0010), b"US", struct.pack("<H", 999), explicit)
     blob = element(T(0x0009, 0x1002), b"OB", fake, explicit)
     creator = element(T(0x0009, 0x0010), b"LO", text("ACME 1.0", b"LO"), explicit)
-    return edit(plain_chunks(explicit), add=[(T(0x0009, 0x0010), creator),
-                                             (T(0x0009, 0x1002), blob)])
+    return edit(
+        plain_chunks(explicit), add=[(T(0x0009, 0x0010), creator), (T(0x0009, 0x1002), blob)]
+    )
 
 
 TARGETED: list[tuple[str, Any]] = [
-    *[(f"nested charset {v!r} as {vr.decode()}", lambda e, v=v, vr=vr: _nested_charset(e, v, vr))
-      for v, vr in ((b"ISO_IR 100\x00x", b"CS"), (b"\x01\x00", b"US"), (b"ISO_IR 100", b"OB"),
-                    (b"bogus ", b"CS"), (b"ISO 2022 IR 87", b"CS"))],
+    *[
+        (f"nested charset {v!r} as {vr.decode()}", lambda e, v=v, vr=vr: _nested_charset(e, v, vr))
+        for v, vr in (
+            (b"ISO_IR 100\x00x", b"CS"),
+            (b"\x01\x00", b"US"),
+            (b"ISO_IR 100", b"OB"),
+            (b"bogus ", b"CS"),
+            (b"ISO 2022 IR 87", b"CS"),
+        )
+    ],
     ("item shorter than its content", _item_shorter_than_content),
     ("command group, same encoding", lambda e: _command_group(e, e)),
     ("command group, other encoding", lambda e: _command_group(e, not e)),
@@ -1297,9 +1737,11 @@ def test_fuzz_equivalence_with_pydicom_path() -> None:
     elapsed = time.perf_counter() - t0
     total = sum(counts.values())
     answered = sum(n for (k, s), n in counts.items() if s != "none")
-    summary = (f"{N_CASES} cases x 2 in {elapsed:.1f}s; fast path answered {answered}/{total}; "
-               + ", ".join(f"{k}/{s}={n}" for (k, s), n in sorted(counts.items()))
-               + f"; reference raised: {dict(ref_raises)}")
+    summary = (
+        f"{N_CASES} cases x 2 in {elapsed:.1f}s; fast path answered {answered}/{total}; "
+        + ", ".join(f"{k}/{s}={n}" for (k, s), n in sorted(counts.items()))
+        + f"; reference raised: {dict(ref_raises)}"
+    )
     print(summary)
     if failures:
         parts = [f"{n_failed} mismatching runs, {len(failures)} distinct differences:"]
@@ -1307,12 +1749,15 @@ def test_fuzz_equivalence_with_pydicom_path() -> None:
             small = minimise(case, with_phi, key)
             stream = small.stream()
             _, small_diffs, _, _ = compare(stream, case.ts, with_phi)
-            label = f"[{key}] seed={case.seed} kind={case.kind}" + \
-                (f" (minimised {len(case.chunks)} -> {len(small.chunks)} elements)"
-                 if small is not case else "")
+            label = f"[{key}] seed={case.seed} kind={case.kind}" + (
+                f" (minimised {len(case.chunks)} -> {len(small.chunks)} elements)"
+                if small is not case
+                else ""
+            )
             notes = case.notes if small is case else ["(generator notes omitted: minimised)"]
-            parts.append(report(label, stream, case.ts, case.explicit, with_phi,
-                                small_diffs or diffs, notes))
+            parts.append(
+                report(label, stream, case.ts, case.explicit, with_phi, small_diffs or diffs, notes)
+            )
         pytest.fail(summary + "\n" + "\n".join(parts), pytrace=False)
     # the fast path must actually apply: to most cases, and to most ordinary ones
     assert answered >= 0.5 * total, summary
@@ -1329,8 +1774,10 @@ def test_generator_is_deterministic() -> None:
 def test_generator_covers_reference_outcomes() -> None:
     """The generated cases are mostly readable by pydicom, and some are not (else the fuzz would
     never exercise the 'reference raises' side)."""
-    raised = sum(isinstance(reference(c.stream(), c.ts, True), tuple)
-                 for c in map(generate, range(SEED_BASE, SEED_BASE + 300)))
+    raised = sum(
+        isinstance(reference(c.stream(), c.ts, True), tuple)
+        for c in map(generate, range(SEED_BASE, SEED_BASE + 300))
+    )
     assert 5 <= raised <= 150, raised
 
 
@@ -1346,15 +1793,15 @@ def split_file(path: Path) -> tuple[str, bytes]:
     raw = path.read_bytes()
     pos = 132 if raw[128:132] == b"DICM" else 0
     ts = ""
-    while raw[pos:pos + 2] == b"\x02\x00":
+    while raw[pos : pos + 2] == b"\x02\x00":
         tag = struct.unpack_from("<HH", raw, pos)
-        vr = raw[pos + 4:pos + 6]
+        vr = raw[pos + 4 : pos + 6]
         if vr in LONG_VRS:
             n, hdr = struct.unpack_from("<I", raw, pos + 8)[0], 12
         else:
             n, hdr = struct.unpack_from("<H", raw, pos + 6)[0], 8
         if tag == (0x0002, 0x0010):
-            ts = raw[pos + hdr:pos + hdr + n].rstrip(b"\0 ").decode()
+            ts = raw[pos + hdr : pos + hdr + n].rstrip(b"\0 ").decode()
         pos += hdr + n
     if raw[128:132] == b"DICM" and raw[132:136] == b"\x02\x00\x00\x00":
         assert pos == 144 + int.from_bytes(raw[140:144], "little"), path  # group length agrees
@@ -1369,10 +1816,19 @@ def check_files(paths: list[Path], *, must_answer: bool = False) -> tuple[int, i
         for with_phi in (True, False):
             status, diffs, ref, _ = compare(stream, ts, with_phi)
             answered += status == "equal"
-            if status == "mismatch" or (must_answer and status != "equal"
-                                        and not isinstance(ref, tuple)):
-                problems.append(report(str(p), stream, ts, ts != IMPLICIT, with_phi,
-                                       diffs or ["scan_header gave None"]))
+            if status == "mismatch" or (
+                must_answer and status != "equal" and not isinstance(ref, tuple)
+            ):
+                problems.append(
+                    report(
+                        str(p),
+                        stream,
+                        ts,
+                        ts != IMPLICIT,
+                        with_phi,
+                        diffs or ["scan_header gave None"],
+                    )
+                )
     assert not problems, "\n".join(problems[:10])
     return len(paths), answered
 
@@ -1381,15 +1837,24 @@ def test_corpus_phantom_series(tmp_path: Path) -> None:
     from molre.data import dicomio
     from tests.nodeproc import make_ct_series
 
-    info = make_ct_series(tmp_path / "ph", ["intraparenchymal_hemorrhage"], n_slices=3, size=32,
-                          seed=5)
+    info = make_ct_series(
+        tmp_path / "ph", ["intraparenchymal_hemorrhage"], n_slices=3, size=32, seed=5
+    )
     check_files(info.paths, must_answer=True)  # ordinary CT: the fast path must answer
-    implicit = [dicomio.compress_file(p, tmp_path / "impl" / p.name, IMPLICIT)
-                for p in info.paths[:2]]
+    implicit = [
+        dicomio.compress_file(p, tmp_path / "impl" / p.name, IMPLICIT) for p in info.paths[:2]
+    ]
     check_files(implicit, must_answer=True)
     # non-ASCII (ISO_IR 100) name: equal or None
-    other = make_ct_series(tmp_path / "ph2", [], n_slices=2, size=32, seed=6,
-                           PatientName="M\xfcller^J\xf6rg", SeriesDescription="Sch\xe4del")
+    other = make_ct_series(
+        tmp_path / "ph2",
+        [],
+        n_slices=2,
+        size=32,
+        seed=6,
+        PatientName="M\xfcller^J\xf6rg",
+        SeriesDescription="Sch\xe4del",
+    )
     check_files(other.paths)
 
 
@@ -1402,8 +1867,7 @@ def test_corpus_other_syntaxes_and_enhanced(tmp_path: Path) -> None:
     enh = dicomio.write_enhanced_ct(tmp_path / "enh.dcm", vol, spacing=(2.0, 0.7, 0.7))
     check_files([enh])
     paths = dicomio.write_ct_series(tmp_path / "s", vol[:2], spacing=(2.0, 0.7, 0.7))
-    for ts in (RLE, "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
-               "1.2.840.10008.1.2.4.70"):
+    for ts in (RLE, "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.70"):
         try:
             out = [dicomio.compress_file(p, tmp_path / ts / p.name, ts) for p in paths]
         except Exception:  # noqa: BLE001, S112 - no encoder plugin here: skip that syntax
@@ -1417,9 +1881,11 @@ def test_corpus_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     from tests import badinput
 
     write = badinput.write_base_series
-    monkeypatch.setattr(badinput, "write_base_series",
-                        lambda out, rng, *, n=badinput.BASE_SLICES, **kw:
-                        write(out, rng, n=min(n, 6), **kw))
+    monkeypatch.setattr(
+        badinput,
+        "write_base_series",
+        lambda out, rng, *, n=badinput.BASE_SLICES, **kw: write(out, rng, n=min(n, 6), **kw),
+    )
     built = badinput.build_corpus(tmp_path, seed=0)
     assert len(built) == len(badinput.CASES)
     paths = []
@@ -1431,8 +1897,10 @@ def test_corpus_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert n > 60 and answered > n  # the scan reads most of them (most are valid CT)
 
 
-@pytest.mark.skipif(shutil.which("dcmcjpeg") is None or shutil.which("dcmconv") is None,
-                    reason="dcmtk not installed")
+@pytest.mark.skipif(
+    shutil.which("dcmcjpeg") is None or shutil.which("dcmconv") is None,
+    reason="dcmtk not installed",
+)
 def test_corpus_dcmtk(tmp_path: Path) -> None:
     from tests.nodeproc import make_ct_series
 
@@ -1449,8 +1917,9 @@ def test_corpus_dcmtk(tmp_path: Path) -> None:
     done = []
     for name, cmd in jobs.items():
         out = tmp_path / name
-        res = subprocess.run([*cmd, str(src), str(out)], capture_output=True, text=True,
-                             check=False)
+        res = subprocess.run(
+            [*cmd, str(src), str(out)], capture_output=True, text=True, check=False
+        )
         if res.returncode == 0:
             done.append(out)
     assert len(done) >= 4

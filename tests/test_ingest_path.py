@@ -50,12 +50,19 @@ def store(tmp_path: Path, template_db: Path) -> Store:
     database.dispose()
 
 
-def row(sop: str, series: str = "1.2.3.1", assoc: int | None = None, n: int = 1,
-        digest: str = "a" * 64) -> StoredInstance:
-    h = InstanceHeader(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop,
-                       study_uid="1.2.3", series_uid=series, modality="CT",
-                       transfer_syntax="1.2.840.10008.1.2.1", instance_number=n,
-                       meta={"SeriesDescription": "HEAD"})
+def row(
+    sop: str, series: str = "1.2.3.1", assoc: int | None = None, n: int = 1, digest: str = "a" * 64
+) -> StoredInstance:
+    h = InstanceHeader(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=sop,
+        study_uid="1.2.3",
+        series_uid=series,
+        modality="CT",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        instance_number=n,
+        meta={"SeriesDescription": "HEAD"},
+    )
     return StoredInstance(assoc, h, f"/spool/{sop}.dcm", 10, digest, T0)
 
 
@@ -79,16 +86,24 @@ class Gate:
 
 
 # -- file meta ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("sop_class, sop, ts", [
-    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),        # odd lengths
-    ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.3.45", "1.2.840.10008.1.2"),         # even lengths
-    ("1.2.840.10008.5.1.4.1.1.4", "2.25.1234567890", "1.2.840.10008.1.2.4.50"),
-])
+@pytest.mark.parametrize(
+    "sop_class, sop, ts",
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),  # odd lengths
+        ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.3.45", "1.2.840.10008.1.2"),  # even lengths
+        ("1.2.840.10008.5.1.4.1.1.4", "2.25.1234567890", "1.2.840.10008.1.2.4.50"),
+    ],
+)
 def test_file_header_is_byte_identical_to_pynetdicoms(sop_class: str, sop: str, ts: str) -> None:
     from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(create_file_meta(
-        sop_class_uid=sop_class, sop_instance_uid=sop, transfer_syntax=ts))
+    expected = (
+        b"\x00" * 128
+        + b"DICM"
+        + encode_file_meta(
+            create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop, transfer_syntax=ts)
+        )
+    )
     assert file_header(sop_class, sop, ts) == expected
 
 
@@ -142,9 +157,15 @@ def test_record_stored_batch_matches_record_instance(store: Store) -> None:
     b = store.begin_association("SCU2", "MOLRE", "127.0.0.1", 2)
     # first row creates the series (ORM path) inside the same transaction as the fast rows;
     # a repeated SOP UID counts once; two associations get their own counters
-    store.record_stored_batch([row("1.2.3.1.1", assoc=a), row("1.2.3.1.2", assoc=a, n=2),
-                               row("1.2.3.1.2", assoc=a, n=2), row("1.2.3.1.3", assoc=b, n=3),
-                               row("1.2.3.9.1", series="1.2.3.9", assoc=b)])
+    store.record_stored_batch(
+        [
+            row("1.2.3.1.1", assoc=a),
+            row("1.2.3.1.2", assoc=a, n=2),
+            row("1.2.3.1.2", assoc=a, n=2),
+            row("1.2.3.1.3", assoc=b, n=3),
+            row("1.2.3.9.1", series="1.2.3.9", assoc=b),
+        ]
+    )
     rec = store.get_series("1.2.3.1")
     assert (rec.instance_count, rec.version, rec.state.value) == (3, 1, "receiving")
     assert rec.last_instance_at == T0  # the time of receipt, not of the commit
@@ -152,8 +173,13 @@ def test_record_stored_batch_matches_record_instance(store: Store) -> None:
     with store.db.session(write=False) as s:
         assert (s.get(Association, a).n_stored, s.get(Association, b).n_stored) == (3, 2)
         rows = s.execute(select(Instance).order_by(Instance.id)).scalars().all()
-    assert [r.sop_instance_uid for r in rows] == ["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.2",
-                                                  "1.2.3.1.3", "1.2.3.9.1"]
+    assert [r.sop_instance_uid for r in rows] == [
+        "1.2.3.1.1",
+        "1.2.3.1.2",
+        "1.2.3.1.2",
+        "1.2.3.1.3",
+        "1.2.3.9.1",
+    ]
     assert {r.series_version for r in rows} == {1}
     assert rows[1].meta == {"SeriesDescription": "HEAD"} and rows[1].received_at == T0
     # a completed series is reopened by a batch row, later rows land in the new version
@@ -170,8 +196,12 @@ def test_series_bump_looks_the_instance_up_by_its_sop_uid(store: Store) -> None:
     bump = store._hot()["bump"]
     con = store.db.engine.raw_connection()
     try:
-        plan = [r[3] for r in con.execute("EXPLAIN QUERY PLAN " + bump.sql,
-                                          ["x"] * bump.sql.count("?")).fetchall()]
+        plan = [
+            r[3]
+            for r in con.execute(
+                "EXPLAIN QUERY PLAN " + bump.sql, ["x"] * bump.sql.count("?")
+            ).fetchall()
+        ]
     finally:
         con.close()
     lookups = [p for p in plan if "instances" in p]
@@ -214,8 +244,9 @@ def test_recorder_flush_pending_digest_and_drain(store: Store) -> None:
     assert store.find_instance("1.2.3.1.7") is not None
 
 
-def test_recorder_lingers_to_batch_rows_and_a_flush_ends_the_wait(store: Store,
-                                                                    monkeypatch) -> None:
+def test_recorder_lingers_to_batch_rows_and_a_flush_ends_the_wait(
+    store: Store, monkeypatch
+) -> None:
     """A sequential sender's rows are committed several at a time (fewer commits, less CPU);
     a flush (release, completion check) does not wait for the linger to run out."""
     batches: list[int] = []
@@ -265,8 +296,11 @@ def test_recorder_retries_then_drops_only_the_bad_row(store: Store) -> None:
     finally:
         rec.stop()
     assert rec.dropped == 1
-    assert [store.find_instance(f"1.2.3.1.{i}") is not None for i in (2, 3, 4)] == \
-        [True, False, True]
+    assert [store.find_instance(f"1.2.3.1.{i}") is not None for i in (2, 3, 4)] == [
+        True,
+        False,
+        True,
+    ]
 
 
 def test_completion_waits_for_queued_rows(store: Store) -> None:
@@ -275,8 +309,9 @@ def test_completion_waits_for_queued_rows(store: Store) -> None:
     rec = InstanceRecorder(store)
     rec.start()
     try:
-        rec.submit(StoredInstance(None, row("1.2.3.1.2", n=2).header, "/s/2", 1, "b" * 64,
-                                  store.now()))
+        rec.submit(
+            StoredInstance(None, row("1.2.3.1.2", n=2).header, "/s/2", 1, "b" * 64, store.now())
+        )
         later = store.now() + dt.timedelta(seconds=2)
         threading.Timer(0.3, gate.open.set).start()
         t0 = time.monotonic()
@@ -316,8 +351,7 @@ def test_receiver_detects_duplicates_while_rows_are_queued(rx, tmp_path: Path) -
     info = make_ct_series(tmp_path / "ct", [], n_slices=2, seed=31)
     # the rows stay queued; the release waits for them, so send from a thread
     done: dict = {}
-    t = threading.Thread(target=lambda: done.update(
-        first=send_folder(info.paths, receiver.port)))
+    t = threading.Thread(target=lambda: done.update(first=send_folder(info.paths, receiver.port)))
     t.start()
     deadline = time.monotonic() + 20
     while receiver.recorder.queued() < 2 and time.monotonic() < deadline:
@@ -330,8 +364,9 @@ def test_receiver_detects_duplicates_while_rows_are_queued(rx, tmp_path: Path) -
     ds.SeriesDescription = "edited"
     ds.save_as(changed, enforce_file_format=True)
     resend: dict = {}
-    t2 = threading.Thread(target=lambda: resend.update(
-        res=send_folder([info.paths[0], changed], receiver.port)))
+    t2 = threading.Thread(
+        target=lambda: resend.update(res=send_folder([info.paths[0], changed], receiver.port))
+    )
     t2.start()
     time.sleep(1.0)
     gate.open.set()
@@ -349,8 +384,9 @@ def test_receiver_detects_duplicates_while_rows_are_queued(rx, tmp_path: Path) -
     # the write-behind hashed the queued rows' bytes: each row's sha256 is its file's data set's
     from node.receiver import _dataset_digest
 
-    for path, sha in _count(cfg, "SELECT spool_path, sha256 FROM instances "
-                                 "WHERE status = 'stored'"):
+    for path, sha in _count(
+        cfg, "SELECT spool_path, sha256 FROM instances WHERE status = 'stored'"
+    ):
         assert sha == _dataset_digest(Path(path).read_bytes())
 
 
@@ -376,8 +412,9 @@ def test_release_answers_only_after_rows_are_committed(rx, tmp_path: Path) -> No
     # the sender's release returned: every row is there, counted on its association, and the
     # association is already closed as released (not still 'open')
     assert _count(cfg, "SELECT COUNT(*) FROM instances WHERE status = 'stored'") == [(3,)]
-    assert _count(cfg, "SELECT n_stored, outcome FROM associations "
-                       "WHERE calling_ae = 'SLOWDB'") == [(3, "released")]
+    assert _count(
+        cfg, "SELECT n_stored, outcome FROM associations WHERE calling_ae = 'SLOWDB'"
+    ) == [(3, "released")]
 
 
 def test_rows_lost_before_their_commit_come_back_from_the_spool(rx, tmp_path: Path) -> None:
@@ -389,8 +426,10 @@ def test_rows_lost_before_their_commit_come_back_from_the_spool(rx, tmp_path: Pa
     receiver.start()
     info = make_ct_series(tmp_path / "ct", [], n_slices=4, seed=33)
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(
-        res=send_folder(info.paths, receiver.port, timeout=10)), daemon=True)
+    t = threading.Thread(
+        target=lambda: result.update(res=send_folder(info.paths, receiver.port, timeout=10)),
+        daemon=True,
+    )
     t.start()
     deadline = time.monotonic() + 20
     while receiver.recorder.queued() < 4 and time.monotonic() < deadline:
@@ -403,8 +442,9 @@ def test_rows_lost_before_their_commit_come_back_from_the_spool(rx, tmp_path: Pa
     counts = reconcile_spool(store2, Spool(cfg.spool_dir))
     assert counts["reindexed"] == 4
     uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in info.paths}
-    got = {r[0] for r in _count(cfg, "SELECT sop_instance_uid FROM instances "
-                                     "WHERE status = 'stored'")}
+    got = {
+        r[0] for r in _count(cfg, "SELECT sop_instance_uid FROM instances WHERE status = 'stored'")
+    }
     assert got == uids and store2.get_series(info.series_uid).instance_count == 4
     db2.dispose()
     gate.fail = True  # the old process never commits them

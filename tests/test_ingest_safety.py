@@ -37,41 +37,64 @@ def _variant(src: Path, dst: Path, **tags) -> Path:
 
 def test_series_uid_reused_by_another_study_or_patient_is_refused(rx, tmp_path: Path) -> None:
     receiver, store, cfg = rx
-    a = make_ct_series(tmp_path / "a", [], n_slices=3, seed=31, PatientID="PAT-A",
-                       PatientName="ALPHA^ANN")
+    a = make_ct_series(
+        tmp_path / "a", [], n_slices=3, seed=31, PatientID="PAT-A", PatientName="ALPHA^ANN"
+    )
     assert send_folder(a.paths, receiver.port).statuses == [0, 0, 0]
     # another study (and patient) reusing the SeriesInstanceUID, new SOP UIDs
-    b = make_ct_series(tmp_path / "b", [], n_slices=2, seed=32, PatientID="PAT-B",
-                       PatientName="BETA^BOB", SeriesInstanceUID=a.series_uid)
+    b = make_ct_series(
+        tmp_path / "b",
+        [],
+        n_slices=2,
+        seed=32,
+        PatientID="PAT-B",
+        PatientName="BETA^BOB",
+        SeriesInstanceUID=a.series_uid,
+    )
     res = send_folder(b.paths, receiver.port)
     assert all(s is not None and 0xC000 <= s <= 0xCFFF for s in res.statuses), res.statuses
     # same study and series UIDs, but another PatientID (an anonymiser's collision)
-    c = make_ct_series(tmp_path / "c", [], n_slices=2, seed=33, PatientID="PAT-C",
-                       StudyInstanceUID=a.study_uid, SeriesInstanceUID=a.series_uid)
+    c = make_ct_series(
+        tmp_path / "c",
+        [],
+        n_slices=2,
+        seed=33,
+        PatientID="PAT-C",
+        StudyInstanceUID=a.study_uid,
+        SeriesInstanceUID=a.series_uid,
+    )
     res = send_folder(c.paths, receiver.port)
     assert all(s is not None and 0xC000 <= s <= 0xCFFF for s in res.statuses), res.statuses
     # a new series of patient A's study, but with patient C's ID
-    d = make_ct_series(tmp_path / "d", [], n_slices=1, seed=34, PatientID="PAT-C",
-                       StudyInstanceUID=a.study_uid)
+    d = make_ct_series(
+        tmp_path / "d", [], n_slices=1, seed=34, PatientID="PAT-C", StudyInstanceUID=a.study_uid
+    )
     assert send_folder(d.paths, receiver.port).statuses[0] >= 0xC000
     # a SOP Instance UID of study A sent again inside another study
     sop = pydicom.dcmread(a.paths[0]).SOPInstanceUID
-    e = _variant(a.paths[0], tmp_path / "e.dcm", StudyInstanceUID="1.2.826.0.1.3680043.99.1",
-                 SeriesInstanceUID="1.2.826.0.1.3680043.99.2")
+    e = _variant(
+        a.paths[0],
+        tmp_path / "e.dcm",
+        StudyInstanceUID="1.2.826.0.1.3680043.99.1",
+        SeriesInstanceUID="1.2.826.0.1.3680043.99.2",
+    )
     assert send_folder([e], receiver.port).statuses[0] >= 0xC000
 
     rec = store.get_series(a.series_uid)
     assert rec.version == 1 and rec.instance_count == 3 and rec.study_uid == a.study_uid
     stored = rows(cfg, "SELECT DISTINCT study_uid FROM instances WHERE status = 'stored'")
     assert stored == [(a.study_uid,)]
-    reasons = [r for (r,) in rows(cfg, "SELECT reason FROM instances WHERE status = 'rejected' "
-                                       "ORDER BY id")]
+    reasons = [
+        r
+        for (r,) in rows(cfg, "SELECT reason FROM instances WHERE status = 'rejected' ORDER BY id")
+    ]
     assert len(reasons) == 2 + 2 + 1 + 1
     assert all("identity conflict" in r for r in reasons), reasons
     assert "StudyInstanceUID" in reasons[0] and "PatientID" in reasons[2]
     assert "PatientID" in reasons[4] and sop in reasons[5]
-    kinds = rows(cfg, "SELECT details FROM events WHERE entity = 'instance' AND "
-                      "kind = 'identity_conflict'")
+    kinds = rows(
+        cfg, "SELECT details FROM events WHERE entity = 'instance' AND kind = 'identity_conflict'"
+    )
     assert len(kinds) == 6
     # no PHI in the database: neither the IDs nor the names
     raw = Path(cfg.database_url.removeprefix("sqlite:///")).read_bytes()
@@ -116,7 +139,7 @@ def test_same_sop_uid_from_two_associations_never_overwrites(rx, tmp_path: Path)
     receiver.flush()
     got = rows(cfg, "SELECT status, sha256, spool_path FROM instances ORDER BY id")
     assert sorted(s for s, _, _ in got) == ["conflict", "stored"]
-    (sha, path), = [(h, p) for s, h, p in got if s == "stored"]
+    ((sha, path),) = [(h, p) for s, h, p in got if s == "stored"]
     import hashlib
 
     data = Path(path).read_bytes()
@@ -144,7 +167,8 @@ def _every_stored_row_has_its_file(cfg) -> list[str]:
 
 
 def test_prune_never_deletes_the_file_of_a_resend_stored_after_its_commit(
-        rx, tmp_path: Path, monkeypatch) -> None:
+    rx, tmp_path: Path, monkeypatch
+) -> None:
     receiver, store, cfg = rx
     info = make_ct_series(tmp_path / "ct", [], n_slices=2, seed=51)
     _final_series(store, receiver, info.paths)
@@ -196,7 +220,8 @@ def test_duplicate_of_a_row_being_pruned_keeps_its_file(rx, tmp_path: Path) -> N
 
 
 def test_prune_spares_series_with_recent_rows_and_does_not_block_writers(
-        rx, tmp_path: Path, monkeypatch) -> None:
+    rx, tmp_path: Path, monkeypatch
+) -> None:
     receiver, store, cfg = rx
     info = make_ct_series(tmp_path / "ct", [], n_slices=1, seed=53)
     uid = _final_series(store, receiver, info.paths)
@@ -245,8 +270,9 @@ def test_release_is_not_answered_as_committed_when_the_flush_fails(rx, tmp_path:
     store.record_stored_batch = stuck
     receiver.flush_timeout_s = 0.5
     ae = AE(ae_title="FLUSHSCU")
-    ae.add_requested_context(CTImageStorage, pydicom.dcmread(info.paths[0]).file_meta
-                             .TransferSyntaxUID)
+    ae.add_requested_context(
+        CTImageStorage, pydicom.dcmread(info.paths[0]).file_meta.TransferSyntaxUID
+    )
     assoc = ae.associate("127.0.0.1", receiver.port, ae_title="MOLRE")
     try:
         assert assoc.is_established
@@ -258,8 +284,9 @@ def test_release_is_not_answered_as_committed_when_the_flush_fails(rx, tmp_path:
         ae.shutdown()
     wait_until(lambda: rows(cfg, "SELECT outcome FROM associations")[0][0] == "aborted", 10)
     receiver.flush()
-    ev = rows(cfg, "SELECT details FROM events WHERE entity = 'association' "
-                   "AND kind = 'flush_failed'")
+    ev = rows(
+        cfg, "SELECT details FROM events WHERE entity = 'association' AND kind = 'flush_failed'"
+    )
     assert len(ev) == 1 and "not committed" in ev[0][0]
     assert rows(cfg, "SELECT COUNT(*) FROM instances WHERE status = 'stored'") == [(1,)]
 
@@ -275,8 +302,9 @@ def test_worker_fails_a_series_whose_files_are_missing(tmp_path: Path) -> None:
     from storage import Spool
     from tests.test_node_worker import FakeEngine, _ingest
 
-    cfg = config_from_dict({"storage": {"data_dir": str(tmp_path / "data")},
-                            "model": {"isolation": "thread"}})
+    cfg = config_from_dict(
+        {"storage": {"data_dir": str(tmp_path / "data")}, "model": {"isolation": "thread"}}
+    )
     db = Database(cfg.database_url)
     db.upgrade()
     store, spool = Store(db), Spool(cfg.spool_dir)

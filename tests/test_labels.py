@@ -38,7 +38,10 @@ def lexicon(catalog):
 
 
 @pytest.fixture(scope="module")
-def labeler(catalog, lexicon, ):
+def labeler(
+    catalog,
+    lexicon,
+):
     # building must not touch the network (no model download): any connect attempt fails
     real = socket.socket.connect
 
@@ -70,9 +73,12 @@ def test_corpus_size_and_scores(catalog, lexicon, labeler):
 
 
 def test_sections_history_and_hypothetical_never_count(labeler):
-    got = pos(labeler, "Clinical history: rule out bleed, history of SAH.\n"
-                       "Comparison: prior CT with subdural hematoma.\n"
-                       "Findings: The ventricles are normal in size.")
+    got = pos(
+        labeler,
+        "Clinical history: rule out bleed, history of SAH.\n"
+        "Comparison: prior CT with subdural hematoma.\n"
+        "Findings: The ventricles are normal in size.",
+    )
     assert got == {"hydrocephalus": 0}
     assert pos(labeler, "Recommend MRI to evaluate for metastases.") == {}
     assert pos(labeler, "Patient with a history of subarachnoid hemorrhage.") == {}
@@ -101,8 +107,11 @@ def test_uncertainty_and_hierarchy(labeler):
 
 
 def test_normal_anchors_and_misspellings(labeler):
-    got = pos(labeler, "The paranasal sinuses and mastoid air cells are clear. The calvarium "
-                       "is intact. Gray-white differentiation is preserved.")
+    got = pos(
+        labeler,
+        "The paranasal sinuses and mastoid air cells are clear. The calvarium "
+        "is intact. Gray-white differentiation is preserved.",
+    )
     assert got["sinusitis"] == 0 and got["mastoid_opacification"] == 0
     assert got["skull_fracture"] == 0 and got["loss_of_gray_white_differentiation"] == 0
     assert pos(labeler, "The paranasal sinuses were imaged.") == {}  # bare anatomy: nothing
@@ -112,8 +121,12 @@ def test_normal_anchors_and_misspellings(labeler):
 
 
 def test_policy_mapping():
-    assert [apply_policy(-1, p) for p in ("keep", "positive", "negative", "blank")] == \
-        [-1, 1, 0, None]
+    assert [apply_policy(-1, p) for p in ("keep", "positive", "negative", "blank")] == [
+        -1,
+        1,
+        0,
+        None,
+    ]
     assert apply_policy(1, "negative") == 1 and apply_policy(None, "positive") is None
     with pytest.raises(MolreError, match="uncertain policy"):
         apply_policy(-1, "maybe")
@@ -150,7 +163,7 @@ def test_label_reports_writes_csv_evidence_and_info(tmp_path, catalog, lexicon):
     ev = [json.loads(x) for x in (tmp_path / "L.evidence.jsonl").read_text().splitlines()]
     sdh = [e for e in ev if e["finding"] == "subdural_hemorrhage" and e["derived_from"] is None]
     text = dict(texts)["ACC1"]
-    assert sdh and text[sdh[0]["start"]:sdh[0]["end"]] == sdh[0]["text"]
+    assert sdh and text[sdh[0]["start"] : sdh[0]["end"]] == sdh[0]["text"]
     assert sdh[0]["label"] == -1 and "POSSIBLE_EXISTENCE" in sdh[0]["modifiers"]
 
 
@@ -172,18 +185,27 @@ def test_read_reports_and_labels_errors(tmp_path, catalog):
 def test_cli_labels_offline_and_no_report_text_on_stderr(tmp_path):
     secret = "Zebulon Quarterfield"  # a name in the report must never reach the logs
     reports = tmp_path / "r.csv"
-    reports.write_text("accession_number,report_text\n"
-                       f"ACC77,\"Clinical history: {secret}, fall.\nFindings: Acute left SDH.\"\n")
+    reports.write_text(
+        "accession_number,report_text\n"
+        f'ACC77,"Clinical history: {secret}, fall.\nFindings: Acute left SDH."\n'
+    )
     out = tmp_path / "L.csv"
     # the child refuses any network connection: the pipeline must load offline
-    code = ("import socket,sys\n"
-            "def refuse(*a, **k): raise SystemExit('network access: %r' % (a,))\n"
-            "socket.socket.connect = refuse\n"
-            "from cli.main import main\n"
-            f"sys.argv = ['molre-node', 'labels', {str(reports)!r}, '--out', {str(out)!r}]\n"
-            "main()\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import socket,sys\n"
+        "def refuse(*a, **k): raise SystemExit('network access: %r' % (a,))\n"
+        "socket.socket.connect = refuse\n"
+        "from cli.main import main\n"
+        f"sys.argv = ['molre-node', 'labels', {str(reports)!r}, '--out', {str(out)!r}]\n"
+        "main()\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert secret not in res.stderr and secret not in res.stdout
     assert "Acute left SDH" not in res.stderr and "ACC77" not in res.stderr

@@ -30,9 +30,9 @@ MAY_IMPORT = {
 }
 #: node modules that import molre inside a function, and why
 ALLOWED_LAZY = {
-    "node/worker.py",   # the model interface: runs in the inference process
-    "node/notify.py",   # finding codes from the catalog (no torch)
-    "node/pull.py",     # dataset export (`molre-node dataset pull`): manifest and labels
+    "node/worker.py",  # the model interface: runs in the inference process
+    "node/notify.py",  # finding codes from the catalog (no torch)
+    "node/pull.py",  # dataset export (`molre-node dataset pull`): manifest and labels
 }
 
 
@@ -44,8 +44,9 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     """(top-level package, at module level?) of every import statement in `path`."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     module_level = {id(n) for n in tree.body}
-    module_level |= {id(n) for top in tree.body if isinstance(top, (ast.If, ast.Try))
-                     for n in ast.walk(top)}
+    module_level |= {
+        id(n) for top in tree.body if isinstance(top, (ast.If, ast.Try)) for n in ast.walk(top)
+    }
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -68,24 +69,31 @@ def test_package_imports_only_what_it_may(package: str) -> None:
                 continue
             if top not in MAY_IMPORT[package]:
                 wrong.append(f"{rel} imports {top}")
-            elif package == "node" and top == "molre" and (module_level
-                                                            or rel not in ALLOWED_LAZY):
-                wrong.append(f"{rel} imports molre" + (" at module level" if module_level else
-                                                        " (not in ALLOWED_LAZY)"))
+            elif package == "node" and top == "molre" and (module_level or rel not in ALLOWED_LAZY):
+                wrong.append(
+                    f"{rel} imports molre"
+                    + (" at module level" if module_level else " (not in ALLOWED_LAZY)")
+                )
     assert not wrong, "\n".join(wrong)
 
 
 def test_service_modules_load_neither_molre_nor_torch() -> None:
-    names = [p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
-             for pkg in ("common", "storage", "node") for p in _modules(pkg)]
+    names = [
+        p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+        for pkg in ("common", "storage", "node")
+        for p in _modules(pkg)
+    ]
     names = [n.removesuffix(".__init__") for n in names]
-    code = ("import importlib, json, sys\n"
-            f"for name in {names!r}:\n"
-            "    importlib.import_module(name)\n"
-            "print(json.dumps(sorted(m for m in sys.modules\n"
-            "                        if m.split('.')[0] in ('molre', 'torch'))))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules\n"
+        "                        if m.split('.')[0] in ('molre', 'torch'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [], "loaded by node/storage"
     assert len(names) > 30  # the scan found the modules

@@ -69,24 +69,47 @@ class PeakRSS:
 def test_eight_concurrent_senders(tmp_path: Path, processes: int) -> None:
     """``processes``: ``network.receiver_processes`` (1 = every association in the node
     process; 2 = an acceptor handing connections to two receiver processes)."""
-    series = [make_ct_series(tmp_path / f"ct{i}", n_slices=SLICES, size=32, seed=100 + i,
-                             slice_thickness=1.0) for i in range(SENDERS)]
+    series = [
+        make_ct_series(
+            tmp_path / f"ct{i}", n_slices=SLICES, size=32, seed=100 + i, slice_thickness=1.0
+        )
+        for i in range(SENDERS)
+    ]
     with StorageSCP("LOADPACS") as scp:
-        node = NodeProcess.create(tmp_path, destinations=[scp.destination()],
-                                  network={"max_associations": SENDERS + 2,
-                                           "max_associations_per_host": SENDERS + 2,
-                                           "receiver_processes": processes},
-                                  model=model_section())
+        node = NodeProcess.create(
+            tmp_path,
+            destinations=[scp.destination()],
+            network={
+                "max_associations": SENDERS + 2,
+                "max_associations_per_host": SENDERS + 2,
+                "receiver_processes": processes,
+            },
+            model=model_section(),
+        )
         with node:
             assert node.proc is not None
             with PeakRSS(node.proc.pid) as mem:
                 env = dict(os.environ, TCP_NODELAY="1")
                 t0 = time.monotonic()
-                procs = [subprocess.Popen(
-                    [dcmtk_tool("storescu"), "-aet", f"LOAD{i}", "-aec", node.ae_title,
-                     "127.0.0.1", str(node.port), *map(str, s.paths)],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-                    for i, s in enumerate(series)]
+                procs = [
+                    subprocess.Popen(
+                        [
+                            dcmtk_tool("storescu"),
+                            "-aet",
+                            f"LOAD{i}",
+                            "-aec",
+                            node.ae_title,
+                            "127.0.0.1",
+                            str(node.port),
+                            *map(str, s.paths),
+                        ],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                        env=env,
+                    )
+                    for i, s in enumerate(series)
+                ]
                 outs = [p.communicate(timeout=300)[0] for p in procs]
                 send_s = time.monotonic() - t0
                 for i, p in enumerate(procs):
@@ -94,12 +117,19 @@ def test_eight_concurrent_senders(tmp_path: Path, processes: int) -> None:
 
                 db = node.data_dir / "molre.db"
                 for s in series:
-                    n = sql(db, "select count(distinct sop_instance_uid) from instances "
-                                "where series_uid = ? and status = 'stored'", s.series_uid)
+                    n = sql(
+                        db,
+                        "select count(distinct sop_instance_uid) from instances "
+                        "where series_uid = ? and status = 'stored'",
+                        s.series_uid,
+                    )
                     assert n == [(SLICES,)], f"series {s.series_uid}: {n} stored"
                 # every association ran concurrently and was recorded with its counts
-                assocs = sql(db, "select calling_ae, outcome, n_stored from associations "
-                                 "where calling_ae like 'LOAD%'")
+                assocs = sql(
+                    db,
+                    "select calling_ae, outcome, n_stored from associations "
+                    "where calling_ae like 'LOAD%'",
+                )
                 assert sorted(a for a, _, _ in assocs) == [f"LOAD{i}" for i in range(SENDERS)]
                 assert all(o == "released" and n == SLICES for _, o, n in assocs), assocs
 
@@ -111,8 +141,7 @@ def test_eight_concurrent_senders(tmp_path: Path, processes: int) -> None:
                     return all(s.series_uid in got for s in series)
 
                 try:
-                    wait_until(all_reported, timeout=420, interval=1.0,
-                               what=f"{SENDERS} reports")
+                    wait_until(all_reported, timeout=420, interval=1.0, what=f"{SENDERS} reports")
                 except TimeoutError as exc:
                     raise AssertionError(f"{exc}\n{node.log_tail(30)}") from None
             srs = [ds for ds in scp.received if ds.Modality == "SR"]
@@ -125,9 +154,11 @@ def test_eight_concurrent_senders(tmp_path: Path, processes: int) -> None:
             assert len({r["pid"] for r in served}) == processes, served
             assert all(r["connections"] >= 1 for r in served), served
             assert sum(r["connections"] for r in served) >= SENDERS, served
-            print(f"\nload: {SENDERS}x{SLICES} instances sent in {send_s:.1f} s "
-                  f"({SENDERS * SLICES / send_s:.0f} inst/s); peak RSS node "
-                  f"{mem.peak_main / 2**20:.0f} MiB, node + inference "
-                  f"{mem.peak / 2**20:.0f} MiB")
+            print(
+                f"\nload: {SENDERS}x{SLICES} instances sent in {send_s:.1f} s "
+                f"({SENDERS * SLICES / send_s:.0f} inst/s); peak RSS node "
+                f"{mem.peak_main / 2**20:.0f} MiB, node + inference "
+                f"{mem.peak / 2**20:.0f} MiB"
+            )
             assert mem.peak > 0
             assert mem.peak < MEMORY_BOUND, f"peak RSS {mem.peak / 2**20:.0f} MiB"

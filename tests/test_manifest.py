@@ -29,8 +29,12 @@ def test_round_trip_with_blank_labels_and_relative_paths(tmp_path: Path) -> None
     labels[CAT.index("skull_fracture")] = 0
     rows = [
         ManifestRow(tmp_path / "data" / "a", "P1", "train", labels),
-        {"path": outside, "patient_id": "P2", "split": "test",
-         "labels": {"hydrocephalus": 1, "midline_shift": 0, "acute_infarct": None}},
+        {
+            "path": outside,
+            "patient_id": "P2",
+            "split": "test",
+            "labels": {"hydrocephalus": 1, "midline_shift": 0, "acute_infarct": None},
+        },
     ]
     m = write_manifest(tmp_path / "data" / "manifest.csv", rows, CAT)
     lines = m.read_text().splitlines()
@@ -51,8 +55,9 @@ def test_round_trip_with_blank_labels_and_relative_paths(tmp_path: Path) -> None
 def test_partial_columns_and_dicom_volume(tmp_path: Path) -> None:
     vol = np.random.default_rng(1).integers(-1000, 1000, (4, 16, 16)).astype(np.float32)
     write_ct_series(tmp_path / "s1", vol, spacing=(5, 1, 1))
-    (tmp_path / "m.csv").write_text(f"{_header('hydrocephalus', 'epidural_hematoma')}\n"
-                                    "s1,P9,VAL,1,\n\n")
+    (tmp_path / "m.csv").write_text(
+        f"{_header('hydrocephalus', 'epidural_hematoma')}\ns1,P9,VAL,1,\n\n"
+    )
     (row,) = read_manifest(tmp_path / "m.csv", CAT)
     assert row.split == "val" and row.labels[CAT.index("hydrocephalus")] == 1
     assert np.isnan(row.labels[CAT.index("epidural_hematoma")])
@@ -63,14 +68,18 @@ def test_partial_columns_and_dicom_volume(tmp_path: Path) -> None:
     ("text", "needle"),
     [
         (f"{_header('subdural_bleed')}\nx,P,train,1\n", "line 1: column(s) 'subdural_bleed'"),
-        (f"{_header('hydrocephalus')}\nx,P,train,yes\n",
-         "line 2, column hydrocephalus: label 'yes'"),
+        (
+            f"{_header('hydrocephalus')}\nx,P,train,yes\n",
+            "line 2, column hydrocephalus: label 'yes'",
+        ),
         (f"{_header('hydrocephalus')}\nx,P,train,1\nx,P,training,0\n", "line 3, column split"),
         ("path,split,hydrocephalus\nx,train,1\n", "missing column(s) patient_id"),
         (f"{_header('hydrocephalus')}\nx,P,train\n", "line 2: 3 values for 4 columns"),
         (f"{_header('hydrocephalus')}\nx,,train,1\n", "line 2, column patient_id: empty"),
-        (f"{_header('hydrocephalus')}\nx,P,train,1\ny,Q,val,0\nz,P,test,1\n",
-         "line 4: the patient of line 2 (train) appears again in test"),
+        (
+            f"{_header('hydrocephalus')}\nx,P,train,1\ny,Q,val,0\nz,P,test,1\n",
+            "line 4: the patient of line 2 (train) appears again in test",
+        ),
         (f"{_header('hydrocephalus', 'hydrocephalus')}\nx,P,train,1,1\n", "duplicate column"),
     ],
 )
@@ -91,19 +100,26 @@ def test_missing_path_and_overlap_override(tmp_path: Path) -> None:
     rows = read_manifest(m, CAT, check_paths=False, allow_patient_overlap=True)
     assert [r.split for r in rows] == ["train", "test"]
     with pytest.raises(MolreError, match="split 'dev'"):
-        write_manifest(tmp_path / "w.csv", [{"path": "a", "patient_id": "P", "split": "dev",
-                                             "labels": {}}], CAT)
+        write_manifest(
+            tmp_path / "w.csv",
+            [{"path": "a", "patient_id": "P", "split": "dev", "labels": {}}],
+            CAT,
+        )
     with pytest.raises(MolreError, match="label 0.5"):
-        write_manifest(tmp_path / "w.csv", [{"path": "a", "patient_id": "P", "split": "val",
-                                             "labels": {"hydrocephalus": 0.5}}], CAT)
+        write_manifest(
+            tmp_path / "w.csv",
+            [{"path": "a", "patient_id": "P", "split": "val", "labels": {"hydrocephalus": 0.5}}],
+            CAT,
+        )
 
 
 def test_nifti_volume_has_the_same_geometry_as_dicom(tmp_path: Path) -> None:
     nib = pytest.importorskip("nibabel")
     hu = np.random.default_rng(2).integers(-1000, 1500, (5, 12, 14)).astype(np.float32)
     direction = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])  # unusual axes
-    write_ct_series(tmp_path / "dcm", hu, spacing=(3, 0.8, 0.6), origin=(7, -5, 40),
-                    direction=direction)
+    write_ct_series(
+        tmp_path / "dcm", hu, spacing=(3, 0.8, 0.6), origin=(7, -5, 40), direction=direction
+    )
     dcm = read_volume(tmp_path / "dcm")
     # NIfTI: array (i, j, k) = (x, y, z), affine in RAS
     lps = np.eye(4)

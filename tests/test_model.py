@@ -21,8 +21,17 @@ CASES = {
     "dinov3-base": ({"img_size": 32, "depth": 2}, (2, 3, 3, 32, 32)),
     "dinov3-large": ({"img_size": 32, "depth": 2}, (2, 3, 3, 32, 32)),
     "tiny-2d": ({}, (2, 3, 3, 64, 64)),
-    "medsiglip": ({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                   "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, (2, 3, 3, 32, 32)),
+    "medsiglip": (
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        (2, 3, 3, 32, 32),
+    ),
 }
 
 
@@ -81,8 +90,10 @@ def test_2d_routes_per_slice_and_3d_per_volume():
     torch.manual_seed(3)
     m2 = build_model("tiny-2d", 3, MoLREConfig(experts=6, rank=8))
     gates: list[torch.Tensor] = []
-    hooks = [layer.router.register_forward_hook(lambda mod, inp, out: gates.append(out))
-             for layer in adapted_layers(m2.backbone).values()]
+    hooks = [
+        layer.router.register_forward_hook(lambda mod, inp, out: gates.append(out))
+        for layer in adapted_layers(m2.backbone).values()
+    ]
     b, s = 2, 5
     with torch.no_grad():
         m2(torch.randn(b, s, 3, 64, 64))
@@ -109,7 +120,8 @@ def test_only_adapters_pool_and_head_train():
     assert {"head.weight", "head.bias", "pool.query"} <= trainable
     backbone_trainable = {n for n in trainable if n.startswith("backbone.")}
     assert backbone_trainable and all(
-        any(part in n for part in (".lora_A.", ".lora_B.", ".router.")) for n in backbone_trainable)
+        any(part in n for part in (".lora_A.", ".lora_B.", ".router.")) for n in backbone_trainable
+    )
     # frozen base weights get no gradient; adapter weights do
     model.train()
     model(torch.randn(1, 2, 3, 64, 64)).sum().backward()
@@ -118,7 +130,10 @@ def test_only_adapters_pool_and_head_train():
 
     probe = build_model("tiny-3d", 3, None)
     assert probe.adapter_config is None
-    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {
+        "head.weight",
+        "head.bias",
+    }
     assert set(probe.trainable_state_dict()) == {"head.weight", "head.bias"}
 
 
@@ -181,8 +196,14 @@ def test_phantom_series_through_recipe_and_model(name, tmp_path, catalog):
     from molre.data.synth import write_phantom_series
     from molre.data.volume import read_series
 
-    write_phantom_series(tmp_path, np.random.default_rng(0), ["subdural_hemorrhage"], size=64,
-                         n_slices=12, slice_thickness=5.0)
+    write_phantom_series(
+        tmp_path,
+        np.random.default_rng(0),
+        ["subdural_hemorrhage"],
+        size=64,
+        n_slices=12,
+        slice_thickness=5.0,
+    )
     model = build_model(name, catalog, MoLREConfig())
     params = {k: v for k, v in model.spec.recipe.items() if k != "name"}
     recipe = make_recipe(model.spec.recipe["name"], **params)
@@ -234,8 +255,9 @@ def test_recipe_reads_every_slice_unless_told_otherwise(tmp_path):
     from molre.data.synth import write_phantom_series
     from molre.data.volume import read_series
 
-    write_phantom_series(tmp_path, np.random.default_rng(1), [], size=64, n_slices=15,
-                         slice_thickness=5.0)
+    write_phantom_series(
+        tmp_path, np.random.default_rng(1), [], size=64, n_slices=15, slice_thickness=5.0
+    )
     vol = read_series(tmp_path)
     assert make_recipe("slices-2d", size=32)(vol).shape[0] == 16  # the recipe's own default
     assert make_recipe("slices-2d", n_slices=0, size=32)(vol).shape == (15, 3, 32, 32)
@@ -254,8 +276,13 @@ def test_preset_selects_the_adapter_placement():
 
     paper = build_model("tiny-2d", 3, MoLREConfig(experts=2, rank=2))
     light = build_model("tiny-2d", 3, MoLREConfig(experts=2, rank=2), preset="light")
-    assert paper.adapted == ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.proj",
-                             "blocks.1.attn.qkv", "blocks.1.attn.proj"]
+    assert paper.adapted == [
+        "patch_embed.proj",
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.1.attn.qkv",
+        "blocks.1.attn.proj",
+    ]
     assert light.adapted == ["blocks.1.attn.qkv"]
     assert light.adapter_config.targets == preset_targets(light.spec, "light")
     with pytest.raises(ConfigError, match="no adapter preset"):

@@ -13,22 +13,37 @@ STUDY = "1.2.826.0.1.3680043.8.498.1"
 
 
 def add_series(store: Store, series_uid: str, n: int, **meta) -> None:
-    base = {"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
-            "BodyPartExamined": "HEAD", "SliceThickness": 5.0, "ConvolutionKernel": "H30s"}
+    base = {
+        "Modality": "CT",
+        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "BodyPartExamined": "HEAD",
+        "SliceThickness": 5.0,
+        "ConvolutionKernel": "H30s",
+    }
     base.update(meta)
     for i in range(n):
-        h = InstanceHeader(sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                           sop_instance_uid=f"{series_uid}.{i + 1}", study_uid=STUDY,
-                           series_uid=series_uid, modality="CT", instance_number=i + 1,
-                           meta=dict(base))
-        store.record_instance(None, h, spool_path=f"/nowhere/{i}.dcm", size=1, sha256=str(i),
-                              status="stored")
+        h = InstanceHeader(
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            sop_instance_uid=f"{series_uid}.{i + 1}",
+            study_uid=STUDY,
+            series_uid=series_uid,
+            modality="CT",
+            instance_number=i + 1,
+            meta=dict(base),
+        )
+        store.record_instance(
+            None, h, spool_path=f"/nowhere/{i}.dcm", size=1, sha256=str(i), status="stored"
+        )
 
 
 def make(tmp_path: Path, **selection) -> tuple[Assembler, Store]:
-    cfg = config_from_dict({"storage": {"data_dir": str(tmp_path / "d")},
-                            "assembler": {"quiet_time_s": 5, "release_grace_s": 1},
-                            "selection": {"min_slices": 4, **selection}})
+    cfg = config_from_dict(
+        {
+            "storage": {"data_dir": str(tmp_path / "d")},
+            "assembler": {"quiet_time_s": 5, "release_grace_s": 1},
+            "selection": {"min_slices": 4, **selection},
+        }
+    )
     db = Database(cfg.database_url)
     db.upgrade()
     store = Store(db)

@@ -59,13 +59,19 @@ def test_refusals_have_statuses_and_audit_rows(rx, tmp_path: Path) -> None:
     receiver.min_free_bytes = 1 << 62
     assert send_folder(info.paths[1:], receiver.port).statuses == [0xA700]
     receiver.min_free_bytes = 0
-    reasons = [r for (r,) in rows(cfg, "SELECT reason FROM instances WHERE status = 'rejected' "
-                                       "ORDER BY id")]
+    reasons = [
+        r
+        for (r,) in rows(cfg, "SELECT reason FROM instances WHERE status = 'rejected' ORDER BY id")
+    ]
     assert "does not match the C-STORE request" in reasons[0]
     assert reasons[1].startswith("SeriesInstanceUID missing")
     assert "min_free_disk" in reasons[2]
-    assert rows(cfg, "SELECT COUNT(*) FROM events WHERE entity = 'instance' AND kind = "
-                     "'rejected'")[0][0] == 3
+    assert (
+        rows(cfg, "SELECT COUNT(*) FROM events WHERE entity = 'instance' AND kind = 'rejected'")[0][
+            0
+        ]
+        == 3
+    )
     assert not list((cfg.spool_dir).rglob("*.dcm"))
     # the receiver still works afterwards
     assert send_folder(info.paths[1:], receiver.port).statuses == [0]
@@ -80,9 +86,14 @@ def test_association_rows(rx, tmp_path: Path) -> None:
     info = make_ct_series(tmp_path / "ct", [], n_slices=2, seed=13)
     send_folder(info.paths, receiver.port, calling_ae="SENDER")
     # the release is recorded by the SCP's handler just after the SCU returns
-    wait_until(lambda: ("SENDER", "MOLRE", "released", 2) in rows(
-        cfg, "SELECT calling_ae, called_ae, outcome, n_stored FROM associations"), 10,
-        what="association recorded as released")
+    wait_until(
+        lambda: (
+            ("SENDER", "MOLRE", "released", 2)
+            in rows(cfg, "SELECT calling_ae, called_ae, outcome, n_stored FROM associations")
+        ),
+        10,
+        what="association recorded as released",
+    )
 
 
 def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
@@ -92,10 +103,29 @@ def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
     if not shutil.which("openssl"):
         pytest.skip("openssl command not available to make a test certificate")
     cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-subj", f"/CN={name}", "-days", "2",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            f"/CN={name}",
+            "-days",
+            "2",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return cert, key
 
 
@@ -106,11 +136,19 @@ def test_tls_listener_requires_client_certificate(tmp_path: Path) -> None:
     ccert, ckey = _self_signed(tmp_path, "client")
     ca = tmp_path / "ca.pem"
     ca.write_text(cert.read_text() + ccert.read_text())
-    cfg = config_from_dict({
-        "network": {"port": 0},
-        "tls": {"enabled": True, "certificate": str(cert), "key": str(key), "ca": str(ca),
-                "require_client_certificate": True},
-        "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"}})
+    cfg = config_from_dict(
+        {
+            "network": {"port": 0},
+            "tls": {
+                "enabled": True,
+                "certificate": str(cert),
+                "key": str(key),
+                "ca": str(ca),
+                "require_client_certificate": True,
+            },
+            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"},
+        }
+    )
     db = Database(cfg.database_url)
     db.upgrade()
     receiver = Receiver(cfg, Store(db), Spool(cfg.spool_dir))
@@ -119,12 +157,22 @@ def test_tls_listener_requires_client_certificate(tmp_path: Path) -> None:
         good = client_ssl_context(ca, ccert, ckey)
         assert echo("127.0.0.1", receiver.port, "MOLRE", ssl_context=good) == 0
         # no client certificate -> handshake refused; plain TCP -> no association
-        assert echo("127.0.0.1", receiver.port, "MOLRE", ssl_context=client_ssl_context(ca),
-                    timeout=5) is None
+        assert (
+            echo("127.0.0.1", receiver.port, "MOLRE", ssl_context=client_ssl_context(ca), timeout=5)
+            is None
+        )
         assert echo("127.0.0.1", receiver.port, "MOLRE", timeout=5) is None
         # a client that does not trust the node's certificate refuses it
-        assert echo("127.0.0.1", receiver.port, "MOLRE",
-                    ssl_context=client_ssl_context(ccert, ccert, ckey), timeout=5) is None
+        assert (
+            echo(
+                "127.0.0.1",
+                receiver.port,
+                "MOLRE",
+                ssl_context=client_ssl_context(ccert, ccert, ckey),
+                timeout=5,
+            )
+            is None
+        )
     finally:
         receiver.stop(timeout=5)
 
@@ -140,8 +188,16 @@ def test_durability_config_and_os_mode_needs_no_fsync(tmp_path: Path, monkeypatc
         config_from_dict({"storage": {"data_dir": str(tmp_path), "durability": "sometimes"}})
     made = {}
     for mode in ("fsync", "os"):
-        cfg = config_from_dict({"network": {"port": 0}, "storage": {
-            "data_dir": str(tmp_path / mode), "min_free_disk": "0", "durability": mode}})
+        cfg = config_from_dict(
+            {
+                "network": {"port": 0},
+                "storage": {
+                    "data_dir": str(tmp_path / mode),
+                    "min_free_disk": "0",
+                    "durability": mode,
+                },
+            }
+        )
         spool, db, store = open_storage(cfg)
         assert spool.durable  # reports etc. are always fsynced; durability is the receiver's
         with db.engine.connect() as c:  # the node's WAL runs NORMAL: the spool is the record
@@ -165,8 +221,10 @@ def test_durability_config_and_os_mode_needs_no_fsync(tmp_path: Path, monkeypatc
     # "fsync" never answers Success without the fsync; "os" stored both, complete
     assert len(list((made["fsync"][0].spool_dir).rglob("*.dcm"))) == 0
     sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData for p in info.paths}
-    kept = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData
-            for p in (made["os"][0].spool_dir / "instances").rglob("*.dcm")}
+    kept = {
+        pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData
+        for p in (made["os"][0].spool_dir / "instances").rglob("*.dcm")
+    }
     assert kept == sent
     assert made["os"][2].get_series(info.series_uid).instance_count == 2
 
@@ -199,8 +257,11 @@ def test_reconcile_reindexes_spool_files_whose_rows_were_lost(rx, tmp_path: Path
     junk.write_bytes(b"not dicom")
     counts = reconcile_spool(store, spool)
     assert (counts["reindexed"], counts["conflicts"], counts["unreadable"]) == (2, 1, 1)
-    got = rows(cfg, "SELECT spool_path, sha256, reason FROM instances WHERE status = 'stored' "
-                    "AND reason IS NOT NULL")
+    got = rows(
+        cfg,
+        "SELECT spool_path, sha256, reason FROM instances WHERE status = 'stored' "
+        "AND reason IS NOT NULL",
+    )
     assert len(got) == 2 and all(r == RECONCILE_REASON for _, _, r in got)
     assert all(digests[path] == digest for path, digest, _ in got)  # same hash as on receipt
     assert rows(cfg, "SELECT COUNT(*) FROM instances WHERE status = 'conflict'")[0][0] == 1
@@ -208,8 +269,10 @@ def test_reconcile_reindexes_spool_files_whose_rows_were_lost(rx, tmp_path: Path
     assert store.get_series(info.series_uid).instance_count == 2  # the kept row's count was lost
     assert send_folder(info.paths, receiver.port).statuses == [0, 0, 0]
     assert rows(cfg, "SELECT COUNT(*) FROM instances WHERE status = 'duplicate'")[0][0] == 3
-    assert rows(cfg, "SELECT COUNT(*) FROM events WHERE entity = 'node' AND kind = "
-                     "'reindexed'")[0][0] == 1
+    assert (
+        rows(cfg, "SELECT COUNT(*) FROM events WHERE entity = 'node' AND kind = 'reindexed'")[0][0]
+        == 1
+    )
     assert reconcile_spool(store, spool)["reindexed"] == 0  # idempotent
 
 
@@ -226,8 +289,12 @@ def test_reconcile_leaves_prune_leftovers_alone(rx, tmp_path: Path) -> None:
         con.execute("DELETE FROM instances")
     con.close()
     # a prune whose cutoff is after these files were written deleted their rows
-    store.log_event("node", "prune", "pruned", details={
-        "cutoff": dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)})
+    store.log_event(
+        "node",
+        "prune",
+        "pruned",
+        details={"cutoff": dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)},
+    )
     counts = reconcile_spool(store, receiver.spool)
     assert (counts["prune_leftovers"], counts["reindexed"]) == (2, 0)
     assert rows(cfg, "SELECT COUNT(*) FROM instances")[0][0] == 0

@@ -26,20 +26,37 @@ T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.timezone.utc)
 
 def _queued_series(store: Store, uid: str, paths: list[str]) -> int:
     for i, path in enumerate(paths, 1):
-        store.record_instance(None, InstanceHeader(
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=f"{uid}.{i}",
-            study_uid="7.7", series_uid=uid, modality="CT", instance_number=i),
-            spool_path=path, size=1, sha256=None, status="stored")
+        store.record_instance(
+            None,
+            InstanceHeader(
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                sop_instance_uid=f"{uid}.{i}",
+                study_uid="7.7",
+                series_uid=uid,
+                modality="CT",
+                instance_number=i,
+            ),
+            spool_path=path,
+            size=1,
+            sha256=None,
+            status="stored",
+        )
     store.transition(uid, "complete")
     store.transition(uid, "selected")
     return store.enqueue_job(uid)
 
 
 def test_worker_that_sees_no_file_releases_the_job_without_burning_an_attempt(
-        tmp_path: Path) -> None:
-    cfg = config_from_dict({"storage": {"data_dir": str(tmp_path / "data")},
-                            "destinations": [{"name": "pacs", "ae_title": "PACS", "port": 104}],
-                            "retry": {"max_attempts": 1}, "model": {"isolation": "thread"}})
+    tmp_path: Path,
+) -> None:
+    cfg = config_from_dict(
+        {
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "port": 104}],
+            "retry": {"max_attempts": 1},
+            "model": {"isolation": "thread"},
+        }
+    )
     db = Database(cfg.database_url)
     db.upgrade()
     clock = ManualClock(T0)
@@ -84,10 +101,13 @@ def test_worker_that_sees_no_file_releases_the_job_without_burning_an_attempt(
 def _service(tmp_path: Path, roles: str):
     from node.service import NodeService
 
-    cfg = config_from_dict({"network": {"host": "127.0.0.1", "port": 0},
-                            "storage": {"data_dir": str(tmp_path / "data"),
-                                        "min_free_disk": "0"},
-                            "node": {"name": "edge-9"}})
+    cfg = config_from_dict(
+        {
+            "network": {"host": "127.0.0.1", "port": 0},
+            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk": "0"},
+            "node": {"name": "edge-9"},
+        }
+    )
     return NodeService(with_overrides(cfg, roles=roles))
 
 
@@ -108,8 +128,9 @@ def test_roles_build_only_their_parts(tmp_path: Path) -> None:
         assert (svc.receiver, svc.workers, svc.port) == (None, None, None)
         assert svc.assembler is not None and svc.dispatcher is not None
         with svc.store.db.session(write=False) as s:
-            started = s.execute(select(Event).where(Event.entity == "node",
-                                                    Event.kind == "started")).scalar_one()
+            started = s.execute(
+                select(Event).where(Event.entity == "node", Event.kind == "started")
+            ).scalar_one()
         assert started.entity_id == "edge-9"
         assert started.details["roles"] == ["assemble", "dispatch"]
     finally:

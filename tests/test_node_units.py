@@ -13,14 +13,19 @@ from node.header import read_header
 from node.receiver import REJECT_CALLED_AE, REJECT_CALLING_AE, check_access
 from tests.nodeproc import node_config, to_toml
 
-ALLOWED = [AllowedCaller("PACS", "10.1.2.0/24"), AllowedCaller("SCANNER", ""),
-           AllowedCaller("*", "192.168.7.7")]
+ALLOWED = [
+    AllowedCaller("PACS", "10.1.2.0/24"),
+    AllowedCaller("SCANNER", ""),
+    AllowedCaller("*", "192.168.7.7"),
+]
 
 
-def access(calling: str, host: str, called: str = "MOLRE", allowed=ALLOWED,
-           require_called: bool = True):
-    return check_access(calling, called, host, own_ae="MOLRE",
-                        require_called_ae=require_called, allowed=allowed)
+def access(
+    calling: str, host: str, called: str = "MOLRE", allowed=ALLOWED, require_called: bool = True
+):
+    return check_access(
+        calling, called, host, own_ae="MOLRE", require_called_ae=require_called, allowed=allowed
+    )
 
 
 def test_allow_list() -> None:
@@ -68,9 +73,12 @@ def test_export_backoff_is_exponential_and_capped() -> None:
 
 
 def test_test_config_writer_roundtrips(tmp_path) -> None:
-    data = node_config(tmp_path, 12345, destinations=[{"name": "p", "ae_title": "P",
-                                                       "host": "127.0.0.1", "port": 1}],
-                       network={"allowed_callers": [{"ae_title": "A", "host": ""}]})
+    data = node_config(
+        tmp_path,
+        12345,
+        destinations=[{"name": "p", "ae_title": "P", "host": "127.0.0.1", "port": 1}],
+        network={"allowed_callers": [{"ae_title": "A", "host": ""}]},
+    )
     parsed = tomllib.loads(to_toml(data))
     cfg = config_from_dict(parsed)
     assert cfg.network.port == 12345 and cfg.destinations[0].ae_title == "P"

@@ -19,8 +19,18 @@ from tests.nodeproc import make_ct_series
 
 def fake_child(conn: Any, checkpoint: Any, device: str, log_json: bool, threads: int) -> None:
     """Stands in for the inference process (no torch): 'crash' dies, 'hang' never answers."""
-    conn.send(("ready", {"catalog": {}, "model_name": "fake", "checkpoint_hash": "0" * 64,
-                         "is_demo": True, "pid": os.getpid()}))
+    conn.send(
+        (
+            "ready",
+            {
+                "catalog": {},
+                "model_name": "fake",
+                "checkpoint_hash": "0" * 64,
+                "is_demo": True,
+                "pid": os.getpid(),
+            },
+        )
+    )
     while True:
         msg = conn.recv()
         if msg[0] == "stop":
@@ -62,8 +72,12 @@ class FakeEngine:
         cat = load_catalog()
         self.catalog = cat
         self.bad, self.crash = bad_paths, crash_paths
-        self.info = {"catalog": cat.to_dict(), "model_name": "fake", "checkpoint_hash": "a" * 64,
-                     "is_demo": True}
+        self.info = {
+            "catalog": cat.to_dict(),
+            "model_name": "fake",
+            "checkpoint_hash": "a" * 64,
+            "is_demo": True,
+        }
         self.calls = 0
 
     def ensure_started(self) -> dict:
@@ -76,9 +90,15 @@ class FakeEngine:
         if set(paths) & self.crash:
             raise InferenceCrash("inference process died (exit code -9)")
         probs = {k: (0.9 if i == 0 else 0.1) for i, k in enumerate(self.catalog.keys)}
-        return {"probabilities": probs, "decisions": {k: p > 0.5 for k, p in probs.items()},
-                "checkpoint_hash": "a" * 64, "model_name": "fake", "model_version": "1",
-                "is_demo": True, "used_sop_instance_uids": []}
+        return {
+            "probabilities": probs,
+            "decisions": {k: p > 0.5 for k, p in probs.items()},
+            "checkpoint_hash": "a" * 64,
+            "model_name": "fake",
+            "model_version": "1",
+            "is_demo": True,
+            "used_sop_instance_uids": [],
+        }
 
     def cancel(self) -> None:
         pass
@@ -94,11 +114,17 @@ def _ingest(store: Store, spool: Spool, paths: list[Path]) -> str:
         data = p.read_bytes()
         rel = f"instances/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
         path = spool.write_atomic(rel, data)
-        h = InstanceHeader(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-                           study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-                           modality="CT", meta={"Modality": "CT"})
-        store.record_instance(None, h, spool_path=str(path), size=len(data), sha256="x",
-                              status="stored")
+        h = InstanceHeader(
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            study_uid=ds.StudyInstanceUID,
+            series_uid=ds.SeriesInstanceUID,
+            modality="CT",
+            meta={"Modality": "CT"},
+        )
+        store.record_instance(
+            None, h, spool_path=str(path), size=len(data), sha256="x", status="stored"
+        )
         series_uid = ds.SeriesInstanceUID
     store.transition(series_uid, "complete")
     store.transition(series_uid, "selected")
@@ -107,11 +133,14 @@ def _ingest(store: Store, spool: Spool, paths: list[Path]) -> str:
 
 
 def test_bad_series_is_recorded_and_does_not_block_the_queue(tmp_path: Path) -> None:
-    cfg = config_from_dict({
-        "storage": {"data_dir": str(tmp_path / "data")},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "port": 104}],
-        "retry": {"max_attempts": 2, "job_retry_delay_s": 0},
-        "model": {"isolation": "thread"}})
+    cfg = config_from_dict(
+        {
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "port": 104}],
+            "retry": {"max_attempts": 2, "job_retry_delay_s": 0},
+            "model": {"isolation": "thread"},
+        }
+    )
     db = Database(cfg.database_url)
     db.upgrade()
     store, spool = Store(db), Spool(cfg.spool_dir)

@@ -91,13 +91,15 @@ class MLLPListener:
                     if not chunk:
                         return
                     buf += chunk
-                text = buf[buf.index(b"\x0b") + 1:buf.index(b"\x1c\x0d")].decode()
+                text = buf[buf.index(b"\x0b") + 1 : buf.index(b"\x1c\x0d")].decode()
                 lst.messages.append(text)
                 msh = text.split("\r")[0].split("|")
                 code = lst.codes.pop(0) if len(lst.codes) > 1 else lst.codes[0]
-                ack = (f"MSH|^~\\&|RIS|HOSP|{msh[2]}|{msh[3]}|20261203120000||ACK^R01^ACK|"
-                       f"A{len(lst.messages)}|P|2.5\rMSA|{code}|{msh[9]}|"
-                       f"{'bad OBX' if code != 'AA' else ''}\r")
+                ack = (
+                    f"MSH|^~\\&|RIS|HOSP|{msh[2]}|{msh[3]}|20261203120000||ACK^R01^ACK|"
+                    f"A{len(lst.messages)}|P|2.5\rMSA|{code}|{msh[9]}|"
+                    f"{'bad OBX' if code != 'AA' else ''}\r"
+                )
                 self.request.sendall(b"\x0b" + ack.encode() + b"\x1c\x0d")
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
@@ -129,33 +131,57 @@ class Clock:
 
 
 def _config(channels: list[dict[str, Any]], rules: list[dict[str, Any]], tmp: Path):
-    return config_from_dict({"storage": {"data_dir": str(tmp / "data")},
-                             "notifications": {"enabled": True, "channels": channels,
-                                               "rules": rules, "backoff_base_s": 10.0,
-                                               "backoff_max_s": 40.0}})
+    return config_from_dict(
+        {
+            "storage": {"data_dir": str(tmp / "data")},
+            "notifications": {
+                "enabled": True,
+                "channels": channels,
+                "rules": rules,
+                "backoff_base_s": 10.0,
+                "backoff_max_s": 40.0,
+            },
+        }
+    )
 
 
-def _reported_series(store: Store, specs: list[NotificationSpec], uid: str = "1.2.3.4.5"
-                     ) -> None:
+def _reported_series(store: Store, specs: list[NotificationSpec], uid: str = "1.2.3.4.5") -> None:
     """A series carried through the queue to 'reported' with `specs` as notifications."""
-    h = InstanceHeader(sop_instance_uid=uid + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                       study_uid="1.2.3.4", series_uid=uid, modality="CT",
-                       accession_number="ACC77", meta={"Manufacturer": "ACME"},
-                       phi={"PatientName": "DOE^JANE", "PatientID": "PID-SECRET"})
-    store.record_instance(None, h, status="stored", spool_path="/nonexistent", size=1,
-                          sha256="0" * 64)
+    h = InstanceHeader(
+        sop_instance_uid=uid + ".1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_uid="1.2.3.4",
+        series_uid=uid,
+        modality="CT",
+        accession_number="ACC77",
+        meta={"Manufacturer": "ACME"},
+        phi={"PatientName": "DOE^JANE", "PatientID": "PID-SECRET"},
+    )
+    store.record_instance(
+        None, h, status="stored", spool_path="/nonexistent", size=1, sha256="0" * 64
+    )
     for state in ("complete", "selected"):
         store.transition(uid, state)
     store.enqueue_job(uid)
     job = store.claim_job("w1", lease_s=60, max_attempts=3)
-    store.finish_job(job.id, results=[FindingResult("intraparenchymal_hemorrhage", 0.93, True)],
-                     checkpoint_hash="c" * 64, model_name="test-model", report_path=None,
-                     report_sop_uid="1.2.3.4.5.99", destinations=[], notifications=specs)
+    store.finish_job(
+        job.id,
+        results=[FindingResult("intraparenchymal_hemorrhage", 0.93, True)],
+        checkpoint_hash="c" * 64,
+        model_name="test-model",
+        report_path=None,
+        report_sop_uid="1.2.3.4.5.99",
+        destinations=[],
+        notifications=specs,
+    )
 
 
 def _events(store: Store, kind: str) -> list[dict[str, Any]]:
-    return [e for e in store.timeline("1.2.3.4.5") if e["entity"] == "notification"
-            and e["kind"] == kind]
+    return [
+        e
+        for e in store.timeline("1.2.3.4.5")
+        if e["entity"] == "notification" and e["kind"] == kind
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,15 +190,24 @@ def _events(store: Store, kind: str) -> list[dict[str, Any]]:
 
 
 def test_rules_pick_findings_by_decision_or_threshold(tmp_path: Path) -> None:
-    cfg = _config([{"name": "hook", "kind": "webhook", "url": "http://127.0.0.1:9/x",
-                    "secret": SECRET},
-                   {"name": "ris", "kind": "hl7-mllp", "host": "127.0.0.1", "port": 9}],
-                  [{"finding": "subdural_hemorrhage", "channels": ["hook", "ris"]},
-                   {"finding": "*", "threshold": 0.9, "channels": ["hook"]}], tmp_path)
+    cfg = _config(
+        [
+            {"name": "hook", "kind": "webhook", "url": "http://127.0.0.1:9/x", "secret": SECRET},
+            {"name": "ris", "kind": "hl7-mllp", "host": "127.0.0.1", "port": 9},
+        ],
+        [
+            {"finding": "subdural_hemorrhage", "channels": ["hook", "ris"]},
+            {"finding": "*", "threshold": 0.9, "channels": ["hook"]},
+        ],
+        tmp_path,
+    )
     probs = {"subdural_hemorrhage": 0.4, "acute_infarct": 0.95, "hydrocephalus": 0.2}
     got = match_rules(cfg, probs, {"subdural_hemorrhage": True, "acute_infarct": False})
     assert sorted((n.finding_key, n.channel) for n in got) == [
-        ("acute_infarct", "hook"), ("subdural_hemorrhage", "hook"), ("subdural_hemorrhage", "ris")]
+        ("acute_infarct", "hook"),
+        ("subdural_hemorrhage", "hook"),
+        ("subdural_hemorrhage", "ris"),
+    ]
     # decision rule: an Absent finding is not sent even at a high probability
     assert match_rules(cfg, {"subdural_hemorrhage": 0.8}, {"subdural_hemorrhage": False}) == []
     cfg.notifications.enabled = False
@@ -181,15 +216,26 @@ def test_rules_pick_findings_by_decision_or_threshold(tmp_path: Path) -> None:
 
 def test_webhook_signed_retried_while_down_then_delivered_once(tmp_path: Path) -> None:
     hook = WebhookServer()  # not started yet: the receiver is down
-    cfg = _config([{"name": "hook", "kind": "webhook", "url": hook.url(), "secret": SECRET,
-                    "timeout_s": 3.0}],
-                  [{"finding": "intraparenchymal_hemorrhage", "channels": ["hook"]}], tmp_path)
+    cfg = _config(
+        [
+            {
+                "name": "hook",
+                "kind": "webhook",
+                "url": hook.url(),
+                "secret": SECRET,
+                "timeout_s": 3.0,
+            }
+        ],
+        [{"finding": "intraparenchymal_hemorrhage", "channels": ["hook"]}],
+        tmp_path,
+    )
     clock = Clock()
     db = Database(tmp_path / "a.db")
     db.upgrade()
     store = Store(db, clock=clock, node="n1")
-    specs = match_rules(cfg, {"intraparenchymal_hemorrhage": 0.93},
-                        {"intraparenchymal_hemorrhage": True})
+    specs = match_rules(
+        cfg, {"intraparenchymal_hemorrhage": 0.93}, {"intraparenchymal_hemorrhage": True}
+    )
     _reported_series(store, specs)
     notifier = Notifier(cfg, store)
     assert notifier.tick() == 1  # connection refused
@@ -231,25 +277,38 @@ def test_webhook_signed_retried_while_down_then_delivered_once(tmp_path: Path) -
     assert len(_events(store, "delivered")) == 1 and len(_events(store, "created")) == 1
 
 
-def test_hl7_oru_over_mllp_ack_ae_retried_aa_delivered_ar_rejected(tmp_path: Path,
-                                                                    db_url: str) -> None:
+def test_hl7_oru_over_mllp_ack_ae_retried_aa_delivered_ar_rejected(
+    tmp_path: Path, db_url: str
+) -> None:
     from hl7apy.parser import parse_message
 
     ok_after_error = MLLPListener(["AE", "AA"]).start()
     refuses = MLLPListener(["AR"]).start()
     try:
-        cfg = _config([{"name": "ris", "kind": "hl7-mllp", "host": "127.0.0.1",
-                        "port": ok_after_error.port, "receiving_application": "RIS"},
-                       {"name": "strict", "kind": "hl7-mllp", "host": "127.0.0.1",
-                        "port": refuses.port}],
-                      [{"finding": "intraparenchymal_hemorrhage",
-                        "channels": ["ris", "strict"]}], tmp_path)
+        cfg = _config(
+            [
+                {
+                    "name": "ris",
+                    "kind": "hl7-mllp",
+                    "host": "127.0.0.1",
+                    "port": ok_after_error.port,
+                    "receiving_application": "RIS",
+                },
+                {"name": "strict", "kind": "hl7-mllp", "host": "127.0.0.1", "port": refuses.port},
+            ],
+            [{"finding": "intraparenchymal_hemorrhage", "channels": ["ris", "strict"]}],
+            tmp_path,
+        )
         clock = Clock()
         db = Database(db_url)
         db.upgrade()
         store = Store(db, clock=clock, node="n1")
-        _reported_series(store, match_rules(cfg, {"intraparenchymal_hemorrhage": 0.93},
-                                            {"intraparenchymal_hemorrhage": True}))
+        _reported_series(
+            store,
+            match_rules(
+                cfg, {"intraparenchymal_hemorrhage": 0.93}, {"intraparenchymal_hemorrhage": True}
+            ),
+        )
         notifier = Notifier(cfg, store)
         assert notifier.tick() == 2
         clock.advance(3600)
@@ -260,15 +319,21 @@ def test_hl7_oru_over_mllp_ack_ae_retried_aa_delivered_ar_rejected(tmp_path: Pat
         ok_after_error.stop()
         refuses.stop()
     rows = {r["channel"]: r for r in store.notifications()}
-    assert (rows["ris"]["state"], rows["ris"]["attempts"], rows["ris"]["last_status"]) == \
-        ("delivered", 2, "AA")
+    assert (rows["ris"]["state"], rows["ris"]["attempts"], rows["ris"]["last_status"]) == (
+        "delivered",
+        2,
+        "AA",
+    )
     assert (rows["strict"]["state"], rows["strict"]["attempts"]) == ("rejected", 1)
     assert "rejected by the receiver" in rows["strict"]["last_error"]
     assert len(_events(store, "rejected")) == 1
     # the same message (same control ID) on the retry, a well-formed ORU^R01
     first, second = ok_after_error.messages
-    assert first.split("\r")[0].split("|")[9] == second.split("\r")[0].split("|")[9] == \
-        control_id(rows["ris"]["id"])
+    assert (
+        first.split("\r")[0].split("|")[9]
+        == second.split("\r")[0].split("|")[9]
+        == control_id(rows["ris"]["id"])
+    )
     msg = parse_message(second, find_groups=True)
     assert msg.msh.msh_9.value == "ORU^R01^ORU_R01" and msg.msh.msh_5.value == "RIS"
     obx = [seg for seg in second.split("\r") if seg.startswith("OBX|")]
@@ -292,25 +357,45 @@ def test_cohen_kappa_and_agreement_by_site(tmp_path: Path) -> None:
     db = Database(tmp_path / "a.db")
     db.upgrade()
     store = Store(db)
-    decisions = [(True, True, "ACME"), (True, False, "ACME"), (False, False, "ZETA"),
-                 (False, True, "ZETA")]
+    decisions = [
+        (True, True, "ACME"),
+        (True, False, "ACME"),
+        (False, False, "ZETA"),
+        (False, True, "ZETA"),
+    ]
     for i, (prim, shad, man) in enumerate(decisions):
         uid = f"1.2.3.{i}"
-        h = InstanceHeader(sop_instance_uid=uid + ".1", sop_class_uid="1.2", study_uid="1.2",
-                           series_uid=uid, modality="CT", meta={"Manufacturer": man})
+        h = InstanceHeader(
+            sop_instance_uid=uid + ".1",
+            sop_class_uid="1.2",
+            study_uid="1.2",
+            series_uid=uid,
+            modality="CT",
+            meta={"Manufacturer": man},
+        )
         store.record_instance(None, h, status="stored", spool_path="/x", size=1, sha256="0" * 64)
         store.transition(uid, "complete")
         store.transition(uid, "selected")
         store.enqueue_job(uid)
         job = store.claim_job("w", lease_s=60, max_attempts=3)
-        store.finish_job(job.id, results=[FindingResult("acute_infarct", 0.6 if prim else 0.1,
-                                                        prim)],
-                         checkpoint_hash=None, model_name="primary", report_path=None,
-                         report_sop_uid=None, destinations=[])
-        store.record_shadow_results(job_id=job.id, series_uid=uid, version=1, model_name="cand",
-                                    model_version="2", checkpoint_hash=None,
-                                    results=[FindingResult("acute_infarct",
-                                                           0.7 if shad else 0.2, shad)])
+        store.finish_job(
+            job.id,
+            results=[FindingResult("acute_infarct", 0.6 if prim else 0.1, prim)],
+            checkpoint_hash=None,
+            model_name="primary",
+            report_path=None,
+            report_sop_uid=None,
+            destinations=[],
+        )
+        store.record_shadow_results(
+            job_id=job.id,
+            series_uid=uid,
+            version=1,
+            model_name="cand",
+            model_version="2",
+            checkpoint_hash=None,
+            results=[FindingResult("acute_infarct", 0.7 if shad else 0.2, shad)],
+        )
     with db.session(write=False) as s:
         (row,) = agreement(s)
         by_man = agreement(s, by="manufacturer")
@@ -321,55 +406,83 @@ def test_cohen_kappa_and_agreement_by_site(tmp_path: Path) -> None:
     assert sorted(d["series_uid"] for d in diff) == ["1.2.3.1", "1.2.3.3"]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"notifications": {"channels": [{"name": "h", "kind": "webhook",
-                                      "url": "http://127.0.0.1/x"}]}},
-     "notifications.channels[0].secret: required"),
-    ({"notifications": {"channels": [{"name": "h", "kind": "smtp"}]}},
-     "notifications.channels[0].kind: expected one of webhook, hl7-mllp"),
-    ({"notifications": {"rules": [{"finding": "x", "channels": ["nope"]}]}},
-     "notifications.rules[0].channels: unknown channel 'nope'"),
-    ({"notifications": {"enabled": True}}, "notifications.rules: notifications.enabled"),
-    ({"dashboard": {"host": "0.0.0.0"}}, "dashboard.token: required"),
-    ({"dashboard": {"username": "u"}}, "dashboard.username / dashboard.password"),
-    ({"model": {"shadow": [{"name": "a b", "checkpoint": "demo"}]}}, "model.shadow[0].name"),
-    ({"model": {"shadow": [{"name": "a"}]}}, "model.shadow[0].checkpoint: required"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {
+                "notifications": {
+                    "channels": [{"name": "h", "kind": "webhook", "url": "http://127.0.0.1/x"}]
+                }
+            },
+            "notifications.channels[0].secret: required",
+        ),
+        (
+            {"notifications": {"channels": [{"name": "h", "kind": "smtp"}]}},
+            "notifications.channels[0].kind: expected one of webhook, hl7-mllp",
+        ),
+        (
+            {"notifications": {"rules": [{"finding": "x", "channels": ["nope"]}]}},
+            "notifications.rules[0].channels: unknown channel 'nope'",
+        ),
+        ({"notifications": {"enabled": True}}, "notifications.rules: notifications.enabled"),
+        ({"dashboard": {"host": "0.0.0.0"}}, "dashboard.token: required"),
+        ({"dashboard": {"username": "u"}}, "dashboard.username / dashboard.password"),
+        ({"model": {"shadow": [{"name": "a b", "checkpoint": "demo"}]}}, "model.shadow[0].name"),
+        ({"model": {"shadow": [{"name": "a"}]}}, "model.shadow[0].checkpoint: required"),
+    ],
+)
 def test_bad_issue17_config_names_the_key(data: dict, message: str) -> None:
     from common.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")
-                       .replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(
+        ConfigError,
+        match=message.replace("[", r"\[")
+        .replace("]", r"\]")
+        .replace("(", r"\(")
+        .replace(".", r"\."),
+    ):
         config_from_dict(data)
 
 
 def test_public_config_masks_secrets() -> None:
-    cfg = config_from_dict({
-        "dashboard": {"token": "T0K", "username": "u", "password": "PW"},
-        "notifications": {"channels": [{"name": "h", "kind": "webhook",
-                                        "url": "http://127.0.0.1/x", "secret": "S3C"}]}})
+    cfg = config_from_dict(
+        {
+            "dashboard": {"token": "T0K", "username": "u", "password": "PW"},
+            "notifications": {
+                "channels": [
+                    {"name": "h", "kind": "webhook", "url": "http://127.0.0.1/x", "secret": "S3C"}
+                ]
+            },
+        }
+    )
     text = json.dumps(cfg.public_dict())
     assert "T0K" not in text and "PW" not in text and "S3C" not in text
     assert cfg.dashboard.token == "T0K"  # the live object keeps them
 
 
-def test_a_dead_notifiers_claim_is_taken_over_or_released_at_restart(tmp_path: Path,
-                                                                      db_url: str) -> None:
+def test_a_dead_notifiers_claim_is_taken_over_or_released_at_restart(
+    tmp_path: Path, db_url: str
+) -> None:
     """A node killed mid-send: another node takes the notification when the lease expires
     ('reclaimed' names the dead one); the dead node itself, restarted, releases its claims at
     once (recover_on_start)."""
-    cfg = _config([{"name": "hook", "kind": "webhook", "url": "http://127.0.0.1:9/x",
-                    "secret": SECRET}],
-                  [{"finding": "intraparenchymal_hemorrhage", "channels": ["hook"]}], tmp_path)
-    specs = match_rules(cfg, {"intraparenchymal_hemorrhage": 0.9},
-                        {"intraparenchymal_hemorrhage": True})
+    cfg = _config(
+        [{"name": "hook", "kind": "webhook", "url": "http://127.0.0.1:9/x", "secret": SECRET}],
+        [{"finding": "intraparenchymal_hemorrhage", "channels": ["hook"]}],
+        tmp_path,
+    )
+    specs = match_rules(
+        cfg, {"intraparenchymal_hemorrhage": 0.9}, {"intraparenchymal_hemorrhage": True}
+    )
     clock = Clock()
     db = Database(db_url)
     db.upgrade()
     n1, n2 = Store(db, clock=clock, node="n1"), Store(db, clock=clock, node="n2")
     _reported_series(n1, specs)
-    spec2 = NotificationSpec(channel="hook", kind="webhook", finding_key="acute_infarct",
-                             probability=0.8, decision=True)
+    spec2 = NotificationSpec(
+        channel="hook", kind="webhook", finding_key="acute_infarct", probability=0.8, decision=True
+    )
     _reported_series(n1, [spec2], uid="1.2.3.4.6")
     assert len(n1.claim_notifications(lease_s=60)) == 2  # n1 "dies" holding both
     assert n2.claim_notifications(lease_s=60) == []  # held: nobody else sends them
@@ -393,18 +506,23 @@ def test_dashboard_auth_and_content_without_a_browser(tmp_path: Path) -> None:
     from node.dashboard import Dashboard
 
     port = free_port()
-    cfg = config_from_dict({"storage": {"data_dir": str(tmp_path / "d")},
-                            "dashboard": {"port": port, "token": "TT", "username": "op",
-                                          "password": "pw"}})
+    cfg = config_from_dict(
+        {
+            "storage": {"data_dir": str(tmp_path / "d")},
+            "dashboard": {"port": port, "token": "TT", "username": "op", "password": "pw"},
+        }
+    )
     db = Database(tmp_path / "a.db")
     db.upgrade()
     store = Store(db)
-    spec = NotificationSpec(channel="ris", kind="hl7-mllp", finding_key="acute_infarct",
-                            probability=0.8, decision=True)
+    spec = NotificationSpec(
+        channel="ris", kind="hl7-mllp", finding_key="acute_infarct", probability=0.8, decision=True
+    )
     _reported_series(store, [spec])
     (n,) = store.claim_notifications()
-    store.record_notification_attempt(n.id, ok=False, status="AR", error="rejected: bad PID",
-                                      final=True)
+    store.record_notification_attempt(
+        n.id, ok=False, status="AR", error="rejected: bad PID", final=True
+    )
     dash = Dashboard(cfg, store)
     dash.start()
 

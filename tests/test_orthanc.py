@@ -24,27 +24,42 @@ from tests.orthanc import (
     start_orthanc,
 )
 
-pytestmark = pytest.mark.skipif(orthanc_binary() is None,
-                                reason="Orthanc not installed (apt-get install orthanc)")
+pytestmark = pytest.mark.skipif(
+    orthanc_binary() is None, reason="Orthanc not installed (apt-get install orthanc)"
+)
 
 
 def test_orthanc_sends_study_and_receives_sr(tmp_path: Path) -> None:
     node_port = free_port()
-    orthanc = start_orthanc(tmp_path / "orthanc", aet="ORTHANC",
-                            modalities={"molre": ("MOLRE", "127.0.0.1", node_port)})
+    orthanc = start_orthanc(
+        tmp_path / "orthanc", aet="ORTHANC", modalities={"molre": ("MOLRE", "127.0.0.1", node_port)}
+    )
     try:
         node = NodeProcess.create(
-            tmp_path, port=node_port,
-            destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                           "port": orthanc.dicom_port}],
+            tmp_path,
+            port=node_port,
+            destinations=[
+                {
+                    "name": "orthanc",
+                    "ae_title": "ORTHANC",
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                }
+            ],
             # Orthanc, plus the test harness's own C-ECHO (NodeProcess.wait_ready, TESTSCU)
-            network={"allowed_callers": [{"ae_title": "ORTHANC", "host": "127.0.0.1/32"},
-                                         {"ae_title": "TESTSCU", "host": "127.0.0.1"}]},
-            model=model_section())
+            network={
+                "allowed_callers": [
+                    {"ae_title": "ORTHANC", "host": "127.0.0.1/32"},
+                    {"ae_title": "TESTSCU", "host": "127.0.0.1"},
+                ]
+            },
+            model=model_section(),
+        )
         with node:
             assert orthanc.echo("molre"), "Orthanc cannot C-ECHO the node"
-            info = make_ct_series(tmp_path / "ct", ["subdural_hemorrhage"], n_slices=16,
-                                  size=64, seed=3)
+            info = make_ct_series(
+                tmp_path / "ct", ["subdural_hemorrhage"], n_slices=16, size=64, seed=3
+            )
             answers = orthanc.upload_files(info.paths)
             study_id = answers[0]["ParentStudy"]
             assert orthanc.study_id(info.study_uid) == study_id
@@ -59,11 +74,14 @@ def test_orthanc_sends_study_and_receives_sr(tmp_path: Path) -> None:
                 return None
 
             try:
-                series = wait_until(sr_series, timeout=180, interval=0.5,
-                                    what="SR series in the Orthanc study")
+                series = wait_until(
+                    sr_series, timeout=180, interval=0.5, what="SR series in the Orthanc study"
+                )
             except TimeoutError as exc:
-                raise AssertionError(f"{exc}\n--- node ---\n{node.log_tail(40)}\n"
-                                     f"--- orthanc ---\n{orthanc.log_tail(20)}") from None
+                raise AssertionError(
+                    f"{exc}\n--- node ---\n{node.log_tail(40)}\n"
+                    f"--- orthanc ---\n{orthanc.log_tail(20)}"
+                ) from None
             assert len(series["Instances"]) == 1, "one SR per series version"
             raw = orthanc.instance_file(series["Instances"][0])
 
@@ -82,16 +100,30 @@ def test_orthanc_sends_study_and_receives_sr(tmp_path: Path) -> None:
                 assert found[key][1] == present, key
 
             # the audit trail: one delivered export to Orthanc, series delivered
-            exports = sql(node.data_dir / "molre.db",
-                          "select destination, state, attempts from exports "
-                          "where series_uid = ?", info.series_uid)
+            exports = sql(
+                node.data_dir / "molre.db",
+                "select destination, state, attempts from exports where series_uid = ?",
+                info.series_uid,
+            )
             assert exports == [("orthanc", "delivered", 1)]
-            wait_until(lambda: sql(node.data_dir / "molre.db",
-                                   "select state from series where series_uid = ?",
-                                   info.series_uid) == [("delivered",)],
-                       timeout=30, what="series delivered")
+            wait_until(
+                lambda: (
+                    sql(
+                        node.data_dir / "molre.db",
+                        "select state from series where series_uid = ?",
+                        info.series_uid,
+                    )
+                    == [("delivered",)]
+                ),
+                timeout=30,
+                what="series delivered",
+            )
             # Orthanc got the instances from the node's calling AE? (it is the SR sender)
-            assert orthanc.get_json(f"/instances/{series['Instances'][0]}/metadata"
-                                    "?expand").get("RemoteAET") == "MOLRE"
+            assert (
+                orthanc.get_json(f"/instances/{series['Instances'][0]}/metadata?expand").get(
+                    "RemoteAET"
+                )
+                == "MOLRE"
+            )
     finally:
         orthanc.stop()

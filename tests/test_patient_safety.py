@@ -45,41 +45,67 @@ def env(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _evidence(sr: pydicom.Dataset) -> set[str]:
-    return {sop.ReferencedSOPInstanceUID
-            for st in sr.CurrentRequestedProcedureEvidenceSequence
-            for se in st.ReferencedSeriesSequence for sop in se.ReferencedSOPSequence}
+    return {
+        sop.ReferencedSOPInstanceUID
+        for st in sr.CurrentRequestedProcedureEvidenceSequence
+        for se in st.ReferencedSeriesSequence
+        for sop in se.ReferencedSOPSequence
+    }
 
 
 def _sops(paths) -> set[str]:
     return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
 
 
-def test_second_patient_reusing_a_series_uid_is_refused_and_no_report_mixes_patients(
-        env) -> None:
+def test_second_patient_reusing_a_series_uid_is_refused_and_no_report_mixes_patients(env) -> None:
     node, scp, tmp = env
-    a = make_ct_series(tmp / "a", [], n_slices=10, seed=81, PatientID="SAFE-A",
-                       PatientName="ALPHA^ANN")
+    a = make_ct_series(
+        tmp / "a", [], n_slices=10, seed=81, PatientID="SAFE-A", PatientName="ALPHA^ANN"
+    )
     assert send_folder(a.paths, node.port).statuses == [0] * 10
     node.wait_series_state(a.series_uid, ("delivered",))
     # another patient's study reusing the SeriesInstanceUID with new SOP Instance UIDs
-    b = make_ct_series(tmp / "b", [], n_slices=10, seed=82, PatientID="SAFE-B",
-                       PatientName="BETA^BOB", SeriesInstanceUID=a.series_uid)
+    b = make_ct_series(
+        tmp / "b",
+        [],
+        n_slices=10,
+        seed=82,
+        PatientID="SAFE-B",
+        PatientName="BETA^BOB",
+        SeriesInstanceUID=a.series_uid,
+    )
     res = send_folder(b.paths, node.port)
     assert all(s is not None and 0xC000 <= s <= 0xCFFF for s in res.statuses), res.statuses
     # the same study and series UIDs under another PatientID (an anonymiser's collision)
-    c = make_ct_series(tmp / "c", [], n_slices=10, seed=83, PatientID="SAFE-C",
-                       PatientName="GAMMA^GUS", StudyInstanceUID=a.study_uid,
-                       SeriesInstanceUID=a.series_uid)
+    c = make_ct_series(
+        tmp / "c",
+        [],
+        n_slices=10,
+        seed=83,
+        PatientID="SAFE-C",
+        PatientName="GAMMA^GUS",
+        StudyInstanceUID=a.study_uid,
+        SeriesInstanceUID=a.series_uid,
+    )
     res = send_folder(c.paths, node.port)
     assert all(s is not None and 0xC000 <= s <= 0xCFFF for s in res.statuses), res.statuses
 
     # refused, audited, not merged: the series is still patient A's, version 1
-    assert sql(node, "SELECT study_uid, version, instance_count, state FROM series "
-                     "WHERE series_uid = ?", a.series_uid) == [(a.study_uid, 1, 10, "delivered")]
-    assert sql(node, "SELECT COUNT(*) FROM instances WHERE series_uid = ? AND status = 'stored'",
-               a.series_uid) == [(10,)]
-    assert sql(node, "SELECT COUNT(*) FROM events WHERE kind = 'identity_conflict' AND "
-                     "series_uid = ?", a.series_uid) == [(20,)]
+    assert sql(
+        node,
+        "SELECT study_uid, version, instance_count, state FROM series WHERE series_uid = ?",
+        a.series_uid,
+    ) == [(a.study_uid, 1, 10, "delivered")]
+    assert sql(
+        node,
+        "SELECT COUNT(*) FROM instances WHERE series_uid = ? AND status = 'stored'",
+        a.series_uid,
+    ) == [(10,)]
+    assert sql(
+        node,
+        "SELECT COUNT(*) FROM events WHERE kind = 'identity_conflict' AND series_uid = ?",
+        a.series_uid,
+    ) == [(20,)]
     assert sql(node, "SELECT COUNT(*) FROM events WHERE kind = 'reopened'") == [(0,)]
     # every report the node sent cites one patient's images and carries that patient
     srs = [ds for ds in list(scp.received) if ds.Modality == "SR"]
@@ -114,8 +140,9 @@ def _hostile_series(src: list[Path], out: Path) -> list[Path]:
 
 def test_no_name_and_no_raw_bytes_in_anything_the_node_wrote(env) -> None:
     node, scp, tmp = env
-    plain = make_ct_series(tmp / "n1", [], n_slices=10, seed=91, PatientName=NAME,
-                           PatientID=PATIENT_ID)
+    plain = make_ct_series(
+        tmp / "n1", [], n_slices=10, seed=91, PatientName=NAME, PatientID=PATIENT_ID
+    )
     base = make_ct_series(tmp / "n2src", [], n_slices=10, seed=92)
     hostile = _hostile_series(base.paths, tmp / "n2")
     assert send_folder(plain.paths, node.port).statuses == [0] * 10
@@ -125,8 +152,17 @@ def test_no_name_and_no_raw_bytes_in_anything_the_node_wrote(env) -> None:
     assert rec.instance_count == 10
     node.wait_series_state(base.series_uid, FINAL)
     # the SR of the single-component name was built (highdicom warned about it)
-    wait_until(lambda: sql(node, "SELECT COUNT(*) FROM exports WHERE series_uid = ? AND "
-                                 "state = 'delivered'", plain.series_uid)[0][0] == 1, 30)
+    wait_until(
+        lambda: (
+            sql(
+                node,
+                "SELECT COUNT(*) FROM exports WHERE series_uid = ? AND state = 'delivered'",
+                plain.series_uid,
+            )[0][0]
+            == 1
+        ),
+        30,
+    )
 
     log = node.log_path.read_bytes()
     lines = [ln for ln in log.decode("utf-8", "replace").splitlines() if ln.strip()]
@@ -141,11 +177,11 @@ def test_no_name_and_no_raw_bytes_in_anything_the_node_wrote(env) -> None:
     assert bad == [], bad[:5]
     records = [json.loads(ln) for ln in lines]
     assert not any(r.get("event") == "forged" for r in records)
-    assert any(r.get("logger") == "banner" or "serving AE" in str(r.get("event"))
-               for r in records)
+    assert any(r.get("logger") == "banner" or "serving AE" in str(r.get("event")) for r in records)
     warned = [r for r in records if r.get("event") == "python warning"]
-    assert any("unlikely to represent" in r.get("message", "") for r in warned), \
+    assert any("unlikely to represent" in r.get("message", "") for r in warned), (
         "highdicom's single-component name warning was not captured (the test proves nothing)"
+    )
     assert any(r.get("logger") == "pydicom" for r in records)  # pydicom's own log lines too
 
     # every byte the node wrote: its log, the database (+ WAL), everything in the data dir but
@@ -162,6 +198,7 @@ def test_no_name_and_no_raw_bytes_in_anything_the_node_wrote(env) -> None:
             assert b"\x1b[31m" not in data, f"raw ANSI escape in {where}"
     assert b"\x1b" not in log and b'\n{"event": "forged"' not in log
     # the audit text of the hostile series: no control characters
-    for (reason,) in sql(node, "SELECT reason FROM series WHERE reason IS NOT NULL") + \
-            sql(node, "SELECT error FROM jobs WHERE error IS NOT NULL"):
+    for (reason,) in sql(node, "SELECT reason FROM series WHERE reason IS NOT NULL") + sql(
+        node, "SELECT error FROM jobs WHERE error IS NOT NULL"
+    ):
         assert not any(ord(ch) < 32 for ch in reason), reason

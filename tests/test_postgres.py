@@ -15,10 +15,14 @@ from storage.db import Database, mask_url
 
 
 def test_mask_url_hides_passwords() -> None:
-    assert mask_url("postgresql://molre:s3cr%40t@db.example:5432/molre") == \
-        "postgresql://molre:***@db.example:5432/molre"
-    assert mask_url("postgresql+psycopg://u:p@h/d?sslmode=require&password=x") == \
-        "postgresql+psycopg://u:***@h/d?sslmode=require&password=***"
+    assert (
+        mask_url("postgresql://molre:s3cr%40t@db.example:5432/molre")
+        == "postgresql://molre:***@db.example:5432/molre"
+    )
+    assert (
+        mask_url("postgresql+psycopg://u:p@h/d?sslmode=require&password=x")
+        == "postgresql+psycopg://u:***@h/d?sslmode=require&password=***"
+    )
     assert mask_url("sqlite:////var/lib/molre/molre.db") == "sqlite:////var/lib/molre/molre.db"
     assert mask_url("postgresql://u@h/d") == "postgresql://u@h/d"
     assert "hunter2" not in mask_url("postgresql://u:hunter2@[::1]:5/d")
@@ -26,9 +30,10 @@ def test_mask_url_hides_passwords() -> None:
 
 def test_config_check_never_prints_the_password(tmp_path: Path) -> None:
     cfg = tmp_path / "node.toml"
-    cfg.write_text('[storage]\ndata_dir = "%s"\n'
-                   'database_url = "postgresql://molre:hunter2@127.0.0.1:1/molre"\n'
-                   % (tmp_path / "data"))
+    cfg.write_text(
+        '[storage]\ndata_dir = "%s"\n'
+        'database_url = "postgresql://molre:hunter2@127.0.0.1:1/molre"\n' % (tmp_path / "data")
+    )
     result = CliRunner().invoke(app, ["config-check", "-c", str(cfg), "--show"])
     assert result.exit_code == 0, result.output
     assert "hunter2" not in result.output
@@ -59,10 +64,21 @@ def two_nodes(db_url: str):
 
 
 def _series_to_queue(store: Store, uid: str) -> int:
-    store.record_instance(None, InstanceHeader(
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=uid + ".1", study_uid="4.4",
-        series_uid=uid, modality="CT", instance_number=1), spool_path=f"/s/{uid}", size=1,
-        sha256=None, status="stored")
+    store.record_instance(
+        None,
+        InstanceHeader(
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            sop_instance_uid=uid + ".1",
+            study_uid="4.4",
+            series_uid=uid,
+            modality="CT",
+            instance_number=1,
+        ),
+        spool_path=f"/s/{uid}",
+        size=1,
+        sha256=None,
+        status="stored",
+    )
     store.transition(uid, "complete")
     store.transition(uid, "selected")
     return store.enqueue_job(uid)
@@ -70,8 +86,7 @@ def _series_to_queue(store: Store, uid: str) -> int:
 
 def _events(store: Store, kind: str) -> list[Event]:
     with store.db.session(write=False) as s:
-        return list(s.execute(select(Event).where(Event.kind == kind)
-                              .order_by(Event.id)).scalars())
+        return list(s.execute(select(Event).where(Event.kind == kind).order_by(Event.id)).scalars())
 
 
 def test_recovery_touches_only_this_nodes_work(two_nodes) -> None:
@@ -91,9 +106,15 @@ def test_recovery_touches_only_this_nodes_work(two_nodes) -> None:
     assert states[job_a.id][0] == "queued"
     assert b.get_series(job_b.series_uid).state is SeriesState.INFERRING
     # gpu-b finishes normally: nothing of its result was thrown away
-    assert b.finish_job(job_b.id, results=[FindingResult("k", 0.9, True)], checkpoint_hash="h",
-                        model_name="m", report_path=None, report_sop_uid="9.1",
-                        destinations=["PACS"])
+    assert b.finish_job(
+        job_b.id,
+        results=[FindingResult("k", 0.9, True)],
+        checkpoint_hash="h",
+        model_name="m",
+        report_path=None,
+        report_sop_uid="9.1",
+        destinations=["PACS"],
+    )
     # gpu-b's association is not closed by edge-a starting
     assoc_b = b.begin_association("CT2", "MOLRE", "127.0.0.1", 2)
     a.recover_on_start()
@@ -107,8 +128,15 @@ def test_export_claims_are_exclusive_leased_and_audited(two_nodes) -> None:
     for uid in ("4.5", "4.6", "4.7"):
         _series_to_queue(a, uid)
         claim = a.claim_job("edge-a:w0")
-        a.finish_job(claim.id, results=[], checkpoint_hash="h", model_name="m",
-                     report_path="/r.dcm", report_sop_uid="9." + uid, destinations=["PACS"])
+        a.finish_job(
+            claim.id,
+            results=[],
+            checkpoint_hash="h",
+            model_name="m",
+            report_path="/r.dcm",
+            report_sop_uid="9." + uid,
+            destinations=["PACS"],
+        )
     got_a = a.claim_exports(lease_s=60, limit=2)
     got_b = b.claim_exports(lease_s=60, limit=10)
     assert len(got_a) == 2 and len(got_b) == 1
@@ -121,8 +149,9 @@ def test_export_claims_are_exclusive_leased_and_audited(two_nodes) -> None:
     taken = b.claim_exports(lease_s=60)
     assert {e.id for e in taken} == {e.id for e in got_a}
     reclaimed = _events(b, "reclaimed")
-    assert {(e.details["previous_node"], e.details["node"]) for e in reclaimed} == \
-        {("edge-a", "gpu-b")}
+    assert {(e.details["previous_node"], e.details["node"]) for e in reclaimed} == {
+        ("edge-a", "gpu-b")
+    }
     for e in taken:
         b.record_export_attempt(e.id, ok=True, status=0)
     # edge-a's late send is recorded, not dropped silently
@@ -139,8 +168,9 @@ def test_release_does_not_burn_an_attempt_and_retry_requeues_failed(two_nodes) -
     a, b, _ = two_nodes
     _series_to_queue(a, "4.8")
     claim = b.claim_job("gpu-b:w0")
-    assert b.release_job(claim.id, "gpu-b:w0", "instance files not visible from node gpu-b",
-                         delay_s=0)
+    assert b.release_job(
+        claim.id, "gpu-b:w0", "instance files not visible from node gpu-b", delay_s=0
+    )
     assert b.get_series("4.8").state is SeriesState.QUEUED
     assert not b.release_job(claim.id, "gpu-b:w0", "again")  # no longer this worker's
     again = a.claim_job("edge-a:w0")

@@ -17,8 +17,9 @@ from molre.data.volume import SeriesVolume, read_series
 MARKER_LPS = np.array([30.0, 20.0, 110.0])
 
 
-def _phantom(direction: np.ndarray, origin: np.ndarray, shape=(30, 60, 70),
-             spacing=(5.0, 2.0, 2.0)) -> SeriesVolume:
+def _phantom(
+    direction: np.ndarray, origin: np.ndarray, shape=(30, 60, 70), spacing=(5.0, 2.0, 2.0)
+) -> SeriesVolume:
     """Water ellipse + a 1500 HU marker at MARKER_LPS, sampled on the given grid."""
     z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     idx = np.stack([z, y, x], -1).astype(np.float64)
@@ -79,8 +80,9 @@ def test_slices_2d_shape_windows_and_normalisation() -> None:
     assert float(out.min()) == 0.0 and float(out.max()) <= 1.0
     # water (30 HU) in the brain window 40/80 -> (30 - 0) / 80; subdural 75/215; bone 600/2800
     centre = out[2, :, 24, 24]
-    assert torch.allclose(centre, torch.tensor([30 / 80, (30 + 32.5) / 215, (30 + 800) / 2800]),
-                          atol=1e-3)
+    assert torch.allclose(
+        centre, torch.tensor([30 / 80, (30 + 32.5) / 215, (30 + 800) / 2800]), atol=1e-3
+    )
     # the marker (left) appears on the image's right half, posterior -> lower half
     # (slices are sampled at z = 0, 7.25, 14.5, 21.75, 29; the marker is at z index 22)
     marker_slice = out[3, 2]

@@ -34,8 +34,9 @@ def test_sample_targets_follow_the_planted_findings():
 def test_mask_on_grid_keeps_a_finding_smaller_than_a_voxel():
     mask = np.zeros((20, 40, 40), bool)
     mask[10, 20, 20] = True  # one native voxel
-    idx = np.stack(np.meshgrid(np.arange(8) * 2.5, np.arange(16) * 2.5, np.arange(16) * 2.5,
-                               indexing="ij")).reshape(3, -1)
+    idx = np.stack(
+        np.meshgrid(np.arange(8) * 2.5, np.arange(16) * 2.5, np.arange(16) * 2.5, indexing="ij")
+    ).reshape(3, -1)
     out = P._mask_on_grid(mask, idx, (8, 16, 16))
     assert out.shape == (4, 8, 8) and out.sum() == 1
 
@@ -43,16 +44,16 @@ def test_mask_on_grid_keeps_a_finding_smaller_than_a_voxel():
 def test_pretraining_is_deterministic_and_loads_as_the_backbone(tmp_path):
     from molre.backbones import create_backbone, weights_digest
 
-    cfg = P.PretrainConfig(train_phantoms=8, val_phantoms=4, epochs=1, batch_size=4,
-                           sites=("metro", "valley"))
+    cfg = P.PretrainConfig(
+        train_phantoms=8, val_phantoms=4, epochs=1, batch_size=4, sites=("metro", "valley")
+    )
     a = P.pretrain(cfg, progress=False)
     b = P.pretrain(cfg, progress=False)
     assert a.sha256 == b.sha256  # same seed, same weights, bit for bit
     assert a.history[0]["dense_loss"] > 0 and a.validation["n"] == 4
     out = P.save(a, cfg, tmp_path / "w", "test")
     card = json.loads((out / P.CARD_FILE).read_text())
-    assert card["weights_sha256"] == hashlib.sha256(
-        (out / P.WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert card["weights_sha256"] == hashlib.sha256((out / P.WEIGHTS_FILE).read_bytes()).hexdigest()
     net = create_backbone("phantom-3d", weights=str(out / P.WEIGHTS_FILE))
     assert weights_digest(net) == card["state_sha256"] == a.sha256
     random = create_backbone("phantom-3d", pretrained=False)

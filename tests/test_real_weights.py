@@ -48,8 +48,16 @@ def trained(tmp_path_factory):
     wfile = base / "site-weights" / "tiny.safetensors"
     wfile.parent.mkdir()
     save_file(state, str(wfile))
-    res = train(toy_train_config(manifest, base / "run", base / "cache", epochs=1,
-                                 weights=str(wfile), save_backbone=False))
+    res = train(
+        toy_train_config(
+            manifest,
+            base / "run",
+            base / "cache",
+            epochs=1,
+            weights=str(wfile),
+            save_backbone=False,
+        )
+    )
     ckpt = res.best_dir or res.last_dir
     card = json.loads((ckpt / "model.json").read_text())
     assert card["backbone"]["weights_source"] == str(wfile.resolve())
@@ -94,14 +102,29 @@ def test_infer_and_evaluate_accept_an_hf_reference(trained, tmp_path, monkeypatc
     ckpt, manifest, state = trained
     monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(_hf_cache(tmp_path, state)))
     series = sorted(p for p in manifest.parent.iterdir() if p.is_dir())[-1]
-    res = _run_cli(["infer", str(series), "--checkpoint", str(ckpt), "--weights",
-                    "hf://acme/tiny3d", "--json"])
+    res = _run_cli(
+        ["infer", str(series), "--checkpoint", str(ckpt), "--weights", "hf://acme/tiny3d", "--json"]
+    )
     assert res.exit_code == 0, (res.output, res.exception)
-    out = json.loads(res.stdout[res.stdout.index("{"):])
+    out = json.loads(res.stdout[res.stdout.index("{") :])
     assert set(out["probabilities"]) == _assessed(ckpt)
-    res = _run_cli(["evaluate", "--checkpoint", str(ckpt), "--data", str(manifest), "--out",
-                    str(tmp_path / "eval"), "--weights", "hf://acme/tiny3d", "--split", "all",
-                    "--bootstrap", "20"])
+    res = _run_cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path / "eval"),
+            "--weights",
+            "hf://acme/tiny3d",
+            "--split",
+            "all",
+            "--bootstrap",
+            "20",
+        ]
+    )
     assert res.exit_code == 0, (res.output, res.exception)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_cases"] == 12
 
@@ -112,8 +135,9 @@ def test_node_config_weights_key_resolves_relative_paths():
     base = Path("/srv/molre")
     rel = config_from_dict({"model": {"weights": "weights/ct-fm"}}, base_dir=base)
     assert rel.model.weights == str((base / "weights/ct-fm").resolve())
-    hf = config_from_dict({"model": {"weights": "hf://project-lighter/ct_fm_feature_extractor"}},
-                          base_dir=base)
+    hf = config_from_dict(
+        {"model": {"weights": "hf://project-lighter/ct_fm_feature_extractor"}}, base_dir=base
+    )
     assert hf.model.weights == "hf://project-lighter/ct_fm_feature_extractor"
     assert config_from_dict({}, base_dir=base).model.weights == ""
 
@@ -126,15 +150,22 @@ def test_node_serves_a_checkpoint_trained_on_external_weights(trained, tmp_path)
     save_file(state, str(tmp_path / "bb" / "tiny.safetensors"))
     info = make_ct_series(tmp_path / "series", ["intraparenchymal_hemorrhage"], n_slices=12, seed=3)
     with StorageSCP("RESULTS") as scp:
-        node = NodeProcess.create(tmp_path, destinations=[scp.destination()],
-                                  model={"checkpoint": str(ckpt), "weights": "bb/tiny.safetensors"})
+        node = NodeProcess.create(
+            tmp_path,
+            destinations=[scp.destination()],
+            model={"checkpoint": str(ckpt), "weights": "bb/tiny.safetensors"},
+        )
         node.start()
         try:
             res = send_folder(info.paths, node.port, calling_ae="TESTSCU")
             assert res.statuses == [0] * len(info.paths)
             try:
-                sr = wait_until(lambda: next((d for d in list(scp.received) if d.Modality == "SR"),
-                                             None), 150, interval=0.3, what="SR")
+                sr = wait_until(
+                    lambda: next((d for d in list(scp.received) if d.Modality == "SR"), None),
+                    150,
+                    interval=0.3,
+                    what="SR",
+                )
             except TimeoutError as exc:
                 raise AssertionError(f"{exc}\n{node.log_tail(40)}") from None
             assert sr.StudyInstanceUID == info.study_uid
@@ -144,8 +175,9 @@ def test_node_serves_a_checkpoint_trained_on_external_weights(trained, tmp_path)
 
     con = sqlite3.connect(f"file:{node.data_dir / 'molre.db'}?mode=ro", uri=True)
     try:
-        rows = con.execute("SELECT finding_key FROM results WHERE series_uid = ?",
-                           (info.series_uid,)).fetchall()
+        rows = con.execute(
+            "SELECT finding_key FROM results WHERE series_uid = ?", (info.series_uid,)
+        ).fetchall()
     finally:
         con.close()
     assert {r[0] for r in rows} == _assessed(ckpt)
@@ -153,14 +185,25 @@ def test_node_serves_a_checkpoint_trained_on_external_weights(trained, tmp_path)
 
 def test_train_refuses_random_init_of_a_pretrained_backbone(tmp_path):
     missing = tmp_path / "no-manifest.csv"
-    res = _run_cli(["train", "--backbone", "ct-fm", "--data", str(missing), "--out",
-                    str(tmp_path / "run")])
+    res = _run_cli(
+        ["train", "--backbone", "ct-fm", "--data", str(missing), "--out", str(tmp_path / "run")]
+    )
     assert isinstance(res.exception, ConfigError)
     assert "--random-init" in str(res.exception) and "--weights" in str(res.exception)
     assert not (tmp_path / "run").exists()
     # asked for explicitly: a loud warning, and training goes on (here to the missing manifest)
-    res = _run_cli(["train", "--backbone", "ct-fm", "--random-init", "--data", str(missing),
-                    "--out", str(tmp_path / "run")])
+    res = _run_cli(
+        [
+            "train",
+            "--backbone",
+            "ct-fm",
+            "--random-init",
+            "--data",
+            str(missing),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert "RANDOM weights" in res.output
     assert res.exception is not None and "no-manifest.csv" in str(res.exception)
     assert not isinstance(res.exception, ConfigError) or "--random-init" not in str(res.exception)
@@ -174,6 +217,9 @@ def _assessed(ckpt) -> set[str]:
     from molre.checkpoint import assessed_findings, load_card
 
     found = set(assessed_findings(load_card(ckpt)))
-    assert found and found <= {"intraparenchymal_hemorrhage", "hydrocephalus",
-                               "intracranial_calcification"}
+    assert found and found <= {
+        "intraparenchymal_hemorrhage",
+        "hydrocephalus",
+        "intracranial_calcification",
+    }
     return found

@@ -54,9 +54,10 @@ def test_max_associations_counts_across_receiver_processes(tmp_path: Path) -> No
     """max_associations = 2 with two receiver processes: two associations are held open
     (one per process), a third (from another address) is rejected as one process would (rejected-transient,
     local limit exceeded) and audited; after a release a new one is accepted again."""
-    node = NodeProcess.create(tmp_path, network={"receiver_processes": 2,
-                                                 "max_associations": 2,
-                                                 "max_associations_per_host": 2})
+    node = NodeProcess.create(
+        tmp_path,
+        network={"receiver_processes": 2, "max_associations": 2, "max_associations_per_host": 2},
+    )
     with node:
         ae = AE(ae_title="POOLSCU")
         ae.add_requested_context(Verification)
@@ -64,8 +65,9 @@ def test_max_associations_counts_across_receiver_processes(tmp_path: Path) -> No
 
         def one_more(address: str) -> bool:
             # the readiness probe's connection may still be counted for a moment: retry
-            a = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
-                             bind_address=(address, 0))
+            a = ae.associate(
+                "127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(address, 0)
+            )
             if a.is_established:
                 held.append(a)
             return a.is_established
@@ -73,8 +75,9 @@ def test_max_associations_counts_across_receiver_processes(tmp_path: Path) -> No
         for address in ("127.0.0.3", "127.0.0.4"):
             wait_until(lambda: one_more(address), 15, what="an association")
         # from another address: within its per-host limit, past max_associations
-        extra = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
-                             bind_address=("127.0.0.5", 0))
+        extra = ae.associate(
+            "127.0.0.1", node.port, ae_title=node.ae_title, bind_address=("127.0.0.5", 0)
+        )
         assert extra.is_rejected
         prim = extra.acceptor.primitive
         assert (prim.result, prim.result_source, prim.diagnostic) == (0x02, 0x03, 0x02)
@@ -82,9 +85,14 @@ def test_max_associations_counts_across_receiver_processes(tmp_path: Path) -> No
         db = node.data_dir / "molre.db"
 
         def audited() -> bool:
-            return bool(sql(db, "select reject_reason from associations where outcome = "
-                                "'rejected' and reject_reason like "
-                                "'%max_associations (2) reached%'"))
+            return bool(
+                sql(
+                    db,
+                    "select reject_reason from associations where outcome = "
+                    "'rejected' and reject_reason like "
+                    "'%max_associations (2) reached%'",
+                )
+            )
 
         wait_until(audited, 10, what="audit row of the rejected association")
 

@@ -47,11 +47,19 @@ def catalog():
 
 def prediction(catalog, positives: set[str], demo: bool = False) -> dict:
     rng = np.random.default_rng(1)
-    probs = {k: float(0.6 + 0.39 * rng.random()) if k in positives
-             else float(0.4 * rng.random()) for k in catalog.keys}
-    return {"probabilities": probs, "decisions": {k: k in positives for k in catalog.keys},
-            "checkpoint_hash": "f" * 64, "model_name": "molre-test", "model_version": "1.0",
-            "is_demo": demo, "used_sop_instance_uids": []}
+    probs = {
+        k: float(0.6 + 0.39 * rng.random()) if k in positives else float(0.4 * rng.random())
+        for k in catalog.keys
+    }
+    return {
+        "probabilities": probs,
+        "decisions": {k: k in positives for k in catalog.keys},
+        "checkpoint_hash": "f" * 64,
+        "model_name": "molre-test",
+        "model_version": "1.0",
+        "is_demo": demo,
+        "used_sop_instance_uids": [],
+    }
 
 
 def test_sr_content_roundtrip_and_validity(tmp_path: Path, ct, catalog) -> None:
@@ -83,14 +91,16 @@ def test_sr_content_roundtrip_and_validity(tmp_path: Path, ct, catalog) -> None:
     assert eq.ManufacturerModelName == "molre-test"
     assert eq.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
     assert any("checkpoint ffff" in v for v in eq.SoftwareVersions)
-    evidence = {r.ReferencedSOPInstanceUID
-                for st in back.CurrentRequestedProcedureEvidenceSequence
-                for se in st.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    evidence = {
+        r.ReferencedSOPInstanceUID
+        for st in back.CurrentRequestedProcedureEvidenceSequence
+        for se in st.ReferencedSeriesSequence
+        for r in se.ReferencedSOPSequence
+    }
     assert evidence == {s.SOPInstanceUID for s in sources}
 
     report = back.content
-    proc = [i for i in back.ContentSequence
-            if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    proc = [i for i in back.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert proc[0].ConceptCodeSequence[0].CodeValue == "303653007"
     observers = report.get_observer_contexts()
     assert observers and "NODE1" in str(observers[0])
@@ -138,19 +148,25 @@ def test_summary_secondary_capture(tmp_path: Path, ct, catalog) -> None:
 
 
 def _notes(sr) -> dict[str, str]:
-    (box,) = [i for i in sr.ContentSequence
-              if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    (box,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
     return {i.ConceptNameCodeSequence[0].CodeValue: i.TextValue for i in box.ContentSequence}
 
 
 def test_sr_content_states_usage_and_the_processing_done(tmp_path: Path, ct, catalog) -> None:
     """'Not for diagnostic use' is in the content tree (not only SeriesDescription), and every
     geometry correction of the reader is stated in the content and the Contributing Equipment."""
-    pred = prediction(catalog, {"hydrocephalus"}, demo=True) | {"corrections": [
-        {"kind": "gantry_tilt_resampled", "description": "gantry tilt about 18.5 degrees; "
-                                                         "resampled onto an orthogonal grid"},
-        {"kind": "slice_spacing_regularised", "description": "stepped slice spacing (4 mm, "
-                                                             "7 mm); resampled to 4 mm"}]}
+    pred = prediction(catalog, {"hydrocephalus"}, demo=True) | {
+        "corrections": [
+            {
+                "kind": "gantry_tilt_resampled",
+                "description": "gantry tilt about 18.5 degrees; resampled onto an orthogonal grid",
+            },
+            {
+                "kind": "slice_spacing_regularised",
+                "description": "stepped slice spacing (4 mm, 7 mm); resampled to 4 mm",
+            },
+        ]
+    }
     sr = build_sr(read_sources(ct), pred, catalog)
     path = tmp_path / "sr.dcm"
     path.write_bytes(to_bytes(sr))
@@ -160,8 +176,11 @@ def test_sr_content_states_usage_and_the_processing_done(tmp_path: Path, ct, cat
     assert "NOT FOR DIAGNOSTIC USE" in notes["usage"] and "DEMO MODEL" in notes["usage"]
     assert "gantry tilt about 18.5 degrees" in notes["processing"]
     assert "resampled to 4 mm" in notes["processing"]
-    (eq,) = [e for e in back.ContributingEquipmentSequence
-             if e.Manufacturer == NodeIdentity().manufacturer]
+    (eq,) = [
+        e
+        for e in back.ContributingEquipmentSequence
+        if e.Manufacturer == NodeIdentity().manufacturer
+    ]
     assert "gantry tilt about 18.5 degrees" in eq.ContributionDescription
     assert len(back.content.get_image_measurement_groups()) == len(catalog)
     plain = _notes(build_sr(read_sources(ct), prediction(catalog, set()), catalog))
@@ -176,7 +195,8 @@ def test_summary_never_drops_findings_silently(catalog) -> None:
     assert len(lines) == summary_capacity()
     assert f"Positive findings ({len(everything)}):" in lines
     shown = sum(1 for ln in lines if " p=" in ln)
-    assert lines[-1].strip() == (f"... {len(everything) - shown} more positive finding(s) not "
-                                 "shown (see the SR)")
+    assert lines[-1].strip() == (
+        f"... {len(everything) - shown} more positive finding(s) not shown (see the SR)"
+    )
     few = summary_lines(prediction(catalog, {"hydrocephalus"}), catalog)
     assert not any("not shown" in ln for ln in few)

@@ -60,8 +60,9 @@ def _mutated(out: Path, rng: np.random.Generator, **changes: Any) -> tuple[str, 
 
 
 def _legacy_enhanced(out: Path, rng: np.random.Generator) -> str:
-    path = dicomio.write_enhanced_ct(out / "legacy.dcm", head_volume(rng), spacing=(5.0, 4.5, 4.5),
-                                     origin=(-108.0, -108.0, 0.0))
+    path = dicomio.write_enhanced_ct(
+        out / "legacy.dcm", head_volume(rng), spacing=(5.0, 4.5, 4.5), origin=(-108.0, -108.0, 0.0)
+    )
     ds = pydicom.dcmread(path)
     ds.SOPClassUID = LEGACY_CT
     ds.file_meta.MediaStorageSOPClassUID = LEGACY_CT
@@ -80,10 +81,26 @@ def _rows(db: Path, sql: str, *args: Any) -> list[sqlite3.Row]:
 
 def _storescu_folder(folder: Path, node: NodeProcess) -> subprocess.CompletedProcess:
     """The README's sending example: scan the folder recursively, send only *.dcm."""
-    return subprocess.run([dcmtk_tool("storescu"), "-aet", "DCMTKSCU", "-aec", node.ae_title,
-                           "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(node.port),
-                           str(folder)], capture_output=True, text=True, timeout=120,
-                          env=DCMTK_ENV)
+    return subprocess.run(
+        [
+            dcmtk_tool("storescu"),
+            "-aet",
+            "DCMTKSCU",
+            "-aec",
+            node.ae_title,
+            "+sd",
+            "+r",
+            "+sp",
+            "*.dcm",
+            "127.0.0.1",
+            str(node.port),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=DCMTK_ENV,
+    )
 
 
 def test_real_scanner_series_and_insane_headers(tmp_path: Path) -> None:
@@ -94,10 +111,28 @@ def test_real_scanner_series_and_insane_headers(tmp_path: Path) -> None:
     wide, wide_paths = _mutated(tmp_path / "wide", rng, PixelSpacing=["60", "60"])
     legacy = _legacy_enhanced(tmp_path / "legacy", rng)
     synth = tmp_path / "synth"
-    res = subprocess.run([sys.executable, "-m", "cli.main", "synth", "--out", str(synth),
-                          "--count", "1", "--size", "32", "--slices", "12", "--normal",
-                          "--no-progress"], cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "synth",
+            "--out",
+            str(synth),
+            "--count",
+            "1",
+            "--size",
+            "32",
+            "--slices",
+            "12",
+            "--normal",
+            "--no-progress",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     synth_dcm = sorted(synth.rglob("*.dcm"))
     assert synth_dcm and any(p.suffix != ".dcm" for p in synth.rglob("*") if p.is_file())
@@ -116,9 +151,14 @@ def test_real_scanner_series_and_insane_headers(tmp_path: Path) -> None:
         # -- the GE stepped, tilted head is read ---------------------------------------------
         rec = node.wait_series_state(ge.series_uid, DONE, timeout=240)
         assert str(rec.state.value if hasattr(rec.state, "value") else rec.state) in (
-            "reported", "delivered"), rec.reason
-        events = _rows(db, "select kind, to_state, details from events where series_uid = ? "
-                           "order by id", ge.series_uid)
+            "reported",
+            "delivered",
+        ), rec.reason
+        events = _rows(
+            db,
+            "select kind, to_state, details from events where series_uid = ? order by id",
+            ge.series_uid,
+        )
         selected = [json.loads(e["details"]) for e in events if e["to_state"] == "selected"]
         assert selected[0]["slice_thickness"] == 4.0
         assert selected[0]["slice_thickness_values"] == [4.0, 7.0]
@@ -126,21 +166,36 @@ def test_real_scanner_series_and_insane_headers(tmp_path: Path) -> None:
         kinds = [c["kind"] for c in corr["corrections"]]
         assert kinds == ["slice_spacing_regularised", "gantry_tilt_resampled"]
         # no destination configured: the SRs stay in the spool
-        srs = [hd.sr.srread(p) for p in (node.data_dir / "spool" / "reports").rglob("*.dcm")
-               if not p.name.endswith(".sc.dcm")]
-        (sr,) = [s for s in srs if s.CurrentRequestedProcedureEvidenceSequence[0]
-                 .ReferencedSeriesSequence[0].SeriesInstanceUID == ge.series_uid]
-        texts = [i.TextValue for c in sr.ContentSequence
-                 if c.ConceptNameCodeSequence[0].CodeValue == "C0034375"
-                 for i in c.ContentSequence]
+        srs = [
+            hd.sr.srread(p)
+            for p in (node.data_dir / "spool" / "reports").rglob("*.dcm")
+            if not p.name.endswith(".sc.dcm")
+        ]
+        (sr,) = [
+            s
+            for s in srs
+            if s.CurrentRequestedProcedureEvidenceSequence[0]
+            .ReferencedSeriesSequence[0]
+            .SeriesInstanceUID
+            == ge.series_uid
+        ]
+        texts = [
+            i.TextValue
+            for c in sr.ContentSequence
+            if c.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+            for i in c.ContentSequence
+        ]
         assert any("NOT FOR DIAGNOSTIC USE" in t for t in texts)
-        assert any("gantry tilt about 18.5 degrees" in t and "stepped slice spacing" in t
-                   for t in texts)
+        assert any(
+            "gantry tilt about 18.5 degrees" in t and "stepped slice spacing" in t for t in texts
+        )
 
         # -- insane headers: skipped before inference, reason names the tag ------------------
-        for uid, needle in ((slope0, "RescaleSlope (0028,1053) is 0"),
-                            (nan, "RescaleSlope (0028,1053) is nan"),
-                            (wide, "PixelSpacing (0028,0030) 60.0\\60.0 mm is outside")):
+        for uid, needle in (
+            (slope0, "RescaleSlope (0028,1053) is 0"),
+            (nan, "RescaleSlope (0028,1053) is nan"),
+            (wide, "PixelSpacing (0028,0030) 60.0\\60.0 mm is outside"),
+        ):
             rec = node.wait_series_state(uid, DONE, timeout=120)
             assert str(getattr(rec.state, "value", rec.state)) == "skipped", rec.reason
             assert needle in (rec.reason or ""), rec.reason
@@ -151,18 +206,23 @@ def test_real_scanner_series_and_insane_headers(tmp_path: Path) -> None:
         (inst,) = _rows(db, "select status, reason from instances where series_uid = ?", legacy)
         assert inst["status"] == "stored", inst["reason"]
         rec = node.wait_series_state(legacy, DONE, timeout=120)
-        assert str(getattr(rec.state, "value", rec.state)) in ("reported", "delivered"), \
-            rec.reason
+        assert str(getattr(rec.state, "value", rec.state)) in ("reported", "delivered"), rec.reason
 
         # -- the synth folder arrived whole through the README's storescu line ----------------
-        stored = _rows(db, "select count(*) n from instances where status = 'stored' and "
-                           "association_id in (select id from associations where "
-                           "calling_ae = 'DCMTKSCU')")
+        stored = _rows(
+            db,
+            "select count(*) n from instances where status = 'stored' and "
+            "association_id in (select id from associations where "
+            "calling_ae = 'DCMTKSCU')",
+        )
         assert stored[0]["n"] == len(synth_dcm) + len(ge.paths)
 
         # -- Ctrl-C: the inference child does not print a KeyboardInterrupt traceback ---------
-        wait_until(lambda: any(r.get("event") == "inference process ready"
-                               for r in node.log_records()), 60, what="inference child up")
+        wait_until(
+            lambda: any(r.get("event") == "inference process ready" for r in node.log_records()),
+            60,
+            what="inference child up",
+        )
         os.killpg(node.proc.pid, signal.SIGINT)
         node.proc.wait(60)
         log = node.log_text()

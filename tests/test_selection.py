@@ -13,10 +13,17 @@ AXIAL_IOP = [1, 0, 0, 0, 1, 0]
 
 
 def meta(**over: Any) -> dict[str, Any]:
-    m = {"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
-         "BodyPartExamined": "HEAD", "StudyDescription": "CT HEAD WO",
-         "SeriesDescription": "Head 5mm", "ProtocolName": "HEAD ROUTINE", "SliceThickness": 5.0,
-         "ConvolutionKernel": "H30s", "ImageOrientationPatient": AXIAL_IOP}
+    m = {
+        "Modality": "CT",
+        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "BodyPartExamined": "HEAD",
+        "StudyDescription": "CT HEAD WO",
+        "SeriesDescription": "Head 5mm",
+        "ProtocolName": "HEAD ROUTINE",
+        "SliceThickness": 5.0,
+        "ConvolutionKernel": "H30s",
+        "ImageOrientationPatient": AXIAL_IOP,
+    }
     m.update(over)
     return {k: v for k, v in m.items() if v is not None}
 
@@ -33,32 +40,66 @@ def test_a_plain_head_ct_is_selected() -> None:
     assert d.selected and d.reason is None
 
 
-@pytest.mark.parametrize("over, n, reason", [
-    ({"Modality": "MR"}, 32, "modality: MR"),
-    ({"Modality": None}, 32, "modality: missing"),
-    ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, 3, "image_type: LOCALIZER"),
-    ({"ImageType": ["DERIVED", "SECONDARY", "AXIAL"]}, 32, "image_type: DERIVED"),
-    ({"ImageType": ["ORIGINAL", "PRIMARY", "REFORMATTED"]}, 32, "image_type: REFORMATTED"),
-    ({"ImageType": ["ORIGINAL"]}, 32, "lacks PRIMARY"),
-    ({"ImageType": ["ORIGINAL", "PRIMARY", "OTHER"],
-      "ImageOrientationPatient": [1, 0, 0, 0, 0, -1]}, 32, "not axial"),
-    ({}, 5, "slices: 5 < 16"),
-    ({"SliceThickness": 12.0}, 32,
-     "slice_thickness: 12 mm slices, thicker than the 10 mm limit (selection.slice_thickness_max_mm)"),
-    ({"SliceThickness": 0.2}, 32, "slice_thickness: 0.2 mm slices, thinner than the 0.4 mm minimum"),
-    ({"RescaleSlope": 0.0}, 32, "rescale: RescaleSlope (0028,1053) is 0"),
-    ({"RescaleSlope": "nan"}, 32, "rescale: RescaleSlope (0028,1053) is nan (not a finite number)"),
-    ({"RescaleIntercept": "inf"}, 32, "rescale: RescaleIntercept (0028,1052) is inf"),
-    ({"PixelSpacing": [60.0, 60.0]}, 32, "pixel_spacing: PixelSpacing (0028,0030) 60.0\\60.0 mm "
-                                         "is outside 0.01..10 mm"),
-    ({"PixelSpacing": [0.0, 0.0]}, 32, "pixel_spacing: PixelSpacing (0028,0030) 0.0\\0.0 mm"),
-    ({"PixelSpacing": [5.0, 5.0], "Rows": 512, "Columns": 512}, 32,
-     "pixel_spacing: Rows/Columns x PixelSpacing (0028,0030) give a 2560 mm field of view"),
-    ({"SliceThickness": None}, 32, "slice_thickness: missing"),
-    ({"BodyPartExamined": "CHEST", "StudyDescription": "CT THORAX", "SeriesDescription": "Lung",
-      "ProtocolName": "CHEST"}, 32, "body_part: no head pattern"),
-    ({"ContrastBolusAgent": "Iohexol"}, 32, "contrast: ContrastBolusAgent 'Iohexol'"),
-])
+@pytest.mark.parametrize(
+    "over, n, reason",
+    [
+        ({"Modality": "MR"}, 32, "modality: MR"),
+        ({"Modality": None}, 32, "modality: missing"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, 3, "image_type: LOCALIZER"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "AXIAL"]}, 32, "image_type: DERIVED"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "REFORMATTED"]}, 32, "image_type: REFORMATTED"),
+        ({"ImageType": ["ORIGINAL"]}, 32, "lacks PRIMARY"),
+        (
+            {
+                "ImageType": ["ORIGINAL", "PRIMARY", "OTHER"],
+                "ImageOrientationPatient": [1, 0, 0, 0, 0, -1],
+            },
+            32,
+            "not axial",
+        ),
+        ({}, 5, "slices: 5 < 16"),
+        (
+            {"SliceThickness": 12.0},
+            32,
+            "slice_thickness: 12 mm slices, thicker than the 10 mm limit (selection.slice_thickness_max_mm)",
+        ),
+        (
+            {"SliceThickness": 0.2},
+            32,
+            "slice_thickness: 0.2 mm slices, thinner than the 0.4 mm minimum",
+        ),
+        ({"RescaleSlope": 0.0}, 32, "rescale: RescaleSlope (0028,1053) is 0"),
+        (
+            {"RescaleSlope": "nan"},
+            32,
+            "rescale: RescaleSlope (0028,1053) is nan (not a finite number)",
+        ),
+        ({"RescaleIntercept": "inf"}, 32, "rescale: RescaleIntercept (0028,1052) is inf"),
+        (
+            {"PixelSpacing": [60.0, 60.0]},
+            32,
+            "pixel_spacing: PixelSpacing (0028,0030) 60.0\\60.0 mm is outside 0.01..10 mm",
+        ),
+        ({"PixelSpacing": [0.0, 0.0]}, 32, "pixel_spacing: PixelSpacing (0028,0030) 0.0\\0.0 mm"),
+        (
+            {"PixelSpacing": [5.0, 5.0], "Rows": 512, "Columns": 512},
+            32,
+            "pixel_spacing: Rows/Columns x PixelSpacing (0028,0030) give a 2560 mm field of view",
+        ),
+        ({"SliceThickness": None}, 32, "slice_thickness: missing"),
+        (
+            {
+                "BodyPartExamined": "CHEST",
+                "StudyDescription": "CT THORAX",
+                "SeriesDescription": "Lung",
+                "ProtocolName": "CHEST",
+            },
+            32,
+            "body_part: no head pattern",
+        ),
+        ({"ContrastBolusAgent": "Iohexol"}, 32, "contrast: ContrastBolusAgent 'Iohexol'"),
+    ],
+)
 def test_skips_have_reasons(over: dict, n: int, reason: str) -> None:
     d = evaluate(series(n, **over), RULES)
     assert not d.selected
@@ -66,25 +107,40 @@ def test_skips_have_reasons(over: dict, n: int, reason: str) -> None:
 
 
 def test_head_patterns_match_any_field_case_insensitively() -> None:
-    s = series(BodyPartExamined=None, StudyDescription="CCT Schädel nativ",
-               SeriesDescription="x", ProtocolName="y")
+    s = series(
+        BodyPartExamined=None,
+        StudyDescription="CCT Schädel nativ",
+        SeriesDescription="x",
+        ProtocolName="y",
+    )
     assert evaluate(s, RULES).selected
-    s = series(BodyPartExamined="", StudyDescription="", SeriesDescription="BRAIN 2.5",
-               ProtocolName="")
+    s = series(
+        BodyPartExamined="", StudyDescription="", SeriesDescription="BRAIN 2.5", ProtocolName=""
+    )
     assert evaluate(s, RULES).selected
 
 
 def test_orientation_decides_when_image_type_has_no_third_value() -> None:
     assert evaluate(series(ImageType=["ORIGINAL", "PRIMARY"]), RULES).selected
     tilted = [1, 0, 0, 0, 0.94, -0.34]  # ~20 degrees gantry tilt
-    assert evaluate(series(ImageType=["ORIGINAL", "PRIMARY"],
-                           ImageOrientationPatient=tilted), RULES).selected
+    assert evaluate(
+        series(ImageType=["ORIGINAL", "PRIMARY"], ImageOrientationPatient=tilted), RULES
+    ).selected
 
 
 def test_rules_are_configurable() -> None:
     rules = SelectionConfig(min_slices=4, require_head=False, exclude_contrast=False)
-    assert evaluate(series(5, BodyPartExamined="CHEST", StudyDescription="", SeriesDescription="",
-                           ProtocolName="", ContrastBolusAgent="Iomeron"), rules).selected
+    assert evaluate(
+        series(
+            5,
+            BodyPartExamined="CHEST",
+            StudyDescription="",
+            SeriesDescription="",
+            ProtocolName="",
+            ContrastBolusAgent="Iomeron",
+        ),
+        rules,
+    ).selected
 
 
 def test_enhanced_ct_counts_frames() -> None:

@@ -91,22 +91,40 @@ def store(db: Database, clock: ManualClock) -> Store:
     return Store(db, clock=clock)
 
 
-def header(series: str = "1.2.3.1", sop: str = "1.2.3.1.1", study: str = "1.2.3",
-           n: int = 1, **kw) -> InstanceHeader:
-    return InstanceHeader(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop,
-                          study_uid=study, series_uid=series, modality="CT",
-                          transfer_syntax="1.2.840.10008.1.2.1", accession_number="ACC1",
-                          instance_number=n, meta={"SeriesDescription": "HEAD"},
-                          phi={"PatientName": "Doe^Jane", "PatientID": "P123",
-                               "PatientBirthDate": "19600101"}, **kw)
+def header(
+    series: str = "1.2.3.1", sop: str = "1.2.3.1.1", study: str = "1.2.3", n: int = 1, **kw
+) -> InstanceHeader:
+    return InstanceHeader(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=sop,
+        study_uid=study,
+        series_uid=series,
+        modality="CT",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        accession_number="ACC1",
+        instance_number=n,
+        meta={"SeriesDescription": "HEAD"},
+        phi={"PatientName": "Doe^Jane", "PatientID": "P123", "PatientBirthDate": "19600101"},
+        **kw,
+    )
 
 
-def receive(store: Store, series: str = "1.2.3.1", n: int = 2, assoc: int | None = None,
-            study: str = "1.2.3") -> None:
+def receive(
+    store: Store,
+    series: str = "1.2.3.1",
+    n: int = 2,
+    assoc: int | None = None,
+    study: str = "1.2.3",
+) -> None:
     for i in range(1, n + 1):
-        store.record_instance(assoc, header(series, f"{series}.{i}", study, i),
-                              spool_path=f"/spool/{series}.{i}", size=10, sha256=f"{i:064x}",
-                              status="stored")
+        store.record_instance(
+            assoc,
+            header(series, f"{series}.{i}", study, i),
+            spool_path=f"/spool/{series}.{i}",
+            size=10,
+            sha256=f"{i:064x}",
+            status="stored",
+        )
 
 
 def events(db: Database, entity: str | None = None) -> list[Event]:
@@ -117,16 +135,23 @@ def events(db: Database, entity: str | None = None) -> list[Event]:
         return list(s.execute(q).scalars())
 
 
-def to_reported(store: Store, clock: ManualClock, series: str = "1.2.3.1",
-                destinations=("PACS",)) -> int:
+def to_reported(
+    store: Store, clock: ManualClock, series: str = "1.2.3.1", destinations=("PACS",)
+) -> int:
     store.transition(series, "complete")
     store.transition(series, "selected")
     store.enqueue_job(series)
     claim = store.claim_job("w")
     clock.advance(5)
-    store.finish_job(claim.id, results=[FindingResult("subdural_hemorrhage", 0.8, True)],
-                     checkpoint_hash="abc", model_name="m", report_path=None,
-                     report_sop_uid="9.9", destinations=list(destinations))
+    store.finish_job(
+        claim.id,
+        results=[FindingResult("subdural_hemorrhage", 0.8, True)],
+        checkpoint_hash="abc",
+        model_name="m",
+        report_path=None,
+        report_sop_uid="9.9",
+        destinations=list(destinations),
+    )
     return claim.id
 
 
@@ -199,13 +224,17 @@ def test_illegal_transitions_raise_and_write_nothing(db: Database, clock, start)
     store = Store(db, clock=clock)
     receive(store)
     # walk to `start` along legal moves
-    route = {"receiving": [], "complete": ["complete"], "selected": ["complete", "selected"],
-             "skipped": ["complete", "skipped"], "queued": ["complete", "selected", "queued"],
-             "inferring": ["complete", "selected", "queued", "inferring"],
-             "reported": ["complete", "selected", "queued", "inferring", "reported"],
-             "delivered": ["complete", "selected", "queued", "inferring", "reported",
-                           "delivered"],
-             "failed": ["complete", "failed"]}[start.value]
+    route = {
+        "receiving": [],
+        "complete": ["complete"],
+        "selected": ["complete", "selected"],
+        "skipped": ["complete", "skipped"],
+        "queued": ["complete", "selected", "queued"],
+        "inferring": ["complete", "selected", "queued", "inferring"],
+        "reported": ["complete", "selected", "queued", "inferring", "reported"],
+        "delivered": ["complete", "selected", "queued", "inferring", "reported", "delivered"],
+        "failed": ["complete", "failed"],
+    }[start.value]
     for st in route:
         store.transition("1.2.3.1", st, reason="r" if st in ("skipped", "failed") else None)
     n_events = len(events(db))
@@ -230,17 +259,40 @@ def test_skip_and_fail_keep_reason(store: Store) -> None:
 def test_record_instance_counts_and_no_phi_by_default(store: Store, db: Database) -> None:
     a = store.begin_association("SCU", "MOLRE", "127.0.0.1", 4242)
     receive(store, n=3, assoc=a)
-    store.record_instance(a, header(sop="1.2.3.1.1"), spool_path=None, size=10,
-                          sha256="1".zfill(64), status="duplicate")
-    store.record_instance(a, InstanceHeader(sop_instance_uid="9.9"), spool_path=None, size=5,
-                          sha256=None, status="ignored", reason="not CT")
-    store.record_instance(a, header(sop="1.2.3.1.2"), spool_path="/spool/other", size=10,
-                          sha256="f" * 64, status="conflict", reason="same UID other content")
+    store.record_instance(
+        a,
+        header(sop="1.2.3.1.1"),
+        spool_path=None,
+        size=10,
+        sha256="1".zfill(64),
+        status="duplicate",
+    )
+    store.record_instance(
+        a,
+        InstanceHeader(sop_instance_uid="9.9"),
+        spool_path=None,
+        size=5,
+        sha256=None,
+        status="ignored",
+        reason="not CT",
+    )
+    store.record_instance(
+        a,
+        header(sop="1.2.3.1.2"),
+        spool_path="/spool/other",
+        size=10,
+        sha256="f" * 64,
+        status="conflict",
+        reason="same UID other content",
+    )
     store.end_association(a, "released")
     rec = store.get_series("1.2.3.1")
     assert rec.instance_count == 3 and rec.accession_number == "ACC1"
-    assert [i.sop_instance_uid for i in store.series_instances("1.2.3.1")] == \
-        ["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"]
+    assert [i.sop_instance_uid for i in store.series_instances("1.2.3.1")] == [
+        "1.2.3.1.1",
+        "1.2.3.1.2",
+        "1.2.3.1.3",
+    ]
     assert store.find_instance("1.2.3.1.2").spool_path == "/spool/1.2.3.1.2"
     assert store.find_instance("nope") is None
     with db.session(write=False) as s:
@@ -260,11 +312,15 @@ def test_record_instance_counts_and_no_phi_by_default(store: Store, db: Database
 
 def test_store_phi_keeps_patient_columns(db: Database, clock) -> None:
     Store(db, store_phi=True, clock=clock).record_instance(
-        None, header(), spool_path=None, size=1, sha256=None, status="stored")
+        None, header(), spool_path=None, size=1, sha256=None, status="stored"
+    )
     with db.session(write=False) as s:
         study = s.execute(select(Study)).scalar_one()
-    assert (study.patient_name, study.patient_id, study.patient_birth_date) == \
-        ("Doe^Jane", "P123", "19600101")
+    assert (study.patient_name, study.patient_id, study.patient_birth_date) == (
+        "Doe^Jane",
+        "P123",
+        "19600101",
+    )
 
 
 def test_late_instance_reopens_as_new_version(store: Store, db: Database, clock) -> None:
@@ -272,8 +328,14 @@ def test_late_instance_reopens_as_new_version(store: Store, db: Database, clock)
     to_reported(store, clock)
     assert store.get_series("1.2.3.1").version == 1
     clock.advance(10)
-    store.record_instance(None, header(sop="1.2.3.1.3", n=3), spool_path="/s/3", size=1,
-                          sha256="3" * 64, status="stored")
+    store.record_instance(
+        None,
+        header(sop="1.2.3.1.3", n=3),
+        spool_path="/s/3",
+        size=1,
+        sha256="3" * 64,
+        status="stored",
+    )
     rec = store.get_series("1.2.3.1")
     assert rec.state is SeriesState.RECEIVING and rec.version == 2 and rec.instance_count == 3
     assert rec.reported_at is None
@@ -293,11 +355,18 @@ def test_reopen_supersedes_running_job(store: Store, clock) -> None:
     store.transition("1.2.3.1", "selected")
     store.enqueue_job("1.2.3.1")
     claim = store.claim_job("w")
-    store.record_instance(None, header(sop="late", n=9), spool_path=None, size=1, sha256=None,
-                          status="stored")
-    ok = store.finish_job(claim.id, results=[FindingResult("k", 0.1, False)], checkpoint_hash="h",
-                          model_name="m", report_path=None, report_sop_uid=None,
-                          destinations=["PACS"])
+    store.record_instance(
+        None, header(sop="late", n=9), spool_path=None, size=1, sha256=None, status="stored"
+    )
+    ok = store.finish_job(
+        claim.id,
+        results=[FindingResult("k", 0.1, False)],
+        checkpoint_hash="h",
+        model_name="m",
+        report_path=None,
+        report_sop_uid=None,
+        destinations=["PACS"],
+    )
     assert ok is False
     assert store.get_series("1.2.3.1").state is SeriesState.RECEIVING
     assert store.due_exports() == []
@@ -317,11 +386,13 @@ def test_series_due_for_completion_quiet_and_release(store: Store, clock) -> Non
     now = clock.advance(3)
     assert store.series_due_for_completion(quiet_s=60, release_grace_s=5, now=now) == []
     now = clock.advance(3)  # released 6 s ago > grace 5 s
-    assert store.series_due_for_completion(quiet_s=60, release_grace_s=5, now=now) == \
-        ["s.released"]
+    assert store.series_due_for_completion(quiet_s=60, release_grace_s=5, now=now) == ["s.released"]
     now = clock.advance(60)
-    assert sorted(store.series_due_for_completion(quiet_s=60, release_grace_s=5, now=now)) == \
-        ["s.aborted", "s.open", "s.released"]
+    assert sorted(store.series_due_for_completion(quiet_s=60, release_grace_s=5, now=now)) == [
+        "s.aborted",
+        "s.open",
+        "s.released",
+    ]
     store.transition("s.open", "complete")
     assert "s.open" not in store.series_due_for_completion(60, 5, now=now)
 
@@ -329,10 +400,12 @@ def test_series_due_for_completion_quiet_and_release(store: Store, clock) -> Non
 def test_release_of_one_of_two_associations_is_not_enough(store: Store, clock) -> None:
     a1 = store.begin_association("A", "MOLRE", "h", 1)
     a2 = store.begin_association("A", "MOLRE", "h", 2)
-    store.record_instance(a1, header(sop="x1"), spool_path=None, size=1, sha256=None,
-                          status="stored")
-    store.record_instance(a2, header(sop="x2", n=2), spool_path=None, size=1, sha256=None,
-                          status="stored")
+    store.record_instance(
+        a1, header(sop="x1"), spool_path=None, size=1, sha256=None, status="stored"
+    )
+    store.record_instance(
+        a2, header(sop="x2", n=2), spool_path=None, size=1, sha256=None, status="stored"
+    )
     store.end_association(a1, "released")
     assert store.series_due_for_completion(600, 0, now=clock.advance(1)) == []
     store.end_association(a2, "released")
@@ -397,8 +470,9 @@ def test_fail_job_retries_then_fails(store: Store, clock, db: Database) -> None:
     for attempt in range(1, 4):
         claim = store.claim_job("w")
         assert claim is not None and claim.attempts == attempt
-        outcomes.append(store.fail_job(claim.id, f"boom {attempt}", max_attempts=3,
-                                       retry_delay_s=10))
+        outcomes.append(
+            store.fail_job(claim.id, f"boom {attempt}", max_attempts=3, retry_delay_s=10)
+        )
         if outcomes[-1]:
             assert store.get_series("9.0").state is SeriesState.QUEUED
             assert store.claim_job("w") is None  # retry delay not over
@@ -421,8 +495,9 @@ def test_finish_job_creates_exports_and_delivery(store: Store, clock, db: Databa
     pacs = next(e for e in due if e.destination == "PACS")
     arch = next(e for e in due if e.destination == "ARCHIVE")
     retry_at = clock.t + dt.timedelta(seconds=120)
-    store.record_export_attempt(pacs.id, ok=False, status=0xA700, error="Out of Resources",
-                                next_attempt_at=retry_at)
+    store.record_export_attempt(
+        pacs.id, ok=False, status=0xA700, error="Out of Resources", next_attempt_at=retry_at
+    )
     store.record_export_attempt(arch.id, ok=True, status=0)
     assert [e.id for e in store.due_exports()] == []
     assert store.get_series("1.2.3.1").state is SeriesState.REPORTED  # not all delivered
@@ -456,14 +531,18 @@ def test_recover_on_start(store: Store, clock, db: Database) -> None:
     done = store.begin_association("SCANNER", "MOLRE", "127.0.0.1", 4001)
     store.end_association(done, "released")
     counts = store.recover_on_start()
-    assert counts == {"jobs_requeued": 1, "series_enqueued": 1, "complete_pending": 1,
-                      "associations_aborted": 1, "exports_released": 0,
-                      "notifications_released": 0}
+    assert counts == {
+        "jobs_requeued": 1,
+        "series_enqueued": 1,
+        "complete_pending": 1,
+        "associations_aborted": 1,
+        "exports_released": 0,
+        "notifications_released": 0,
+    }
     with db.session(write=False) as s:
         outcomes = {a.id: a.outcome for a in s.execute(select(Association)).scalars()}
     assert outcomes[cut] == "aborted" and outcomes[done] == "released"
-    assert any(e.entity_id == str(cut) and e.kind == "aborted"
-               for e in events(db, "association"))
+    assert any(e.entity_id == str(cut) and e.kind == "aborted" for e in events(db, "association"))
     assert store.get_series("9.0").state is SeriesState.QUEUED
     assert store.get_series("9.sel").state is SeriesState.QUEUED
     assert store.series_in_state("complete") == ["9.cmp"]
@@ -501,10 +580,14 @@ def seeded(seeded_template, tmp_path: Path, clock: ManualClock):
     spool = Spool(tmp_path / "spool")
     # the copied rows point at the template's spool: re-point them at this test's copy
     with database.session() as s:
-        s.execute(Instance.__table__.update().values(spool_path=func.replace(
-            Instance.spool_path, str(root / "spool"), str(spool.root))))
-    files = {k: [spool.root / p.relative_to(root / "spool") for p in v]
-             for k, v in uids.files.items()}
+        s.execute(
+            Instance.__table__.update().values(
+                spool_path=func.replace(Instance.spool_path, str(root / "spool"), str(spool.root))
+            )
+        )
+    files = {
+        k: [spool.root / p.relative_to(root / "spool") for p in v] for k, v in uids.files.items()
+    }
     uids = dataclasses.replace(uids, files=files)
     yield Store(database, clock=clock), uids, spool
     _drop(database, handle)
@@ -518,12 +601,17 @@ def test_queries_on_seeded_db(seeded) -> None:
     by_uid = {s["study_uid"]: s for s in studies}
     assert by_uid[u.studies["a"]]["states"] == "delivered:1 skipped:1"
     assert [r["series_uid"] for r in store.series(state="failed")] == [u.series["failed"]]
-    assert {r["series_uid"] for r in store.series(study_uid=u.studies["b"])} == \
-        {u.series["retrying"], u.series["receiving"]}
+    assert {r["series_uid"] for r in store.series(study_uid=u.studies["b"])} == {
+        u.series["retrying"],
+        u.series["receiving"],
+    }
     hits = store.findings(key="subdural_hemorrhage", min_prob=0.5)
     assert [(h["series_uid"], h["probability"]) for h in hits] == [(u.series["delivered"], 0.91)]
-    assert {h["finding"] for h in store.findings(positive_only=True)} == \
-        {"subdural_hemorrhage", "skull_fracture", "acute_infarct"}
+    assert {h["finding"] for h in store.findings(positive_only=True)} == {
+        "subdural_hemorrhage",
+        "skull_fracture",
+        "acute_infarct",
+    }
     assert store.findings(since=T0 + dt.timedelta(days=1)) == []
     pending = store.exports(pending=True)
     assert [p["series_uid"] for p in pending] == [u.series["retrying"]]
@@ -535,16 +623,27 @@ def test_timeline_is_ordered_and_complete(seeded) -> None:
     tl = store.timeline(u.series["delivered"])
     assert [e["at"] for e in tl] == sorted(e["at"] for e in tl)
     series_moves = [(e["from_state"], e["to_state"]) for e in tl if e["entity"] == "series"]
-    assert series_moves == [(None, "receiving"), ("receiving", "complete"),
-                            ("complete", "selected"), ("selected", "queued"),
-                            ("queued", "inferring"), ("inferring", "reported"),
-                            ("reported", "delivered")]
+    assert series_moves == [
+        (None, "receiving"),
+        ("receiving", "complete"),
+        ("complete", "selected"),
+        ("selected", "queued"),
+        ("queued", "inferring"),
+        ("inferring", "reported"),
+        ("reported", "delivered"),
+    ]
     kinds = {(e["entity"], e["kind"]) for e in tl}
-    assert {("association", "opened"), ("association", "released"), ("job", "claimed"),
-            ("export", "delivered")} <= kinds
+    assert {
+        ("association", "opened"),
+        ("association", "released"),
+        ("job", "claimed"),
+        ("export", "delivered"),
+    } <= kinds
     study_tl = store.timeline(u.studies["a"])
-    assert {e["series_uid"] for e in study_tl if e["series_uid"]} == \
-        {u.series["delivered"], u.series["skipped"]}
+    assert {e["series_uid"] for e in study_tl if e["series_uid"]} == {
+        u.series["delivered"],
+        u.series["skipped"],
+    }
     assert store.timeline("ACC-A") == study_tl
     from storage import NotFound
 
@@ -555,8 +654,13 @@ def test_timeline_is_ordered_and_complete(seeded) -> None:
 def test_stats_counts_and_percentiles(seeded) -> None:
     store, u, _ = seeded
     st = store.stats()
-    assert st["series"] == {"delivered": 1, "skipped": 1, "reported": 1, "failed": 1,
-                            "receiving": 1}
+    assert st["series"] == {
+        "delivered": 1,
+        "skipped": 1,
+        "reported": 1,
+        "failed": 1,
+        "receiving": 1,
+    }
     assert st["exports"] == {"delivered": 1, "pending": 1}
     lat = st["latency"]
     assert lat["received_to_reported"]["n"] == 2
@@ -575,8 +679,9 @@ def test_prune_removes_only_eligible(seeded, clock) -> None:
     assert all(p.exists() for ps in all_files.values() for p in ps)
     clock.advance(3 * 86400)
     dry = store.prune(dt.timedelta(days=1), dry_run=True, spool=spool)
-    assert sorted(dry.series) == sorted([u.series["delivered"], u.series["skipped"],
-                                         u.series["failed"]])
+    assert sorted(dry.series) == sorted(
+        [u.series["delivered"], u.series["skipped"], u.series["failed"]]
+    )
     assert all(p.exists() for ps in all_files.values() for p in ps)  # dry run touched nothing
     assert len(store.series(limit=None)) == 5
     real = store.prune(dt.timedelta(days=1), spool=spool)
@@ -586,15 +691,21 @@ def test_prune_removes_only_eligible(seeded, clock) -> None:
         assert not any(p.exists() for p in all_files[key])
     for key in ("retrying", "receiving"):  # pending export / still receiving
         assert all(p.exists() for p in all_files[key])
-    assert {r["series_uid"] for r in store.series(limit=None)} == \
-        {u.series["retrying"], u.series["receiving"]}
+    assert {r["series_uid"] for r in store.series(limit=None)} == {
+        u.series["retrying"],
+        u.series["receiving"],
+    }
     assert [s["study_uid"] for s in store.studies()] == [u.studies["b"]]
     assert store.exports(pending=True)[0]["series_uid"] == u.series["retrying"]
     tl = store.timeline(u.studies["b"])
     assert tl and tl[0]["kind"] == "opened"  # kept series keep their association history
     with db.session(write=False) as s:
-        assert s.execute(select(func.count()).select_from(Instance)
-                         .where(Instance.status == "ignored")).scalar_one() == 0
+        assert (
+            s.execute(
+                select(func.count()).select_from(Instance).where(Instance.status == "ignored")
+            ).scalar_one()
+            == 0
+        )
     # a second prune finds nothing more
     again = store.prune(dt.timedelta(days=1), spool=spool)
     assert again.series == [] and again.files == []
@@ -603,33 +714,50 @@ def test_prune_removes_only_eligible(seeded, clock) -> None:
 def test_prune_respects_retention_and_shared_files(store: Store, clock, tmp_path) -> None:
     spool = Spool(tmp_path / "sp")
     shared = spool.write_atomic("x/shared.dcm", b"1")
-    store.record_instance(None, header(series="old", sop="s1"), spool_path=shared, size=1,
-                          sha256="a", status="stored")
+    store.record_instance(
+        None, header(series="old", sop="s1"), spool_path=shared, size=1, sha256="a", status="stored"
+    )
     store.transition("old", "complete")
     store.transition("old", "skipped", reason="r")
     clock.advance(86400 * 10)
-    store.record_instance(None, header(series="new", sop="s1"), spool_path=shared, size=1,
-                          sha256="a", status="duplicate")  # points at the same file
+    store.record_instance(
+        None,
+        header(series="new", sop="s1"),
+        spool_path=shared,
+        size=1,
+        sha256="a",
+        status="duplicate",
+    )  # points at the same file
     rep = store.prune(dt.timedelta(days=5), spool=spool)
     assert rep.series == ["old"] and rep.files == [] and shared.exists()
     assert store.prune(dt.timedelta(days=30), spool=spool).series == []
 
 
 def test_prune_removes_the_report_with_its_summary_and_evidence_images(
-        store: Store, clock, tmp_path) -> None:
+    store: Store, clock, tmp_path
+) -> None:
     spool = Spool(tmp_path / "sp")
     _queue(store, 1)
     job = store.claim_job("w", lease_s=30)
     sr = spool.root / "reports" / "r1.dcm"
-    companions = [sr.with_name("r1.sc.dcm"), sr.with_name("r1.ev001.dcm"),
-                  sr.with_name("r1.ev002.dcm")]
+    companions = [
+        sr.with_name("r1.sc.dcm"),
+        sr.with_name("r1.ev001.dcm"),
+        sr.with_name("r1.ev002.dcm"),
+    ]
     other = sr.with_name("r10.ev001.dcm")  # another report's image: not a companion of r1
     for f in [sr, *companions, other]:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"x")
-    assert store.finish_job(job.id, results=[FindingResult("k", 0.9, True)], checkpoint_hash="h",
-                            model_name="m", report_path=str(sr), report_sop_uid="1",
-                            destinations=["PACS"])
+    assert store.finish_job(
+        job.id,
+        results=[FindingResult("k", 0.9, True)],
+        checkpoint_hash="h",
+        model_name="m",
+        report_path=str(sr),
+        report_sop_uid="1",
+        destinations=["PACS"],
+    )
     store.record_export_attempt(store.due_exports()[0].id, ok=True, status=0)
     clock.advance(86400 * 10)
     rep = store.prune(dt.timedelta(days=5), spool=spool)
@@ -646,8 +774,13 @@ def test_first_finisher_wins_after_lease_expiry(store: Store, clock, db: Databas
     fast = store.claim_job("fast", lease_s=10)
     assert fast.id == slow.id
     res = [FindingResult("k", 0.9, True)]
-    kw = dict(checkpoint_hash="h", model_name="m", report_path=None, report_sop_uid="1",
-              destinations=["PACS"])
+    kw = dict(
+        checkpoint_hash="h",
+        model_name="m",
+        report_path=None,
+        report_sop_uid="1",
+        destinations=["PACS"],
+    )
     assert store.finish_job(fast.id, results=res, **kw) is True
     assert store.finish_job(slow.id, results=res, **kw) is False  # late: nothing doubled
     assert store.fail_job(slow.id, "late error", max_attempts=1, retry_delay_s=0) is False
@@ -665,12 +798,18 @@ def test_header_meta_with_pydicom_values_is_stored_as_json(store: Store) -> None
     from pydicom.valuerep import DSfloat
 
     h = header()
-    h.meta = {"ImageType": MultiValue(str, ["ORIGINAL", "PRIMARY", "AXIAL"]),
-              "SliceThickness": DSfloat("2.5"), "Bad": float("nan")}
+    h.meta = {
+        "ImageType": MultiValue(str, ["ORIGINAL", "PRIMARY", "AXIAL"]),
+        "SliceThickness": DSfloat("2.5"),
+        "Bad": float("nan"),
+    }
     store.record_instance(None, h, spool_path=None, size=1, sha256=None, status="stored")
     meta = store.series_instances("1.2.3.1")[0].meta
-    assert meta == {"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "SliceThickness": 2.5,
-                    "Bad": None}
+    assert meta == {
+        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "SliceThickness": 2.5,
+        "Bad": None,
+    }
 
 
 # -- durability modes and the receiver's fast record path ---------------------------------------
@@ -712,32 +851,58 @@ def test_spool_recreates_directory_removed_by_another_process(tmp_path: Path) ->
     assert spool.write_atomic("x/y/2.dcm", b"2").read_bytes() == b"2"
 
 
-def test_record_instance_stored_counts_reopens_and_versions(store: Store, db: Database,
-                                                      clock) -> None:
+def test_record_instance_stored_counts_reopens_and_versions(
+    store: Store, db: Database, clock
+) -> None:
     a = store.begin_association("SCU", "MOLRE", "127.0.0.1", 4242)
-    first = store.record_instance(a, header(sop="1.2.3.1.1"), spool_path="/s/1", size=10,
-                                  sha256="a" * 64, status="stored")  # creates the series
-    second = store.record_instance(a, header(sop="1.2.3.1.2", n=2), spool_path="/s/2", size=11,
-                                   sha256="b" * 64, status="stored")  # series exists
-    assert (second.series_version, second.status, second.size, second.instance_number) == \
-        (1, "stored", 11, 2)
+    first = store.record_instance(
+        a, header(sop="1.2.3.1.1"), spool_path="/s/1", size=10, sha256="a" * 64, status="stored"
+    )  # creates the series
+    second = store.record_instance(
+        a,
+        header(sop="1.2.3.1.2", n=2),
+        spool_path="/s/2",
+        size=11,
+        sha256="b" * 64,
+        status="stored",
+    )  # series exists
+    assert (second.series_version, second.status, second.size, second.instance_number) == (
+        1,
+        "stored",
+        11,
+        2,
+    )
     assert second.id > first.id and second.meta == {"SeriesDescription": "HEAD"}
     # the same SOP UID stored again (e.g. an operator re-import) does not count twice
-    store.record_instance(a, header(sop="1.2.3.1.2", n=2), spool_path="/s/2", size=11,
-                          sha256="b" * 64, status="stored")
+    store.record_instance(
+        a,
+        header(sop="1.2.3.1.2", n=2),
+        spool_path="/s/2",
+        size=11,
+        sha256="b" * 64,
+        status="stored",
+    )
     clock.advance(30)
-    store.record_instance(a, header(sop="1.2.3.1.3", n=3), spool_path="/s/3", size=12,
-                          sha256="c" * 64, status="stored")
+    store.record_instance(
+        a,
+        header(sop="1.2.3.1.3", n=3),
+        spool_path="/s/3",
+        size=12,
+        sha256="c" * 64,
+        status="stored",
+    )
     rec = store.get_series("1.2.3.1")
     assert rec.instance_count == 3 and rec.version == 1
     assert rec.last_instance_at == T0 + dt.timedelta(seconds=30)
     assert rec.first_instance_at == T0
     # a series past 'receiving' is reopened, then later instances join the new version
     store.transition("1.2.3.1", "complete")
-    late = store.record_instance(a, header(sop="1.2.3.1.4", n=4), spool_path="/s/4", size=1,
-                                 sha256="d" * 64, status="stored")
-    after = store.record_instance(a, header(sop="1.2.3.1.5", n=5), spool_path="/s/5", size=1,
-                                  sha256="e" * 64, status="stored")
+    late = store.record_instance(
+        a, header(sop="1.2.3.1.4", n=4), spool_path="/s/4", size=1, sha256="d" * 64, status="stored"
+    )
+    after = store.record_instance(
+        a, header(sop="1.2.3.1.5", n=5), spool_path="/s/5", size=1, sha256="e" * 64, status="stored"
+    )
     assert (late.series_version, after.series_version) == (2, 2)
     rec = store.get_series("1.2.3.1")
     assert (rec.state.value, rec.version, rec.instance_count) == ("receiving", 2, 5)
@@ -745,8 +910,9 @@ def test_record_instance_stored_counts_reopens_and_versions(store: Store, db: Da
         from storage.models import Association
 
         assert s.get(Association, a).n_stored == 6
-        got = s.execute(select(Instance).where(Instance.sop_instance_uid == "1.2.3.1.5")
-                        ).scalar_one()
+        got = s.execute(
+            select(Instance).where(Instance.sop_instance_uid == "1.2.3.1.5")
+        ).scalar_one()
         assert got.received_at == T0 + dt.timedelta(seconds=30)
         assert (got.association_id, got.spool_path, got.sha256) == (a, "/s/5", "e" * 64)
     assert [e.kind for e in events(db, "series")] == ["created", "transition", "reopened"]

@@ -28,8 +28,14 @@ def _db(url: str) -> Database:
 
 
 def _hdr(series: str, sop: str, n: int) -> InstanceHeader:
-    return InstanceHeader(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop,
-                          study_uid="1.9", series_uid=series, modality="CT", instance_number=n)
+    return InstanceHeader(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=sop,
+        study_uid="1.9",
+        series_uid=series,
+        modality="CT",
+        instance_number=n,
+    )
 
 
 def _queue(store: Store, uids: list[str]) -> None:
@@ -40,9 +46,20 @@ def _queue(store: Store, uids: list[str]) -> None:
             s.add(Study(study_uid="1.9", created_at=now))
             s.flush()
         for uid in uids:
-            s.add(Series(series_uid=uid, study_uid="1.9", state="queued", version=1,
-                         instance_count=1, first_instance_at=now, last_instance_at=now,
-                         created_at=now, updated_at=now, priority=0))
+            s.add(
+                Series(
+                    series_uid=uid,
+                    study_uid="1.9",
+                    state="queued",
+                    version=1,
+                    instance_count=1,
+                    first_instance_at=now,
+                    last_instance_at=now,
+                    created_at=now,
+                    updated_at=now,
+                    priority=0,
+                )
+            )
         s.flush()  # no ORM relationships: make the parent rows exist before the jobs
         for uid in uids:
             s.add(Job(series_uid=uid, version=1, state="queued", attempts=0, enqueued_at=now))
@@ -62,20 +79,33 @@ def test_receiver_worker_dispatcher_threads(db_url: str) -> None:
                 fn()
             except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
                 errors.append(exc)
+
         return run
 
     def receiver():
         a = store.begin_association("SCU", "MOLRE", "127.0.0.1", 1)
         for i in range(100):
-            store.record_instance(a, _hdr("3.1", f"3.1.{i}", i), spool_path=f"/s/{i}", size=1,
-                                  sha256=None, status="stored")
+            store.record_instance(
+                a,
+                _hdr("3.1", f"3.1.{i}", i),
+                spool_path=f"/s/{i}",
+                size=1,
+                sha256=None,
+                status="stored",
+            )
         store.end_association(a, "released")
 
     def worker(name: str):
         while (claim := store.claim_job(name)) is not None:
-            store.finish_job(claim.id, results=[FindingResult("k", 0.7, True)],
-                             checkpoint_hash="h", model_name="m", report_path=None,
-                             report_sop_uid=None, destinations=["PACS"])
+            store.finish_job(
+                claim.id,
+                results=[FindingResult("k", 0.7, True)],
+                checkpoint_hash="h",
+                model_name="m",
+                report_path=None,
+                report_sop_uid=None,
+                destinations=["PACS"],
+            )
 
     def workers():
         ts = [threading.Thread(target=guard(lambda n=n: worker(n))) for n in ("w1", "w2")]
@@ -101,10 +131,15 @@ def test_receiver_worker_dispatcher_threads(db_url: str) -> None:
     assert errors == []
     assert store.get_series("3.1").instance_count == 100
     with db.session(write=False) as s:
-        assert s.execute(select(func.count()).select_from(Instance)
-                         .where(Instance.series_uid == "3.1")).scalar_one() == 100
-        assert s.execute(select(Job.state, func.count()).group_by(Job.state)).all() == \
-            [("done", 15)]
+        assert (
+            s.execute(
+                select(func.count()).select_from(Instance).where(Instance.series_uid == "3.1")
+            ).scalar_one()
+            == 100
+        )
+        assert s.execute(select(Job.state, func.count()).group_by(Job.state)).all() == [
+            ("done", 15)
+        ]
     assert all(store.get_series(u).state is SeriesState.DELIVERED for u in jobs)
     assert store.stats()["exports"] == {"delivered": 15}
 
@@ -130,8 +165,13 @@ print("ok")
 
 
 def _spawn(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_three_processes_write_without_loss(db_url: str) -> None:
@@ -149,8 +189,12 @@ def test_three_processes_write_without_loss(db_url: str) -> None:
         assert store.get_series("7." + tag).instance_count == n
     with db.session(write=False) as s:
         assert s.execute(select(func.count()).select_from(Instance)).scalar_one() == 6 * n
-        assert s.execute(select(func.count()).select_from(Event)
-                         .where(Event.kind == "tick")).scalar_one() == 3 * n
+        assert (
+            s.execute(
+                select(func.count()).select_from(Event).where(Event.kind == "tick")
+            ).scalar_one()
+            == 3 * n
+        )
     assert store.stats()["associations"] == {"released": 3}
 
 
@@ -192,8 +236,14 @@ def test_concurrent_claimers_never_share_a_job(db_url: str) -> None:
         flat = [j for got in batch for j in got]
         assert len(flat) == len(set(flat)) == expected
     with db.session(write=False) as s:
-        assert s.execute(select(func.count()).select_from(Job)
-                         .where(Job.state == "running", Job.attempts == 1)).scalar_one() == 70
+        assert (
+            s.execute(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.state == "running", Job.attempts == 1)
+            ).scalar_one()
+            == 70
+        )
 
 
 def test_reader_not_blocked_by_open_writer(tmp_path: Path) -> None:

@@ -39,22 +39,43 @@ def test_revision_0001_database_upgrades_with_rows_intact(tmp_path: Path) -> Non
     assert "priority" not in cols
     t = "2026-01-01 10:00:00"
     with db.session() as s:  # rows as a 0001-era node wrote them
-        s.execute(text("INSERT INTO studies (study_uid, accession_number, created_at) "
-                       "VALUES ('1.1', 'A1', :t)"), {"t": t})
-        s.execute(text(
-            "INSERT INTO series (series_uid, study_uid, state, version, instance_count, "
-            "first_instance_at, last_instance_at, created_at, updated_at, reported_at) "
-            "VALUES ('1.1.1', '1.1', 'reported', 1, 3, :t, :t, :t, :t, :t)"), {"t": t})
-        s.execute(text(
-            "INSERT INTO jobs (series_uid, version, state, attempts, enqueued_at) "
-            "VALUES ('1.1.1', 1, 'done', 1, :t)"), {"t": t})
-        s.execute(text(
-            "INSERT INTO exports (series_uid, series_version, job_id, destination, state, "
-            "attempts, next_attempt_at, created_at) "
-            "VALUES ('1.1.1', 1, 1, 'PACS', 'pending', 0, :t, :t)"), {"t": t})
-        s.execute(text(
-            "INSERT INTO events (at, entity, entity_id, kind, to_state, series_uid) "
-            "VALUES (:t, 'series', '1.1.1', 'transition', 'reported', '1.1.1')"), {"t": t})
+        s.execute(
+            text(
+                "INSERT INTO studies (study_uid, accession_number, created_at) "
+                "VALUES ('1.1', 'A1', :t)"
+            ),
+            {"t": t},
+        )
+        s.execute(
+            text(
+                "INSERT INTO series (series_uid, study_uid, state, version, instance_count, "
+                "first_instance_at, last_instance_at, created_at, updated_at, reported_at) "
+                "VALUES ('1.1.1', '1.1', 'reported', 1, 3, :t, :t, :t, :t, :t)"
+            ),
+            {"t": t},
+        )
+        s.execute(
+            text(
+                "INSERT INTO jobs (series_uid, version, state, attempts, enqueued_at) "
+                "VALUES ('1.1.1', 1, 'done', 1, :t)"
+            ),
+            {"t": t},
+        )
+        s.execute(
+            text(
+                "INSERT INTO exports (series_uid, series_version, job_id, destination, state, "
+                "attempts, next_attempt_at, created_at) "
+                "VALUES ('1.1.1', 1, 1, 'PACS', 'pending', 0, :t, :t)"
+            ),
+            {"t": t},
+        )
+        s.execute(
+            text(
+                "INSERT INTO events (at, entity, entity_id, kind, to_state, series_uid) "
+                "VALUES (:t, 'series', '1.1.1', 'transition', 'reported', '1.1.1')"
+            ),
+            {"t": t},
+        )
     db.dispose()
 
     db = Database(tmp_path / "old.db")
@@ -62,15 +83,18 @@ def test_revision_0001_database_upgrades_with_rows_intact(tmp_path: Path) -> Non
     assert db.current_revision() == "0006"
     store = Store(db)
     rec = store.get_series("1.1.1")
-    assert (rec.state, rec.instance_count, rec.priority, rec.accession_number) == \
-        (SeriesState.REPORTED, 3, 0, "A1")
+    assert (rec.state, rec.instance_count, rec.priority, rec.accession_number) == (
+        SeriesState.REPORTED,
+        3,
+        0,
+        "A1",
+    )
     assert rec.reported_at == dt.datetime(2026, 1, 1, 10, tzinfo=dt.timezone.utc)
     due = store.due_exports()
     assert [(e.destination, e.report_sop_uid) for e in due] == [("PACS", None)]
     store.record_export_attempt(due[0].id, ok=True, status=0)
     assert store.get_series("1.1.1").state is SeriesState.DELIVERED
-    assert [e["kind"] for e in store.timeline("1.1.1")] == ["transition", "delivered",
-                                                           "transition"]
+    assert [e["kind"] for e in store.timeline("1.1.1")] == ["transition", "delivered", "transition"]
     idx = {i["name"] for i in inspect(db.engine).get_indexes("exports")}
     assert "ix_exports_due" in idx
 
@@ -106,8 +130,16 @@ def test_concurrent_first_upgrade_from_processes(db_url: str) -> None:
     PostgreSQL: advisory lock) -- all succeed, the schema is at head once."""
     url = db_url
     code = "import sys; from storage import Database; Database(sys.argv[1]).upgrade(); print('ok')"
-    procs = [subprocess.Popen([sys.executable, "-c", code, url], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
@@ -122,9 +154,13 @@ def test_migrations_ship_in_package_data() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = data["tool"]["setuptools"]["package-data"]["storage"]
     assert "migrations/*" in patterns and "migrations/**/*" in patterns
-    assert {p.name for p in (MIGRATIONS_DIR / "versions").glob("*.py")} >= \
-        {"0001_initial.py", "0002_priority_report_uid.py", "0003_instance_sop_series_index.py",
-         "0004_patient_key.py", "0005_node_ownership.py"}
+    assert {p.name for p in (MIGRATIONS_DIR / "versions").glob("*.py")} >= {
+        "0001_initial.py",
+        "0002_priority_report_uid.py",
+        "0003_instance_sop_series_index.py",
+        "0004_patient_key.py",
+        "0005_node_ownership.py",
+    }
     assert (MIGRATIONS_DIR / "env.py").is_file()
 
 
@@ -150,8 +186,11 @@ def test_postgres_sql_compiles() -> None:
     assert "ORDER BY series.priority DESC, jobs.id" in pg
     lite = str(claim_statement(now).compile(dialect=sqlite.dialect()))
     assert "FOR UPDATE" not in lite
-    ins = postgresql.insert(Base.metadata.tables["studies"]).values(study_uid="1") \
+    ins = (
+        postgresql.insert(Base.metadata.tables["studies"])
+        .values(study_uid="1")
         .on_conflict_do_nothing()
+    )
     assert "ON CONFLICT DO NOTHING" in str(ins.compile(dialect=postgresql.dialect()))
     from sqlalchemy.schema import CreateTable
 
@@ -180,17 +219,32 @@ def test_finding_result_roundtrip_types(tmp_path: Path) -> None:
     store = Store(db)
     from storage import InstanceHeader
 
-    store.record_instance(None, InstanceHeader(sop_instance_uid="1", study_uid="2",
-                                               series_uid="3", meta={"SliceThickness":
-                                                                     np.float32(5.0)}),
-                          spool_path=None, size=1, sha256=None, status="stored")
+    store.record_instance(
+        None,
+        InstanceHeader(
+            sop_instance_uid="1",
+            study_uid="2",
+            series_uid="3",
+            meta={"SliceThickness": np.float32(5.0)},
+        ),
+        spool_path=None,
+        size=1,
+        sha256=None,
+        status="stored",
+    )
     for st in ("complete", "selected"):
         store.transition("3", st)
     store.enqueue_job("3")
     c = store.claim_job("w")
-    store.finish_job(c.id, results=[FindingResult("k", np.float32(0.25), np.bool_(False))],
-                     checkpoint_hash="h", model_name="m", report_path=Path("/r.dcm"),
-                     report_sop_uid="4", destinations=["D"])
+    store.finish_job(
+        c.id,
+        results=[FindingResult("k", np.float32(0.25), np.bool_(False))],
+        checkpoint_hash="h",
+        model_name="m",
+        report_path=Path("/r.dcm"),
+        report_sop_uid="4",
+        destinations=["D"],
+    )
     f = store.findings()[0]
     assert f["probability"] == 0.25 and f["decision"] is False
     assert store.due_exports()[0].report_path == "/r.dcm"

@@ -95,8 +95,9 @@ def test_extra_axial_collection_hugs_the_skull(key: str, seed: int) -> None:
     assert dist[new_blood].max() <= t + 2.0 * geom.spacing[1] + 0.5 * geom.spacing[0]
     assert dist[new_blood].min() <= 2.0 * geom.spacing[1]
     # Same side as planted: patient left is +x; yaw is small, so the centroid's x sign holds.
-    cx = (np.argwhere(new_blood)[:, 2].mean() * geom.spacing[2] + geom.origin[0]
-          - geom.head_center[0])
+    cx = (
+        np.argwhere(new_blood)[:, 2].mean() * geom.spacing[2] + geom.origin[0] - geom.head_center[0]
+    )
     assert np.sign(cx) == det[key]["side"]
 
 
@@ -117,8 +118,10 @@ def test_subdural_crescent_spans_a_longer_arc_than_epidural_lens(seed: int) -> N
     b2, v2, _, det_e = _pair("epidural_hematoma", seed)
     arc_s, arc_e = _arc_deg(b1, v1, geom), _arc_deg(b2, v2, geom)
     assert arc_s > 75.0 and arc_e < 70.0
-    assert det_e["epidural_hematoma"]["thickness"] / arc_e > \
-        det_s["subdural_hemorrhage"]["thickness"] / arc_s
+    assert (
+        det_e["epidural_hematoma"]["thickness"] / arc_e
+        > det_s["subdural_hemorrhage"]["thickness"] / arc_s
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -271,8 +274,9 @@ def test_every_kind_changes_the_image_and_reports_only_itself() -> None:
 
 def test_series_is_valid_ct_with_consistent_geometry(tmp_path: Path) -> None:
     keys = ("subdural_hemorrhage", "skull_fracture")
-    info = write_phantom_series(tmp_path / "s", np.random.default_rng(4), keys, size=64,
-                                n_slices=20, slice_thickness=5.0)
+    info = write_phantom_series(
+        tmp_path / "s", np.random.default_rng(4), keys, size=64, n_slices=20, slice_thickness=5.0
+    )
     assert info.findings == keys
     assert len(info.paths) == 20
     dss = [pydicom.dcmread(p) for p in info.paths]
@@ -302,11 +306,13 @@ def test_series_is_valid_ct_with_consistent_geometry(tmp_path: Path) -> None:
     assert len({ds.SOPInstanceUID for ds in dss}) == 20
 
     # Pixels read back (through the rescale) equal the rendered phantom rounded to 1 HU.
-    vol, geom, _, _ = render_phantom(np.random.default_rng(4), keys, size=64, n_slices=20,
-                                     slice_thickness=5.0)
+    vol, geom, _, _ = render_phantom(
+        np.random.default_rng(4), keys, size=64, n_slices=20, slice_thickness=5.0
+    )
     assert geom == info.geometry
-    hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-                   for ds in dss])
+    hu = np.stack(
+        [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in dss]
+    )
     assert np.abs(hu - vol).max() <= 0.5 + 1e-3
     # The head is realistic: air outside, bone ring, brain densities inside.
     assert hu[:, 0, 0].max() < -900
@@ -317,11 +323,17 @@ def test_series_is_valid_ct_with_consistent_geometry(tmp_path: Path) -> None:
 
 def test_series_reads_back_through_volume_reader(tmp_path: Path) -> None:
     volume = pytest.importorskip("molre.data.volume")
-    info = write_phantom_series(tmp_path / "s", np.random.default_rng(9),
-                                ("intraparenchymal_hemorrhage",), size=64, slice_thickness=3.0)
+    info = write_phantom_series(
+        tmp_path / "s",
+        np.random.default_rng(9),
+        ("intraparenchymal_hemorrhage",),
+        size=64,
+        slice_thickness=3.0,
+    )
     sv = volume.read_series(tmp_path / "s")
-    vol, geom, _, _ = render_phantom(np.random.default_rng(9), ("intraparenchymal_hemorrhage",),
-                                     size=64, slice_thickness=3.0)
+    vol, geom, _, _ = render_phantom(
+        np.random.default_rng(9), ("intraparenchymal_hemorrhage",), size=64, slice_thickness=3.0
+    )
     assert sv.series_uid == info.series_uid and sv.study_uid == info.study_uid
     assert sv.hu.shape == vol.shape
     assert np.allclose(sv.spacing, geom.spacing, atol=1e-4)
@@ -331,9 +343,17 @@ def test_series_reads_back_through_volume_reader(tmp_path: Path) -> None:
 
 
 def test_tags_can_be_overridden(tmp_path: Path) -> None:
-    info = write_phantom_series(tmp_path / "s", np.random.default_rng(2), (), size=32,
-                                n_slices=4, slice_thickness=5.0, PatientID="SITE-42",
-                                SeriesDescription="Custom", StationName="CT7")
+    info = write_phantom_series(
+        tmp_path / "s",
+        np.random.default_rng(2),
+        (),
+        size=32,
+        n_slices=4,
+        slice_thickness=5.0,
+        PatientID="SITE-42",
+        SeriesDescription="Custom",
+        StationName="CT7",
+    )
     ds = pydicom.dcmread(info.paths[0])
     assert (ds.PatientID, ds.SeriesDescription, ds.StationName) == ("SITE-42", "Custom", "CT7")
     assert info.patient_id == "SITE-42"
@@ -398,8 +418,17 @@ def test_dataset_manifest_matches_planted_findings(tmp_path: Path) -> None:
 
     cat = load_catalog()
     out = tmp_path / "ds"
-    manifest = synth.generate_dataset(out, 6, seed=3, size=48, slice_thickness=5.0, n_slices=14,
-                                      prevalence=0.4, unlabelled_fraction=0.2, progress=False)
+    manifest = synth.generate_dataset(
+        out,
+        6,
+        seed=3,
+        size=48,
+        slice_thickness=5.0,
+        n_slices=14,
+        prevalence=0.4,
+        unlabelled_fraction=0.2,
+        progress=False,
+    )
     truth = [json.loads(line) for line in (out / "phantoms.jsonl").read_text().splitlines()]
     rows = read_manifest(manifest, cat)
     assert len(rows) == len(truth) == 6
@@ -416,13 +445,15 @@ def test_dataset_manifest_matches_planted_findings(tmp_path: Path) -> None:
         # ...and the pixels show them where it says (independent of the bookkeeping).
         g = synth.PhantomGeometry.from_dict(t["geometry"])
         assert g.shape == (len(files), 48, 48)
-        hu = np.stack([pydicom.dcmread(f).pixel_array.astype(np.float32) - 1024.0
-                       for f in files])
-        for key, min_hu in (("intraparenchymal_hemorrhage", 45.0), ("epidural_hematoma", 45.0),
-                            ("intracranial_calcification", 150.0)):
+        hu = np.stack([pydicom.dcmread(f).pixel_array.astype(np.float32) - 1024.0 for f in files])
+        for key, min_hu in (
+            ("intraparenchymal_hemorrhage", 45.0),
+            ("epidural_hematoma", 45.0),
+            ("intracranial_calcification", 150.0),
+        ):
             if key in t["findings"]:
                 c = np.round(_index(g, t["details"][key]["center_uvw"])).astype(int)
-                patch = hu[c[0], max(c[1] - 1, 0):c[1] + 2, max(c[2] - 1, 0):c[2] + 2]
+                patch = hu[c[0], max(c[1] - 1, 0) : c[1] + 2, max(c[2] - 1, 0) : c[2] + 2]
                 assert patch.max() > min_hu, key
         labels = np.asarray(row.labels)
         for key in cat.keys:
@@ -469,13 +500,30 @@ def test_cli_synth_writes_manifest_and_folders(tmp_path: Path) -> None:
 
     out = tmp_path / "cli"
     runner = CliRunner()
-    args = ["synth", "--out", str(out), "--count", "2", "--seed", "5", "--size", "32",
-            "--thickness", "5", "--slices", "12", "--no-progress"]
+    args = [
+        "synth",
+        "--out",
+        str(out),
+        "--count",
+        "2",
+        "--seed",
+        "5",
+        "--size",
+        "32",
+        "--thickness",
+        "5",
+        "--slices",
+        "12",
+        "--no-progress",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert (out / "manifest.csv").is_file()
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["masks", "series_0001",
-                                                                   "series_0002"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "masks",
+        "series_0001",
+        "series_0002",
+    ]
     assert all(any((out / n).glob("*.dcm")) for n in ("series_0001", "series_0002"))
     assert str(out) in res.output and "manifest" in res.output
     assert "intraparenchymal_hemorrhage" in res.output
@@ -485,9 +533,26 @@ def test_cli_synth_writes_manifest_and_folders(tmp_path: Path) -> None:
     res2 = runner.invoke(app, args)
     assert res2.exit_code != 0
     assert isinstance(res2.exception, MolreError) and "--overwrite" in str(res2.exception)
-    res3 = runner.invoke(app, ["synth", "--out", str(out), "--count", "1", "--seed", "5",
-                               "--size", "32", "--thickness", "5", "--slices", "12", "--overwrite",
-                               "--no-progress"])
+    res3 = runner.invoke(
+        app,
+        [
+            "synth",
+            "--out",
+            str(out),
+            "--count",
+            "1",
+            "--seed",
+            "5",
+            "--size",
+            "32",
+            "--thickness",
+            "5",
+            "--slices",
+            "12",
+            "--overwrite",
+            "--no-progress",
+        ],
+    )
     assert res3.exit_code == 0, res3.output
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["masks", "series_0001"]
 
@@ -499,6 +564,7 @@ def test_cli_synth_writes_manifest_and_folders(tmp_path: Path) -> None:
 
 def test_sites_differ_in_pixels_and_tags() -> None:
     """Same head and findings, two sites: noise, calibration and kernel show in the image."""
+
     def brain_stats(site: str):
         clean = synth.render(np.random.default_rng(4), (), size=None, site=site, noise=False)
         r = synth.render(np.random.default_rng(4), (), size=None, site=site)
@@ -520,8 +586,9 @@ def test_sites_differ_in_pixels_and_tags() -> None:
 
 def test_site_tags_and_tilted_series_read_back(tmp_path: Path) -> None:
     volume = pytest.importorskip("molre.data.volume")
-    info = write_phantom_series(tmp_path / "c", np.random.default_rng(2), ("subdural_hemorrhage",),
-                                size=64, site="coastal")
+    info = write_phantom_series(
+        tmp_path / "c", np.random.default_rng(2), ("subdural_hemorrhage",), size=64, site="coastal"
+    )
     ds = pydicom.dcmread(info.paths[0], stop_before_pixels=True)
     assert ds.Manufacturer == synth.SITES["coastal"].manufacturer
     assert ds.ConvolutionKernel == "DETAIL"
@@ -533,9 +600,18 @@ def test_site_tags_and_tilted_series_read_back(tmp_path: Path) -> None:
     assert any("gantry tilt" in w for w in vol.warnings)  # deskewed onto an orthogonal grid
 
 
-@pytest.mark.parametrize("key", ["intraparenchymal_hemorrhage", "subdural_hemorrhage",
-                                 "skull_fracture", "intracranial_calcification", "hydrocephalus",
-                                 "midline_shift", "acute_infarct"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "intraparenchymal_hemorrhage",
+        "subdural_hemorrhage",
+        "skull_fracture",
+        "intracranial_calcification",
+        "hydrocephalus",
+        "midline_shift",
+        "acute_infarct",
+    ],
+)
 def test_masks_cover_exactly_what_the_finding_changed(key: str) -> None:
     """Without noise, the image with and without the finding differs only inside its mask
     (dilated by the kernel's reach), and the mask is not empty."""
@@ -557,16 +633,18 @@ def test_dataset_sites_masks_and_fixed_findings(tmp_path: Path) -> None:
     r1, r2 = _read_rows(m1), _read_rows(m2)
     assert {r["site"] for r in r1} == {"metro"} and {r["site"] for r in r2} == {"valley"}
     # the site is drawn from its own stream: the same seed plants the same findings anywhere
-    assert [{k: v for k, v in r.items() if k not in ("site",)} for r in r1] == \
-        [{k: v for k, v in r.items() if k not in ("site",)} for r in r2]
+    assert [{k: v for k, v in r.items() if k not in ("site",)} for r in r1] == [
+        {k: v for k, v in r.items() if k not in ("site",)} for r in r2
+    ]
     recs = [json.loads(x) for x in (tmp_path / "a" / "phantoms.jsonl").read_text().splitlines()]
     for rec in recs:
         mpath = tmp_path / "a" / synth.MASKS_DIR / f"{rec['name']}.npz"
         if rec["findings"]:
             masks = synth.load_masks(mpath)
             assert sorted(masks) == sorted(rec["findings"])
-            assert all(v.shape == tuple(rec["geometry"]["shape"]) and v.any()
-                       for v in masks.values())
+            assert all(
+                v.shape == tuple(rec["geometry"]["shape"]) and v.any() for v in masks.values()
+            )
     # --findings / --normal
     synth.generate_dataset(tmp_path / "f", 2, seed=1, findings=["epidural_hematoma"], **kw)
     recs = [json.loads(x) for x in (tmp_path / "f" / "phantoms.jsonl").read_text().splitlines()]

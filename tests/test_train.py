@@ -26,6 +26,7 @@ def toy_run(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------- unit tests
 
+
 def test_focal_loss_masks_nan_and_matches_manual_computation():
     logits = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 1.5, -2.0]])
     targets = torch.tensor([[1.0, float("nan"), 0.0], [0.0, 1.0, float("nan")]])
@@ -41,11 +42,12 @@ def test_focal_loss_masks_nan_and_matches_manual_computation():
             if y == 1:
                 terms.append(-pw[f].item() * (1 - p) ** 2 * math.log(p))
             else:
-                terms.append(-(p ** 2) * math.log(1 - p))
+                terms.append(-(p**2) * math.log(1 - p))
     assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
     # gamma = 0 without weights is plain BCE over the labelled entries
-    bce = F.binary_cross_entropy_with_logits(logits[~torch.isnan(targets)],
-                                             targets[~torch.isnan(targets)])
+    bce = F.binary_cross_entropy_with_logits(
+        logits[~torch.isnan(targets)], targets[~torch.isnan(targets)]
+    )
     assert focal_loss(logits, targets, gamma=0.0).item() == pytest.approx(bce.item(), rel=1e-5)
     # masked entries get no gradient at all
     lg = logits.clone().requires_grad_(True)
@@ -71,6 +73,7 @@ def test_warmup_cosine_schedule():
 
 # ------------------------------------------------------------------------------ integration
 
+
 def test_two_epochs_learn_and_write_run(toy_run):
     manifest, run = toy_run
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -94,10 +97,10 @@ def test_two_epochs_learn_and_write_run(toy_run):
     assert card["training"]["counts"]["train"] == 33 and card["training"]["counts"]["val"] == 21
     assert card["backbone"]["init_seed"] == 0 and card["backbone"]["weights_file"]
     assert set(card["thresholds"]) == set(card["training"]["prevalence_train"])
-    assert all(t["method"] in ("youden_j", "uninformative", "default")
-               for t in card["thresholds"].values())
-    assert card["metrics"]["macro_auc"] == pytest.approx(
-        max(l["val_macro_auc"] for l in lines))
+    assert all(
+        t["method"] in ("youden_j", "uninformative", "default") for t in card["thresholds"].values()
+    )
+    assert card["metrics"]["macro_auc"] == pytest.approx(max(l["val_macro_auc"] for l in lines))
     # the backbone never goes into the adapter file
     from safetensors.torch import load_file
 
@@ -144,10 +147,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, manifest: str, out: str, cache: str,
-                report: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                      RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+def _ddp_worker(
+    rank: int, world: int, port: int, manifest: str, out: str, cache: str, report: str
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -161,8 +171,9 @@ def _ddp_worker(rank: int, world: int, port: int, manifest: str, out: str, cache
     ck.save_checkpoint = lambda *a, **k: (writes.append("checkpoint"), real_save(*a, **k))[1]
     loop._json_line = lambda *a, **k: (writes.append("metrics"), real_line(*a, **k))[1]
     res = train(toy_train_config(Path(manifest), Path(out), Path(cache), epochs=1, batch_size=4))
-    Path(report, f"rank{rank}.json").write_text(json.dumps(
-        {"writes": writes, "step": res.global_step}))
+    Path(report, f"rank{rank}.json").write_text(
+        json.dumps({"writes": writes, "step": res.global_step})
+    )
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -173,8 +184,12 @@ def test_ddp_two_processes_gloo_only_rank0_writes(toy_run, tmp_path):
     manifest, run = toy_run
     out, report = tmp_path / "ddp", tmp_path / "report"
     report.mkdir()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(manifest), str(out),
-                                str(run.parent / "cache"), str(report)), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker,
+        args=(2, _free_port(), str(manifest), str(out), str(run.parent / "cache"), str(report)),
+        nprocs=2,
+        join=True,
+    )
     r0 = json.loads((report / "rank0.json").read_text())
     r1 = json.loads((report / "rank1.json").read_text())
     assert r1["writes"] == [] and "checkpoint" in r0["writes"] and "metrics" in r0["writes"]
@@ -226,13 +241,18 @@ def test_external_backbone_weights_are_shipped_and_digest_checked(toy_run, tmp_p
     torch.manual_seed(3)
     init = create_backbone("tiny-3d").state_dict()
     gen = torch.Generator().manual_seed(4)
-    state = {k: (v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v)
-             for k, v in init.items()}
+    state = {
+        k: (v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v)
+        for k, v in init.items()
+    }
     wfile = tmp_path / "pre.safetensors"
     save_file(state, str(wfile))
     out = tmp_path / "run"
-    r = train(toy_train_config(manifest, out, cache, epochs=1, weights=str(wfile),
-                               save_backbone=True, limit=20))
+    r = train(
+        toy_train_config(
+            manifest, out, cache, epochs=1, weights=str(wfile), save_backbone=True, limit=20
+        )
+    )
     ckpt = r.best_dir or r.last_dir
     card = json.loads((ckpt / "model.json").read_text())
     assert card["backbone"]["weights_file"] == "backbone.safetensors"
@@ -240,7 +260,8 @@ def test_external_backbone_weights_are_shipped_and_digest_checked(toy_run, tmp_p
     shipped = load_file(str(ckpt / "backbone.safetensors"))
     assert all(torch.equal(shipped[k], state[k]) for k in state)
     assert card["backbone"]["weights_digest"] == weights_digest(
-        create_backbone("tiny-3d", weights=str(wfile)))
+        create_backbone("tiny-3d", weights=str(wfile))
+    )
     wfile.unlink()  # the checkpoint must not need the original file
     p = Predictor.from_checkpoint(ckpt)
     assert p.predict_tensor(torch.zeros((1, *p.recipe.output_shape()))).shape == (1, 3)

@@ -36,8 +36,14 @@ def _edit(path: Path, **changes: object) -> None:
 
 def test_shuffled_names_and_misleading_instance_numbers(tmp_path: Path) -> None:
     vol = _vol()
-    paths = write_ct_series(tmp_path / "s", vol, spacing=SPACING, origin=(-4, -6, 10),
-                            shuffle_names=True, instance_numbers=[3, 1, 8, 2, 7, 5, 4, 6])
+    paths = write_ct_series(
+        tmp_path / "s",
+        vol,
+        spacing=SPACING,
+        origin=(-4, -6, 10),
+        shuffle_names=True,
+        instance_numbers=[3, 1, 8, 2, 7, 5, 4, 6],
+    )
     # directory order is not slice order
     assert sorted(paths) != paths
     v = read_series(tmp_path / "s")
@@ -62,8 +68,16 @@ def test_reversed_acquisition_is_sorted_along_the_normal(tmp_path: Path) -> None
 
 def test_per_slice_rescale_is_applied(tmp_path: Path) -> None:
     vol = _vol() // 4 * 4  # representable with slope 2 and 4
-    rescale = [(1, -1024), (2, -2048), (1, 0), (4, -4096), (1, -1000), (1, -1024), (2, -1024),
-               (1, -1024)]
+    rescale = [
+        (1, -1024),
+        (2, -2048),
+        (1, 0),
+        (4, -4096),
+        (1, -1000),
+        (1, -1024),
+        (2, -1024),
+        (1, -1024),
+    ]
     paths = write_ct_series(tmp_path / "s", vol, spacing=SPACING, rescale=rescale)
     assert pydicom.dcmread(paths[2]).PixelRepresentation == 1  # negative stored values -> signed
     assert float(pydicom.dcmread(paths[3]).RescaleSlope) == 4
@@ -104,8 +118,14 @@ def test_mixed_orientation_size_and_spacing_name_the_tag(tmp_path: Path) -> None
 
     study, series = new_uid(), new_uid()
     write_ct_series(tmp_path / "r", vol, spacing=SPACING, study_uid=study, series_uid=series)
-    write_ct_series(tmp_path / "r" / "extra", _vol(n=1, rows=24), spacing=SPACING,
-                    origin=(0, 0, 50), study_uid=study, series_uid=series)
+    write_ct_series(
+        tmp_path / "r" / "extra",
+        _vol(n=1, rows=24),
+        spacing=SPACING,
+        origin=(0, 0, 50),
+        study_uid=study,
+        series_uid=series,
+    )
     with pytest.raises(SeriesError, match=r"inconsistent Rows/Columns.*16x20 x5; 24x20 x1"):
         read_series(tmp_path / "r")
 
@@ -140,8 +160,14 @@ def test_gantry_tilt_is_resampled_or_refused(tmp_path: Path) -> None:
         rows_hit.append(j)
         vol[k, j, 8] = 1000
     assert len(set(rows_hit)) > 5
-    write_ct_series(tmp_path / "t", vol, spacing=(step, sy, 1.0), origin=(0, -15, 0),
-                    direction=direction, GantryDetectorTilt="15")
+    write_ct_series(
+        tmp_path / "t",
+        vol,
+        spacing=(step, sy, 1.0),
+        origin=(0, -15, 0),
+        direction=direction,
+        GantryDetectorTilt="15",
+    )
     v = read_series(tmp_path / "t")
     assert any("gantry tilt about 15.0 degrees" in w for w in v.warnings)
     assert v.spacing[0] == pytest.approx(step * np.cos(theta), rel=1e-4)
@@ -157,16 +183,23 @@ def test_gantry_tilt_is_resampled_or_refused(tmp_path: Path) -> None:
 def test_enhanced_ct_multiframe_with_shuffled_frames_and_per_frame_rescale(tmp_path: Path) -> None:
     vol = _vol(n=6) // 2 * 2
     rescale = [(1, -1024), (2, -2048), (1, -1000), (1, -1024), (1, -1024), (2, -1024)]
-    path = write_enhanced_ct(tmp_path / "e" / "enh.dcm", vol, spacing=SPACING, origin=(5, 5, 5),
-                             frame_order=[3, 1, 0, 2, 5, 4], rescale=rescale)
+    path = write_enhanced_ct(
+        tmp_path / "e" / "enh.dcm",
+        vol,
+        spacing=SPACING,
+        origin=(5, 5, 5),
+        frame_order=[3, 1, 0, 2, 5, 4],
+        rescale=rescale,
+    )
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.1" and int(ds.NumberOfFrames) == 6
     assert "PixelValueTransformationSequence" in ds.PerFrameFunctionalGroupsSequence[0]
     v = read_series(tmp_path / "e")
     assert np.array_equal(v.hu, vol) and np.allclose(v.origin, (5, 5, 5))
     assert v.spacing == SPACING and v.sop_instance_uids == [ds.SOPInstanceUID]
-    jls = write_enhanced_ct(tmp_path / "j" / "enh.dcm", vol, spacing=SPACING,
-                            transfer_syntax=JPEGLSLossless)
+    jls = write_enhanced_ct(
+        tmp_path / "j" / "enh.dcm", vol, spacing=SPACING, transfer_syntax=JPEGLSLossless
+    )
     assert pydicom.dcmread(jls).file_meta.TransferSyntaxUID == JPEGLSLossless
     assert np.array_equal(read_series(jls).hu, vol)
 
@@ -191,8 +224,9 @@ def test_compressed_syntaxes_decode_to_the_same_hu(tmp_path: Path, syntax, signe
 def test_non_image_files_localizers_and_other_classes_are_skipped(tmp_path: Path) -> None:
     vol = _vol(n=4)
     study, series = new_uid(), new_uid()
-    paths = write_ct_series(tmp_path / "s", vol, spacing=SPACING, study_uid=study,
-                            series_uid=series)
+    paths = write_ct_series(
+        tmp_path / "s", vol, spacing=SPACING, study_uid=study, series_uid=series
+    )
     (tmp_path / "s" / "README.txt").write_text("not dicom")
     sr = pydicom.dcmread(paths[0], stop_before_pixels=True)
     for tag in ("Rows", "Columns", "PixelRepresentation", "BitsAllocated"):
@@ -200,9 +234,14 @@ def test_non_image_files_localizers_and_other_classes_are_skipped(tmp_path: Path
     sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
     sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = new_uid()
     sr.save_as(tmp_path / "s" / "sr.dcm")
-    scout = write_ct_series(tmp_path / "s" / "scout", _vol(n=1, rows=30), spacing=SPACING,
-                            study_uid=study, series_uid=series,
-                            ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    scout = write_ct_series(
+        tmp_path / "s" / "scout",
+        _vol(n=1, rows=30),
+        spacing=SPACING,
+        study_uid=study,
+        series_uid=series,
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+    )
     sc = pydicom.dcmread(scout[0])
     sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     sc.SOPInstanceUID = sc.file_meta.MediaStorageSOPInstanceUID = new_uid()
@@ -211,8 +250,12 @@ def test_non_image_files_localizers_and_other_classes_are_skipped(tmp_path: Path
     v = read_series(tmp_path / "s")
     assert np.array_equal(v.hu, vol)
     text = " | ".join(v.warnings)
-    for needle in ("not a readable DICOM file", "non-image object", "localizer",
-                   "another SOP class (Secondary Capture"):
+    for needle in (
+        "not a readable DICOM file",
+        "non-image object",
+        "localizer",
+        "another SOP class (Secondary Capture",
+    ):
         assert needle in text
 
 
@@ -224,8 +267,14 @@ def test_mixed_series_mixed_classes_and_too_few_slices(tmp_path: Path) -> None:
         read_series(tmp_path / "m")
     series = pydicom.dcmread(a[0]).SeriesInstanceUID
     study = pydicom.dcmread(a[0]).StudyInstanceUID
-    write_enhanced_ct(tmp_path / "m" / "a" / "enh.dcm", vol, spacing=SPACING, study_uid=study,
-                      series_uid=series, origin=(0, 0, 100))
+    write_enhanced_ct(
+        tmp_path / "m" / "a" / "enh.dcm",
+        vol,
+        spacing=SPACING,
+        study_uid=study,
+        series_uid=series,
+        origin=(0, 0, 100),
+    )
     with pytest.raises(SeriesError, match="mixes single-frame CT Image Storage and Enhanced CT"):
         read_series(tmp_path / "m" / "a")
     two = write_ct_series(tmp_path / "two", vol[:2], spacing=SPACING)
@@ -265,8 +314,9 @@ def test_written_objects_pass_dciodvfy(tmp_path: Path) -> None:
 
     vol = _vol(n=3, rows=32, cols=32)
     single = write_ct_series(tmp_path / "s", vol, spacing=SPACING)[0]
-    enhanced = write_enhanced_ct(tmp_path / "e.dcm", vol, spacing=SPACING,
-                                 rescale=[(1, -1024), (2, -2048), (1, -1024)])
+    enhanced = write_enhanced_ct(
+        tmp_path / "e.dcm", vol, spacing=SPACING, rescale=[(1, -1024), (2, -2048), (1, -1024)]
+    )
     rle = compress_file(single, tmp_path / "rle.dcm", LOSSLESS_SYNTAXES[0])
     for path in (single, enhanced, rle):
         res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
@@ -320,8 +370,9 @@ def test_broken_pixel_data_is_a_series_error(tmp_path: Path) -> None:
 def test_positions_keep_sub_millimetre_precision_far_from_the_origin(tmp_path: Path) -> None:
     # thin slices far from the isocentre: DS values must keep every digit the 16 chars allow
     spacing = (0.625, 0.48828125, 0.48828125)
-    write_ct_series(tmp_path / "s", _vol(n=6), spacing=spacing,
-                    origin=(-125.123456, -3e-7, 1234.56789))
+    write_ct_series(
+        tmp_path / "s", _vol(n=6), spacing=spacing, origin=(-125.123456, -3e-7, 1234.56789)
+    )
     v = read_series(tmp_path / "s")
     assert v.warnings == [] and v.spacing == pytest.approx(spacing, abs=1e-9)
     assert np.allclose(v.origin, (-125.123456, 0, 1234.56789), atol=1e-6)
@@ -371,20 +422,32 @@ def test_dropped_slices_are_still_gaps_in_stepped_and_uniform_series(tmp_path: P
     proto = tmp_path / "p"
     study, series = new_uid(), new_uid()
     write_ct_series(proto / "a", _vol(n=8), spacing=SPACING, study_uid=study, series_uid=series)
-    write_ct_series(proto / "b", _vol(n=8, seed=1), spacing=(10.0, 0.5, 0.75),
-                    origin=(0, 0, 45.0), study_uid=study, series_uid=series)
+    write_ct_series(
+        proto / "b",
+        _vol(n=8, seed=1),
+        spacing=(10.0, 0.5, 0.75),
+        origin=(0, 0, 45.0),
+        study_uid=study,
+        series_uid=series,
+    )
     v = read_series(proto)
     assert v.spacing[0] == 5.0 and not any("missing" in w for w in v.warnings)
     assert v.meta["slice_thickness_values"] == [5.0, 10.0]
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"RescaleSlope": "0"}, r"RescaleSlope \(0028,1053\) is 0"),
-    ({"RescaleSlope": "NaN"}, r"RescaleSlope \(0028,1053\) is nan \(not a finite number\)"),
-    ({"RescaleIntercept": "inf"}, r"RescaleIntercept \(0028,1052\) is inf"),
-    ({"PixelSpacing": ["60", "60"]}, r"PixelSpacing \(0028,0030\) \[60.0, 60.0\] mm is outside"),
-    ({"PixelSpacing": ["150", "150"]}, r"PixelSpacing \(0028,0030\) \[150.0, 150.0\] mm"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"RescaleSlope": "0"}, r"RescaleSlope \(0028,1053\) is 0"),
+        ({"RescaleSlope": "NaN"}, r"RescaleSlope \(0028,1053\) is nan \(not a finite number\)"),
+        ({"RescaleIntercept": "inf"}, r"RescaleIntercept \(0028,1052\) is inf"),
+        (
+            {"PixelSpacing": ["60", "60"]},
+            r"PixelSpacing \(0028,0030\) \[60.0, 60.0\] mm is outside",
+        ),
+        ({"PixelSpacing": ["150", "150"]}, r"PixelSpacing \(0028,0030\) \[150.0, 150.0\] mm"),
+    ],
+)
 def test_insane_headers_are_refused_naming_the_tag(tmp_path: Path, changes, match) -> None:
     paths = write_ct_series(tmp_path / "s", _vol(n=6), spacing=SPACING)
     for p in paths:
@@ -398,8 +461,11 @@ def test_absurd_slice_spacing_grid_size_and_constant_volumes_are_refused(tmp_pat
     with pytest.raises(SeriesError, match=r"slice spacing 60 mm .*ImagePositionPatient"):
         read_series(tmp_path / "far")
     write_ct_series(tmp_path / "s", _vol(n=6), spacing=SPACING)
-    with pytest.raises(SeriesError, match=r"6 x 16 x 20 = 1,920 voxels, more than the limit "
-                                          r"of 1,000"):
+    with pytest.raises(
+        SeriesError,
+        match=r"6 x 16 x 20 = 1,920 voxels, more than the limit "
+        r"of 1,000",
+    ):
         read_series(tmp_path / "s", max_voxels=1000)
     assert read_series(tmp_path / "s", max_voxels=1920).shape == (6, 16, 20)
     write_ct_series(tmp_path / "c", np.full((6, 16, 20), 40.0, np.float32), spacing=SPACING)

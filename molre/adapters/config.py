@@ -63,7 +63,9 @@ class MoLREConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "must be in [0, 1)")
         if self.temperature <= 0:
-            raise bad("temperature", "must be > 0 (router softmax is softmax(logits / temperature))")
+            raise bad(
+                "temperature", "must be > 0 (router softmax is softmax(logits / temperature))"
+            )
         if self.balance_weight < 0:
             raise bad("balance_weight", "must be >= 0 (0 disables the load-balancing loss)")
         if self.top_k is not None:
@@ -82,7 +84,9 @@ class MoLREConfig:
             try:
                 re.compile(pat)
             except re.error as exc:
-                raise bad("targets", f"entry {pat!r} is not a valid regular expression ({exc})") from None
+                raise bad(
+                    "targets", f"entry {pat!r} is not a valid regular expression ({exc})"
+                ) from None
 
     # -- derived -----------------------------------------------------------------------------
     @property

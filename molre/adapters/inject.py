@@ -49,7 +49,9 @@ def get_config(model: nn.Module) -> MoLREConfig:
     """The `MoLREConfig` the model was injected with (MolreError if it has no adapters)."""
     layers = adapted_layers(model)
     if not layers:
-        raise MolreError("the model has no MoLRE adapters; call inject_adapters(model, config) first")
+        raise MolreError(
+            "the model has no MoLRE adapters; call inject_adapters(model, config) first"
+        )
     return next(iter(layers.values())).config
 
 
@@ -104,7 +106,9 @@ def inject_adapters(model: nn.Module, config: MoLREConfig) -> list[str]:
             for p in matched:
                 hits[p].append(name)
         elif name in mha_children:
-            unsupported.append(f"{name} (Linear inside nn.MultiheadAttention, which bypasses wrappers)")
+            unsupported.append(
+                f"{name} (Linear inside nn.MultiheadAttention, which bypasses wrappers)"
+            )
         elif own_params:
             unsupported.append(f"{name} ({type(mod).__name__})")
     if unsupported:
@@ -134,7 +138,9 @@ def inject_adapters(model: nn.Module, config: MoLREConfig) -> list[str]:
         p.requires_grad_(False)
     names: list[str] = []
     for name, mod in to_adapt:
-        new: MoLRELayer = MoLRELinear(mod, config) if isinstance(mod, nn.Linear) else MoLREConv(mod, config)
+        new: MoLRELayer = (
+            MoLRELinear(mod, config) if isinstance(mod, nn.Linear) else MoLREConv(mod, config)
+        )
         new.train(mod.training)
         _set_submodule(model, name, new)
         names.append(name)
@@ -158,9 +164,13 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             "a routed mixture depends on the input and cannot be folded into fixed weights "
             "(only experts=1, plain LoRA, can be merged)"
         )
-    grouped = [n for n, l in layers.items() if isinstance(l, MoLREConv) and l.base_layer.groups != 1]
+    grouped = [
+        n for n, l in layers.items() if isinstance(l, MoLREConv) and l.base_layer.groups != 1
+    ]
     if grouped:
-        raise MolreError(f"merge_adapters: grouped convolution(s) {grouped[:3]} cannot take a dense ΔW")
+        raise MolreError(
+            f"merge_adapters: grouped convolution(s) {grouped[:3]} cannot take a dense ΔW"
+        )
     with torch.no_grad():
         for name, layer in layers.items():
             base = layer.base_layer

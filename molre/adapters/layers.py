@@ -55,7 +55,9 @@ class MoLRELayer(nn.Module):
     lora_A: nn.Module
     lora_B: nn.Module
 
-    def __init__(self, base: nn.Module, config: MoLREConfig, in_features: int, out_features: int) -> None:
+    def __init__(
+        self, base: nn.Module, config: MoLREConfig, in_features: int, out_features: int
+    ) -> None:
         super().__init__()
         self.base_layer = base
         self.config = config
@@ -66,18 +68,26 @@ class MoLRELayer(nn.Module):
         self.top_k = config.top_k
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = (
+            nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        )
         dev, dt = base.weight.device, base.weight.dtype
         self.router: Router | None = (
             Router(in_features, config.router_hidden, self.experts).to(device=dev, dtype=dt)
-            if self.experts > 1 else None
+            if self.experts > 1
+            else None
         )
         # Running usage statistics: detached, not part of any state dict (they are diagnostics).
         k = self.experts
-        self.register_buffer("usage_gate_sum", torch.zeros(k, dtype=torch.float32, device=dev), persistent=False)
-        self.register_buffer("usage_entropy_sum", torch.zeros((), dtype=torch.float32, device=dev),
-                             persistent=False)
-        self.register_buffer("usage_samples", torch.zeros((), dtype=torch.int64, device=dev), persistent=False)
+        self.register_buffer(
+            "usage_gate_sum", torch.zeros(k, dtype=torch.float32, device=dev), persistent=False
+        )
+        self.register_buffer(
+            "usage_entropy_sum", torch.zeros((), dtype=torch.float32, device=dev), persistent=False
+        )
+        self.register_buffer(
+            "usage_samples", torch.zeros((), dtype=torch.int64, device=dev), persistent=False
+        )
         # Dense router probabilities of the last training forward (kept only when a balance loss
         # is requested, because keeping them holds on to the autograd graph).
         self.last_probs: torch.Tensor | None = None
@@ -222,7 +232,9 @@ class MoLRELinear(MoLRELayer):
         """result + h @ B^T fused into one GEMM (addmm), saving a pass over the output."""
         w = self.lora_B.weight
         if h.dim() >= 2 and result.dtype == h.dtype == w.dtype:
-            out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), w.t())
+            out = torch.addmm(
+                result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), w.t()
+            )
             return out.view(result.shape)
         return result + self.lora_B(h).to(result.dtype)
 
@@ -253,9 +265,17 @@ class MoLREConv(MoLRELayer):
         self.spatial_dims = nd
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = conv(
-            base.in_channels, kr, base.kernel_size, stride=base.stride, padding=base.padding,
-            dilation=base.dilation, groups=1, bias=False, padding_mode=base.padding_mode,
-            device=dev, dtype=dt,
+            base.in_channels,
+            kr,
+            base.kernel_size,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+            groups=1,
+            bias=False,
+            padding_mode=base.padding_mode,
+            device=dev,
+            dtype=dt,
         )
         self.lora_B = conv(kr, base.out_channels, (1,) * nd, bias=False, device=dev, dtype=dt)
         self._init_adapter()

@@ -26,8 +26,11 @@ def remap_legacy_keys(state: Mapping[str, V], layers: Iterable[str]) -> dict[str
     for each adapted layer name in `layers` (only there: a backbone may have a module called
     ``base`` of its own). Other keys are unchanged; a state without legacy keys is returned as
     an equal dict."""
-    prefixes = {f"{layer}.{old}.": f"{layer}.{new}." for layer in layers
-                for old, new in LEGACY_NAMES.items()}
+    prefixes = {
+        f"{layer}.{old}.": f"{layer}.{new}."
+        for layer in layers
+        for old, new in LEGACY_NAMES.items()
+    }
     if not prefixes:
         return dict(state)
     out: dict[str, V] = {}
@@ -43,5 +46,12 @@ def remap_legacy_keys(state: Mapping[str, V], layers: Iterable[str]) -> dict[str
     return out
 
 
-__all__ = ["ADAPTER_PARTS", "BASE_LAYER", "LEGACY_NAMES", "LORA_A", "LORA_B", "ROUTER",
-           "remap_legacy_keys"]
+__all__ = [
+    "ADAPTER_PARTS",
+    "BASE_LAYER",
+    "LEGACY_NAMES",
+    "LORA_A",
+    "LORA_B",
+    "ROUTER",
+    "remap_legacy_keys",
+]

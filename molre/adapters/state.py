@@ -42,7 +42,8 @@ def _expected_keys(model: nn.Module) -> list[str]:
     base_ids = _base_param_ids(model)
     adapter = set(adapter_parameter_names(model))
     return [
-        n for n, p in model.named_parameters()
+        n
+        for n, p in model.named_parameters()
         if n in adapter or (p.requires_grad and id(p) not in base_ids)
     ]
 
@@ -66,7 +67,9 @@ def load_adapter_state_dict(
     Returns {"missing": [...], "unexpected": [...]} (both empty when strict succeeded).
     """
     if not adapted_layers(model):
-        raise MolreError("load_adapter_state_dict: the model has no MoLRE adapters; inject them first")
+        raise MolreError(
+            "load_adapter_state_dict: the model has no MoLRE adapters; inject them first"
+        )
     state = remap_legacy_keys(state, adapted_layers(model))  # saved before the PEFT names
     base_ids = _base_param_ids(model)
     loadable = {n: p for n, p in model.named_parameters() if id(p) not in base_ids}
@@ -77,20 +80,30 @@ def load_adapter_state_dict(
     if strict and (missing or unexpected):
         parts = []
         if missing:
-            parts.append(f"missing key(s) {missing[:10]}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+            parts.append(
+                f"missing key(s) {missing[:10]}"
+                + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+            )
         if unexpected:
             frozen = [k for k in unexpected if k in base_names]
             parts.append(
-                f"unexpected key(s) {unexpected[:10]}" + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
-                + (f"; {frozen[:3]} are frozen base weights, which adapter state never holds" if frozen else "")
+                f"unexpected key(s) {unexpected[:10]}"
+                + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
+                + (
+                    f"; {frozen[:3]} are frozen base weights, which adapter state never holds"
+                    if frozen
+                    else ""
+                )
             )
         raise CheckpointError(
-            "adapter state does not match the model: " + "; ".join(parts)
+            "adapter state does not match the model: "
+            + "; ".join(parts)
             + ". Build the model with the same backbone, MoLREConfig and head as when it was saved"
         )
     shapes = [
         f"{k}: saved {tuple(v.shape)} vs model {tuple(loadable[k].shape)}"
-        for k, v in state.items() if k in loadable and tuple(v.shape) != tuple(loadable[k].shape)
+        for k, v in state.items()
+        if k in loadable and tuple(v.shape) != tuple(loadable[k].shape)
     ]
     if shapes:
         raise CheckpointError("adapter state has shape mismatches: " + "; ".join(shapes[:10]))
@@ -140,7 +153,9 @@ def _read(path: str | Path) -> tuple[MoLREConfig, list[str] | None, Path]:
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"cannot read adapter config {config_path}: {exc}") from None
         if not isinstance(payload, dict) or "config" not in payload:
-            raise CheckpointError(f"{config_path} has no 'config' key; it was not written by save_adapters")
+            raise CheckpointError(
+                f"{config_path} has no 'config' key; it was not written by save_adapters"
+            )
         return MoLREConfig.from_dict(payload["config"]), payload.get("adapted"), tensor_path
     try:
         from safetensors import safe_open
@@ -168,7 +183,9 @@ def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> Mo
     current = get_config(model)
     diff = stored.diff(current)
     if diff:
-        detail = ", ".join(f"{k}: saved {stored.to_dict()[k]!r} vs model {current.to_dict()[k]!r}" for k in diff)
+        detail = ", ".join(
+            f"{k}: saved {stored.to_dict()[k]!r} vs model {current.to_dict()[k]!r}" for k in diff
+        )
         raise CheckpointError(
             f"adapter config in {tensor_path} does not match the model ({detail}); "
             "inject the model with read_adapter_config(path) before loading"

@@ -39,10 +39,20 @@ def _encoder_class() -> Any:
             Input sides must be divisible by ``2 ** (levels - 1)``.
             """
 
-            def __init__(self, init_filters: int = 32, blocks_down: tuple[int, ...] = (1, 2, 2, 4, 4),
-                         in_channels: int = 1, **kwargs: Any) -> None:
-                super().__init__(spatial_dims=3, init_filters=init_filters, in_channels=in_channels,
-                                 blocks_down=tuple(blocks_down), **kwargs)
+            def __init__(
+                self,
+                init_filters: int = 32,
+                blocks_down: tuple[int, ...] = (1, 2, 2, 4, 4),
+                in_channels: int = 1,
+                **kwargs: Any,
+            ) -> None:
+                super().__init__(
+                    spatial_dims=3,
+                    init_filters=init_filters,
+                    in_channels=in_channels,
+                    blocks_down=tuple(blocks_down),
+                    **kwargs,
+                )
                 self.feature_dim = init_filters * 2 ** (len(blocks_down) - 1)
                 self.stride = 2 ** (len(blocks_down) - 1)
 
@@ -52,7 +62,9 @@ def _encoder_class() -> Any:
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) -> (B, F)
                 if x.ndim != 5:
-                    raise ValueError(f"3D backbone expects (B, C, D, H, W), got shape {tuple(x.shape)}")
+                    raise ValueError(
+                        f"3D backbone expects (B, C, D, H, W), got shape {tuple(x.shape)}"
+                    )
                 bad = [s for s in x.shape[2:] if s % self.stride]
                 if bad:
                     raise ValueError(
@@ -121,19 +133,27 @@ def _ctfm_targets(module: Any) -> list[str]:  # a CTFMEncoder
 def _tiny3d_light(module: Any) -> list[str]:  # a CTFMEncoder
     """Light: the last conv of each of the two deepest levels."""
     levels = len(module.blocks_down)
-    return [rf"^layers\.{i}\.blocks\.{module.blocks_down[i] - 1}\.conv2$"
-            for i in range(max(0, levels - 2), levels)]
+    return [
+        rf"^layers\.{i}\.blocks\.{module.blocks_down[i] - 1}\.conv2$"
+        for i in range(max(0, levels - 2), levels)
+    ]
 
 
 def _presets(light):
     return lambda m: {"paper": _ctfm_paper(m), "light": light(m)}
 
 
-CTFM_TARGETS = [r"^conv_init$", r"^layers\.(2|3|4)\.blocks\.\d+\.conv[12]$",
-                r"^layers\.(1|2|3)\.downsample$"]
+CTFM_TARGETS = [
+    r"^conv_init$",
+    r"^layers\.(2|3|4)\.blocks\.\d+\.conv[12]$",
+    r"^layers\.(1|2|3)\.downsample$",
+]
 CTFM_LIGHT = [r"^layers\.3\.blocks\.3\.conv2$"]
-TINY3D_TARGETS = [r"^conv_init$", r"^layers\.(2|3)\.blocks\.\d+\.conv[12]$",
-                  r"^layers\.(1|2)\.downsample$"]
+TINY3D_TARGETS = [
+    r"^conv_init$",
+    r"^layers\.(2|3)\.blocks\.\d+\.conv[12]$",
+    r"^layers\.(1|2)\.downsample$",
+]
 TINY3D_LIGHT = [r"^layers\.2\.blocks\.0\.conv2$", r"^layers\.3\.blocks\.0\.conv2$"]
 
 register_backbone(

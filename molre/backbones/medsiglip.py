@@ -82,7 +82,9 @@ class SiglipSliceEncoder(nn.Module):
 
 def _config_from_weights(cfg: dict) -> dict:
     """Use the published config's vision part, so a checkpoint variant builds its own shape."""
-    vision = cfg.get("vision_config", cfg if cfg.get("model_type") == "siglip_vision_model" else None)
+    vision = cfg.get(
+        "vision_config", cfg if cfg.get("model_type") == "siglip_vision_model" else None
+    )
     if not isinstance(vision, dict):
         return {}
     keep = set(MEDSIGLIP_VISION)
@@ -92,8 +94,10 @@ def _config_from_weights(cfg: dict) -> dict:
 #: The paper's placement: patch embedding + every encoder layer's attention projections. The
 #: patch embedding can be wrapped because MoLRE layers expose the base ``weight`` (transformers'
 #: SigLIP reads ``patch_embedding.weight.dtype``).
-SIGLIP_PAPER = [r"^model\.embeddings\.patch_embedding$",
-                r"^model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"]
+SIGLIP_PAPER = [
+    r"^model\.embeddings\.patch_embedding$",
+    r"^model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$",
+]
 
 
 def _targets(depth: int, last: int = 2) -> list[str]:
@@ -114,13 +118,18 @@ register_backbone(
         description="MedSigLIP-448 vision tower (SigLIP so400m/14, ~429M), pooled output per slice; "
         "needs transformers",
         weights_hint=MEDSIGLIP_HINT,
-        target_presets={"paper": list(SIGLIP_PAPER),
-                        "light": _targets(MEDSIGLIP_VISION["num_hidden_layers"])},
+        target_presets={
+            "paper": list(SIGLIP_PAPER),
+            "light": _targets(MEDSIGLIP_VISION["num_hidden_layers"]),
+        },
         requires_weights=True,
     ),
     SiglipSliceEncoder,
     weights_target=lambda m: m.model,
     weights_ignore=(r"^text_model\.", r"^logit_(scale|bias)$"),
     config_from_weights=_config_from_weights,
-    presets_for=lambda m: {"paper": list(SIGLIP_PAPER), "light": _targets(len(m.model.encoder.layers))},
+    presets_for=lambda m: {
+        "paper": list(SIGLIP_PAPER),
+        "light": _targets(len(m.model.encoder.layers)),
+    },
 )

@@ -28,8 +28,13 @@ from .registry import BackboneSpec, register_backbone
 
 #: CT windows (center, width) of the three input channels: blood/brain, subdural, bone.
 PHANTOM_WINDOWS = [[40.0, 80.0], [60.0, 200.0], [500.0, 2000.0]]
-PHANTOM_RECIPE = {"name": "ctfm-3d", "spacing": [5.0, 3.0, 3.0], "roi": [32, 72, 72],
-                  "windows": PHANTOM_WINDOWS, "antialias": True}
+PHANTOM_RECIPE = {
+    "name": "ctfm-3d",
+    "spacing": [5.0, 3.0, 3.0],
+    "roi": [32, 72, 72],
+    "windows": PHANTOM_WINDOWS,
+    "antialias": True,
+}
 #: Where the packaged weights live (inside the installed package), and how a model card names them.
 WEIGHTS_RESOURCE = "phantom-3d"
 PACKAGED_PREFIX = "packaged:"
@@ -89,8 +94,13 @@ def _res(c_in: int, c_out: int, stride: int = 1, subunits: int = 2) -> ResidualU
 class PhantomUNet(nn.Module):
     """Compact 3-D U-Net; ``forward`` returns the feature vector, ``dense`` the mask logits."""
 
-    def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (16, 32, 64, 96),
-                 decoder: tuple[int, int, int] = (32, 8, 16), num_classes: int = 12) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channels: tuple[int, ...] = (16, 32, 64, 96),
+        decoder: tuple[int, int, int] = (32, 8, 16),
+        num_classes: int = 12,
+    ) -> None:
         super().__init__()
         c0, c1, c2, c3 = channels
         d1, dr, d0 = decoder
@@ -113,26 +123,48 @@ class PhantomUNet(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"phantom-3d expects (B, C, D, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"phantom-3d expects {self.in_channels} input channels (CT windows), "
-                             f"got {x.shape[1]}")
+            raise ValueError(
+                f"phantom-3d expects {self.in_channels} input channels (CT windows), "
+                f"got {x.shape[1]}"
+            )
         bad = [s for s in x.shape[2:] if s % self.stride]
         if bad:
-            raise ValueError(f"phantom-3d input sides {tuple(x.shape[2:])} must be divisible by "
-                             f"{self.stride}")
+            raise ValueError(
+                f"phantom-3d input sides {tuple(x.shape[2:])} must be divisible by {self.stride}"
+            )
         s1 = self.enc1(self.stem(x))
         s2 = self.enc2(s1)
         b = self.bottleneck(self.enc3(s2))
-        u2 = self.dec2(torch.cat([F.interpolate(b, size=s2.shape[2:], mode="trilinear",
-                                                align_corners=False), s2], dim=1))
-        u1 = self.dec1(torch.cat([F.interpolate(self.reduce(u2), size=s1.shape[2:],
-                                                mode="trilinear", align_corners=False), s1],
-                                 dim=1))
+        u2 = self.dec2(
+            torch.cat(
+                [F.interpolate(b, size=s2.shape[2:], mode="trilinear", align_corners=False), s2],
+                dim=1,
+            )
+        )
+        u1 = self.dec1(
+            torch.cat(
+                [
+                    F.interpolate(
+                        self.reduce(u2), size=s1.shape[2:], mode="trilinear", align_corners=False
+                    ),
+                    s1,
+                ],
+                dim=1,
+            )
+        )
         return b, u1
 
     @staticmethod
     def _pool(b: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
-        return torch.cat([b.mean(dim=(2, 3, 4)), b.amax(dim=(2, 3, 4)),
-                          u1.mean(dim=(2, 3, 4)), u1.amax(dim=(2, 3, 4))], dim=1)
+        return torch.cat(
+            [
+                b.mean(dim=(2, 3, 4)),
+                b.amax(dim=(2, 3, 4)),
+                u1.mean(dim=(2, 3, 4)),
+                u1.amax(dim=(2, 3, 4)),
+            ],
+            dim=1,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, D, H, W) -> (B, F)
         """The volume vector: pooled bottleneck and decoder features, and the peak of each
@@ -148,7 +180,12 @@ class PhantomUNet(nn.Module):
 
 def packaged_weights() -> Path | None:
     """The shipped weights file, or None when the package was installed without them."""
-    p = Path(__file__).resolve().parent.parent / "resources" / WEIGHTS_RESOURCE / "model.safetensors"
+    p = (
+        Path(__file__).resolve().parent.parent
+        / "resources"
+        / WEIGHTS_RESOURCE
+        / "model.safetensors"
+    )
     return p if p.is_file() else None
 
 
@@ -178,8 +215,11 @@ def _build(pretrained: bool = True, **overrides: Any) -> PhantomUNet:
 #: 1x1x1 projections of those blocks only (residual paths and the decoder's channel reduction,
 #: the closest analogue of LoRA on linear projections; a few per cent).
 PHANTOM_PRESETS = {
-    "paper": [r"^bottleneck\.conv\.unit[01]\.conv$", r"^dec2\.conv\.unit[01]\.conv$",
-              r"^dec1\.conv\.unit0\.conv$"],
+    "paper": [
+        r"^bottleneck\.conv\.unit[01]\.conv$",
+        r"^dec2\.conv\.unit[01]\.conv$",
+        r"^dec1\.conv\.unit0\.conv$",
+    ],
     "light": [r"^bottleneck\.residual$", r"^dec2\.residual$", r"^reduce$", r"^dec1\.residual$"],
 }
 
@@ -190,10 +230,14 @@ register_backbone(
         feature_dim=236,
         recipe=dict(PHANTOM_RECIPE),
         default_targets=list(PHANTOM_PRESETS["paper"]),
-        description=("Compact 3-D U-Net (MONAI blocks) pretrained on multi-site synthetic "
-                     "phantoms with dense supervision; weights ship with the package"),
-        weights_hint=("phantom-3d weights ship with molre-node (molre/resources/phantom-3d); "
-                      "regenerate them with `python -m molre.training.pretrain`."),
+        description=(
+            "Compact 3-D U-Net (MONAI blocks) pretrained on multi-site synthetic "
+            "phantoms with dense supervision; weights ship with the package"
+        ),
+        weights_hint=(
+            "phantom-3d weights ship with molre-node (molre/resources/phantom-3d); "
+            "regenerate them with `python -m molre.training.pretrain`."
+        ),
         target_presets={k: list(v) for k, v in PHANTOM_PRESETS.items()},
     ),
     _build,

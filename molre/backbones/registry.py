@@ -159,8 +159,13 @@ def create_backbone(name: str, weights: str | Path | None = None, **overrides: A
         presets = {k: list(v) for k, v in entry.presets_for(module).items()}
         targets = list(presets.get(DEFAULT_PRESET, targets))
     presets.setdefault(DEFAULT_PRESET, list(targets))
-    spec = replace(entry.spec, feature_dim=int(module.feature_dim), recipe=recipe,
-                   default_targets=targets, target_presets=presets)
+    spec = replace(
+        entry.spec,
+        feature_dim=int(module.feature_dim),
+        recipe=recipe,
+        default_targets=targets,
+        target_presets=presets,
+    )
     module.spec = spec
     # a builder may have loaded weights shipped with the package (phantom-3d) and said so
     module.weights_source = getattr(module, "weights_source", None)
@@ -185,8 +190,10 @@ def preset_targets(spec: BackboneSpec, preset: str | None = None) -> list[str]:
     presets = dict(spec.target_presets or {})
     presets.setdefault(DEFAULT_PRESET, list(spec.default_targets))
     if name not in presets:
-        raise ConfigError(f"backbone {spec.name!r} has no adapter preset {name!r}; "
-                          f"available: {', '.join(presets)}")
+        raise ConfigError(
+            f"backbone {spec.name!r} has no adapter preset {name!r}; "
+            f"available: {', '.join(presets)}"
+        )
     return list(presets[name])
 
 
@@ -210,9 +217,9 @@ def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         if owner is None:
             out[key] = value
             continue
-        rest = key[len(owner) + 1:]
+        rest = key[len(owner) + 1 :]
         if rest.startswith(BASE_LAYER + "."):
-            out[owner + "." + rest[len(BASE_LAYER) + 1:]] = value
+            out[owner + "." + rest[len(BASE_LAYER) + 1 :]] = value
         # anything else inside a wrapper is adapter state: not part of the backbone
     return out
 
@@ -232,7 +239,9 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     for key in sorted(state):
         t = state[key].detach()
         if t.device.type == "meta":
-            raise ValueError("weights_digest needs materialised tensors (module is on the meta device)")
+            raise ValueError(
+                "weights_digest needs materialised tensors (module is on the meta device)"
+            )
         t = t.cpu().contiguous()
         h.update(key.encode())
         h.update(b"\0")

@@ -55,7 +55,9 @@ def _convert_dinov3(state: dict, model: nn.Module) -> dict:
 VIT_PAPER = [r"^patch_embed\.proj$", r"^blocks\.\d+\.attn\.(qkv|proj)$"]
 
 
-def _vit_targets(depth: int, last_blocks: int, *, patch: bool = True, proj: bool = True) -> list[str]:
+def _vit_targets(
+    depth: int, last_blocks: int, *, patch: bool = True, proj: bool = True
+) -> list[str]:
     """Light preset: patch embedding (optional) + attention qkv (and proj) of the last blocks.
 
     The pre-paper default, kept selectable (``preset="light"``): it stays under 0.5 % extra
@@ -78,8 +80,10 @@ _DINO_SIZES = {
 def _presets_for(last: int, patch: bool, proj: bool):
     def presets(module: nn.Module) -> dict[str, list[str]]:
         depth = len(module.blocks)
-        return {"paper": list(VIT_PAPER),
-                "light": _vit_targets(depth, min(last, depth), patch=patch, proj=proj)}
+        return {
+            "paper": list(VIT_PAPER),
+            "light": _vit_targets(depth, min(last, depth), patch=patch, proj=proj),
+        }
 
     return presets
 
@@ -95,8 +99,10 @@ for _name, (_timm, _depth, _dim, _params, _last, _patch, _proj) in _DINO_SIZES.i
             default_targets=list(VIT_PAPER),
             description=f"DINOv3 ViT/16 ({_timm}, timm Eva, {_params}), CLS token per slice",
             weights_hint=_DINO_HINT.format(model=_timm, name=_name),
-            target_presets={"paper": list(VIT_PAPER),
-                            "light": _vit_targets(_depth, _last, patch=_patch, proj=_proj)},
+            target_presets={
+                "paper": list(VIT_PAPER),
+                "light": _vit_targets(_depth, _last, patch=_patch, proj=_proj),
+            },
             requires_weights=True,
         ),
         _make_builder(_timm),
@@ -113,12 +119,17 @@ register_backbone(
         default_targets=list(VIT_PAPER),
         description="Tiny DINOv3-style Eva (dim 64, depth 2, 64 px; same code path) for CPU tests",
         weights_hint="tiny-2d has no published weights; it is trained from random init by the demo.",
-        target_presets={"paper": list(VIT_PAPER), "light": _vit_targets(2, 1, patch=False, proj=False)},
+        target_presets={
+            "paper": list(VIT_PAPER),
+            "light": _vit_targets(2, 1, patch=False, proj=False),
+        },
     ),
-    _make_builder("vit_small_patch16_dinov3",
-                  # layer scale starts at 1 (DINOv3: 1e-5): at random init the blocks would
-                  # otherwise barely touch the CLS token and every slice would look the same
-                  dict(embed_dim=64, depth=2, num_heads=2, img_size=64, init_values=1.0)),
+    _make_builder(
+        "vit_small_patch16_dinov3",
+        # layer scale starts at 1 (DINOv3: 1e-5): at random init the blocks would
+        # otherwise barely touch the CLS token and every slice would look the same
+        dict(embed_dim=64, depth=2, num_heads=2, img_size=64, init_values=1.0),
+    ),
     weights_convert=_convert_dinov3,
     presets_for=_presets_for(1, False, False),
 )

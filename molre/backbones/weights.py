@@ -91,12 +91,14 @@ def resolve_weights(weights: str | Path, *, hint: str = "") -> Path:
     how = f"\n  how to provide them: {hint}" if hint else ""
     ref = str(weights)
     if ref.startswith("hf://"):
-        repo = ref[len("hf://"):].strip("/")
+        repo = ref[len("hf://") :].strip("/")
         revision = None
         if "@" in repo:
             repo, revision = repo.split("@", 1)
         if not repo:
-            raise WeightsError(f"weights reference {ref!r} names no repository (use hf://owner/name)")
+            raise WeightsError(
+                f"weights reference {ref!r} names no repository (use hf://owner/name)"
+            )
         try:
             from huggingface_hub import constants, snapshot_download
         except ImportError as exc:  # pragma: no cover - huggingface_hub ships with timm
@@ -126,10 +128,16 @@ def resolve_weights(weights: str | Path, *, hint: str = "") -> Path:
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     """Find the tensor dict inside common checkpoint containers (Lightning, DDP, EMA)."""
     for _ in range(3):
-        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if (
+            isinstance(obj, Mapping)
+            and obj
+            and all(isinstance(v, torch.Tensor) for v in obj.values())
+        ):
             return dict(obj)
         if isinstance(obj, Mapping):
-            inner = next((obj[k] for k in _CONTAINER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+            inner = next(
+                (obj[k] for k in _CONTAINER_KEYS if k in obj and isinstance(obj[k], Mapping)), None
+            )
             if inner is not None:
                 obj = inner
                 continue
@@ -138,7 +146,9 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-    raise WeightsError(f"{path}: no tensor state dict found in the file (expected a mapping of names to tensors)")
+    raise WeightsError(
+        f"{path}: no tensor state dict found in the file (expected a mapping of names to tensors)"
+    )
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
@@ -157,7 +167,9 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
             for shard in shards:
                 shard_path = path.parent / shard
                 if not shard_path.exists():
-                    raise WeightsError(f"{path}: shard {shard} listed in the index is missing in {path.parent}")
+                    raise WeightsError(
+                        f"{path}: shard {shard} listed in the index is missing in {path.parent}"
+                    )
                 state.update(_read_file(shard_path))
             return state
         if suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -188,7 +200,11 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict | None
             else:
                 raise WeightsError(
                     f"no weights file in directory {path} (looked for {', '.join(DIR_CANDIDATES)}"
-                    + (f"; several candidates: {', '.join(p.name for p in loose)} — pass one file" if loose else "")
+                    + (
+                        f"; several candidates: {', '.join(p.name for p in loose)} — pass one file"
+                        if loose
+                        else ""
+                    )
                     + ")"
                 )
         return _read_file(found), found, config
@@ -225,7 +241,7 @@ def match_state_dict(
 
     best_prefix, best_hits = "", -1
     for prefix in prefixes:
-        hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in expected)
+        hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix) :] in expected)
         if hits > best_hits:
             best_prefix, best_hits = prefix, hits
 
@@ -233,10 +249,12 @@ def match_state_dict(
     unexpected: list[str] = []
     ignored: list[str] = []
     for key, value in state.items():
-        if key.startswith(best_prefix) and key[len(best_prefix):] in expected:
-            mapped[key[len(best_prefix):]] = value
-        elif any(r.search(key) or (key.startswith(best_prefix) and r.search(key[len(best_prefix):]))
-                 for r in ignore_re):
+        if key.startswith(best_prefix) and key[len(best_prefix) :] in expected:
+            mapped[key[len(best_prefix) :]] = value
+        elif any(
+            r.search(key) or (key.startswith(best_prefix) and r.search(key[len(best_prefix) :]))
+            for r in ignore_re
+        ):
             ignored.append(key)
         else:
             unexpected.append(key)
@@ -256,7 +274,8 @@ def match_state_dict(
     if problems:
         strip = f" (after stripping prefix {best_prefix!r})" if best_prefix else ""
         raise WeightsError(
-            f"{source} do not match the architecture{strip}: " + "; ".join(problems)
+            f"{source} do not match the architecture{strip}: "
+            + "; ".join(problems)
             + ". Check that the file belongs to this backbone (and its size variant)."
         )
     return mapped, best_prefix, ignored
@@ -296,6 +315,13 @@ def load_weights_into(
         if v.dtype != expected[k].dtype and expected[k].dtype.is_floating_point:
             mapped[k] = v.to(expected[k].dtype)
     target.load_state_dict(mapped, strict=True)
-    log.info("backbone_weights_loaded", path=str(file_read), tensors=len(mapped),
-             prefix=prefix, ignored=len(ignored))
-    return LoadReport(path=str(file_read), prefix=prefix, loaded=len(mapped), ignored=ignored, config=config)
+    log.info(
+        "backbone_weights_loaded",
+        path=str(file_read),
+        tensors=len(mapped),
+        prefix=prefix,
+        ignored=len(ignored),
+    )
+    return LoadReport(
+        path=str(file_read), prefix=prefix, loaded=len(mapped), ignored=ignored, config=config
+    )

@@ -54,7 +54,11 @@ JPEG_LOSSLESS_P14 = UID("1.2.840.10008.1.2.4.57")
 
 #: Transfer syntaxes `compress_file` can produce (pydicom encoders; dcmtk for JPEG Lossless).
 LOSSLESS_SYNTAXES: tuple[UID, ...] = (
-    RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1)
+    RLELossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+)
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -246,7 +250,9 @@ def ct_slice_dataset(
 
 
 def _geometry(
-    shape: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    origin: Sequence[float],
     direction: np.ndarray | Sequence[Sequence[float]] | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(shape) != 3:
@@ -260,7 +266,8 @@ def _geometry(
 
 
 def _per_slice_rescale(
-    rescale: tuple[float, float] | Sequence[tuple[float, float]], n: int,
+    rescale: tuple[float, float] | Sequence[tuple[float, float]],
+    n: int,
 ) -> list[tuple[float, float]]:
     if len(rescale) == 2 and all(np.isscalar(v) for v in rescale):
         return [(float(rescale[0]), float(rescale[1]))] * n  # type: ignore[index]
@@ -385,9 +392,17 @@ def write_enhanced_ct(
     ds.AccessionNumber = _default_accession(str(study_uid))
     ds.Modality = "CT"
     for keyword, value in DEFAULT_TAGS.items():
-        if keyword in ("WindowCenter", "WindowWidth", "KVP", "XRayTubeCurrent", "ExposureTime",
-                       "ConvolutionKernel", "GantryDetectorTilt", "RotationDirection",
-                       "ScanOptions"):
+        if keyword in (
+            "WindowCenter",
+            "WindowWidth",
+            "KVP",
+            "XRayTubeCurrent",
+            "ExposureTime",
+            "ConvolutionKernel",
+            "GantryDetectorTilt",
+            "RotationDirection",
+            "ScanOptions",
+        ):
             continue  # these live in functional groups in the enhanced IOD
         setattr(ds, keyword, value)
     ds.StudyInstanceUID = UID(study_uid)
@@ -434,35 +449,76 @@ def write_enhanced_ct(
     voi.WindowCenter, voi.WindowWidth = "40", "80"
     shared.FrameVOILUTSequence = DicomSequence([voi])
     fov = _fmt_ds(sp[2] * vol.shape[2])
-    shared.FrameAnatomySequence = DicomSequence([_item(
-        FrameLaterality="U",
-        AnatomicRegionSequence=DicomSequence([_item(
-            CodeValue="69536005", CodingSchemeDesignator="SCT", CodeMeaning="Head")]))])
-    shared.CTAcquisitionTypeSequence = DicomSequence([_item(
-        AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")])
-    shared.CTAcquisitionDetailsSequence = DicomSequence([_item(
-        DataCollectionDiameter="500", RevolutionTime="1", SingleCollimationWidth="0.6",
-        TotalCollimationWidth="38.4", TableHeight="150", GantryDetectorTilt="0",
-        RotationDirection="CW")])
-    shared.CTTableDynamicsSequence = DicomSequence([_item(
-        TableSpeed="30", TableFeedPerRotation="30", SpiralPitchFactor="0.8")])
-    shared.CTPositionSequence = DicomSequence([_item(
-        TablePosition="0", ReconstructionTargetCenterPatient=_ds_list(org),
-        DataCollectionCenterPatient=_ds_list(org))])
-    shared.CTGeometrySequence = DicomSequence([_item(
-        DistanceSourceToDetector="1040", DistanceSourceToDataCollectionCenter="570")])
-    shared.CTReconstructionSequence = DicomSequence([_item(
-        ReconstructionAlgorithm="FILTER_BACK_PROJ", ConvolutionKernel="H30s",
-        ConvolutionKernelGroup="BRAIN", ReconstructionFieldOfView=[fov, fov],
-        ReconstructionPixelSpacing=_ds_list((sp[1], sp[2])), ReconstructionAngle="360",
-        ImageFilter="NONE")])
-    shared.CTExposureSequence = DicomSequence([_item(
-        ExposureTimeInms=1000.0, XRayTubeCurrentInmA=250.0, ExposureInmAs=250.0,
-        ExposureModulationType="NONE")])
-    shared.CTXRayDetailsSequence = DicomSequence([_item(
-        KVP="120", FocalSpots="0.7", FilterType="FLAT", FilterMaterial="ALUMINUM")])
-    shared.IrradiationEventIdentificationSequence = DicomSequence([_item(
-        IrradiationEventUID=new_uid())])
+    shared.FrameAnatomySequence = DicomSequence(
+        [
+            _item(
+                FrameLaterality="U",
+                AnatomicRegionSequence=DicomSequence(
+                    [_item(CodeValue="69536005", CodingSchemeDesignator="SCT", CodeMeaning="Head")]
+                ),
+            )
+        ]
+    )
+    shared.CTAcquisitionTypeSequence = DicomSequence(
+        [_item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")]
+    )
+    shared.CTAcquisitionDetailsSequence = DicomSequence(
+        [
+            _item(
+                DataCollectionDiameter="500",
+                RevolutionTime="1",
+                SingleCollimationWidth="0.6",
+                TotalCollimationWidth="38.4",
+                TableHeight="150",
+                GantryDetectorTilt="0",
+                RotationDirection="CW",
+            )
+        ]
+    )
+    shared.CTTableDynamicsSequence = DicomSequence(
+        [_item(TableSpeed="30", TableFeedPerRotation="30", SpiralPitchFactor="0.8")]
+    )
+    shared.CTPositionSequence = DicomSequence(
+        [
+            _item(
+                TablePosition="0",
+                ReconstructionTargetCenterPatient=_ds_list(org),
+                DataCollectionCenterPatient=_ds_list(org),
+            )
+        ]
+    )
+    shared.CTGeometrySequence = DicomSequence(
+        [_item(DistanceSourceToDetector="1040", DistanceSourceToDataCollectionCenter="570")]
+    )
+    shared.CTReconstructionSequence = DicomSequence(
+        [
+            _item(
+                ReconstructionAlgorithm="FILTER_BACK_PROJ",
+                ConvolutionKernel="H30s",
+                ConvolutionKernelGroup="BRAIN",
+                ReconstructionFieldOfView=[fov, fov],
+                ReconstructionPixelSpacing=_ds_list((sp[1], sp[2])),
+                ReconstructionAngle="360",
+                ImageFilter="NONE",
+            )
+        ]
+    )
+    shared.CTExposureSequence = DicomSequence(
+        [
+            _item(
+                ExposureTimeInms=1000.0,
+                XRayTubeCurrentInmA=250.0,
+                ExposureInmAs=250.0,
+                ExposureModulationType="NONE",
+            )
+        ]
+    )
+    shared.CTXRayDetailsSequence = DicomSequence(
+        [_item(KVP="120", FocalSpots="0.7", FilterType="FLAT", FilterMaterial="ALUMINUM")]
+    )
+    shared.IrradiationEventIdentificationSequence = DicomSequence(
+        [_item(IrradiationEventUID=new_uid())]
+    )
     if not per_frame_rescale:
         shared.PixelValueTransformationSequence = DicomSequence([_pvt(*pairs[0])])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
@@ -501,8 +557,10 @@ def write_enhanced_ct(
 def _check_syntax(transfer_syntax: str) -> UID:
     ts = UID(transfer_syntax)
     if ts == ExplicitVRBigEndian:
-        raise ValueError("Explicit VR Big Endian is retired in DICOM and not written by molre; "
-                         "use Explicit or Implicit VR Little Endian")
+        raise ValueError(
+            "Explicit VR Big Endian is retired in DICOM and not written by molre; "
+            "use Explicit or Implicit VR Little Endian"
+        )
     if not ts.is_transfer_syntax:
         raise ValueError(f"{ts} is not a transfer syntax UID")
     return ts
@@ -551,8 +609,10 @@ def _compress_in_memory(ds: Dataset, ts: UID) -> None:
     if ts == JPEG2000Lossless and min(int(ds.Rows), int(ds.Columns)) < 32:
         # openjpeg's default of 6 resolution levels needs >= 32 pixels per side; the pydicom
         # plugin does not expose the level count.
-        raise MolreError(f"JPEG 2000 encoding needs images of at least 32x32 pixels "
-                         f"(got {ds.Rows}x{ds.Columns}); use RLE or JPEG-LS for smaller images")
+        raise MolreError(
+            f"JPEG 2000 encoding needs images of at least 32x32 pixels "
+            f"(got {ds.Rows}x{ds.Columns}); use RLE or JPEG-LS for smaller images"
+        )
     try:
         ds.compress(ts)
     except (RuntimeError, ValueError, NotImplementedError) as exc:

@@ -84,12 +84,16 @@ def read_manifest(
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
-        raise MolreError(f"{mpath}: empty manifest; the first line must be the header "
-                         f"{','.join(BASE_COLUMNS)},<finding keys...>") from None
+        raise MolreError(
+            f"{mpath}: empty manifest; the first line must be the header "
+            f"{','.join(BASE_COLUMNS)},<finding keys...>"
+        ) from None
     missing = [c for c in BASE_COLUMNS if c not in header]
     if missing:
-        raise MolreError(f"{mpath}: line 1: missing column(s) {', '.join(missing)}; the header "
-                         f"must contain {', '.join(BASE_COLUMNS)} and finding keys")
+        raise MolreError(
+            f"{mpath}: line 1: missing column(s) {', '.join(missing)}; the header "
+            f"must contain {', '.join(BASE_COLUMNS)} and finding keys"
+        )
     dups = sorted({h for h in header if header.count(h) > 1})
     if dups:
         raise MolreError(f"{mpath}: line 1: duplicate column(s) {', '.join(dups)}")
@@ -97,9 +101,11 @@ def read_manifest(
     unknown = [h for h in findings if h not in catalog]
     if unknown:
         shown = ", ".join(repr(u) for u in unknown)
-        raise MolreError(f"{mpath}: line 1: column(s) {shown} are not "
-                         f"findings of catalog {catalog.name!r}; rename them to catalog keys "
-                         "(see docs/catalog.md) or remove them")
+        raise MolreError(
+            f"{mpath}: line 1: column(s) {shown} are not "
+            f"findings of catalog {catalog.name!r}; rename them to catalog keys "
+            "(see docs/catalog.md) or remove them"
+        )
     col_index = {h: i for i, h in enumerate(header)}
     finding_pos = [(catalog.index(h), col_index[h]) for h in findings]
     base = mpath.parent
@@ -110,37 +116,45 @@ def read_manifest(
         if not any(v.strip() for v in values):
             continue
         if len(values) != len(header):
-            raise MolreError(f"{mpath}: line {line}: {len(values)} values for {len(header)} "
-                             "columns")
+            raise MolreError(
+                f"{mpath}: line {line}: {len(values)} values for {len(header)} columns"
+            )
         raw_path = values[col_index["path"]].strip()
         patient = values[col_index["patient_id"]].strip()
         split = values[col_index["split"]].strip().lower()
         if not raw_path:
             raise MolreError(f"{mpath}: line {line}, column path: empty")
         if not patient:
-            raise MolreError(f"{mpath}: line {line}, column patient_id: empty (needed to keep a "
-                             "patient's scans in one split)")
+            raise MolreError(
+                f"{mpath}: line {line}, column patient_id: empty (needed to keep a "
+                "patient's scans in one split)"
+            )
         if split not in SPLITS:
-            raise MolreError(f"{mpath}: line {line}, column split: {split!r} is not one of "
-                             f"{', '.join(SPLITS)}")
+            raise MolreError(
+                f"{mpath}: line {line}, column split: {split!r} is not one of {', '.join(SPLITS)}"
+            )
         p = Path(raw_path)
         p = p if p.is_absolute() else base / p
         if check_paths and not p.exists():
-            raise MolreError(f"{mpath}: line {line}, column path: {raw_path} does not exist "
-                             f"(relative paths are resolved against {base})")
+            raise MolreError(
+                f"{mpath}: line {line}, column path: {raw_path} does not exist "
+                f"(relative paths are resolved against {base})"
+            )
         labels = np.full(len(catalog), np.nan, np.float32)
         for out_i, col_i in finding_pos:
-            labels[out_i] = _parse_label(values[col_i], f"{mpath}: line {line}, column "
-                                                        f"{header[col_i]}")
+            labels[out_i] = _parse_label(
+                values[col_i], f"{mpath}: line {line}, column {header[col_i]}"
+            )
         if patient in first_line and first_line[patient][1] != split and not allow_patient_overlap:
             other_line, other_split = first_line[patient]
-            raise MolreError(f"{mpath}: line {line}: the patient of line {other_line} "
-                             f"({other_split}) appears again in {split}; keep each patient in "
-                             "one split to avoid leakage")
+            raise MolreError(
+                f"{mpath}: line {line}: the patient of line {other_line} "
+                f"({other_split}) appears again in {split}; keep each patient in "
+                "one split to avoid leakage"
+            )
         first_line.setdefault(patient, (line, split))
         site = values[col_index["site"]].strip() if "site" in col_index else ""
-        rows.append(ManifestRow(path=p, patient_id=patient, split=split, labels=labels,
-                                site=site))
+        rows.append(ManifestRow(path=p, patient_id=patient, split=split, labels=labels, site=site))
     if not rows:
         raise MolreError(f"{mpath}: no rows after the header")
     return rows
@@ -158,8 +172,9 @@ def _labels_of(row: Any, catalog: Catalog, where: str) -> np.ndarray:
         return arr
     arr = np.asarray(labels, dtype=np.float32)
     if arr.shape != (len(catalog),):
-        raise MolreError(f"{where}: labels have shape {arr.shape}, catalog has {len(catalog)} "
-                         "findings")
+        raise MolreError(
+            f"{where}: labels have shape {arr.shape}, catalog has {len(catalog)} findings"
+        )
     return arr
 
 
@@ -186,8 +201,10 @@ def write_manifest(
     base = mpath.parent.resolve()
     out_rows: list[list[str]] = []
     rows = list(rows)
-    sites = [str((r.get("site") if isinstance(r, Mapping) else getattr(r, "site", "")) or "")
-             for r in rows]
+    sites = [
+        str((r.get("site") if isinstance(r, Mapping) else getattr(r, "site", "")) or "")
+        for r in rows
+    ]
     with_site = any(sites)
     for i, row in enumerate(rows):
         where = f"manifest row {i + 1}"
@@ -208,9 +225,18 @@ def write_manifest(
         else:
             p_text = p.as_posix()
         labels = _labels_of(row, catalog, where)
-        out_rows.append([p_text, patient, split, *([sites[i]] if with_site else []),
-                         *(_fmt(float(v), f"{where}, column {k}")
-                           for k, v in zip(catalog.keys, labels, strict=True))])
+        out_rows.append(
+            [
+                p_text,
+                patient,
+                split,
+                *([sites[i]] if with_site else []),
+                *(
+                    _fmt(float(v), f"{where}, column {k}")
+                    for k, v in zip(catalog.keys, labels, strict=True)
+                ),
+            ]
+        )
     tmp = mpath.with_name(mpath.name + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -224,5 +250,12 @@ def split_rows(rows: Sequence[ManifestRow], split: str) -> list[ManifestRow]:
     return [r for r in rows if r.split == split]
 
 
-__all__ = ["BASE_COLUMNS", "SPLITS", "ManifestRow", "read_manifest", "read_volume", "split_rows",
-           "write_manifest"]
+__all__ = [
+    "BASE_COLUMNS",
+    "SPLITS",
+    "ManifestRow",
+    "read_manifest",
+    "read_volume",
+    "split_rows",
+    "write_manifest",
+]

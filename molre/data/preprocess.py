@@ -81,20 +81,23 @@ def _triple(name: str, key: str, value: Any, cast: Callable[[Any], Any]) -> list
 
 def _validate(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     if name not in _DEFAULTS:
-        raise ConfigError(f"unknown preprocessing recipe {name!r}; use one of "
-                          f"{', '.join(_DEFAULTS)}")
+        raise ConfigError(
+            f"unknown preprocessing recipe {name!r}; use one of {', '.join(_DEFAULTS)}"
+        )
     given = {}
     for key, value in params.items():
         canon = _ALIASES[name].get(key, key)
         if canon not in _DEFAULTS[name]:
-            raise ConfigError(f"recipe {name!r}: unknown parameter {key!r}; allowed: "
-                              f"{', '.join(_DEFAULTS[name])}")
+            raise ConfigError(
+                f"recipe {name!r}: unknown parameter {key!r}; allowed: {', '.join(_DEFAULTS[name])}"
+            )
         given[canon] = value
     p = json.loads(json.dumps(_DEFAULTS[name])) | given
     orient = str(p["orientation"]).upper()
     if not _valid_axcodes(orient):
-        raise ConfigError(f"recipe {name!r}: orientation {p['orientation']!r} is not 3 axis codes "
-                          "such as 'SPL'")
+        raise ConfigError(
+            f"recipe {name!r}: orientation {p['orientation']!r} is not 3 axis codes such as 'SPL'"
+        )
     p["orientation"] = orient
     if name == "ctfm-3d":
         p["spacing"] = _triple(name, "spacing", p["spacing"], float)
@@ -109,10 +112,14 @@ def _validate(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
             try:
                 p["windows"] = [[float(c), float(w)] for c, w in p["windows"]]
             except (TypeError, ValueError):
-                raise ConfigError(f"recipe {name!r}: windows must be (center, width) pairs") from None
+                raise ConfigError(
+                    f"recipe {name!r}: windows must be (center, width) pairs"
+                ) from None
             if not p["windows"] or any(w <= 0 for _, w in p["windows"]):
-                raise ConfigError(f"recipe {name!r}: windows must be non-empty (center, width) "
-                                  "pairs with width > 0")
+                raise ConfigError(
+                    f"recipe {name!r}: windows must be non-empty (center, width) "
+                    "pairs with width > 0"
+                )
         p["antialias"] = bool(p["antialias"])
     else:
         if p["n_slices"] is None:  # null = every slice
@@ -123,20 +130,25 @@ def _validate(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
             except (TypeError, ValueError):
                 raise ConfigError(f"recipe {name!r}: {key} must be an integer") from None
             if p[key] < (0 if key == "n_slices" else 1):
-                raise ConfigError(f"recipe {name!r}: {key} must be >= 1"
-                                  + (" (or 0 = every slice)" if key == "n_slices" else ""))
+                raise ConfigError(
+                    f"recipe {name!r}: {key} must be >= 1"
+                    + (" (or 0 = every slice)" if key == "n_slices" else "")
+                )
         try:
             windows = [[float(c), float(w)] for c, w in p["windows"]]
         except (TypeError, ValueError):
             raise ConfigError(f"recipe {name!r}: windows must be 3 (center, width) pairs") from None
         if len(windows) != 3 or any(w <= 0 for _, w in windows):
-            raise ConfigError(f"recipe {name!r}: windows must be 3 (center, width) pairs with "
-                              "width > 0 (one per channel)")
+            raise ConfigError(
+                f"recipe {name!r}: windows must be 3 (center, width) pairs with "
+                "width > 0 (one per channel)"
+            )
         p["windows"] = windows
         norm = p["normalize"]
         if norm is not None and not (isinstance(norm, str) and norm in NORMALIZATIONS):
-            raise ConfigError(f"recipe {name!r}: normalize must be null or one of "
-                              f"{', '.join(NORMALIZATIONS)}")
+            raise ConfigError(
+                f"recipe {name!r}: normalize must be null or one of {', '.join(NORMALIZATIONS)}"
+            )
     return p
 
 
@@ -173,9 +185,16 @@ class Recipe:
         """Stable hash of name + params + preprocessing data version (+ MONAI's major.minor)."""
         import monai
 
-        canon = json.dumps({"name": self.name, "params": self.params, "data": DATA_VERSION,
-                            "monai": ".".join(monai.__version__.split(".")[:2])},
-                           sort_keys=True, separators=(",", ":"))
+        canon = json.dumps(
+            {
+                "name": self.name,
+                "params": self.params,
+                "data": DATA_VERSION,
+                "monai": ".".join(monai.__version__.split(".")[:2]),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
         return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
     def output_shape(self) -> tuple[int, ...]:
@@ -211,11 +230,17 @@ class Recipe:
         from monai.data import MetaTensor
 
         x, affine = fast
-        return MetaTensor(x, affine=torch.as_tensor(affine, dtype=torch.float64),
-                          meta={"space": "RAS", "series_uid": volume.series_uid,
-                                "study_uid": volume.study_uid,
-                                "filename_or_obj": volume.series_uid,
-                                "original_affine": torch.as_tensor(volume.affine("RAS"))})
+        return MetaTensor(
+            x,
+            affine=torch.as_tensor(affine, dtype=torch.float64),
+            meta={
+                "space": "RAS",
+                "series_uid": volume.series_uid,
+                "study_uid": volume.study_uid,
+                "filename_or_obj": volume.series_uid,
+                "original_affine": torch.as_tensor(volume.affine("RAS")),
+            },
+        )
 
     def _resampled_monai(self, volume: SeriesVolume) -> Any:
         """Reference path: MONAI Orientation -> GaussianSmooth (antialias) -> Spacing on the
@@ -231,8 +256,9 @@ class Recipe:
             sigma = [max(0.0, (f - 1.0) / 2.0) for f in factor]
             if any(sg > 0 for sg in sigma):
                 img = GaussianSmooth(sigma=sigma)(img)
-        return Spacing(pixdim=p["spacing"], mode=p["mode"], padding_mode="border",
-                       dtype=np.float32)(img)
+        return Spacing(
+            pixdim=p["spacing"], mode=p["mode"], padding_mode="border", dtype=np.float32
+        )(img)
 
     def _window_pad_crop(self, img: Any) -> Any:
         from monai.transforms import CenterSpatialCrop, ScaleIntensityRange, SpatialPad
@@ -300,8 +326,9 @@ class Recipe:
             if fast is not None:
                 return fast[0].contiguous()
             out = self.transform_meta(volume)
-            return torch.as_tensor(out.as_tensor() if hasattr(out, "as_tensor") else out,
-                                   dtype=torch.float32).contiguous()
+            return torch.as_tensor(
+                out.as_tensor() if hasattr(out, "as_tensor") else out, dtype=torch.float32
+            ).contiguous()
         return self._slices_2d(volume)
 
     def _slices_2d(self, volume: SeriesVolume) -> torch.Tensor:
@@ -327,12 +354,15 @@ class Recipe:
         air = float(min(-1024.0, float(slices.min())))
         if pad_y or pad_x:
             slices = torch.nn.functional.pad(
-                slices, (pad_x // 2, pad_x - pad_x // 2, pad_y // 2, pad_y - pad_y // 2),
-                mode="constant", value=air)
+                slices,
+                (pad_x // 2, pad_x - pad_x // 2, pad_y // 2, pad_y - pad_y // 2),
+                mode="constant",
+                value=air,
+            )
         size = p["size"]
-        slices = torch.nn.functional.interpolate(slices[:, None], size=(size, size),
-                                                 mode="bilinear", align_corners=False,
-                                                 antialias=True)[:, 0]
+        slices = torch.nn.functional.interpolate(
+            slices[:, None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )[:, 0]
         chans = []
         for center, width in p["windows"]:
             low = center - width / 2
@@ -362,7 +392,7 @@ def _io_orientation(affine: np.ndarray) -> list[tuple[int, int]]:
     keep = s_ > tol
     r = np.dot(p_[:, keep], qs[keep])
     out: list[tuple[int, int]] = [(-1, 0)] * 3
-    for in_ax in np.argsort(np.min(-(r ** 2), axis=0), kind="stable"):
+    for in_ax in np.argsort(np.min(-(r**2), axis=0), kind="stable"):
         col = r[:, in_ax]
         if np.allclose(col, 0):
             raise ValueError("degenerate affine")
@@ -372,8 +402,9 @@ def _io_orientation(affine: np.ndarray) -> list[tuple[int, int]]:
     return out
 
 
-def _oriented_affine(src: np.ndarray, shape: tuple[int, int, int], axcodes: str
-                     ) -> tuple[np.ndarray, list[int], list[tuple[int, bool]]]:
+def _oriented_affine(
+    src: np.ndarray, shape: tuple[int, int, int], axcodes: str
+) -> tuple[np.ndarray, list[int], list[tuple[int, bool]]]:
     """MONAI Orientation(axcodes, labels=RAS) on an array with affine `src`: the new affine,
     shape, and for each new axis the source axis and whether it is flipped."""
     ornt = _io_orientation(src)
@@ -395,8 +426,9 @@ def _oriented_affine(src: np.ndarray, shape: tuple[int, int, int], axcodes: str
     return src @ m, [shape[a] for a, _ in src_axis], src_axis
 
 
-def _spacing_geometry(a_in: np.ndarray, shape: list[int], pixdim: Sequence[float]
-                      ) -> tuple[np.ndarray, list[int]]:
+def _spacing_geometry(
+    a_in: np.ndarray, shape: list[int], pixdim: Sequence[float]
+) -> tuple[np.ndarray, list[int]]:
     """MONAI Spacing(pixdim, diagonal=False, scale_extent=False): output affine and shape."""
     orig = np.sqrt(np.sum(a_in[:3, :3] ** 2, axis=0))
     out_d = np.array([float(v) for v in pixdim])
@@ -409,8 +441,9 @@ def _spacing_geometry(a_in: np.ndarray, shape: list[int], pixdim: Sequence[float
     rotation = rzs @ np.linalg.inv(zs)
     new = np.eye(4)
     new[:3, :3] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(out_d))
-    corners = np.asarray(np.meshgrid(*[(0.0, n - 1.0) for n in shape], indexing="ij")
-                         ).reshape((3, -1))
+    corners = np.asarray(np.meshgrid(*[(0.0, n - 1.0) for n in shape], indexing="ij")).reshape(
+        (3, -1)
+    )
     corners = np.concatenate((corners, np.ones_like(corners[:1])))
     corners_out = np.linalg.solve(new, a_in) @ corners
     world = a_in @ corners
@@ -419,13 +452,12 @@ def _spacing_geometry(a_in: np.ndarray, shape: list[int], pixdim: Sequence[float
     out_shape = np.round(np.ptp(corners_out, axis=1) + 1.0)
     offset = None
     for i in range(world.shape[1]):
-        if np.allclose(np.min(all_dist - all_dist[:, i:i + 1], 1), 0.0, rtol=_MONAI_AFFINE_TOL):
+        if np.allclose(np.min(all_dist - all_dist[:, i : i + 1], 1), 0.0, rtol=_MONAI_AFFINE_TOL):
             offset = world[:-1, i]
             break
     if offset is None:
         shp = np.array(shape, dtype=float)
-        offset = (a_in[:-1, :-1] @ (shp / 2.0) + a_in[:-1, -1]
-                  - new[:-1, :-1] @ (out_shape / 2.0))
+        offset = a_in[:-1, :-1] @ (shp / 2.0) + a_in[:-1, -1] - new[:-1, :-1] @ (out_shape / 2.0)
     new[:3, 3] = offset
     return new, [int(v) for v in out_shape]
 
@@ -441,9 +473,9 @@ def _gaussian_1d(sigma: float) -> np.ndarray:
     return out.clamp(min=0).numpy().astype(np.float64)
 
 
-def _separable_plan(p: Mapping[str, Any], shape: tuple[int, int, int], ras_affine: np.ndarray
-                    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[int, int, int],
-                               np.ndarray] | None:
+def _separable_plan(
+    p: Mapping[str, Any], shape: tuple[int, int, int], ras_affine: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[int, int, int], np.ndarray] | None:
     """Per-axis matrices (for the volume's z, y, x axes) of orientation + antialias +
     resampling, the transpose from (z, y, x) to the output axes, and the resampled grid's
     affine (RAS)."""
@@ -461,8 +493,9 @@ def _separable_plan(p: Mapping[str, Any], shape: tuple[int, int, int], ras_affin
     off = xform[:3, :3] - np.diag(np.diag(xform[:3, :3]))
     if np.max(np.abs(off)) > _AXIS_TOL * max(1.0, float(np.max(np.abs(xform[:3, :3])))):
         return None
-    unchanged = (np.allclose(a_or, a_out, atol=_MONAI_AFFINE_TOL) and shape_or == shape_out) \
-        or (np.allclose(xform, np.eye(4), atol=_MONAI_AFFINE_TOL) and shape_or == shape_out)
+    unchanged = (np.allclose(a_or, a_out, atol=_MONAI_AFFINE_TOL) and shape_or == shape_out) or (
+        np.allclose(xform, np.eye(4), atol=_MONAI_AFFINE_TOL) and shape_or == shape_out
+    )
     pixdim = np.sqrt((a_or[:3, :3] ** 2).sum(axis=0))
     sigma = [0.0, 0.0, 0.0]
     if p["antialias"]:
@@ -487,9 +520,9 @@ def _separable_plan(p: Mapping[str, Any], shape: tuple[int, int, int], ras_affin
             mg = np.zeros_like(m)
             for d in range(-min(tail, n - 1), min(tail, n - 1) + 1):
                 if d >= 0:
-                    mg[:, d:] += m[:, :n - d] * kern[d + tail]
+                    mg[:, d:] += m[:, : n - d] * kern[d + tail]
                 else:
-                    mg[:, :n + d] += m[:, -d:] * kern[d + tail]
+                    mg[:, : n + d] += m[:, -d:] * kern[d + tail]
             m = mg
         a, flip = src_axis[k]
         if flip:
@@ -499,13 +532,15 @@ def _separable_plan(p: Mapping[str, Any], shape: tuple[int, int, int], ras_affin
     return (mats[0], mats[1], mats[2]), transpose, a_or if unchanged else a_out  # type: ignore
 
 
-def _window_pad_crop_array(p: Mapping[str, Any], img: torch.Tensor, affine: np.ndarray
-                           ) -> tuple[torch.Tensor, np.ndarray]:
+def _window_pad_crop_array(
+    p: Mapping[str, Any], img: torch.Tensor, affine: np.ndarray
+) -> tuple[torch.Tensor, np.ndarray]:
     """`Recipe._window_pad_crop` without MONAI: windows (or the HU range) to 0..1, symmetric
     zero padding to ``roi``, centre crop to ``roi``; the affine follows the voxels."""
     if p["windows"]:
-        img = torch.cat([((img - (c - w / 2.0)) / w).clamp(0.0, 1.0) for c, w in p["windows"]],
-                        dim=0)
+        img = torch.cat(
+            [((img - (c - w / 2.0)) / w).clamp(0.0, 1.0) for c, w in p["windows"]], dim=0
+        )
     else:
         lo, hi = p["hu_range"]
         img = ((img - lo) / (hi - lo)) * (1.0 - 0.0) + 0.0
@@ -515,11 +550,17 @@ def _window_pad_crop_array(p: Mapping[str, Any], img: torch.Tensor, affine: np.n
     before = [max(r - n, 0) // 2 for r, n in zip(roi, size)]
     after = [max(r - n, 0) - b for r, n, b in zip(roi, size, before)]
     if any(before) or any(after):
-        img = torch.nn.functional.pad(img, [v for b, a in zip(reversed(before), reversed(after))
-                                            for v in (b, a)], mode="constant", value=0.0)
+        img = torch.nn.functional.pad(
+            img,
+            [v for b, a in zip(reversed(before), reversed(after)) for v in (b, a)],
+            mode="constant",
+            value=0.0,
+        )
     size = list(img.shape[1:])
     start = [max(n // 2 - r // 2, 0) for n, r in zip(size, roi)]
-    img = img[:, start[0]:start[0] + roi[0], start[1]:start[1] + roi[1], start[2]:start[2] + roi[2]]
+    img = img[
+        :, start[0] : start[0] + roi[0], start[1] : start[1] + roi[1], start[2] : start[2] + roi[2]
+    ]
     shift = np.eye(4)
     shift[:3, 3] = np.array(start, dtype=float) - np.array(before, dtype=float)
     return img.contiguous(), affine @ shift

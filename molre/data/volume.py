@@ -138,9 +138,11 @@ class SeriesVolume:
             "filename_or_obj": self.series_uid,
             "original_affine": torch.as_tensor(self.affine("RAS"), dtype=torch.float64),
         }
-        return MetaTensor(torch.from_numpy(np.ascontiguousarray(self.hu, np.float32))[None],
-                          affine=torch.as_tensor(self.affine("RAS"), dtype=torch.float64),
-                          meta=meta)
+        return MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(self.hu, np.float32))[None],
+            affine=torch.as_tensor(self.affine("RAS"), dtype=torch.float64),
+            meta=meta,
+        )
 
 
 class DeferredSeriesVolume(SeriesVolume):
@@ -189,8 +191,10 @@ class DeferredSeriesVolume(SeriesVolume):
         return self._pixels.reduced(fn, out_hw)
 
     def __repr__(self) -> str:  # the dataclass repr would decode the pixels
-        return (f"DeferredSeriesVolume(series_uid={self.series_uid!r}, shape={self.shape}, "
-                f"spacing={self.spacing}, loaded={self.loaded})")
+        return (
+            f"DeferredSeriesVolume(series_uid={self.series_uid!r}, shape={self.shape}, "
+            f"spacing={self.spacing}, loaded={self.loaded})"
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,25 +227,33 @@ def _floats(value: Any, n: int, tag: str, where: str) -> np.ndarray:
     return arr
 
 
-def _rescale(ds: Dataset, where: str, warnings: list[str], slope: Any, intercept: Any
-             ) -> tuple[float, float]:
+def _rescale(
+    ds: Dataset, where: str, warnings: list[str], slope: Any, intercept: Any
+) -> tuple[float, float]:
     if slope is None or intercept is None:
-        warnings.append(f"{where}: RescaleSlope/RescaleIntercept missing; assumed 1 and 0 "
-                        "(values may not be HU)")
+        warnings.append(
+            f"{where}: RescaleSlope/RescaleIntercept missing; assumed 1 and 0 "
+            "(values may not be HU)"
+        )
         slope = 1.0 if slope is None else slope
         intercept = 0.0 if intercept is None else intercept
     try:
         s, i = float(slope), float(intercept)
     except (TypeError, ValueError):
-        raise SeriesError(f"{where}: RescaleSlope/RescaleIntercept not numeric "
-                          f"({slope!r}, {intercept!r})") from None
+        raise SeriesError(
+            f"{where}: RescaleSlope/RescaleIntercept not numeric ({slope!r}, {intercept!r})"
+        ) from None
     for tag, v in (("RescaleSlope (0028,1053)", s), ("RescaleIntercept (0028,1052)", i)):
         if not math.isfinite(v):
-            raise SeriesError(f"{where}: {tag} is {v} (not a finite number); the pixel values "
-                              "cannot be converted to HU")
+            raise SeriesError(
+                f"{where}: {tag} is {v} (not a finite number); the pixel values "
+                "cannot be converted to HU"
+            )
     if s == 0:
-        raise SeriesError(f"{where}: RescaleSlope (0028,1053) is 0: every voxel would have the "
-                          "same value; the series is unusable")
+        raise SeriesError(
+            f"{where}: RescaleSlope (0028,1053) is 0: every voxel would have the "
+            "same value; the series is unusable"
+        )
     return s, i
 
 
@@ -261,43 +273,90 @@ def _frames_of(path: Path, ds: Dataset, warnings: list[str]) -> list[_Frame]:
         n = int(ds.get("NumberOfFrames") or 1)
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         if per_frame is None or len(per_frame) != n:
-            raise SeriesError(f"{where}: PerFrameFunctionalGroupsSequence must have one item per "
-                              f"frame (NumberOfFrames={n})")
+            raise SeriesError(
+                f"{where}: PerFrameFunctionalGroupsSequence must have one item per "
+                f"frame (NumberOfFrames={n})"
+            )
         out = []
         for i in range(n):
             item = per_frame[i]
             fw = f"{where} frame {i + 1}"
             pos = functional_group_value(ds, item, "PlanePositionSequence", "ImagePositionPatient")
-            ori = functional_group_value(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient")
+            ori = functional_group_value(
+                ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"
+            )
             spc = functional_group_value(ds, item, "PixelMeasuresSequence", "PixelSpacing")
-            slope = functional_group_value(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
-            icpt = functional_group_value(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
-            thick = _float_or_none(functional_group_value(ds, item, "PixelMeasuresSequence", "SliceThickness"))
-            out.append(_Frame(
-                path, i, sop_uid, inst,
-                _floats(pos, 3, "PlanePositionSequence/ImagePositionPatient", fw),
-                _floats(ori, 6, "PlaneOrientationSequence/ImageOrientationPatient", fw),
-                tuple(_floats(spc, 2, "PixelMeasuresSequence/PixelSpacing", fw)),  # type: ignore
-                rows, cols, *_rescale(ds, fw, warnings, slope, icpt), thick))
+            slope = functional_group_value(
+                ds, item, "PixelValueTransformationSequence", "RescaleSlope"
+            )
+            icpt = functional_group_value(
+                ds, item, "PixelValueTransformationSequence", "RescaleIntercept"
+            )
+            thick = _float_or_none(
+                functional_group_value(ds, item, "PixelMeasuresSequence", "SliceThickness")
+            )
+            out.append(
+                _Frame(
+                    path,
+                    i,
+                    sop_uid,
+                    inst,
+                    _floats(pos, 3, "PlanePositionSequence/ImagePositionPatient", fw),
+                    _floats(ori, 6, "PlaneOrientationSequence/ImageOrientationPatient", fw),
+                    tuple(_floats(spc, 2, "PixelMeasuresSequence/PixelSpacing", fw)),  # type: ignore
+                    rows,
+                    cols,
+                    *_rescale(ds, fw, warnings, slope, icpt),
+                    thick,
+                )
+            )
         return out
-    return [_Frame(
-        path, None, sop_uid, inst,
-        _floats(_ds_value(ds, "ImagePositionPatient"), 3, "ImagePositionPatient (0020,0032)",
-                where),
-        _floats(_ds_value(ds, "ImageOrientationPatient"), 6, "ImageOrientationPatient (0020,0037)",
-                where),
-        tuple(_floats(_ds_value(ds, "PixelSpacing"), 2, "PixelSpacing (0028,0030)",  # type: ignore
-                      where)),
-        rows, cols,
-        *_rescale(ds, where, warnings, _ds_value(ds, "RescaleSlope"),
-                  _ds_value(ds, "RescaleIntercept")),
-        _float_or_none(_ds_value(ds, "SliceThickness")))]
+    return [
+        _Frame(
+            path,
+            None,
+            sop_uid,
+            inst,
+            _floats(
+                _ds_value(ds, "ImagePositionPatient"), 3, "ImagePositionPatient (0020,0032)", where
+            ),
+            _floats(
+                _ds_value(ds, "ImageOrientationPatient"),
+                6,
+                "ImageOrientationPatient (0020,0037)",
+                where,
+            ),
+            tuple(
+                _floats(
+                    _ds_value(ds, "PixelSpacing"),
+                    2,
+                    "PixelSpacing (0028,0030)",  # type: ignore
+                    where,
+                )
+            ),
+            rows,
+            cols,
+            *_rescale(
+                ds,
+                where,
+                warnings,
+                _ds_value(ds, "RescaleSlope"),
+                _ds_value(ds, "RescaleIntercept"),
+            ),
+            _float_or_none(_ds_value(ds, "SliceThickness")),
+        )
+    ]
 
 
 #: Decimal-string (DS) attributes every slice's geometry needs, by keyword.
-_DS_TAGS = {"ImagePositionPatient": 0x00200032, "ImageOrientationPatient": 0x00200037,
-            "PixelSpacing": 0x00280030, "RescaleSlope": 0x00281053,
-            "RescaleIntercept": 0x00281052, "SliceThickness": 0x00180050}
+_DS_TAGS = {
+    "ImagePositionPatient": 0x00200032,
+    "ImageOrientationPatient": 0x00200037,
+    "PixelSpacing": 0x00280030,
+    "RescaleSlope": 0x00281053,
+    "RescaleIntercept": 0x00281052,
+    "SliceThickness": 0x00180050,
+}
 
 
 def _ds_value(ds: Dataset, keyword: str) -> Any:
@@ -369,25 +428,35 @@ def _collect(files: list[Path], warnings: list[str]) -> tuple[list[_Frame], dict
     for reason, count in sorted(skipped.items()):
         warnings.append(f"skipped {count} file(s): {reason}")
     if legacy:
-        warnings.append(f"{legacy} file(s) without DICOM preamble/file meta (legacy format); "
-                        "read with the encoding pydicom detected")
+        warnings.append(
+            f"{legacy} file(s) without DICOM preamble/file meta (legacy format); "
+            "read with the encoding pydicom detected"
+        )
     if not headers:
-        raise SeriesError(f"no CT image objects among {len(files)} file(s)"
-                          + (f" ({'; '.join(warnings)})" if warnings else ""))
+        raise SeriesError(
+            f"no CT image objects among {len(files)} file(s)"
+            + (f" ({'; '.join(warnings)})" if warnings else "")
+        )
     series = Counter(str(ds.get("SeriesInstanceUID", "")) for _, ds in headers)
     if len(series) > 1:
         detail = ", ".join(f"{uid or '<missing>'} ({n} files)" for uid, n in series.most_common())
-        raise SeriesError(f"files belong to {len(series)} series (SeriesInstanceUID {detail}); "
-                          "give one series at a time")
+        raise SeriesError(
+            f"files belong to {len(series)} series (SeriesInstanceUID {detail}); "
+            "give one series at a time"
+        )
     classes = Counter(str(ds.SOPClassUID) for _, ds in headers)
     if CTImageStorage in classes and len(classes) > 1:
-        raise SeriesError("series mixes single-frame CT Image Storage and Enhanced CT objects "
-                          f"(SOPClassUID {dict(classes)}); export one form only")
+        raise SeriesError(
+            "series mixes single-frame CT Image Storage and Enhanced CT objects "
+            f"(SOPClassUID {dict(classes)}); export one form only"
+        )
     sops = Counter(str(ds.get("SOPInstanceUID", "")) for _, ds in headers)
     dup_sops = [u for u, n in sops.items() if n > 1]
     if dup_sops:
-        warnings.append(f"{len(dup_sops)} SOPInstanceUID(s) present in more than one file; "
-                        "keeping the first copy")
+        warnings.append(
+            f"{len(dup_sops)} SOPInstanceUID(s) present in more than one file; "
+            "keeping the first copy"
+        )
         seen: set[str] = set()
         unique = []
         for p, ds in headers:
@@ -411,9 +480,12 @@ def _collect(files: list[Path], warnings: list[str]) -> tuple[list[_Frame], dict
         "gantry_detector_tilt": sorted(tilt_values),
         "files": len(headers),
     }
-    return frames, {"meta": meta, "study_uid": str(first.get("StudyInstanceUID", "")),
-                    "series_uid": str(first.get("SeriesInstanceUID", "")),
-                    "datasets": dict(headers)}
+    return frames, {
+        "meta": meta,
+        "study_uid": str(first.get("StudyInstanceUID", "")),
+        "series_uid": str(first.get("SeriesInstanceUID", "")),
+        "datasets": dict(headers),
+    }
 
 
 #: Values above this size (pixel data) are read from the file only when accessed, so the header
@@ -445,8 +517,12 @@ def _with_transfer_syntax(ds: Dataset) -> Dataset:
         if meta is None:
             ds.file_meta = pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = (
-            pydicom.uid.ImplicitVRLittleEndian if implicit
-            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+            pydicom.uid.ImplicitVRLittleEndian
+            if implicit
+            else pydicom.uid.ExplicitVRLittleEndian
+            if little
+            else pydicom.uid.ExplicitVRBigEndian
+        )
     return ds
 
 
@@ -469,40 +545,53 @@ def _class_name(uid: str) -> str:
 def _check_consistent(frames: list[_Frame]) -> None:
     def fail(tag: str, values: Counter) -> None:
         shown = "; ".join(f"{k} x{n}" for k, n in values.most_common(4))
-        raise SeriesError(f"inconsistent {tag} inside the series ({shown}); the slices do not "
-                          "form one volume — check that the folder holds a single reconstruction")
+        raise SeriesError(
+            f"inconsistent {tag} inside the series ({shown}); the slices do not "
+            "form one volume — check that the folder holds a single reconstruction"
+        )
 
     sizes = Counter((f.rows, f.cols) for f in frames)
     if len(sizes) > 1:
-        fail("Rows/Columns (0028,0010)/(0028,0011)",
-             Counter({f"{r}x{c}": n for (r, c), n in sizes.items()}))
+        fail(
+            "Rows/Columns (0028,0010)/(0028,0011)",
+            Counter({f"{r}x{c}": n for (r, c), n in sizes.items()}),
+        )
     ref = frames[0].orientation
     if any(np.max(np.abs(f.orientation - ref)) > 1e-3 for f in frames):
-        fail("ImageOrientationPatient (0020,0037)",
-             Counter(",".join(f"{v:.3g}" for v in f.orientation) for f in frames))
+        fail(
+            "ImageOrientationPatient (0020,0037)",
+            Counter(",".join(f"{v:.3g}" for v in f.orientation) for f in frames),
+        )
     sp = np.array([f.pixel_spacing for f in frames])
     if np.any(sp <= 0):
         bad = next(f for f in frames if min(f.pixel_spacing) <= 0)
         values = [float(v) for v in bad.pixel_spacing]
-        raise SeriesError(f"{bad.path}: PixelSpacing (0028,0030) {values} must be positive; the "
-                          "series geometry is unusable")
+        raise SeriesError(
+            f"{bad.path}: PixelSpacing (0028,0030) {values} must be positive; the "
+            "series geometry is unusable"
+        )
     if np.max(np.abs(sp - sp[0])) > 1e-3 * max(1.0, float(sp[0].max())):
         fail("PixelSpacing (0028,0030)", Counter(f"{a:g}\\{b:g}" for a, b in sp))
     lo, hi = PIXEL_SPACING_MM
     if not (np.all(np.isfinite(sp[0])) and lo <= sp[0].min() and sp[0].max() <= hi):
-        raise SeriesError(f"PixelSpacing (0028,0030) {[float(v) for v in sp[0]]} mm is outside "
-                          f"{lo:g}..{hi:g} mm, not a CT pixel size; refused rather than "
-                          "resampled (check the header)")
+        raise SeriesError(
+            f"PixelSpacing (0028,0030) {[float(v) for v in sp[0]]} mm is outside "
+            f"{lo:g}..{hi:g} mm, not a CT pixel size; refused rather than "
+            "resampled (check the header)"
+        )
     f0 = frames[0]
     fov = (f0.rows * float(sp[0][0]), f0.cols * float(sp[0][1]))
     if max(fov) > MAX_FIELD_OF_VIEW_MM:
-        raise SeriesError(f"Rows x PixelSpacing (0028,0010)/(0028,0030) give a field of view of "
-                          f"{fov[0]:.0f} x {fov[1]:.0f} mm, more than {MAX_FIELD_OF_VIEW_MM:g} mm; "
-                          "refused rather than resampled (check the header)")
+        raise SeriesError(
+            f"Rows x PixelSpacing (0028,0010)/(0028,0030) give a field of view of "
+            f"{fov[0]:.0f} x {fov[1]:.0f} mm, more than {MAX_FIELD_OF_VIEW_MM:g} mm; "
+            "refused rather than resampled (check the header)"
+        )
     r, c = ref[:3], ref[3:]
     if abs(np.linalg.norm(r) - 1) > 1e-2 or abs(np.linalg.norm(c) - 1) > 1e-2 or abs(r @ c) > 1e-2:
-        raise SeriesError(f"ImageOrientationPatient (0020,0037) {list(ref)} is not two orthogonal "
-                          "unit vectors")
+        raise SeriesError(
+            f"ImageOrientationPatient (0020,0037) {list(ref)} is not two orthogonal unit vectors"
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -521,16 +610,24 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
     ds = _with_transfer_syntax(ds)
     rows, cols = int(ds.Rows), int(ds.Columns)
     n = int(ds.get("NumberOfFrames") or 1)
-    if (str(ds.file_meta.TransferSyntaxUID) in _NATIVE_LE and ds.get("BitsAllocated") == 16
-            and ds.get("BitsStored") == 16 and int(ds.get("SamplesPerPixel", 1)) == 1
-            and "PixelData" in ds):
+    if (
+        str(ds.file_meta.TransferSyntaxUID) in _NATIVE_LE
+        and ds.get("BitsAllocated") == 16
+        and ds.get("BitsStored") == 16
+        and int(ds.get("SamplesPerPixel", 1)) == 1
+        and "PixelData" in ds
+    ):
         dtype = "<i2" if int(ds.get("PixelRepresentation", 0)) else "<u2"
         count = n * rows * cols
         elem = ds.get_item(0x7FE00010, keep_deferred=True)
         tell = getattr(elem, "value_tell", None)
         arr = None
-        if (getattr(elem, "value", b"") is None and tell is not None and ds.filename
-                and getattr(elem, "length", 0) >= 2 * count):
+        if (
+            getattr(elem, "value", b"") is None
+            and tell is not None
+            and ds.filename
+            and getattr(elem, "length", 0) >= 2 * count
+        ):
             # deferred by the header pass: read the samples straight into the array
             try:
                 arr = np.fromfile(ds.filename, dtype=dtype, count=count, offset=int(tell))
@@ -552,9 +649,11 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
             ts = ds.file_meta.TransferSyntaxUID.name
         except Exception:
             pass
-        raise SeriesError(f"{path}: cannot decode pixel data (transfer syntax {ts}): {exc}. "
-                          "Install the pylibjpeg plugins / pyjpegls, or send the series "
-                          "uncompressed") from exc
+        raise SeriesError(
+            f"{path}: cannot decode pixel data (transfer syntax {ts}): {exc}. "
+            "Install the pylibjpeg plugins / pyjpegls, or send the series "
+            "uncompressed"
+        ) from exc
 
 
 def _frame_of(arr: np.ndarray, f: _Frame) -> np.ndarray:
@@ -563,8 +662,10 @@ def _frame_of(arr: np.ndarray, f: _Frame) -> np.ndarray:
     else:
         raw = arr[f.frame] if arr.ndim == 3 else arr
     if raw.shape != (f.rows, f.cols):
-        raise SeriesError(f"{f.path}: decoded pixel shape {raw.shape} does not match "
-                          f"Rows/Columns {f.rows}x{f.cols}")
+        raise SeriesError(
+            f"{f.path}: decoded pixel shape {raw.shape} does not match "
+            f"Rows/Columns {f.rows}x{f.cols}"
+        )
     return raw
 
 
@@ -637,32 +738,41 @@ class _PixelPass:
                     equal = False
             same += equal
         dropped = sum(len(g) - 1 for g in self.dup_groups)
-        msg = (f"duplicate slice positions: {len(self.dup_groups)} position(s), {dropped} "
-               f"slice(s) dropped ({same} with identical pixels, "
-               f"{len(self.dup_groups) - same} with different pixels); kept the lowest "
-               "InstanceNumber")
+        msg = (
+            f"duplicate slice positions: {len(self.dup_groups)} position(s), {dropped} "
+            f"slice(s) dropped ({same} with identical pixels, "
+            f"{len(self.dup_groups) - same} with different pixels); kept the lowest "
+            "InstanceNumber"
+        )
         self.warnings.append(msg)
         self.corrections.append({"kind": "duplicate_slices_dropped", "description": msg})
 
     def _finish(self, lo_hu: float, hi_hu: float) -> None:
         if lo_hu == hi_hu:
-            raise SeriesError(f"series {self.series_uid}: every voxel is {lo_hu:g} after "
-                              "RescaleSlope (0028,1053) / RescaleIntercept (0028,1052): a "
-                              "constant volume has nothing to read (check the rescale values "
-                              "and Pixel Data)")
+            raise SeriesError(
+                f"series {self.series_uid}: every voxel is {lo_hu:g} after "
+                "RescaleSlope (0028,1053) / RescaleIntercept (0028,1052): a "
+                "constant volume has nothing to read (check the rescale values "
+                "and Pixel Data)"
+            )
         if self.reported:
             return
         self.reported = True
         if self.tilt_reason:
             self.warnings.append(self.tilt_reason + "; resampled onto an orthogonal grid")
-            self.corrections.append({"kind": "gantry_tilt_resampled", "description":
-                                     self.tilt_reason + "; resampled onto an orthogonal grid"})
+            self.corrections.append(
+                {
+                    "kind": "gantry_tilt_resampled",
+                    "description": self.tilt_reason + "; resampled onto an orthogonal grid",
+                }
+            )
 
     def _gridded(self, stack: np.ndarray) -> np.ndarray:
         """The kept slices (first axis of `stack`) on the regular grid; `stack` itself when the
         grid is the acquired slices."""
-        if len(self.grid) == len(stack) and all(lo == m and w == 0.0
-                                                 for m, (lo, _, w) in enumerate(self.grid)):
+        if len(self.grid) == len(stack) and all(
+            lo == m and w == 0.0 for m, (lo, _, w) in enumerate(self.grid)
+        ):
             return stack
         out = np.empty((len(self.grid), *stack.shape[1:]), np.float32)
         for m, (lo, hi, w) in enumerate(self.grid):
@@ -764,7 +874,7 @@ def _spacing_plan(ts: np.ndarray, thickness: Sequence[float | None]) -> _Spacing
             ratio = spacing[b] / spacing[nb]
             k = round(ratio)
             if k >= 2 and abs(ratio - k) <= _STEP_TOL * k:
-                th = [t for t in thickness[a:e + 1] if t]
+                th = [t for t in thickness[a : e + 1] if t]
                 if not th or spacing[b] > 1.5 * float(np.median(th)):
                     ref[b] = min(ref[b], spacing[nb])
     block_of = np.full(len(steps), -1)
@@ -785,8 +895,11 @@ def _spacing_plan(ts: np.ndarray, thickness: Sequence[float | None]) -> _Spacing
             gap_idx.append(i)
             missing += int(round(st / r)) - 1
     stepped = max(ref) > (1 + _STEP_TOL) * min(ref)  # else: one spacing with slices dropped
-    blocks = ([(float(ts[a]), float(ts[e]), spacing[b]) for b, (a, e) in enumerate(runs)]
-              if stepped else [])
+    blocks = (
+        [(float(ts[a]), float(ts[e]), spacing[b]) for b, (a, e) in enumerate(runs)]
+        if stepped
+        else []
+    )
     return _SpacingPlan(min(ref), missing, gap_idx, blocks, True)
 
 
@@ -844,8 +957,10 @@ def read_series(
     files = _list_files(source if isinstance(source, (str, Path)) else list(source))
     frames, info = _collect(files, warnings)
     if len(frames) < min_slices:
-        raise SeriesError(f"series {info['series_uid']} has {len(frames)} CT slice(s); at least "
-                          f"{min_slices} are needed for a volume")
+        raise SeriesError(
+            f"series {info['series_uid']} has {len(frames)} CT slice(s); at least "
+            f"{min_slices} are needed for a volume"
+        )
     _check_consistent(frames)
     orient = frames[0].orientation
     row_dir = orient[:3] / np.linalg.norm(orient[:3])
@@ -871,8 +986,10 @@ def read_series(
     dup_groups = [g for g in groups if len(g) > 1]
     kept = [min(g, key=lambda f: (f.instance_number, f.sop_uid, f.frame or 0)) for g in groups]
     if len(kept) < min_slices:
-        raise SeriesError(f"series {info['series_uid']} has {len(kept)} distinct slice position(s) "
-                          f"(ImagePositionPatient); at least {min_slices} are needed")
+        raise SeriesError(
+            f"series {info['series_uid']} has {len(kept)} distinct slice position(s) "
+            f"(ImagePositionPatient); at least {min_slices} are needed"
+        )
 
     # geometry first (cheap, headers only): refuse before decoding or allocating anything big
     ts = np.array([f.t for f in kept])
@@ -881,42 +998,58 @@ def read_series(
     if step <= 0:
         raise SeriesError("slice positions along the normal do not increase (ImagePositionPatient)")
     if step > MAX_SLICE_SPACING_MM:
-        raise SeriesError(f"series {info['series_uid']}: slice spacing {step:.4g} mm (from "
-                          f"ImagePositionPatient (0020,0032)) is more than "
-                          f"{MAX_SLICE_SPACING_MM:g} mm, not a CT volume; refused rather than "
-                          "resampled (check the header)")
+        raise SeriesError(
+            f"series {info['series_uid']}: slice spacing {step:.4g} mm (from "
+            f"ImagePositionPatient (0020,0032)) is more than "
+            f"{MAX_SLICE_SPACING_MM:g} mm, not a CT volume; refused rather than "
+            "resampled (check the header)"
+        )
     corrections: list[dict[str, str]] = []
     if plan.missing:
         frac = plan.missing / (len(kept) + plan.missing)
         where = ", ".join(f"{ts[i]:.1f}..{ts[i + 1]:.1f} mm" for i in plan.gap_idx[:5])
-        msg = (f"{plan.missing} missing slice(s) ({frac:.0%} of the extent) in "
-               f"{len(plan.gap_idx)} gap(s) at {where}")
+        msg = (
+            f"{plan.missing} missing slice(s) ({frac:.0%} of the extent) in "
+            f"{len(plan.gap_idx)} gap(s) at {where}"
+        )
         if frac > max_missing_fraction:
-            raise SeriesError(f"series {info['series_uid']}: {msg}; more than "
-                              f"{max_missing_fraction:.0%} missing — resend the complete series")
+            raise SeriesError(
+                f"series {info['series_uid']}: {msg}; more than "
+                f"{max_missing_fraction:.0%} missing — resend the complete series"
+            )
         warnings.append(msg + "; filled by linear interpolation")
-        corrections.append({"kind": "missing_slices_interpolated",
-                            "description": msg + "; filled by linear interpolation"})
+        corrections.append(
+            {
+                "kind": "missing_slices_interpolated",
+                "description": msg + "; filled by linear interpolation",
+            }
+        )
     if plan.blocks:
         runs = ", ".join(f"{sp:.3g} mm from {a:.1f} to {b:.1f} mm" for a, b, sp in plan.blocks)
-        msg = (f"stepped slice spacing ({runs}); resampled onto a regular {step:.3g} mm grid by "
-               "linear interpolation between acquired slices")
+        msg = (
+            f"stepped slice spacing ({runs}); resampled onto a regular {step:.3g} mm grid by "
+            "linear interpolation between acquired slices"
+        )
         warnings.append(msg)
         corrections.append({"kind": "slice_spacing_regularised", "description": msg})
     elif not plan.missing and plan.nonuniform:
         steps = np.diff(ts)
-        msg = (f"non-uniform slice spacing ({steps.min():.3g}..{steps.max():.3g} mm); "
-               f"resampled to {step:.3g} mm")
+        msg = (
+            f"non-uniform slice spacing ({steps.min():.3g}..{steps.max():.3g} mm); "
+            f"resampled to {step:.3g} mm"
+        )
         warnings.append(msg)
         corrections.append({"kind": "slice_spacing_regularised", "description": msg})
     n_out = int(round((ts[-1] - ts[0]) / step)) + 1
     grid_voxels = n_out * kept[0].rows * kept[0].cols
     limit = DEFAULT_MAX_VOXELS if max_voxels is None else int(max_voxels)
     if grid_voxels > limit:
-        raise SeriesError(f"series {info['series_uid']}: the regular grid would have "
-                          f"{n_out} x {kept[0].rows} x {kept[0].cols} = {grid_voxels:,} voxels, "
-                          f"more than the limit of {limit:,} (model.max_resampled_voxels); "
-                          "refused rather than resampled")
+        raise SeriesError(
+            f"series {info['series_uid']}: the regular grid would have "
+            f"{n_out} x {kept[0].rows} x {kept[0].cols} = {grid_voxels:,} voxels, "
+            f"more than the limit of {limit:,} (model.max_resampled_voxels); "
+            "refused rather than resampled"
+        )
 
     # gantry tilt / in-plane offsets between slices (headers only: refused before decoding)
     p0 = kept[0].position
@@ -930,22 +1063,37 @@ def read_series(
     tilt_reason = None
     if np.max(np.abs(offsets_px)) > 0.05:
         tag_tilt = info["meta"]["gantry_detector_tilt"]
-        tilt_reason = (f"slice positions are not along the slice normal (gantry tilt about "
-                       f"{angle:.1f} degrees; GantryDetectorTilt {','.join(tag_tilt)}; in-plane "
-                       f"offsets up to {np.max(np.abs(offsets_px)):.1f} pixels)")
+        tilt_reason = (
+            f"slice positions are not along the slice normal (gantry tilt about "
+            f"{angle:.1f} degrees; GantryDetectorTilt {','.join(tag_tilt)}; in-plane "
+            f"offsets up to {np.max(np.abs(offsets_px)):.1f} pixels)"
+        )
         if tilt == "refuse" or angle > max_tilt_deg:
-            raise SeriesError(f"series {info['series_uid']}: {tilt_reason}; "
-                              + ("tilted series are refused by configuration" if tilt == "refuse"
-                                 else f"more than {max_tilt_deg:g} degrees cannot be corrected"))
+            raise SeriesError(
+                f"series {info['series_uid']}: {tilt_reason}; "
+                + (
+                    "tilted series are refused by configuration"
+                    if tilt == "refuse"
+                    else f"more than {max_tilt_deg:g} degrees cannot be corrected"
+                )
+            )
     elif any(v not in ("0", "0.0", "") for v in info["meta"]["gantry_detector_tilt"]):
-        warnings.append("GantryDetectorTilt is not 0 but slice positions are orthogonal; "
-                        "geometry used as given")
+        warnings.append(
+            "GantryDetectorTilt is not 0 but slice positions are orthogonal; geometry used as given"
+        )
 
     grid, n_interp = _grid_plan(ts, step)
-    pixels = _PixelPass(series_uid=info["series_uid"], kept=kept, dup_groups=dup_groups,
-                        datasets=info["datasets"], grid=grid,
-                        offsets_px=offsets_px if tilt_reason else None, tilt_reason=tilt_reason,
-                        warnings=warnings, corrections=corrections)
+    pixels = _PixelPass(
+        series_uid=info["series_uid"],
+        kept=kept,
+        dup_groups=dup_groups,
+        datasets=info["datasets"],
+        grid=grid,
+        offsets_px=offsets_px if tilt_reason else None,
+        tilt_reason=tilt_reason,
+        warnings=warnings,
+        corrections=corrections,
+    )
     direction = np.stack([row_dir, col_dir, normal])
     thick = Counter(round(f.thickness, 4) for f in kept if f.thickness is not None)
     geometry: dict[str, Any] = dict(
@@ -956,7 +1104,8 @@ def read_series(
         series_uid=info["series_uid"],
         study_uid=info["study_uid"],
         warnings=warnings,
-        meta=info["meta"] | {
+        meta=info["meta"]
+        | {
             "interpolated_slices": n_interp,
             "slice_thickness": (min(thick, key=lambda t: (-thick[t], t)) if thick else None),
             "slice_thickness_values": sorted(thick),
@@ -967,8 +1116,13 @@ def read_series(
     if defer_pixels:
         return DeferredSeriesVolume(pixels, shape, **geometry)
     volume = SeriesVolume(hu=pixels.full(), **geometry)
-    log.debug("series assembled", series_uid=volume.series_uid, slices=len(kept),
-              shape=list(shape), warnings=len(warnings))
+    log.debug(
+        "series assembled",
+        series_uid=volume.series_uid,
+        slices=len(kept),
+        shape=list(shape),
+        warnings=len(warnings),
+    )
     return volume
 
 

@@ -37,9 +37,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def label_reports(reports: Sequence[tuple[str, str]], out: Path | str, catalog: Catalog,
-                  lexicon: Lexicon, *, uncertain: str = "keep",
-                  progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+def label_reports(
+    reports: Sequence[tuple[str, str]],
+    out: Path | str,
+    catalog: Catalog,
+    lexicon: Lexicon,
+    *,
+    uncertain: str = "keep",
+    progress: Callable[[int], Any] | None = None,
+) -> dict[str, Any]:
     """Label reports and write LABELS.csv, its evidence JSONL and its run info JSON.
 
     Returns the run info (counts per label value, per finding positives) -- no report text or
@@ -67,13 +73,19 @@ def label_reports(reports: Sequence[tuple[str, str]], out: Path | str, catalog: 
     write_labels(out, rows, catalog)
     write_evidence(evidence_path(out), evidence)
     info = {
-        "format": "molre-report-labels", "format_version": 1,
-        "reports": len(rows), "uncertain_policy": uncertain,
-        "labels": counts, "positives": dict(sorted(positives.items())),
-        "lexicon": {"name": lexicon.name, "version": lexicon.version,
-                    "digest": lexicon.digest(), "source": lexicon.source},
-        "catalog": {"name": catalog.name, "version": catalog.version,
-                    "digest": catalog.digest()},
+        "format": "molre-report-labels",
+        "format_version": 1,
+        "reports": len(rows),
+        "uncertain_policy": uncertain,
+        "labels": counts,
+        "positives": dict(sorted(positives.items())),
+        "lexicon": {
+            "name": lexicon.name,
+            "version": lexicon.version,
+            "digest": lexicon.digest(),
+            "source": lexicon.source,
+        },
+        "catalog": {"name": catalog.name, "version": catalog.version, "digest": catalog.digest()},
         "libraries": library_versions(),
         "evidence": evidence_path(out).name,
     }
@@ -81,5 +93,15 @@ def label_reports(reports: Sequence[tuple[str, str]], out: Path | str, catalog: 
     return info
 
 
-__all__ = ["Lexicon", "ReportLabeler", "UNCERTAIN_POLICIES", "apply_policy", "evidence_path",
-           "info_path", "label_reports", "load_lexicon", "read_labels", "read_reports"]
+__all__ = [
+    "Lexicon",
+    "ReportLabeler",
+    "UNCERTAIN_POLICIES",
+    "apply_policy",
+    "evidence_path",
+    "info_path",
+    "label_reports",
+    "load_lexicon",
+    "read_labels",
+    "read_reports",
+]

@@ -64,8 +64,10 @@ def read_reports(path: Path | str) -> list[tuple[str, str]]:
     header = [h.strip() for h in reader.fieldnames or []]
     missing = [c for c in REPORT_COLUMNS if c not in header]
     if missing:
-        raise MolreError(f"{p}: line 1: missing column(s) {', '.join(missing)}; the header must "
-                         f"contain {','.join(REPORT_COLUMNS)}")
+        raise MolreError(
+            f"{p}: line 1: missing column(s) {', '.join(missing)}; the header must "
+            f"contain {','.join(REPORT_COLUMNS)}"
+        )
     reader.fieldnames = header
     order: list[str] = []
     texts: dict[str, list[str]] = {}
@@ -98,8 +100,9 @@ def _fmt(v: int | None) -> str:
     return "" if v is None else str(int(v))
 
 
-def write_labels(path: Path | str, rows: Sequence[tuple[str, dict[str, int | None]]],
-                 catalog: Catalog) -> Path:
+def write_labels(
+    path: Path | str, rows: Sequence[tuple[str, dict[str, int | None]]], catalog: Catalog
+) -> Path:
     """LABELS.csv: accession_number + one column per catalog key (1/0/-1/empty)."""
     p = Path(path)
 
@@ -146,13 +149,17 @@ def read_labels(path: Path | str, catalog: Catalog) -> dict[str, dict[str, int |
     except StopIteration:
         raise MolreError(f"{p}: empty labels file") from None
     if not header or header[0] != "accession_number":
-        raise MolreError(f"{p}: line 1: the first column must be accession_number (the output "
-                         "of `molre-node labels`)")
+        raise MolreError(
+            f"{p}: line 1: the first column must be accession_number (the output "
+            "of `molre-node labels`)"
+        )
     keys = header[1:]
     unknown = [k for k in keys if k not in catalog]
     if unknown:
-        raise MolreError(f"{p}: line 1: column(s) {', '.join(map(repr, unknown))} are not "
-                         f"findings of catalog {catalog.name!r}")
+        raise MolreError(
+            f"{p}: line 1: column(s) {', '.join(map(repr, unknown))} are not "
+            f"findings of catalog {catalog.name!r}"
+        )
     out: dict[str, dict[str, int | None]] = {}
     for values in reader:
         if not any(v.strip() for v in values):
@@ -182,5 +189,14 @@ def iter_evidence(path: Path | str) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-__all__ = ["REPORT_COLUMNS", "evidence_path", "info_path", "iter_evidence", "read_labels",
-           "read_reports", "write_evidence", "write_info", "write_labels"]
+__all__ = [
+    "REPORT_COLUMNS",
+    "evidence_path",
+    "info_path",
+    "iter_evidence",
+    "read_labels",
+    "read_reports",
+    "write_evidence",
+    "write_info",
+    "write_labels",
+]

@@ -96,8 +96,10 @@ def _import_medspacy() -> Any:
         import medspacy
         import medspacy.context  # noqa: F401 - ConText, imported by the labeler
     except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise MolreError("report labelling needs medspaCy: pip install 'medspacy>=1.3.1,<1.4' "
-                         f"(see docs/report-labels.md) ({exc})") from exc
+        raise MolreError(
+            "report labelling needs medspaCy: pip install 'medspacy>=1.3.1,<1.4' "
+            f"(see docs/report-labels.md) ({exc})"
+        ) from exc
     return medspacy
 
 
@@ -119,16 +121,25 @@ class ReportLabeler:
         # blank English model + medspaCy's clinical tokenizer and PyRuSH sentence splitter:
         # no statistical model, nothing to download
         self.nlp = medspacy.load(
-            medspacy_enable=["medspacy_pyrush", "medspacy_target_matcher", "medspacy_context",
-                             "medspacy_sectionizer"],
-            load_rules=False)
+            medspacy_enable=[
+                "medspacy_pyrush",
+                "medspacy_target_matcher",
+                "medspacy_context",
+                "medspacy_sectionizer",
+            ],
+            load_rules=False,
+        )
         terms = lexicon.terms()
         # "normal", "clear", "preserved" ... only say something about normal anatomy anchors and
         # negation-only groups ("the ventricles and sulci are normal"), never about a finding
         anchor_labels = {t.label for t in terms if t.label.startswith(("anchor:", "group:"))}
         self._mods = sorted(set(lexicon.modifier_words))
-        rules = [TargetRule(t.phrase, t.label, pattern=self._pattern(t.phrase))
-                 if MOD in t.phrase else TargetRule(t.phrase, t.label) for t in terms]
+        rules = [
+            TargetRule(t.phrase, t.label, pattern=self._pattern(t.phrase))
+            if MOD in t.phrase
+            else TargetRule(t.phrase, t.label)
+            for t in terms
+        ]
         self.nlp.get_pipe("medspacy_target_matcher").add(rules)
         ctx_rules = []
         for r in lexicon.context_rules:
@@ -140,7 +151,8 @@ class ReportLabeler:
             ctx_rules.append(ConTextRule(r["literal"], r["category"], **kwargs))
         self.nlp.get_pipe("medspacy_context").add(ctx_rules)
         self.nlp.get_pipe("medspacy_sectionizer").add(
-            [SectionRule(h, c) for h, c in lexicon.section_rules])
+            [SectionRule(h, c) for h, c in lexicon.section_rules]
+        )
         self._excluded = set(lexicon.excluded_sections)
         q = lexicon.qualifiers or {}
         self._qual_window = int(q.get("window", 0) or 0)
@@ -178,15 +190,24 @@ class ReportLabeler:
             return []
         section = ent._.section_category
         mods = sorted({m.category for m in ent._.modifiers})
-        base = dict(text=ent.text, start=ent.start_char, end=ent.end_char, section=section,
-                    modifiers=mods, sentence=ent.sent.start_char)
+        base = dict(
+            text=ent.text,
+            start=ent.start_char,
+            end=ent.end_char,
+            section=section,
+            modifiers=mods,
+            sentence=ent.sent.start_char,
+        )
         anchor = label.startswith("anchor:")
         group = label.startswith("group:")
         key = label[7:] if anchor else label
         if section in self._excluded:
             return [Mention(key, None, reason=f"section '{section}' does not count", **base)]
-        for cat, why in (("HYPOTHETICAL", "hypothetical"), ("HISTORICAL", "historical"),
-                         ("FAMILY", "family history")):
+        for cat, why in (
+            ("HYPOTHETICAL", "hypothetical"),
+            ("HISTORICAL", "historical"),
+            ("FAMILY", "family history"),
+        ):
             if cat in mods:
                 return [Mention(key, None, reason=f"{why}: does not count", **base)]
         if "POSSIBLE_EXISTENCE" in mods:
@@ -198,10 +219,18 @@ class ReportLabeler:
         out: list[Mention] = []
         if anchor or group:
             if status != NEGATIVE:
-                return [Mention(key, None, reason=("normal anatomy named without being called "
-                                                   "normal" if anchor else
-                                                   "group phrase: counts only when negated"),
-                                **base)]
+                return [
+                    Mention(
+                        key,
+                        None,
+                        reason=(
+                            "normal anatomy named without being called normal"
+                            if anchor
+                            else "group phrase: counts only when negated"
+                        ),
+                        **base,
+                    )
+                ]
             if anchor:
                 out.append(Mention(key, NEGATIVE, reason="described as normal", **base))
         else:
@@ -209,19 +238,29 @@ class ReportLabeler:
         # propagation
         if status in (POSITIVE, UNCERTAIN) and not anchor and not group:
             for parent in self.lexicon.implies(key):
-                out.append(Mention(parent, status, reason=f"implied by {key}",
-                                   derived_from=key, **base))
+                out.append(
+                    Mention(parent, status, reason=f"implied by {key}", derived_from=key, **base)
+                )
             q = self._qualifier(ent) if key in self._qual_applies else None
             if q is not None:
-                out.append(Mention(q, status, reason=f"qualifier before {key}",
-                                   derived_from=key, **base))
+                out.append(
+                    Mention(q, status, reason=f"qualifier before {key}", derived_from=key, **base)
+                )
                 for parent in self.lexicon.implies(q):
-                    out.append(Mention(parent, status, reason=f"implied by {q}",
-                                       derived_from=key, **base))
+                    out.append(
+                        Mention(parent, status, reason=f"implied by {q}", derived_from=key, **base)
+                    )
         if status == NEGATIVE:
             for child in self.lexicon.covers(label if group else key):
-                out.append(Mention(child, NEGATIVE, reason=f"covered by negated {label}",
-                                   derived_from=label, **base))
+                out.append(
+                    Mention(
+                        child,
+                        NEGATIVE,
+                        reason=f"covered by negated {label}",
+                        derived_from=label,
+                        **base,
+                    )
+                )
         return out
 
     def _qualifier(self, ent: Any) -> str | None:
@@ -254,8 +293,15 @@ class ReportLabeler:
         out: dict[str, int | None] = {}
         for key in self.catalog.keys:
             vals = per.get(key, set())
-            out[key] = (POSITIVE if POSITIVE in vals else UNCERTAIN if UNCERTAIN in vals
-                        else NEGATIVE if NEGATIVE in vals else None)
+            out[key] = (
+                POSITIVE
+                if POSITIVE in vals
+                else UNCERTAIN
+                if UNCERTAIN in vals
+                else NEGATIVE
+                if NEGATIVE in vals
+                else None
+            )
         return out
 
 
@@ -267,5 +313,13 @@ def _normalise(text: str) -> str:
     return _WS.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
-__all__ = ["Mention", "NEGATIVE", "POSITIVE", "ReportLabeler", "ReportLabels", "UNCERTAIN",
-           "UNCERTAIN_POLICIES", "apply_policy"]
+__all__ = [
+    "Mention",
+    "NEGATIVE",
+    "POSITIVE",
+    "ReportLabeler",
+    "ReportLabels",
+    "UNCERTAIN",
+    "UNCERTAIN_POLICIES",
+    "apply_policy",
+]

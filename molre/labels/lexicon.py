@@ -42,8 +42,15 @@ _FORMAT = "molre-report-lexicon"
 MOD = "{mod}"
 #: how many modifier words ``{mod}`` may stand for
 MAX_MODIFIERS = 4
-CONTEXT_CATEGORIES = ("NEGATED_EXISTENCE", "POSSIBLE_EXISTENCE", "HISTORICAL", "HYPOTHETICAL",
-                      "FAMILY", "PSEUDO", "TERMINATE")
+CONTEXT_CATEGORIES = (
+    "NEGATED_EXISTENCE",
+    "POSSIBLE_EXISTENCE",
+    "HISTORICAL",
+    "HYPOTHETICAL",
+    "FAMILY",
+    "PSEUDO",
+    "TERMINATE",
+)
 DIRECTIONS = ("FORWARD", "BACKWARD", "BIDIRECTIONAL", "PSEUDO", "TERMINATE")
 
 
@@ -85,10 +92,12 @@ class Lexicon:
     def covers(self, label: str) -> list[str]:
         """Transitive children that a negative mention of ``label`` (finding or group:name)
         makes negative."""
+
         def step(k: str) -> list[str]:
             if k.startswith("group:"):
                 return list(self.groups.get(k[6:], {}).get("covers", []))
             return list(self.findings.get(k, {}).get("covers", []))
+
         return _closure(label, step)
 
     def variants(self, phrase: str) -> list[str]:
@@ -100,8 +109,7 @@ class Lexicon:
                     out.add(p.replace(a, b))
         for p in list(out):
             last = p.split()[-1] if p.split() else ""
-            if (len(last) > 3 and last.isalpha() and last[-1] not in "sxy"
-                    and last != MOD):
+            if len(last) > 3 and last.isalpha() and last[-1] not in "sxy" and last != MOD:
                 out.add(p + "s")
         return sorted(out)
 
@@ -116,9 +124,11 @@ class Lexicon:
                     other = seen.get(p)
                     if other is not None:
                         if other != label and not _generated_clash(p, base):
-                            raise MolreError(f"{self.source}: phrase {p!r} is listed for both "
-                                             f"{other!r} and {label!r}; a phrase must name one "
-                                             "finding")
+                            raise MolreError(
+                                f"{self.source}: phrase {p!r} is listed for both "
+                                f"{other!r} and {label!r}; a phrase must name one "
+                                "finding"
+                            )
                         continue
                     seen[p] = label
                     out.append(Term(label, p))
@@ -164,13 +174,14 @@ def _as_str_list(value: Any, where: str) -> list[str]:
     return [v.strip() for v in value]
 
 
-def lexicon_from_dict(data: Mapping[str, Any], catalog: Catalog,
-                      source: str = "<dict>") -> Lexicon:
+def lexicon_from_dict(data: Mapping[str, Any], catalog: Catalog, source: str = "<dict>") -> Lexicon:
     """Validate a lexicon against ``catalog``: every key, implication and coverage must be a
     catalog finding, so a renamed catalog key fails here instead of silently labelling nothing."""
     if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
-        raise MolreError(f"{source}: not a report lexicon (expected \"format\": \"{_FORMAT}\"; "
-                         "see docs/report-labels.md)")
+        raise MolreError(
+            f'{source}: not a report lexicon (expected "format": "{_FORMAT}"; '
+            "see docs/report-labels.md)"
+        )
     findings = data.get("findings")
     if not isinstance(findings, Mapping):
         raise MolreError(f"{source}: 'findings' must be an object keyed by catalog finding key")
@@ -184,8 +195,10 @@ def lexicon_from_dict(data: Mapping[str, Any], catalog: Catalog,
         unknown = sorted(set(entry) - {"terms", "implies", "covers", "normal_anchors"})
         if unknown:
             raise MolreError(f"{where}: unknown field(s) {', '.join(unknown)}")
-        e = {k: _as_str_list(entry.get(k), f"{where}.{k}")
-             for k in ("terms", "implies", "covers", "normal_anchors")}
+        e = {
+            k: _as_str_list(entry.get(k), f"{where}.{k}")
+            for k in ("terms", "implies", "covers", "normal_anchors")
+        }
         for k in e["implies"] + e["covers"]:
             if k not in catalog:
                 raise MolreError(f"{where}: {k!r} (in implies/covers) is not a catalog finding")
@@ -202,12 +215,17 @@ def lexicon_from_dict(data: Mapping[str, Any], catalog: Catalog,
     rules = []
     for i, r in enumerate(data.get("context_rules") or []):
         where = f"{source}: context_rules[{i}]"
-        if (not isinstance(r, Mapping) or not str(r.get("literal") or "").strip()
-                or r.get("category") not in CONTEXT_CATEGORIES
-                or r.get("direction") not in DIRECTIONS):
-            raise MolreError(f"{where}: needs literal, category (one of "
-                             f"{', '.join(CONTEXT_CATEGORIES)}) and direction (one of "
-                             f"{', '.join(DIRECTIONS)})")
+        if (
+            not isinstance(r, Mapping)
+            or not str(r.get("literal") or "").strip()
+            or r.get("category") not in CONTEXT_CATEGORIES
+            or r.get("direction") not in DIRECTIONS
+        ):
+            raise MolreError(
+                f"{where}: needs literal, category (one of "
+                f"{', '.join(CONTEXT_CATEGORIES)}) and direction (one of "
+                f"{', '.join(DIRECTIONS)})"
+            )
         rules.append(dict(r))
     sections = data.get("sections") or {}
     section_rules = [(str(h).lower(), str(c)) for h, c in sections.get("rules", [])]
@@ -217,14 +235,21 @@ def lexicon_from_dict(data: Mapping[str, Any], catalog: Catalog,
     for k in list(quals.get("applies_to", [])) + list((quals.get("words") or {}).values()):
         if k not in catalog:
             raise MolreError(f"{source}: qualifiers: {k!r} is not a catalog finding")
-    return Lexicon(name=str(data.get("name", "custom")), version=str(data.get("version", "0")),
-                   source=source, findings=clean, groups=groups,
-                   ignore=_as_str_list(data.get("ignore"), f"{source}: ignore"),
-                   modifier_words=[m.lower() for m in mods], spelling_variants=variants,
-                   qualifiers=quals, context_rules=rules, section_rules=section_rules,
-                   excluded_sections=_as_str_list(sections.get("excluded"),
-                                                  f"{source}: sections.excluded"),
-                   raw=dict(data))
+    return Lexicon(
+        name=str(data.get("name", "custom")),
+        version=str(data.get("version", "0")),
+        source=source,
+        findings=clean,
+        groups=groups,
+        ignore=_as_str_list(data.get("ignore"), f"{source}: ignore"),
+        modifier_words=[m.lower() for m in mods],
+        spelling_variants=variants,
+        qualifiers=quals,
+        context_rules=rules,
+        section_rules=section_rules,
+        excluded_sections=_as_str_list(sections.get("excluded"), f"{source}: sections.excluded"),
+        raw=dict(data),
+    )
 
 
 def load_lexicon(catalog: Catalog, path: Path | str | None = None) -> Lexicon:

@@ -89,8 +89,15 @@ def expected_labels(item: CorpusItem, catalog: Catalog, lexicon: Lexicon) -> dic
             out[key] = item.stated[key]
             continue
         vals = per.get(key, set())
-        out[key] = (POSITIVE if POSITIVE in vals else UNCERTAIN if UNCERTAIN in vals
-                    else NEGATIVE if NEGATIVE in vals else None)
+        out[key] = (
+            POSITIVE
+            if POSITIVE in vals
+            else UNCERTAIN
+            if UNCERTAIN in vals
+            else NEGATIVE
+            if NEGATIVE in vals
+            else None
+        )
     return out
 
 
@@ -131,22 +138,43 @@ def score_corpus(items: Sequence[CorpusItem], labeler: ReportLabeler) -> Score:
                 right[key] += 1
                 cls_right[e] += 1
             if e != g:
-                errors.append({"accession_number": item.accession, "finding": key,
-                               "expected": e, "got": g, "text": item.text})
+                errors.append(
+                    {
+                        "accession_number": item.accession,
+                        "finding": key,
+                        "expected": e,
+                        "got": g,
+                        "text": item.text,
+                    }
+                )
     per_finding = {}
     for key in catalog.keys:
         if made[key] or wanted[key]:
-            per_finding[key] = {"expected": wanted[key], "made": made[key], "correct": right[key],
-                                "precision": _ratio(right[key], made[key]),
-                                "recall": _ratio(right[key], wanted[key])}
-    per_class = {CLASS_NAMES[c]: {"expected": cls_wanted[c], "made": cls_made[c],
-                                  "correct": cls_right[c],
-                                  "precision": _ratio(cls_right[c], cls_made[c]),
-                                  "recall": _ratio(cls_right[c], cls_wanted[c])}
-                 for c in (POSITIVE, NEGATIVE, UNCERTAIN)}
+            per_finding[key] = {
+                "expected": wanted[key],
+                "made": made[key],
+                "correct": right[key],
+                "precision": _ratio(right[key], made[key]),
+                "recall": _ratio(right[key], wanted[key]),
+            }
+    per_class = {
+        CLASS_NAMES[c]: {
+            "expected": cls_wanted[c],
+            "made": cls_made[c],
+            "correct": cls_right[c],
+            "precision": _ratio(cls_right[c], cls_made[c]),
+            "recall": _ratio(cls_right[c], cls_wanted[c]),
+        }
+        for c in (POSITIVE, NEGATIVE, UNCERTAIN)
+    }
     tm, tw, tr = sum(made.values()), sum(wanted.values()), sum(right.values())
-    overall = {"expected": tw, "made": tm, "correct": tr, "precision": _ratio(tr, tm),
-               "recall": _ratio(tr, tw)}
+    overall = {
+        "expected": tw,
+        "made": tm,
+        "correct": tr,
+        "precision": _ratio(tr, tm),
+        "recall": _ratio(tr, tw),
+    }
     return Score(len(items), per_finding, per_class, overall, errors)
 
 
@@ -155,26 +183,43 @@ def _pct(v: float | None) -> str:
 
 
 def to_markdown(score: Score, catalog: Catalog) -> str:
-    lines = [f"Corpus: {score.items} report texts; {score.overall['expected']} expected "
-             f"decisions, {score.overall['made']} made, {score.overall['correct']} correct: "
-             f"precision {_pct(score.overall['precision'])} %, recall "
-             f"{_pct(score.overall['recall'])} %.", "",
-             "| class | expected | made | correct | precision % | recall % |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Corpus: {score.items} report texts; {score.overall['expected']} expected "
+        f"decisions, {score.overall['made']} made, {score.overall['correct']} correct: "
+        f"precision {_pct(score.overall['precision'])} %, recall "
+        f"{_pct(score.overall['recall'])} %.",
+        "",
+        "| class | expected | made | correct | precision % | recall % |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, s in score.per_class.items():
-        lines.append(f"| {name} | {s['expected']} | {s['made']} | {s['correct']} | "
-                     f"{_pct(s['precision'])} | {_pct(s['recall'])} |")
-    lines += ["", "| finding | expected | made | correct | precision % | recall % |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {s['expected']} | {s['made']} | {s['correct']} | "
+            f"{_pct(s['precision'])} | {_pct(s['recall'])} |"
+        )
+    lines += [
+        "",
+        "| finding | expected | made | correct | precision % | recall % |",
+        "|---|---|---|---|---|---|",
+    ]
     for key in catalog.keys:
         s = score.per_finding.get(key)
         if s is None:
             lines.append(f"| `{key}` | 0 | 0 | 0 | – | – |")
             continue
-        lines.append(f"| `{key}` | {s['expected']} | {s['made']} | {s['correct']} | "
-                     f"{_pct(s['precision'])} | {_pct(s['recall'])} |")
+        lines.append(
+            f"| `{key}` | {s['expected']} | {s['made']} | {s['correct']} | "
+            f"{_pct(s['precision'])} | {_pct(s['recall'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["CorpusItem", "Score", "default_corpus_path", "expected_labels", "read_corpus",
-           "score_corpus", "to_markdown"]
+__all__ = [
+    "CorpusItem",
+    "Score",
+    "default_corpus_path",
+    "expected_labels",
+    "read_corpus",
+    "score_corpus",
+    "to_markdown",
+]

@@ -47,8 +47,17 @@ from molre.losses import focal_loss, prevalence_weights
 from molre.training import metrics as M
 from molre.training.schedule import warmup_cosine
 
-__all__ = ["TrainConfig", "TrainResult", "train", "VAL_SPLITS", "TEST_SPLITS", "TRAIN_SPLITS",
-           "predict_tensors", "choose_thresholds", "summarise_auc"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "VAL_SPLITS",
+    "TEST_SPLITS",
+    "TRAIN_SPLITS",
+    "predict_tensors",
+    "choose_thresholds",
+    "summarise_auc",
+]
 
 log = get_logger("molre.train")
 
@@ -156,10 +165,14 @@ class TrainConfig:
         kw: dict[str, Any] = {}
         if targets:
             kw["targets"] = targets
-        return MoLREConfig(experts=1 if self.adapter == "lora" else int(self.experts),
-                           rank=int(self.rank), alpha=float(self.alpha),
-                           dropout=float(self.dropout), balance_weight=float(self.balance_weight),
-                           **kw)
+        return MoLREConfig(
+            experts=1 if self.adapter == "lora" else int(self.experts),
+            rank=int(self.rank),
+            alpha=float(self.alpha),
+            dropout=float(self.dropout),
+            balance_weight=float(self.balance_weight),
+            **kw,
+        )
 
 
 @dataclass
@@ -177,6 +190,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------
 # distributed helpers
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Dist:
@@ -211,13 +225,16 @@ def _resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+        raise ConfigError(
+            f"--device {spec}: CUDA is not available on this machine; use --device cpu"
+        )
     return dev
 
 
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
+
 
 class _CachedDataset(Dataset):
     def __init__(self, paths: Sequence[Path], labels: np.ndarray) -> None:
@@ -262,8 +279,11 @@ def _seed_all(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(),
-          "torch": torch.get_rng_state()}
+    st = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -301,23 +321,36 @@ def _assign_val(rows: list, fraction: float, seed: int) -> list[str]:
     splits = [_norm_split(getattr(r, "split", None)) for r in rows]
     if "val" in splits:
         return splits
-    patients = sorted({str(getattr(r, "patient_id", "") or i) for i, r in enumerate(rows)
-                       if splits[i] == "train"},
-                      key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    patients = sorted(
+        {
+            str(getattr(r, "patient_id", "") or i)
+            for i, r in enumerate(rows)
+            if splits[i] == "train"
+        },
+        key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest(),
+    )
     n_val = max(1, int(round(len(patients) * fraction))) if len(patients) > 1 else 0
     val_p = set(patients[:n_val])
-    log.warning("train.no_val_split", carved_patients=n_val, fraction=fraction,
-                hint="add split=val rows to the manifest to choose the validation set yourself")
-    return ["val" if s == "train" and str(getattr(r, "patient_id", "") or i) in val_p else s
-            for i, (r, s) in enumerate(zip(rows, splits))]
+    log.warning(
+        "train.no_val_split",
+        carved_patients=n_val,
+        fraction=fraction,
+        hint="add split=val rows to the manifest to choose the validation set yourself",
+    )
+    return [
+        "val" if s == "train" and str(getattr(r, "patient_id", "") or i) in val_p else s
+        for i, (r, s) in enumerate(zip(rows, splits))
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
 # model pieces
 # ----------------------------------------------------------------------------------------------
 
-def _collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]]
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+
+def _collate(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x, y, index, slice mask): 2D series of different lengths are padded (``pad_slices``)."""
     from molre.model import pad_slices
 
@@ -327,8 +360,9 @@ def _collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]]
 
 
 def _loader(dataset: Dataset, batch_size: int, workers: int = 0, **kw: Any) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                      **kw)
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, **kw
+    )
 
 
 def _train_mode(model: nn.Module) -> None:
@@ -364,8 +398,9 @@ def _build_recipe(backbone: nn.Module, overrides: dict[str, Any] | None = None):
 
 
 @torch.no_grad()
-def calibrate_batchnorm(backbone: nn.Module, dataset: Dataset, batch_size: int,
-                        device: torch.device) -> int:
+def calibrate_batchnorm(
+    backbone: nn.Module, dataset: Dataset, batch_size: int, device: torch.device
+) -> int:
     """Estimate BatchNorm running statistics of a *random-init* backbone on training volumes.
 
     Why: a freshly initialised network has running mean 0 / variance 1, so in eval mode its
@@ -394,7 +429,9 @@ def calibrate_batchnorm(backbone: nn.Module, dataset: Dataset, batch_size: int,
 
 
 @torch.no_grad()
-def _features(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> np.ndarray:
+def _features(
+    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device
+) -> np.ndarray:
     model.eval()
     feats = []
     for x, _, _, mask in _loader(dataset, batch_size, shuffle=False):
@@ -406,8 +443,9 @@ def _features(model: nn.Module, dataset: Dataset, batch_size: int, device: torch
     return np.concatenate(feats, 0).astype(np.float64)
 
 
-def _ridge_logistic(Z: np.ndarray, y: np.ndarray, w_pos: float, l2: float,
-                    iters: int = 25) -> tuple[np.ndarray, float]:
+def _ridge_logistic(
+    Z: np.ndarray, y: np.ndarray, w_pos: float, l2: float, iters: int = 25
+) -> tuple[np.ndarray, float]:
     """L2-regularised, class-weighted logistic regression by Newton's method (IRLS)."""
     n, d = Z.shape
     A = np.c_[Z, np.ones(n)]
@@ -426,8 +464,15 @@ def _ridge_logistic(Z: np.ndarray, y: np.ndarray, w_pos: float, l2: float,
     return beta[:-1], float(beta[-1])
 
 
-def linear_probe_init(model: nn.Module, dataset: Dataset, labels: np.ndarray, batch_size: int,
-                      device: torch.device, pos_weight: torch.Tensor, l2: float = 1.0) -> int:
+def linear_probe_init(
+    model: nn.Module,
+    dataset: Dataset,
+    labels: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    pos_weight: torch.Tensor,
+    l2: float = 1.0,
+) -> int:
     """Warm-start the linear head with a closed-form linear probe (LP-FT, Kumar et al. 2022).
 
     Why: adapters start as the identity, so the only thing that can move the loss at first is
@@ -465,9 +510,15 @@ def linear_probe_init(model: nn.Module, dataset: Dataset, labels: np.ndarray, ba
 
 
 @torch.no_grad()
-def predict_tensors(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                    pos_weight: torch.Tensor | None = None, gamma: float = 2.0,
-                    workers: int = 0) -> tuple[np.ndarray, float | None]:
+def predict_tensors(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    pos_weight: torch.Tensor | None = None,
+    gamma: float = 2.0,
+    workers: int = 0,
+) -> tuple[np.ndarray, float | None]:
     """Probabilities (n, F) over a dataset of (x, y, i) and the mean focal loss (None if unlabelled)."""
     model.eval()
     loader = _loader(dataset, batch_size, workers, shuffle=False)
@@ -495,7 +546,9 @@ def predict_tensors(model: nn.Module, dataset: Dataset, batch_size: int, device:
 MIN_INFORMATIVE_AUC = 0.6
 
 
-def choose_thresholds(labels: np.ndarray, probs: np.ndarray, keys: Sequence[str]) -> dict[str, dict]:
+def choose_thresholds(
+    labels: np.ndarray, probs: np.ndarray, keys: Sequence[str]
+) -> dict[str, dict]:
     """Per-finding decision threshold by Youden's J on the given (validation) cases.
 
     Fallbacks, each with a note in the model card: no positives or negatives → 0.5; validation
@@ -511,22 +564,34 @@ def choose_thresholds(labels: np.ndarray, probs: np.ndarray, keys: Sequence[str]
         t = M.youden_threshold(y, probs[:, f]) if npos and nneg else None
         auc = M.auc(y[m], probs[m, f]) if npos and nneg else None
         if t is None or not math.isfinite(t):
-            out[k] = {"value": 0.5, "method": "default",
-                      "note": f"no threshold could be chosen on validation (positives={npos}, "
-                              f"negatives={nneg}); 0.5 used"}
+            out[k] = {
+                "value": 0.5,
+                "method": "default",
+                "note": f"no threshold could be chosen on validation (positives={npos}, "
+                f"negatives={nneg}); 0.5 used",
+            }
         elif auc is None or auc < MIN_INFORMATIVE_AUC:
             top_neg = float(np.max(probs[m, f][y[m] == 0]))
             value = float(np.nextafter(max(0.5, top_neg), np.inf))
-            out[k] = {"value": value, "method": "uninformative",
-                      "note": f"validation AUC {auc:.2f} < {MIN_INFORMATIVE_AUC}: the score does "
-                              "not rank cases, so the threshold is above every validation "
-                              "negative (and at least 0.5)",
-                      "validation_auc": float(auc), "validation_positives": npos,
-                      "validation_negatives": nneg}
+            out[k] = {
+                "value": value,
+                "method": "uninformative",
+                "note": f"validation AUC {auc:.2f} < {MIN_INFORMATIVE_AUC}: the score does "
+                "not rank cases, so the threshold is above every validation "
+                "negative (and at least 0.5)",
+                "validation_auc": float(auc),
+                "validation_positives": npos,
+                "validation_negatives": nneg,
+            }
         else:
-            out[k] = {"value": float(t), "method": "youden_j", "note": None,
-                      "validation_auc": float(auc), "validation_positives": npos,
-                      "validation_negatives": nneg}
+            out[k] = {
+                "value": float(t),
+                "method": "youden_j",
+                "note": None,
+                "validation_auc": float(auc),
+                "validation_positives": npos,
+                "validation_negatives": nneg,
+            }
     return out
 
 
@@ -539,13 +604,18 @@ def summarise_auc(labels: np.ndarray, probs: np.ndarray, catalog: Any) -> dict[s
         by_cat.setdefault(f.category, None)
     for cat in by_cat:
         by_cat[cat] = M.macro([per_key[f.key] for f in catalog if f.category == cat])
-    return {"macro_auc": M.macro(per), "auc": per_key, "auc_by_category": by_cat,
-            "n_findings_with_auc": sum(v is not None for v in per)}
+    return {
+        "macro_auc": M.macro(per),
+        "auc": per_key,
+        "auc_by_category": by_cat,
+        "n_findings_with_auc": sum(v is not None for v in per),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+
 
 def _catalog_for(cfg: TrainConfig):
     """(catalog the manifest is read with, catalog the model predicts)."""
@@ -554,8 +624,12 @@ def _catalog_for(cfg: TrainConfig):
     full = load_catalog(cfg.catalog)
     if not cfg.catalog_keys:
         return full, full
-    sub = Catalog([full.get(k) for k in cfg.catalog_keys], name=f"{full.name}-subset",
-                  version=full.version, source=f"{full.source} (subset)")
+    sub = Catalog(
+        [full.get(k) for k in cfg.catalog_keys],
+        name=f"{full.name}-subset",
+        version=full.version,
+        source=f"{full.source} (subset)",
+    )
     return full, sub
 
 
@@ -564,8 +638,6 @@ def _json_line(path: Path, obj: dict) -> None:
         fh.write(json.dumps(obj, default=json_default) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-
-
 
 
 def _truncate_metrics(path: Path, upto_epoch: int) -> None:
@@ -581,10 +653,36 @@ def _truncate_metrics(path: Path, upto_epoch: int) -> None:
     path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
 
 
-_RESUME_KEYS = ("backbone", "weights", "adapter", "experts", "rank", "alpha", "dropout", "targets",
-                "balance_weight", "batch_size", "lr", "weight_decay", "warmup", "accumulate",
-                "seed", "gamma", "catalog", "catalog_keys", "limit", "data", "recipe", "head_init",
-                "lp_l2", "calibrate_bn", "max_pos_weight", "grad_clip", "val_fraction", "preset")
+_RESUME_KEYS = (
+    "backbone",
+    "weights",
+    "adapter",
+    "experts",
+    "rank",
+    "alpha",
+    "dropout",
+    "targets",
+    "balance_weight",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "accumulate",
+    "seed",
+    "gamma",
+    "catalog",
+    "catalog_keys",
+    "limit",
+    "data",
+    "recipe",
+    "head_init",
+    "lp_l2",
+    "calibrate_bn",
+    "max_pos_weight",
+    "grad_clip",
+    "val_fraction",
+    "preset",
+)
 
 
 @dataclass
@@ -651,16 +749,28 @@ def train(cfg: TrainConfig) -> TrainResult:
     if run.dd.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        run.net = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        run.net = DDP(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
     if run.dd.main:
-        log.info("train.start", backbone=cfg.backbone, adapter=cfg.adapter, preset=cfg.preset,
-                 train=len(run.ds_tr), val=len(run.ds_va),
-                 failed=run.card_base["training"]["counts"]["failed"],
-                 trainable_params=run.card_base["adapter"]["trainable_params"],
-                 device=str(run.device), world_size=run.dd.world, epochs=cfg.epochs,
-                 steps_per_epoch=run.steps_per_epoch)
+        log.info(
+            "train.start",
+            backbone=cfg.backbone,
+            adapter=cfg.adapter,
+            preset=cfg.preset,
+            train=len(run.ds_tr),
+            val=len(run.ds_va),
+            failed=run.card_base["training"]["counts"]["failed"],
+            trainable_params=run.card_base["adapter"]["trainable_params"],
+            device=str(run.device),
+            world_size=run.dd.world,
+            epochs=cfg.epochs,
+            steps_per_epoch=run.steps_per_epoch,
+        )
     start_epoch = progress.epoch
-    end_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, int(cfg.stop_after_epoch))
+    end_epoch = (
+        cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, int(cfg.stop_after_epoch))
+    )
     for epoch in range(start_epoch, end_epoch):
         train_loss, epoch_s = _train_one_epoch(run, progress, epoch)
         if run.dd.main:
@@ -668,17 +778,22 @@ def train(cfg: TrainConfig) -> TrainResult:
             _save_epoch(run, progress, epoch, train_loss, epoch_s, val, thresholds, usage)
         run.dd.barrier()
 
-    result = TrainResult(out=run.out,
-                         best_dir=run.best_dir if (run.best_dir / "model.json").exists() else None,
-                         last_dir=run.last_dir, best_epoch=progress.best_epoch,
-                         best_val_macro_auc=progress.best_auc,
-                         epochs_run=max(0, end_epoch - start_epoch),
-                         global_step=progress.global_step, history=progress.history)
+    result = TrainResult(
+        out=run.out,
+        best_dir=run.best_dir if (run.best_dir / "model.json").exists() else None,
+        last_dir=run.last_dir,
+        best_epoch=progress.best_epoch,
+        best_val_macro_auc=progress.best_auc,
+        epochs_run=max(0, end_epoch - start_epoch),
+        global_step=progress.global_step,
+        history=progress.history,
+    )
     run.dd.barrier()
     return result
 
 
 # -- set-up ---------------------------------------------------------------------------------------
+
 
 def _check_backbone_weights(cfg: TrainConfig) -> None:
     """Checks that need no data: the adapter preset exists; a foundation-model backbone at random
@@ -696,10 +811,14 @@ def _check_backbone_weights(cfg: TrainConfig) -> None:
             f"backbone {cfg.backbone!r} is a pretrained foundation model and no --weights were "
             f"given: training it from random init produces a meaningless model. Pass --weights "
             f"(file, folder or hf://repo in an offline cache), or --random-init if you really want "
-            f"an untrained backbone (pipeline tests only). {spec.weights_hint}")
-    log.warning("train.random_init_backbone", backbone=cfg.backbone,
-                warning=f"{cfg.backbone} is trained from RANDOM INIT (--random-init): the model "
-                        "is not a foundation model and its results mean nothing clinically")
+            f"an untrained backbone (pipeline tests only). {spec.weights_hint}"
+        )
+    log.warning(
+        "train.random_init_backbone",
+        backbone=cfg.backbone,
+        warning=f"{cfg.backbone} is trained from RANDOM INIT (--random-init): the model "
+        "is not a foundation model and its results mean nothing clinically",
+    )
 
 
 def _weights_ref(weights: str | None) -> str:
@@ -719,8 +838,10 @@ def _load_resume_state(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
         return None
     sp = out / "last" / TRAINER_STATE
     if not sp.is_file():
-        raise MolreError(f"--resume {out}: {sp} not found; resume needs a run directory "
-                         "written by `molre-node train` (with last/trainer_state.pt)")
+        raise MolreError(
+            f"--resume {out}: {sp} not found; resume needs a run directory "
+            "written by `molre-node train` (with last/trainer_state.pt)"
+        )
     state = torch.load(sp, map_location="cpu", weights_only=False)
     saved = state.get("config", {})
     now = cfg.to_dict()
@@ -729,7 +850,8 @@ def _load_resume_state(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
         raise MolreError(
             f"--resume {out}: options differ from the original run: "
             + ", ".join(f"{k} (was {saved.get(k)!r}, now {now.get(k)!r})" for k in diff)
-            + "; resume with the same options (only --epochs/--workers/--device may change)")
+            + "; resume with the same options (only --epochs/--workers/--device may change)"
+        )
     return state
 
 
@@ -767,13 +889,18 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
 
     # Backbone (random init seeded so every rank and a resumed run get the same weights).
     torch.manual_seed(cfg.seed)
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights) if cfg.weights else create_backbone(cfg.backbone)
+    backbone = (
+        create_backbone(cfg.backbone, weights=cfg.weights)
+        if cfg.weights
+        else create_backbone(cfg.backbone)
+    )
     base_digest = weights_digest(backbone)
     n_base = sum(p.numel() for p in backbone.parameters())
     want_bb = cfg.save_backbone if cfg.save_backbone is not None else cfg.weights is None
     save_bb = bool(want_bb) and n_base <= SAVE_BACKBONE_MAX_PARAMS
-    backbone_state = ({k: v.detach().clone() for k, v in backbone.state_dict().items()}
-                      if save_bb else None)
+    backbone_state = (
+        {k: v.detach().clone() for k, v in backbone.state_dict().items()} if save_bb else None
+    )
     recipe = _build_recipe(backbone, cfg.recipe)
     spec = backbone.spec
 
@@ -791,8 +918,10 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
     tr = [i for i in ok if splits[i] == "train"]
     va = [i for i in ok if splits[i] == "val"]
     if not tr:
-        raise MolreError(f"{cfg.data}: no usable training series (split=train); "
-                         f"{len(report.failures)} series failed to preprocess")
+        raise MolreError(
+            f"{cfg.data}: no usable training series (split=train); "
+            f"{len(report.failures)} series failed to preprocess"
+        )
     if not va:
         raise MolreError(f"{cfg.data}: no usable validation series; add split=val rows")
     labels = np.stack([np.asarray(r.labels, dtype=np.float32)[label_cols] for r in rows])
@@ -800,12 +929,16 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
     ds_tr = _CachedDataset([report.paths[str(rows[i].path)] for i in tr], ytr)
     ds_va = _CachedDataset([report.paths[str(rows[i].path)] for i in va], yva)
 
-    calibrate = cfg.calibrate_bn if cfg.calibrate_bn is not None else (save_bb and cfg.weights is None)
+    calibrate = (
+        cfg.calibrate_bn if cfg.calibrate_bn is not None else (save_bb and cfg.weights is None)
+    )
     bn_layers = 0
     if calibrate:
         if cfg.weights is not None:
-            raise ConfigError("BatchNorm calibration is for random-init backbones only; "
-                              "pretrained weights (--weights) keep their statistics")
+            raise ConfigError(
+                "BatchNorm calibration is for random-init backbones only; "
+                "pretrained weights (--weights) keep their statistics"
+            )
         bn_layers = calibrate_batchnorm(backbone, ds_tr, cfg.batch_size, device)
         backbone.cpu()
         base_digest = weights_digest(backbone)
@@ -822,14 +955,20 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() > 1]
     no_decay = [p for p in params if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
 
     if dd.enabled:
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler: Any = DistributedSampler(ds_tr, num_replicas=dd.world, rank=dd.rank,
-                                          shuffle=True, seed=cfg.seed, drop_last=False)
+        sampler: Any = DistributedSampler(
+            ds_tr, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=cfg.seed, drop_last=False
+        )
     else:
         sampler = _EpochShuffle(len(ds_tr), cfg.seed)
     batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
@@ -840,9 +979,16 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
     pos_weight = prevalence_weights(ytr, cfg.max_pos_weight).to(device)
 
     loader_gen = torch.Generator()
-    loader = _loader(ds_tr, cfg.batch_size, cfg.workers, sampler=sampler,
-                     worker_init_fn=_worker_init, generator=loader_gen,
-                     pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = _loader(
+        ds_tr,
+        cfg.batch_size,
+        cfg.workers,
+        sampler=sampler,
+        worker_init_fn=_worker_init,
+        generator=loader_gen,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
 
     labelled = ~np.isnan(ytr)
     positives = {k: int(np.nansum(ytr[:, f])) for f, k in enumerate(catalog.keys)}
@@ -850,50 +996,102 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
     card_base: dict[str, Any] = {
         "model_name": cfg.model_name or f"molre-{cfg.backbone}-{cfg.adapter}",
         "is_demo": bool(cfg.is_demo),
-        "backbone": {"name": cfg.backbone, "weights_digest": base_digest,
-                     # weights shipped with the package (phantom-3d) are named as such
-                     "weights_source": (str(packaged) if packaged and cfg.weights is None
-                                        else _weights_ref(cfg.weights)),
-                     "init_seed": cfg.seed if cfg.weights is None and not packaged else None,
-                     "base_params": int(n_base),
-                     "batchnorm_calibrated": (
-                         {"layers": bn_layers, "volumes": len(tr), "on": "training split"}
-                         if bn_layers else None)},
-        "adapter": {"type": cfg.adapter, "config": acfg.to_dict() if acfg else None,
-                    "preset": None if (acfg is None or cfg.targets) else cfg.preset,
-                    "trainable_params": int(n_trainable), "total_params": int(n_total)},
+        "backbone": {
+            "name": cfg.backbone,
+            "weights_digest": base_digest,
+            # weights shipped with the package (phantom-3d) are named as such
+            "weights_source": (
+                str(packaged) if packaged and cfg.weights is None else _weights_ref(cfg.weights)
+            ),
+            "init_seed": cfg.seed if cfg.weights is None and not packaged else None,
+            "base_params": int(n_base),
+            "batchnorm_calibrated": (
+                {"layers": bn_layers, "volumes": len(tr), "on": "training split"}
+                if bn_layers
+                else None
+            ),
+        },
+        "adapter": {
+            "type": cfg.adapter,
+            "config": acfg.to_dict() if acfg else None,
+            "preset": None if (acfg is None or cfg.targets) else cfg.preset,
+            "trainable_params": int(n_trainable),
+            "total_params": int(n_total),
+        },
         "catalog": catalog.to_dict(),
         "catalog_digest": catalog.digest(),
         "recipe": recipe.to_dict(),
         "training": {
-            "manifest": str(cfg.data), "manifest_sha256": _file_sha256(cfg.data),
-            "counts": {"train": len(tr), "val": len(va),
-                       "test": sum(1 for s in splits if s == "test"),
-                       "failed": len(report.failures)},
+            "manifest": str(cfg.data),
+            "manifest_sha256": _file_sha256(cfg.data),
+            "counts": {
+                "train": len(tr),
+                "val": len(va),
+                "test": sum(1 for s in splits if s == "test"),
+                "failed": len(report.failures),
+            },
             "prevalence_train": {
-                k: (float(np.nansum(ytr[:, f]) / labelled[:, f].sum()) if labelled[:, f].sum() else None)
-                for f, k in enumerate(catalog.keys)},
+                k: (
+                    float(np.nansum(ytr[:, f]) / labelled[:, f].sum())
+                    if labelled[:, f].sum()
+                    else None
+                )
+                for f, k in enumerate(catalog.keys)
+            },
             "positives_train": positives,
             "findings_without_train_positives": [k for k, v in positives.items() if v == 0],
-            "epochs": cfg.epochs, "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size,
-            "accumulate": cfg.accumulate, "world_size": dd.world, "head_init": cfg.head_init,
-            "loss": {"type": "focal", "gamma": cfg.gamma, "pos_weight": "n_neg/n_pos clipped",
-                     "max_pos_weight": cfg.max_pos_weight},
-            "optimizer": {"type": "AdamW", "weight_decay": cfg.weight_decay,
-                          "schedule": "linear warm-up + cosine", "warmup_steps": warm,
-                          "total_steps": total_steps},
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "accumulate": cfg.accumulate,
+            "world_size": dd.world,
+            "head_init": cfg.head_init,
+            "loss": {
+                "type": "focal",
+                "gamma": cfg.gamma,
+                "pos_weight": "n_neg/n_pos clipped",
+                "max_pos_weight": cfg.max_pos_weight,
+            },
+            "optimizer": {
+                "type": "AdamW",
+                "weight_decay": cfg.weight_decay,
+                "schedule": "linear warm-up + cosine",
+                "warmup_steps": warm,
+                "total_steps": total_steps,
+            },
         },
     }
-    run = _Run(cfg=cfg, device=device, dd=dd, out=out, catalog=catalog, model=model, net=model,
-               acfg=acfg, opt=opt, sched=sched, params=params, sampler=sampler, loader=loader,
-               loader_gen=loader_gen, ds_tr=ds_tr, ds_va=ds_va, ytr=ytr, yva=yva,
-               pos_weight=pos_weight, batches_per_epoch=batches_per_epoch,
-               steps_per_epoch=steps_per_epoch, backbone_state=backbone_state,
-               card_base=card_base)
+    run = _Run(
+        cfg=cfg,
+        device=device,
+        dd=dd,
+        out=out,
+        catalog=catalog,
+        model=model,
+        net=model,
+        acfg=acfg,
+        opt=opt,
+        sched=sched,
+        params=params,
+        sampler=sampler,
+        loader=loader,
+        loader_gen=loader_gen,
+        ds_tr=ds_tr,
+        ds_va=ds_va,
+        ytr=ytr,
+        yva=yva,
+        pos_weight=pos_weight,
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        backbone_state=backbone_state,
+        card_base=card_base,
+    )
     return run, state
 
 
 # -- resume / fresh start ------------------------------------------------------------------------
+
 
 def _resume(run: _Run, state: dict[str, Any]) -> _Progress:
     """Adapter/head tensors of last/, optimizer, schedule, RNG states and the run's history."""
@@ -903,20 +1101,31 @@ def _resume(run: _Run, state: dict[str, Any]) -> _Progress:
     cfg = run.cfg
     tensors = _load_tensors(run.last_dir / ADAPTER_FILE)
     if set(tensors) != set(trainable_state_dict(run.model)):
-        raise MolreError(f"--resume {run.out}: {run.last_dir / ADAPTER_FILE} does not match the model")
+        raise MolreError(
+            f"--resume {run.out}: {run.last_dir / ADAPTER_FILE} does not match the model"
+        )
     run.model.load_state_dict({k: v.to(run.device) for k, v in tensors.items()}, strict=False)
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
-    progress = _Progress(epoch=int(state["epoch"]), global_step=int(state["global_step"]),
-                         best_auc=state.get("best_auc"), best_loss=state.get("best_loss"),
-                         best_epoch=state.get("best_epoch"), history=list(state.get("history", [])))
+    progress = _Progress(
+        epoch=int(state["epoch"]),
+        global_step=int(state["global_step"]),
+        best_auc=state.get("best_auc"),
+        best_loss=state.get("best_loss"),
+        best_epoch=state.get("best_epoch"),
+        history=list(state.get("history", [])),
+    )
     _set_rng_state(state["rng"])
     if run.dd.main:
         _truncate_metrics(run.metrics_path, progress.epoch)
     log.info("train.resumed", out=str(run.out), epoch=progress.epoch, step=progress.global_step)
     if int(state.get("config", {}).get("epochs", cfg.epochs)) != cfg.epochs:
-        log.warning("train.resume_epochs_changed", was=state["config"]["epochs"], now=cfg.epochs,
-                    hint="the cosine schedule spans --epochs, so this is not an exact continuation")
+        log.warning(
+            "train.resume_epochs_changed",
+            was=state["config"]["epochs"],
+            now=cfg.epochs,
+            hint="the cosine schedule spans --epochs, so this is not an exact continuation",
+        )
     return progress
 
 
@@ -927,14 +1136,16 @@ def _fresh_start(run: _Run) -> _Progress:
         run.metrics_path.unlink()
     if cfg.head_init == "lp":
         # every rank computes the same probe from the same data: no broadcast needed
-        n_lp = linear_probe_init(run.model, run.ds_tr, run.ytr, cfg.batch_size, run.device,
-                                 run.pos_weight, cfg.lp_l2)
+        n_lp = linear_probe_init(
+            run.model, run.ds_tr, run.ytr, cfg.batch_size, run.device, run.pos_weight, cfg.lp_l2
+        )
         if run.dd.main:
             log.info("train.linear_probe_init", findings=n_lp)
     return _Progress()
 
 
 # -- one epoch -----------------------------------------------------------------------------------
+
 
 def _train_one_epoch(run: _Run, progress: _Progress, epoch: int) -> tuple[float, float]:
     """One pass over the training split (gradient accumulation, clipping, LR schedule per
@@ -949,8 +1160,13 @@ def _train_one_epoch(run: _Run, progress: _Progress, epoch: int) -> tuple[float,
     t0 = time.perf_counter()
     seen, loss_sum, loss_n = 0, 0.0, 0
     n_batches = run.batches_per_epoch
-    bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               disable=not (cfg.progress and dd.main), leave=False, unit="batch")
+    bar = tqdm(
+        total=n_batches,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        disable=not (cfg.progress and dd.main),
+        leave=False,
+        unit="batch",
+    )
     run.opt.zero_grad(set_to_none=True)
     for b, (x, y, _, mask) in enumerate(run.loader):
         x = x.to(device, non_blocking=True)
@@ -981,8 +1197,9 @@ def _train_one_epoch(run: _Run, progress: _Progress, epoch: int) -> tuple[float,
         seen += x.shape[0]
         el = time.perf_counter() - t0
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.4f}",
-                        vol_s=f"{seen * dd.world / max(el, 1e-9):.1f}")
+        bar.set_postfix(
+            loss=f"{loss_sum / max(loss_n, 1):.4f}", vol_s=f"{seen * dd.world / max(el, 1e-9):.1f}"
+        )
     bar.close()
     epoch_s = time.perf_counter() - t0
     train_loss = loss_sum / max(loss_n, 1)
@@ -995,6 +1212,7 @@ def _train_one_epoch(run: _Run, progress: _Progress, epoch: int) -> tuple[float,
 
 # -- validation ----------------------------------------------------------------------------------
 
+
 def _validate(run: _Run) -> tuple[dict[str, Any], dict[str, dict], dict[str, dict]]:
     """Scores on the validation split: AUCs (``summarise_auc`` + ``loss``), Youden thresholds,
     and the routers' expert usage on those cases."""
@@ -1003,16 +1221,24 @@ def _validate(run: _Run) -> tuple[dict[str, Any], dict[str, dict], dict[str, dic
     has_adapters = bool(adapted_layers(run.model))
     if has_adapters:
         reset_expert_usage(run.model)
-    probs, val_loss = predict_tensors(run.model, run.ds_va, run.cfg.batch_size, run.device,
-                                      run.pos_weight, run.cfg.gamma)
-    usage = ({k: {"mean_gate": v["mean_gate"], "entropy": v["entropy"]}
-              for k, v in expert_usage(run.model).items()} if has_adapters else {})
+    probs, val_loss = predict_tensors(
+        run.model, run.ds_va, run.cfg.batch_size, run.device, run.pos_weight, run.cfg.gamma
+    )
+    usage = (
+        {
+            k: {"mean_gate": v["mean_gate"], "entropy": v["entropy"]}
+            for k, v in expert_usage(run.model).items()
+        }
+        if has_adapters
+        else {}
+    )
     val = summarise_auc(run.yva, probs, run.catalog)
     val["loss"] = val_loss
     return val, choose_thresholds(run.yva, probs, run.catalog.keys), usage
 
 
 # -- checkpointing -------------------------------------------------------------------------------
+
 
 def _make_card(run: _Run, progress: _Progress, epoch: int, val: dict, thresholds: dict) -> dict:
     """The model card of the checkpoint written after `epoch` (1-based)."""
@@ -1023,11 +1249,14 @@ def _make_card(run: _Run, progress: _Progress, epoch: int, val: dict, thresholds
         training[k] = v
         if k == "epochs":
             training.update(epoch=epoch, global_step=progress.global_step)
-    card: dict[str, Any] = {"model_name": base["model_name"],
-                            "model_version": f"{__version__}+e{epoch}"}
+    card: dict[str, Any] = {
+        "model_name": base["model_name"],
+        "model_version": f"{__version__}+e{epoch}",
+    }
     card.update({k: v for k, v in base.items() if k not in ("model_name", "training")})
-    card.update(thresholds=thresholds, training=training,
-                metrics={"split": "val", "epoch": epoch, **val})
+    card.update(
+        thresholds=thresholds, training=training, metrics={"split": "val", "epoch": epoch, **val}
+    )
     if cfg.intended_use:
         card["intended_use"] = cfg.intended_use
     if cfg.is_demo:
@@ -1040,25 +1269,41 @@ def _make_card(run: _Run, progress: _Progress, epoch: int, val: dict, thresholds
     return card
 
 
-def _save_epoch(run: _Run, progress: _Progress, epoch: int, train_loss: float, epoch_s: float,
-                val: dict, thresholds: dict, usage: dict) -> None:
+def _save_epoch(
+    run: _Run,
+    progress: _Progress,
+    epoch: int,
+    train_loss: float,
+    epoch_s: float,
+    val: dict,
+    thresholds: dict,
+    usage: dict,
+) -> None:
     """last/ every epoch, best/ when validation improved, trainer_state.pt (for --resume) and one
     metrics.jsonl line. Rank 0 only."""
     from molre.checkpoint import save_checkpoint
 
     macro, val_loss = val["macro_auc"], val["loss"]
-    improved = (
-        (macro is not None and (progress.best_auc is None or macro > progress.best_auc))
-        or (macro is None and progress.best_auc is None and val_loss is not None
-            and (progress.best_loss is None or val_loss < progress.best_loss))
+    improved = (macro is not None and (progress.best_auc is None or macro > progress.best_auc)) or (
+        macro is None
+        and progress.best_auc is None
+        and val_loss is not None
+        and (progress.best_loss is None or val_loss < progress.best_loss)
     )
-    rec = {"epoch": epoch + 1, "step": progress.global_step,
-           "lr": float(run.sched.get_last_lr()[0]),
-           "train_loss": train_loss, "val_loss": val_loss, "val_macro_auc": macro,
-           "val_auc": val["auc"], "val_auc_by_category": val["auc_by_category"],
-           "epoch_seconds": round(epoch_s, 3),
-           "volumes_per_s": round(len(run.ds_tr) / max(epoch_s, 1e-9), 3),
-           "expert_usage": usage, "best": bool(improved)}
+    rec = {
+        "epoch": epoch + 1,
+        "step": progress.global_step,
+        "lr": float(run.sched.get_last_lr()[0]),
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_macro_auc": macro,
+        "val_auc": val["auc"],
+        "val_auc_by_category": val["auc_by_category"],
+        "epoch_seconds": round(epoch_s, 3),
+        "volumes_per_s": round(len(run.ds_tr) / max(epoch_s, 1e-9), 3),
+        "expert_usage": usage,
+        "best": bool(improved),
+    }
     progress.history.append(rec)
     card = _make_card(run, progress, epoch + 1, val, thresholds)
     save_checkpoint(run.last_dir, run.model, card, backbone_state=run.backbone_state)
@@ -1068,15 +1313,27 @@ def _save_epoch(run: _Run, progress: _Progress, epoch: int, train_loss: float, e
         progress.best_epoch = epoch + 1
         save_checkpoint(run.best_dir, run.model, card, backbone_state=run.backbone_state)
     progress.epoch = epoch + 1
-    tstate = {"epoch": epoch + 1, "global_step": progress.global_step,
-              "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-              "rng": _rng_state(), "best_auc": progress.best_auc,
-              "best_loss": progress.best_loss, "best_epoch": progress.best_epoch,
-              "config": run.cfg.to_dict(), "history": progress.history}
+    tstate = {
+        "epoch": epoch + 1,
+        "global_step": progress.global_step,
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "rng": _rng_state(),
+        "best_auc": progress.best_auc,
+        "best_loss": progress.best_loss,
+        "best_epoch": progress.best_epoch,
+        "config": run.cfg.to_dict(),
+        "history": progress.history,
+    }
     atomic_write(run.last_dir / TRAINER_STATE, lambda fh: torch.save(tstate, fh), binary=True)
     _json_line(run.metrics_path, rec)
-    log.info("train.epoch", epoch=epoch + 1, step=progress.global_step,
-             train_loss=round(train_loss, 5),
-             val_loss=None if val_loss is None else round(val_loss, 5),
-             val_macro_auc=None if macro is None else round(macro, 4),
-             volumes_per_s=rec["volumes_per_s"], best=improved)
+    log.info(
+        "train.epoch",
+        epoch=epoch + 1,
+        step=progress.global_step,
+        train_loss=round(train_loss, 5),
+        val_loss=None if val_loss is None else round(val_loss, 5),
+        val_macro_auc=None if macro is None else round(macro, 4),
+        volumes_per_s=rec["volumes_per_s"],
+        best=improved,
+    )

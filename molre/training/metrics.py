@@ -112,7 +112,9 @@ def youden_threshold(y: Sequence[float], s: Sequence[float]) -> float | None:
     return float(thr[best])
 
 
-def sens_spec(y: Sequence[float], s: Sequence[float], threshold: float) -> tuple[float | None, float | None]:
+def sens_spec(
+    y: Sequence[float], s: Sequence[float], threshold: float
+) -> tuple[float | None, float | None]:
     """Sensitivity and specificity of `score >= threshold` (None where undefined)."""
     y = np.asarray(y, dtype=np.float64)
     s = np.asarray(s, dtype=np.float64)
@@ -135,7 +137,11 @@ def macro(values: Sequence[float | None]) -> float | None:
 def bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, n) multinomial case counts: each row is one resample of n cases with replacement."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64) if n else np.zeros((n_boot, 0))
+    return (
+        rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+        if n
+        else np.zeros((n_boot, 0))
+    )
 
 
 def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -179,8 +185,9 @@ def _nanmean_rows(a: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
 
 
-def macro_bootstrap(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray,
-                    findings: np.ndarray | None = None) -> np.ndarray:
+def macro_bootstrap(
+    labels: np.ndarray, scores: np.ndarray, weights: np.ndarray, findings: np.ndarray | None = None
+) -> np.ndarray:
     """(B,) macro AUC per resample over `findings` (default: those defined on the full data)."""
     per = bootstrap_aucs(labels, scores, weights)
     if findings is None:
@@ -204,8 +211,14 @@ class PairedResult:
         return dict(self.__dict__)
 
 
-def paired_bootstrap(labels: np.ndarray, ref_scores: np.ndarray, other_scores: np.ndarray,
-                     n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> PairedResult:
+def paired_bootstrap(
+    labels: np.ndarray,
+    ref_scores: np.ndarray,
+    other_scores: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedResult:
     """Paired bootstrap of Δ macro AUC: both models scored on the *same* resampled cases.
 
     Findings: those with an AUC defined on the full data. Two-sided p-value =

@@ -112,8 +112,9 @@ def _sample_job(job: tuple) -> Sample:
 def _native_index_of_output(img: Any, geom: Any, shape: Sequence[int]) -> np.ndarray:
     """(3, N) fractional (z, y, x) indices in the phantom's own grid of every output voxel."""
     aff = np.asarray(img.affine, dtype=np.float64)  # output voxel -> RAS mm
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape],
-                                indexing="ij"), axis=0).reshape(3, -1)
+    grid = np.stack(
+        np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=0
+    ).reshape(3, -1)
     ras = aff[:3, :3] @ grid + aff[:3, 3:4]
     lps = ras * np.array([[-1.0], [-1.0], [1.0]])
     return geom.world_to_index(lps.T).T
@@ -125,8 +126,9 @@ def _mask_on_grid(mask: np.ndarray, idx: np.ndarray, shape: Sequence[int]) -> np
     single best voxel always kept so that a finding smaller than a voxel still has a target."""
     from scipy import ndimage
 
-    frac = ndimage.map_coordinates(mask.astype(np.float32), idx, order=1, mode="constant",
-                                   cval=0.0).reshape(shape)
+    frac = ndimage.map_coordinates(
+        mask.astype(np.float32), idx, order=1, mode="constant", cval=0.0
+    ).reshape(shape)
     t = torch.from_numpy(frac)[None, None]
     pooled = F.max_pool3d(t, 2)[0, 0].numpy()
     out = pooled >= 0.25
@@ -137,22 +139,29 @@ def _mask_on_grid(mask: np.ndarray, idx: np.ndarray, shape: Sequence[int]) -> np
 
 def generate(cfg: PretrainConfig, split: int, count: int, progress: bool = False) -> list[Sample]:
     """`count` samples of split 0 (train) / 1 (validation), in index order."""
-    jobs = [(cfg.seed, split, i, cfg.prevalence, cfg.normal_fraction, tuple(cfg.sites))
-            for i in range(count)]
+    jobs = [
+        (cfg.seed, split, i, cfg.prevalence, cfg.normal_fraction, tuple(cfg.sites))
+        for i in range(count)
+    ]
     out: list[Sample] = []
     t0 = time.perf_counter()
     if cfg.workers > 1:
         # spawn, not fork: a fork after torch has run its thread pool can deadlock the children
-        with ProcessPoolExecutor(max_workers=cfg.workers,
-                                 mp_context=multiprocessing.get_context("spawn")) as ex:
+        with ProcessPoolExecutor(
+            max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")
+        ) as ex:
             for s in ex.map(_sample_job, jobs, chunksize=8):
                 out.append(s)
     else:
         for j in jobs:
             out.append(_sample_job(j))
             if progress and len(out) % 200 == 0:
-                log.info("pretrain.generated", split=split, n=len(out),
-                         seconds=round(time.perf_counter() - t0, 1))
+                log.info(
+                    "pretrain.generated",
+                    split=split,
+                    n=len(out),
+                    seconds=round(time.perf_counter() - t0, 1),
+                )
     return out
 
 
@@ -171,7 +180,7 @@ class PresenceHead(nn.Module):
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     order = torch.randperm(n, generator=gen)
     for i in range(0, n - batch_size + 1, batch_size):
-        yield order[i:i + batch_size]
+        yield order[i : i + batch_size]
 
 
 def _stack(samples: Sequence[Sample], idx: torch.Tensor, flip: torch.Tensor | None = None):
@@ -184,10 +193,10 @@ def _stack(samples: Sequence[Sample], idx: torch.Tensor, flip: torch.Tensor | No
     return x, m, y
 
 
-def dense_loss(seg: torch.Tensor, target: torch.Tensor, pos_weight: float,
-               dice_weight: float) -> torch.Tensor:
-    bce = F.binary_cross_entropy_with_logits(
-        seg, target, pos_weight=torch.tensor(pos_weight))
+def dense_loss(
+    seg: torch.Tensor, target: torch.Tensor, pos_weight: float, dice_weight: float
+) -> torch.Tensor:
+    bce = F.binary_cross_entropy_with_logits(seg, target, pos_weight=torch.tensor(pos_weight))
     p = torch.sigmoid(seg)
     dims = (2, 3, 4)
     inter = (p * target).sum(dims)
@@ -199,8 +208,9 @@ def dense_loss(seg: torch.Tensor, target: torch.Tensor, pos_weight: float,
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, head: PresenceHead, samples: Sequence[Sample],
-             batch_size: int = 8) -> dict[str, Any]:
+def evaluate(
+    net: nn.Module, head: PresenceHead, samples: Sequence[Sample], batch_size: int = 8
+) -> dict[str, Any]:
     """Presence AUC per finding on `samples` and per site (the pretraining's own check)."""
     from molre.data.synth import PHANTOM_FINDINGS
     from molre.training.metrics import auc_matrix
@@ -222,9 +232,12 @@ def evaluate(net: nn.Module, head: PresenceHead, samples: Sequence[Sample],
         sel = np.array([x.site == s for x in samples])
         aucs = [a for a in auc_matrix(y[sel], p[sel]) if a is not None]
         by_site[s] = round(float(np.mean(aucs)), 4) if aucs else None
-    return {"macro_auc": round(float(np.mean(vals)), 4) if vals else None,
-            "per_finding": {k: (round(v, 4) if v is not None else None) for k, v in per.items()},
-            "by_site": by_site, "n": len(samples)}
+    return {
+        "macro_auc": round(float(np.mean(vals)), 4) if vals else None,
+        "per_finding": {k: (round(v, 4) if v is not None else None) for k, v in per.items()},
+        "by_site": by_site,
+        "n": len(samples),
+    }
 
 
 @dataclass
@@ -286,9 +299,12 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainResult:
             tot["dense"] += float(ld.detach())
             tot["presence"] += float(lp.detach())
             n += 1
-        rec = {"epoch": epoch + 1, "dense_loss": round(tot["dense"] / max(n, 1), 5),
-               "presence_loss": round(tot["presence"] / max(n, 1), 5),
-               "seconds": round(time.perf_counter() - t0, 1)}
+        rec = {
+            "epoch": epoch + 1,
+            "dense_loss": round(tot["dense"] / max(n, 1), 5),
+            "presence_loss": round(tot["presence"] / max(n, 1), 5),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         if progress or epoch == cfg.epochs - 1:
             rec["val_macro_auc"] = evaluate(net, head, val_set)["macro_auc"]
         history.append(rec)
@@ -296,8 +312,13 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainResult:
     validation = evaluate(net, head, val_set)
     net.eval()
     state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-    return PretrainResult(state=state, history=history, validation=validation,
-                          seconds=time.perf_counter() - t_start, sha256=state_sha256(state))
+    return PretrainResult(
+        state=state,
+        history=history,
+        validation=validation,
+        seconds=time.perf_counter() - t_start,
+        sha256=state_sha256(state),
+    )
 
 
 def save(result: PretrainResult, cfg: PretrainConfig, out: Path, command: str) -> Path:
@@ -310,9 +331,11 @@ def save(result: PretrainResult, cfg: PretrainConfig, out: Path, command: str) -
     file_sha = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
     card = {
         "name": "phantom-3d",
-        "what": ("compact 3-D U-Net pretrained with dense supervision (finding masks + presence) "
-                 "on synthetic multi-site head-CT phantoms; a stand-in for a CT foundation model. "
-                 "Synthetic data only: not for clinical use."),
+        "what": (
+            "compact 3-D U-Net pretrained with dense supervision (finding masks + presence) "
+            "on synthetic multi-site head-CT phantoms; a stand-in for a CT foundation model. "
+            "Synthetic data only: not for clinical use."
+        ),
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": file_sha,
         "state_sha256": result.sha256,
@@ -329,8 +352,10 @@ def save(result: PretrainResult, cfg: PretrainConfig, out: Path, command: str) -
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m molre.training.pretrain",
-                                description="Pretrain phantom-3d (dense supervision on phantoms).")
+    p = argparse.ArgumentParser(
+        prog="python -m molre.training.pretrain",
+        description="Pretrain phantom-3d (dense supervision on phantoms).",
+    )
     p.add_argument("--out", type=Path, default=Path("molre/resources/phantom-3d"))
     defaults = PretrainConfig()
     for k, v in defaults.to_dict().items():
@@ -343,12 +368,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     kw = {k: getattr(a, k) for k in defaults.to_dict() if k != "sites"}
     cfg = PretrainConfig(**kw, sites=tuple(x for x in a.sites.split(",") if x))
     res = pretrain(cfg, progress=not a.quiet)
-    cmd = "python -m molre.training.pretrain " + " ".join(
-        f"--{k.replace('_', '-')} {v if k != 'sites' else ','.join(v)}"
-        for k, v in cfg.to_dict().items() if v != defaults.to_dict()[k]) + f" --out {a.out}"
+    cmd = (
+        "python -m molre.training.pretrain "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v if k != 'sites' else ','.join(v)}"
+            for k, v in cfg.to_dict().items()
+            if v != defaults.to_dict()[k]
+        )
+        + f" --out {a.out}"
+    )
     save(res, cfg, a.out, " ".join(cmd.split()))
-    print(json.dumps({"out": str(a.out), "sha256": res.sha256, "minutes":
-                      round(res.seconds / 60, 1), "val": res.validation}, indent=1))
+    print(
+        json.dumps(
+            {
+                "out": str(a.out),
+                "sha256": res.sha256,
+                "minutes": round(res.seconds / 60, 1),
+                "val": res.validation,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

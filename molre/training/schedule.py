@@ -14,7 +14,9 @@ import torch
 __all__ = ["warmup_cosine", "warmup_cosine_factor"]
 
 
-def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, floor: float = 0.0) -> float:
+def warmup_cosine_factor(
+    step: int, total_steps: int, warmup_steps: int, floor: float = 0.0
+) -> float:
     """Multiplier of the base LR at optimizer step `step` (0-based)."""
     total_steps = max(1, int(total_steps))
     warmup_steps = max(0, min(int(warmup_steps), total_steps))
@@ -25,8 +27,10 @@ def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, floor: 
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                  floor: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, floor: float = 0.01
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR implementing `warmup_cosine_factor` (its state_dict resumes exactly)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine_factor(s, total_steps, warmup_steps, floor))
+        optimizer, lambda s: warmup_cosine_factor(s, total_steps, warmup_steps, floor)
+    )

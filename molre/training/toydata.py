@@ -26,13 +26,21 @@ import numpy as np
 
 __all__ = ["TOY_FINDINGS", "make_toy_dataset", "render_toy_head"]
 
-TOY_FINDINGS: tuple[str, ...] = ("intraparenchymal_hemorrhage", "hydrocephalus",
-                                 "intracranial_calcification")
+TOY_FINDINGS: tuple[str, ...] = (
+    "intraparenchymal_hemorrhage",
+    "hydrocephalus",
+    "intracranial_calcification",
+)
 
 
-def render_toy_head(rng: np.random.Generator, findings: Sequence[str], size: int = 64,
-                    n_slices: int = 24, fov_mm: float = 230.0, thickness: float = 5.0
-                    ) -> tuple[np.ndarray, tuple[float, float, float]]:
+def render_toy_head(
+    rng: np.random.Generator,
+    findings: Sequence[str],
+    size: int = 64,
+    n_slices: int = 24,
+    fov_mm: float = 230.0,
+    thickness: float = 5.0,
+) -> tuple[np.ndarray, tuple[float, float, float]]:
     """(HU volume (z, y, x) int16-ranged float32, spacing (z, y, x) mm)."""
     px = fov_mm / size
     z = (np.arange(n_slices) - (n_slices - 1) / 2) * thickness
@@ -62,21 +70,27 @@ def render_toy_head(rng: np.random.Generator, findings: Sequence[str], size: int
         rad = rng.uniform(30, 36)
         side = rng.choice([-1.0, 1.0])
         ctr = np.array([side * rng.uniform(22, 28), rng.uniform(-20, 20), rng.uniform(-8, 10)])
-        blob = ((U - ctr[0]) ** 2 + (V - ctr[1]) ** 2 + (W - ctr[2]) ** 2) < rad ** 2
+        blob = ((U - ctr[0]) ** 2 + (V - ctr[1]) ** 2 + (W - ctr[2]) ** 2) < rad**2
         vol[blob & brain] = rng.uniform(85, 95) + rng.normal(0, 4, size=int((blob & brain).sum()))
     if "intracranial_calcification" in findings:
         # one large calcified lesion: dense enough to survive any soft-tissue window
         ctr = np.array([rng.uniform(-20, 20), rng.uniform(-30, 30), rng.uniform(-8, 8)])
         rad = rng.uniform(18, 22)
-        spot = ((U - ctr[0]) ** 2 + (V - ctr[1]) ** 2 + (W - ctr[2]) ** 2) < rad ** 2
+        spot = ((U - ctr[0]) ** 2 + (V - ctr[1]) ** 2 + (W - ctr[2]) ** 2) < rad**2
         vol[spot & brain] = rng.uniform(300, 400)
     return vol.astype(np.float32), (thickness, px, px)
 
 
-def make_toy_dataset(out: Path | str, count: int = 36, seed: int = 0, size: int = 64,
-                     n_slices: int = 24, prevalence: float = 0.5,
-                     splits: tuple[float, float, float] = (0.56, 0.33, 0.11),
-                     unlabelled_fraction: float = 0.0) -> Path:
+def make_toy_dataset(
+    out: Path | str,
+    count: int = 36,
+    seed: int = 0,
+    size: int = 64,
+    n_slices: int = 24,
+    prevalence: float = 0.5,
+    splits: tuple[float, float, float] = (0.56, 0.33, 0.11),
+    unlabelled_fraction: float = 0.0,
+) -> Path:
     """Write `count` toy series (one patient each) and `out/manifest.csv`; returns its path.
 
     Findings are drawn independently with `prevalence`, but each split gets a balanced
@@ -99,20 +113,31 @@ def make_toy_dataset(out: Path | str, count: int = 36, seed: int = 0, size: int 
         split = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
         j = i if split == "train" else (i - n_train if split == "val" else i - n_train - n_val)
         # alternate positives/negatives per finding with a random phase: balanced in each split
-        found = [k for f, k in enumerate(TOY_FINDINGS)
-                 if ((j >> f) & 1) ^ (rng.uniform() < (1 - prevalence) * 0.2)]
+        found = [
+            k
+            for f, k in enumerate(TOY_FINDINGS)
+            if ((j >> f) & 1) ^ (rng.uniform() < (1 - prevalence) * 0.2)
+        ]
         vol, spacing = render_toy_head(rng, found, size=size, n_slices=n_slices)
         name = f"toy_{i + 1:04d}"
-        write_ct_series(out / name, vol, spacing=spacing, PatientID=f"TOY-{i + 1:04d}",
-                        PatientName=f"TOY^{i + 1:04d}", SeriesDescription="toy head",
-                        StudyDescription="CT HEAD WO CONTRAST", BodyPartExamined="HEAD")
+        write_ct_series(
+            out / name,
+            vol,
+            spacing=spacing,
+            PatientID=f"TOY-{i + 1:04d}",
+            PatientName=f"TOY^{i + 1:04d}",
+            SeriesDescription="toy head",
+            StudyDescription="CT HEAD WO CONTRAST",
+            BodyPartExamined="HEAD",
+        )
         labels: dict[str, float | None] = {k: None for k in cat.keys}
         for k in TOY_FINDINGS:
             labels[k] = 1.0 if k in found else 0.0
         if unlabelled_fraction and rng.uniform() < unlabelled_fraction:
             labels[TOY_FINDINGS[-1]] = None
-        rows.append({"path": out / name, "patient_id": f"TOY-{i + 1:04d}", "split": split,
-                     "labels": labels})
+        rows.append(
+            {"path": out / name, "patient_id": f"TOY-{i + 1:04d}", "split": split, "labels": labels}
+        )
     return write_manifest(out / "manifest.csv", rows, cat)
 
 
@@ -120,10 +145,23 @@ def toy_train_config(manifest: Path, out: Path, cache_dir: Path, **kw) -> "Train
     """The TrainConfig the smoke tests use on a toy data set (tiny-3d, MoLRE(6, 8), 2 epochs)."""
     from molre.training.loop import TrainConfig
 
-    base = dict(backbone="tiny-3d", data=manifest, out=out, adapter="molre", experts=6, rank=8,
-                epochs=2, batch_size=4, lr=1e-3, seed=0, device="cpu", progress=False,
-                catalog_keys=list(TOY_FINDINGS), recipe={"hu_range": [0.0, 100.0]},
-                cache_dir=cache_dir)
+    base = dict(
+        backbone="tiny-3d",
+        data=manifest,
+        out=out,
+        adapter="molre",
+        experts=6,
+        rank=8,
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        seed=0,
+        device="cpu",
+        progress=False,
+        catalog_keys=list(TOY_FINDINGS),
+        recipe={"hu_range": [0.0, 100.0]},
+        cache_dir=cache_dir,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -136,8 +174,9 @@ def ensure_toy_run(base: Path, count: int = 60) -> tuple[Path, Path]:
     base = Path(base)
     manifest = base / "data" / "manifest.csv"
     if not (base / "data.done").exists():
-        make_toy_dataset(base / "data", count=count, seed=0, splits=(0.55, 0.35, 0.10),
-                         unlabelled_fraction=0.15)
+        make_toy_dataset(
+            base / "data", count=count, seed=0, splits=(0.55, 0.35, 0.10), unlabelled_fraction=0.15
+        )
         (base / "data.done").write_text("ok")
     run = base / "run"
     if not (base / "run.done").exists():

@@ -19,18 +19,25 @@ def _run(connection) -> None:
     # transactional_ddl: Alembic would otherwise run SQLite migrations one transaction each,
     # and two node processes starting together could interleave (both decide to apply 0002).
     # One transaction (BEGIN IMMEDIATE on SQLite) makes the whole upgrade atomic and serialised.
-    context.configure(connection=connection, target_metadata=target_metadata,
-                      render_as_batch=connection.dialect.name == "sqlite",
-                      transactional_ddl=True, compare_type=True)
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        transactional_ddl=True,
+        compare_type=True,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
 
 def run_migrations_offline() -> None:
     """Emit SQL to stdout (``alembic upgrade --sql``) for DBAs who apply DDL by hand."""
-    context.configure(url=config.get_main_option("sqlalchemy.url"),
-                      target_metadata=target_metadata, literal_binds=True,
-                      dialect_opts={"paramstyle": "named"})
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+    )
     with context.begin_transaction():
         context.run_migrations()
 

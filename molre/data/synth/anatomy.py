@@ -44,7 +44,6 @@ class Anatomy:
         return asdict(self)
 
 
-
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     """Draw one synthetic patient's head: size, layer thicknesses, tissue densities, folding."""
     head = (rng.uniform(68, 79), rng.uniform(87, 99), rng.uniform(80, 92))
@@ -78,13 +77,11 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     )
 
 
-
 def floor_w(v: np.ndarray | float, ax: tuple[float, float, float]) -> np.ndarray | float:
     """Skull-base height (w) under the cranial cavity: higher anteriorly, low posterior fossa."""
     hv, hw = ax[1], ax[2]
     t = np.clip((np.asarray(v) + 0.3 * hv) / hv, 0.0, 1.0)
     return -hw * (0.30 + 0.30 * t)
-
 
 
 def ellipsoid_depth(u, v, w, axes) -> np.ndarray:
@@ -155,15 +152,17 @@ class RenderContext:
 
 def _shift_profile(v, w, mm: float) -> np.ndarray:
     """Midline displacement (mm along u): maximal at the septum, zero at the vertex and base."""
-    return (mm * np.exp(-((v - 0.0) ** 2) / (2 * 45.0**2) - ((w - 8.0) ** 2) / (2 * 28.0**2))
-            ).astype(np.float32)
+    return (
+        mm * np.exp(-((v - 0.0) ** 2) / (2 * 45.0**2) - ((w - 8.0) ** 2) / (2 * 28.0**2))
+    ).astype(np.float32)
 
 
 _Ellipsoid = tuple[tuple[float, float, float], tuple[float, float, float], float]
 
 
-def ventricle_parts(vw: float, vh: float,
-                     side_scale: Mapping[str, float] | None = None) -> list[_Ellipsoid]:
+def ventricle_parts(
+    vw: float, vh: float, side_scale: Mapping[str, float] | None = None
+) -> list[_Ellipsoid]:
     """Ellipsoids (centre, semi-axes, in-plane angle) of the ventricular system, in (u, v, w).
 
     vw / vh scale width / height (age, hydrocephalus); side_scale compresses one side.
@@ -174,8 +173,11 @@ def ventricle_parts(vw: float, vh: float,
         parts += [  # body + frontal horn, atrium / occipital horn, temporal horn
             ((s * 6.0 * vw * k, -6.0, 14.0), (4.0 * vw * k, 26.0, 7.0 * vh), s * math.radians(8)),
             ((s * 13.0 * vw * k, 22.0, 7.0), (5.0 * vw * k, 12.0, 6.0 * vh), 0.0),
-            ((s * 26.0, -2.0, -14.0), (3.0 * (0.6 + 0.4 * vw) * k, 14.0, 2.0 + 1.5 * (vh - 1.0)),
-             0.0),
+            (
+                (s * 26.0, -2.0, -14.0),
+                (3.0 * (0.6 + 0.4 * vw) * k, 14.0, 2.0 + 1.5 * (vh - 1.0)),
+                0.0,
+            ),
         ]
     parts.append(((0.0, 4.0, -2.0), (1.5 * vw, 14.0, 9.0), 0.0))  # third ventricle
     return parts
@@ -186,16 +188,18 @@ def ventricle_factors(vs: float, hyd: float) -> tuple[float, float]:
     return vs * hyd, vs * (1.0 + 0.8 * (hyd - 1.0))
 
 
-def _deep_structures(shape, cidx, cu, cv, cw, vw: float, vh: float,
-                     side_scale: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+def _deep_structures(
+    shape, cidx, cu, cv, cw, vw: float, vh: float, side_scale: Mapping[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Deep grey nuclei and ventricles (full-grid bool masks) from the central-region gathers."""
     cdeep = np.zeros(cu.shape, dtype=bool)
     cvent = np.zeros(cu.shape, dtype=bool)
     for s in (-1.0, 1.0):
         cdeep |= in_ellipsoid(cu, cv, cw, (s * 22.0, -2.0, 0.0), (6.0, 14.0, 8.0))  # lentiform
         cdeep |= in_ellipsoid(cu, cv, cw, (s * 10.0, 13.0, 4.0), (7.0, 10.0, 8.0))  # thalamus
-        cdeep |= in_ellipsoid(cu, cv, cw, (s * (8.0 + 4.0 * vw), -16.0, 12.0),
-                               (4.0, 8.0, 7.0))  # caudate head
+        cdeep |= in_ellipsoid(
+            cu, cv, cw, (s * (8.0 + 4.0 * vw), -16.0, 12.0), (4.0, 8.0, 7.0)
+        )  # caudate head
     for center, semi, angle in ventricle_parts(vw, vh, side_scale):
         cvent |= in_ellipsoid(cu, cv, cw, center, semi, angle)
     deep = np.zeros(shape, dtype=bool)
@@ -236,8 +240,9 @@ def render_anatomy(geom: PhantomGeometry, anat: Anatomy, mods: dict[str, Any]) -
     # Calvarium: outer table, diploe, inner table.
     skull = (depth >= anat.scalp) & (d_in < 0)
     frac = (depth - anat.scalp) / anat.skull
-    vol[skull] = np.where((frac[skull] < 0.3) | (frac[skull] > 0.7),
-                          anat.cortical_bone_hu, anat.diploe_hu)
+    vol[skull] = np.where(
+        (frac[skull] < 0.3) | (frac[skull] > 0.7), anat.cortical_bone_hu, anat.diploe_hu
+    )
     # Below the cranial cavity: skull-base plate, soft tissue, a paranasal air sinus.
     below = (d_in >= 0) & (above_floor <= 0)
     vol[below] = anat.scalp_hu - 8.0  # fat / muscle mix of the skull base and face
@@ -268,8 +273,10 @@ def render_anatomy(geom: PhantomGeometry, anat: Anatomy, mods: dict[str, Any]) -
     eps_s = g * anat.sulcal_half_width * sulc_mult
     eps_g = g * (anat.sulcal_half_width * sulc_mult + anat.cortex)
     sulci = near & (absf < eps_s) & (brain_depth < anat.sulcal_depth)
-    grey = brain_env & ((brain_depth < anat.cortex)
-                        | (near & (absf < eps_g) & (brain_depth < anat.sulcal_depth + anat.cortex)))
+    grey = brain_env & (
+        (brain_depth < anat.cortex)
+        | (near & (absf < eps_g) & (brain_depth < anat.sulcal_depth + anat.cortex))
+    )
 
     # Deep structures follow the (possibly shifted) midline.
     shift_mm = float(mods.get("shift_mm", 0.0))
@@ -315,8 +322,27 @@ def render_anatomy(geom: PhantomGeometry, anat: Anatomy, mods: dict[str, Any]) -
     grey &= ~(csf_in | vent)
     white &= ~(csf_in | vent | deep)
     brain = brain_env & ~vent & ~csf_in
-    return RenderContext(geom=geom, anat=anat, vol=vol, x=x, y=y, z=z, u=u, v=v, w=w, us=us, depth=depth,
-                d_in=d_in, brain_depth=brain_depth, cavity=cavity, brain=brain, skull=skull,
-                grey=grey, white=white, deep_grey=deep, ventricles=vent,
-                sulci=csf_in, fold=fold)
-
+    return RenderContext(
+        geom=geom,
+        anat=anat,
+        vol=vol,
+        x=x,
+        y=y,
+        z=z,
+        u=u,
+        v=v,
+        w=w,
+        us=us,
+        depth=depth,
+        d_in=d_in,
+        brain_depth=brain_depth,
+        cavity=cavity,
+        brain=brain,
+        skull=skull,
+        grey=grey,
+        white=white,
+        deep_grey=deep,
+        ventricles=vent,
+        sulci=csf_in,
+        fold=fold,
+    )

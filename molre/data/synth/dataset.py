@@ -39,8 +39,10 @@ def _prevalences(prevalence: float | Mapping[str, float], keys: Sequence[str]) -
     if isinstance(prevalence, Mapping):
         unknown = [k for k in prevalence if k not in PHANTOM_FINDINGS]
         if unknown:
-            raise MolreError(f"prevalence names unknown finding(s) {unknown}; plantable keys: "
-                             f"{', '.join(PHANTOM_FINDINGS)}")
+            raise MolreError(
+                f"prevalence names unknown finding(s) {unknown}; plantable keys: "
+                f"{', '.join(PHANTOM_FINDINGS)}"
+            )
         out = {k: float(prevalence.get(k, 0.0)) for k in keys}
     else:
         out = {k: float(prevalence) for k in keys}
@@ -50,8 +52,9 @@ def _prevalences(prevalence: float | Mapping[str, float], keys: Sequence[str]) -
     return out
 
 
-def sample_findings(rng: np.random.Generator, prevalence: Mapping[str, float],
-                    normal_fraction: float = 0.0) -> tuple[str, ...]:
+def sample_findings(
+    rng: np.random.Generator, prevalence: Mapping[str, float], normal_fraction: float = 0.0
+) -> tuple[str, ...]:
     """Independent Bernoulli draws per finding, with a share of scans forced normal.
 
     `prevalence` is the *marginal* rate wanted in the dataset; inside abnormal scans each finding
@@ -81,13 +84,15 @@ def sample_findings(rng: np.random.Generator, prevalence: Mapping[str, float],
     return tuple(planted)
 
 
-def _split_patients(rng: np.random.Generator, patients: Sequence[int],
-                    splits: Sequence[float]) -> dict[int, str]:
+def _split_patients(
+    rng: np.random.Generator, patients: Sequence[int], splits: Sequence[float]
+) -> dict[int, str]:
     names = ("train", "val", "test")
     fr = np.asarray(splits, dtype=float)
     if fr.shape != (3,) or (fr < 0).any() or fr.sum() <= 0:
-        raise MolreError(f"splits={tuple(splits)} must be three non-negative fractions "
-                         f"(train, val, test)")
+        raise MolreError(
+            f"splits={tuple(splits)} must be three non-negative fractions (train, val, test)"
+        )
     fr = fr / fr.sum()
     order = list(patients)
     rng.shuffle(order)
@@ -103,9 +108,16 @@ def _series_job(job: dict[str, Any]) -> dict[str, Any]:
     """Write one series (runs in a worker process); returns a JSON-able summary."""
     anat = sample_anatomy(np.random.default_rng(job["anatomy_seed"]))
     info = write_phantom_series(
-        Path(job["out"]) / job["name"], np.random.default_rng(job["seed"]), job["findings"],
-        size=job["size"], n_slices=job["n_slices"], slice_thickness=job["slice_thickness"],
-        anatomy=anat, patient=job["patient"], site=job["site"])
+        Path(job["out"]) / job["name"],
+        np.random.default_rng(job["seed"]),
+        job["findings"],
+        size=job["size"],
+        n_slices=job["n_slices"],
+        slice_thickness=job["slice_thickness"],
+        anatomy=anat,
+        patient=job["patient"],
+        site=job["site"],
+    )
     if job["masks"] and info.masks:
         save_masks(Path(job["out"]) / MASKS_DIR / f"{job['name']}.npz", info.masks)
     return {"name": job["name"], "patient_id": info.patient_id, **info.to_dict()}
@@ -138,8 +150,10 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise MolreError(f"synth output {out} exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise MolreError(f"synth output folder {out} is not empty; choose an empty folder "
-                             f"or pass --overwrite to replace the phantoms in it")
+            raise MolreError(
+                f"synth output folder {out} is not empty; choose an empty folder "
+                f"or pass --overwrite to replace the phantoms in it"
+            )
         # Remove only what a previous synth run wrote there.
         for child in out.iterdir():
             if child.is_dir() and (child.name.startswith("series_") or child.name == MASKS_DIR):
@@ -149,16 +163,27 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def generate_dataset(out: Path | str, count: int, seed: int, size: int | None = 128, *,
-                     prevalence: float | Mapping[str, float] = 0.3,
-                     normal_fraction: float = 0.25,
-                     splits: Sequence[float] = (0.6, 0.2, 0.2),
-                     unlabelled_fraction: float = 0.0, workers: int = 1,
-                     n_slices: int | None = None, slice_thickness: float | None = None,
-                     follow_up_fraction: float = 0.15, catalog: Any = None,
-                     overwrite: bool = False, progress: bool = True,
-                     sites: Sequence[str] | None = None, findings: Sequence[str] | None = None,
-                     masks: bool = True) -> Path:
+def generate_dataset(
+    out: Path | str,
+    count: int,
+    seed: int,
+    size: int | None = 128,
+    *,
+    prevalence: float | Mapping[str, float] = 0.3,
+    normal_fraction: float = 0.25,
+    splits: Sequence[float] = (0.6, 0.2, 0.2),
+    unlabelled_fraction: float = 0.0,
+    workers: int = 1,
+    n_slices: int | None = None,
+    slice_thickness: float | None = None,
+    follow_up_fraction: float = 0.15,
+    catalog: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    sites: Sequence[str] | None = None,
+    findings: Sequence[str] | None = None,
+    masks: bool = True,
+) -> Path:
     """Write `count` phantom series under `out` (series_0001/ ...) and `out/manifest.csv`.
 
     Labels: 1/0 for the findings the phantom can plant, blank (not labelled) for the rest of
@@ -222,20 +247,32 @@ def generate_dataset(out: Path | str, count: int, seed: int, size: int | None = 
         found = sample_findings(srng, prev, normal_fraction)
         if fixed is not None:
             found = fixed
-        jobs.append({"out": str(out), "name": f"series_{i + 1:04d}",
-                     "seed": int(srng.integers(2**63 - 1)),
-                     "anatomy_seed": anat_seed[patient_of[i]], "findings": found,
-                     "size": None if size is None else int(size), "n_slices": n_slices,
-                     "slice_thickness": slice_thickness, "patient": ptags[patient_of[i]],
-                     "site": site_of[i], "masks": bool(masks)})
+        jobs.append(
+            {
+                "out": str(out),
+                "name": f"series_{i + 1:04d}",
+                "seed": int(srng.integers(2**63 - 1)),
+                "anatomy_seed": anat_seed[patient_of[i]],
+                "findings": found,
+                "size": None if size is None else int(size),
+                "n_slices": n_slices,
+                "slice_thickness": slice_thickness,
+                "patient": ptags[patient_of[i]],
+                "site": site_of[i],
+                "masks": bool(masks),
+            }
+        )
 
     results: list[dict[str, Any]] = []
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         tqdm = None
-    bar = tqdm(total=count, desc="synth", unit="series", disable=None if progress else True) \
-        if tqdm else None
+    bar = (
+        tqdm(total=count, desc="synth", unit="series", disable=None if progress else True)
+        if tqdm
+        else None
+    )
     if workers > 1:
         with ProcessPoolExecutor(max_workers=int(workers)) as ex:
             for r in ex.map(_series_job, jobs, chunksize=max(1, count // (8 * workers))):
@@ -256,8 +293,15 @@ def generate_dataset(out: Path | str, count: int, seed: int, size: int | None = 
         if not unlabelled[i]:
             for k in plantable:
                 labels[k] = 1.0 if k in r["findings"] else 0.0
-        rows.append({"path": r["name"], "patient_id": r["patient_id"],
-                     "split": split_of[patient_of[i]], "site": r["site"], "labels": labels})
+        rows.append(
+            {
+                "path": r["name"],
+                "patient_id": r["patient_id"],
+                "split": split_of[patient_of[i]],
+                "site": r["site"],
+                "labels": labels,
+            }
+        )
     from molre.data.manifest import write_manifest
 
     manifest = out / "manifest.csv"
@@ -269,10 +313,15 @@ def generate_dataset(out: Path | str, count: int, seed: int, size: int | None = 
             rec["labelled"] = not bool(unlabelled[i])
             fh.write(json.dumps(_jsonable(rec)) + "\n")
     counts = Counter(k for r in results for k in r["findings"])
-    log.info("synth.done", out=str(out), series=count, patients=len(patients),
-             sites=dict(Counter(site_of)),
-             normal=sum(1 for r in results if not r["findings"]),
-             **{k: counts[k] for k in plantable})
+    log.info(
+        "synth.done",
+        out=str(out),
+        series=count,
+        patients=len(patients),
+        sites=dict(Counter(site_of)),
+        normal=sum(1 for r in results if not r["findings"]),
+        **{k: counts[k] for k in plantable},
+    )
     return manifest
 
 
@@ -283,9 +332,12 @@ def dataset_summary(out: Path | str) -> dict[str, Any]:
         raise MolreError(f"{path} not found: not a folder written by `molre-node synth`")
     recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     counts = Counter(k for r in recs for k in r["findings"])
-    return {"series": len(recs), "normal": sum(1 for r in recs if not r["findings"]),
-            "files": sum(r["n_files"] for r in recs),
-            "splits": dict(Counter(r["split"] for r in recs)),
-            "unlabelled": sum(1 for r in recs if not r["labelled"]),
-            "sites": dict(Counter(r.get("site", "generic") for r in recs)),
-            "findings": {k: counts.get(k, 0) for k in PHANTOM_FINDINGS}}
+    return {
+        "series": len(recs),
+        "normal": sum(1 for r in recs if not r["findings"]),
+        "files": sum(r["n_files"] for r in recs),
+        "splits": dict(Counter(r["split"] for r in recs)),
+        "unlabelled": sum(1 for r in recs if not r["labelled"]),
+        "sites": dict(Counter(r.get("site", "generic") for r in recs)),
+        "findings": {k: counts.get(k, 0) for k in PHANTOM_FINDINGS},
+    }

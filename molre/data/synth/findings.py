@@ -45,8 +45,7 @@ PHANTOM_FINDINGS: tuple[str, ...] = (
 
 
 def _brain_depth_point(anat: Anatomy, p: np.ndarray) -> float:
-    d = float(ellipsoid_depth(np.float32(p[0]), np.float32(p[1]), np.float32(p[2]),
-                               anat.head_axes))
+    d = float(ellipsoid_depth(np.float32(p[0]), np.float32(p[1]), np.float32(p[2]), anat.head_axes))
     d_in = d - anat.scalp - anat.skull
     return min(d_in, p[2] - float(floor_w(p[1], anat.head_axes))) - anat.csf_rim
 
@@ -74,12 +73,17 @@ def _covered(geom: PhantomGeometry, p_uvw: np.ndarray, margin: float) -> bool:
     return m <= float(idx[0]) <= last - m
 
 
-def _random_parenchyma_point(rng: np.random.Generator, geom: PhantomGeometry, anat: Anatomy,
-                             min_depth: float, avoid: Sequence[np.ndarray] = (),
-                             min_sep: float = 0.0, deep_bias: float = 0.0,
-                             what: str = "lesion",
-                             ventricles: tuple[float, float, float] = (1.0, 1.0, 0.0),
-                             ) -> np.ndarray:
+def _random_parenchyma_point(
+    rng: np.random.Generator,
+    geom: PhantomGeometry,
+    anat: Anatomy,
+    min_depth: float,
+    avoid: Sequence[np.ndarray] = (),
+    min_sep: float = 0.0,
+    deep_bias: float = 0.0,
+    what: str = "lesion",
+    ventricles: tuple[float, float, float] = (1.0, 1.0, 0.0),
+) -> np.ndarray:
     """A point in brain parenchyma, at least `min_depth` mm under the cortex, inside the scan,
     clear of the ventricles (`ventricles` = width factor, height factor, possible shift mm)."""
     ax = np.array(anat.head_axes) - anat.scalp - anat.skull - anat.csf_rim
@@ -88,14 +92,20 @@ def _random_parenchyma_point(rng: np.random.Generator, geom: PhantomGeometry, an
         if attempt and attempt % 100 == 0:
             depth_need *= 0.6  # small coverage: accept shallower sites rather than fail
         if rng.uniform() < deep_bias:  # basal ganglia / thalamus region
-            p = np.array([rng.choice([-1.0, 1.0]) * rng.uniform(18, 28), rng.uniform(-12, 16),
-                          rng.uniform(-6, 10)])
+            p = np.array(
+                [
+                    rng.choice([-1.0, 1.0]) * rng.uniform(18, 28),
+                    rng.uniform(-12, 16),
+                    rng.uniform(-6, 10),
+                ]
+            )
         else:
             q = rng.normal(size=3)
             q *= rng.uniform() ** (1 / 3) / np.linalg.norm(q)
             p = q * ax
         if _brain_depth_point(anat, p) < depth_need or _near_ventricles(
-                p, ventricles[0], ventricles[1], min(min_depth, 8.0), ventricles[2]):
+            p, ventricles[0], ventricles[1], min(min_depth, 8.0), ventricles[2]
+        ):
             continue
         if not _covered(geom, p, margin=min(min_depth, 10.0)):
             continue
@@ -104,7 +114,8 @@ def _random_parenchyma_point(rng: np.random.Generator, geom: PhantomGeometry, an
         return p
     raise PlacementError(
         f"synthetic phantom: cannot place {what} inside the scanned brain "
-        f"({geom.shape[0]} slices of {geom.spacing[0]:g} mm); use more slices (--slices)")
+        f"({geom.shape[0]} slices of {geom.spacing[0]:g} mm); use more slices (--slices)"
+    )
 
 
 def _snap(geom: PhantomGeometry, p_uvw: np.ndarray) -> np.ndarray:
@@ -123,14 +134,17 @@ def _bbox(ctx: RenderContext, center_uvw: np.ndarray, radius: float) -> tuple[sl
     lo = np.maximum(np.floor(c - half), 0).astype(int)
     hi = np.minimum(np.ceil(c + half) + 1, np.array(ctx.geom.shape)).astype(int)
     return tuple(  # type: ignore[return-value]
-        slice(int(a), int(max(a, b))) for a, b in zip(lo, hi))
+        slice(int(a), int(max(a, b))) for a, b in zip(lo, hi)
+    )
 
 
 def _sub(ctx: RenderContext, sl) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     shp = ctx.vol[sl].shape
-    return (np.broadcast_to(ctx.u, ctx.vol.shape)[sl].reshape(shp),
-            np.broadcast_to(ctx.v, ctx.vol.shape)[sl].reshape(shp),
-            np.broadcast_to(ctx.w, ctx.vol.shape)[sl].reshape(shp))
+    return (
+        np.broadcast_to(ctx.u, ctx.vol.shape)[sl].reshape(shp),
+        np.broadcast_to(ctx.v, ctx.vol.shape)[sl].reshape(shp),
+        np.broadcast_to(ctx.w, ctx.vol.shape)[sl].reshape(shp),
+    )
 
 
 def _blob(ctx: RenderContext, p: dict[str, Any], sl) -> np.ndarray:
@@ -165,26 +179,37 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q = rng.normal(size=4)
     q /= np.linalg.norm(q)
     a, b, c, d = q
-    return np.array([
-        [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-        [2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)],
-        [2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d],
-    ])
+    return np.array(
+        [
+            [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+            [2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)],
+            [2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d],
+        ]
+    )
 
 
-def _blob_params(rng: np.random.Generator, center: np.ndarray, radius: float,
-                 elong: float = 0.3, wobble: float = 0.12) -> dict[str, Any]:
+def _blob_params(
+    rng: np.random.Generator,
+    center: np.ndarray,
+    radius: float,
+    elong: float = 0.3,
+    wobble: float = 0.12,
+) -> dict[str, Any]:
     semi = radius * rng.uniform(1 - elong, 1 + elong, size=3)
-    return {"center_uvw": center, "radius": float(radius), "semi_axes": semi,
-            "axes_rot": _random_rotation(rng), "wobble": float(wobble),
-            "wobble_dirs": rng.normal(size=(3, 3))}
+    return {
+        "center_uvw": center,
+        "radius": float(radius),
+        "semi_axes": semi,
+        "axes_rot": _random_rotation(rng),
+        "wobble": float(wobble),
+        "wobble_dirs": rng.normal(size=(3, 3)),
+    }
 
 
 def _convexity_direction(rng: np.random.Generator, side: float, az_range, el_range) -> np.ndarray:
     az = math.radians(rng.uniform(*az_range))
     el = math.radians(rng.uniform(*el_range))
-    return np.array([side * math.cos(el) * math.cos(az), math.cos(el) * math.sin(az),
-                     math.sin(el)])
+    return np.array([side * math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
 
 
 def _surface_point(anat: Anatomy, direction: np.ndarray, d_in: float) -> np.ndarray:
@@ -197,16 +222,26 @@ def _surface_point(anat: Anatomy, direction: np.ndarray, d_in: float) -> np.ndar
     return p - normal * (anat.scalp + anat.skull + d_in)
 
 
-def _convexity_site(rng: np.random.Generator, geom: PhantomGeometry, anat: Anatomy, side: float,
-                    az_range, el_range, depth: float, what: str) -> np.ndarray:
+def _convexity_site(
+    rng: np.random.Generator,
+    geom: PhantomGeometry,
+    anat: Anatomy,
+    side: float,
+    az_range,
+    el_range,
+    depth: float,
+    what: str,
+) -> np.ndarray:
     for _ in range(300):
         d = _convexity_direction(rng, side, az_range, el_range)
         p = _surface_point(anat, d, depth)
         if p[2] > float(floor_w(p[1], anat.head_axes)) + 10 and _covered(geom, p, 6.0):
             return d
         el_range = (el_range[0] - 5.0, el_range[1] + 5.0)  # widen for short coverage
-    raise PlacementError(f"synthetic phantom: cannot place {what} inside the scanned slab "
-                          f"({geom.shape[0]} slices); use more slices (--slices)")
+    raise PlacementError(
+        f"synthetic phantom: cannot place {what} inside the scanned slab "
+        f"({geom.shape[0]} slices); use more slices (--slices)"
+    )
 
 
 def _angle_to(ctx: RenderContext, mask: np.ndarray, direction: np.ndarray) -> np.ndarray:
@@ -222,9 +257,12 @@ def _angle_to(ctx: RenderContext, mask: np.ndarray, direction: np.ndarray) -> np
     return np.arccos(np.clip(cosang, -1.0, 1.0))
 
 
-
-def plan_findings(rngs: dict[str, np.random.Generator], findings: Sequence[str],
-                   geom: PhantomGeometry, anat: Anatomy) -> tuple[dict[str, dict], dict]:
+def plan_findings(
+    rngs: dict[str, np.random.Generator],
+    findings: Sequence[str],
+    geom: PhantomGeometry,
+    anat: Anatomy,
+) -> tuple[dict[str, dict], dict]:
     """Draw every planted finding's parameters, and the anatomy modifiers they imply."""
     plan: dict[str, dict[str, Any]] = {}
     mods: dict[str, Any] = {}
@@ -238,41 +276,71 @@ def plan_findings(rngs: dict[str, np.random.Generator], findings: Sequence[str],
         mods["hydro_factor"] = hyd
         mods["sulcal_mult"] = 0.5  # effaced sulci
     # Parenchymal lesions keep clear of the ventricles, wherever a shift may move them.
-    vent = (*ventricle_factors(anat.ventricle_scale, hyd),
-            16.0 if "midline_shift" in fs else 0.0)
+    vent = (*ventricle_factors(anat.ventricle_scale, hyd), 16.0 if "midline_shift" in fs else 0.0)
 
     if "intraparenchymal_hemorrhage" in fs:
         r = rngs["intraparenchymal_hemorrhage"]
         radius = float(r.choice([r.uniform(3.0, 6.0), r.uniform(6.0, 18.0)], p=[0.35, 0.65]))
-        c = _snap(geom, _random_parenchyma_point(r, geom, anat, radius + 4.0, deep_bias=0.5,
-                                                 what="intraparenchymal_hemorrhage",
-                                                 ventricles=vent))
+        c = _snap(
+            geom,
+            _random_parenchyma_point(
+                r,
+                geom,
+                anat,
+                radius + 4.0,
+                deep_bias=0.5,
+                what="intraparenchymal_hemorrhage",
+                ventricles=vent,
+            ),
+        )
         hu = float(r.uniform(52.0, 88.0))
         plan["intraparenchymal_hemorrhage"] = {
-            **_blob_params(r, c, radius), "hu": hu, "side": float(np.sign(c[0]) or 1.0),
-            "subtle": radius < 5.0 or hu < 58.0}
+            **_blob_params(r, c, radius),
+            "hu": hu,
+            "side": float(np.sign(c[0]) or 1.0),
+            "subtle": radius < 5.0 or hu < 58.0,
+        }
         placed.append(c)
 
     if "intracranial_mass" in fs or "vasogenic_edema" in fs:
         r = rngs["intracranial_mass"]
         radius = float(r.uniform(7.0, 22.0))
-        c = _snap(geom, _random_parenchyma_point(r, geom, anat, radius + 5.0, avoid=placed,
-                                                 min_sep=radius + 20.0, what="intracranial_mass",
-                                                 ventricles=vent))
+        c = _snap(
+            geom,
+            _random_parenchyma_point(
+                r,
+                geom,
+                anat,
+                radius + 5.0,
+                avoid=placed,
+                min_sep=radius + 20.0,
+                what="intracranial_mass",
+                ventricles=vent,
+            ),
+        )
         placed.append(c)
-        mp = {**_blob_params(r, c, radius, elong=0.25, wobble=0.15),
-              "hu": float(r.uniform(40.0, 48.0)), "necrotic": bool(r.uniform() < 0.4),
-              "core_hu": float(r.uniform(18.0, 24.0)), "side": float(np.sign(c[0]) or 1.0)}
+        mp = {
+            **_blob_params(r, c, radius, elong=0.25, wobble=0.15),
+            "hu": float(r.uniform(40.0, 48.0)),
+            "necrotic": bool(r.uniform() < 0.4),
+            "core_hu": float(r.uniform(18.0, 24.0)),
+            "side": float(np.sign(c[0]) or 1.0),
+        }
         if "intracranial_mass" in fs:
             plan["intracranial_mass"] = {**mp, "subtle": radius < 10.0}
         if "vasogenic_edema" in fs:
             re = rngs["vasogenic_edema"]
             ext = float(re.uniform(8.0, 25.0))
             plan["vasogenic_edema"] = {
-                "center_uvw": c, "lesion_radius": radius, "extent": ext,
+                "center_uvw": c,
+                "lesion_radius": radius,
+                "extent": ext,
                 "drop_hu": float(re.uniform(8.0, 14.0)),
-                "occult_lesion": "intracranial_mass" not in fs, "side": mp["side"],
-                "wobble_dirs": re.normal(size=(4, 3)), "subtle": ext < 11.0}
+                "occult_lesion": "intracranial_mass" not in fs,
+                "side": mp["side"],
+                "wobble_dirs": re.normal(size=(4, 3)),
+                "subtle": ext < 11.0,
+            }
 
     if "subdural_hemorrhage" in fs:
         r = rngs["subdural_hemorrhage"]
@@ -280,9 +348,14 @@ def plan_findings(rngs: dict[str, np.random.Generator], findings: Sequence[str],
         d = _convexity_site(r, geom, anat, side, (-60, 50), (-5, 45), 3.0, "subdural_hemorrhage")
         t = float(r.choice([r.uniform(2.5, 5.0), r.uniform(5.0, 14.0)], p=[0.35, 0.65]))
         hu = float(r.uniform(50.0, 80.0))
-        plan["subdural_hemorrhage"] = {"direction": d, "side": side, "thickness": t,
-                                       "half_width_deg": float(r.uniform(45, 75)), "hu": hu,
-                                       "subtle": t < 4.0 or hu < 56.0}
+        plan["subdural_hemorrhage"] = {
+            "direction": d,
+            "side": side,
+            "thickness": t,
+            "half_width_deg": float(r.uniform(45, 75)),
+            "hu": hu,
+            "subtle": t < 4.0 or hu < 56.0,
+        }
 
     if "epidural_hematoma" in fs:
         r = rngs["epidural_hematoma"]
@@ -292,16 +365,29 @@ def plan_findings(rngs: dict[str, np.random.Generator], findings: Sequence[str],
         d = _convexity_site(r, geom, anat, side, (-50, 40), (0, 40), 6.0, "epidural_hematoma")
         t = float(r.choice([r.uniform(5.0, 9.0), r.uniform(9.0, 24.0)], p=[0.3, 0.7]))
         hu = float(r.uniform(55.0, 90.0))
-        plan["epidural_hematoma"] = {"direction": d, "side": side, "thickness": t,
-                                     "half_width_deg": float(r.uniform(16, 30)), "hu": hu,
-                                     "subtle": t < 8.0}
+        plan["epidural_hematoma"] = {
+            "direction": d,
+            "side": side,
+            "thickness": t,
+            "half_width_deg": float(r.uniform(16, 30)),
+            "hu": hu,
+            "subtle": t < 8.0,
+        }
 
     if "midline_shift" in fs:
         r = rngs["midline_shift"]
         mm = float(r.choice([r.uniform(3.0, 5.0), r.uniform(5.0, 15.0)], p=[0.3, 0.7]))
-        lesion_sides = [plan[k]["side"] for k in ("epidural_hematoma", "subdural_hemorrhage",
-                                                   "intracranial_mass", "vasogenic_edema",
-                                                   "intraparenchymal_hemorrhage") if k in plan]
+        lesion_sides = [
+            plan[k]["side"]
+            for k in (
+                "epidural_hematoma",
+                "subdural_hemorrhage",
+                "intracranial_mass",
+                "vasogenic_edema",
+                "intraparenchymal_hemorrhage",
+            )
+            if k in plan
+        ]
         side = lesion_sides[0] if lesion_sides else float(r.choice([-1.0, 1.0]))
         # The midline moves away from the lesion side.
         plan["midline_shift"] = {"shift_mm": mm, "toward": -side, "subtle": mm < 5.0}
@@ -313,20 +399,34 @@ def plan_findings(rngs: dict[str, np.random.Generator], findings: Sequence[str],
         territory = str(r.choice(["MCA", "ACA", "PCA"], p=[0.6, 0.2, 0.2]))
         side = float(r.choice([-1.0, 1.0]))
         if territory == "MCA":
-            c_az, hw, wr = r.uniform(-25, 20), r.uniform(14, 35), (r.uniform(-14, 0),
-                                                                    r.uniform(18, 40))
+            c_az, hw, wr = (
+                r.uniform(-25, 20),
+                r.uniform(14, 35),
+                (r.uniform(-14, 0), r.uniform(18, 40)),
+            )
         elif territory == "ACA":
-            c_az, hw, wr = r.uniform(-85, -70), r.uniform(10, 16), (r.uniform(8, 20),
-                                                                     r.uniform(45, 70))
+            c_az, hw, wr = (
+                r.uniform(-85, -70),
+                r.uniform(10, 16),
+                (r.uniform(8, 20), r.uniform(45, 70)),
+            )
         else:
-            c_az, hw, wr = r.uniform(75, 95), r.uniform(12, 20), (r.uniform(-20, -8),
-                                                                   r.uniform(12, 30))
+            c_az, hw, wr = (
+                r.uniform(75, 95),
+                r.uniform(12, 20),
+                (r.uniform(-20, -8), r.uniform(12, 30)),
+            )
         drop = float(r.uniform(3.0, 10.0))
-        plan["acute_infarct"] = {"territory": territory, "side": side, "az_deg": float(c_az),
-                                 "half_width_deg": float(hw), "w_range": (float(wr[0]),
-                                                                          float(wr[1])),
-                                 "inner_frac": float(r.uniform(0.35, 0.6)), "drop_hu": drop,
-                                 "subtle": drop < 5.0}
+        plan["acute_infarct"] = {
+            "territory": territory,
+            "side": side,
+            "az_deg": float(c_az),
+            "half_width_deg": float(hw),
+            "w_range": (float(wr[0]), float(wr[1])),
+            "inner_frac": float(r.uniform(0.35, 0.6)),
+            "drop_hu": drop,
+            "subtle": drop < 5.0,
+        }
 
     if "subarachnoid_hemorrhage" in fs:
         r = rngs["subarachnoid_hemorrhage"]
@@ -337,45 +437,72 @@ def plan_findings(rngs: dict[str, np.random.Generator], findings: Sequence[str],
             pattern = "convexity"  # basal cisterns not in the scanned slab
         if pattern == "convexity":
             side = float(r.choice([-1.0, 1.0]))
-            d = _convexity_site(r, geom, anat, side, (-70, 70), (10, 60), 8.0,
-                                "subarachnoid_hemorrhage")
+            d = _convexity_site(
+                r, geom, anat, side, (-70, 70), (10, 60), 8.0, "subarachnoid_hemorrhage"
+            )
             radius = float(r.uniform(18.0, 40.0))
             center = _surface_point(anat, d, 6.0)
         else:
             side = 0.0
             center = np.array([0.0, 0.0, fl0 + 12.0])
             radius = float(r.uniform(28.0, 48.0))
-        plan["subarachnoid_hemorrhage"] = {"pattern": pattern, "center_uvw": center,
-                                           "radius": radius, "hu": hu, "side": side,
-                                           "subtle": radius < 25.0 or hu < 60.0}
+        plan["subarachnoid_hemorrhage"] = {
+            "pattern": pattern,
+            "center_uvw": center,
+            "radius": radius,
+            "hu": hu,
+            "side": side,
+            "subtle": radius < 25.0 or hu < 60.0,
+        }
 
     if "intraventricular_hemorrhage" in fs:
         r = rngs["intraventricular_hemorrhage"]
         frac = float(r.choice([r.uniform(0.04, 0.12), r.uniform(0.12, 0.6)], p=[0.35, 0.65]))
         hu = float(r.uniform(50.0, 82.0))
-        plan["intraventricular_hemorrhage"] = {"fill_fraction": frac, "hu": hu,
-                                               "subtle": frac < 0.1}
+        plan["intraventricular_hemorrhage"] = {
+            "fill_fraction": frac,
+            "hu": hu,
+            "subtle": frac < 0.1,
+        }
 
     if "intracranial_calcification" in fs:
         r = rngs["intracranial_calcification"]
         n = int(r.integers(1, 4))
         foci = []
         for _ in range(n):
-            c = _random_parenchyma_point(r, geom, anat, 6.0, avoid=placed, min_sep=12.0,
-                                         deep_bias=0.4, what="intracranial_calcification",
-                                         ventricles=vent)
+            c = _random_parenchyma_point(
+                r,
+                geom,
+                anat,
+                6.0,
+                avoid=placed,
+                min_sep=12.0,
+                deep_bias=0.4,
+                what="intracranial_calcification",
+                ventricles=vent,
+            )
             c = _snap(geom, c)
-            foci.append({"center_uvw": c, "radius": float(r.uniform(0.8, 2.8)),
-                         "hu": float(r.uniform(250.0, 900.0))})
-        plan["intracranial_calcification"] = {"foci": foci,
-                                              "subtle": max(f["radius"] for f in foci) < 1.5}
+            foci.append(
+                {
+                    "center_uvw": c,
+                    "radius": float(r.uniform(0.8, 2.8)),
+                    "hu": float(r.uniform(250.0, 900.0)),
+                }
+            )
+        plan["intracranial_calcification"] = {
+            "foci": foci,
+            "subtle": max(f["radius"] for f in foci) < 1.5,
+        }
 
     if "skull_fracture" in fs:
         r = rngs["skull_fracture"]
         px = geom.spacing[1]
-        plan["skull_fracture"] = {"gap_mm": float(max(r.uniform(1.5, 3.5), 1.6 * px)),
-                                  "length_mm": float(r.uniform(25.0, 70.0)),
-                                  "subtle": False, "seed": int(r.integers(2**31))}
+        plan["skull_fracture"] = {
+            "gap_mm": float(max(r.uniform(1.5, 3.5), 1.6 * px)),
+            "length_mm": float(r.uniform(25.0, 70.0)),
+            "subtle": False,
+            "seed": int(r.integers(2**31)),
+        }
     return plan, mods
 
 
@@ -442,8 +569,10 @@ def _render_extra_axial(ctx: RenderContext, p: dict[str, Any], lens: bool, key: 
 def _render_ivh(ctx: RenderContext, p: dict[str, Any]) -> None:
     vent = ctx.ventricles
     if not vent.any():
-        raise PlacementError("synthetic phantom: no ventricle inside the scanned slab for "
-                              "intraventricular_hemorrhage; use more slices (--slices)")
+        raise PlacementError(
+            "synthetic phantom: no ventricle inside the scanned slab for "
+            "intraventricular_hemorrhage; use more slices (--slices)"
+        )
     idx = np.nonzero(vent)
     # Blood layers in the dependent (posterior, +y for a supine patient) part of the ventricles.
     yv = np.broadcast_to(ctx.y, ctx.vol.shape)[idx]
@@ -469,8 +598,10 @@ def _render_sah(ctx: RenderContext, p: dict[str, Any]) -> None:
     _mark(ctx, "subarachnoid_hemorrhage", m, sl)
     p["voxels"] = int(m.sum())
     if p["voxels"] == 0:
-        raise PlacementError("synthetic phantom: subarachnoid_hemorrhage region falls outside "
-                              "the scanned slab; use more slices (--slices)")
+        raise PlacementError(
+            "synthetic phantom: subarachnoid_hemorrhage region falls outside "
+            "the scanned slab; use more slices (--slices)"
+        )
 
 
 def _render_infarct(ctx: RenderContext, p: dict[str, Any]) -> None:
@@ -485,16 +616,23 @@ def _render_infarct(ctx: RenderContext, p: dict[str, Any]) -> None:
     az = np.degrees(np.arctan2(vi, ui))
     ax = ctx.anat.head_axes
     rad = np.sqrt((ui / ax[0]) ** 2 + (vi / ax[1]) ** 2)
-    sel = ((np.abs(az - p["az_deg"]) < p["half_width_deg"]) & (wi > p["w_range"][0])
-           & (wi < p["w_range"][1]) & (rad > p["inner_frac"] * 0.8) & (ui > 0))
+    sel = (
+        (np.abs(az - p["az_deg"]) < p["half_width_deg"])
+        & (wi > p["w_range"][0])
+        & (wi < p["w_range"][1])
+        & (rad > p["inner_frac"] * 0.8)
+        & (ui > 0)
+    )
     pick = tuple(i[sel] for i in idx)
     # Loss of grey-white differentiation + hypodensity + sulcal effacement.
     ctx.vol[pick] = ctx.anat.white_hu - p["drop_hu"]
     _mark(ctx, "acute_infarct", pick)
     p["voxels"] = int(sel.sum())
     if p["voxels"] == 0:
-        raise PlacementError("synthetic phantom: acute_infarct territory falls outside the "
-                              "scanned slab; use more slices (--slices)")
+        raise PlacementError(
+            "synthetic phantom: acute_infarct territory falls outside the "
+            "scanned slab; use more slices (--slices)"
+        )
     cen = np.array([i[sel].mean() for i in idx])
     p["center_uvw"] = ctx.geom.to_anatomical(ctx.geom.index_to_world(cen))
 
@@ -525,8 +663,10 @@ def _render_fracture(ctx: RenderContext, p: dict[str, Any]) -> None:
     calv &= (ctx.w - floor_w(ctx.v, ctx.anat.head_axes)) > 12.0
     idx = np.nonzero(calv)
     if idx[0].size == 0:
-        raise PlacementError("synthetic phantom: no calvarium inside the scanned slab for "
-                              "skull_fracture; use more slices (--slices)")
+        raise PlacementError(
+            "synthetic phantom: no calvarium inside the scanned slab for "
+            "skull_fracture; use more slices (--slices)"
+        )
     j = int(r.integers(idx[0].size))
     site_idx = np.array([i[j] for i in idx], dtype=float)
     site = geom.index_to_world(site_idx)
@@ -549,10 +689,16 @@ def _render_fracture(ctx: RenderContext, p: dict[str, Any]) -> None:
     ctx.vol[pick] = ctx.anat.scalp_hu
     ctx.skull[pick] = False
     _mark(ctx, "skull_fracture", pick)
-    p.update({"site_xyz": site, "site_index": site_idx, "normal": normal, "along": along,
-              "voxels": int(sel.sum()),
-              "center_uvw": geom.to_anatomical(site)})
-
+    p.update(
+        {
+            "site_xyz": site,
+            "site_index": site_idx,
+            "normal": normal,
+            "along": along,
+            "voxels": int(sel.sum()),
+            "center_uvw": geom.to_anatomical(site),
+        }
+    )
 
 
 #: Renderers in drawing order (later ones paint over earlier ones). Hydrocephalus and midline
@@ -564,13 +710,14 @@ RENDER_ORDER: tuple[tuple[str, Callable[[RenderContext, dict[str, Any]], None]],
     ("intraparenchymal_hemorrhage", _render_ich),
     ("subarachnoid_hemorrhage", _render_sah),
     ("intraventricular_hemorrhage", _render_ivh),
-    ("subdural_hemorrhage", lambda ctx, p: _render_extra_axial(ctx, p, False,
-                                                              "subdural_hemorrhage")),
+    (
+        "subdural_hemorrhage",
+        lambda ctx, p: _render_extra_axial(ctx, p, False, "subdural_hemorrhage"),
+    ),
     ("epidural_hematoma", lambda ctx, p: _render_extra_axial(ctx, p, True, "epidural_hematoma")),
     ("intracranial_calcification", _render_calcification),
     ("skull_fracture", _render_fracture),
 )
-
 
 
 def finding_rngs(seed: int) -> dict[str, np.random.Generator]:
@@ -582,8 +729,8 @@ def check_findings(findings: Sequence[str]) -> tuple[str, ...]:
     """Validate requested keys; return them in canonical order without duplicates."""
     bad = [f for f in findings if f not in PHANTOM_FINDINGS]
     if bad:
-        raise MolreError(f"synthetic phantom cannot plant {', '.join(map(repr, bad))}; "
-                         f"plantable catalog keys: {', '.join(PHANTOM_FINDINGS)}")
+        raise MolreError(
+            f"synthetic phantom cannot plant {', '.join(map(repr, bad))}; "
+            f"plantable catalog keys: {', '.join(PHANTOM_FINDINGS)}"
+        )
     return tuple(k for k in PHANTOM_FINDINGS if k in set(findings))
-
-

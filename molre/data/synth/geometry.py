@@ -91,8 +91,11 @@ class PhantomGeometry:
         x = (self.origin[0] + dx * np.arange(nx, dtype=np.float32))[None, None, :]
         j = np.arange(ny, dtype=np.float32)
         y = (self.origin[1] + dy * math.cos(t) * j)[None, :, None].astype(np.float32)
-        z = (self.origin[2] + dz * np.arange(nz, dtype=np.float32)[:, None, None]
-             + np.float32(dy * math.sin(t)) * j[None, :, None]).astype(np.float32)
+        z = (
+            self.origin[2]
+            + dz * np.arange(nz, dtype=np.float32)[:, None, None]
+            + np.float32(dy * math.sin(t)) * j[None, :, None]
+        ).astype(np.float32)
         return x, y, z
 
     def to_dict(self) -> dict[str, Any]:

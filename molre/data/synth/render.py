@@ -78,17 +78,21 @@ def _jsonable(obj: Any) -> Any:
 
 def check_shape_args(size: int | None, n_slices: int | None, slice_thickness: float | None) -> None:
     if size is not None and not (MIN_SIZE <= int(size) <= MAX_SIZE):
-        raise MolreError(f"synthetic phantom: size={size} is outside {MIN_SIZE}..{MAX_SIZE} "
-                         f"pixels; use e.g. 128 or 512")
+        raise MolreError(
+            f"synthetic phantom: size={size} is outside {MIN_SIZE}..{MAX_SIZE} "
+            f"pixels; use e.g. 128 or 512"
+        )
     if n_slices is not None and not (1 <= int(n_slices) <= 1000):
         raise MolreError(f"synthetic phantom: slices={n_slices} must be 1..1000")
     if slice_thickness is not None and not (0.5 <= float(slice_thickness) <= 10.0):
-        raise MolreError(f"synthetic phantom: slice_thickness={slice_thickness} mm must be "
-                         f"0.5..10 mm")
+        raise MolreError(
+            f"synthetic phantom: slice_thickness={slice_thickness} mm must be 0.5..10 mm"
+        )
 
 
-def _plan_and_render(rngs: dict[str, np.random.Generator], keys: Sequence[str],
-                     geom: PhantomGeometry, anat: Anatomy) -> tuple[dict[str, dict], RenderContext]:
+def _plan_and_render(
+    rngs: dict[str, np.random.Generator], keys: Sequence[str], geom: PhantomGeometry, anat: Anatomy
+) -> tuple[dict[str, dict], RenderContext]:
     plan, mods = plan_findings(rngs, keys, geom, anat)
     ctx = render_anatomy(geom, anat, mods)
     _anatomy_vol = ctx.vol.copy()
@@ -104,15 +108,19 @@ def _plan_and_render(rngs: dict[str, np.random.Generator], keys: Sequence[str],
             plan[k]["voxels"] = int(ctx.masks[k].sum())
     for k, p in plan.items():
         if p.get("voxels", 1) == 0:  # planted but invisible would be a wrong label
-            raise PlacementError(f"synthetic phantom: {k} fell outside the scanned volume "
-                                 f"({geom.shape[0]} slices of {geom.spacing[0]:g} mm); use more "
-                                 f"slices (--slices)")
+            raise PlacementError(
+                f"synthetic phantom: {k} fell outside the scanned volume "
+                f"({geom.shape[0]} slices of {geom.spacing[0]:g} mm); use more "
+                f"slices (--slices)"
+            )
     return plan, ctx
 
 
 #: Findings that change the anatomy itself -> the anatomy modifiers (`plan_findings`) they set.
-_ANATOMY_MODIFIERS = {"hydrocephalus": ("hydro_factor", "sulcal_mult"),
-                      "midline_shift": ("shift_mm", "ventricle_side_scale")}
+_ANATOMY_MODIFIERS = {
+    "hydrocephalus": ("hydro_factor", "sulcal_mult"),
+    "midline_shift": ("shift_mm", "ventricle_side_scale"),
+}
 
 
 @dataclass
@@ -147,20 +155,39 @@ class Rendered:
             from scipy import ndimage
 
             fill = float(hu.min())
-            hu = np.stack([ndimage.shift(sl, (k * dz * math.sin(t) / dy, 0.0), order=1,
-                                         mode="constant", cval=fill)
-                           for k, sl in enumerate(hu)]).astype(np.float32)
-        direction = np.array([[1.0, 0.0, 0.0], [0.0, math.cos(t), math.sin(t)],
-                              [0.0, -math.sin(t), math.cos(t)]])
-        return SeriesVolume(hu=hu, spacing=(dz * math.cos(t), dy, dx),
-                            origin=np.asarray(g.origin, dtype=np.float64), direction=direction,
-                            sop_instance_uids=[], series_uid="", study_uid="")
+            hu = np.stack(
+                [
+                    ndimage.shift(
+                        sl, (k * dz * math.sin(t) / dy, 0.0), order=1, mode="constant", cval=fill
+                    )
+                    for k, sl in enumerate(hu)
+                ]
+            ).astype(np.float32)
+        direction = np.array(
+            [[1.0, 0.0, 0.0], [0.0, math.cos(t), math.sin(t)], [0.0, -math.sin(t), math.cos(t)]]
+        )
+        return SeriesVolume(
+            hu=hu,
+            spacing=(dz * math.cos(t), dy, dx),
+            origin=np.asarray(g.origin, dtype=np.float64),
+            direction=direction,
+            sop_instance_uids=[],
+            series_uid="",
+            study_uid="",
+        )
 
 
-def render(rng: np.random.Generator, findings: Sequence[str] = (), *, size: int | None = 128,
-           n_slices: int | None = None, slice_thickness: float | None = None,
-           anatomy: Anatomy | None = None, noise: bool = True,
-           site: str | Site | None = None) -> Rendered:
+def render(
+    rng: np.random.Generator,
+    findings: Sequence[str] = (),
+    *,
+    size: int | None = 128,
+    n_slices: int | None = None,
+    slice_thickness: float | None = None,
+    anatomy: Anatomy | None = None,
+    noise: bool = True,
+    site: str | Site | None = None,
+) -> Rendered:
     """Render one phantom with `findings` planted, acquired by `site` (None = neutral scanner).
 
     `size` None takes the site's matrix; `n_slices` / `slice_thickness` None draw a coverage
@@ -183,23 +210,39 @@ def render(rng: np.random.Generator, findings: Sequence[str] = (), *, size: int 
                 raise
     scanner = draw_scanner(np.random.default_rng([int(seeds[3]), 1]), st)
     vol = acquire(ctx, st, scanner, np.random.default_rng(seeds[3]) if noise else None)
-    details = {k: {kk: vv for kk, vv in plan[k].items()
-                   if kk not in ("axes_rot", "wobble_dirs", "seed")} for k in keys}
+    details = {
+        k: {kk: vv for kk, vv in plan[k].items() if kk not in ("axes_rot", "wobble_dirs", "seed")}
+        for k in keys
+    }
     masks = {k: ctx.masks[k] for k in keys if k in ctx.masks}
-    return Rendered(hu=vol, geometry=geom, anatomy=anat, details=details, masks=masks, site=st,
-                    scanner=scanner)
+    return Rendered(
+        hu=vol, geometry=geom, anatomy=anat, details=details, masks=masks, site=st, scanner=scanner
+    )
 
 
-def render_phantom(rng: np.random.Generator, findings: Sequence[str] = (), *, size: int = 128,
-                   n_slices: int | None = None, slice_thickness: float | None = None,
-                   anatomy: Anatomy | None = None, noise: bool = True, site: str | None = None,
-                   ) -> tuple[np.ndarray, PhantomGeometry, Anatomy, dict[str, dict[str, Any]]]:
+def render_phantom(
+    rng: np.random.Generator,
+    findings: Sequence[str] = (),
+    *,
+    size: int = 128,
+    n_slices: int | None = None,
+    slice_thickness: float | None = None,
+    anatomy: Anatomy | None = None,
+    noise: bool = True,
+    site: str | None = None,
+) -> tuple[np.ndarray, PhantomGeometry, Anatomy, dict[str, dict[str, Any]]]:
     """`render` without the masks: (volume (z, y, x) float32, geometry, anatomy, details)."""
-    r = render(rng, findings, size=size, n_slices=n_slices, slice_thickness=slice_thickness,
-               anatomy=anatomy, noise=noise, site=site)
+    r = render(
+        rng,
+        findings,
+        size=size,
+        n_slices=n_slices,
+        slice_thickness=slice_thickness,
+        anatomy=anatomy,
+        noise=noise,
+        site=site,
+    )
     return r.hu, r.geometry, r.anatomy, r.details
-
-
 
 
 def _uid(*parts: Any) -> str:
@@ -212,12 +255,17 @@ def _uid(*parts: Any) -> str:
 def _patient_tags(rng: np.random.Generator, number: int) -> dict[str, Any]:
     """Synthetic demographics for one patient (name/ID are obviously synthetic)."""
     age = int(rng.integers(18, 91))
-    return {"PatientName": f"SYNTH^{number:04d}", "PatientID": f"SYNTH-{number:04d}",
-            "PatientSex": str(rng.choice(["F", "M"])), "_age": age}
+    return {
+        "PatientName": f"SYNTH^{number:04d}",
+        "PatientID": f"SYNTH-{number:04d}",
+        "PatientSex": str(rng.choice(["F", "M"])),
+        "_age": age,
+    }
 
 
-def _series_tags(rng: np.random.Generator, geom: PhantomGeometry,
-                 patient: Mapping[str, Any]) -> dict[str, Any]:
+def _series_tags(
+    rng: np.random.Generator, geom: PhantomGeometry, patient: Mapping[str, Any]
+) -> dict[str, Any]:
     """A realistic tag set for one head-CT series; every value is drawn from `rng`."""
     import datetime as dt
 
@@ -229,36 +277,52 @@ def _series_tags(rng: np.random.Generator, geom: PhantomGeometry,
     date = day.strftime("%Y%m%d")
     thick = geom.slice_thickness
     tags = {k: v for k, v in patient.items() if not k.startswith("_")}
-    tags.update({
-        "PatientBirthDate": birth.strftime("%Y%m%d"),
-        "PatientAge": f"{age:03d}Y",
-        "AccessionNumber": f"SY{int(rng.integers(0, 10**10)):010d}",
-        "StudyID": str(int(rng.integers(1, 100000))),
-        "StudyDescription": "CT HEAD WO CONTRAST",
-        "SeriesDescription": f"Axial {thick:g}mm Brain",
-        "ProtocolName": "ROUTINE HEAD",
-        "BodyPartExamined": "HEAD",
-        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
-        "XRayTubeCurrent": int(rng.integers(180, 360)),
-        "ExposureTime": 1000,
-        "SeriesNumber": int(rng.integers(2, 6)),
-        "InstitutionName": "molre synthetic",
-        "PatientPosition": "HFS",
-        "WindowCenter": "40",
-        "WindowWidth": "80",
-        "StudyDate": date, "SeriesDate": date, "AcquisitionDate": date, "ContentDate": date,
-        "InstanceCreationDate": date,
-        "StudyTime": t, "SeriesTime": t, "AcquisitionTime": t, "ContentTime": t,
-        "InstanceCreationTime": t,
-    })
+    tags.update(
+        {
+            "PatientBirthDate": birth.strftime("%Y%m%d"),
+            "PatientAge": f"{age:03d}Y",
+            "AccessionNumber": f"SY{int(rng.integers(0, 10**10)):010d}",
+            "StudyID": str(int(rng.integers(1, 100000))),
+            "StudyDescription": "CT HEAD WO CONTRAST",
+            "SeriesDescription": f"Axial {thick:g}mm Brain",
+            "ProtocolName": "ROUTINE HEAD",
+            "BodyPartExamined": "HEAD",
+            "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+            "XRayTubeCurrent": int(rng.integers(180, 360)),
+            "ExposureTime": 1000,
+            "SeriesNumber": int(rng.integers(2, 6)),
+            "InstitutionName": "molre synthetic",
+            "PatientPosition": "HFS",
+            "WindowCenter": "40",
+            "WindowWidth": "80",
+            "StudyDate": date,
+            "SeriesDate": date,
+            "AcquisitionDate": date,
+            "ContentDate": date,
+            "InstanceCreationDate": date,
+            "StudyTime": t,
+            "SeriesTime": t,
+            "AcquisitionTime": t,
+            "ContentTime": t,
+            "InstanceCreationTime": t,
+        }
+    )
     return tags
 
 
-def write_phantom_series(out_dir: Path | str, rng: np.random.Generator,
-                         findings: Sequence[str] = (), size: int | None = 128,
-                         n_slices: int | None = None, slice_thickness: float | None = None, *,
-                         anatomy: Anatomy | None = None, site: str | Site | None = None,
-                         patient: Mapping[str, Any] | None = None, **tags: Any) -> PhantomInfo:
+def write_phantom_series(
+    out_dir: Path | str,
+    rng: np.random.Generator,
+    findings: Sequence[str] = (),
+    size: int | None = 128,
+    n_slices: int | None = None,
+    slice_thickness: float | None = None,
+    *,
+    anatomy: Anatomy | None = None,
+    site: str | Site | None = None,
+    patient: Mapping[str, Any] | None = None,
+    **tags: Any,
+) -> PhantomInfo:
     """Render a phantom with `findings` planted and write it as one CT Image Storage file per slice.
 
     `site` names the scanner (`molre.data.synth.SITES`; None = the neutral scanner); `size` None
@@ -271,8 +335,15 @@ def write_phantom_series(out_dir: Path | str, rng: np.random.Generator,
     """
     from molre.data.dicomio import write_ct_series
 
-    r = render(rng, findings, size=size, n_slices=n_slices, slice_thickness=slice_thickness,
-               anatomy=anatomy, site=site)
+    r = render(
+        rng,
+        findings,
+        size=size,
+        n_slices=n_slices,
+        slice_thickness=slice_thickness,
+        anatomy=anatomy,
+        site=site,
+    )
     geom = r.geometry
     ids = rng.integers(0, 2**63 - 1, size=2)
     own = _patient_tags(rng, int(rng.integers(1, 10000)))
@@ -281,11 +352,28 @@ def write_phantom_series(out_dir: Path | str, rng: np.random.Generator,
     all_tags.update(tags)
     study_uid = str(all_tags.pop("StudyInstanceUID", None) or _uid("study", ids[0]))
     series_uid = str(all_tags.pop("SeriesInstanceUID", None) or _uid("series", ids[1]))
-    paths = write_ct_series(Path(out_dir), r.hu, spacing=geom.spacing, origin=geom.origin,
-                            direction=geom.direction, study_uid=study_uid, series_uid=series_uid,
-                            rescale=(1.0, -1024.0), **all_tags)
-    return PhantomInfo(paths=list(paths), study_uid=study_uid, series_uid=series_uid,
-                       patient_id=str(all_tags.get("PatientID", "")), findings=r.findings,
-                       details=r.details, geometry=geom, anatomy=r.anatomy, tags=all_tags,
-                       site=r.site.name, scanner=r.scanner, masks=r.masks)
-
+    paths = write_ct_series(
+        Path(out_dir),
+        r.hu,
+        spacing=geom.spacing,
+        origin=geom.origin,
+        direction=geom.direction,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        rescale=(1.0, -1024.0),
+        **all_tags,
+    )
+    return PhantomInfo(
+        paths=list(paths),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=str(all_tags.get("PatientID", "")),
+        findings=r.findings,
+        details=r.details,
+        geometry=geom,
+        anatomy=r.anatomy,
+        tags=all_tags,
+        site=r.site.name,
+        scanner=r.scanner,
+        masks=r.masks,
+    )

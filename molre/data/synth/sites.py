@@ -58,25 +58,103 @@ class Site:
         return asdict(self)
 
 
-SITES: dict[str, Site] = {s.name: s for s in (
-    Site("metro", "smooth kernel, 5 mm, low noise, well calibrated",
-         "SIM-SIEMENS", "Definition AS sim", "H31s", 0.9, 0.0, (5.0,), 1.0,
-         (2.5, 4.0), (0.99, 1.01), (-2.0, 2.0), (2.0, 5.0), (1.12, 1.22), 128, (0.0, 0.0)),
-    Site("coastal", "edge-enhancing kernel, 2.5 mm, noisy, tilted gantry, +HU offset",
-         "SIM-GE", "Revolution sim", "DETAIL", 0.45, 0.9, (2.5,), 1.0,
-         (7.0, 10.0), (1.0, 1.03), (5.0, 10.0), (2.0, 4.0), (1.15, 1.30), 160, (12.0, 20.0)),
-    Site("valley", "standard kernel, 3 mm, strong beam hardening, low gain, -HU offset",
-         "SIM-PHILIPS", "Ingenuity sim", "UB", 0.7, 0.3, (3.0,), 1.0,
-         (4.0, 6.0), (0.95, 0.98), (-12.0, -6.0), (8.0, 14.0), (1.20, 1.35), 128, (0.0, 0.0)),
-    Site("uplands", "low-dose, smooth kernel, 5 mm reconstructed every 4 mm, wide field",
-         "SIM-CANON", "Aquilion sim", "FC21", 1.1, 0.0, (5.0,), 0.8,
-         (9.0, 13.0), (1.02, 1.05), (0.0, 6.0), (4.0, 8.0), (1.28, 1.42), 144, (0.0, 6.0)),
-)}
+SITES: dict[str, Site] = {
+    s.name: s
+    for s in (
+        Site(
+            "metro",
+            "smooth kernel, 5 mm, low noise, well calibrated",
+            "SIM-SIEMENS",
+            "Definition AS sim",
+            "H31s",
+            0.9,
+            0.0,
+            (5.0,),
+            1.0,
+            (2.5, 4.0),
+            (0.99, 1.01),
+            (-2.0, 2.0),
+            (2.0, 5.0),
+            (1.12, 1.22),
+            128,
+            (0.0, 0.0),
+        ),
+        Site(
+            "coastal",
+            "edge-enhancing kernel, 2.5 mm, noisy, tilted gantry, +HU offset",
+            "SIM-GE",
+            "Revolution sim",
+            "DETAIL",
+            0.45,
+            0.9,
+            (2.5,),
+            1.0,
+            (7.0, 10.0),
+            (1.0, 1.03),
+            (5.0, 10.0),
+            (2.0, 4.0),
+            (1.15, 1.30),
+            160,
+            (12.0, 20.0),
+        ),
+        Site(
+            "valley",
+            "standard kernel, 3 mm, strong beam hardening, low gain, -HU offset",
+            "SIM-PHILIPS",
+            "Ingenuity sim",
+            "UB",
+            0.7,
+            0.3,
+            (3.0,),
+            1.0,
+            (4.0, 6.0),
+            (0.95, 0.98),
+            (-12.0, -6.0),
+            (8.0, 14.0),
+            (1.20, 1.35),
+            128,
+            (0.0, 0.0),
+        ),
+        Site(
+            "uplands",
+            "low-dose, smooth kernel, 5 mm reconstructed every 4 mm, wide field",
+            "SIM-CANON",
+            "Aquilion sim",
+            "FC21",
+            1.1,
+            0.0,
+            (5.0,),
+            0.8,
+            (9.0, 13.0),
+            (1.02, 1.05),
+            (0.0, 6.0),
+            (4.0, 8.0),
+            (1.28, 1.42),
+            144,
+            (0.0, 6.0),
+        ),
+    )
+}
 #: The scanner of phantoms written without a site (the generator's original, neutral scanner).
-GENERIC = Site("generic", "neutral scanner (phantoms without a site)", "molre-node synthetic",
-               "head phantom", "STANDARD", 0.8, 0.0, SLICE_THICKNESSES, 1.0, (3.0, 8.0),
-               (1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (1.12, 1.28), 128, (0.0, 0.0),
-               slice_profile=False)
+GENERIC = Site(
+    "generic",
+    "neutral scanner (phantoms without a site)",
+    "molre-node synthetic",
+    "head phantom",
+    "STANDARD",
+    0.8,
+    0.0,
+    SLICE_THICKNESSES,
+    1.0,
+    (3.0, 8.0),
+    (1.0, 1.0),
+    (0.0, 0.0),
+    (0.0, 0.0),
+    (1.12, 1.28),
+    128,
+    (0.0, 0.0),
+    slice_profile=False,
+)
 
 
 def get_site(name: str | None) -> Site:
@@ -85,8 +163,9 @@ def get_site(name: str | None) -> Site:
     try:
         return SITES[name]
     except KeyError:
-        raise MolreError(f"unknown synthetic site {name!r}; built-in sites: "
-                         f"{', '.join(SITES)}") from None
+        raise MolreError(
+            f"unknown synthetic site {name!r}; built-in sites: {', '.join(SITES)}"
+        ) from None
 
 
 def check_sites(names: Any) -> tuple[str, ...]:
@@ -99,8 +178,14 @@ def check_sites(names: Any) -> tuple[str, ...]:
     return out
 
 
-def make_geometry(rng: np.random.Generator, anat: Anatomy, site: Site, size: int | None,
-                  n_slices: int | None, slice_thickness: float | None) -> PhantomGeometry:
+def make_geometry(
+    rng: np.random.Generator,
+    anat: Anatomy,
+    site: Site,
+    size: int | None,
+    n_slices: int | None,
+    slice_thickness: float | None,
+) -> PhantomGeometry:
     """Field of view, matrix, slice grid, tilt and head pose of one acquisition at `site`."""
     hu_, hv, hw = anat.head_axes
     size = int(size or site.matrix)
@@ -141,19 +226,28 @@ def make_geometry(rng: np.random.Generator, anat: Anatomy, site: Site, size: int
     z0 = z_mid - 0.5 * (n - 1) * dz - half * math.sin(t)
     origin = (-fov / 2 + px / 2, -half * math.cos(t), float(z0))
     return PhantomGeometry(
-        shape=(n, size, size), spacing=(dz, px, px), origin=tuple(float(o) for o in origin),
-        head_center=center, rotation=tuple(tuple(float(c) for c in row) for row in rot),
-        yaw_deg=math.degrees(yaw), pitch_deg=math.degrees(pitch), roll_deg=math.degrees(roll),
-        slice_thickness=thick, noise_sigma=float(rng.uniform(*site.noise_hu)), tilt_deg=tilt,
+        shape=(n, size, size),
+        spacing=(dz, px, px),
+        origin=tuple(float(o) for o in origin),
+        head_center=center,
+        rotation=tuple(tuple(float(c) for c in row) for row in rot),
+        yaw_deg=math.degrees(yaw),
+        pitch_deg=math.degrees(pitch),
+        roll_deg=math.degrees(roll),
+        slice_thickness=thick,
+        noise_sigma=float(rng.uniform(*site.noise_hu)),
+        tilt_deg=tilt,
     )
 
 
 def draw_scanner(rng: np.random.Generator, site: Site) -> dict[str, float]:
     """Per-series calibration and beam-hardening values of `site`."""
-    return {"hu_gain": float(rng.uniform(*site.hu_gain)),
-            "hu_offset": float(rng.uniform(*site.hu_offset)),
-            "cupping_hu": float(rng.uniform(*site.cupping_hu)),
-            "cupping_depth_mm": float(rng.uniform(6.0, 12.0))}
+    return {
+        "hu_gain": float(rng.uniform(*site.hu_gain)),
+        "hu_offset": float(rng.uniform(*site.hu_offset)),
+        "cupping_hu": float(rng.uniform(*site.cupping_hu)),
+        "cupping_depth_mm": float(rng.uniform(6.0, 12.0)),
+    }
 
 
 def _kernel(img: np.ndarray, site: Site, px: float) -> np.ndarray:
@@ -161,14 +255,16 @@ def _kernel(img: np.ndarray, site: Site, px: float) -> np.ndarray:
     s = site.kernel_sigma_mm / px
     out = ndimage.gaussian_filter(img, sigma=(0.0, s, s), mode="nearest")
     if site.sharpen:
-        wide = ndimage.gaussian_filter(out, sigma=(0.0, 2.0 * s + 0.5, 2.0 * s + 0.5),
-                                       mode="nearest")
+        wide = ndimage.gaussian_filter(
+            out, sigma=(0.0, 2.0 * s + 0.5, 2.0 * s + 0.5), mode="nearest"
+        )
         out += np.float32(site.sharpen) * (out - wide)
     return out
 
 
-def acquire(ctx: RenderContext, site: Site, scanner: dict[str, float],
-            noise_rng: np.random.Generator | None) -> np.ndarray:
+def acquire(
+    ctx: RenderContext, site: Site, scanner: dict[str, float], noise_rng: np.random.Generator | None
+) -> np.ndarray:
     """The scanner's image of the rendered head: beam hardening, slice profile, kernel, noise
     (textured by the kernel) and calibration, clipped to the 12-bit CT range."""
     geom = ctx.geom
@@ -176,7 +272,8 @@ def acquire(ctx: RenderContext, site: Site, scanner: dict[str, float],
     if scanner["cupping_hu"]:
         near = ctx.cavity & (ctx.d_in >= 0)
         vol[near] += np.float32(scanner["cupping_hu"]) * np.exp(
-            -ctx.d_in[near] / np.float32(scanner["cupping_depth_mm"])).astype(np.float32)
+            -ctx.d_in[near] / np.float32(scanner["cupping_depth_mm"])
+        ).astype(np.float32)
     # slice sensitivity profile: FWHM = slice thickness, in table steps
     sz = geom.slice_thickness / (2.355 * geom.spacing[0])
     if site.slice_profile and sz > 0.3 and vol.shape[0] > 1:

@@ -163,6 +163,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("events", "exports", "results", "jobs", "instances", "series", "studies",
-                  "associations"):
+    for table in (
+        "events",
+        "exports",
+        "results",
+        "jobs",
+        "instances",
+        "series",
+        "studies",
+        "associations",
+    ):
         op.drop_table(table)

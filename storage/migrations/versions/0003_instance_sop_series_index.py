@@ -22,8 +22,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_instances_sop_series_status", "instances",
-                    ["sop_instance_uid", "series_uid", "status"])
+    op.create_index(
+        "ix_instances_sop_series_status", "instances", ["sop_instance_uid", "series_uid", "status"]
+    )
 
 
 def downgrade() -> None:

@@ -26,8 +26,7 @@ def upgrade() -> None:
         "shadow_results",
         sa.Column("id", sa.Integer(), primary_key=True),
         sa.Column("job_id", sa.Integer(), sa.ForeignKey("jobs.id"), nullable=True),
-        sa.Column("series_uid", sa.String(64), sa.ForeignKey("series.series_uid"),
-                  nullable=False),
+        sa.Column("series_uid", sa.String(64), sa.ForeignKey("series.series_uid"), nullable=False),
         sa.Column("series_version", sa.Integer(), nullable=False),
         sa.Column("model_name", sa.String(128), nullable=False),
         sa.Column("model_version", sa.String(128), nullable=True),
@@ -37,14 +36,12 @@ def upgrade() -> None:
         sa.Column("decision", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
     )
-    op.create_index("ix_shadow_results_series", "shadow_results",
-                    ["series_uid", "series_version"])
+    op.create_index("ix_shadow_results_series", "shadow_results", ["series_uid", "series_version"])
     op.create_index("ix_shadow_results_model", "shadow_results", ["model_name", "finding_key"])
     op.create_table(
         "notifications",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column("series_uid", sa.String(64), sa.ForeignKey("series.series_uid"),
-                  nullable=False),
+        sa.Column("series_uid", sa.String(64), sa.ForeignKey("series.series_uid"), nullable=False),
         sa.Column("series_version", sa.Integer(), nullable=False),
         sa.Column("job_id", sa.Integer(), sa.ForeignKey("jobs.id"), nullable=True),
         sa.Column("channel", sa.String(128), nullable=False),
