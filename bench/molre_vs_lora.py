@@ -376,8 +376,29 @@ def run_setting(
                 f"({runs[v][-1]['seconds']} s)",
                 flush=True,
             )
+    if usage:
+        usage_png(out / f"expert_usage_{setting}.png", usage)
+    return {
+        "sites": list(sites),
+        "n": {k: int(len(d["y"])) for k, d in data.items()},
+        "data_seconds": round(t_data, 1),
+        "runs": runs,
+        "summary": summarize(y, probs, runs, boot, cats),
+        "expert_usage": {s: np.mean(u, axis=0).round(3).tolist() for s, u in usage.items()},
+    }
+
+
+def summarize(
+    y: np.ndarray,
+    probs: dict[str, list[np.ndarray]],
+    runs: dict[str, list[dict]],
+    boot: int,
+    cats: dict[str, list[int]],
+) -> dict[str, Any]:
+    """Per variant: macro AUC over seeds, paired bootstrap delta vs the reference per seed, the
+    t-interval of those deltas over seeds, and the same by finding category."""
     summary: dict[str, Any] = {}
-    seeds = range(size["seeds"])
+    seeds = range(len(probs[REFERENCE]))
     for v in VARIANTS:
         deltas = [paired_ci(y, probs[v][s], probs[REFERENCE][s], boot, s) for s in seeds]
         by_cat = {
@@ -392,15 +413,44 @@ def run_setting(
             "delta_vs_lora_r48_over_seeds": t_interval([d["delta"] for d in deltas]),
             "delta_by_category": by_cat,
         }
-    if usage:
-        usage_png(out / f"expert_usage_{setting}.png", usage)
+    return summary
+
+
+def from_runs(out: Path, setting: str, boot: int, cats: dict[str, list[int]]) -> dict[str, Any]:
+    """The summary of an interrupted run, from the evaluate-style folders of the seeds whose
+    every variant finished (expert usage is only recorded by a complete run)."""
+    from molre.evaluate import read_predictions
+
+    y = None
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    probs: dict[str, list[np.ndarray]] = {v: [] for v in VARIANTS}
+    seed = 0
+    while all((out / setting / f"seed{seed}" / v / "metrics.json").is_file() for v in VARIANTS):
+        for v in VARIANTS:
+            pr = read_predictions(out / setting / f"seed{seed}" / v)
+            y = pr.labels if y is None else y
+            if not np.array_equal(y, pr.labels, equal_nan=True):
+                raise SystemExit(f"{setting} seed {seed} {v}: not the same test set")
+            probs[v].append(pr.probs)
+            per = dict(zip(PHANTOM_FINDINGS, auc_matrix(y, pr.probs)))
+            runs[v].append(
+                {
+                    "seed": seed,
+                    "macro_auc": round(macro(y, pr.probs), 4),
+                    "per_finding": {
+                        k: (round(x, 4) if x is not None else None) for k, x in per.items()
+                    },
+                }
+            )
+        seed += 1
+    if y is None:
+        raise SystemExit(f"{out / setting}: no seed with every variant finished")
     return {
-        "sites": list(sites),
-        "n": {k: int(len(d["y"])) for k, d in data.items()},
-        "data_seconds": round(t_data, 1),
+        "partial": True,
+        "seeds_completed": seed,
+        "n": {"test": int(len(y))},
         "runs": runs,
-        "summary": summary,
-        "expert_usage": {s: np.mean(u, axis=0).round(3).tolist() for s, u in usage.items()},
+        "summary": summarize(y, probs, runs, boot, cats),
     }
 
 
@@ -430,6 +480,11 @@ def main() -> None:
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--from-runs",
+        action="store_true",
+        help="summarise the finished seeds of an interrupted run from its folders (no training)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=2,
@@ -442,11 +497,30 @@ def main() -> None:
     out = a.out / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    net, pcard = pretrained_backbone(size, a.out / "cache", a.seed)
     cat = _catalog()
     cats: dict[str, list[int]] = {}
     for i, k in enumerate(PHANTOM_FINDINGS):
         cats.setdefault(cat.get(k).category, []).append(i)
+    path = a.out / f"{name}.json"
+    if a.from_runs:
+        result = json.loads(path.read_text()) if path.is_file() else {"settings": {}}
+        result.update(
+            {
+                "command": "python bench/molre_vs_lora.py" + (" --quick" if a.quick else ""),
+                "sizes": size,
+                "targets": TARGETS,
+                "reference": REFERENCE,
+            }
+        )
+        for setting in a.settings.split(","):
+            if result["settings"].get(setting, {}).get("partial", True):
+                result["settings"][setting] = from_runs(out, setting, a.boot, cats)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        md = table(result)
+        (a.out / f"{name}.md").write_text(md + "\n")
+        print(md)
+        return
+    net, pcard = pretrained_backbone(size, a.out / "cache", a.seed)
     result: dict[str, Any] = {
         "command": "python bench/molre_vs_lora.py" + (" --quick" if a.quick else ""),
         "sizes": size,
@@ -459,7 +533,6 @@ def main() -> None:
             "presence_auc_val": pcard["validation_presence_auc"]["macro_auc"],
         },
     }
-    path = a.out / f"{name}.json"
     for setting in a.settings.split(","):
         t_s = time.perf_counter()
         r = run_setting(setting, net, size, a.seed, a.boot, out, cat, cats)
