@@ -267,7 +267,7 @@ class NodeReceiver(Receiver):
     name, aet = "node", "MOLRE"
     checkpoint = ""  # set from --node-checkpoint; empty = packaged demo
     durability = "fsync"  # storage.durability
-    processes = 0  # network.receiver_processes (0 = the default: one per core, at most 4)
+    processes = 0  # network.receiver_processes = 0: one per core, at most 4 (the pool)
 
     node_process = NodeProcess
 
