@@ -20,7 +20,6 @@ out of the attention pooling; the backbone reads them in chunks of ``slice_chunk
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +254,7 @@ def resolve_adapter_config(
     counts as "no targets given", because those patterns are not right for every backbone.
     """
     if list(adapter.targets) == list(DEFAULT_TARGETS):
-        return replace(adapter, targets=preset_targets(spec, preset))
+        return adapter.replace(targets=preset_targets(spec, preset))
     return adapter
 
 

@@ -74,6 +74,38 @@ def test_warmup_cosine_schedule():
 # ------------------------------------------------------------------------------ integration
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": 0}, "TrainConfig.epochs: expected an integer >= 1, got 0"),
+        ({"adapter": "dora"}, 'TrainConfig.adapter: expected one of molre, lora, none, got "dora"'),
+        ({"lr": 0.0}, "TrainConfig.lr: expected a positive number, got 0.0"),
+        ({"limit": 0}, "TrainConfig.limit: expected an integer >= 1, got 0"),
+        ({"batch_size": "4"}, 'TrainConfig.batch_size: expected an integer >= 1, got "4"'),
+        ({"random_init": True, "weights": "w.safetensors"}, "TrainConfig.random_init: "),
+        ({"epohcs": 3}, "TrainConfig.epohcs: unknown key"),
+    ],
+)
+def test_train_config_errors_name_the_field(kwargs, message):
+    from common.errors import ConfigError
+    from molre.training import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(backbone="tiny-3d", data="m.csv", out="run", **kwargs)
+    assert str(err.value).startswith(message)
+
+
+def test_train_config_paths_and_dict():
+    from molre.training import TrainConfig
+
+    cfg = TrainConfig(backbone="tiny-3d", data="m.csv", out=Path("run"), targets=(r".*qkv",))
+    assert cfg.data == Path("m.csv") and cfg.targets == [r".*qkv"]
+    d = cfg.to_dict()
+    assert d["data"] == "m.csv" and d["out"] == "run" and d["alpha"] == 16.0
+    assert list(d)[:5] == ["backbone", "data", "out", "weights", "adapter"]
+    assert json.loads(json.dumps(d)) == d
+
+
 def test_two_epochs_learn_and_write_run(toy_run):
     manifest, run = toy_run
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

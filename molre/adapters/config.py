@@ -6,93 +6,89 @@ safetensors metadata) so a checkpoint can always be matched against the model it
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import ConfigError
+from common.validation import RuleError, config_error, show
 
 #: Default targets: attention projections of timm ViTs and every Conv3d of a CT-FM style encoder.
 #: Backbones normally pass their own `BackboneSpec.default_targets`.
 DEFAULT_TARGETS: tuple[str, ...] = (r".*attn\.qkv", r".*attn\.proj")
 
 
-@dataclass
-class MoLREConfig:
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {show(value)}: {exc}") from None
+    return value
+
+
+Pattern = Annotated[str, Field(min_length=1), AfterValidator(_regex)]
+
+
+class MoLREConfig(BaseModel):
     """How adapters are built. `experts=1` is plain LoRA (no router, gate fixed to 1).
 
     `targets` are regular expressions matched with `re.fullmatch` against the qualified module
     name (`model.named_modules()` names, e.g. ``blocks.3.attn.qkv``). Full match, not search, so
     ``attn.qkv`` does not silently also adapt ``attn.qkv_extra``; write ``.*attn\\.qkv`` to match at
     any depth.
+
+    Validated on construction (unknown keys refused, no conversions but int -> float); a bad value
+    raises `ConfigError` naming the field ("MoLREConfig.rank: expected an integer >= 1, got 0").
     """
 
-    experts: int = 6
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    router_hidden: int = 64
-    temperature: float = 1.0
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
+
+    experts: Annotated[int, Field(ge=1)] = 6
+    """experts per adapted layer (1 = plain LoRA)"""
+    rank: Annotated[int, Field(ge=1)] = 8
+    """rank of every expert's low-rank update"""
+    alpha: Annotated[float, Field(gt=0)] = 16.0
+    """LoRA scaling numerator: scaling = alpha / rank"""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """dropout on the adapter input"""
+    # strict=False: a tuple of patterns (BackboneSpec.default_targets) is taken as a list
+    targets: Annotated[list[Pattern], Field(min_length=1, strict=False)] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS)
+    )
+    """regular expressions (re.fullmatch) over qualified module names"""
+    router_hidden: Annotated[int, Field(ge=1)] = 64
+    """hidden width of the router MLP"""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """router softmax is softmax(logits / temperature)"""
     top_k: int | None = None
-    balance_weight: float = 0.0
+    """experts kept per sample (1..experts); None = dense routing"""
+    balance_weight: Annotated[float, Field(ge=0)] = 0.0
+    """weight of the load-balancing loss (0 = off)"""
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), "MoLREConfig.") from None
 
-    # -- validation --------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Raise `ConfigError` (a `MolreError`) naming the key and the allowed values."""
-
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"MoLREConfig.{key}={getattr(self, key)!r}: {why}")
-
-        for key in ("experts", "rank", "router_hidden"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(key, "must be an integer >= 1")
-        for key in ("alpha", "dropout", "temperature", "balance_weight"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(key, "must be a finite number")
-        if self.alpha <= 0:
-            raise bad("alpha", "must be > 0 (scaling is alpha / rank)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", "must be in [0, 1)")
-        if self.temperature <= 0:
-            raise bad(
-                "temperature", "must be > 0 (router softmax is softmax(logits / temperature))"
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> MoLREConfig:
+        if self.top_k is not None and not 1 <= self.top_k <= self.experts:
+            raise RuleError(
+                "top_k",
+                f"expected 1..experts={self.experts} or None (dense routing), got {self.top_k}",
             )
-        if self.balance_weight < 0:
-            raise bad("balance_weight", "must be >= 0 (0 disables the load-balancing loss)")
-        if self.top_k is not None:
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-                raise bad("top_k", "must be None (dense routing) or an integer")
-            if not 1 <= self.top_k <= self.experts:
-                raise bad("top_k", f"must be between 1 and experts={self.experts}, or None")
-        if isinstance(self.targets, str):
-            raise bad("targets", "must be a list of regular expressions, not a single string")
-        if not isinstance(self.targets, (list, tuple)) or not self.targets:
-            raise bad("targets", "must be a non-empty list of regular expressions")
-        self.targets = list(self.targets)
-        for pat in self.targets:
-            if not isinstance(pat, str) or not pat:
-                raise bad("targets", f"entry {pat!r} is not a non-empty string")
-            try:
-                re.compile(pat)
-            except re.error as exc:
-                raise bad(
-                    "targets", f"entry {pat!r} is not a valid regular expression ({exc})"
-                ) from None
+        return self
 
     # -- derived -----------------------------------------------------------------------------
     @property
     def scaling(self) -> float:
         """LoRA scaling alpha / rank, applied to every expert."""
-        return float(self.alpha) / float(self.rank)
+        return self.alpha / float(self.rank)
 
     @property
     def is_lora(self) -> bool:
@@ -101,40 +97,32 @@ class MoLREConfig:
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict; `from_dict(to_dict())` round-trips exactly."""
-        d = dataclasses.asdict(self)
-        d["targets"] = list(self.targets)
-        d["alpha"] = float(self.alpha)
-        d["dropout"] = float(self.dropout)
-        d["temperature"] = float(self.temperature)
-        d["balance_weight"] = float(self.balance_weight)
-        return d
+        """JSON-able dict in field order; `from_dict(to_dict())` round-trips exactly."""
+        return self.model_dump()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MoLREConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MoLREConfig:
         """Build from a dict (e.g. parsed JSON/TOML); unknown keys are an error, not ignored."""
         if not isinstance(data, dict):
             raise ConfigError(f"MoLRE adapter config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown MoLRE adapter config key(s) {unknown}; allowed keys: {sorted(known)}"
-            )
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "MoLREConfig":
+    def from_json(cls, text: str) -> MoLREConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"MoLRE adapter config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 
-    def diff(self, other: "MoLREConfig") -> list[str]:
+    def replace(self, **changes: Any) -> MoLREConfig:
+        """A validated copy with `changes` applied (what `dataclasses.replace` did)."""
+        return type(self)(**{**self.to_dict(), **changes})
+
+    def diff(self, other: MoLREConfig) -> list[str]:
         """Names of the fields whose values differ (used for clear mismatch errors)."""
         a, b = self.to_dict(), other.to_dict()
         return [k for k in a if a[k] != b[k]]

@@ -21,7 +21,6 @@ builds the cache, validates, logs and writes files; the others wait at barriers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -30,11 +29,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -42,6 +42,7 @@ from common.errors import ConfigError, MolreError
 from common.fs import atomic_write
 from common.jsonsafe import json_default
 from common.log import get_logger
+from common.validation import RuleError, config_error
 from molre import __version__
 from molre.losses import focal_loss, prevalence_weights
 from molre.training import metrics as M
@@ -72,34 +73,55 @@ METRICS_FILE = "metrics.jsonl"
 SAVE_BACKBONE_MAX_PARAMS = 20_000_000
 
 
-@dataclass
-class TrainConfig:
-    """Everything `train` needs; the CLI maps its options 1:1 onto these fields."""
+#: a path given as str or Path (strict=False: pydantic turns the str into a Path)
+_PathArg = Annotated[Path, Field(strict=False)]
+#: a list of names, also given as a tuple
+_Names = Annotated[list[str], Field(strict=False)]
+
+
+class TrainConfig(BaseModel):
+    """Everything `train` needs; the CLI maps its options 1:1 onto these fields.
+
+    Validated on construction (unknown keys refused, no conversions but int -> float and str ->
+    Path); a bad value raises `ConfigError` naming the field ("TrainConfig.epochs: expected an
+    integer >= 1, got 0").
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
+        use_attribute_docstrings=True,
+        protected_namespaces=(),  # the field model_name
+    )
 
     backbone: str
-    data: Path
-    out: Path
+    data: _PathArg
+    out: _PathArg
     weights: str | None = None
-    adapter: str = "molre"  # molre | lora | none
-    experts: int = 6
-    rank: int = 8
+    adapter: Literal["molre", "lora", "none"] = "molre"
+    """none = linear probe (only pooling and head train)"""
+    experts: Annotated[int, Field(ge=1)] = 6
+    rank: Annotated[int, Field(ge=1)] = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: list[str] | None = None
+    targets: _Names | None = None
     balance_weight: float = 0.0
-    epochs: int = 10
-    batch_size: int = 4
-    lr: float = 5e-4
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 4
+    lr: Annotated[float, Field(gt=0)] = 5e-4
     weight_decay: float = 0.01
-    warmup: float = 0.05  # fraction of optimizer steps
-    accumulate: int = 1
-    workers: int = 0
+    warmup: float = 0.05
+    """fraction of optimizer steps"""
+    accumulate: Annotated[int, Field(ge=1)] = 1
+    workers: Annotated[int, Field(ge=0)] = 0
     seed: int = 0
-    resume: Path | None = None
+    resume: _PathArg | None = None
     device: str = "auto"
-    catalog: Path | None = None
-    cache_dir: Path | None = None
-    limit: int | None = None
+    catalog: _PathArg | None = None
+    cache_dir: _PathArg | None = None
+    limit: int | None = Field(default=None, ge=1)
+    """use only the first N manifest rows (debugging)"""
     gamma: float = 2.0
     max_pos_weight: float = 20.0
     grad_clip: float | None = 1.0
@@ -109,51 +131,45 @@ class TrainConfig:
     is_demo: bool = False
     intended_use: str | None = None
     disclaimer: str | None = None
-    catalog_keys: list[str] | None = None  # restrict the catalog to these findings (demo)
-    calibrate_bn: bool | None = None  # None = auto: only for small random-init backbones
-    recipe: dict[str, Any] | None = None  # overrides of the backbone's preprocessing params
-    head_init: str = "lp"  # lp = linear-probe warm start (LP-FT), or "random"
-    stop_after_epoch: int | None = None  # end this invocation after that epoch (time slicing)
+    catalog_keys: _Names | None = None
+    """restrict the catalog to these findings (demo)"""
+    calibrate_bn: bool | None = None
+    """None = auto: only for small random-init backbones"""
+    recipe: dict[str, Any] | None = None
+    """overrides of the backbone's preprocessing params"""
+    head_init: Literal["lp", "random"] = "lp"
+    """lp = linear-probe warm start (LP-FT); random = no warm start"""
+    stop_after_epoch: int | None = None
+    """end this invocation after that epoch (time slicing)"""
     lp_l2: float = 10.0
-    #: ship the base weights as backbone.safetensors in every checkpoint; None = auto (only for
-    #: small random-init backbones). True for a small backbone pretrained here (the demo), so the
-    #: checkpoint stays self-contained and the digest check has the exact weights to load.
     save_backbone: bool | None = None
-    #: adapter placement when ``targets`` is not given: "paper" (default) or "light" (see
-    #: docs/backbones.md for what each adapts and its parameter overhead)
+    """ship the base weights as backbone.safetensors in every checkpoint; None = auto (only for
+    small random-init backbones). True for a small backbone pretrained here (the demo), so the
+    checkpoint stays self-contained and the digest check has the exact weights to load."""
     preset: str = "paper"
-    #: allow training a backbone whose spec requires pretrained weights (ct-fm, dinov3-*,
-    #: medsiglip) without ``weights``; off by default because the result is meaningless
+    """adapter placement when ``targets`` is not given: "paper" (default) or "light" (see
+    docs/backbones.md for what each adapts and its parameter overhead)"""
     random_init: bool = False
+    """allow training a backbone whose spec requires pretrained weights (ct-fm, dinov3-*,
+    medsiglip) without ``weights``; off by default because the result is meaningless"""
 
-    def __post_init__(self) -> None:
-        self.data = Path(self.data)
-        self.out = Path(self.out)
-        if self.resume is not None:
-            self.resume = Path(self.resume)
-        if self.catalog is not None:
-            self.catalog = Path(self.catalog)
-        if self.cache_dir is not None:
-            self.cache_dir = Path(self.cache_dir)
-        if self.adapter not in ("molre", "lora", "none"):
-            raise ConfigError(f"--adapter {self.adapter!r}: use molre, lora or none (linear probe)")
-        for k in ("epochs", "batch_size", "accumulate", "experts", "rank"):
-            if int(getattr(self, k)) < 1:
-                raise ConfigError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(self, k)})")
-        if self.workers < 0:
-            raise ConfigError("--workers must be >= 0")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0 (got {self.lr})")
-        if self.head_init not in ("lp", "random"):
-            raise ConfigError(f"head_init {self.head_init!r}: use lp or random")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError("--limit must be >= 1")
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), "TrainConfig.") from None
+
+    @model_validator(mode="after")
+    def _weights_or_random_init(self) -> TrainConfig:
         if self.random_init and self.weights is not None:
-            raise ConfigError("--random-init and --weights exclude each other")
+            raise RuleError(
+                "random_init", "random_init (--random-init) and weights exclude each other"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+        """JSON-able dict in field order (paths as text)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.model_dump().items()}
 
     def adapter_config(self, default_targets: Sequence[str] | None):
         """The MoLREConfig for this run (None for the linear probe)."""
