@@ -336,6 +336,7 @@ def run_setting(
     out: Path,
     cat: Any,
     cats: dict[str, list[int]],
+    seeds: list[int] | None = None,
 ) -> dict[str, Any]:
     sites = tuple(SITES) if setting == "multi" else ("metro",)
     t1 = time.perf_counter()
@@ -349,14 +350,19 @@ def run_setting(
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     probs: dict[str, list[np.ndarray]] = {v: [] for v in VARIANTS}
     usage: dict[str, list[list[float]]] = {}
-    for seed in range(size["seeds"]):
+    for seed in seeds if seeds is not None else range(size["seeds"]):
         for v in VARIANTS:
             t2 = time.perf_counter()
             m, gates, ep = train_one(v, net, data["train"], data["val"], seed, size["epochs"])
             p = predict(m, gates, data["test"], record=(v == "molre_k6_r8"))
             if v == "molre_k6_r8" and gates is not None and gates.log:
-                for name, g in site_usage(m, gates, data["test"]["site"]).items():
+                per_site = site_usage(m, gates, data["test"]["site"])
+                for name, g in per_site.items():
                     usage.setdefault(name, []).append(g)
+                (out / setting / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+                (out / setting / f"seed{seed}" / "expert_usage.json").write_text(
+                    json.dumps(per_site) + "\n"
+                )
             probs[v].append(p)
             per = dict(zip(PHANTOM_FINDINGS, auc_matrix(y, p)))
             runs[v].append(
@@ -416,7 +422,9 @@ def summarize(
     return summary
 
 
-def from_runs(out: Path, setting: str, boot: int, cats: dict[str, list[int]]) -> dict[str, Any]:
+def from_runs(
+    out: Path, setting: str, boot: int, cats: dict[str, list[int]], planned: int
+) -> dict[str, Any]:
     """The summary of an interrupted run, from the evaluate-style folders of the seeds whose
     every variant finished (expert usage is only recorded by a complete run)."""
     from molre.evaluate import read_predictions
@@ -424,6 +432,7 @@ def from_runs(out: Path, setting: str, boot: int, cats: dict[str, list[int]]) ->
     y = None
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     probs: dict[str, list[np.ndarray]] = {v: [] for v in VARIANTS}
+    usage: dict[str, list[list[float]]] = {}
     seed = 0
     while all((out / setting / f"seed{seed}" / v / "metrics.json").is_file() for v in VARIANTS):
         for v in VARIANTS:
@@ -442,15 +451,25 @@ def from_runs(out: Path, setting: str, boot: int, cats: dict[str, list[int]]) ->
                     },
                 }
             )
+        u = out / setting / f"seed{seed}" / "expert_usage.json"
+        if u.is_file():
+            for name, g in json.loads(u.read_text()).items():
+                usage.setdefault(name, []).append(g)
         seed += 1
     if y is None:
         raise SystemExit(f"{out / setting}: no seed with every variant finished")
+    if usage:
+        usage_png(out / f"expert_usage_{setting}.png", usage)
     return {
-        "partial": True,
+        "partial": seed < planned,
         "seeds_completed": seed,
         "n": {"test": int(len(y))},
         "runs": runs,
         "summary": summarize(y, probs, runs, boot, cats),
+        "expert_usage": {s: np.mean(u, axis=0).round(3).tolist() for s, u in usage.items()},
+        "expert_usage_seeds": [
+            s for s in range(seed) if (out / setting / f"seed{s}" / "expert_usage.json").is_file()
+        ],
     }
 
 
@@ -485,6 +504,11 @@ def main() -> None:
         help="summarise the finished seeds of an interrupted run from its folders (no training)",
     )
     ap.add_argument(
+        "--only-seeds",
+        default="",
+        help="run only these seeds (e.g. 4) into the run folders; then --from-runs summarises",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=2,
@@ -514,7 +538,7 @@ def main() -> None:
         )
         for setting in a.settings.split(","):
             if result["settings"].get(setting, {}).get("partial", True):
-                result["settings"][setting] = from_runs(out, setting, a.boot, cats)
+                result["settings"][setting] = from_runs(out, setting, a.boot, cats, size["seeds"])
         path.write_text(json.dumps(result, indent=1) + "\n")
         md = table(result)
         (a.out / f"{name}.md").write_text(md + "\n")
@@ -535,7 +559,11 @@ def main() -> None:
     }
     for setting in a.settings.split(","):
         t_s = time.perf_counter()
-        r = run_setting(setting, net, size, a.seed, a.boot, out, cat, cats)
+        only = [int(x) for x in a.only_seeds.split(",")] if a.only_seeds else None
+        r = run_setting(setting, net, size, a.seed, a.boot, out, cat, cats, only)
+        if only is not None:
+            print(f"seeds {only} written under {out / setting}; summarise with --from-runs")
+            continue
         r["minutes"] = round((time.perf_counter() - t_s) / 60, 1)
         # Settings may run as separate processes (--settings multi / --settings single): merge
         # into the JSON the other one wrote, when it describes the same design.
