@@ -426,15 +426,19 @@ def from_runs(
     out: Path, setting: str, boot: int, cats: dict[str, list[int]], planned: int
 ) -> dict[str, Any]:
     """The summary of an interrupted run, from the evaluate-style folders of the seeds whose
-    every variant finished (expert usage is only recorded by a complete run)."""
+    every variant finished (seeds may have run in separate processes: --only-seeds)."""
     from molre.evaluate import read_predictions
 
     y = None
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     probs: dict[str, list[np.ndarray]] = {v: [] for v in VARIANTS}
     usage: dict[str, list[list[float]]] = {}
-    seed = 0
-    while all((out / setting / f"seed{seed}" / v / "metrics.json").is_file() for v in VARIANTS):
+    done = [
+        seed
+        for seed in range(planned)
+        if all((out / setting / f"seed{seed}" / v / "metrics.json").is_file() for v in VARIANTS)
+    ]
+    for seed in done:
         for v in VARIANTS:
             pr = read_predictions(out / setting / f"seed{seed}" / v)
             y = pr.labels if y is None else y
@@ -455,20 +459,19 @@ def from_runs(
         if u.is_file():
             for name, g in json.loads(u.read_text()).items():
                 usage.setdefault(name, []).append(g)
-        seed += 1
     if y is None:
         raise SystemExit(f"{out / setting}: no seed with every variant finished")
     if usage:
         usage_png(out / f"expert_usage_{setting}.png", usage)
     return {
-        "partial": seed < planned,
-        "seeds_completed": seed,
+        "partial": len(done) < planned,
+        "seeds_completed": done,
         "n": {"test": int(len(y))},
         "runs": runs,
         "summary": summarize(y, probs, runs, boot, cats),
         "expert_usage": {s: np.mean(u, axis=0).round(3).tolist() for s, u in usage.items()},
         "expert_usage_seeds": [
-            s for s in range(seed) if (out / setting / f"seed{s}" / "expert_usage.json").is_file()
+            s for s in done if (out / setting / f"seed{s}" / "expert_usage.json").is_file()
         ],
     }
 
