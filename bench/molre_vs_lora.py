@@ -539,9 +539,8 @@ def main() -> None:
                 "reference": REFERENCE,
             }
         )
-        for setting in a.settings.split(","):
-            if result["settings"].get(setting, {}).get("partial", True):
-                result["settings"][setting] = from_runs(out, setting, a.boot, cats, size["seeds"])
+        for setting in a.settings.split(","):  # the folders are the record: always re-read
+            result["settings"][setting] = from_runs(out, setting, a.boot, cats, size["seeds"])
         path.write_text(json.dumps(result, indent=1) + "\n")
         md = table(result)
         (a.out / f"{name}.md").write_text(md + "\n")

@@ -57,3 +57,29 @@ def test_quick_benchmark_runs_and_reports_paired_intervals(tmp_path: Path):
     assert len(cmp["runs"]) == 2
     assert (tmp_path / "molre_vs_lora_quick" / "expert_usage_multi.png").is_file()
     assert "| multi | molre_k6_r8 |" in (tmp_path / "molre_vs_lora_quick.md").read_text()
+    # an interrupted run is summarised from the same folders: the same macro AUC per variant
+    full = {s: r["summary"] for s, r in res["settings"].items()}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "molre_vs_lora.py"),
+            "--quick",
+            "--from-runs",
+            "--out",
+            str(tmp_path),
+            "--boot",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((tmp_path / "molre_vs_lora_quick.json").read_text())["settings"]
+    for s, summary in full.items():
+        assert again[s]["seeds_completed"] == [0] and again[s]["partial"] is False
+        for v, x in summary.items():
+            assert again[s]["summary"][v]["macro_auc"]["mean"] == pytest.approx(
+                x["macro_auc"]["mean"], abs=2e-3
+            )
