@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Result, select
+from sqlalchemy import ColumnElement, CursorResult, Result, and_, or_, select
 from sqlalchemy.orm import Session
 
 from common.jsonsafe import jsonable
@@ -26,6 +26,20 @@ def rowcount(result: Result[Any]) -> int | None:
     """Rows an UPDATE/DELETE matched. ``Session.execute`` is typed as returning ``Result``; for a
     DML statement it is a ``CursorResult``, which carries ``rowcount``."""
     return cast(CursorResult[Any], result).rowcount
+
+
+def due_clause(model: Any, now: dt.datetime) -> ColumnElement[bool]:
+    """A leased outbox row (export, notification) that a dispatcher may claim: pending, due,
+    and not held by a live claim (no claim, or its lease expired)."""
+    return and_(
+        model.state == "pending",
+        or_(model.next_attempt_at.is_(None), model.next_attempt_at <= now),
+        or_(
+            model.claimed_by.is_(None),
+            model.lease_expires_at.is_(None),
+            model.lease_expires_at < now,
+        ),
+    )
 
 
 class StoreCore:
@@ -124,3 +138,101 @@ class StoreCore:
             series_uid=series.series_uid,
             details=ev_details,
         )
+
+    # -- leased outboxes (exports, notifications) ----------------------------------------------
+    def _claim_due(
+        self,
+        s: Session,
+        model: Any,
+        entity: str,
+        detail: str,
+        *,
+        now: dt.datetime,
+        limit: int,
+        lease_s: float,
+    ) -> list[tuple[Any, Series]]:
+        """Claim up to ``limit`` due rows of a leased outbox for this node, oldest due first,
+        each with its series. PostgreSQL: ``FOR UPDATE OF <table> SKIP LOCKED``, so dispatchers
+        of several nodes never take the same row; SQLite: the write transaction serialises them.
+        Taking a row whose previous claim's lease expired (that dispatcher died or hung
+        mid-send) is a 'reclaimed' event naming the previous node; ``detail`` names the row's
+        column (destination, channel) that the events carry."""
+        rows = (
+            s.execute(
+                select(model)
+                .where(due_clause(model, now))
+                .order_by(model.next_attempt_at, model.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=model)
+            )
+            .scalars()
+            .all()
+        )
+        claimed: list[tuple[Any, Series]] = []
+        for row in rows:
+            series = s.execute(
+                select(Series).where(Series.series_uid == row.series_uid)
+            ).scalar_one()
+            if row.claimed_by is not None:
+                self._event(
+                    s,
+                    entity,
+                    row.id,
+                    "reclaimed",
+                    at=now,
+                    from_state=row.state,
+                    to_state=row.state,
+                    study_uid=series.study_uid,
+                    series_uid=series.series_uid,
+                    details={
+                        detail: getattr(row, detail),
+                        "node": self.node,
+                        "previous_node": row.claimed_by,
+                        "lease_expired_at": row.lease_expires_at,
+                    },
+                )
+            row.claimed_by = self.node
+            row.lease_expires_at = now + dt.timedelta(seconds=lease_s)
+            claimed.append((row, series))
+        return claimed
+
+    def _end_claim(
+        self,
+        s: Session,
+        row: Any,
+        entity: str,
+        detail: str,
+        *,
+        study_uid: str,
+        now: dt.datetime,
+        ok: bool,
+        status: Any,
+        error: str | None,
+    ) -> bool:
+        """End this node's claim on a leased outbox row for one recorded attempt. True when the
+        row is no longer pending (another dispatcher finished it after this one's lease
+        expired): the attempt is then a 'late_attempt' event -- the receiver may hold the
+        message twice, and the audit trail says so -- and nothing else changes."""
+        if row.claimed_by == self.node:
+            row.claimed_by, row.lease_expires_at = None, None
+        if row.state == "pending":
+            return False
+        self._event(
+            s,
+            entity,
+            row.id,
+            "late_attempt",
+            at=now,
+            from_state=row.state,
+            to_state=row.state,
+            study_uid=study_uid,
+            series_uid=row.series_uid,
+            details={
+                detail: getattr(row, detail),
+                "node": self.node,
+                "ok": bool(ok),
+                "status": status,
+                "error": error,
+            },
+        )
+        return True

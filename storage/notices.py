@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.core import StoreCore
@@ -61,18 +61,6 @@ class NotificationClaim:
     patient_id: str | None  # NULL unless audit.store_phi
     patient_name: str | None  # NULL unless audit.store_phi
     study_description: str | None
-
-
-def _due(now: dt.datetime):
-    return and_(
-        Notification.state == "pending",
-        or_(Notification.next_attempt_at.is_(None), Notification.next_attempt_at <= now),
-        or_(
-            Notification.claimed_by.is_(None),
-            Notification.lease_expires_at.is_(None),
-            Notification.lease_expires_at < now,
-        ),
-    )
 
 
 class NoticeMixin(StoreCore):
@@ -136,44 +124,13 @@ class NoticeMixin(StoreCore):
         rules as :meth:`storage.outbox.OutboxMixin.claim_exports`)."""
         now = now or self.now()
         with self.db.session() as s:
-            rows = (
-                s.execute(
-                    select(Notification)
-                    .where(_due(now))
-                    .order_by(Notification.next_attempt_at, Notification.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True, of=Notification)
-                )
-                .scalars()
-                .all()
-            )
             claims: list[NotificationClaim] = []
-            for n in rows:
-                series, study = s.execute(
-                    select(Series, Study)
-                    .join(Study, Study.study_uid == Series.study_uid)
-                    .where(Series.series_uid == n.series_uid)
-                ).one()
-                if n.claimed_by is not None:
-                    self._event(
-                        s,
-                        "notification",
-                        n.id,
-                        "reclaimed",
-                        at=now,
-                        from_state=n.state,
-                        to_state=n.state,
-                        study_uid=series.study_uid,
-                        series_uid=series.series_uid,
-                        details={
-                            "channel": n.channel,
-                            "node": self.node,
-                            "previous_node": n.claimed_by,
-                            "lease_expired_at": n.lease_expires_at,
-                        },
-                    )
-                n.claimed_by = self.node
-                n.lease_expires_at = now + dt.timedelta(seconds=lease_s)
+            for n, series in self._claim_due(
+                s, Notification, "notification", "channel", now=now, limit=limit, lease_s=lease_s
+            ):
+                study = s.execute(
+                    select(Study).where(Study.study_uid == series.study_uid)
+                ).scalar_one()
                 claims.append(
                     NotificationClaim(
                         id=n.id,
@@ -221,26 +178,18 @@ class NoticeMixin(StoreCore):
             study_uid = s.execute(
                 select(Series.study_uid).where(Series.series_uid == n.series_uid)
             ).scalar_one()
-            if n.claimed_by == self.node:
-                n.claimed_by, n.lease_expires_at = None, None
             common: dict[str, Any] = dict(at=now, study_uid=study_uid, series_uid=n.series_uid)
-            if n.state != "pending":
-                self._event(
-                    s,
-                    "notification",
-                    n.id,
-                    "late_attempt",
-                    from_state=n.state,
-                    to_state=n.state,
-                    **common,
-                    details={
-                        "channel": n.channel,
-                        "node": self.node,
-                        "ok": bool(ok),
-                        "status": status,
-                        "error": error,
-                    },
-                )
+            if self._end_claim(
+                s,
+                n,
+                "notification",
+                "channel",
+                study_uid=study_uid,
+                now=now,
+                ok=ok,
+                status=status,
+                error=error,
+            ):
                 return
             n.attempts += 1
             n.last_status = status

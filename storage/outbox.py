@@ -18,9 +18,9 @@ import datetime as dt
 import glob
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 
-from storage.core import StoreCore
+from storage.core import StoreCore, due_clause
 from storage.models import Export, Series
 from storage.records import ExportClaim, NotFound, SeriesState
 
@@ -50,7 +50,7 @@ class OutboxMixin(StoreCore):
             rows = s.execute(
                 select(Export, Series.study_uid)
                 .join(Series, Series.series_uid == Export.series_uid)
-                .where(_due(now))
+                .where(due_clause(Export, now))
                 .order_by(Export.next_attempt_at, Export.id)
                 .limit(limit)
             ).all()
@@ -80,55 +80,22 @@ class OutboxMixin(StoreCore):
         row; SQLite: the write transaction serialises them."""
         now = now or self.now()
         with self.db.session() as s:
-            rows = (
-                s.execute(
-                    select(Export)
-                    .where(_due(now))
-                    .order_by(Export.next_attempt_at, Export.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True, of=Export)
-                )
-                .scalars()
-                .all()
+            claimed = self._claim_due(
+                s, Export, "export", "destination", now=now, limit=limit, lease_s=lease_s
             )
-            claims: list[ExportClaim] = []
-            for e in rows:
-                series = s.execute(
-                    select(Series).where(Series.series_uid == e.series_uid)
-                ).scalar_one()
-                if e.claimed_by is not None:
-                    self._event(
-                        s,
-                        "export",
-                        e.id,
-                        "reclaimed",
-                        at=now,
-                        from_state=e.state,
-                        to_state=e.state,
-                        study_uid=series.study_uid,
-                        series_uid=series.series_uid,
-                        details={
-                            "destination": e.destination,
-                            "node": self.node,
-                            "previous_node": e.claimed_by,
-                            "lease_expired_at": e.lease_expires_at,
-                        },
-                    )
-                e.claimed_by = self.node
-                e.lease_expires_at = now + dt.timedelta(seconds=lease_s)
-                claims.append(
-                    ExportClaim(
-                        id=e.id,
-                        series_uid=e.series_uid,
-                        destination=e.destination,
-                        report_path=e.report_path,
-                        attempts=e.attempts,
-                        study_uid=series.study_uid,
-                        version=e.series_version,
-                        report_sop_uid=e.report_sop_uid,
-                    )
+            return [
+                ExportClaim(
+                    id=e.id,
+                    series_uid=e.series_uid,
+                    destination=e.destination,
+                    report_path=e.report_path,
+                    attempts=e.attempts,
+                    study_uid=series.study_uid,
+                    version=e.series_version,
+                    report_sop_uid=e.report_sop_uid,
                 )
-            return claims
+                for e, series in claimed
+            ]
 
     def record_export_attempt(
         self,
@@ -155,27 +122,17 @@ class OutboxMixin(StoreCore):
             if exp is None:
                 raise NotFound(f"export {export_id} is not in the audit database")
             series = self._lock_series(s, exp.series_uid)
-            if exp.claimed_by == self.node:
-                exp.claimed_by, exp.lease_expires_at = None, None
-            if exp.state == "delivered":
-                self._event(
-                    s,
-                    "export",
-                    exp.id,
-                    "late_attempt",
-                    at=now,
-                    from_state=exp.state,
-                    to_state=exp.state,
-                    study_uid=series.study_uid,
-                    series_uid=series.series_uid,
-                    details={
-                        "destination": exp.destination,
-                        "node": self.node,
-                        "ok": bool(ok),
-                        "status": status,
-                        "error": error,
-                    },
-                )
+            if self._end_claim(
+                s,
+                exp,
+                "export",
+                "destination",
+                study_uid=series.study_uid,
+                now=now,
+                ok=ok,
+                status=status,
+                error=error,
+            ):
                 return
             exp.attempts += 1
             exp.last_status = (
@@ -241,16 +198,3 @@ class OutboxMixin(StoreCore):
                         "next_attempt_at": exp.next_attempt_at,
                     },
                 )
-
-
-def _due(now: dt.datetime):
-    """Pending, due, and not held by a live claim."""
-    return and_(
-        Export.state == "pending",
-        or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now),
-        or_(
-            Export.claimed_by.is_(None),
-            Export.lease_expires_at.is_(None),
-            Export.lease_expires_at < now,
-        ),
-    )

@@ -53,27 +53,7 @@ class QueueMixin(NoticeMixin, StoreCore):
             if live is not None:
                 return live
             self._move(s, series, S.QUEUED, at=now)
-            job = Job(
-                series_uid=series_uid,
-                version=series.version,
-                state="queued",
-                attempts=0,
-                enqueued_at=now,
-            )
-            s.add(job)
-            s.flush()
-            self._event(
-                s,
-                "job",
-                job.id,
-                "enqueued",
-                at=now,
-                to_state="queued",
-                study_uid=series.study_uid,
-                series_uid=series_uid,
-                details={"version": series.version},
-            )
-            return job.id
+            return self._new_job(s, series, now)
 
     def claim_job(
         self, worker_id: str, lease_s: float = 600, *, max_attempts: int | None = None
@@ -218,27 +198,32 @@ class QueueMixin(NoticeMixin, StoreCore):
                 s, series, S.QUEUED, at=now, details={"retry_by": by, "previous_reason": previous}
             )
             series.reason = None
-            job = Job(
-                series_uid=series_uid,
-                version=series.version,
-                state="queued",
-                attempts=0,
-                enqueued_at=now,
-            )
-            s.add(job)
-            s.flush()
-            self._event(
-                s,
-                "job",
-                job.id,
-                "enqueued",
-                at=now,
-                to_state="queued",
-                study_uid=series.study_uid,
-                series_uid=series_uid,
-                details={"version": series.version, "retry_by": by},
-            )
-            return job.id
+            return self._new_job(s, series, now, retry_by=by)
+
+    def _new_job(self, s: Session, series: Series, now: dt.datetime, **details: Any) -> int:
+        """Queue one job for the series' current version (its 'enqueued' event carries
+        ``details``); the series is already locked and moved to queued."""
+        job = Job(
+            series_uid=series.series_uid,
+            version=series.version,
+            state="queued",
+            attempts=0,
+            enqueued_at=now,
+        )
+        s.add(job)
+        s.flush()
+        self._event(
+            s,
+            "job",
+            job.id,
+            "enqueued",
+            at=now,
+            to_state="queued",
+            study_uid=series.study_uid,
+            series_uid=series.series_uid,
+            details={"version": series.version, **details},
+        )
+        return job.id
 
     def _running_job(self, s: Session, job_id: int) -> tuple[Job, Series]:
         job = s.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()

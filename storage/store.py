@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from sqlalchemy import (
     String,
@@ -56,6 +56,7 @@ from sqlalchemy.orm import Session
 
 from common.jsonsafe import jsonable
 from common.log import get_logger
+from storage import queries
 from storage.core import StoreCore, rowcount
 from storage.db import Database, utcnow
 from storage.models import Association, Base, Event, Instance, Job, Series, Study
@@ -87,9 +88,6 @@ from storage.records import (  # noqa: F401 - re-exported
     _series_record,
     _short,
 )
-
-if TYPE_CHECKING:
-    from storage.queries import PruneReport
 
 log = get_logger("storage.store")
 
@@ -1067,47 +1065,34 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
                     conn.commit()
 
     # -- audit queries (storage.queries does the work) -----------------------------------------
+    def _read(self, query: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run one :mod:`storage.queries` function in a read-only session."""
+        with self.db.session(write=False) as s:
+            return query(s, *args, **kw)
+
     def studies(self, **kw: Any) -> list[dict[str, Any]]:
         """See :func:`storage.queries.studies`."""
-        from storage import queries
-
-        with self.db.session(write=False) as s:
-            return queries.studies(s, **kw)
+        return self._read(queries.studies, **kw)
 
     def series(self, **kw: Any) -> list[dict[str, Any]]:
         """See :func:`storage.queries.series`."""
-        from storage import queries
-
-        with self.db.session(write=False) as s:
-            return queries.series(s, **kw)
+        return self._read(queries.series, **kw)
 
     def timeline(self, uid: str) -> list[dict[str, Any]]:
         """See :func:`storage.queries.timeline`."""
-        from storage import queries
-
-        with self.db.session(write=False) as s:
-            return queries.timeline(s, uid)
+        return self._read(queries.timeline, uid)
 
     def findings(self, **kw: Any) -> list[dict[str, Any]]:
         """See :func:`storage.queries.findings`."""
-        from storage import queries
-
-        with self.db.session(write=False) as s:
-            return queries.findings(s, **kw)
+        return self._read(queries.findings, **kw)
 
     def exports(self, **kw: Any) -> list[dict[str, Any]]:
         """See :func:`storage.queries.exports`."""
-        from storage import queries
-
-        with self.db.session(write=False) as s:
-            return queries.exports(s, **kw)
+        return self._read(queries.exports, **kw)
 
     def stats(self) -> dict[str, Any]:
         """See :func:`storage.queries.stats`."""
-        from storage import queries
-
-        with self.db.session(write=False) as s:
-            return queries.stats(s)
+        return self._read(queries.stats)
 
     def prune(
         self,
@@ -1116,8 +1101,6 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         dry_run: bool = False,
         spool: Any = None,
         now: dt.datetime | None = None,
-    ) -> PruneReport:
+    ) -> queries.PruneReport:
         """See :func:`storage.queries.prune`."""
-        from storage import queries
-
         return queries.prune(self, older_than, dry_run=dry_run, spool=spool, now=now or self.now())
