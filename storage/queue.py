@@ -516,26 +516,7 @@ class QueueMixin(NoticeMixin, StoreCore):
                 if series.state != S.SELECTED.value:  # another node enqueued it meanwhile
                     continue
                 self._move(s, series, S.QUEUED, at=now, details={"recovered": True})
-                job = Job(
-                    series_uid=series.series_uid,
-                    version=series.version,
-                    state="queued",
-                    attempts=0,
-                    enqueued_at=now,
-                )
-                s.add(job)
-                s.flush()
-                self._event(
-                    s,
-                    "job",
-                    job.id,
-                    "enqueued",
-                    at=now,
-                    to_state="queued",
-                    study_uid=series.study_uid,
-                    series_uid=series.series_uid,
-                    details={"version": series.version, "recovered": True},
-                )
+                self._new_job(s, series, now, recovered=True)
                 counts["series_enqueued"] += 1
             counts["complete_pending"] = s.execute(
                 select(func.count()).select_from(Series).where(Series.state == S.COMPLETE.value)

@@ -339,33 +339,7 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         peer_port: int | None,
     ) -> int:
         """Record an accepted association; returns its id for record_instance/end_association."""
-        now = self.now()
-        with self.db.session() as s:
-            row = Association(
-                calling_ae=calling_ae,
-                called_ae=called_ae,
-                peer_host=peer_host,
-                peer_port=peer_port,
-                started_at=now,
-                outcome="open",
-                node=self.node,
-            )
-            s.add(row)
-            s.flush()
-            self._event(
-                s,
-                "association",
-                row.id,
-                "opened",
-                at=now,
-                to_state="open",
-                details={
-                    "calling_ae": calling_ae,
-                    "called_ae": called_ae,
-                    "peer": f"{peer_host}:{peer_port}",
-                },
-            )
-            return row.id
+        return self._new_association(calling_ae, called_ae, peer_host, peer_port, "open")
 
     def end_association(self, assoc_id: int, outcome: str) -> None:
         """Close an association ('released' | 'aborted'); a release lets series complete early."""
@@ -406,6 +380,20 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         reason: str,
     ) -> int:
         """Record an association the node refused (AE not allowed, disk full, ...)."""
+        return self._new_association(
+            calling_ae, called_ae, peer_host, peer_port, "rejected", reason
+        )
+
+    def _new_association(
+        self,
+        calling_ae: str | None,
+        called_ae: str | None,
+        peer_host: str | None,
+        peer_port: int | None,
+        outcome: str,
+        reason: str | None = None,
+    ) -> int:
+        """One association row ('open', or 'rejected' with its reason) and its event."""
         now = self.now()
         with self.db.session() as s:
             row = Association(
@@ -414,26 +402,28 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
                 peer_host=peer_host,
                 peer_port=peer_port,
                 started_at=now,
-                ended_at=now,
-                outcome="rejected",
+                ended_at=now if outcome == "rejected" else None,
+                outcome=outcome,
                 reject_reason=reason,
                 node=self.node,
             )
             s.add(row)
             s.flush()
+            details: dict[str, Any] = {
+                "calling_ae": calling_ae,
+                "called_ae": called_ae,
+                "peer": f"{peer_host}:{peer_port}",
+            }
+            if reason is not None:
+                details["reason"] = reason
             self._event(
                 s,
                 "association",
                 row.id,
-                "rejected",
+                "opened" if outcome == "open" else outcome,
                 at=now,
-                to_state="rejected",
-                details={
-                    "calling_ae": calling_ae,
-                    "called_ae": called_ae,
-                    "peer": f"{peer_host}:{peer_port}",
-                    "reason": reason,
-                },
+                to_state=outcome,
+                details=details,
             )
             return row.id
 
