@@ -23,7 +23,8 @@ from common.jsonsafe import jsonable
 
 audit_app = typer.Typer(
     name="audit",
-    help="Query the audit database (studies, series, timelines, findings, exports, stats) and "
+    help="Query the audit database (studies, series, timelines, events, findings, exports, "
+    "stats) and "
     "prune old data.",
     no_args_is_help=True,
 )
@@ -236,6 +237,29 @@ def show_cmd(
     except NotFound as exc:
         raise MolreError(f"{exc}; list what is there with `molre-node audit studies`") from None
     _echo(rows, fmt)
+
+
+@audit_app.command("events")
+def events_cmd(
+    entity: str | None = typer.Option(
+        None, "--entity", help="node, association, series, job, export, notification, instance."
+    ),
+    kind: str | None = typer.Option(
+        None, "--kind", help="Event kind, e.g. rejected, process_died, recovered, reclaimed."
+    ),
+    since: str | None = typer.Option(None, "--since", help="At/after: date or '7d'."),
+    limit: int = typer.Option(100, "--limit", help="At most this many rows (0 = all)."),
+    db: str | None = DbOpt,
+    config: Path | None = ConfigOpt,
+    fmt: Format = FormatOpt,
+) -> None:
+    """Audit events across the node, newest first: the ones that belong to no study
+    (start-up recovery, receiver processes, refused associations) and any other, filtered."""
+    store, _ = _open(db, config)
+    _echo(
+        store.events(entity=entity, kind=kind, since=parse_since(since), limit=limit or None),
+        fmt,
+    )
 
 
 @audit_app.command("findings")

@@ -177,19 +177,44 @@ def timeline(s: Session, uid: str) -> list[dict[str, Any]]:
     rows = s.execute(select(Event).where(cond).order_by(Event.at, Event.id)).scalars().all()
     if not rows:
         raise NotFound(f"no study, series or accession number {uid!r} in the audit database")
-    return [
-        {
-            "at": e.at,
-            "entity": e.entity,
-            "entity_id": e.entity_id,
-            "kind": e.kind,
-            "from_state": e.from_state,
-            "to_state": e.to_state,
-            "series_uid": e.series_uid,
-            "details": e.details or {},
-        }
-        for e in rows
-    ]
+    return [_event_row(e) for e in rows]
+
+
+def _event_row(e: Event) -> dict[str, Any]:
+    return {
+        "at": e.at,
+        "entity": e.entity,
+        "entity_id": e.entity_id,
+        "kind": e.kind,
+        "from_state": e.from_state,
+        "to_state": e.to_state,
+        "series_uid": e.series_uid,
+        "details": e.details or {},
+    }
+
+
+def events(
+    s: Session,
+    *,
+    entity: str | None = None,
+    kind: str | None = None,
+    since: dt.datetime | None = None,
+    limit: int | None = 100,
+) -> list[dict[str, Any]]:
+    """Audit events across the node, newest first, filtered by entity ('node', 'association',
+    'export', ...), kind ('process_died', 'rejected', 'reclaimed', ...) and time -- the events
+    that belong to no single study (start-up recovery, receiver processes, refused associations)
+    are found here."""
+    q = select(Event).order_by(Event.at.desc(), Event.id.desc())
+    if entity:
+        q = q.where(Event.entity == entity)
+    if kind:
+        q = q.where(Event.kind == kind)
+    if since is not None:
+        q = q.where(Event.at >= since)
+    if limit:
+        q = q.limit(limit)
+    return [_event_row(e) for e in s.execute(q).scalars()]
 
 
 def findings(

@@ -1072,6 +1072,10 @@ class Store(QueueMixin, OutboxMixin, NoticeMixin, StoreCore):
         """See :func:`storage.queries.timeline`."""
         return self._read(queries.timeline, uid)
 
+    def events(self, **kw: Any) -> list[dict[str, Any]]:
+        """See :func:`storage.queries.events`."""
+        return self._read(queries.events, **kw)
+
     def findings(self, **kw: Any) -> list[dict[str, Any]]:
         """See :func:`storage.queries.findings`."""
         return self._read(queries.findings, **kw)

@@ -84,6 +84,27 @@ def test_show_timeline_in_time_order(seeded) -> None:
         run("show", "9.9.9", *db_args(data))
 
 
+def test_events_across_the_node(seeded) -> None:
+    """`audit events` finds what belongs to no study (a refused association) and filters by
+    entity, kind and time, newest first."""
+    data, u = seeded
+    rows = json.loads(run("events", *db_args(data), "--limit", "0", "-f", "json"))
+    times = [dt.datetime.fromisoformat(r["at"]) for r in rows]
+    assert times == sorted(times, reverse=True)
+    assert {"association", "series", "job", "export"} <= {r["entity"] for r in rows}
+    refused = json.loads(
+        run("events", *db_args(data), "--entity", "association", "--kind", "rejected", "-f", "json")
+    )
+    assert refused and all(r["kind"] == "rejected" for r in refused)
+    assert all(r["details"]["reason"] for r in refused)
+    assert all(r["series_uid"] is None for r in refused)
+    # --since: the seeded history is 10 days old
+    assert json.loads(run("events", *db_args(data), "--since", "1d", "-f", "json")) == []
+    assert len(json.loads(run("events", *db_args(data), "--limit", "3", "-f", "json"))) == 3
+    table = run("events", *db_args(data), "--entity", "association")
+    assert table.splitlines()[0].split()[:3] == ["at", "entity", "entity_id"]
+
+
 def test_findings_filters(seeded) -> None:
     data, u = seeded
     rows = json.loads(
