@@ -243,9 +243,27 @@ class UIDLocks:
             for key in reversed(taken):
                 self._release(key)
 
+    def pin(self, *keys: str) -> None:
+        """Keep ``keys`` excluded from *other processes* past :meth:`hold` until :meth:`unpin`
+        (called by a holder whose row is still in the write-behind). Threads of this process
+        see queued rows (:class:`storage.recorder.InstanceRecorder`), so within one process
+        there is nothing to keep: a no-op here, see :class:`node.receiver_pool.ProcessUIDLocks`."""
+
+    def unpin(self, *keys: str) -> None:
+        """End a :meth:`pin` (the row is committed)."""
+
     def __len__(self) -> int:
         with self._guard:
             return len(self._locks)
+
+
+def uid_keys(header: Any) -> tuple[str, str, str]:
+    """The UID lock keys of an instance, in the order they are always taken."""
+    return (
+        "study:" + header.study_uid,
+        "series:" + header.series_uid,
+        "sop:" + header.sop_instance_uid,
+    )
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -306,6 +324,7 @@ class Receiver:
         # PatientIDs are compared as keyed hashes; the secret lives in the data dir
         self.keyer = load_patient_keyer(config.data_dir)
         self.uid_locks = UIDLocks()
+        self.recorder.on_done = self._row_done
         # how long the end of an association waits for its rows to be committed
         self.flush_timeout_s = 30.0
         self._assoc_ids: dict[int, int] = {}
@@ -371,8 +390,11 @@ class Receiver:
         """Serve connections accepted by another process (:mod:`node.receiver_pool`): no
         listening socket; the returned server's ``serve_connection(sock, addr, over_limit)``
         starts one. ``address`` is the pool's listening address (what pynetdicom reports as the
-        local end). Without ``write_behind`` every 'stored' row is committed before Success --
-        other receiver processes decide duplicates and identity conflicts from the database."""
+        local end). With ``write_behind`` (what the pool uses) 'stored' rows are committed by
+        the write-behind and ``uid_locks`` must be cross-process locks that support ``pin``
+        (:class:`node.receiver_pool.ProcessUIDLocks`): other receiver processes decide
+        duplicates and identity conflicts from the database. Without it every 'stored' row is
+        committed before Success."""
         from node.listener import FedServer
 
         ae, ssl_ctx, handlers = self._make_ae()
@@ -866,12 +888,13 @@ class Receiver:
                     series_uid=header.series_uid,
                 )
                 return STATUS_SUCCESS, "ignored"
-            with self.uid_locks.hold(
-                "study:" + header.study_uid,
-                "series:" + header.series_uid,
-                "sop:" + header.sop_instance_uid,
-            ):
+            with self.uid_locks.hold(*uid_keys(header)):
                 return self._keep(aid, header, staged, stream, size)
+
+    def _row_done(self, row: StoredInstance) -> None:
+        """The write-behind is done with a 'stored' row (committed, or given up on): other
+        processes may decide about its UIDs again."""
+        self.uid_locks.unpin(*uid_keys(row.header))
 
     def _identity_conflict(
         self, header: Any, known: Any = None
@@ -1002,7 +1025,10 @@ class Receiver:
         path = staged.commit(instance_relpath(header))
         # durable now: the row (and its sha256: the bytes go along) follows through the
         # write-behind, off the sender's path; reconcile_spool re-indexes it after a crash.
-        # Queued before the UID locks are released, so the next holder sees it.
+        # Queued before the UID locks are released, so the next holder in this process sees
+        # it; other receiver processes decide from the database, so for them the keys stay
+        # locked until the row is committed (pinned here, unpinned by _row_done).
+        self.uid_locks.pin(*uid_keys(header))
         self.recorder.submit(
             StoredInstance(aid, header, str(path), size, None, self.store.now(), data=stream)
         )
@@ -1046,8 +1072,13 @@ def _dataset_digest(data: bytes) -> str:
     return hashlib.sha256(memoryview(data)[start:]).hexdigest()
 
 
-def reconcile_spool(store: Any, spool: Any, keyer: Any = None) -> dict[str, int]:
-    """Give every spool file an instance row again; call at start-up before the listener opens.
+def reconcile_spool(
+    store: Any, spool: Any, keyer: Any = None, *, written_before: float | None = None
+) -> dict[str, int]:
+    """Give every spool file an instance row again; call at start-up before the listener opens
+    (or, with ``written_before``, while receivers run: only files last written before that
+    time -- ``time.time()`` -- are looked at, whose rows a live receiver has already committed;
+    :mod:`node.receiver_pool` does this after a receiver process died).
 
     Why: the spool file is the durable record of a received instance (fsynced before C-STORE
     Success), while the audit database runs with ``synchronous=NORMAL``, so a power cut can lose
@@ -1078,6 +1109,8 @@ def reconcile_spool(store: Any, spool: Any, keyer: Any = None) -> dict[str, int]
     counts["files"] = len(files)
     if not files:
         return counts
+    if written_before is not None:
+        files = [f for f in files if f.stat().st_mtime < written_before]
     indexed = store.indexed_spool_paths(str(f) for f in files)
     orphans = [f for f in files if str(f) not in indexed]
     if not orphans:

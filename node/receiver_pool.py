@@ -20,11 +20,14 @@ connections, which serves it with the same :class:`node.receiver.Receiver` as on
   into the same database. Refusal rows are rate-limited per process
   (``network.refusal_audit_per_minute`` each);
 - **write-before-ack, duplicates, identity conflicts**: the file is durable before Success as
-  before. The UID locks that serialise "new, duplicate, conflict or identity conflict?" become
+  before, and its 'stored' row goes through the receiver process's write-behind as in one
+  process. The UID locks that serialise "new, duplicate, conflict or identity conflict?" become
   cross-process (:class:`ProcessUIDLocks`: POSIX byte-range locks on ``receiver.locks`` in the
-  data dir, one byte per hashed UID), and each 'stored' row is committed *before* Success
-  (no write-behind: another process decides from the database, so the row must be there when
-  the locks are released). An acknowledged instance therefore always has its row, too.
+  data dir, one byte per hashed UID); threads of one process see its queued rows, but another
+  process decides from the database, so a stored instance's study, series and SOP keys stay
+  locked for other processes until its row is committed (``pin`` / ``unpin``). A sender that
+  resends the same UIDs to another process at that moment waits the write-behind's linger
+  (~50 ms), not a commit per instance.
 
 A receiver process that dies is replaced; its connections are lost (their senders see the
 connection drop; what they were answered Success for is in the spool and the database).
@@ -151,6 +154,24 @@ class ProcessUIDLocks(UIDLocks):
             finally:
                 for off in reversed(taken):
                     self._drop(off)
+
+    def pin(self, *keys: str) -> None:
+        """Count one more holder of each key's byte (the caller holds them now), so that the
+        byte stays locked after :meth:`hold` ends, until :meth:`unpin`: the row decided under
+        these keys is still in this process's write-behind, and another process decides from
+        the database."""
+        with self._cond:
+            for key in dict.fromkeys(k for k in keys if k):
+                self._held[self.offset(key)][0] += 1
+
+    def unpin(self, *keys: str) -> None:
+        for key in reversed(list(dict.fromkeys(k for k in keys if k))):
+            self._drop(self.offset(key))
+
+    def pinned(self) -> int:
+        """Bytes this process holds locked (held or pinned)."""
+        with self._cond:
+            return len(self._held)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -287,6 +308,16 @@ class ForwardedRefusals:
             done.set()
 
 
+def _answer_flush(receiver: Any, send: Any, seq: int, timeout: float) -> None:
+    """The node process's completion barrier, in a receiver process: commit what is queued."""
+    try:
+        ok = bool(receiver.flush(timeout))
+    except Exception:  # noqa: BLE001 - answer anyway: the node must not wait forever
+        log.exception("write-behind flush failed")
+        ok = False
+    send({"op": "flushed", "seq": seq, "ok": ok})
+
+
 def _child_main(config: Any, ctrl: socket.socket, index: int, address: tuple[str, int]) -> None:
     """Entry point of a receiver process (spawned): serve what the acceptor hands over until
     told to stop (or the node process is gone)."""
@@ -320,7 +351,9 @@ def _child_main(config: Any, ctrl: socket.socket, index: int, address: tuple[str
     receiver = Receiver(config, store, spool, metrics=metrics, on_release=released)
     receiver.uid_locks = ProcessUIDLocks(lock_file(config))
     refusals = receiver.refusals = ForwardedRefusals(send)
-    server = receiver.start_fed(address, lambda cid: send({"op": "end", "id": cid}))
+    server = receiver.start_fed(
+        address, lambda cid: send({"op": "end", "id": cid}), write_behind=True
+    )
     send({"op": "ready", "pid": os.getpid()})
     log.info("receiver process ready", index=index, pid=os.getpid())
     stop_timeout = float(config.network.dimse_timeout_s)
@@ -348,6 +381,13 @@ def _child_main(config: Any, ctrl: socket.socket, index: int, address: tuple[str
                 send({"op": "end", "id": msg["id"]})
         elif msg.get("op") == "ack":
             refusals.acked(int(msg["seq"]))
+        elif msg.get("op") == "flush":
+            threading.Thread(
+                target=_answer_flush,
+                args=(receiver, send, int(msg["seq"]), float(msg["timeout"])),
+                name="flush",
+                daemon=True,
+            ).start()
         elif msg.get("op") == "stop":
             stop_timeout = float(msg.get("timeout", stop_timeout))
             break
@@ -406,6 +446,9 @@ class ReceiverPool:
         self._next_id = 0
         self._stopping = False
         self._address: tuple[str, int] = ("", 0)
+        self._flush_seq = 0
+        self._flushes: dict[int, threading.Event] = {}
+        self._flush_ok: dict[int, bool] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> int:
@@ -440,6 +483,8 @@ class ReceiverPool:
                     f"receiver process {child.index} did not start within "
                     f"{START_TIMEOUT_S:g} s (see the log)"
                 )
+        # the receiver processes' write-behinds: committed before series complete
+        self.store.set_completion_barrier(self.flush)
         threading.Thread(target=self._accept_loop, name="receiver-acceptor", daemon=True).start()
         log.info(
             "receiver listening",
@@ -487,6 +532,7 @@ class ReceiverPool:
         ``timeout``), aborts the rest, commits and exits."""
         self._stopping = True
         self.stop_accepting()
+        self.store.set_completion_barrier(None)
         for child in self._children:
             self._send(child, {"op": "stop", "timeout": timeout})
         deadline = time.monotonic() + timeout + 10.0
@@ -511,8 +557,32 @@ class ReceiverPool:
             return len(self._conns)
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        """Rows are committed before Success in the receiver processes: nothing to wait for."""
-        return True
+        """Wait until every receiver process has committed the rows it had queued when asked
+        (their write-behinds); False when one did not answer in ``timeout``. Registered as the
+        store's completion barrier: no series completes by quiet time while rows of instances
+        already acknowledged by a receiver process are still queued there."""
+        limit = 30.0 if timeout is None else float(timeout)
+        waits: list[tuple[int, threading.Event]] = []
+        for child in self._children:
+            if not (child.alive and child.ready.is_set()):
+                continue
+            with self._lock:
+                self._flush_seq += 1
+                seq = self._flush_seq
+                done = self._flushes[seq] = threading.Event()
+            if self._send(child, {"op": "flush", "seq": seq, "timeout": limit}):
+                waits.append((seq, done))
+            else:
+                with self._lock:
+                    self._flushes.pop(seq, None)
+        deadline = time.monotonic() + limit
+        ok = True
+        for seq, done in waits:
+            ok = done.wait(max(0.0, deadline - time.monotonic())) and ok
+            with self._lock:
+                self._flushes.pop(seq, None)
+                ok = self._flush_ok.pop(seq, False) and ok
+        return ok
 
     # -- the acceptor --------------------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -623,6 +693,13 @@ class ReceiverPool:
                     self.on_release(int(msg["aid"]))
                 elif op == "metrics":
                     apply_metrics(self.metrics, msg)
+                elif op == "flushed":
+                    with self._lock:
+                        done = self._flushes.get(int(msg["seq"]))
+                        if done is not None:
+                            self._flush_ok[int(msg["seq"])] = bool(msg["ok"])
+                    if done is not None:
+                        done.set()
                 elif op == "refusal":
                     self.refusals.record(*msg["args"], **msg["kw"], sync=bool(msg["sync"]))
                     if msg["sync"]:
@@ -654,6 +731,40 @@ class ReceiverPool:
             child.proc.join(5.0)
         ctrl.close()
         self._spawn(child)
+        threading.Thread(
+            target=self._reindex_after_death,
+            args=(time.time(),),
+            name="receiver-reindex",
+            daemon=True,
+        ).start()
+
+    #: how long after a receiver process died its files are looked at (a live process submits a
+    #: file's row milliseconds after writing it; this leaves far more than that)
+    REINDEX_SETTLE_S = 5.0
+
+    def _reindex_after_death(self, died_at: float) -> None:
+        """Rows the dead process had queued (instances it answered Success for) are lost with
+        it; their files are in the spool. Once the live processes have committed what they
+        queued, files written before the death that still have no row are indexed, as at
+        start-up (``spool reindexed`` event)."""
+        from node.receiver import reconcile_spool
+        from storage.identity import load_patient_keyer
+
+        time.sleep(self.REINDEX_SETTLE_S)
+        if self._stopping:
+            return
+        try:
+            if not self.flush(timeout=30.0):
+                log.warning("receiver processes did not commit in time; re-indexing anyway")
+            counts = reconcile_spool(
+                self.store,
+                self.spool,
+                load_patient_keyer(self.config.data_dir),
+                written_before=died_at,
+            )
+            log.info("spool checked after a receiver process died", **counts)
+        except Exception:  # noqa: BLE001 - the next start re-indexes them in any case
+            log.exception("could not re-index the spool after a receiver process died")
 
 
 __all__ = ["AUTO_MAX_PROCESSES", "ProcessUIDLocks", "ReceiverPool", "receiver_processes"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from common.log import get_logger, redact
 from storage.store import KnownInstance, SeriesIdentity, Store, StoredInstance
@@ -74,6 +75,10 @@ class InstanceRecorder:
         self._done = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        #: called with each row once the recorder is done with it (committed, or given up on
+        #: after retries), from the writer thread or from :meth:`submit` when it commits
+        #: synchronously; the receiver unpins the row's cross-process UID locks here
+        self.on_done: Callable[[StoredInstance], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,7 +139,19 @@ class InstanceRecorder:
                     if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
                         self._cond.notify_all()  # the writer is idle, or its batch is full
                     return
-        self.store.record_stored_batch([row])
+        try:
+            self.store.record_stored_batch([row])
+        finally:
+            self._finished([row])
+
+    def _finished(self, rows: list[StoredInstance]) -> None:
+        if self.on_done is None:
+            return
+        for row in rows:
+            try:
+                self.on_done(row)
+            except Exception:  # noqa: BLE001 - the writer thread must go on
+                log.exception("instance recorder: on_done failed")
 
     def stored_digest(self, sop_instance_uid: str) -> tuple[str | None, str | None] | None:
         """(sha256, spool_path) of the latest stored instance with this SOP UID, queued or
@@ -203,6 +220,7 @@ class InstanceRecorder:
                 ]
                 self._cond.notify_all()  # room for blocked submitters
             self._commit(batch)
+            self._finished(batch)
             with self._cond:
                 for row in batch:
                     h = row.header
