@@ -27,10 +27,21 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.log import banner, get_logger
 from node.config import NodeConfig
+
+if TYPE_CHECKING:  # the parts are imported when started (the CLI stays light)
+    from node.assembler import Assembler
+    from node.dashboard import Dashboard
+    from node.dispatcher import Dispatcher
+    from node.metrics import Metrics
+    from node.notify import Notifier
+    from node.receiver import Receiver
+    from node.receiver_pool import ReceiverPool
+    from node.worker import WorkerPool
+    from storage import Database, Spool, Store
 
 log = get_logger("node.service")
 
@@ -80,7 +91,7 @@ def secure_data_dir(config: NodeConfig) -> None:
             _private(f, 0o600)
 
 
-def open_storage(config: NodeConfig) -> tuple[Any, Any, Any]:
+def open_storage(config: NodeConfig) -> tuple[Spool, Database, Store]:
     """Spool, Database and Store as the node runs them: (spool, db, store), schema migrated,
     crash leftovers of the spool removed.
 
@@ -109,16 +120,17 @@ class NodeService:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.store: Any = None
-        self.spool: Any = None
-        self.db: Any = None
-        self.metrics: Any = None
-        self.receiver: Any = None
-        self.assembler: Any = None
-        self.workers: Any = None
-        self.dispatcher: Any = None
-        self.notifier: Any = None
-        self.dashboard: Any = None
+        # each part exists only on a node whose roles ask for it (None otherwise)
+        self.store: Store | None = None
+        self.spool: Spool | None = None
+        self.db: Database | None = None
+        self.metrics: Metrics | None = None
+        self.receiver: Receiver | ReceiverPool | None = None
+        self.assembler: Assembler | None = None
+        self.workers: WorkerPool | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.notifier: Notifier | None = None
+        self.dashboard: Dashboard | None = None
         self.port: int | None = None
         self._stop_event = threading.Event()
         self._stopped = False
@@ -153,22 +165,23 @@ class NodeService:
         cfg = self.config
         check_exposure(cfg)
         checkpoint = self._check_checkpoint()
-        self.spool, self.db, self.store = open_storage(cfg)
+        spool, self.db, store = open_storage(cfg)
+        spool, self.store = spool, store
         # rows a power cut took from the database (synchronous=NORMAL) come back from the spool
         # before recovery and before the listener opens
         from storage.identity import load_patient_keyer
 
         reconciled = {"reindexed": 0, "conflicts": 0}
         if cfg.has_role("receive"):  # the spool files this node received
-            reconciled = reconcile_spool(self.store, self.spool, load_patient_keyer(cfg.data_dir))
-        recovered = self.store.recover_on_start()
-        self.metrics = Metrics()
+            reconciled = reconcile_spool(store, spool, load_patient_keyer(cfg.data_dir))
+        recovered = store.recover_on_start()
+        self.metrics = metrics = Metrics()
         if cfg.metrics.port:
-            self.metrics.serve(cfg.metrics.port, cfg.metrics.host)
+            metrics.serve(cfg.metrics.port, cfg.metrics.host)
         # roles (node.roles / serve --roles): each part runs only where it is asked for; the
         # parts of other nodes are reached through the shared database (their loops poll it)
         if cfg.has_role("dispatch"):
-            self.dispatcher = Dispatcher(cfg, self.store, metrics=self.metrics)
+            self.dispatcher = Dispatcher(cfg, store, metrics=metrics)
             if cfg.notifications.enabled or cfg.notifications.channels:
                 from node.notify import Notifier  # drains rows even after rules were removed
 
@@ -184,18 +197,18 @@ class NodeService:
                 )
             self.workers = WorkerPool(
                 cfg,
-                self.store,
-                self.spool,
-                metrics=self.metrics,
+                store,
+                spool,
+                metrics=metrics,
                 on_reported=self.dispatcher.wake if self.dispatcher else None,
             )
         if cfg.has_role("assemble"):
             self.assembler = Assembler(
                 cfg,
-                self.store,
-                metrics=self.metrics,
+                store,
+                metrics=metrics,
                 on_enqueued=self.workers.wake if self.workers else None,
-                spool=self.spool,
+                spool=spool,
             )
         if cfg.has_role("receive"):
             from node.receiver_pool import ReceiverPool, receiver_processes
@@ -205,17 +218,17 @@ class NodeService:
             rx_class = ReceiverPool if receiver_processes(cfg) > 1 else Receiver
             self.receiver = rx_class(
                 cfg,
-                self.store,
-                self.spool,
-                metrics=self.metrics,
+                store,
+                spool,
+                metrics=metrics,
                 on_release=self.assembler.wake if self.assembler else None,
             )
             self.port = self.receiver.start()
         for part in (self.assembler, self.workers, self.dispatcher, self.notifier):
             if part is not None:
                 part.start()
-        self._start_dashboard()
-        self.store.log_event(
+        self._start_dashboard(store)
+        store.log_event(
             "node",
             cfg.node_name,
             "started",
@@ -255,7 +268,7 @@ class NodeService:
             recovered=recovered,
         )
 
-    def _start_dashboard(self) -> None:
+    def _start_dashboard(self, store: Store) -> None:
         """The read-only dashboard (node/dashboard.py); a port it cannot bind is an error in
         the log and the audit trail, never a reason for the node not to serve DICOM."""
         d = self.config.dashboard
@@ -264,12 +277,12 @@ class NodeService:
         from node.dashboard import Dashboard
 
         try:
-            dash = Dashboard(self.config, self.store, service=self)
+            dash = Dashboard(self.config, store, service=self)
             dash.start()
             self.dashboard = dash
         except OSError as exc:
             log.error("dashboard not started", host=d.host, port=d.port, error=exc.strerror)
-            self.store.log_event(
+            store.log_event(
                 "node",
                 self.config.node_name,
                 "dashboard_failed",
