@@ -50,6 +50,12 @@ from molre.training import pretrain as P  # noqa: E402
 from molre.training.metrics import auc_matrix, bootstrap_weights  # noqa: E402
 
 VARIANTS = ["linear_probe", "lora_r8", "lora_r48", "molre_k6_r8", "molre_uniform", "molre_oracle"]
+#: ablations run on request (--variants) and summarised where every finished seed has them:
+#: molre_meanstd = MoLRE 6 x 8 whose routers read [spatial mean, spatial std] of the layer input
+#: instead of the mean only (the std carries noise level and kernel sharpness: the site shift)
+EXTRA_VARIANTS = ["molre_meanstd"]
+#: the learned-router variants whose gates per site are recorded (file name per seed folder)
+USAGE_FILES = {"molre_k6_r8": "expert_usage.json", "molre_meanstd": "expert_usage_meanstd.json"}
 REFERENCE = "lora_r48"
 TARGETS = [r"^bottleneck\.conv\.unit[01]\.conv$", r"^dec2\.conv\.unit[01]\.conv$"]
 SIZES = {
@@ -167,6 +173,23 @@ class Gates:
                     p.requires_grad_(False)
 
 
+def mean_std_routers(m: nn.Module) -> None:
+    """Every adapted layer's router reads [mean, std] over space of its input (a new router
+    with twice the inputs, same hidden width, same init as the library's)."""
+    from molre.adapters.layers import Router
+
+    for layer in adapted_layers(m).values():
+        old = layer.router
+        assert old is not None
+        layer.router = Router(2 * old.fc1.in_features, old.fc1.out_features, layer.experts)
+
+        def pool(x: torch.Tensor) -> torch.Tensor:
+            dims = tuple(range(2, x.dim()))
+            return torch.cat([x.mean(dim=dims), x.std(dim=dims)], dim=1)
+
+        layer.pool = pool
+
+
 def build(variant: str, net: PhantomUNet, seed: int) -> tuple[Upper, Gates | None]:
     torch.manual_seed(seed)
     m = Upper(net, len(PHANTOM_FINDINGS))
@@ -176,6 +199,8 @@ def build(variant: str, net: PhantomUNet, seed: int) -> tuple[Upper, Gates | Non
     if variant != "linear_probe":
         k, r = {"lora_r8": (1, 8), "lora_r48": (1, 48)}.get(variant, (6, 8))
         inject_adapters(m, MoLREConfig(experts=k, rank=r, alpha=2.0 * r, targets=TARGETS))
+        if variant == "molre_meanstd":
+            mean_std_routers(m)
         if k > 1:
             mode = {"molre_uniform": "uniform", "molre_oracle": "oracle"}.get(variant, "learned")
             gates = Gates(m, mode, k)
@@ -337,7 +362,9 @@ def run_setting(
     cat: Any,
     cats: dict[str, list[int]],
     seeds: list[int] | None = None,
+    variants: list[str] | None = None,
 ) -> dict[str, Any]:
+    variants = variants or VARIANTS
     sites = tuple(SITES) if setting == "multi" else ("metro",)
     t1 = time.perf_counter()
     base = seed0 + 100 + 10 * (setting == "single")
@@ -347,20 +374,21 @@ def run_setting(
     }
     t_data = time.perf_counter() - t1
     y = data["test"]["y"].numpy()
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    probs: dict[str, list[np.ndarray]] = {v: [] for v in VARIANTS}
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    probs: dict[str, list[np.ndarray]] = {v: [] for v in variants}
     usage: dict[str, list[list[float]]] = {}
     for seed in seeds if seeds is not None else range(size["seeds"]):
-        for v in VARIANTS:
+        for v in variants:
             t2 = time.perf_counter()
             m, gates, ep = train_one(v, net, data["train"], data["val"], seed, size["epochs"])
-            p = predict(m, gates, data["test"], record=(v == "molre_k6_r8"))
-            if v == "molre_k6_r8" and gates is not None and gates.log:
+            p = predict(m, gates, data["test"], record=(v in USAGE_FILES))
+            if v in USAGE_FILES and gates is not None and gates.log:
                 per_site = site_usage(m, gates, data["test"]["site"])
-                for name, g in per_site.items():
-                    usage.setdefault(name, []).append(g)
+                if v == "molre_k6_r8":
+                    for name, g in per_site.items():
+                        usage.setdefault(name, []).append(g)
                 (out / setting / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-                (out / setting / f"seed{seed}" / "expert_usage.json").write_text(
+                (out / setting / f"seed{seed}" / USAGE_FILES[v]).write_text(
                     json.dumps(per_site) + "\n"
                 )
             probs[v].append(p)
@@ -389,7 +417,7 @@ def run_setting(
         "n": {k: int(len(d["y"])) for k, d in data.items()},
         "data_seconds": round(t_data, 1),
         "runs": runs,
-        "summary": summarize(y, probs, runs, boot, cats),
+        "summary": summarize(y, probs, runs, boot, cats) if REFERENCE in probs else {},
         "expert_usage": {s: np.mean(u, axis=0).round(3).tolist() for s, u in usage.items()},
     }
 
@@ -405,7 +433,7 @@ def summarize(
     t-interval of those deltas over seeds, and the same by finding category."""
     summary: dict[str, Any] = {}
     seeds = range(len(probs[REFERENCE]))
-    for v in VARIANTS:
+    for v in probs:
         deltas = [paired_ci(y, probs[v][s], probs[REFERENCE][s], boot, s) for s in seeds]
         by_cat = {
             c: t_interval(
@@ -438,8 +466,17 @@ def from_runs(
         for seed in range(planned)
         if all((out / setting / f"seed{seed}" / v / "metrics.json").is_file() for v in VARIANTS)
     ]
+    extras = [
+        v
+        for v in EXTRA_VARIANTS
+        if done
+        and all((out / setting / f"seed{seed}" / v / "metrics.json").is_file() for seed in done)
+    ]
+    for v in extras:
+        runs[v], probs[v] = [], []
+    extra_usage: dict[str, list[list[float]]] = {}
     for seed in done:
-        for v in VARIANTS:
+        for v in VARIANTS + extras:
             pr = read_predictions(out / setting / f"seed{seed}" / v)
             y = pr.labels if y is None else y
             if not np.array_equal(y, pr.labels, equal_nan=True):
@@ -459,6 +496,10 @@ def from_runs(
         if u.is_file():
             for name, g in json.loads(u.read_text()).items():
                 usage.setdefault(name, []).append(g)
+        u = out / setting / f"seed{seed}" / USAGE_FILES["molre_meanstd"]
+        if "molre_meanstd" in extras and u.is_file():
+            for name, g in json.loads(u.read_text()).items():
+                extra_usage.setdefault(name, []).append(g)
     if y is None:
         raise SystemExit(f"{out / setting}: no seed with every variant finished")
     if usage:
@@ -473,6 +514,9 @@ def from_runs(
         "expert_usage_seeds": [
             s for s in done if (out / setting / f"seed{s}" / "expert_usage.json").is_file()
         ],
+        "expert_usage_meanstd": {
+            s: np.mean(u, axis=0).round(3).tolist() for s, u in extra_usage.items()
+        },
     }
 
 
@@ -505,6 +549,12 @@ def main() -> None:
         "--from-runs",
         action="store_true",
         help="summarise the finished seeds of an interrupted run from its folders (no training)",
+    )
+    ap.add_argument(
+        "--variants",
+        default="",
+        help=f"run only these variants (default: {','.join(VARIANTS)}; "
+        f"ablations: {','.join(EXTRA_VARIANTS)})",
     )
     ap.add_argument(
         "--only-seeds",
@@ -562,7 +612,11 @@ def main() -> None:
     for setting in a.settings.split(","):
         t_s = time.perf_counter()
         only = [int(x) for x in a.only_seeds.split(",")] if a.only_seeds else None
-        r = run_setting(setting, net, size, a.seed, a.boot, out, cat, cats, only)
+        chosen = [v for v in a.variants.split(",") if v] or None
+        unknown = set(chosen or []) - set(VARIANTS + EXTRA_VARIANTS)
+        if unknown:
+            raise SystemExit(f"--variants: unknown {sorted(unknown)}")
+        r = run_setting(setting, net, size, a.seed, a.boot, out, cat, cats, only, chosen)
         if only is not None:
             print(f"seeds {only} written under {out / setting}; summarise with --from-runs")
             continue
