@@ -39,6 +39,19 @@ def report_files(report_path: str | Path) -> list[Path]:
     return files
 
 
+def _export_claim(e: Export, study_uid: str) -> ExportClaim:
+    return ExportClaim(
+        id=e.id,
+        series_uid=e.series_uid,
+        destination=e.destination,
+        report_path=e.report_path,
+        attempts=e.attempts,
+        study_uid=study_uid,
+        version=e.series_version,
+        report_sop_uid=e.report_sop_uid,
+    )
+
+
 class OutboxMixin(StoreCore):
     """Exports of :class:`storage.store.Store`."""
 
@@ -54,19 +67,7 @@ class OutboxMixin(StoreCore):
                 .order_by(Export.next_attempt_at, Export.id)
                 .limit(limit)
             ).all()
-            return [
-                ExportClaim(
-                    id=e.id,
-                    series_uid=e.series_uid,
-                    destination=e.destination,
-                    report_path=e.report_path,
-                    attempts=e.attempts,
-                    study_uid=study_uid,
-                    version=e.series_version,
-                    report_sop_uid=e.report_sop_uid,
-                )
-                for e, study_uid in rows
-            ]
+            return [_export_claim(e, study_uid) for e, study_uid in rows]
 
     def claim_exports(
         self, lease_s: float = 300.0, limit: int = 10, now: dt.datetime | None = None
@@ -83,19 +84,7 @@ class OutboxMixin(StoreCore):
             claimed = self._claim_due(
                 s, Export, "export", "destination", now=now, limit=limit, lease_s=lease_s
             )
-            return [
-                ExportClaim(
-                    id=e.id,
-                    series_uid=e.series_uid,
-                    destination=e.destination,
-                    report_path=e.report_path,
-                    attempts=e.attempts,
-                    study_uid=series.study_uid,
-                    version=e.series_version,
-                    report_sop_uid=e.report_sop_uid,
-                )
-                for e, series in claimed
-            ]
+            return [_export_claim(e, series.study_uid) for e, series in claimed]
 
     def record_export_attempt(
         self,
