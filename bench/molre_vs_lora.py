@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from molre.adapters import MoLREConfig, adapted_layers, inject_adapters  # noqa: E402
-from molre.backbones.phantom import PhantomUNet  # noqa: E402
+from molre.backbones.phantom import PhantomUNet, phantom_sizes  # noqa: E402
 from molre.data.synth import PHANTOM_FINDINGS, SITES  # noqa: E402
 from molre.losses import focal_loss, prevalence_weights  # noqa: E402
 from molre.training import pretrain as P  # noqa: E402
@@ -75,6 +75,10 @@ def _catalog() -> Any:
     return Catalog([cat.get(k) for k in PHANTOM_FINDINGS], name=cat.name, version=cat.version)
 
 
+#: the phantom-3d architecture the benchmark's figures (BENCHMARKS.md) were measured on
+BENCH_ARCH = "v1"
+
+
 def pretrained_backbone(size: dict, cache: Path, seed: int) -> tuple[PhantomUNet, dict]:
     """phantom-3d pretrained on `metro` only (cached under `cache`, keyed by its config)."""
     from safetensors.torch import load_file
@@ -86,6 +90,7 @@ def pretrained_backbone(size: dict, cache: Path, seed: int) -> tuple[PhantomUNet
         epochs=size["pre_epochs"],
         sites=("metro",),
         workers=2,
+        arch=BENCH_ARCH,
     )
     tag = f"phantom-3d-metro-{cfg.train_phantoms}x{cfg.epochs}-s{seed}"
     out = cache / tag
@@ -93,14 +98,14 @@ def pretrained_backbone(size: dict, cache: Path, seed: int) -> tuple[PhantomUNet
         res = P.pretrain(cfg, progress=False)
         P.save(res, cfg, out, f"bench/molre_vs_lora.py (single-site pretraining, {tag})")
     card = json.loads((out / P.CARD_FILE).read_text())
-    net = PhantomUNet()
+    net = PhantomUNet(**phantom_sizes(BENCH_ARCH))
     net.load_state_dict(load_file(str(out / P.WEIGHTS_FILE)))
     return net.eval(), card
 
 
 def samples(seed: int, split: int, n: int, sites: tuple[str, ...]) -> list[P.Sample]:
     """Phantoms through the node's recipe (no masks), each from its own seed."""
-    jobs = [(seed, split, i, 0.3, 0.15, sites, False) for i in range(n)]
+    jobs = [(seed, split, i, 0.3, 0.15, sites, False, BENCH_ARCH) for i in range(n)]
     import multiprocessing
 
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as ex:

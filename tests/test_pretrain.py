@@ -41,6 +41,56 @@ def test_mask_on_grid_keeps_a_finding_smaller_than_a_voxel():
     assert out.shape == (4, 8, 8) and out.sum() == 1
 
 
+def test_v2_architecture_reads_its_own_finer_grid():
+    """The 2 mm architecture: a sample rendered for it has its recipe's shape, and the v2 network
+    turns it into features and finding maps on the mask grid the sample carries."""
+    from molre.backbones.phantom import PhantomUNet, phantom_recipe, phantom_sizes
+    from molre.data.preprocess import Recipe
+
+    v1 = Recipe.from_dict(phantom_recipe("v1")).output_shape()
+    v2 = Recipe.from_dict(phantom_recipe("v2")).output_shape()
+    assert v2[2] > v1[2] and v2[3] > v1[3]  # finer in-plane grid over the same head
+    s = P._sample_job((7, 0, 1, 0.35, 0.0, (), True, "v2"))
+    assert s.x.shape == v2 and s.mask.shape[1:] == tuple(n // 2 for n in v2[1:])
+    torch.manual_seed(0)
+    net = PhantomUNet(**phantom_sizes("v2")).eval()
+    with torch.no_grad():
+        feats, seg = net.dense(torch.from_numpy(s.x).float()[None])
+    assert seg.shape[2:] == s.mask.shape[1:]
+    assert feats.shape[0] == 1 and torch.isfinite(feats).all()
+
+
+def test_lr_schedule_lets_a_time_budget_choose_the_epochs_after_the_first():
+    spe = 50
+    # warm-up over a fifth of an epoch, then flat to the end of epoch 1 whatever follows
+    first = [[P.lr_factor(t, spe, e) for t in range(spe)] for e in (2, 6, 20)]
+    assert first[0] == first[1] == first[2]
+    assert first[0][0] < first[0][9] == 1.0 == first[0][-1]
+    # then cosine to zero at the end of the last epoch
+    tail = [P.lr_factor(t, spe, 6) for t in range(spe, 6 * spe)]
+    assert all(a >= b for a, b in zip(tail, tail[1:])) and tail[-1] < 1e-3
+    # a single epoch is the first epoch of any longer run (what a budget of one epoch ran)
+    assert [P.lr_factor(t, spe, 1) for t in range(spe)] == first[0]
+
+
+def test_time_budget_picks_the_epochs_and_the_card_names_them(tmp_path):
+    """A budget smaller than one epoch's cost stops after the first epoch; the saved card's
+    regenerate command is the exact run (epochs chosen, no budget) and says it is complete."""
+    out = tmp_path / "w"
+    P.main(
+        [
+            "--train-phantoms", "8", "--val-phantoms", "4", "--epochs", "5",
+            "--batch-size", "4", "--workers", "1", "--sites", "metro",
+            "--time-budget-min", "0.001", "--quiet", "--out", str(out),
+        ]
+    )  # fmt: skip
+    card = json.loads((out / P.CARD_FILE).read_text())
+    assert card["complete"] is True and card["epochs_run"] == 1
+    assert card["history"][0]["epochs_planned"] == 1 and len(card["history"]) == 1
+    assert "--epochs 1 " in card["regenerate"] and "--time-budget" not in card["regenerate"]
+    assert card["config"]["epochs"] == 1 and card["config"]["time_budget_min"] == 0.0
+
+
 def test_pretraining_is_deterministic_and_loads_as_the_backbone(tmp_path):
     from molre.backbones import create_backbone, weights_digest
 

@@ -28,13 +28,47 @@ from .registry import BackboneSpec, register_backbone
 
 #: CT windows (center, width) of the three input channels: blood/brain, subdural, bone.
 PHANTOM_WINDOWS = [[40.0, 80.0], [60.0, 200.0], [500.0, 2000.0]]
-PHANTOM_RECIPE = {
-    "name": "ctfm-3d",
-    "spacing": [5.0, 3.0, 3.0],
-    "roi": [32, 72, 72],
-    "windows": PHANTOM_WINDOWS,
-    "antialias": True,
+#: Architectures: network widths and the input grid they read. "v1" (3 mm in-plane) is the
+#: shipped backbone and the one the MoLRE-vs-LoRA figures were measured on. "v2" (2 mm in-plane,
+#: so that a 1.5 mm fracture gap or a 1 mm calcification still changes a voxel; 2x the widths)
+#: costs 4.3x v1 per training sample (0.45 vs 0.105 s on 2 CPU cores): it is meant to be
+#: pretrained on a GPU (`--arch v2 --device cuda --amp true`, docs/training.md). Shipping it means
+#: PHANTOM_ARCH = "v2", its weights and card in resources/phantom-3d, and a rebuilt demo.
+PHANTOM_ARCHS: dict[str, dict[str, Any]] = {
+    "v1": {
+        "channels": (16, 32, 64, 96),
+        "decoder": (32, 8, 16),
+        "spacing": [5.0, 3.0, 3.0],
+        "roi": [32, 72, 72],
+    },
+    "v2": {
+        "channels": (24, 48, 96, 128),
+        "decoder": (48, 12, 24),
+        "spacing": [5.0, 2.0, 2.0],
+        "roi": [32, 112, 112],
+    },
 }
+PHANTOM_ARCH = "v1"
+
+
+def phantom_recipe(arch: str = PHANTOM_ARCH) -> dict[str, Any]:
+    a = PHANTOM_ARCHS[arch]
+    return {
+        "name": "ctfm-3d",
+        "spacing": list(a["spacing"]),
+        "roi": list(a["roi"]),
+        "windows": PHANTOM_WINDOWS,
+        "antialias": True,
+    }
+
+
+def phantom_sizes(arch: str = PHANTOM_ARCH) -> dict[str, Any]:
+    """PhantomUNet keyword arguments of an architecture."""
+    a = PHANTOM_ARCHS[arch]
+    return {"channels": tuple(a["channels"]), "decoder": tuple(a["decoder"])}
+
+
+PHANTOM_RECIPE = phantom_recipe()
 #: Where the packaged weights live (inside the installed package), and how a model card names them.
 WEIGHTS_RESOURCE = "phantom-3d"
 PACKAGED_PREFIX = "packaged:"
@@ -97,8 +131,8 @@ class PhantomUNet(nn.Module):
     def __init__(
         self,
         in_channels: int = 3,
-        channels: tuple[int, ...] = (16, 32, 64, 96),
-        decoder: tuple[int, int, int] = (32, 8, 16),
+        channels: tuple[int, ...] = PHANTOM_ARCHS[PHANTOM_ARCH]["channels"],
+        decoder: tuple[int, int, int] = PHANTOM_ARCHS[PHANTOM_ARCH]["decoder"],
         num_classes: int = 12,
     ) -> None:
         super().__init__()
@@ -227,7 +261,9 @@ register_backbone(
     BackboneSpec(
         name="phantom-3d",
         dims=3,
-        feature_dim=236,
+        feature_dim=2
+        * (PHANTOM_ARCHS[PHANTOM_ARCH]["channels"][-1] + PHANTOM_ARCHS[PHANTOM_ARCH]["decoder"][-1])
+        + 12,
         recipe=dict(PHANTOM_RECIPE),
         default_targets=list(PHANTOM_PRESETS["paper"]),
         description=(

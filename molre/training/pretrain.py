@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.log import get_logger
+from molre.backbones.phantom import PHANTOM_ARCH
 
 log = get_logger("molre.pretrain")
 
@@ -58,6 +60,12 @@ class PretrainConfig:
     presence_weight: float = 0.5
     threads: int = 2
     workers: int = 2  # generator processes (the data do not depend on it)
+    arch: str = PHANTOM_ARCH  # PHANTOM_ARCHS: network widths and input grid
+    device: str = "cpu"
+    amp: bool = False  # bfloat16 autocast (GPU)
+    #: minutes for the whole run; > 0 picks the number of epochs (at most `epochs`) from the speed
+    #: of the first one, and the card's `regenerate` command names the number chosen
+    time_budget_min: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,9 +84,9 @@ class Sample:
 def _sample_job(job: tuple) -> Sample:
     """Render one phantom (seeded by (seed, split, index)) and prepare input and targets.
 
-    `job` = (seed, split, index, prevalence, normal_fraction, sites[, with_masks=True]); without
-    masks (benchmarks that need only the input and labels) the mask array is empty."""
-    from molre.backbones.phantom import PHANTOM_RECIPE
+    `job` = (seed, split, index, prevalence, normal_fraction, sites[, with_masks=True[, arch]]);
+    without masks (benchmarks that need only the input and labels) the mask array is empty."""
+    from molre.backbones.phantom import PHANTOM_ARCH, phantom_recipe
     from molre.data.preprocess import Recipe
     from molre.data.synth import (
         PHANTOM_FINDINGS,
@@ -90,12 +98,13 @@ def _sample_job(job: tuple) -> Sample:
 
     seed, split, i, prevalence, normal_fraction, sites = job[:6]
     with_masks = bool(job[6]) if len(job) > 6 else True
+    arch = str(job[7]) if len(job) > 7 else PHANTOM_ARCH
     rng = np.random.default_rng([seed, split, i])
     names = check_sites(sites)
     site = names[int(rng.integers(len(names)))]
     found = sample_findings(rng, _prevalences(prevalence, PHANTOM_FINDINGS), normal_fraction)
     r = render(rng, found, size=None, site=site)
-    recipe = Recipe.from_dict(PHANTOM_RECIPE)
+    recipe = Recipe.from_dict(phantom_recipe(arch))
     img = recipe.transform_meta(r.volume())
     x = np.asarray(img.as_tensor(), dtype=np.float16)
     masks = np.zeros((len(PHANTOM_FINDINGS), *[s // 2 for s in x.shape[1:]]), dtype=np.uint8)
@@ -137,32 +146,32 @@ def _mask_on_grid(mask: np.ndarray, idx: np.ndarray, shape: Sequence[int]) -> np
     return out.astype(np.uint8)
 
 
-def generate(cfg: PretrainConfig, split: int, count: int, progress: bool = False) -> list[Sample]:
-    """`count` samples of split 0 (train) / 1 (validation), in index order."""
-    jobs = [
-        (cfg.seed, split, i, cfg.prevalence, cfg.normal_fraction, tuple(cfg.sites))
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one core per generator process
+
+
+def _jobs(cfg: PretrainConfig, split: int, count: int) -> list[tuple]:
+    return [
+        (cfg.seed, split, i, cfg.prevalence, cfg.normal_fraction, tuple(cfg.sites), True, cfg.arch)
         for i in range(count)
     ]
-    out: list[Sample] = []
-    t0 = time.perf_counter()
+
+
+def stream(cfg: PretrainConfig, split: int, count: int) -> Iterator[Sample]:
+    """`count` samples of split 0 (train) / 1 (validation), yielded in index order as the
+    generator processes finish them (the data do not depend on the number of processes)."""
+    jobs = _jobs(cfg, split, count)
     if cfg.workers > 1:
         # spawn, not fork: a fork after torch has run its thread pool can deadlock the children
         with ProcessPoolExecutor(
-            max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")
+            max_workers=cfg.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
         ) as ex:
-            for s in ex.map(_sample_job, jobs, chunksize=8):
-                out.append(s)
+            yield from ex.map(_sample_job, jobs, chunksize=4)
     else:
         for j in jobs:
-            out.append(_sample_job(j))
-            if progress and len(out) % 200 == 0:
-                log.info(
-                    "pretrain.generated",
-                    split=split,
-                    n=len(out),
-                    seconds=round(time.perf_counter() - t0, 1),
-                )
-    return out
+            yield _sample_job(j)
 
 
 class PresenceHead(nn.Module):
@@ -183,60 +192,91 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Te
         yield order[i : i + batch_size]
 
 
-def _stack(samples: Sequence[Sample], idx: torch.Tensor, flip: torch.Tensor | None = None):
-    x = torch.from_numpy(np.stack([samples[int(i)].x for i in idx])).float()
-    m = torch.from_numpy(np.stack([samples[int(i)].mask for i in idx])).float()
-    y = torch.from_numpy(np.stack([samples[int(i)].presence for i in idx]))
-    if flip is not None and bool(flip.any()):  # left-right mirror (axis W of SPL)
-        x[flip] = x[flip].flip(-1)
-        m[flip] = m[flip].flip(-1)
-    return x, m, y
+class SampleStore:
+    """Samples as tensors on the training device (input float16, masks uint8), filled in order."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.capacity, self.device, self.n = int(capacity), device, 0
+        self.sites: list[str] = []
+        self.x = self.m = self.y = torch.empty(0)
+
+    def add(self, s: Sample) -> None:
+        if self.n == 0:
+            d = self.device
+            self.x = torch.empty((self.capacity, *s.x.shape), dtype=torch.float16, device=d)
+            self.m = torch.empty((self.capacity, *s.mask.shape), dtype=torch.uint8, device=d)
+            self.y = torch.empty((self.capacity, len(s.presence)), dtype=torch.float32, device=d)
+        self.x[self.n] = torch.from_numpy(s.x)
+        self.m[self.n] = torch.from_numpy(s.mask)
+        self.y[self.n] = torch.from_numpy(s.presence)
+        self.sites.append(s.site)
+        self.n += 1
+
+    def batch(
+        self, idx: torch.Tensor, flip: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = idx.to(self.device)
+        x, m, y = self.x[idx].float(), self.m[idx].float(), self.y[idx]
+        if flip is not None:  # left-right mirror (axis W of SPL)
+            f = flip.to(self.device).view(-1, 1, 1, 1, 1)
+            x = torch.where(f, x.flip(-1), x)
+            m = torch.where(f, m.flip(-1), m)
+        return x, m, y
 
 
 def dense_loss(
     seg: torch.Tensor, target: torch.Tensor, pos_weight: float, dice_weight: float
 ) -> torch.Tensor:
-    bce = F.binary_cross_entropy_with_logits(seg, target, pos_weight=torch.tensor(pos_weight))
+    bce = F.binary_cross_entropy_with_logits(
+        seg, target, pos_weight=torch.tensor(pos_weight, device=seg.device)
+    )
     p = torch.sigmoid(seg)
     dims = (2, 3, 4)
     inter = (p * target).sum(dims)
     denom = p.sum(dims) + target.sum(dims)
     present = target.sum(dims) > 0  # Dice only where the finding is planted
     dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
-    dice_term = dice[present].mean() if bool(present.any()) else seg.sum() * 0.0
+    n_present = present.sum()
+    # mean over planted (sample, finding) pairs, without a host sync on the GPU
+    dice_term = (dice * present).sum() / n_present.clamp(min=1)
     return bce + dice_weight * dice_term
 
 
 @torch.no_grad()
 def evaluate(
-    net: nn.Module, head: PresenceHead, samples: Sequence[Sample], batch_size: int = 8
+    net: nn.Module,
+    head: PresenceHead,
+    val: SampleStore,
+    batch_size: int = 8,
+    amp: bool = False,
 ) -> dict[str, Any]:
-    """Presence AUC per finding on `samples` and per site (the pretraining's own check)."""
+    """Presence AUC per finding on `val` and per site (the pretraining's own check)."""
     from molre.data.synth import PHANTOM_FINDINGS
     from molre.training.metrics import auc_matrix
 
     net.eval()
+    head.eval()
     probs, ys = [], []
-    for i in range(0, len(samples), batch_size):
-        idx = torch.arange(i, min(i + batch_size, len(samples)))
-        x, _, y = _stack(samples, idx)
-        feats, seg = net.dense(x)
-        probs.append(torch.sigmoid(head(feats, seg)).numpy())
-        ys.append(y.numpy())
+    for i in range(0, val.n, batch_size):
+        x, _, y = val.batch(torch.arange(i, min(i + batch_size, val.n)))
+        with torch.autocast(val.device.type, dtype=torch.bfloat16, enabled=amp):
+            feats, seg = net.dense(x)
+            logits = head(feats, seg)
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        ys.append(y.cpu().numpy())
     p, y = np.concatenate(probs), np.concatenate(ys)
     per = dict(zip(PHANTOM_FINDINGS, auc_matrix(y, p)))
     vals = [v for v in per.values() if v is not None]
-    sites = sorted({s.site for s in samples})
     by_site = {}
-    for s in sites:
-        sel = np.array([x.site == s for x in samples])
+    for site in sorted(set(val.sites)):
+        sel = np.array([x == site for x in val.sites])
         aucs = [a for a in auc_matrix(y[sel], p[sel]) if a is not None]
-        by_site[s] = round(float(np.mean(aucs)), 4) if aucs else None
+        by_site[site] = round(float(np.mean(aucs)), 4) if aucs else None
     return {
         "macro_auc": round(float(np.mean(vals)), 4) if vals else None,
         "per_finding": {k: (round(v, 4) if v is not None else None) for k, v in per.items()},
         "by_site": by_site,
-        "n": len(samples),
+        "n": val.n,
     }
 
 
@@ -247,6 +287,7 @@ class PretrainResult:
     validation: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     sha256: str = ""
+    epochs: int = 0  # epochs run (the time budget may have chosen fewer than configured)
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -256,73 +297,169 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     return state_digest(state)
 
 
-def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainResult:
-    """Generate phantoms, train phantom-3d densely, return its weights and validation figures."""
-    from molre.backbones.phantom import PhantomUNet
+def lr_factor(step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Linear warm-up (a fifth of an epoch), constant to the end of the first epoch, then cosine
+    to zero over the remaining epochs (a single epoch has no decay). The first epoch does not
+    depend on how many follow, which lets a time budget choose that number once the first epoch
+    has shown the speed, and the card's command with that number reproduces the run."""
+    warm = max(1, steps_per_epoch // 5)
+    if step < warm:
+        return (step + 1) / warm
+    start = steps_per_epoch
+    if step < start or epochs <= 1:
+        return 1.0
+    total = max(start + 1, epochs * steps_per_epoch)
+    frac = min(1.0, (step - start) / (total - start))
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    progress: bool = True,
+    on_epoch: Callable[[PretrainResult], None] | None = None,
+) -> PretrainResult:
+    """Generate phantoms, train phantom-3d densely, return its weights and validation figures.
+
+    The first epoch trains on the phantoms as the generator processes deliver them (in index
+    order); later epochs reshuffle the stored set. `on_epoch` gets the result so far after each
+    epoch (to save a snapshot)."""
+    from molre.backbones.phantom import PhantomUNet, phantom_sizes
     from molre.data.synth import PHANTOM_FINDINGS
-    from molre.training.schedule import warmup_cosine
 
     t_start = time.perf_counter()
     torch.set_num_threads(int(cfg.threads))
-    train_set = generate(cfg, 0, cfg.train_phantoms, progress)
-    val_set = generate(cfg, 1, cfg.val_phantoms, progress)
-    t_data = time.perf_counter() - t_start
-    log.info("pretrain.data", train=len(train_set), val=len(val_set), seconds=round(t_data, 1))
+    dev = torch.device(cfg.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    val = SampleStore(cfg.val_phantoms, dev)
+    for s in stream(cfg, 1, cfg.val_phantoms):
+        val.add(s)
+    log.info("pretrain.validation_data", n=val.n, seconds=round(time.perf_counter() - t_start, 1))
 
     torch.manual_seed(cfg.seed)
-    net = PhantomUNet(num_classes=len(PHANTOM_FINDINGS))
-    head = PresenceHead(net.pooled_dim, len(PHANTOM_FINDINGS))
+    k = len(PHANTOM_FINDINGS)
+    net = PhantomUNet(**phantom_sizes(cfg.arch), num_classes=k).to(dev)
+    head = PresenceHead(net.pooled_dim, k).to(dev)
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * (len(train_set) // cfg.batch_size)
-    sched = warmup_cosine(opt, steps, max(1, steps // 30))
+    spe = max(1, cfg.train_phantoms // cfg.batch_size)
+    plan = {"epochs": int(cfg.epochs)}
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, spe, plan["epochs"])
+    )
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    train = SampleStore(cfg.train_phantoms, dev)
     history: list[dict[str, Any]] = []
-    for epoch in range(cfg.epochs):
+
+    def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        x, m, y = train.batch(idx, flip)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            feats, seg = net.dense(x)
+            logits = head(feats, seg)
+        ld = dense_loss(seg.float(), m, cfg.pos_weight, cfg.dice_weight)
+        lp = F.binary_cross_entropy_with_logits(logits.float(), y)
+        loss = ld + cfg.presence_weight * lp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 2.0)
+        opt.step()
+        sched.step()
+        return ld.detach(), lp.detach()
+
+    def first_epoch() -> Iterator[torch.Tensor]:
+        """Batches of consecutive indices as the phantoms arrive."""
+        t0 = time.perf_counter()
+        for s in stream(cfg, 0, cfg.train_phantoms):
+            train.add(s)
+            if progress and train.n % 1000 == 0:
+                dt = time.perf_counter() - t0
+                log.info("pretrain.generated", n=train.n, per_s=round(train.n / dt, 1))
+            if train.n % cfg.batch_size == 0:
+                yield torch.arange(train.n - cfg.batch_size, train.n)
+
+    epoch = 0
+    validation: dict[str, Any] = {}
+    while epoch < plan["epochs"]:
         net.train()
         head.train()
         t0 = time.perf_counter()
-        tot = {"dense": 0.0, "presence": 0.0}
+        compute = 0.0
+        tot_d = torch.zeros((), device=dev)
+        tot_p = torch.zeros((), device=dev)
         n = 0
-        for idx in _batches(len(train_set), cfg.batch_size, gen):
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x, m, y = _stack(train_set, idx, flip)
-            feats, seg = net.dense(x)
-            ld = dense_loss(seg, m, cfg.pos_weight, cfg.dice_weight)
-            lp = F.binary_cross_entropy_with_logits(head(feats, seg), y)
-            loss = ld + cfg.presence_weight * lp
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 2.0)
-            opt.step()
-            sched.step()
-            tot["dense"] += float(ld.detach())
-            tot["presence"] += float(lp.detach())
+        batches = first_epoch() if epoch == 0 else _batches(train.n, cfg.batch_size, gen)
+        for idx in batches:
+            tc = time.perf_counter()
+            ld, lp = step(idx)
+            if epoch == 0:
+                sync()
+                compute += time.perf_counter() - tc
+            tot_d += ld
+            tot_p += lp
             n += 1
-        rec = {
+        sync()
+        rec: dict[str, Any] = {
             "epoch": epoch + 1,
-            "dense_loss": round(tot["dense"] / max(n, 1), 5),
-            "presence_loss": round(tot["presence"] / max(n, 1), 5),
+            "dense_loss": round(float(tot_d) / max(n, 1), 5),
+            "presence_loss": round(float(tot_p) / max(n, 1), 5),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        if progress or epoch == cfg.epochs - 1:
-            rec["val_macro_auc"] = evaluate(net, head, val_set)["macro_auc"]
+        te = time.perf_counter()
+        last = epoch + 1 == plan["epochs"]
+        if progress or last:
+            validation = evaluate(net, head, val, amp=cfg.amp)
+            rec["val_macro_auc"] = validation["macro_auc"]
+        t_eval = time.perf_counter() - te
+        if epoch == 0 and cfg.time_budget_min > 0 and plan["epochs"] > 1:
+            # epochs after the first are compute-bound: their time is the first one's compute
+            per_epoch = 1.1 * compute + t_eval
+            left = cfg.time_budget_min * 60.0 - (time.perf_counter() - t_start) - 2 * t_eval - 10
+            plan["epochs"] = max(1, min(plan["epochs"], 1 + int(left // max(per_epoch, 1e-6))))
+            rec["epochs_planned"] = plan["epochs"]
+            rec["step_ms"] = round(1000 * compute / max(n, 1), 2)
         history.append(rec)
         log.info("pretrain.epoch", **rec)
-    validation = evaluate(net, head, val_set)
+        epoch += 1
+        if on_epoch is not None:
+            on_epoch(
+                PretrainResult(
+                    state=_snapshot(net),
+                    history=list(history),
+                    validation=validation,
+                    seconds=time.perf_counter() - t_start,
+                    epochs=epoch,
+                )
+            )
+    if not validation or "val_macro_auc" not in history[-1]:
+        validation = evaluate(net, head, val, amp=cfg.amp)
     net.eval()
-    state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    state = _snapshot(net)
     return PretrainResult(
         state=state,
         history=history,
         validation=validation,
         seconds=time.perf_counter() - t_start,
         sha256=state_sha256(state),
+        epochs=epoch,
     )
 
 
-def save(result: PretrainResult, cfg: PretrainConfig, out: Path, command: str) -> Path:
-    """Weights (safetensors) + card (config, validation, sha256, time, how to regenerate)."""
+def save(
+    result: PretrainResult, cfg: PretrainConfig, out: Path, command: str, complete: bool = True
+) -> Path:
+    """Weights (safetensors) + card (config, validation, sha256, time, how to regenerate).
+    `complete=False` marks a snapshot taken after an epoch of a run still going."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -338,17 +475,41 @@ def save(result: PretrainResult, cfg: PretrainConfig, out: Path, command: str) -
         ),
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": file_sha,
-        "state_sha256": result.sha256,
+        "state_sha256": result.sha256 or state_sha256(result.state),
         "params": int(sum(t.numel() for t in result.state.values())),
         "config": cfg.to_dict(),
+        "complete": complete,
+        "epochs_run": result.epochs,
         "validation_presence_auc": result.validation,
         "history": result.history,
         "minutes": round(result.seconds / 60.0, 1),
         "regenerate": command,
         "torch": torch.__version__,
+        "device": _device_name(cfg.device),
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
+def _flag(v: str) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def regenerate_command(cfg: PretrainConfig, out: Path) -> str:
+    """The command that reproduces `cfg` (every value that differs from the defaults)."""
+    d = PretrainConfig().to_dict()
+    args = [
+        f"--{k.replace('_', '-')} {','.join(v) if k == 'sites' else v}"
+        for k, v in cfg.to_dict().items()
+        if v != d[k]
+    ]
+    return " ".join(["python -m molre.training.pretrain", *args, f"--out {out}"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -362,27 +523,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         if k == "sites":
             p.add_argument("--sites", default="", help="comma-separated sites (default: all)")
         else:
-            p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+            kind = _flag if isinstance(v, bool) else type(v)
+            p.add_argument(f"--{k.replace('_', '-')}", type=kind, default=v)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     kw = {k: getattr(a, k) for k in defaults.to_dict() if k != "sites"}
     cfg = PretrainConfig(**kw, sites=tuple(x for x in a.sites.split(",") if x))
-    res = pretrain(cfg, progress=not a.quiet)
-    cmd = (
-        "python -m molre.training.pretrain "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v if k != 'sites' else ','.join(v)}"
-            for k, v in cfg.to_dict().items()
-            if v != defaults.to_dict()[k]
+
+    def as_run(r: PretrainResult) -> PretrainConfig:
+        # what was run: the epochs the time budget chose, no budget (the command is exact)
+        return replace(
+            cfg, epochs=r.epochs if cfg.time_budget_min > 0 else cfg.epochs, time_budget_min=0.0
         )
-        + f" --out {a.out}"
-    )
-    save(res, cfg, a.out, " ".join(cmd.split()))
+
+    def snapshot(r: PretrainResult) -> None:
+        save(r, as_run(r), a.out, regenerate_command(as_run(r), a.out), complete=False)
+
+    res = pretrain(cfg, progress=not a.quiet, on_epoch=snapshot)
+    ran = as_run(res)
+    save(res, ran, a.out, regenerate_command(ran, a.out))
     print(
         json.dumps(
             {
                 "out": str(a.out),
                 "sha256": res.sha256,
+                "epochs": res.epochs,
                 "minutes": round(res.seconds / 60, 1),
                 "val": res.validation,
             },
