@@ -313,6 +313,51 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def _losses(
+    net: nn.Module,
+    head: nn.Module,
+    x: torch.Tensor,
+    m: torch.Tensor,
+    y: torch.Tensor,
+    cfg: PretrainConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense loss, presence loss) of one batch (bfloat16 autocast with `cfg.amp`)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        feats, seg = net.dense(x)
+        logits = head(feats, seg)
+    ld = dense_loss(seg.float(), m, cfg.pos_weight, cfg.dice_weight)
+    return ld, F.binary_cross_entropy_with_logits(logits.float(), y)
+
+
+def _probe_step_seconds(
+    net: nn.Module,
+    head: nn.Module,
+    train: SampleStore,
+    cfg: PretrainConfig,
+    sync: Callable[[], None],
+    steps: int = 4,
+) -> float:
+    """Seconds per training step, measured on copies of the network, head and optimizer (the
+    run itself, its random streams and its weights are untouched)."""
+    import copy
+
+    net2, head2 = copy.deepcopy(net), copy.deepcopy(head)
+    params = list(net2.parameters()) + list(head2.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x, m, y = train.batch(torch.arange(min(cfg.batch_size, train.n)))
+    t0 = 0.0
+    for i in range(steps + 1):  # the first step warms up
+        if i == 1:
+            sync()
+            t0 = time.perf_counter()
+        ld, lp = _losses(net2, head2, x, m, y, cfg)
+        opt.zero_grad(set_to_none=True)
+        (ld + cfg.presence_weight * lp).backward()
+        opt.step()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
 def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
 
@@ -364,11 +409,7 @@ def pretrain(
     def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flip = torch.rand(len(idx), generator=gen) < 0.5
         x, m, y = train.batch(idx, flip)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            feats, seg = net.dense(x)
-            logits = head(feats, seg)
-        ld = dense_loss(seg.float(), m, cfg.pos_weight, cfg.dice_weight)
-        lp = F.binary_cross_entropy_with_logits(logits.float(), y)
+        ld, lp = _losses(net, head, x, m, y, cfg)
         loss = ld + cfg.presence_weight * lp
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -394,17 +435,12 @@ def pretrain(
         net.train()
         head.train()
         t0 = time.perf_counter()
-        compute = 0.0
         tot_d = torch.zeros((), device=dev)
         tot_p = torch.zeros((), device=dev)
         n = 0
         batches = first_epoch() if epoch == 0 else _batches(train.n, cfg.batch_size, gen)
         for idx in batches:
-            tc = time.perf_counter()
             ld, lp = step(idx)
-            if epoch == 0:
-                sync()
-                compute += time.perf_counter() - tc
             tot_d += ld
             tot_p += lp
             n += 1
@@ -422,12 +458,14 @@ def pretrain(
             rec["val_macro_auc"] = validation["macro_auc"]
         t_eval = time.perf_counter() - te
         if epoch == 0 and cfg.time_budget_min > 0 and plan["epochs"] > 1:
-            # epochs after the first are compute-bound: their time is the first one's compute
-            per_epoch = 1.1 * compute + t_eval
+            # later epochs only train: time a few steps on a throw-away copy (the first epoch's
+            # steps shared the cores with the generator processes and overstate the cost)
+            per_step = _probe_step_seconds(net, head, train, cfg, sync)
+            per_epoch = 1.05 * spe * per_step + t_eval
             left = cfg.time_budget_min * 60.0 - (time.perf_counter() - t_start) - 2 * t_eval - 10
             plan["epochs"] = max(1, min(plan["epochs"], 1 + int(left // max(per_epoch, 1e-6))))
             rec["epochs_planned"] = plan["epochs"]
-            rec["step_ms"] = round(1000 * compute / max(n, 1), 2)
+            rec["step_ms"] = round(1000 * per_step, 2)
         history.append(rec)
         log.info("pretrain.epoch", **rec)
         epoch += 1
