@@ -58,6 +58,20 @@ def test_youden_threshold_and_sens_spec():
     assert M.youden_threshold([1, 1], [0.2, 0.3]) is None
 
 
+def test_specificity_threshold_is_the_lowest_with_enough_true_negatives():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(100), np.ones(40)]
+    s = np.r_[rng.random(100), rng.random(40) + 0.5]
+    t = M.specificity_threshold(y, s, 0.98)
+    _, spec = M.sens_spec(y, s, t)
+    assert spec == 0.98  # exactly 98 of 100 negatives below it
+    # any lower threshold (the next score down) loses a true negative
+    below = np.max(s[s < t])
+    assert M.sens_spec(y, s, below)[1] < 0.98
+    assert M.specificity_threshold(y, s, 0.0) == pytest.approx(np.min(s[y == 0]))
+    assert M.specificity_threshold([1, 1], [0.2, 0.3], 0.98) is None
+
+
 def test_choose_thresholds_guards_uninformative_scores():
     """Youden on a chance-level score picks an arbitrary (often tiny) threshold; the model card
     must not ship that as the operating point."""

@@ -112,6 +112,20 @@ def youden_threshold(y: Sequence[float], s: Sequence[float]) -> float | None:
     return float(thr[best])
 
 
+def specificity_threshold(y: Sequence[float], s: Sequence[float], target: float) -> float | None:
+    """The lowest threshold whose specificity (`score < threshold` on the negatives) is at least
+    `target`: the operating point for "few false alarms". None without negatives."""
+    y = np.asarray(y, dtype=np.float64)
+    s = np.asarray(s, dtype=np.float64)
+    neg = np.sort(s[y == 0])
+    if len(neg) == 0:
+        return None
+    k = int(np.ceil(target * len(neg) - 1e-9))  # negatives that must fall below the threshold
+    if k <= 0:
+        return float(neg[0])
+    return float(np.nextafter(neg[k - 1], np.inf))
+
+
 def sens_spec(
     y: Sequence[float], s: Sequence[float], threshold: float
 ) -> tuple[float | None, float | None]:
