@@ -46,9 +46,9 @@ class PretrainConfig:
     """Everything that determines the weights (recorded in the card)."""
 
     seed: int = 0
-    train_phantoms: int = 1400
-    val_phantoms: int = 240
-    epochs: int = 6
+    train_phantoms: int = 3000
+    val_phantoms: int = 400
+    epochs: int = 4
     batch_size: int = 4
     lr: float = 2e-3
     weight_decay: float = 1e-4
