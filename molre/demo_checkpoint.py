@@ -15,6 +15,7 @@ same data and the same training trajectory on the same torch build and thread co
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import tempfile
@@ -68,7 +69,7 @@ def operating_point(
     rows = _select_rows(read_rows(manifest, pred.catalog), "val")
     probs, ok, _failed = predict_rows(pred, rows, cache_dir=cache_dir, progress=progress)
     labels = np.stack([np.asarray(rows[i].labels, dtype=np.float64) for i in ok])
-    out = json.loads(json.dumps(pred.card["thresholds"]))
+    out = copy.deepcopy(pred.card["thresholds"])
     for j, key in enumerate(pred.catalog.keys):
         entry = out.get(key)
         if not isinstance(entry, dict) or entry.get("method") != "youden_j":

@@ -568,17 +568,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     kw = {k: getattr(a, k) for k in defaults.to_dict() if k != "sites"}
     cfg = PretrainConfig(**kw, sites=tuple(x for x in a.sites.split(",") if x))
 
-    def as_run(r: PretrainResult) -> PretrainConfig:
-        # what was run: the epochs the time budget chose, no budget (the command is exact)
-        return replace(
-            cfg, epochs=r.epochs if cfg.time_budget_min > 0 else cfg.epochs, time_budget_min=0.0
-        )
-
     def snapshot(r: PretrainResult) -> None:
-        save(r, as_run(r), a.out, regenerate_command(as_run(r), a.out), complete=False)
+        # a run still going: the card names the command as launched (its `epochs_run` says how
+        # far it got); only the finished run's card names the epochs a budget chose
+        save(r, cfg, a.out, regenerate_command(cfg, a.out), complete=False)
 
     res = pretrain(cfg, progress=not a.quiet, on_epoch=snapshot)
-    ran = as_run(res)
+    # what was run: the epochs the time budget chose, no budget (the command is exact)
+    ran = replace(cfg, epochs=res.epochs, time_budget_min=0.0) if cfg.time_budget_min > 0 else cfg
     save(res, ran, a.out, regenerate_command(ran, a.out))
     print(
         json.dumps(
