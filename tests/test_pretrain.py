@@ -41,6 +41,48 @@ def test_mask_on_grid_keeps_a_finding_smaller_than_a_voxel():
     assert out.shape == (4, 8, 8) and out.sum() == 1
 
 
+def test_dense_loss_pulls_a_one_cell_finding_as_hard_as_a_large_one():
+    """A switched-off map (logits -11 everywhere) with one planted one-cell finding and one
+    planted large finding: the plain voxel loss barely moves the small finding's cell (its
+    gradient is ~pos_weight / voxel count, and Dice's sigmoid gradient has vanished); with
+    pos_balance the cell gets a pull of order one, like the large finding's cells in total."""
+
+    def grads(pos_balance: float) -> tuple[float, float]:
+        seg = torch.full((1, 2, 8, 16, 16), -11.0, requires_grad=True)
+        target = torch.zeros(1, 2, 8, 16, 16)
+        target[0, 0, 4, 8, 8] = 1.0  # a calcification: one cell
+        target[0, 1, 2:6, 4:12, 4:12] = 1.0  # an edema: 256 cells
+        P.dense_loss(seg, target, 5.0, 1.0, pos_balance).backward()
+        g = seg.grad[0]
+        return float(-g[0, 4, 8, 8]), float(-g[1][target[0, 1] > 0].sum())
+
+    small0, large0 = grads(0.0)
+    small1, large1 = grads(1.0)
+    assert small0 < 1e-2 and small0 < large0 / 100  # the one-cell finding is all but ignored
+    assert small1 > 0.4 and small1 > 100 * small0
+    assert 0.5 < small1 / large1 < 2.0  # same pull whatever the finding's size
+
+
+def test_dense_loss_silences_the_maps_of_a_normal_head_only():
+    """hard_negatives: the highest cells of every map of a phantom with nothing planted are
+    pulled down (order 1 / hard_negatives; the voxel mean alone gives ~1e-5); a phantom with a
+    planted finding gets nothing from that term, whatever its other maps show."""
+    seg = torch.full((2, 2, 8, 16, 16), -6.0)
+    seg[0, 0, 2, 3, 3] = 5.0  # normal head, a map firing
+    seg[1, 0, 2, 3, 3] = 5.0  # abnormal head, another map firing far from its finding
+    seg.requires_grad_(True)
+    target = torch.zeros(2, 2, 8, 16, 16)
+    target[1, 1, 4, 8, 8] = 1.0
+    P.dense_loss(seg, target, 5.0, 1.0, 0.0, 0).backward()
+    plain = seg.grad.clone()
+    seg.grad = None
+    P.dense_loss(seg, target, 5.0, 1.0, 0.0, 8).backward()
+    g = seg.grad - plain
+    assert float(plain[0, 0, 2, 3, 3]) < 1e-3
+    assert float(g[0, 0, 2, 3, 3]) > 0.05  # the normal head's false peak
+    assert float(g[1].abs().max()) == 0.0  # the abnormal head is left to the other terms
+
+
 def test_v2_architecture_reads_its_own_finer_grid():
     """The 2 mm architecture: a sample rendered for it has its recipe's shape, and the v2 network
     turns it into features and finding maps on the mask grid the sample carries."""

@@ -57,6 +57,13 @@ class PretrainConfig:
     sites: tuple[str, ...] = ()  # empty = every built-in site
     pos_weight: float = 5.0
     dice_weight: float = 1.0
+    #: weight of the size-normalised positive term of `dense_loss` (0 = off, the shipped run;
+    #: docs/training.md has the ablation)
+    pos_balance: float = 0.0
+    #: per map of a normal phantom (nothing planted), the mean BCE of its this many highest
+    #: cells is added to `dense_loss` (0 = off, the shipped run): a normal head must leave every
+    #: map silent
+    normal_hard_negatives: int = 0
     presence_weight: float = 0.5
     threads: int = 2
     workers: int = 2  # generator processes (the data do not depend on it)
@@ -225,21 +232,49 @@ class SampleStore:
 
 
 def dense_loss(
-    seg: torch.Tensor, target: torch.Tensor, pos_weight: float, dice_weight: float
+    seg: torch.Tensor,
+    target: torch.Tensor,
+    pos_weight: float,
+    dice_weight: float,
+    pos_balance: float = 0.0,
+    hard_negatives: int = 0,
 ) -> torch.Tensor:
+    """Voxel BCE (positives weighted `pos_weight`) + soft Dice on planted findings, and two
+    optional per-map terms (both off in the shipped run):
+
+    - `pos_balance` x the mean BCE of each planted finding's own positive cells. In a voxel mean
+      a calcification's one or two target cells weigh nothing next to an edema's hundreds: the
+      shipped backbone switched its calcification and skull-fracture maps off everywhere (logits
+      about -11, where the sigmoid's gradient vanishes and Dice cannot bring them back; presence
+      AUC 0.55 / 0.57). This term gives a one-cell finding the pull of a large one.
+    - the mean BCE of the `hard_negatives` highest cells of every map of a phantom with nothing
+      planted: a normal head must leave every map silent (with positives balanced alone, the
+      revived maps also fired on normal heads, peak logits +4..+6).
+
+    docs/training.md has the ablation: what each did to the backbone and to the demo."""
     bce = F.binary_cross_entropy_with_logits(
         seg, target, pos_weight=torch.tensor(pos_weight, device=seg.device)
     )
     p = torch.sigmoid(seg)
     dims = (2, 3, 4)
     inter = (p * target).sum(dims)
-    denom = p.sum(dims) + target.sum(dims)
-    present = target.sum(dims) > 0  # Dice only where the finding is planted
+    n_pos = target.sum(dims)
+    denom = p.sum(dims) + n_pos
+    present = n_pos > 0  # Dice only where the finding is planted
     dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
-    n_present = present.sum()
+    n_present = present.sum().clamp(min=1)
     # mean over planted (sample, finding) pairs, without a host sync on the GPU
-    dice_term = (dice * present).sum() / n_present.clamp(min=1)
-    return bce + dice_weight * dice_term
+    dice_term = (dice * present).sum() / n_present
+    loss = bce + dice_weight * dice_term
+    if pos_balance > 0:
+        pos = (F.softplus(-seg) * target).sum(dims) / n_pos.clamp(min=1)  # -log sigmoid
+        loss = loss + pos_balance * (pos * present).sum() / n_present
+    if hard_negatives > 0:
+        normal = ~present.any(dim=1)  # samples with nothing planted
+        top = seg.flatten(2).topk(min(hard_negatives, seg[0, 0].numel()), dim=-1).values
+        per = F.softplus(top).mean(dim=(1, 2))  # -log(1 - sigmoid), per sample
+        loss = loss + (per * normal).sum() / normal.sum().clamp(min=1)
+    return loss
 
 
 @torch.no_grad()
@@ -325,7 +360,9 @@ def _losses(
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
         feats, seg = net.dense(x)
         logits = head(feats, seg)
-    ld = dense_loss(seg.float(), m, cfg.pos_weight, cfg.dice_weight)
+    ld = dense_loss(
+        seg.float(), m, cfg.pos_weight, cfg.dice_weight, cfg.pos_balance, cfg.normal_hard_negatives
+    )
     return ld, F.binary_cross_entropy_with_logits(logits.float(), y)
 
 
