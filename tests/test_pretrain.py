@@ -47,12 +47,12 @@ def test_dense_loss_pulls_a_one_cell_finding_as_hard_as_a_large_one():
     gradient is ~pos_weight / voxel count, and Dice's sigmoid gradient has vanished); with
     pos_balance the cell gets a pull of order one, like the large finding's cells in total."""
 
-    def grads(pos_balance: float) -> tuple[float, float]:
+    def grads(pos_balance: float, max_cells: int = 0) -> tuple[float, float]:
         seg = torch.full((1, 2, 8, 16, 16), -11.0, requires_grad=True)
         target = torch.zeros(1, 2, 8, 16, 16)
         target[0, 0, 4, 8, 8] = 1.0  # a calcification: one cell
         target[0, 1, 2:6, 4:12, 4:12] = 1.0  # an edema: 256 cells
-        P.dense_loss(seg, target, 5.0, 1.0, pos_balance).backward()
+        P.dense_loss(seg, target, 5.0, 1.0, pos_balance, 0, max_cells).backward()
         g = seg.grad[0]
         return float(-g[0, 4, 8, 8]), float(-g[1][target[0, 1] > 0].sum())
 
@@ -61,6 +61,9 @@ def test_dense_loss_pulls_a_one_cell_finding_as_hard_as_a_large_one():
     assert small0 < 1e-2 and small0 < large0 / 100  # the one-cell finding is all but ignored
     assert small1 > 0.4 and small1 > 100 * small0
     assert 0.5 < small1 / large1 < 2.0  # same pull whatever the finding's size
+    # pos_balance_max_cells: only findings with few target cells get the extra pull
+    small2, large2 = grads(1.0, 32)
+    assert small2 == pytest.approx(small1) and large2 == pytest.approx(large0)
 
 
 def test_dense_loss_silences_the_maps_of_a_normal_head_only():

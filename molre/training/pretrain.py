@@ -64,6 +64,8 @@ class PretrainConfig:
     #: cells is added to `dense_loss` (0 = off, the shipped run): a normal head must leave every
     #: map silent
     normal_hard_negatives: int = 0
+    #: > 0: `pos_balance` applies only to planted findings with at most this many target cells
+    pos_balance_max_cells: int = 0
     presence_weight: float = 0.5
     threads: int = 2
     workers: int = 2  # generator processes (the data do not depend on it)
@@ -238,6 +240,7 @@ def dense_loss(
     dice_weight: float,
     pos_balance: float = 0.0,
     hard_negatives: int = 0,
+    pos_balance_max_cells: int = 0,
 ) -> torch.Tensor:
     """Voxel BCE (positives weighted `pos_weight`) + soft Dice on planted findings, and two
     optional per-map terms (both off in the shipped run):
@@ -246,7 +249,8 @@ def dense_loss(
       a calcification's one or two target cells weigh nothing next to an edema's hundreds: the
       shipped backbone switched its calcification and skull-fracture maps off everywhere (logits
       about -11, where the sigmoid's gradient vanishes and Dice cannot bring them back; presence
-      AUC 0.55 / 0.57). This term gives a one-cell finding the pull of a large one.
+      AUC 0.55 / 0.57). This term gives a one-cell finding the pull of a large one; with
+      `pos_balance_max_cells` > 0 only findings with at most that many target cells get it.
     - the mean BCE of the `hard_negatives` highest cells of every map of a phantom with nothing
       planted: a normal head must leave every map silent (with positives balanced alone, the
       revived maps also fired on normal heads, peak logits +4..+6).
@@ -268,7 +272,10 @@ def dense_loss(
     loss = bce + dice_weight * dice_term
     if pos_balance > 0:
         pos = (F.softplus(-seg) * target).sum(dims) / n_pos.clamp(min=1)  # -log sigmoid
-        loss = loss + pos_balance * (pos * present).sum() / n_present
+        small = (
+            present if pos_balance_max_cells <= 0 else present & (n_pos <= pos_balance_max_cells)
+        )
+        loss = loss + pos_balance * (pos * small).sum() / n_present
     if hard_negatives > 0:
         normal = ~present.any(dim=1)  # samples with nothing planted
         top = seg.flatten(2).topk(min(hard_negatives, seg[0, 0].numel()), dim=-1).values
@@ -361,7 +368,13 @@ def _losses(
         feats, seg = net.dense(x)
         logits = head(feats, seg)
     ld = dense_loss(
-        seg.float(), m, cfg.pos_weight, cfg.dice_weight, cfg.pos_balance, cfg.normal_hard_negatives
+        seg.float(),
+        m,
+        cfg.pos_weight,
+        cfg.dice_weight,
+        cfg.pos_balance,
+        cfg.normal_hard_negatives,
+        cfg.pos_balance_max_cells,
     )
     return ld, F.binary_cross_entropy_with_logits(logits.float(), y)
 
