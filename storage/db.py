@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +38,30 @@ from common.log import get_logger
 log = get_logger("storage.db")
 
 _READ_ONLY_OPT = "molre_read_only"
+
+
+def _enable_wal(cur, timeout_s: float) -> None:
+    """Switch a file database to WAL, retrying while another process holds the lock.
+
+    Changing the journal mode needs an exclusive lock, and SQLite can answer "database is
+    locked" here *without* running the busy handler (e.g. while another connection is itself
+    converting the file or recovering its WAL index): several processes opening a new database at
+    once (the node's receivers, worker and dispatcher; ``upgrade`` from three processes) then fail
+    at random. WAL is persistent, so only the first connection really changes anything; the
+    others just have to wait their turn, up to the same busy timeout as everything else."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
 
 def utcnow() -> dt.datetime:
@@ -183,7 +209,7 @@ class Database:
             cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
             cur.execute("PRAGMA foreign_keys = ON")
             if not in_memory:
-                cur.execute("PRAGMA journal_mode = WAL")
+                _enable_wal(cur, self.busy_timeout_s)
                 cur.execute(f"PRAGMA synchronous = {self.synchronous}")
             cur.close()
 

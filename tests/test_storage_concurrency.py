@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from storage import Database, FindingResult, InstanceHeader, SeriesState, Store
@@ -262,3 +263,34 @@ def test_reader_not_blocked_by_open_writer(tmp_path: Path) -> None:
         with pytest.raises(OperationalError, match="locked"):
             Store(other).log_event("node", "n", "x")  # a second writer waits, then gives up
     other.dispose()
+
+
+def test_wal_switch_waits_for_a_lock_held_elsewhere(tmp_path: Path) -> None:
+    """SQLite can refuse ``PRAGMA journal_mode = WAL`` with "database is locked" without running
+    its busy handler; several processes opening a new database at once then failed at random
+    (CI: one of three ``upgrade`` processes). The switch retries until the other holder is done,
+    and still fails, clearly, once the busy timeout has passed."""
+    import sqlite3
+    import time
+
+    from storage.db import _enable_wal
+
+    path = tmp_path / "w.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    # timeout=0: no busy handler at all, the worst case the retry has to cover
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _enable_wal(other.cursor(), 0.05)
+
+    releaser = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    releaser.start()
+    t0 = time.monotonic()
+    _enable_wal(other.cursor(), 10.0)
+    waited = time.monotonic() - t0
+    releaser.join()
+    assert waited >= 0.2
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    holder.close()
+    other.close()
