@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 import queue
+import select
 import socket
 import ssl
 import struct
@@ -79,6 +80,9 @@ MAX_COMMAND_BYTES = 64 * 1024
 #: would oblige the node to buffer a PDU of any declared length; 4 MiB keeps whole CT slices in
 #: one PDU (the speed of "unlimited") while a larger P-DATA is a protocol violation (aborted).
 RECEIVE_PDU_BYTES = 4 * 1024 * 1024
+#: Longest wait of an association's two reactor threads when nothing arrives (they wake at once
+#: on input); bounds how late the ARTIM and network timers are checked.
+REACTOR_POLL_S = 0.02
 #: Tolerance for peers that count the PDV item headers differently.
 PDU_SLACK_BYTES = 1024
 #: Largest single recv (bytes): one read per megabyte instead of pynetdicom's 4 KiB.
@@ -394,12 +398,105 @@ class GuardedSocket(AssociationSocket):
         super().send(bytestream)
 
 
+class _WakingQueue(queue.Queue):
+    """A queue that sets ``wake`` on every put: the association's reactor waits on it."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self.wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake.set()
+
+
 class GuardedDUL(DULServiceProvider):
-    """pynetdicom's DUL with deadlines and PDU-length caps (see the module docstring)."""
+    """pynetdicom's DUL with deadlines and PDU-length caps (see the module docstring), and a
+    reactor that waits for input instead of polling.
+
+    pynetdicom's DUL loop checks the socket with a zero-timeout ``select`` and sleeps 1 ms
+    whenever a pass found nothing (``_run_loop_delay``): every time the receiver catches up with
+    the sender inside a data set, and before every C-STORE response it sends, up to 1 ms is
+    lost, and each idle association wakes its thread 1,000 times a second, competing for the
+    interpreter lock with the associations that work. Here the loop blocks in ``select`` on the
+    socket *and* a wake-up socket that :meth:`send_pdu` (a primitive to send) and the kill flag
+    write to, at most :data:`REACTOR_POLL_S` (timers: ARTIM, network timeout)."""
 
     def __init__(self, assoc: "GuardedAssociation") -> None:
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._killed = False
         super().__init__(assoc)
         self._rq_seen = False
+        self.to_user_queue = _WakingQueue(assoc.wake)
+        self._run_loop_delay = 0.0  # the wait is in _is_transport_event
+
+    # pynetdicom sets the flag from other threads (kill_dul, stop_dul): wake the reactor
+    @property
+    def _kill_thread(self) -> bool:
+        return self._killed
+
+    @_kill_thread.setter
+    def _kill_thread(self, value: bool) -> None:
+        self._killed = value
+        if value:
+            self._wake_reactor()
+
+    def _wake_reactor(self) -> None:
+        w = self._wake_w
+        if w is not None:
+            try:
+                w.send(b"\0")
+            except OSError:  # closed (the reactor ended) or full (a wake-up is pending anyway)
+                pass
+
+    def send_pdu(self, primitive: Any) -> None:  # noqa: D102 - pynetdicom's, then wake up
+        super().send_pdu(primitive)
+        self._wake_reactor()
+
+    def run_reactor(self) -> None:  # noqa: D102 - pynetdicom's, with the wake-up socket
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        try:
+            super().run_reactor()
+        finally:
+            r, w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = None
+            for s in (r, w):
+                s.close()
+            # the association sees it ended
+            self.assoc.wake.set()  # type: ignore[attr-defined]
+
+    def _is_transport_event(self) -> bool:  # noqa: D102 - pynetdicom's; if idle, wait for input
+        if super()._is_transport_event():
+            return True
+        wake = self._wake_r
+        if wake is None or self._killed or not self.event_queue.empty():
+            return False
+        if not self.to_provider_queue.empty():
+            return False
+        sock = self.socket
+        raw = sock.socket if sock is not None and sock._is_connected else None
+        if (
+            raw is not None
+            and self.state_machine.current_state != "Sta13"
+            and not (isinstance(raw, ssl.SSLSocket) and raw.pending())
+        ):
+            rlist, timeout = [raw, wake], REACTOR_POLL_S
+        else:  # no socket to wait on: pynetdicom's own pace
+            rlist, timeout = [wake], 0.001
+        try:
+            ready, _, _ = select.select(rlist, [], [], timeout)
+        except (OSError, ValueError):
+            return False  # a closed socket: pynetdicom's next check reports it
+        if wake in ready:
+            try:
+                while wake.recv(4096):
+                    pass
+            except OSError:  # BlockingIOError: drained
+                pass
+        return bool(ready) and super()._is_transport_event()
 
     @property
     def guard(self) -> ConnectionGuard:
@@ -521,6 +618,19 @@ class GuardedDIMSE(DIMSEServiceProvider):
         super().__init__(assoc)
         self._cmd_bytes = 0
         self._ds_bytes = 0
+        self.msg_queue = _WakingQueue(assoc.wake)
+
+    def get_msg(self, block: bool = False) -> Any:  # noqa: D102
+        # pynetdicom's acceptor loop sleeps 1 ms, then asks without blocking: a complete
+        # message waited up to 1 ms, and an idle association woke 1,000 times a second. Here
+        # the ask waits until a message, a primitive from the peer (release, abort), the DUL's
+        # end or a kill wakes it, or REACTOR_POLL_S passes (the loop's timers).
+        if not block and self.msg_queue.empty():
+            wake: threading.Event = self.assoc.wake  # type: ignore[attr-defined]
+            wake.clear()
+            if self.msg_queue.empty() and not self.assoc._kill:
+                wake.wait(REACTOR_POLL_S)
+        return super().get_msg(block)
 
     def receive_primitive(self, primitive: Any) -> None:  # noqa: D102 - see the class docstring
         guard: ConnectionGuard = self.assoc.guard  # type: ignore[attr-defined]
@@ -583,6 +693,7 @@ class GuardedAssociation(Association):
     def __init__(self, ae: Any, guard: ConnectionGuard) -> None:
         super().__init__(ae, MODE_ACCEPTOR)
         self.guard = guard
+        self.wake = threading.Event()  # see GuardedDIMSE.get_msg
         self.dul = GuardedDUL(self)
         self.dimse = GuardedDIMSE(self)
         # the timers live in the DUL: apply the timeouts to the new one
@@ -594,6 +705,11 @@ class GuardedAssociation(Association):
             super().run()
         finally:
             self.guard.finished(self)
+
+    def kill(self) -> None:  # noqa: D102 - pynetdicom's; the reactor may be waiting
+        self._kill = True
+        self.wake.set()
+        super().kill()
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -829,6 +945,11 @@ def check_pynetdicom() -> None:
             (DULServiceProvider, "_read_pdu_data"),
             (DULServiceProvider, "_decode_pdu"),
             (DULServiceProvider, "receive_pdu"),
+            (DULServiceProvider, "_is_transport_event"),
+            (DULServiceProvider, "run_reactor"),
+            (DULServiceProvider, "send_pdu"),
+            (DIMSEServiceProvider, "get_msg"),
+            (Association, "_run_reactor"),
             (DIMSEServiceProvider, "receive_primitive"),
             (AssociationSocket, "recv"),
             (AssociationSocket, "_shutdown_socket"),

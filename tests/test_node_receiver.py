@@ -96,6 +96,43 @@ def test_association_rows(rx, tmp_path: Path) -> None:
     )
 
 
+def test_reactor_wakes_on_input_not_on_its_poll(rx, tmp_path: Path, monkeypatch) -> None:
+    """The association's two reactor threads wait for input instead of polling every 1 ms
+    (node.listener.GuardedDUL / GuardedDIMSE). With their longest wait set to 30 s, every step
+    must still be woken by what it waits for: instances, responses, the release, an abort; a
+    lost wake-up would cost 30 s per step."""
+    import time
+
+    from pynetdicom import AE
+
+    import node.listener as listener
+
+    monkeypatch.setattr(listener, "REACTOR_POLL_S", 30.0)
+    receiver, store, cfg = rx
+    info = make_ct_series(tmp_path / "ct", [], n_slices=6, seed=14)
+    t0 = time.monotonic()
+    res = send_folder(info.paths, receiver.port, calling_ae="WAKER")
+    assert res.statuses == [0] * 6
+    wait_until(
+        lambda: (
+            receiver.active_associations() == 0
+            and ("WAKER", "released", 6)
+            in rows(cfg, "SELECT calling_ae, outcome, n_stored FROM associations")
+        ),
+        10,
+        what="association released and recorded",
+    )
+    # an abort from the sender frees the slot at once too
+    ae = AE(ae_title="ABORTER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="MOLRE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.abort()
+    wait_until(lambda: receiver.active_associations() == 0, 10, what="aborted slot freed")
+    assert time.monotonic() - t0 < 25.0
+
+
 def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
     import shutil
     import subprocess
