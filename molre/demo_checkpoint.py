@@ -31,7 +31,7 @@ log = get_logger("molre.demo_checkpoint")
 
 DEMO_BACKBONE = "phantom-3d"
 DEMO_DEFAULTS = dict(
-    count=700,
+    count=1400,
     epochs=12,
     seed=0,
     lr=2e-3,
