@@ -493,6 +493,32 @@ def test_same_seed_same_data_any_workers_and_other_seed_differs(tmp_path: Path) 
     assert ta != (tmp_path / "c" / "phantoms.jsonl").read_text()
 
 
+def test_same_seed_other_findings_or_site_is_another_series(tmp_path: Path) -> None:
+    """`synth --seed 2 --findings X` and `synth --seed 2 --normal` draw the same head; sent
+    together (the README's first example) they must not share a Study or Series Instance UID,
+    or the receiver merges two different volumes into one series. The same options still
+    reproduce the same UIDs."""
+    import pydicom
+
+    kw = dict(size=40, slice_thickness=5.0, n_slices=10, progress=False, masks=False)
+    runs = {
+        "ich": dict(findings=["intraparenchymal_hemorrhage"]),
+        "ich_again": dict(findings=["intraparenchymal_hemorrhage"]),
+        "normal": dict(findings=[]),
+        "normal_valley": dict(findings=[], sites=["valley"]),
+        "normal_metro": dict(findings=[], sites=["metro"]),
+    }
+    uids = {}
+    for name, extra in runs.items():
+        synth.generate_dataset(tmp_path / name, 1, seed=2, **kw, **extra)
+        ds = pydicom.dcmread(sorted((tmp_path / name / "series_0001").glob("*.dcm"))[0])
+        uids[name] = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID)
+    assert uids["ich"] == uids["ich_again"]
+    for a, b in (("ich", "normal"), ("normal_valley", "normal_metro")):
+        assert uids[a][0] != uids[b][0] and uids[a][1] != uids[b][1], (a, b)
+    assert uids["ich"][2] == uids["normal"][2]  # the same synthetic patient, two studies
+
+
 def test_cli_synth_writes_manifest_and_folders(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -350,8 +350,14 @@ def write_phantom_series(
     all_tags = _series_tags(rng, geom, patient if patient is not None else own)
     all_tags.update(site_tags(r.site, geom))
     all_tags.update(tags)
-    study_uid = str(all_tags.pop("StudyInstanceUID", None) or _uid("study", ids[0]))
-    series_uid = str(all_tags.pop("SeriesInstanceUID", None) or _uid("series", ids[1]))
+    # The seed alone fixes anatomy and scanner draws, whatever is planted or which site acquires
+    # it: `synth --seed 2 --findings X` and `synth --seed 2 --normal` are the same head, with and
+    # without X. Their UIDs must still differ (different pixels under one Series Instance UID
+    # would be merged into one series by any PACS or by the node), so what changes the pixels --
+    # the site and the planted findings -- goes into the UIDs with the seed's draws.
+    what = (r.site.name, *r.findings)
+    study_uid = str(all_tags.pop("StudyInstanceUID", None) or _uid("study", ids[0], *what))
+    series_uid = str(all_tags.pop("SeriesInstanceUID", None) or _uid("series", ids[1], *what))
     paths = write_ct_series(
         Path(out_dir),
         r.hu,
