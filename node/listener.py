@@ -473,9 +473,8 @@ class GuardedDUL(DULServiceProvider):
         if super()._is_transport_event():
             return True
         wake = self._wake_r
-        if wake is None or self._killed or not self.event_queue.empty():
-            return False
-        if not self.to_provider_queue.empty():
+        busy = not (self.event_queue.empty() and self.to_provider_queue.empty())
+        if wake is None or self._killed or busy:  # nothing to wait for, or work already queued
             return False
         sock = self.socket
         raw = sock.socket if sock is not None and sock._is_connected else None
