@@ -30,7 +30,6 @@ import json
 import math
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.procs import process_pool  # noqa: E402
 from molre.adapters import MoLREConfig, adapted_layers, inject_adapters  # noqa: E402
 from molre.backbones.phantom import PhantomUNet, phantom_sizes  # noqa: E402
 from molre.data.synth import PHANTOM_FINDINGS, SITES  # noqa: E402
@@ -106,9 +106,7 @@ def pretrained_backbone(size: dict, cache: Path, seed: int) -> tuple[PhantomUNet
 def samples(seed: int, split: int, n: int, sites: tuple[str, ...]) -> list[P.Sample]:
     """Phantoms through the node's recipe (no masks), each from its own seed."""
     jobs = [(seed, split, i, 0.3, 0.15, sites, False, BENCH_ARCH) for i in range(n)]
-    import multiprocessing
-
-    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as ex:
+    with process_pool(2) as ex:
         return list(ex.map(P._sample_job, jobs, chunksize=8))
 
 

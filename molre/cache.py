@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +28,7 @@ import torch
 
 from common.errors import MolreError
 from common.log import get_logger
+from common.procs import process_pool
 
 __all__ = ["CacheReport", "VolumeCache", "series_key"]
 
@@ -175,7 +176,7 @@ class VolumeCache:
             recipe_dict = self.recipe.to_dict()
             results: list[tuple[str, str | None, list[str]]] = []
             if workers and workers > 0 and len(todo) > 1:
-                with ProcessPoolExecutor(max_workers=workers) as pool:
+                with process_pool(workers) as pool:
                     futs = {
                         pool.submit(_preprocess_one, s, recipe_dict, str(p)): s for s, p in todo
                     }

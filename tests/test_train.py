@@ -258,6 +258,45 @@ def test_cache_skips_bad_series_with_reason_and_reuses_good_ones(toy_run, tmp_pa
         cache.build([empty], progress=False)
 
 
+_CACHE_AFTER_TORCH = """
+import sys, torch
+from molre.backbones.phantom import phantom_recipe
+from molre.cache import VolumeCache
+from molre.data.preprocess import Recipe
+from molre.data.synth import generate_dataset
+out = sys.argv[1]
+generate_dataset(out + "/s", 2, seed=5, size=64, n_slices=24, slice_thickness=5.0,
+                 progress=False, masks=False)
+torch.set_num_threads(2)
+a = torch.rand(3, 64, 256, 256)  # the parent's intra-op (OpenMP) pool runs
+float(((a - 0.5) / 0.2).clamp(0, 1).sum())
+cache = VolumeCache(out + "/c", Recipe.from_dict(phantom_recipe()))
+rep = cache.build([out + "/s/series_0001", out + "/s/series_0002"], workers=2, progress=False)
+print("built", rep.built, sorted(rep.failures))
+"""
+
+
+def test_cache_workers_start_cleanly_after_torch_ran_in_the_parent(tmp_path):
+    """Preprocessing workers are spawned: forked after torch's thread pool had run (a user
+    evaluating, then building a cache in one process), they hung forever in the first
+    parallel tensor op (`torch.cat` of the windows), with no error."""
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", _CACHE_AFTER_TORCH, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("cache workers hung after torch ran in the parent process")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "built 2 []" in r.stdout
+
+
 def test_external_backbone_weights_are_shipped_and_digest_checked(toy_run, tmp_path):
     """Adapters trained on saved backbone weights with save_backbone=True ship exactly those
     weights and load back through the digest check, without the original file."""

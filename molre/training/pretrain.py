@@ -19,10 +19,8 @@ import argparse
 import hashlib
 import json
 import math
-import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.log import get_logger
+from common.procs import process_pool
 from molre.backbones.phantom import PHANTOM_ARCH
 
 log = get_logger("molre.pretrain")
@@ -171,12 +170,7 @@ def stream(cfg: PretrainConfig, split: int, count: int) -> Iterator[Sample]:
     generator processes finish them (the data do not depend on the number of processes)."""
     jobs = _jobs(cfg, split, count)
     if cfg.workers > 1:
-        # spawn, not fork: a fork after torch has run its thread pool can deadlock the children
-        with ProcessPoolExecutor(
-            max_workers=cfg.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-        ) as ex:
+        with process_pool(cfg.workers, initializer=_worker_init) as ex:
             yield from ex.map(_sample_job, jobs, chunksize=4)
     else:
         for j in jobs:

@@ -14,7 +14,6 @@ import math
 import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from common.errors import MolreError
 from common.log import get_logger
+from common.procs import process_pool
 
 from .anatomy import sample_anatomy
 from .findings import PHANTOM_FINDINGS, check_findings
@@ -274,7 +274,7 @@ def generate_dataset(
         else None
     )
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=int(workers)) as ex:
+        with process_pool(workers) as ex:
             for r in ex.map(_series_job, jobs, chunksize=max(1, count // (8 * workers))):
                 results.append(r)
                 if bar:
