@@ -19,8 +19,9 @@ __all__ = ["process_pool"]
 
 def process_pool(workers: int, **kwargs: Any) -> ProcessPoolExecutor:
     """A ``ProcessPoolExecutor`` of `workers` spawned (not forked) processes; `kwargs` go to
-    the executor (``initializer``...). The submitted function must be importable (module
-    level), as spawn requires."""
+    the executor (``initializer``...). As with any spawned pool, the submitted function must be
+    importable (module level) and a script that starts the pool needs the ``if __name__ ==
+    "__main__":`` guard (each child imports the script's main module)."""
     return ProcessPoolExecutor(
         max_workers=int(workers), mp_context=multiprocessing.get_context("spawn"), **kwargs
     )
