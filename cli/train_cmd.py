@@ -63,6 +63,11 @@ def register(app: typer.Typer) -> None:
             5e-4, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."
         ),
         accumulate: int = typer.Option(1, "--accumulate", help="Gradient accumulation steps."),
+        augment: str = typer.Option(
+            "none",
+            "--augment",
+            help="Training augmentation: none (default) or flip (mirror left-right with p 0.5; for catalogs whose findings name no side).",
+        ),
         workers: int = typer.Option(
             0, "--workers", help="DataLoader / preprocessing worker processes."
         ),
@@ -121,6 +126,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             lr=lr,
             accumulate=accumulate,
+            augment=augment,
             workers=workers,
             seed=seed,
             resume=resume,

@@ -40,6 +40,7 @@ DEMO_DEFAULTS = dict(
     rank=8,
     alpha=16.0,
     preset="paper",
+    augment="none",
 )
 
 
@@ -105,6 +106,7 @@ def build_demo(
     rank: int,
     alpha: float,
     preset: str = "paper",
+    augment: str = "none",
     work: Path | None = None,
     workers: int = 1,
     progress: bool = True,
@@ -156,6 +158,7 @@ def build_demo(
             workers=0,
             progress=progress,
             preset=preset,
+            augment=augment,
             catalog_keys=list(PHANTOM_FINDINGS),
             model_name="molre-phantom-3d-demo",
             is_demo=True,
@@ -184,6 +187,7 @@ def build_demo(
             "lr": lr,
             "batch_size": batch_size,
             "preset": preset,
+            "augment": augment,
             "sites": "all built-in sites",
             "operating_point": f"specificity {DEMO_SPECIFICITY:g} on the validation split",
             "minutes": round((time.perf_counter() - t0) / 60, 1),
@@ -228,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         a.rank,
         a.alpha,
         preset=a.preset,
+        augment=a.augment,
         work=a.work,
         workers=a.workers,
         progress=not a.no_progress,

@@ -173,6 +173,59 @@ def test_resume_continues_exactly(toy_run, tmp_path):
         train(toy_train_config(manifest, out, cache, epochs=3, resume=out, lr=0.5))
 
 
+def test_flip_augmentation_axis_draws_and_refusals():
+    from types import SimpleNamespace
+
+    from common.errors import ConfigError
+    from molre.catalog import load_catalog
+    from molre.training.loop import _flip_dim, _flip_some
+
+    cat = load_catalog()
+    cfg = SimpleNamespace(augment="flip")
+    spl = SimpleNamespace(params={"orientation": "SPL"})
+    assert _flip_dim(cfg, spl, 3, cat) == 4  # (B, C, S, P, L)
+    assert _flip_dim(cfg, spl, 2, cat) == 4  # (B, S, C, P, L)
+    slp = SimpleNamespace(params={"orientation": "SLP"})
+    assert _flip_dim(cfg, slp, 3, cat) == 3 and _flip_dim(cfg, slp, 2, cat) == 3
+    assert _flip_dim(SimpleNamespace(augment="none"), spl, 3, cat) is None
+    names = {"left_mca_infarct": "Left MCA infarct", "hydrocephalus": "Hydrocephalus"}
+
+    class Sided:
+        keys = list(names)
+
+        def __getitem__(self, k):
+            return SimpleNamespace(name=names[k])
+
+    with pytest.raises(ConfigError, match="left_mca_infarct"):
+        _flip_dim(cfg, spl, 3, Sided())
+
+    x = torch.arange(64 * 2 * 3 * 4, dtype=torch.float32).reshape(64, 1, 2, 3, 4)
+    a = _flip_some(x, 4, seed=0, epoch=1, batch=2)
+    assert torch.equal(a, _flip_some(x, 4, seed=0, epoch=1, batch=2))  # same draw on resume
+    assert not torch.equal(a, _flip_some(x, 4, seed=0, epoch=2, batch=2))
+    flipped = [bool(torch.equal(a[i], x[i].flip(3))) for i in range(64)]
+    kept = [bool(torch.equal(a[i], x[i])) for i in range(64)]
+    assert all(f != k for f, k in zip(flipped, kept))  # each volume mirrored whole, or not
+    assert 16 < sum(flipped) < 48
+
+
+def test_flip_augmentation_trains_differently_and_is_recorded(toy_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from molre.training import train
+    from molre.training.toydata import toy_train_config
+
+    manifest, run = toy_run
+    out = tmp_path / "flip"
+    res = train(toy_train_config(manifest, out, run.parent / "cache", augment="flip"))
+    card = json.loads((out / "last" / "model.json").read_text())
+    assert card["training"]["augment"] == "flip"
+    assert res.best_val_macro_auc is not None and res.best_val_macro_auc > 0.6
+    plain = load_file(str(run / "last" / "adapter.safetensors"))
+    aug = load_file(str(out / "last" / "adapter.safetensors"))
+    assert any(not torch.equal(plain[k], aug[k]) for k in plain)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

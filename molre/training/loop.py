@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,11 @@ class TrainConfig(BaseModel):
     preset: str = "paper"
     """adapter placement when ``targets`` is not given: "paper" (default) or "light" (see
     docs/backbones.md for what each adapts and its parameter overhead)"""
+    augment: Literal["none", "flip"] = "none"
+    """training-time augmentation: "flip" mirrors each training volume left-right with
+    probability 0.5 (drawn from the seed, the epoch and the batch, so a resumed run draws the
+    same); for catalogs whose findings carry no side -- refused when a finding's key or name says
+    left or right. Validation and inference never flip."""
     random_init: bool = False
     """allow training a backbone whose spec requires pretrained weights (ct-fm, dinov3-*,
     medsiglip) without ``weights``; off by default because the result is meaningless"""
@@ -728,6 +734,7 @@ class _Run:
     steps_per_epoch: int
     backbone_state: dict[str, torch.Tensor] | None
     card_base: dict[str, Any]  # model-card fields fixed for the whole run
+    flip_dim: int | None = None  # batch dimension that runs left-right ("flip" augmentation)
 
     @property
     def last_dir(self) -> Path:
@@ -919,6 +926,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
     )
     recipe = _build_recipe(backbone, cfg.recipe)
     spec = backbone.spec
+    flip_dim = _flip_dim(cfg, recipe, spec.dims, catalog)
 
     # Cache: rank 0 preprocesses, the others wait and then just look the files up.
     cache = VolumeCache(cfg.cache_dir or (out / "cache"), recipe)
@@ -1063,6 +1071,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
             "accumulate": cfg.accumulate,
             "world_size": dd.world,
             "head_init": cfg.head_init,
+            "augment": cfg.augment,
             "loss": {
                 "type": "focal",
                 "gamma": cfg.gamma,
@@ -1102,8 +1111,47 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, dict[str, Any] | None]:
         steps_per_epoch=steps_per_epoch,
         backbone_state=backbone_state,
         card_base=card_base,
+        flip_dim=flip_dim,
     )
     return run, state
+
+
+_SIDE_WORDS = re.compile(r"(^|[^a-z])(left|right)([^a-z]|$)")
+
+
+def _flip_dim(cfg: TrainConfig, recipe: Any, dims: int, catalog: Any) -> int | None:
+    """The batch dimension that runs left-right, for ``augment="flip"`` (else None).
+
+    3D batches are (B, C, ax0, ax1, ax2), 2D batches (B, S=ax0, C, ax1, ax2), where axN is the
+    N-th letter of the recipe's orientation (default "SPL": the last axis is left-right)."""
+    if cfg.augment != "flip":
+        return None
+    sided = [
+        k
+        for k in catalog.keys
+        if _SIDE_WORDS.search(f"{k} {catalog[k].name}".lower().replace("_", " "))
+    ]
+    if sided:
+        raise ConfigError(
+            f"TrainConfig.augment='flip' mirrors left and right, but these findings name a side: "
+            f"{', '.join(sided[:5])}; train without --augment flip"
+        )
+    orient = str(recipe.params.get("orientation", "SPL")).upper()
+    axis = next((i for i, c in enumerate(orient) if c in "LR"), None)
+    if axis is None:
+        raise ConfigError(f"recipe orientation {orient!r} has no left-right axis to flip")
+    return 2 + axis if dims == 3 else (1, 3, 4)[axis]
+
+
+def _flip_some(x: torch.Tensor, dim: int, seed: int, epoch: int, batch: int) -> torch.Tensor:
+    """Mirror each volume of the batch along `dim` with probability 0.5, drawn from (seed,
+    epoch, batch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + batch)
+    pick = torch.rand(x.shape[0], generator=g) < 0.5
+    if not bool(pick.any()):
+        return x
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return torch.where(pick.view(shape).to(x.device), x.flip(dim), x)
 
 
 # -- resume / fresh start ------------------------------------------------------------------------
@@ -1186,6 +1234,8 @@ def _train_one_epoch(run: _Run, progress: _Progress, epoch: int) -> tuple[float,
     run.opt.zero_grad(set_to_none=True)
     for b, (x, y, _, mask) in enumerate(run.loader):
         x = x.to(device, non_blocking=True)
+        if run.flip_dim is not None:
+            x = _flip_some(x, run.flip_dim, cfg.seed, epoch, b)
         y = y.to(device, non_blocking=True)
         mask = None if mask is None else mask.to(device)
         last_micro = (b + 1) % cfg.accumulate == 0 or (b + 1) == n_batches
