@@ -22,6 +22,10 @@ median wall time of the storescu run counts. Reported: instances/s, MB/s, CPU se
 receiver process (and its children), peak RSS of the receiver's process tree, and ratios
 (issue 16 goals: the default node, `node_1p`, >= 0.85 x bare_fsync for one association; with
 `--concurrent 8`, node (several receiver processes) >= 1.6 x node_1p and >= 1.0 x bare).
+With `--concurrent`, each run also records when the first sender finished
+(`first_sender_done_s`): the span from there to the end is the tail in which fewer associations
+than at the start share the receiver (a receiver process whose connections have all finished
+idles meanwhile).
 
     python bench/ingest.py                       # full run -> bench/results/ingest.json
     python bench/ingest.py --slices 20 --size 64 --repeats 1 --out /tmp/ingest.json  # smoke
@@ -436,6 +440,8 @@ def run_once(kind: str, batches: list[list[Path]], work: Path) -> dict[str, Any]
         main0 = _cpu_seconds(rec.pid(), children=False)
         with PeakRSS(rec.pid()) as mem:
             t0 = time.perf_counter()
+            work.mkdir(parents=True, exist_ok=True)
+            logs = [open(work / f"storescu-{i}.log", "w+") for i in range(len(batches))]
             procs = [
                 subprocess.Popen(
                     [
@@ -448,15 +454,27 @@ def run_once(kind: str, batches: list[list[Path]], work: Path) -> dict[str, Any]
                         str(rec.port),
                         *map(str, files),
                     ],
-                    stdout=subprocess.PIPE,
+                    stdout=logs[i],
                     stderr=subprocess.STDOUT,
-                    text=True,
                     env=DCMTK_ENV,
                 )
                 for i, files in enumerate(batches)
             ]
-            outs = [p.communicate()[0] for p in procs]
+            # When each sender finished: with several associations, the span between the first
+            # and the last is the tail in which fewer associations than at the start share the
+            # receiver (a receiver process whose connections finish early idles meanwhile).
+            done: dict[int, float] = {}
+            while len(done) < len(procs):
+                for i, p in enumerate(procs):
+                    if i not in done and p.poll() is not None:
+                        done[i] = time.perf_counter() - t0
+                time.sleep(0.002)
             seconds = time.perf_counter() - t0
+            outs = []
+            for f in logs:
+                f.seek(0)
+                outs.append(f.read())
+                f.close()
         cpu = _cpu_seconds(rec.pid()) - cpu0
         cpu_main = _cpu_seconds(rec.pid(), children=False) - main0
         received = rec.count()
@@ -471,6 +489,7 @@ def run_once(kind: str, batches: list[list[Path]], work: Path) -> dict[str, Any]
         )
     return {
         "seconds": seconds,
+        "first_sender_done_s": min(done.values()),
         "cpu_s": cpu,
         "cpu_main_s": cpu_main,
         "received": received,
@@ -623,7 +642,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs[kind].append(r)
                 print(
                     f"  rep {rep + 1}/{args.repeats} {kind:9s} {r['seconds']:7.2f} s "
-                    f"{len(files) / r['seconds']:7.1f} inst/s",
+                    f"{len(files) / r['seconds']:7.1f} inst/s"
+                    + (
+                        f" (first sender done {r['first_sender_done_s']:.2f} s)" if conc > 1 else ""
+                    ),
                     flush=True,
                 )
                 shutil.rmtree(work, ignore_errors=True)
@@ -633,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[kind] = {
             "runs_s": [round(r["seconds"], 4) for r in rs],
             "median_s": round(secs, 4),
+            "first_sender_done_s_median": round(
+                statistics.median(r["first_sender_done_s"] for r in rs), 4
+            ),
             "instances_per_s": round(len(files) / secs, 2),
             "mb_per_s": round(total_bytes / secs / 1e6, 2),
             "cpu_s_median": round(statistics.median(r["cpu_s"] for r in rs), 3),
