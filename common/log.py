@@ -176,7 +176,10 @@ def configure_logging(json_output: bool = False, level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
+        # WriteLogger: each record is ONE write (message + newline). PrintLogger's print() wrote the
+        # message and the newline separately, and a stdlib-logging line from another thread could
+        # land between them: two JSON records on one line (seen in a node's log under load).
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
     # stdlib loggers (pynetdicom, pydicom, alembic) go to stderr at WARNING unless we are

@@ -194,3 +194,51 @@ def test_header_reader_still_reads_a_written_enhanced_ct(tmp_path: Path) -> None
     ds.save_as(path, enforce_file_format=True)
     back = pydicom.dcmread(path)
     assert read_header(back, ExplicitVRLittleEndian).meta["PixelSpacing"] == [0.6, 0.6]
+
+
+_LOG_RACE = """
+import logging, threading
+import structlog
+from common.log import configure_logging
+configure_logging(json_output=True)
+slog = structlog.get_logger("a")
+plain = logging.getLogger("b")
+def s():
+    for i in range(3000):
+        slog.warning("structlog record", i=i, pad="x" * 200)
+def p():
+    for i in range(3000):
+        plain.warning("stdlib record %d %s", i, "y" * 200)
+ts = [threading.Thread(target=f) for f in (s, p, s, p)]
+for t in ts: t.start()
+for t in ts: t.join()
+"""
+
+
+def test_json_log_lines_stay_whole_when_threads_log_at_once(tmp_path) -> None:
+    # structlog's PrintLogger wrote the message and its newline separately; a stdlib-logging
+    # record from another thread could land in between: two JSON records on one line.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "log.txt"
+    with open(out, "wb") as f:
+        subprocess.run(
+            [sys.executable, "-c", _LOG_RACE],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=True,
+            timeout=120,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+    lines = [ln for ln in out.read_text().splitlines() if ln.strip()]
+    assert len(lines) == 12000
+    bad = []
+    for ln in lines:
+        try:
+            json.loads(ln)
+        except ValueError:
+            bad.append(ln)
+    assert bad == [], bad[:2]
