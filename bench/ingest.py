@@ -438,10 +438,10 @@ def run_once(kind: str, batches: list[list[Path]], work: Path) -> dict[str, Any]
     try:
         cpu0 = _cpu_seconds(rec.pid())
         main0 = _cpu_seconds(rec.pid(), children=False)
+        work.mkdir(parents=True, exist_ok=True)
+        logs = [open(work / f"storescu-{i}.log", "w+") for i in range(len(batches))]
         with PeakRSS(rec.pid()) as mem:
             t0 = time.perf_counter()
-            work.mkdir(parents=True, exist_ok=True)
-            logs = [open(work / f"storescu-{i}.log", "w+") for i in range(len(batches))]
             procs = [
                 subprocess.Popen(
                     [

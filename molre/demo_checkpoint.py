@@ -107,7 +107,7 @@ def build_demo(
     rank: int,
     alpha: float,
     preset: str = "paper",
-    augment: str = "none",
+    augment: str = str(DEMO_DEFAULTS["augment"]),
     work: Path | None = None,
     workers: int = 1,
     progress: bool = True,
